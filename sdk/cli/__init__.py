@@ -1,0 +1,25 @@
+"""The ``autoglm`` command line (Typer + Rich). Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from sdk.cli import coord_cmds, identity_cmds, inference_cmds, mesh_cmds
+
+app = typer.Typer(
+    name="autoglm",
+    help="Open-AutoGLM: DID identity, secure MQTT coordination and shared inference.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+for _module in (identity_cmds, coord_cmds, inference_cmds, mesh_cmds):
+    _module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,9 @@
+"""`autoglm` commands for the identity layer."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Attach this module's commands and groups to the root app."""

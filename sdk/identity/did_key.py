@@ -1,0 +1,49 @@
+"""did:key for Ed25519: parse DIDs / verification method ids, and build DID documents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdk.identity.errors import ResolutionError
+from sdk.identity.keys import InvalidKey, PublicKey
+
+
+def public_key_from_did_key(did_or_vm: str) -> PublicKey:
+    """The Ed25519 key inside ``did:key:z6Mk...`` or ``did:key:z6Mk...#z6Mk...``."""
+    if not isinstance(did_or_vm, str) or not did_or_vm.startswith("did:key:"):
+        raise ResolutionError(f"not a did:key identifier: {did_or_vm!r}")
+    did, _, fragment = did_or_vm.partition("#")
+    ident = did[len("did:key:"):]
+    if fragment and fragment != ident:
+        raise ResolutionError(f"unknown verification method fragment #{fragment} for {did}")
+    try:
+        return PublicKey.from_multibase(ident)
+    except InvalidKey as exc:
+        raise ResolutionError(f"did:key does not hold an Ed25519 key: {exc}") from exc
+
+
+def did_key_document(did: str) -> dict[str, Any]:
+    """Resolve a did:key to its DID document (Ed25519 VM + derived X25519 keyAgreement)."""
+    pub = public_key_from_did_key(did.partition("#")[0])
+    vm = pub.verification_method
+    ka = f"{pub.did}#{pub.x25519_multibase}"
+    return {
+        "@context": [
+            "https://www.w3.org/ns/did/v1",
+            "https://w3id.org/security/multikey/v1",
+        ],
+        "id": pub.did,
+        "verificationMethod": [
+            {"id": vm, "type": "Multikey", "controller": pub.did, "publicKeyMultibase": pub.multibase},
+        ],
+        "authentication": [vm],
+        "assertionMethod": [vm],
+        "capabilityInvocation": [vm],
+        "capabilityDelegation": [vm],
+        "keyAgreement": [
+            {"id": ka, "type": "Multikey", "controller": pub.did, "publicKeyMultibase": pub.x25519_multibase},
+        ],
+    }
+
+
+__all__ = ["public_key_from_did_key", "did_key_document"]
