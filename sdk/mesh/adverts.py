@@ -1,0 +1,157 @@
+"""Node advertisements: what a node says about itself, and the router's table of them.
+
+A node publishes an advertisement every few seconds (retained) and a death notice when it
+stops (also as its MQTT will). Each carries the node's boot ``epoch`` and a ``seq`` number that
+rises with every advertisement, so the table ignores stale or out-of-order copies (a retained
+message delivered late, a replay by the broker) and notices a node that restarted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """Live load figures a node reports."""
+
+    queue_depth: int = 0
+    active_streams: int = 0
+    max_batch_size: int = 1
+    tokens_per_s: float = 0.0
+    free_cache_tokens: int = 0
+
+    @property
+    def utilisation(self) -> float:
+        """(queued + active) / capacity, 0 when idle; can exceed 1 when requests queue."""
+        return (self.queue_depth + self.active_streams) / max(self.max_batch_size, 1)
+
+
+@dataclass(frozen=True)
+class NodeAdvert:
+    """One advertisement (the body of an ``inference.advert`` message)."""
+
+    node_id: str
+    did: str
+    epoch: float  # the node's boot time: a restart starts a new sequence
+    seq: int
+    models: tuple[str, ...]
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # model metadata document
+    hardware: Mapping[str, Any] = field(default_factory=dict)
+    load: NodeLoad = field(default_factory=NodeLoad)
+    online: bool = True
+    interval_s: float = 2.0
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "did": self.did,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "models": list(self.models),
+            "metadata": dict(self.metadata),
+            "hardware": dict(self.hardware),
+            "load": {
+                "queue_depth": self.load.queue_depth,
+                "active_streams": self.load.active_streams,
+                "max_batch_size": self.load.max_batch_size,
+                "tokens_per_s": self.load.tokens_per_s,
+                "free_cache_tokens": self.load.free_cache_tokens,
+            },
+            "online": self.online,
+            "interval_s": self.interval_s,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> NodeAdvert:
+        """Parse an advertisement body; ``ValueError`` when it is malformed."""
+        if not isinstance(body, dict):
+            raise ValueError("advertisement body must be an object")
+        try:
+            load = body.get("load") or {}
+            return cls(
+                node_id=str(body["node"]),
+                did=str(body["did"]),
+                epoch=float(body["epoch"]),
+                seq=int(body["seq"]),
+                models=tuple(str(m) for m in body.get("models", ())),
+                metadata=dict(body.get("metadata") or {}),
+                hardware=dict(body.get("hardware") or {}),
+                load=NodeLoad(
+                    queue_depth=int(load.get("queue_depth", 0)),
+                    active_streams=int(load.get("active_streams", 0)),
+                    max_batch_size=int(load.get("max_batch_size", 1)),
+                    tokens_per_s=float(load.get("tokens_per_s", 0.0)),
+                    free_cache_tokens=int(load.get("free_cache_tokens", 0)),
+                ),
+                online=bool(body.get("online", True)),
+                interval_s=float(body.get("interval_s", 2.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed advertisement: {exc}") from exc
+
+
+@dataclass
+class _Entry:
+    advert: NodeAdvert
+    received_at: float
+    first_seen: float
+
+
+class AdvertTable:
+    """The router's view of live nodes, fed by advertisements and death notices."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, stale_after: float = 3.0) -> None:
+        self._clock = clock
+        self._stale_factor = stale_after
+        self._entries: dict[str, _Entry] = {}
+
+    def apply(self, advert: NodeAdvert) -> bool:
+        """Record ``advert``; ``False`` (ignored) when it is older than what we hold."""
+        now = self._clock()
+        current = self._entries.get(advert.node_id)
+        if current is not None:
+            held = current.advert
+            if (advert.epoch, advert.seq) <= (held.epoch, held.seq):
+                return False
+            if advert.did != held.did and advert.epoch <= held.epoch:
+                return False  # a different key claiming a running node's id
+        if not advert.online:
+            self._entries.pop(advert.node_id, None)
+            return True
+        first = current.first_seen if current is not None and current.advert.epoch == advert.epoch else now
+        self._entries[advert.node_id] = _Entry(advert, now, first)
+        return True
+
+    def mark_dead(self, node_id: str) -> None:
+        """Forget a node at once (death notice, or a failed request that proved it gone)."""
+        self._entries.pop(node_id, None)
+
+    def live(self, model: str | None = None) -> list[NodeAdvert]:
+        """Nodes whose last advertisement is fresh, optionally serving ``model``."""
+        now = self._clock()
+        out = []
+        for node_id, entry in list(self._entries.items()):
+            if now - entry.received_at > self._stale_factor * max(entry.advert.interval_s, 0.1):
+                del self._entries[node_id]
+                continue
+            if model is None or model in entry.advert.models:
+                out.append(entry.advert)
+        return out
+
+    def uptime(self, node_id: str) -> float:
+        entry = self._entries.get(node_id)
+        return 0.0 if entry is None else self._clock() - entry.first_seen
+
+    def get(self, node_id: str) -> NodeAdvert | None:
+        entry = self._entries.get(node_id)
+        return None if entry is None else entry.advert
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+__all__ = ["NodeLoad", "NodeAdvert", "AdvertTable"]
