@@ -1,0 +1,369 @@
+#!/usr/bin/env python3
+"""GPU benchmark: a random-initialised ~1B Llama (bf16) through plain ``generate`` and our engine.
+
+    PYTHONPATH=. python3 bench/gpu/gpu_bench.py            # on the GPU machine (see run.sh)
+    PYTHONPATH=. python3 bench/gpu/gpu_bench.py --smoke    # tiny model, any device: checks the script
+
+Measures: device copy bandwidth; the batch-1 decode bound (weight bytes read per step / bandwidth);
+plain ``model.generate`` at batch 1 and batched; our engine at each concurrency with and without
+CUDA graphs. Every case is caught on its own (one failure does not lose the others), results are
+written to ``$OUT/gpu_bench.json`` after each case, and cases are skipped once the time budget runs out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+TOKENIZER_DIR = ROOT / "bench" / "assets" / "smollm2-tokenizer"
+#: Modules the GPU image lacks; ``--forbid-imports`` makes them unimportable to prove we do not need them.
+ABSENT_ON_GPU_IMAGE = ("nacl", "paho", "joserfc", "fastapi", "uvicorn", "sse_starlette", "gguf", "jsonschema",
+                       "amqtt", "didkit", "openai", "typer_slim")
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress, flushed (the device tool shows the tail of the output)."""
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+class _Forbid(importlib.abc.MetaPathFinder):
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname.split(".")[0] in self.names:
+            raise ImportError(f"{fullname} is forbidden in this run (absent on the GPU image)")
+        return None
+
+
+def _config(smoke: bool) -> dict[str, Any]:
+    if smoke:
+        return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True)
+    # ~1.07B parameters with tied embeddings (the reference model).
+    return dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def build_model(smoke: bool, device: Any, dtype: Any) -> Any:
+    """A random-initialised LlamaForCausalLM (seeded), on ``device`` in ``dtype``, eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**_config(smoke), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # random weights: decode the full length on the baseline
+    return model
+
+
+def load_tokenizer() -> Any:
+    """The SmolLM2 tokenizer carried in bench/assets (AutoTokenizer, else the raw tokenizer.json)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+    except Exception as exc:  # an older transformers may not know this tokenizer_config
+        log(f"AutoTokenizer failed ({exc!r}); using PreTrainedTokenizerFast")
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"), eos_token="<|im_end|>",
+                                       pad_token="<|im_end|>", bos_token="<|im_start|>")
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` random ordinary token ids (ids below 100 are specials: avoided)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, length), generator=g).tolist()
+
+
+def copy_bandwidth(device: Any, smoke: bool) -> dict[str, Any]:
+    """Device-to-device copy rate, counting bytes read plus written (median of timed copies)."""
+    import torch
+
+    nbytes = (64 << 20) if smoke else (2 << 30)
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(5 if smoke else 20):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    assert torch.equal(dst, src)
+    sec = statistics.median(times)
+    del src, dst
+    return {"bytes_copied": nbytes, "seconds": sec, "bytes_per_s": 2 * nbytes / sec}
+
+
+class Budget:
+    """Wall-clock budget for the whole run; a case runs only if its estimate still fits."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = T0 + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, short prompts: checks the script")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--concurrency", default=None, help="comma list (default 1,8,32,64; smoke 1,4)")
+    parser.add_argument("--prompt-tokens", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting cases after this")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph engine cases")
+    parser.add_argument("--forbid-imports", action="store_true",
+                        help="make packages absent from the GPU image unimportable (for local checks)")
+    parser.add_argument("--out", default=None, help="JSON path (default $OUT/gpu_bench.json if $OUT is set)")
+    args = parser.parse_args(argv)
+    if args.forbid_imports:
+        sys.meta_path.insert(0, _Forbid(ABSENT_ON_GPU_IMAGE))
+
+    import torch
+    import transformers
+
+    from inference_bench import Run, agreement, engine_generate, hf_generate, print_table
+
+    smoke = args.smoke
+    conc = [int(c) for c in (args.concurrency or ("1,4" if smoke else "1,8,32,64")).split(",")]
+    prompt_len = args.prompt_tokens or (16 if smoke else 128)
+    new = args.new_tokens or (8 if smoke else 128)
+    budget = Budget(args.budget_s)
+    out_path = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT")
+                                                 else None)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results: dict[str, Any] = {
+        "benchmark": "gpu_bench",
+        "smoke": smoke,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompt_tokens": prompt_len,
+        "new_tokens": new,
+        "concurrency": conc,
+        "cases": {},
+        "errors": {},
+        "skipped": [],
+    }
+
+    def save() -> None:
+        results["elapsed_s"] = round(time.perf_counter() - T0, 1)
+        if out_path is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(results, indent=2, default=str))
+
+    def case(name: str, fn: Any, estimate_s: float = 0.0, *, record: bool = True) -> Any:
+        """Run one case, record its result or its error; skip it if the budget cannot cover it."""
+        if budget.left() < estimate_s:
+            log(f"SKIP {name}: {budget.left():.0f}s left, needs ~{estimate_s:.0f}s")
+            results["skipped"].append(name)
+            save()
+            return None
+        log(f"case {name} ...")
+        started = time.perf_counter()
+        try:
+            value = fn()
+        except Exception as exc:
+            log(f"FAILED {name}: {exc!r}")
+            results["errors"][name] = {"error": repr(exc), "traceback": traceback.format_exc()[-3000:]}
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            save()
+            return None
+        took = time.perf_counter() - started
+        if isinstance(value, Run):
+            results["cases"][name] = {**value.as_dict(), "case_seconds": round(took, 2)}
+            log(f"  {name}: {value.tokens} tokens in {value.seconds:.2f}s = {value.tokens_per_s:.1f} tokens/s")
+        elif value is not None and record:
+            results["cases"][name] = value
+            log(f"  {name}: {value}")
+        else:
+            results["cases"][name] = {"case_seconds": round(took, 2)}
+            log(f"  {name}: done in {took:.1f}s")
+        save()
+        return value
+
+    log(f"torch {torch.__version__}, transformers {transformers.__version__}, device {results['device']}")
+    case("import_engine", lambda: {"module": __import__("sdk.inference.engine", fromlist=["Engine"]).__name__})
+    bw = case("copy_bandwidth", lambda: copy_bandwidth(device, smoke))
+    tok = load_tokenizer()
+    vocab = _config(smoke)["vocab_size"]
+    if len(tok) != vocab:
+        log(f"note: tokenizer has {len(tok)} tokens, model vocab {vocab}")
+    model = case("build_model", lambda: build_model(smoke, device, dtype), record=False)
+    if model is None:
+        print_summary(results)
+        return 1
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    results["parameters"] = params
+    results["weight_bytes"] = weight_bytes
+    if bw:
+        results["batch1_bound_tokens_per_s"] = bw["bytes_per_s"] / weight_bytes
+    log(f"model: {params / 1e9:.3f}B parameters, {weight_bytes / 1e9:.2f} GB of weights")
+
+    max_c = max(conc)
+    prompts = random_prompts(max_c, prompt_len, vocab, seed=1)
+    warm = random_prompts(max_c, prompt_len, vocab, seed=2)
+
+    # ---- plain model.generate (before the engine touches the model's attention)
+    case("generate_warmup", lambda: hf_generate(model, tok, warm[:2], 4, batched=True))
+    prefill = case("generate_b1_prefill", lambda: hf_generate(model, tok, prompts[:1], 1, batched=False), 5)
+    b1 = case("generate_b1", lambda: hf_generate(model, tok, prompts[:1], new, batched=False,
+                                                 name="generate, batch 1"), 10)
+    if b1 is not None and prefill is not None and b1.seconds > prefill.seconds:
+        results["generate_b1_decode_tokens_per_s"] = (b1.tokens - 1) / (b1.seconds - prefill.seconds)
+    for c in conc:
+        if c > 1:
+            case(f"generate_batch{c}", lambda c=c: hf_generate(model, tok, prompts[:c], new, batched=True,
+                                                               name=f"generate, batch {c}"), 15)
+
+    # ---- our engine, without and with CUDA graphs
+    from sdk.inference.engine import Engine
+    from sdk.inference.types import EngineConfig
+
+    modes = [False] if (args.no_graphs or device.type != "cuda") else [False, True]
+    for graphs in modes:
+        tag = "engine_graphs" if graphs else "engine"
+
+        def start(graphs: bool = graphs) -> Any:
+            cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."),
+                               max_sequence_length=prompt_len + new + 8, max_batch_size=max_c,
+                               prefix_cache_tokens=0, cuda_graphs=graphs, warmup=False, max_queue_size=4 * max_c)
+            return Engine.from_model(model, tok, cfg)
+
+        engine = case(f"{tag}_start", start, 20, record=False)
+        if engine is None:
+            continue
+        try:
+            results["cases"][f"{tag}_plan"] = engine.plan.as_dict()
+            for c in conc:
+                # Warm-up at this width (captures its CUDA graphs), timed apart from the run.
+                case(f"{tag}_warmup_c{c}",
+                     lambda c=c: engine_generate(engine, warm[:c], 4, name=f"warm-up x{c}"), 20)
+                run = case(f"{tag}_c{c}", lambda c=c: _engine_case(engine, prompts[:c], new, graphs), 30)
+                if run is not None and c == 1 and b1 is not None:
+                    results["cases"][f"{tag}_c1"]["matches_generate"] = agreement(run, b1)
+        finally:
+            engine.close()
+
+    # ---- summary
+    summarize(results, conc)
+    save()
+    print_summary(results)
+    if out_path is not None:
+        log(f"wrote {out_path}")
+    return 0
+
+
+def _engine_case(engine: Any, prompts: list[list[int]], new: int, graphs: bool) -> Any:
+    from inference_bench import engine_generate
+
+    name = f"engine{' +graphs' if graphs else ''}, {len(prompts)} concurrent"
+    run = engine_generate(engine, prompts, new, name=name)
+    run.extra["stats"] = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float))}
+    return run
+
+
+def summarize(results: dict[str, Any], conc: list[int]) -> None:
+    """Ratios against the bandwidth bound and against sequential / batched generate."""
+    cases = results["cases"]
+    bound = results.get("batch1_bound_tokens_per_s")
+    seq = cases.get("generate_b1", {}).get("tokens_per_s")
+    summary: dict[str, Any] = {}
+    for tag in ("engine", "engine_graphs"):
+        one = cases.get(f"{tag}_c1")
+        if one and bound:
+            # Single stream: per-token decode rate (after the first token) against the bound.
+            decode = (one["tokens"] - 1) / max(one["seconds"] - (one.get("ttft_s") or 0.0), 1e-9)
+            summary[f"{tag}_b1_decode_tokens_per_s"] = decode
+            summary[f"{tag}_b1_decode_share_of_bound"] = decode / bound
+        for c in conc:
+            run = cases.get(f"{tag}_c{c}")
+            if not run:
+                continue
+            if seq:
+                summary[f"{tag}_c{c}_vs_sequential"] = run["tokens_per_s"] / seq
+            plain = cases.get(f"generate_batch{c}", {}).get("tokens_per_s")
+            if plain:
+                summary[f"{tag}_c{c}_vs_batched_generate"] = run["tokens_per_s"] / plain
+    g1 = results.get("generate_b1_decode_tokens_per_s")
+    if g1 and bound:
+        summary["generate_b1_decode_share_of_bound"] = g1 / bound
+    results["summary"] = summary
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """The final table (the tail of the output is what the device tool returns)."""
+    from inference_bench import print_table
+
+    cases = results["cases"]
+    rows = []
+    for name, c in cases.items():
+        if isinstance(c, dict) and "tokens_per_s" in c and "warmup" not in name:
+            ttft = "" if c.get("ttft_s") is None else f"{c['ttft_s'] * 1000:.0f}"
+            rows.append((name, str(c["requests"]), str(c["tokens"]), f"{c['seconds']:.2f}", f"{c['tokens_per_s']:.1f}",
+                         ttft))
+    print(f"\n== {results['device']} ({results['dtype']}), torch {results['torch']}, transformers "
+          f"{results['transformers']}, {results.get('parameters', 0) / 1e9:.3f}B params, "
+          f"{results['prompt_tokens']}-token prompts, {results['new_tokens']} new tokens")
+    bw = cases.get("copy_bandwidth")
+    if bw:
+        print(f"copy bandwidth {bw['bytes_per_s'] / 1e12:.2f} TB/s; batch-1 bound "
+              f"{results.get('batch1_bound_tokens_per_s', 0):.0f} tokens/s")
+    if rows:
+        print_table(rows, ("case", "requests", "tokens", "seconds", "tokens/s", "ttft ms"))
+    for k, v in results.get("summary", {}).items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    for k, v in results["errors"].items():
+        print(f"ERROR {k}: {v['error'][:300]}")
+    if results["skipped"]:
+        print(f"skipped (time budget): {', '.join(results['skipped'])}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

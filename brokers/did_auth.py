@@ -1,0 +1,168 @@
+"""amqtt plugins: admit only DID holders (CONNECT proof) and keep each client to its own topics.
+
+Load them through amqtt's ``plugins`` config (``EmbeddedBroker`` does this for you)::
+
+    "brokers.did_auth.DIDAuthPlugin":  {"window": 60.0}
+    "brokers.did_auth.DIDTopicPlugin": {"acl": "brokers.did_auth.own_topics_acl", "admins": []}
+
+The ACL is any importable callable ``acl(did, topic, action, admins) -> bool`` (action is
+``"publish"``, ``"subscribe"`` or ``"receive"``), so deployments can swap in their own rules.
+amqtt drops a denied PUBLISH silently (the publisher still gets its PUBACK): upper layers must
+not treat a PUBACK as proof of delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any
+
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from sdk.coord.broker_auth import AUDIENCE, DEFAULT_WINDOW, ProofReplayGuard, verify_connect_password
+from sdk.coord.errors import BrokerAuthError
+
+log = logging.getLogger(__name__)
+
+ROOT = "autoglm/v1"
+TopicACL = Callable[[str | None, str, str, Sequence[str]], bool]
+
+# kinds of topic: who may publish / subscribe (see sdk/coord/topics.py for the layout)
+_OWNER_PUBLISHES = {("dev", "presence"), ("dev", "events"), ("inf", "ads")}
+_INBOX = {("dev", "cmd"), ("inf", "req"), ("reply", None)}
+_PUBLIC_READ = {("dev", "presence"), ("dev", "events"), ("dev", "config"), ("inf", "ads")}
+
+
+def _token(did: str | None) -> str | None:
+    if not did:
+        return None
+    return did.partition("#")[0].rsplit(":", 1)[-1]
+
+
+def _classify(topic: str) -> tuple[tuple[str, str | None], str] | None:
+    """``((area, kind), id)`` for a topic in the layout, else None."""
+    if not topic.startswith(ROOT + "/"):
+        return None
+    levels = topic[len(ROOT) + 1:].split("/")
+    match levels:
+        case ["dev", ident, kind]:
+            return ("dev", kind), ident
+        case ["inf", kind, ident]:
+            return ("inf", kind), ident
+        case ["reply", ident]:
+            return ("reply", None), ident
+    return None
+
+
+def own_topics_acl(did: str | None, topic: str, action: str, admins: Sequence[str] = ()) -> bool:
+    """Default ACL: publish only your own presence/events/ads, write to anyone's inbox,
+    subscribe only to your own inboxes (cmd, inference requests, replies) and to public topics."""
+    if did is not None and did in admins:
+        return True
+    if action == "receive":
+        return True
+    own = _token(did)
+    if own is None:
+        return False
+    parsed = _classify(topic)
+    if parsed is None:
+        if action == "subscribe" and topic in (f"{ROOT}/dev/{own}/#",):
+            return True
+        return False
+    kind, ident = parsed
+    if action == "publish":
+        if "+" in ident or "#" in ident:
+            return False
+        if kind in _OWNER_PUBLISHES:
+            return ident == own
+        if kind == ("dev", "config"):
+            return not admins  # with admins configured only they write configs
+        return kind in _INBOX
+    if action == "subscribe":
+        if kind in _INBOX:
+            return ident == own
+        return kind in _PUBLIC_READ and (ident in ("+", own) or ("+" not in ident and "#" not in ident))
+    return False
+
+
+def open_acl(did: str | None, topic: str, action: str, admins: Sequence[str] = ()) -> bool:
+    """Allow everything to every authenticated client (tests, trusted networks)."""
+    return True
+
+
+def _load(path: str) -> TopicACL:
+    module, _, name = path.rpartition(".")
+    fn = getattr(import_module(module), name)
+    if not callable(fn):
+        raise TypeError(f"{path} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+class DIDAuthPlugin(BaseAuthPlugin):
+    """CONNECT username = DID, password = fresh DID-signed proof (``sdk.coord.broker_auth``)."""
+
+    @dataclass
+    class Config:
+        window: float = DEFAULT_WINDOW
+        audience: str = AUDIENCE
+        max_recent_proofs: int = 100_000
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.window = float(self._get_config_option("window", DEFAULT_WINDOW))
+        self.audience = str(self._get_config_option("audience", AUDIENCE))
+        self.replay = ProofReplayGuard(
+            window=self.window, max_entries=int(self._get_config_option("max_recent_proofs", 100_000))
+        )
+        #: ``(client_id, reason)`` of recent refusals, newest last (operators and tests read it).
+        self.rejections: list[tuple[str, str]] = []
+
+    async def authenticate(self, *, session: Session) -> bool:
+        try:
+            did = verify_connect_password(
+                session.username, session.password, session.client_id,
+                window=self.window, replay=self.replay, audience=self.audience,
+            )
+        except BrokerAuthError as exc:
+            log.warning("refused CONNECT from client %r (%s): %s", session.client_id, exc.reason, exc)
+            self.rejections.append((session.client_id, exc.reason))
+            del self.rejections[:-1000]
+            return False
+        log.debug("client %r authenticated as %s", session.client_id, did)
+        return True
+
+
+class DIDTopicPlugin(BaseTopicPlugin):
+    """Topic ACL keyed by the authenticated DID (the session username)."""
+
+    @dataclass
+    class Config:
+        acl: str = "brokers.did_auth.own_topics_acl"
+        admins: list[str] = field(default_factory=list)
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.acl: TopicACL = _load(str(self._get_config_option("acl", "brokers.did_auth.own_topics_acl")))
+        self.admins: tuple[str, ...] = tuple(self._get_config_option("admins", []) or [])
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        if not topic or action is None:
+            return False
+        did = session.username if session is not None else None
+        try:
+            allowed = bool(self.acl(did, topic, str(action), self.admins))
+        except Exception:  # noqa: BLE001 - a broken ACL denies, it does not crash the broker
+            log.exception("topic ACL raised for %s %s %s", did, action, topic)
+            allowed = False
+        if not allowed:
+            log.info("ACL denied %s of %r to %s", action, topic, did)
+        return allowed
+
+
+__all__ = ["DIDAuthPlugin", "DIDTopicPlugin", "own_topics_acl", "open_acl", "TopicACL"]

@@ -1,0 +1,604 @@
+"""``SecureClient``: signed (optionally encrypted) pub/sub, request/response and streaming.
+
+Policy lives here; the broker connection is :class:`sdk.coord.transport.MqttTransport` and the
+wire format is :mod:`sdk.coord.envelope`. Every inbound message is verified before any handler
+sees it; a rejection is counted in :attr:`SecureClient.stats`, logged, and never raised into
+the connection. Message types used by the request protocol: ``response``, ``error``,
+``stream.chunk``, ``stream.end``, ``cancel`` (see docs/PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdk.coord import topics
+from sdk.coord.authz import Authorizer, CredentialRequirement
+from sdk.coord.broker_auth import did_credentials
+from sdk.coord.envelope import Message, Signer, Verifier, VerifyPolicy, new_id
+from sdk.coord.errors import (
+    MessagingError,
+    NotAuthorized,
+    RejectedMessage,
+    RemoteError,
+    RequestTimeout,
+    WrongSender,
+)
+from sdk.coord.replay import ReplayCache
+from sdk.coord.transport import MqttTransport, TransportConfig
+from sdk.identity import Key, PublicKey
+
+logger = logging.getLogger(__name__)
+
+RESPONSE = "response"
+ERROR = "error"
+CHUNK = "stream.chunk"
+END = "stream.end"
+CANCEL = "cancel"
+_REPLY_TYPES = frozenset({RESPONSE, ERROR, CHUNK, END})
+
+Handler = Callable[[Message], Any]
+RejectHook = Callable[[str, RejectedMessage], None]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Secure-client policy. Times are seconds."""
+
+    policy: VerifyPolicy = VerifyPolicy()
+    request_timeout: float = 30.0
+    stream_idle_timeout: float = 60.0
+    qos: int = 1
+    replay_max_entries: int = 100_000
+    reply_prefix: str = f"{topics.ROOT}/reply/"
+    attach_credentials: bool = True  # attach the client's credentials to requests/streams
+
+
+@dataclass
+class ClientStats:
+    """Counters (monotonic, per client)."""
+
+    published: int = 0
+    received: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    handled: int = 0
+    handler_errors: int = 0
+    unmatched_replies: int = 0
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A handler registered with :meth:`SecureClient.subscribe` / :meth:`SecureClient.serve`."""
+
+    client: SecureClient
+    filter: str
+    handler: Handler
+    require: CredentialRequirement | None
+    serve: bool
+
+    async def cancel(self) -> None:
+        """Unsubscribe."""
+        await self.client._unsubscribe(self)
+
+
+@dataclass(eq=False)
+class _Pending:
+    future: asyncio.Future[Message] | None = None
+    queue: asyncio.Queue[Message] | None = None
+    expect: str | None = None
+
+
+class SecureClient:
+    """Signed messaging over one broker connection for one DID key (``async with``).
+
+    ``broker``: URL (``mqtt://host:port``), :class:`TransportConfig` or an
+    :class:`MqttTransport`. ``credentials``: VCs about this client's DID attached to requests
+    (for peers' :class:`CredentialRequirement`). ``did_auth``: log in with a DID proof (username =
+    DID, password = fresh signed proof; needed by the embedded broker, ignored by an anonymous
+    Mosquitto) unless a username/password is given. ``transport_options`` go to MqttTransport.
+    """
+
+    def __init__(
+        self,
+        broker: str | TransportConfig | MqttTransport,
+        key: Key,
+        *,
+        config: ClientConfig = ClientConfig(),
+        resolver: Any = None,
+        credentials: list[Any] | tuple[Any, ...] = (),
+        reply_topic: str | None = None,
+        on_reject: RejectHook | None = None,
+        did_auth: bool = True,
+        **transport_options: Any,
+    ) -> None:
+        if not isinstance(key, Key):
+            raise TypeError("key must be an sdk.identity.Key")
+        if isinstance(broker, MqttTransport):
+            if transport_options:
+                raise TypeError("transport options cannot be combined with a transport instance")
+            self.transport = broker
+        else:
+            has_login = isinstance(broker, TransportConfig) and (
+                broker.username is not None or broker.password is not None)
+            if did_auth and not has_login and "username" not in transport_options \
+                    and "password" not in transport_options and "@" not in str(broker):
+                transport_options.update(did_credentials(key))
+            self.transport = MqttTransport(broker, **transport_options)
+        self.key = key
+        self.did = key.did
+        self.config = config
+        self.credentials = tuple(credentials)
+        self.on_reject = on_reject
+        self.stats = ClientStats()
+        self.authorizer = Authorizer()
+        self._signer = Signer(key, max_bytes=config.policy.max_bytes)
+        window = config.policy.max_age + config.policy.clock_skew
+        self._verifier = Verifier(
+            key=key,
+            resolver=resolver,
+            policy=config.policy,
+            replay=ReplayCache(window=window, max_entries=config.replay_max_entries),
+        )
+        self.reply_topic = topics.validate_topic(reply_topic or topics.reply_topic(topics.client_token(key.did)))
+        self._subs: dict[str, list[Subscription]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._serving: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> SecureClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def connect(self) -> None:
+        """Connect the transport and subscribe to this client's reply topic."""
+        self._loop = asyncio.get_running_loop()
+        if not self.transport.connected:
+            await self.transport.connect()
+        await self.transport.subscribe(self.reply_topic, qos=self.config.qos, handler=self._on_raw)
+
+    async def aclose(self) -> None:
+        """Cancel served requests and pending calls, then disconnect."""
+        for task in list(self._serving.values()) + list(self._tasks):
+            task.cancel()
+        for task in list(self._serving.values()) + list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        for p in self._pending.values():
+            if p.future is not None and not p.future.done():
+                p.future.set_exception(MessagingError("client closed", reason="closed"))
+        await self.transport.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self.transport.connected
+
+    # ------------------------------------------------------------------ publish / subscribe
+
+    async def publish(
+        self,
+        topic: str,
+        body: Any = None,
+        *,
+        type: str = "event",  # noqa: A002 - the protocol's field name
+        qos: int | None = None,
+        retain: bool = False,
+        encrypt_to: str | PublicKey | None = None,
+        ttl: float | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        seq: int | None = None,
+        credentials: list[Any] | tuple[Any, ...] | None = None,
+        msg_id: str | None = None,
+    ) -> str:
+        """Sign (and optionally encrypt to ``encrypt_to``'s DID) and publish; return the id."""
+        topics.validate_topic(topic)
+        msg_id, wire = self._signer.seal(
+            topic,
+            body,
+            type=type,
+            msg_id=msg_id,
+            ttl=ttl,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            seq=seq,
+            encrypt_to=encrypt_to,
+            credentials=credentials,
+        )
+        await self.transport.publish(topic, wire, qos=self.config.qos if qos is None else qos, retain=retain)
+        self.stats.published += 1
+        return msg_id
+
+    async def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        require: CredentialRequirement | None = None,
+        qos: int | None = None,
+    ) -> Subscription:
+        """Call ``handler(message)`` (sync or async) for each verified message matching the filter."""
+        return await self._add_sub(topic_filter, handler, require=require, qos=qos, serve=False)
+
+    async def serve(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        require: CredentialRequirement | None = None,
+        qos: int | None = None,
+    ) -> Subscription:
+        """Answer requests: ``handler(message)`` returns a body, or an async iterator to stream."""
+        return await self._add_sub(topic_filter, handler, require=require, qos=qos, serve=True)
+
+    async def _add_sub(
+        self, topic_filter: str, handler: Handler, *, require: Any, qos: int | None, serve: bool
+    ) -> Subscription:
+        topics.validate_filter(topic_filter)
+        if not callable(handler):
+            raise TypeError("handler must be callable")
+        if require is not None and not isinstance(require, CredentialRequirement):
+            raise TypeError("require must be a CredentialRequirement")
+        sub = Subscription(self, topic_filter, handler, require, serve)
+        first = topic_filter not in self._subs
+        self._subs.setdefault(topic_filter, []).append(sub)
+        if first:
+            try:
+                await self.transport.subscribe(
+                    topic_filter, qos=self.config.qos if qos is None else qos, handler=self._on_raw
+                )
+            except BaseException:
+                self._subs.pop(topic_filter, None)
+                raise
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.filter)
+        if not subs or sub not in subs:
+            return
+        subs.remove(sub)
+        if not subs:
+            del self._subs[sub.filter]
+            await self.transport.unsubscribe(sub.filter)
+
+    # ------------------------------------------------------------------ request / stream
+
+    async def request(
+        self,
+        topic: str,
+        body: Any = None,
+        *,
+        type: str = "request",  # noqa: A002
+        timeout: float | None = None,
+        encrypt_to: str | PublicKey | None = None,
+        expect_from: str | None = None,
+        qos: int | None = None,
+    ) -> Message:
+        """Send a request and return the verified response; raises RemoteError / RequestTimeout.
+
+        Replies must come from ``expect_from`` (default: ``encrypt_to``'s DID when given).
+        """
+        timeout = self.config.request_timeout if timeout is None else timeout
+        loop = self._loop or asyncio.get_running_loop()
+        cid = new_id()
+        fut: asyncio.Future[Message] = loop.create_future()
+        self._pending[cid] = _Pending(future=fut, expect=_expected(expect_from, encrypt_to))
+        timer = loop.call_later(timeout, _expire, fut, topic, timeout)
+        try:
+            await self.publish(
+                topic, body, type=type, qos=qos, encrypt_to=encrypt_to, ttl=timeout, reply_to=self.reply_topic,
+                correlation_id=cid, msg_id=cid, credentials=self._creds(),
+            )
+            msg = await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(cid, None)
+        if msg.type == RESPONSE:
+            return msg
+        if msg.type == ERROR:
+            raise _remote_error(msg)
+        with contextlib.suppress(MessagingError):
+            await self.publish(topic, None, type=CANCEL, correlation_id=cid)
+        raise MessagingError(f"peer answered {topic!r} with {msg.type!r}; use stream()", reason="protocol_error")
+
+    def stream(
+        self,
+        topic: str,
+        body: Any = None,
+        *,
+        type: str = "request",  # noqa: A002
+        encrypt_to: str | PublicKey | None = None,
+        expect_from: str | None = None,
+        idle_timeout: float | None = None,
+        timeout: float | None = None,
+        qos: int | None = None,
+    ) -> ResponseStream:
+        """Send a request and iterate its response messages (``stream.chunk`` bodies, in order).
+
+        Leaving early (break, exception, ``aclose()``) sends ``cancel``; the server's handler
+        task is cancelled. ``idle_timeout`` bounds the gap between chunks, ``timeout`` the total.
+        """
+        gen = self._stream(
+            topic, body, type=type, encrypt_to=encrypt_to, expect=_expected(expect_from, encrypt_to),
+            idle_timeout=self.config.stream_idle_timeout if idle_timeout is None else idle_timeout,
+            timeout=timeout, qos=qos,
+        )
+        return ResponseStream(gen)
+
+    async def _stream(
+        self, topic: str, body: Any, *, type: str, encrypt_to: Any, expect: str | None,  # noqa: A002
+        idle_timeout: float, timeout: float | None, qos: int | None,
+    ) -> AsyncIterator[Message]:
+        loop = asyncio.get_running_loop()
+        cid = new_id()
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._pending[cid] = _Pending(queue=queue, expect=expect)
+        finished = False
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            await self.publish(
+                topic, body, type=type, qos=qos, encrypt_to=encrypt_to, ttl=timeout, reply_to=self.reply_topic,
+                correlation_id=cid, msg_id=cid, credentials=self._creds(),
+            )
+            next_seq = 0
+            while True:
+                wait = idle_timeout if deadline is None else min(idle_timeout, deadline - loop.time())
+                try:
+                    msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), wait)
+                except (asyncio.TimeoutError, TimeoutError):
+                    which = "overall" if deadline is not None and loop.time() >= deadline else "idle"
+                    raise RequestTimeout(f"stream from {topic!r}: {which} timeout") from None
+                if msg.type == CHUNK:
+                    if msg.seq is not None and msg.seq != next_seq:
+                        logger.warning("stream %s: chunk seq %s, expected %s", cid, msg.seq, next_seq)
+                    next_seq = (msg.seq if msg.seq is not None else next_seq) + 1
+                    yield msg
+                elif msg.type == END:
+                    finished = True
+                    return
+                elif msg.type == ERROR:
+                    finished = True
+                    raise _remote_error(msg)
+                else:  # a plain response: the handler did not stream
+                    finished = True
+                    yield msg
+                    return
+        finally:
+            self._pending.pop(cid, None)
+            if not finished and self.transport.connected:
+                try:
+                    await self.publish(topic, None, type=CANCEL, correlation_id=cid)
+                except Exception as exc:  # noqa: BLE001 - best effort
+                    logger.info("could not send cancel for %s: %s", cid, exc)
+
+    def _creds(self) -> tuple[Any, ...] | None:
+        return self.credentials if self.config.attach_credentials and self.credentials else None
+
+    # ------------------------------------------------------------------ inbound
+
+    def _on_raw(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 0) -> None:
+        self.stats.received += 1
+        try:
+            msg = self._verifier.open(topic, payload, retained=retain)
+        except RejectedMessage as exc:
+            self._reject(topic, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - never let a bad message kill the connection
+            logger.exception("unexpected error verifying a message on %r", topic)
+            self._reject(topic, RejectedMessage(f"internal error: {exc}", reason="malformed"))
+            return
+        if topic == self.reply_topic:
+            self._on_reply(msg)
+            return
+        delivered = False
+        for topic_filter, subs in self._subs.items():
+            if topics.matches(topic_filter, topic):
+                for sub in subs:
+                    delivered = True
+                    self._dispatch(sub, msg)
+        if not delivered:
+            logger.debug("no handler for verified message on %r", topic)
+
+    def _reject(self, topic: str, exc: RejectedMessage, msg: Message | None = None) -> None:
+        self.stats.rejected[exc.reason] += 1
+        sender = f" from {msg.sender}" if msg is not None else ""
+        logger.warning("rejected message on %r%s: %s: %s", topic, sender, exc.reason, exc)
+        if self.on_reject is not None:
+            try:
+                self.on_reject(topic, exc)
+            except Exception:  # noqa: BLE001
+                logger.exception("on_reject hook raised")
+
+    def _on_reply(self, msg: Message) -> None:
+        pending = self._pending.get(msg.correlation_id or "")
+        if pending is None or msg.type not in _REPLY_TYPES:
+            self.stats.unmatched_replies += 1
+            logger.debug("unmatched reply %s (cid %s) from %s", msg.type, msg.correlation_id, msg.sender)
+            return
+        if pending.expect is not None and msg.sender != pending.expect:
+            self._reject(msg.topic, WrongSender(f"reply from {msg.sender}, expected {pending.expect}"), msg)
+            return
+        if pending.future is not None:
+            if not pending.future.done():
+                pending.future.set_result(msg)
+        elif pending.queue is not None:
+            pending.queue.put_nowait(msg)
+
+    def _authorize(self, sub: Subscription, msg: Message) -> bool:
+        if sub.require is None:
+            return True
+        try:
+            self.authorizer.authorize(msg, sub.require)
+        except NotAuthorized as exc:
+            self._reject(msg.topic, exc, msg)
+            if sub.serve and msg.reply_to:
+                self._spawn(self._reply(msg, {"reason": exc.reason, "message": "not authorized"}, type=ERROR))
+            return False
+        return True
+
+    def _dispatch(self, sub: Subscription, msg: Message) -> None:
+        if sub.serve and msg.type == CANCEL:
+            task = self._serving.get((msg.sender, msg.correlation_id or ""))
+            if task is not None:
+                logger.info("request %s cancelled by %s", msg.correlation_id, msg.sender)
+                task.cancel()
+            return
+        if not self._authorize(sub, msg):
+            return
+        if sub.serve:
+            if msg.reply_to is not None and not msg.reply_to.startswith(self.config.reply_prefix):
+                self._reject(msg.topic, RejectedMessage(
+                    f"reply-to {msg.reply_to!r} is outside {self.config.reply_prefix!r}", reason="bad_reply_to"), msg)
+                return
+            key = (msg.sender, msg.correlation_id or msg.id)
+            task = asyncio.ensure_future(self._run_handler(sub, msg, key))
+            self._serving[key] = task
+            return
+        try:
+            res = sub.handler(msg)
+        except Exception:  # noqa: BLE001 - a handler bug must not stop delivery
+            self.stats.handler_errors += 1
+            logger.exception("handler for %r raised", sub.filter)
+            return
+        self.stats.handled += 1
+        if inspect.isawaitable(res):
+            self._spawn(res)
+
+    def _spawn(self, aw: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats.handler_errors += 1
+            logger.error("handler task raised", exc_info=task.exception())
+
+    async def _run_handler(self, sub: Subscription, msg: Message, key: tuple[str, str]) -> None:
+        try:
+            result = sub.handler(msg)
+            if inspect.isawaitable(result):
+                result = await result
+            self.stats.handled += 1
+            if msg.reply_to is None:
+                if hasattr(result, "__aiter__"):
+                    async for _ in result:
+                        pass
+                return
+            if hasattr(result, "__aiter__"):
+                seq = 0
+                agen = result
+                try:
+                    async for item in agen:
+                        await self._reply(msg, item, type=CHUNK, seq=seq)
+                        seq += 1
+                finally:
+                    aclose = getattr(agen, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                await self._reply(msg, None, type=END, seq=seq)
+            else:
+                await self._reply(msg, result, type=RESPONSE)
+        except asyncio.CancelledError:
+            logger.info("handler for request %s cancelled", msg.id)
+        except MessagingError as exc:
+            self.stats.handler_errors += 1
+            logger.warning("handler for %r failed: %s: %s", msg.topic, exc.reason, exc)
+            await self._safe_error_reply(msg, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - report to the requester, keep serving
+            self.stats.handler_errors += 1
+            logger.exception("handler for %r raised", msg.topic)
+            await self._safe_error_reply(msg, "handler_error", type(exc).__name__)
+        finally:
+            if self._serving.get(key) is asyncio.current_task():
+                del self._serving[key]
+
+    async def _safe_error_reply(self, msg: Message, reason: str, text: str) -> None:
+        if msg.reply_to is None:
+            return
+        try:
+            await self._reply(msg, {"reason": reason, "message": text}, type=ERROR)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not send error reply for %s: %s", msg.id, exc)
+
+    async def _reply(self, req: Message, body: Any, *, type: str, seq: int | None = None) -> None:  # noqa: A002
+        assert req.reply_to is not None
+        await self.publish(
+            req.reply_to, body, type=type, seq=seq, correlation_id=req.correlation_id or req.id,
+            encrypt_to=req.sender if req.encrypted else None,
+        )
+
+
+class ResponseStream:
+    """Async iterator of a stream's response messages; also an async context manager."""
+
+    def __init__(self, gen: AsyncIterator[Message]) -> None:
+        self._gen = gen
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._gen
+
+    async def __anext__(self) -> Message:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop early (sends ``cancel`` if the stream had not ended)."""
+        await self._gen.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _expected(expect_from: str | None, encrypt_to: Any) -> str | None:
+    if expect_from is not None:
+        return expect_from.partition("#")[0]
+    if isinstance(encrypt_to, PublicKey):
+        return encrypt_to.did
+    if isinstance(encrypt_to, str):
+        return encrypt_to.partition("#")[0]
+    return None
+
+
+def _expire(fut: asyncio.Future[Message], topic: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(RequestTimeout(f"no reply from {topic!r} within {timeout}s"))
+
+
+def _remote_error(msg: Message) -> RemoteError:
+    body = msg.body if isinstance(msg.body, dict) else {}
+    reason = body.get("reason") if isinstance(body.get("reason"), str) else "remote_error"
+    text = body.get("message") if isinstance(body.get("message"), str) else ""
+    return RemoteError(f"{msg.sender} answered with an error: {reason}: {text}", reason=reason)
+
+
+__all__ = [
+    "SecureClient",
+    "ClientConfig",
+    "ClientStats",
+    "Subscription",
+    "ResponseStream",
+    "RESPONSE",
+    "ERROR",
+    "CHUNK",
+    "END",
+    "CANCEL",
+]

@@ -1,0 +1,179 @@
+"""The coordinator's TOML configuration, loaded into frozen dataclasses.
+
+    [coordinator]
+    broker = "mqtt://127.0.0.1:1883"   # or mqtts://..., or "embedded" to start an in-process broker
+    data_dir = "./coordinator-data"      # SQLite state (WAL) and the status list
+    heartbeat_ttl = 30                   # seconds without a heartbeat before a device expires
+    durability = "normal"                # "full" = fsync every commit (survives power loss)
+    metrics_port = 0                     # Prometheus /metrics on 127.0.0.1 (0 = off)
+
+    [identity]
+    keystore = "coordinator.keystore"    # encrypted keystore (autoglm id new)
+    passphrase_env = "AUTOGLM_PASSPHRASE"
+    credential = "coordinator-vc.json"   # the coordinator's own credential (mutual auth)
+
+    [[trust]]                            # which issuers may issue which credential types
+    issuer = "did:key:z6Mk..."
+    types = ["DeviceCredential"]
+
+    rules_file = "rules.toml"            # and/or inline [[rules]] tables
+
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdk.coord.coordinator.errors import ConfigFileError
+from sdk.coord.coordinator.rules import RuleSet, parse_rules
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_TTL = 30.0
+_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file"}
+_COORD_KEYS = {"broker", "data_dir", "heartbeat_ttl", "durability", "metrics_port", "sweep_interval",
+               "name"}
+_ID_KEYS = {"keystore", "passphrase_env", "key", "credential"}
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """An issuer DID and the credential types it may issue."""
+
+    issuer: str
+    types: tuple[str, ...] = ("DeviceCredential",)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator daemon needs to start."""
+
+    broker: str = "embedded"
+    data_dir: Path = Path("coordinator-data")
+    heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
+    durability: str = "normal"
+    metrics_port: int = 0
+    sweep_interval: float = 1.0
+    name: str = "coordinator"
+    keystore: Path | None = None
+    passphrase_env: str = "AUTOGLM_PASSPHRASE"
+    key_multibase: str | None = None
+    credential: Path | None = None
+    trust: tuple[TrustedIssuer, ...] = ()
+    rules: RuleSet = field(default_factory=RuleSet)
+
+
+def _err(msg: str) -> ConfigFileError:
+    log.warning("coordinator config rejected: %s", msg)
+    return ConfigFileError(msg)
+
+
+def _number(table: dict[str, Any], key: str, default: float, *, where: str, minimum: float = 0) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise _err(f"{where}.{key} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> CoordinatorConfig:
+    """Validate a parsed TOML document; raises :class:`ConfigFileError` or ``RuleError``."""
+    base = base_dir or Path.cwd()
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _err(f"unknown top-level key(s) {sorted(unknown)} (allowed: {sorted(_TOP_KEYS)})")
+    coord = data.get("coordinator", {})
+    ident = data.get("identity", {})
+    if not isinstance(coord, dict) or not isinstance(ident, dict):
+        raise _err("[coordinator] and [identity] must be tables")
+    if set(coord) - _COORD_KEYS:
+        raise _err(f"unknown key(s) in [coordinator]: {sorted(set(coord) - _COORD_KEYS)}")
+    if set(ident) - _ID_KEYS:
+        raise _err(f"unknown key(s) in [identity]: {sorted(set(ident) - _ID_KEYS)}")
+
+    broker = coord.get("broker", "embedded")
+    if not isinstance(broker, str) or not (broker == "embedded" or "://" in broker):
+        raise _err(f"coordinator.broker must be a URL (mqtt://host:port) or \"embedded\", got {broker!r}")
+    durability = coord.get("durability", "normal")
+    if durability not in ("normal", "full"):
+        raise _err("coordinator.durability must be \"normal\" or \"full\"")
+    port = coord.get("metrics_port", 0)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise _err("coordinator.metrics_port must be a port number (0 = off)")
+
+    def path(value: Any, what: str) -> Path | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise _err(f"{what} must be a path string")
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else base / p
+
+    trust_raw = data.get("trust", [])
+    if not isinstance(trust_raw, list):
+        raise _err("[[trust]] must be an array of tables")
+    trust = []
+    for i, t in enumerate(trust_raw):
+        if not isinstance(t, dict) or not isinstance(t.get("issuer"), str) or not t["issuer"]:
+            raise _err(f"trust #{i + 1} needs 'issuer' (a DID)")
+        if set(t) - {"issuer", "types"}:
+            raise _err(f"unknown key(s) in trust #{i + 1}: {sorted(set(t) - {'issuer', 'types'})} "
+                       "(top-level keys such as rules_file must come before the first table)")
+        types = t.get("types", ["DeviceCredential"])
+        if not isinstance(types, list) or not types or not all(isinstance(x, str) for x in types):
+            raise _err(f"trust #{i + 1} 'types' must be a non-empty list of credential types")
+        trust.append(TrustedIssuer(t["issuer"], tuple(types)))
+
+    rules_raw = data.get("rules", [])
+    if not isinstance(rules_raw, list):
+        raise _err("[[rules]] must be an array of tables")
+    rules_file = data.get("rules_file")
+    if rules_file is not None:
+        rp = path(rules_file, "rules_file")
+        assert rp is not None
+        rules_raw = [*rules_raw, *_read_toml(rp).get("rules", [])]
+    rules = parse_rules(rules_raw)
+
+    key = ident.get("key")
+    if key is not None and not isinstance(key, str):
+        raise _err("identity.key must be a private key multibase string")
+    return CoordinatorConfig(
+        broker=broker,
+        data_dir=path(coord.get("data_dir", "coordinator-data"), "coordinator.data_dir") or base,
+        heartbeat_ttl=_number(coord, "heartbeat_ttl", DEFAULT_HEARTBEAT_TTL, where="coordinator",
+                              minimum=0.1),
+        durability=durability,
+        metrics_port=port,
+        sweep_interval=_number(coord, "sweep_interval", 1.0, where="coordinator", minimum=0.01),
+        name=str(coord.get("name", "coordinator")),
+        keystore=path(ident.get("keystore"), "identity.keystore"),
+        passphrase_env=str(ident.get("passphrase_env", "AUTOGLM_PASSPHRASE")),
+        key_multibase=key,
+        credential=path(ident.get("credential"), "identity.credential"),
+        trust=tuple(trust),
+        rules=rules,
+    )
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _err(f"cannot read {p}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise _err(f"{p} is not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    """Read and validate a coordinator TOML file."""
+    p = Path(path)
+    data = _read_toml(p)
+    return parse_config(data, base_dir=p.resolve().parent)
+
+
+__all__ = ["CoordinatorConfig", "TrustedIssuer", "DEFAULT_HEARTBEAT_TTL", "load_config", "parse_config"]

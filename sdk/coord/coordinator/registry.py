@@ -1,0 +1,200 @@
+"""In-memory device registry: who is known, online, admitted; indexed by group and capability.
+
+Devices appear on first authentication (capabilities and groups from their DeviceCredential),
+add capabilities and attributes by announcement, and expire when their heartbeat TTL lapses.
+The store persists records; this index answers the rules engine quickly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+ONLINE = "online"
+OFFLINE = "offline"
+EXPIRED = "expired"
+REVOKED = "revoked"
+
+
+@dataclass
+class DeviceRecord:
+    """One device as the coordinator knows it."""
+
+    did: str
+    kind: str = "device"
+    name: str = ""
+    groups: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset()
+    attributes: dict[str, Any] = field(default_factory=dict)
+    credential_id: str | None = None
+    issuer: str | None = None
+    state: str = OFFLINE
+    last_seen: float = 0.0          # wall clock (time.time())
+    first_seen: float = 0.0
+    session: str | None = None
+    heartbeat_ttl: float = 30.0
+    announced_capabilities: frozenset[str] = frozenset()
+
+    @property
+    def admitted(self) -> bool:
+        """An admitted device may send events and receive configs live."""
+        return self.state == ONLINE and self.session is not None
+
+    def view(self) -> dict[str, Any]:
+        """The dict that rules see as ``sender.*`` / ``device.*``."""
+        return {
+            "did": self.did,
+            "kind": self.kind,
+            "name": self.name,
+            "groups": sorted(self.groups),
+            "capabilities": sorted(self.capabilities | self.announced_capabilities),
+            "attributes": dict(self.attributes),
+        }
+
+    def to_row(self) -> dict[str, Any]:
+        """A JSON-able summary (CLI, status, store)."""
+        return {**self.view(), "credential_id": self.credential_id, "issuer": self.issuer,
+                "state": self.state, "last_seen": self.last_seen, "first_seen": self.first_seen,
+                "heartbeat_ttl": self.heartbeat_ttl}
+
+
+class Registry:
+    """Known devices with group and capability indexes (implements the rules' DeviceIndex)."""
+
+    def __init__(self) -> None:
+        self._devices: dict[str, DeviceRecord] = {}
+        self._groups: dict[str, set[str]] = {}
+        self._caps: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def __contains__(self, did: object) -> bool:
+        return did in self._devices
+
+    def __iter__(self) -> Iterator[DeviceRecord]:
+        return iter(list(self._devices.values()))
+
+    def get(self, did: str) -> DeviceRecord | None:
+        """The record for ``did``, or None."""
+        return self._devices.get(did)
+
+    def _unindex(self, rec: DeviceRecord) -> None:
+        for g in rec.groups:
+            self._groups.get(g, set()).discard(rec.did)
+        for c in rec.capabilities | rec.announced_capabilities:
+            self._caps.get(c, set()).discard(rec.did)
+
+    def _index(self, rec: DeviceRecord) -> None:
+        for g in rec.groups:
+            self._groups.setdefault(g, set()).add(rec.did)
+        for c in rec.capabilities | rec.announced_capabilities:
+            self._caps.setdefault(c, set()).add(rec.did)
+
+    def put(self, rec: DeviceRecord) -> DeviceRecord:
+        """Insert or replace a record (used when loading from the store)."""
+        old = self._devices.get(rec.did)
+        if old is not None:
+            self._unindex(old)
+        self._devices[rec.did] = rec
+        self._index(rec)
+        return rec
+
+    def register(self, did: str, subject: dict[str, Any], *, credential_id: str | None = None,
+                 issuer: str | None = None, session: str | None = None,
+                 heartbeat_ttl: float = 30.0, now: float | None = None) -> DeviceRecord:
+        """Admit ``did`` with the claims of its credential subject (kind, groups, capabilities)."""
+        now = time.time() if now is None else now
+        rec = self._devices.get(did)
+        if rec is None:
+            rec = DeviceRecord(did=did, first_seen=now)
+        else:
+            self._unindex(rec)
+        rec.kind = str(subject.get("kind") or subject.get("deviceType") or rec.kind)
+        rec.name = str(subject.get("name") or rec.name)
+        rec.groups = frozenset(_str_list(subject.get("groups")))
+        rec.capabilities = frozenset(_str_list(subject.get("capabilities")))
+        rec.credential_id, rec.issuer = credential_id, issuer
+        rec.state, rec.session, rec.last_seen = ONLINE, session, now
+        rec.heartbeat_ttl = heartbeat_ttl
+        self._devices[did] = rec
+        self._index(rec)
+        return rec
+
+    def announce(self, did: str, *, capabilities: Iterable[str] | None = None,
+                 attributes: dict[str, Any] | None = None) -> DeviceRecord | None:
+        """Merge announced capabilities/attributes into an admitted device's record."""
+        rec = self._devices.get(did)
+        if rec is None:
+            return None
+        self._unindex(rec)
+        if capabilities is not None:
+            rec.announced_capabilities = frozenset(_str_list(list(capabilities)))
+        if attributes:
+            rec.attributes.update(attributes)
+        self._index(rec)
+        return rec
+
+    def touch(self, did: str, now: float | None = None) -> None:
+        """Record a sign of life (heartbeat or any message)."""
+        rec = self._devices.get(did)
+        if rec is not None:
+            rec.last_seen = time.time() if now is None else now
+
+    def set_state(self, did: str, state: str) -> DeviceRecord | None:
+        """Move a device to ONLINE/OFFLINE/EXPIRED/REVOKED; leaving ONLINE ends its session."""
+        rec = self._devices.get(did)
+        if rec is None:
+            return None
+        rec.state = state
+        if state != ONLINE:
+            rec.session = None
+        return rec
+
+    def expired(self, now: float | None = None) -> list[DeviceRecord]:
+        """Online devices whose heartbeat TTL has lapsed (not yet marked)."""
+        now = time.time() if now is None else now
+        return [r for r in self._devices.values()
+                if r.state == ONLINE and now - r.last_seen > r.heartbeat_ttl]
+
+    def online(self) -> list[DeviceRecord]:
+        """Currently admitted devices."""
+        return [r for r in self._devices.values() if r.state == ONLINE]
+
+    # -- DeviceIndex for the rules engine
+    def view(self, did: str) -> dict[str, Any] | None:
+        """Rule view of a device; revoked devices are invisible to rules."""
+        rec = self._devices.get(did)
+        if rec is None or rec.state == REVOKED:
+            return None
+        return rec.view()
+
+    def sharing_group(self, did: str, prefix: str) -> Iterable[str]:
+        """Devices sharing at least one group (starting with ``prefix``) with ``did``."""
+        rec = self._devices.get(did)
+        if rec is None:
+            return ()
+        out: set[str] = set()
+        for g in rec.groups:
+            if g.startswith(prefix):
+                out |= self._groups.get(g, set())
+        return out
+
+    def with_capability(self, capability: str) -> Iterable[str]:
+        """Devices holding ``capability`` (from credential or announcement)."""
+        return set(self._caps.get(capability, set()))
+
+
+def _str_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [str(v) for v in value]
+    return []
+
+
+__all__ = ["DeviceRecord", "Registry", "ONLINE", "OFFLINE", "EXPIRED", "REVOKED"]

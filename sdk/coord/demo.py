@@ -1,0 +1,285 @@
+"""``autoglm demo``: embedded broker + coordinator + simulated devices, shown live with Rich.
+
+Scenario (every step must succeed for exit 0): start the broker and the coordinator; a
+display, a phone and a tablet authenticate (mutual DID + VP); the display announces an
+800x600 screen; the phone in the same room applies the companion-layout config (convergence
+time shown); a forged config is refused by the phone; the tablet's credential is revoked,
+it is disconnected from coordination and refused when it tries again.
+No set-up: temp dirs, generated keys and credentials. Needs no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+log = logging.getLogger(__name__)
+
+DEMO_RULES = """
+[[rules]]
+name = "phone-companion-layout"
+event = "screen_available"
+[rules.when]
+"sender.kind" = "display"
+"event.width" = { gte = 320 }
+[rules.target]
+select = "group"
+group_prefix = "room:"
+[rules.target.where]
+"device.kind" = "phone"
+[rules.config]
+"ui.layout" = "companion"
+"ui.companion.resolution" = "{event.width}x{event.height}"
+"ui.companion.width" = "{event.width}"
+"ui.companion.height" = "{event.height}"
+"ui.companion.display" = "{sender.did}"
+"""
+
+
+class DemoFailed(Exception):
+    """A scenario step failed; ``step`` names it."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+@dataclass
+class Step:
+    """One line of the live view."""
+
+    name: str
+    status: str = "pending"        # pending | running | ok | failed
+    detail: str = ""
+    ms: float | None = None
+
+
+@dataclass
+class DemoResult:
+    """What the scenario measured."""
+
+    ok: bool
+    failed_step: str | None = None
+    error: str | None = None
+    steps: list[Step] = field(default_factory=list)
+    convergence_ms: float | None = None
+    auth_ms: list[float] = field(default_factory=list)
+
+
+class _View:
+    def __init__(self, steps: list[Step], console: Console) -> None:
+        self.steps = steps
+        self.console = console
+        self.lines: list[str] = []
+
+    def render(self) -> Group:
+        table = Table(title="Open-AutoGLM coordination demo", expand=False)
+        table.add_column("step")
+        table.add_column("status")
+        table.add_column("time", justify="right")
+        table.add_column("detail", overflow="fold", max_width=70)
+        marks = {"pending": "[dim]…[/dim]", "running": "[yellow]running[/yellow]",
+                 "ok": "[green]✔ ok[/green]", "failed": "[red]✘ failed[/red]"}
+        for s in self.steps:
+            table.add_row(s.name, marks[s.status], "" if s.ms is None else f"{s.ms:.2f} ms", s.detail)
+        log_text = Text("\n".join(self.lines[-8:]) or "…", style="cyan")
+        return Group(table, Panel(log_text, title="mesh events", expand=False))
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+
+async def run_demo(*, console: Console | None = None, keep_running: bool = False,
+                   data_dir: Path | None = None, live: bool = True) -> DemoResult:
+    """Run the scenario; returns a :class:`DemoResult` (never raises for a failed step)."""
+    from brokers.embedded import OPEN_ACL, EmbeddedBroker
+    from sdk.coord.coordinator import Coordinator, parse_rules
+    from sdk.coord.coordinator.errors import AdmissionError
+    from sdk.coord.device import REVOKED, Device
+    from sdk.coord.events import screen_available
+    from sdk.coord import topics
+    from sdk.coord.client import SecureClient
+    from sdk.coord.broker_auth import did_credentials
+    from sdk.identity import Key, TrustPolicy
+
+    console = console or Console()
+    names = ["start embedded broker", "start coordinator", "authenticate devices",
+             "display announces 800x600", "phone applies companion config", "forged config refused",
+             "revoke tablet", "revoked tablet refused"]
+    steps = [Step(n) for n in names]
+    view = _View(steps, console)
+    result = DemoResult(ok=False, steps=steps)
+    tmp = tempfile.TemporaryDirectory(prefix="autoglm-demo-")
+    workdir = data_dir or Path(tmp.name)
+    cleanup: list[Callable[[], Awaitable[Any]]] = []
+    live_view = Live(view.render(), console=console, refresh_per_second=12, transient=False) if live else None
+
+    def refresh() -> None:
+        if live_view is not None:
+            live_view.update(view.render())
+
+    async def step(i: int, fn: Callable[[], Awaitable[str]]) -> None:
+        s = steps[i]
+        s.status = "running"
+        refresh()
+        t0 = time.perf_counter()
+        try:
+            s.detail = await asyncio.wait_for(fn(), 15)
+        except Exception as exc:  # noqa: BLE001 - any failure names the step
+            s.status, s.ms = "failed", (time.perf_counter() - t0) * 1000
+            s.detail = f"{type(exc).__name__}: {exc}"
+            refresh()
+            raise DemoFailed(s.name, s.detail) from exc
+        s.status = "ok"
+        if s.ms is None:
+            s.ms = (time.perf_counter() - t0) * 1000
+        refresh()
+
+    broker = EmbeddedBroker(acl=OPEN_ACL)
+    issuer, ckey = Key.generate(), Key.generate()
+    keys = {"display": Key.generate(), "phone": Key.generate(), "tablet": Key.generate()}
+    devices: dict[str, Device] = {}
+    applied: list[Any] = []
+    converged: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    coordinator: Coordinator | None = None
+
+    def on_coord(what: str, info: dict[str, Any]) -> None:
+        short = {v.did: k for k, v in keys.items()}
+        who = short.get(info.get("did", ""), info.get("did", "")[:24])
+        if what == "converged" and not converged.done():
+            converged.set_result(info)
+        if what in ("admitted", "refused", "revoked", "rejected", "event", "report", "converged"):
+            extra = {k: v for k, v in info.items() if k not in ("did", "message", "fields")}
+            view.note(f"coordinator: {what} {who} {extra}")
+            refresh()
+
+    try:
+        if live_view is not None:
+            live_view.start()
+
+        async def start_broker() -> str:
+            await broker.start()
+            cleanup.append(broker.stop)
+            return f"amqtt on {broker.url} (DID-authenticated CONNECT)"
+
+        async def start_coordinator() -> str:
+            nonlocal coordinator
+            rules = parse_rules(tomllib.loads(DEMO_RULES)["rules"])
+            coordinator = Coordinator(ckey, broker=broker.url, data_dir=workdir / "coordinator",
+                                      trust=TrustPolicy({}), issuer=issuer, rules=rules)
+            coordinator.add_listener(on_coord)
+            await coordinator.start()
+            cleanup.append(coordinator.stop)
+            return f"{ckey.did[:32]}… data in {workdir}"
+
+        async def authenticate() -> str:
+            assert coordinator is not None
+            profiles = {"display": ("display", ["room:living"]), "phone": ("phone", ["room:living"]),
+                        "tablet": ("tablet", ["room:living"])}
+            parts = []
+            for name, (kind, groups) in profiles.items():
+                cred = coordinator.issue_device_credential(keys[name].did, kind=kind, groups=groups, name=name)
+                dev = Device(keys[name], cred, broker=broker.url, coordinator=ckey.did,
+                             on_config=(lambda c: applied.append(c)) if name == "phone" else None)
+                await dev.connect(authenticate=False)
+                cleanup.append(dev.aclose)
+                t0 = time.perf_counter()
+                await dev.authenticate()
+                ms = (time.perf_counter() - t0) * 1000
+                result.auth_ms.append(ms)
+                devices[name] = dev
+                parts.append(f"{name} {ms:.1f} ms")
+            return "mutual DID+VP: " + ", ".join(parts)
+
+        async def announce() -> str:
+            await devices["display"].publish_event(screen_available(800, 600, density=160))
+            return "display → screen_available {width: 800, height: 600, density: 160}"
+
+        async def phone_applies() -> str:
+            info = await asyncio.wait_for(converged, 10)
+            await devices["phone"].wait_version(1, 10)
+            cfg = applied[-1]
+            if cfg.state.get("ui.companion.resolution") != "800x600" or cfg.state.get("ui.layout") != "companion":
+                raise RuntimeError(f"unexpected config {cfg.state}")
+            result.convergence_ms = info["seconds"] * 1000
+            steps[4].ms = result.convergence_ms
+            return (f"phone config v{cfg.version}: layout=companion resolution=800x600; "
+                    f"convergence {result.convergence_ms:.2f} ms (event → all targets applied)")
+
+        async def forged() -> str:
+            mallory = Key.generate()
+            phone = devices["phone"]
+            async with SecureClient(broker.url, mallory, **did_credentials(mallory)) as client:
+                body = {"device": phone.did, "version": 99, "changes": {"ui.layout": "evil"},
+                        "state": {"ui.layout": "evil"}, "event_id": None, "rules": [], "created": 0}
+                await client.publish(topics.device_config(phone._token), body, type="coord.config", qos=1)
+                for _ in range(100):
+                    if phone.rejected_configs:
+                        break
+                    await asyncio.sleep(0.02)
+            if not phone.rejected_configs or phone.last_version != 1:
+                raise RuntimeError("the forged config was not refused")
+            return f"config signed by an outsider refused by the phone ({phone.rejected_configs[-1]})"
+
+        async def revoke() -> str:
+            assert coordinator is not None
+            tablet = devices["tablet"]
+            t0 = time.perf_counter()
+            await coordinator.revoke(tablet.did)
+            for _ in range(100):
+                if tablet.state == REVOKED:
+                    break
+                await asyncio.sleep(0.01)
+            if tablet.state != REVOKED:
+                raise RuntimeError("tablet was not disconnected from coordination")
+            ms = (time.perf_counter() - t0) * 1000
+            steps[6].ms = ms
+            return f"status list updated and published; tablet disconnected in {ms:.1f} ms"
+
+        async def refused() -> str:
+            tablet = devices["tablet"]
+            try:
+                await tablet.authenticate()
+            except AdmissionError as exc:
+                if exc.reason != "revoked":
+                    raise RuntimeError(f"refused for the wrong reason: {exc.reason}") from exc
+                return f"re-authentication refused: reason={exc.reason}"
+            raise RuntimeError("a revoked tablet was admitted")
+
+        for i, fn in enumerate([start_broker, start_coordinator, authenticate, announce, phone_applies,
+                                forged, revoke, refused]):
+            await step(i, fn)
+        result.ok = True
+        if keep_running:
+            view.note(f"mesh up on {broker.url}; Ctrl-C to stop")
+            refresh()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+    except DemoFailed as exc:
+        result.failed_step, result.error = exc.step, str(exc)
+    finally:
+        for fn in reversed(cleanup):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(fn(), 5)
+        if live_view is not None:
+            live_view.update(view.render())
+            live_view.stop()
+        tmp.cleanup()
+    return result
+
+
+__all__ = ["run_demo", "DemoResult", "DemoFailed", "Step", "DEMO_RULES"]

@@ -1,0 +1,573 @@
+"""Device SDK: authenticate to the coordinator, announce presence, publish events, apply configs.
+
+    async with Device(key, credential, broker=url, coordinator=coord_did, on_config=apply) as dev:
+        await dev.publish_event(events.screen_available(800, 600, density=160))
+
+* Mutual authentication (DID + VP): the device sends a nonce and checks the coordinator's
+  CoordinatorCredential presentation over it, then answers the coordinator's fresh challenge
+  with a presentation of its DeviceCredential. Failure raises :class:`AdmissionError` (reason:
+  untrusted_issuer, revoked, expired, wrong_challenge, untrusted_coordinator, timeout...).
+* Presence: retained online/offline on the device's presence topic (a will covers unclean
+  disconnects) and heartbeats every ``heartbeat_ttl / 3`` (the coordinator expires silence).
+* Configs: versioned, signed by the coordinator (checked: sender DID, device, version) before
+  the app sees them, through ``on_config`` (return = applied, raise = failed) or
+  ``async for cfg in dev.configs()`` (``await cfg.ack()`` / ``await cfg.fail(reason)``).
+* Catch-up: every (re)authentication states the last version handled; the coordinator sends
+  what changed since, and each version reaches the app exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdk.coord import topics
+from sdk.coord.broker_auth import did_credentials
+from sdk.coord.client import ClientConfig, SecureClient
+from sdk.coord.coordinator import protocol
+from sdk.coord.coordinator.auth import COORDINATOR_CREDENTIAL, check_presentation, present
+from sdk.coord.coordinator.errors import AdmissionError, ConfigRejected, NotAdmitted
+from sdk.coord.coordinator.status import MqttStatusListSource
+from sdk.coord.coordinator.store import ConfigVersion
+from sdk.coord.envelope import Message, Signer
+from sdk.coord.errors import MessagingError, RemoteError, RequestTimeout
+from sdk.coord.events import Event, battery, custom, input_methods, network, screen_available, screen_lost
+from sdk.coord.transport import Will
+from sdk.identity import Key, StatusChecker, TrustPolicy
+
+log = logging.getLogger(__name__)
+
+ConfigCallback = Callable[["Config"], Awaitable[Any] | Any]
+
+#: device states
+CONNECTING = "connecting"
+ADMITTED = "admitted"
+WAITING = "waiting"        # coordinator away, or re-authenticating
+REVOKED = "revoked"
+CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class Config:
+    """A verified adaptation config as the app sees it."""
+
+    version: int
+    changes: dict[str, Any]
+    state: dict[str, Any]
+    event_id: str | None = None
+    rules: tuple[str, ...] = ()
+    received_at: float = 0.0
+    _done: asyncio.Future[tuple[str, str | None]] | None = field(default=None, repr=False)
+
+    async def ack(self) -> None:
+        """Report this version applied."""
+        if self._done is not None and not self._done.done():
+            self._done.set_result((protocol.APPLIED, None))
+
+    async def fail(self, reason: str) -> None:
+        """Report this version failed (``reason`` goes to the coordinator)."""
+        if self._done is not None and not self._done.done():
+            self._done.set_result((protocol.FAILED, str(reason)[:200]))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The result of a successful authentication."""
+
+    coordinator: str
+    session: str
+    boot: str
+    heartbeat_ttl: float
+    pending: int
+
+
+class Device:
+    """One device's connection to the coordination mesh (``async with``)."""
+
+    def __init__(
+        self,
+        key: Key,
+        credential: dict[str, Any] | str,
+        *,
+        broker: str,
+        coordinator: str,
+        trust: TrustPolicy | None = None,
+        on_config: ConfigCallback | None = None,
+        heartbeat_ttl: float = 30.0,
+        last_version: int = 0,
+        state_file: str | Path | None = None,
+        capabilities: Iterable[str] | None = None,
+        attributes: dict[str, Any] | None = None,
+        auth_timeout: float = 5.0,
+        client_config: ClientConfig | None = None,
+        **transport_options: Any,
+    ) -> None:
+        if not isinstance(key, Key):
+            raise TypeError("key must be an sdk.identity.Key")
+        if heartbeat_ttl <= 0:
+            raise ValueError("heartbeat_ttl must be positive")
+        self.key = key
+        self.did = key.did
+        self.credential = credential
+        self.coordinator = coordinator.partition("#")[0]
+        self.trust = trust if trust is not None else TrustPolicy(
+            {_issuer_of(credential): {COORDINATOR_CREDENTIAL}})
+        self.on_config = on_config
+        self.heartbeat_ttl = heartbeat_ttl
+        self.auth_timeout = auth_timeout
+        self.capabilities = None if capabilities is None else sorted(capabilities)
+        self.attributes = dict(attributes or {})
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.last_version = self._load_version(last_version)
+        self.state: str = CLOSED
+        self.admission: Admission | None = None
+        self.refused_reason: str | None = None
+        self.rejected_configs: list[str] = []      # reasons of configs refused before the app
+        self.status_source = MqttStatusListSource()
+        self._checker = StatusChecker(self.status_source)
+        self._token = protocol.token(self.did)
+        self._coord_cmd = topics.device_commands(protocol.token(self.coordinator))
+        will_body = {"state": "offline", "reason": "connection_lost", "did": self.did}
+        _, will_wire = Signer(key).seal(topics.device_presence(self._token), will_body,
+                                        type=protocol.PRESENCE, ttl=365 * 86400)
+        options = {**did_credentials(key), **transport_options}
+        options.setdefault("will", Will(topics.device_presence(self._token), will_wire, qos=1, retain=True))
+        self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **options)
+        self._admitted = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._inbox: asyncio.Queue[ConfigVersion] = asyncio.Queue()
+        self._app_queue: asyncio.Queue[Config] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reauth: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._coordinator_boot: str | None = None
+        self._seen_connect = False
+        self._last_delivered: Config | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Device:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def connect(self, *, authenticate: bool = True) -> None:
+        """Connect, subscribe, announce presence and (by default) authenticate."""
+        self.state = CONNECTING
+        await self.client.connect()
+        await self.status_source.attach(self.client)
+        await self.client.subscribe(topics.device_config(self._token), self._on_config_msg)
+        await self.client.subscribe(topics.device_commands(self._token), self._on_notice)
+        await self.client.subscribe(topics.device_presence(protocol.token(self.coordinator)),
+                                    self._on_coordinator_presence)
+        self.client.transport.add_on_connect(self._on_reconnect)
+        self._worker = asyncio.ensure_future(self._config_worker())
+        await self._publish_presence("online")
+        if authenticate:
+            await self.authenticate()
+
+    async def aclose(self) -> None:
+        """Say offline (retained), stop tasks and disconnect."""
+        if self.state == CLOSED and self._worker is None:
+            return
+        prev = self.state
+        self.state = CLOSED
+        with contextlib.suppress(MessagingError, OSError):
+            if prev != REVOKED and self.client.connected:
+                await self._publish_presence("offline", reason="closed")
+        for task in [self._reauth, self._heartbeat, self._worker, *self._tasks]:
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._worker = self._heartbeat = self._reauth = None
+        await self.client.aclose()
+
+    @property
+    def admitted(self) -> bool:
+        """True while the coordinator has admitted this device."""
+        return self.state == ADMITTED
+
+    async def wait_admitted(self, timeout: float | None = None) -> None:
+        """Wait until (re-)admitted; raises NotAdmitted if revoked or on timeout."""
+        if self.state == REVOKED:
+            raise NotAdmitted("device credential revoked", reason="revoked")
+        try:
+            await asyncio.wait_for(self._admitted.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotAdmitted(f"not admitted within {timeout}s ({self.refused_reason or self.state})",
+                              reason=self.refused_reason or "not_admitted") from None
+        if self.state == REVOKED:
+            raise NotAdmitted("device credential revoked", reason="revoked")
+
+    # ------------------------------------------------------------------ authentication
+    async def authenticate(self) -> Admission:
+        """Run the mutual DID+VP handshake; raises :class:`AdmissionError` with a reason."""
+        nonce = secrets.token_urlsafe(16)
+        hello = await self._request(protocol.HELLO, {"nonce": nonce})
+        body = hello.body if isinstance(hello.body, dict) else {}
+        challenge = body.get("challenge")
+        if not isinstance(challenge, str):
+            raise self._refused(AdmissionError("coordinator sent no challenge", reason="malformed"))
+        try:
+            check_presentation(body.get("vp"), challenge=nonce, domain=self.did, trust=self.trust,
+                               status=self._checker, credential_type=COORDINATOR_CREDENTIAL,
+                               expected_holder=self.coordinator)
+        except AdmissionError as exc:
+            log.warning("coordinator %s failed mutual authentication: %s", self.coordinator, exc)
+            raise self._refused(AdmissionError(f"coordinator not trusted: {exc}",
+                                               reason="untrusted_coordinator")) from exc
+        vp = present(self.credential, self.key, challenge=challenge, domain=self.coordinator)
+        req: dict[str, Any] = {"challenge": challenge, "vp": vp, "last_version": self.last_version,
+                               "heartbeat_ttl": self.heartbeat_ttl}
+        if self.capabilities is not None:
+            req["capabilities"] = self.capabilities
+        if self.attributes:
+            req["attributes"] = self.attributes
+        reply = await self._request(protocol.PRESENT, req)
+        rb = reply.body if isinstance(reply.body, dict) else {}
+        try:
+            admission = Admission(self.coordinator, str(rb["session"]), str(rb["boot"]),
+                                  float(rb.get("heartbeat_ttl", self.heartbeat_ttl)), int(rb.get("pending", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._refused(AdmissionError("malformed admission reply", reason="malformed")) from exc
+        self.admission = admission
+        self._coordinator_boot = admission.boot
+        self.refused_reason = None
+        self.state = ADMITTED
+        self._admitted.set()
+        self._start_heartbeat(admission.heartbeat_ttl)
+        log.info("device %s admitted by %s (session %s)", self.did, self.coordinator, admission.session)
+        return admission
+
+    async def _request(self, type_: str, body: dict[str, Any]) -> Message:
+        try:
+            return await self.client.request(self._coord_cmd, body, type=type_, timeout=self.auth_timeout,
+                                             expect_from=self.coordinator)
+        except RemoteError as exc:
+            raise self._refused(AdmissionError(f"coordinator refused: {exc}", reason=exc.reason)) from exc
+        except RequestTimeout as exc:
+            raise self._refused(AdmissionError(f"no answer from coordinator: {exc}", reason="timeout")) from exc
+
+    def _refused(self, exc: AdmissionError) -> AdmissionError:
+        self.refused_reason = exc.reason
+        self._admitted.clear()
+        if exc.reason == "revoked":
+            self.state = REVOKED
+            self._stop_heartbeat()
+        elif self.state != CLOSED:
+            self.state = WAITING
+        return exc
+
+    def _schedule_reauth(self) -> None:
+        if self.state in (CLOSED, REVOKED) or (self._reauth is not None and not self._reauth.done()):
+            return
+        self.state = WAITING
+        self._admitted.clear()
+        self._reauth = asyncio.ensure_future(self._reauth_loop())
+
+    async def _reauth_loop(self) -> None:
+        delay = 0.05
+        while self.state not in (CLOSED, REVOKED):
+            try:
+                await self.client.transport.wait_connected(timeout=None)
+                await self.authenticate()
+                return
+            except AdmissionError as exc:
+                if exc.reason == "revoked":
+                    log.warning("device %s refused: revoked", self.did)
+                    return
+                log.info("re-authentication failed (%s), retrying in %.2fs", exc.reason, delay)
+            except MessagingError as exc:
+                log.info("re-authentication interrupted (%s), retrying", exc.reason)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _on_reconnect(self, session_present: bool) -> None:
+        if self.state in (CLOSED, REVOKED):
+            return
+        self._spawn(self._publish_presence("online"))
+        if self.state != CONNECTING:
+            self._schedule_reauth()
+
+    # ------------------------------------------------------------------ presence
+    async def _publish_presence(self, state: str, *, reason: str | None = None) -> None:
+        body: dict[str, Any] = {"state": state, "did": self.did, "ttl": self.heartbeat_ttl}
+        if reason:
+            body["reason"] = reason
+        await self.client.publish(topics.device_presence(self._token), body, type=protocol.PRESENCE,
+                                  retain=True, qos=1)
+
+    def _start_heartbeat(self, ttl: float) -> None:
+        self._stop_heartbeat()
+        self._heartbeat = asyncio.ensure_future(self._heartbeat_loop(ttl))
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat is not asyncio.current_task():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+
+    async def _heartbeat_loop(self, ttl: float) -> None:
+        seq = 0
+        while self.state == ADMITTED:
+            await asyncio.sleep(ttl / 3)
+            seq += 1
+            try:
+                await self.client.publish(topics.device_presence(self._token), {"seq": seq},
+                                          type=protocol.HEARTBEAT, qos=0)
+            except MessagingError as exc:
+                log.debug("heartbeat not sent: %s", exc.reason)
+
+    def pause_heartbeats(self) -> None:
+        """Stop sending heartbeats (for tests and apps going silent on purpose)."""
+        self._stop_heartbeat()
+
+    # ------------------------------------------------------------------ events
+    async def publish_event(self, event: Event, *, wait_admitted: float | None = 5.0) -> str:
+        """Publish a validated event; waits (up to ``wait_admitted`` s) while re-authenticating."""
+        if not isinstance(event, Event):
+            raise TypeError("event must be an sdk.coord.events.Event (use the helpers)")
+        if self.state != ADMITTED:
+            await self.wait_admitted(wait_admitted)
+        return await self.client.publish(topics.device_events(self._token), event.to_body(),
+                                         type=protocol.EVENT, qos=1)
+
+    async def screen_available(self, width: int, height: int, *, density: float | None = None,
+                               screen_id: str | None = None) -> str:
+        """Publish ``screen_available``."""
+        return await self.publish_event(screen_available(width, height, density=density, screen_id=screen_id))
+
+    async def screen_lost(self, *, screen_id: str | None = None) -> str:
+        """Publish ``screen_lost``."""
+        return await self.publish_event(screen_lost(screen_id=screen_id))
+
+    async def input_methods(self, methods: list[str]) -> str:
+        """Publish ``input_methods``."""
+        return await self.publish_event(input_methods(methods))
+
+    async def battery(self, battery_class: str, *, level: float | None = None) -> str:
+        """Publish ``battery``."""
+        return await self.publish_event(battery(battery_class, level=level))
+
+    async def network(self, network_class: str) -> str:
+        """Publish ``network``."""
+        return await self.publish_event(network(network_class))
+
+    async def custom_event(self, event_type: str, **fields: Any) -> str:
+        """Publish any other event."""
+        return await self.publish_event(custom(event_type, **fields))
+
+    async def announce(self, *, capabilities: Iterable[str] | None = None,
+                       attributes: dict[str, Any] | None = None) -> None:
+        """Tell the coordinator about capabilities/attributes beyond the credential's."""
+        if capabilities is not None:
+            self.capabilities = sorted(capabilities)
+        if attributes:
+            self.attributes.update(attributes)
+        body: dict[str, Any] = {"attributes": self.attributes}
+        if self.capabilities is not None:
+            body["capabilities"] = self.capabilities
+        await self.client.publish(topics.device_events(self._token), body, type=protocol.ANNOUNCE, qos=1)
+
+    # ------------------------------------------------------------------ configs
+    def _on_config_msg(self, msg: Message) -> None:
+        if msg.type != protocol.CONFIG:
+            return
+        try:
+            if msg.sender != self.coordinator:
+                raise ConfigRejected(f"config signed by {msg.sender}, not the coordinator",
+                                     reason="untrusted_sender")
+            try:
+                cfg = ConfigVersion.from_body(msg.body)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ConfigRejected(f"malformed config: {exc}", reason="malformed") from exc
+            if cfg.did != self.did:
+                raise ConfigRejected(f"config for {cfg.did}, not this device", reason="wrong_device")
+        except ConfigRejected as exc:
+            self.rejected_configs.append(exc.reason)
+            log.warning("device %s rejected a config: %s: %s", self.did, exc.reason, exc)
+            return
+        self._inbox.put_nowait(cfg)
+
+    async def _config_worker(self) -> None:
+        while True:
+            cfg = await self._inbox.get()
+            if cfg.version <= self.last_version:
+                log.debug("dropping config v%d (already handled v%d)", cfg.version, self.last_version)
+                continue
+            if cfg.version != self.last_version + 1:
+                log.warning("config v%d after v%d: versions in between were superseded",
+                            cfg.version, self.last_version)
+            status, reason, apply_ms = await self._deliver(cfg)
+            self.last_version = cfg.version
+            self._save_version()
+            self._changed.set()
+            self._changed = asyncio.Event()
+            try:
+                body: dict[str, Any] = {"version": cfg.version, "status": status, "apply_ms": apply_ms}
+                if reason:
+                    body["reason"] = reason
+                await self.client.publish(topics.device_events(self._token), body, type=protocol.REPORT, qos=1)
+            except MessagingError as exc:
+                log.warning("could not report config v%d: %s", cfg.version, exc.reason)
+
+    async def _deliver(self, cv: ConfigVersion) -> tuple[str, str | None, float]:
+        loop = asyncio.get_running_loop()
+        cfg = Config(cv.version, cv.changes, cv.state, cv.event_id, cv.rules, time.time())
+        t0 = time.perf_counter()
+        if self.on_config is not None:
+            try:
+                res = self.on_config(cfg)
+                if inspect.isawaitable(res):
+                    await res
+                status, reason = protocol.APPLIED, None
+            except Exception as exc:  # noqa: BLE001 - the app's failure is reported, not raised
+                log.warning("config v%d failed to apply: %s", cv.version, exc)
+                status, reason = protocol.FAILED, f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            cfg._done = loop.create_future()
+            self._app_queue.put_nowait(cfg)
+            status, reason = await cfg._done
+        return status, reason, round((time.perf_counter() - t0) * 1000, 3)
+
+    async def configs(self) -> AsyncIterator[Config]:
+        """Verified configs, in version order (without ``on_config``); unacked ones ack on next()."""
+        if self.on_config is not None:
+            raise RuntimeError("configs() is for devices without an on_config callback")
+        while True:
+            prev = self._last_delivered
+            if prev is not None:
+                await prev.ack()
+            cfg = await self._app_queue.get()
+            self._last_delivered = cfg
+            yield cfg
+
+    async def wait_version(self, version: int, timeout: float | None = None) -> None:
+        """Wait until config ``version`` (or later) has been handled."""
+        async def wait() -> None:
+            while self.last_version < version:
+                await self._changed.wait()
+        await asyncio.wait_for(wait(), timeout)
+
+    def _load_version(self, default: int) -> int:
+        if self.state_file is None or not self.state_file.exists():
+            return default
+        try:
+            return max(default, int(json.loads(self.state_file.read_text())["last_version"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable device state %s: %s", self.state_file, exc)
+            return default
+
+    def _save_version(self) -> None:
+        if self.state_file is None:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"last_version": self.last_version}))
+        os.replace(tmp, self.state_file)
+
+    # ------------------------------------------------------------------ from the coordinator
+    def _on_notice(self, msg: Message) -> None:
+        if msg.type != protocol.NOTICE or msg.sender != self.coordinator:
+            return
+        body = msg.body if isinstance(msg.body, dict) else {}
+        notice = body.get("notice")
+        if notice == protocol.NOTICE_REVOKED:
+            log.warning("device %s: coordinator says credential revoked", self.did)
+            self.refused_reason = "revoked"
+            self.state = REVOKED
+            self._admitted.clear()
+            self._stop_heartbeat()
+        elif notice in (protocol.NOTICE_REAUTH, protocol.NOTICE_NOT_ADMITTED):
+            self._schedule_reauth()
+
+    def _on_coordinator_presence(self, msg: Message) -> None:
+        if msg.type != protocol.PRESENCE or msg.sender != self.coordinator:
+            return
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if body.get("state") == "offline":
+            if self.state == ADMITTED:
+                log.info("coordinator went offline; waiting for it")
+                self.state = WAITING
+                self._admitted.clear()
+                self._stop_heartbeat()
+        elif body.get("state") == "online" and body.get("boot") != self._coordinator_boot \
+                and self.state in (ADMITTED, WAITING):
+            log.info("coordinator (re)started (boot %s); re-authenticating", body.get("boot"))
+            self._schedule_reauth()
+
+    def _spawn(self, aw: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _issuer_of(credential: Any) -> str:
+    if isinstance(credential, dict):
+        issuer = credential.get("issuer")
+        if isinstance(issuer, dict):
+            issuer = issuer.get("id")
+        if isinstance(issuer, str):
+            return issuer
+    if isinstance(credential, str):  # VC-JWT: iss claim
+        from sdk.coord.envelope import b64d
+        try:
+            return str(json.loads(b64d(credential.split(".")[1]))["iss"])
+        except (ValueError, KeyError, IndexError, MessagingError):
+            pass
+    raise ValueError("cannot tell the credential's issuer; pass trust= explicitly")
+
+
+class SyncDevice:
+    """A thin blocking facade over :class:`Device` (its own event loop in a thread)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="autoglm-device", daemon=True)
+        self._thread.start()
+        self.device: Device = self._call(_make_device(args, kwargs))
+
+    def _call(self, coro: Awaitable[Any], timeout: float | None = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def __enter__(self) -> SyncDevice:
+        self._call(self.device.connect())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def publish_event(self, event: Event) -> str:
+        """Blocking :meth:`Device.publish_event`."""
+        return str(self._call(self.device.publish_event(event)))
+
+    def wait_version(self, version: int, timeout: float | None = None) -> None:
+        """Blocking :meth:`Device.wait_version`."""
+        self._call(self.device.wait_version(version, timeout), None)
+
+    def close(self) -> None:
+        """Disconnect and stop the loop thread."""
+        if self._loop.is_running():
+            self._call(self.device.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+
+async def _make_device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Device:
+    return Device(*args, **kwargs)
+
+
+__all__ = ["Admission", "Config", "Device", "SyncDevice", "ADMITTED", "WAITING", "REVOKED", "CLOSED",
+           "CONNECTING"]

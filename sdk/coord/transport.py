@@ -1,0 +1,802 @@
+"""Asyncio MQTT transport over paho-mqtt 2.x: the broker connection, nothing above it.
+
+Contract (what the envelope / secure client layer builds on):
+
+* ``MqttTransport(url_or_config, **overrides)`` lives in ``async with`` (or ``connect()`` /
+  ``aclose()``); reusable after close, not re-entrant. All methods must be called from the
+  event loop that connected it.
+* URL: ``mqtt://[user[:password]@]host[:port][?query]`` (default port 1883) or ``mqtts://``
+  (TLS, default port 8883). Query keys: ``protocol=auto|5|3.1.1`` (default ``auto``: try MQTT 5,
+  fall back to 3.1.1 when the broker answers "unsupported protocol version", closes, or stays
+  silent for ``probe_timeout`` — amqtt misparses MQTT 5 CONNECTs with credentials and never
+  answers; the result is cached per host:port for the process), ``client_id``,
+  ``keepalive``, ``persistent=1``, ``ca``, ``cert``, ``key``, ``insecure=1``.
+* ``await publish(topic, payload, qos=..., retain=...)`` returns once the broker acknowledged
+  the message (PUBACK for QoS 1, PUBCOMP for QoS 2) or, for QoS 0, once it is queued on the
+  socket. While the connection is down QoS 1/2 publishes wait in paho's session state and are
+  sent after reconnect; QoS 0 publishes raise :class:`NotConnected`. More than ``max_pending``
+  unacknowledged publishes raise :class:`SendQueueFull` (reason ``queue_full``) at once.
+* ``await subscribe(filter, qos=..., handler=None)`` awaits the SUBACK. Messages are delivered
+  to the subscription's ``handler`` if it matches, else to ``on_message``, else to the bounded
+  queue read with ``async for msg in transport.messages()`` (reading pauses, no message lost,
+  while that queue is full). A handler/callback has the signature
+  ``on_message(topic: str, payload: bytes, *, retain: bool, qos: int)`` and may be sync or async.
+* Reconnect is automatic with exponential backoff; subscriptions are restored (skipped when the
+  broker reports a persistent session present) and then every ``on_connect`` hook runs, so
+  upper layers can re-announce presence. A callable password is called with the client id before
+  every CONNECT (fresh DID proofs for the embedded broker).
+* ``persistent=True`` asks for a session that outlives the connection (MQTT 5: clean start off
+  plus ``session_expiry`` seconds; 3.1.1: clean session off) with a stable client id, so QoS 1
+  messages survive client reconnects and broker restarts (if the broker persists sessions).
+* TCP_NODELAY is set on every socket (paho does not; without it a round trip costs 40+ ms).
+* Errors are subclasses of ``sdk.coord.errors.TransportError`` with stable ``reason`` codes.
+
+Implementation: paho runs on the asyncio loop itself (socket callbacks drive ``add_reader`` /
+``add_writer``, as aiomqtt does); paho callbacks only resolve futures or feed the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import logging
+import secrets
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from sdk.coord.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    NotConnected,
+    PublishFailed,
+    PublishTimeout,
+    SendQueueFull,
+    SubscribeFailed,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["auto", "5", "3.1.1"]
+Password = str | bytes | Callable[[str], str | bytes] | None
+MessageCallback = Callable[..., Any]
+ConnectHook = Callable[[bool], Awaitable[None] | None]
+
+#: (host, port) → the protocol that broker accepted, so "auto" probes each broker once per process.
+_NEGOTIATED: dict[tuple[str, int], Literal["5", "3.1.1"]] = {}
+_UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 reason code; paho maps the 3.1.1 CONNACK code 1 onto it
+_AUTH_CODES = {0x86: "bad_credentials", 0x87: "not_authorized", 0x8C: "not_authorized"}
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS settings: CA bundle (None = system CAs), optional client certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last-will message the broker publishes if the connection dies uncleanly."""
+
+    topic: str
+    payload: bytes = b""
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Everything needed to reach one broker. Build it directly or with :meth:`from_url`."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: TLSConfig | None = None
+    username: str | None = None
+    password: Password = None
+    client_id: str | None = None
+    protocol: Protocol = "auto"
+    keepalive: int = 30
+    persistent: bool = False
+    session_expiry: int = 3600
+    will: Will | None = None
+    reconnect: bool = True
+    backoff_min: float = 0.05
+    backoff_max: float = 10.0
+    connect_timeout: float = 10.0
+    probe_timeout: float = 1.0
+    publish_timeout: float | None = 60.0
+    max_pending: int = 10_000
+    max_inflight: int = 100
+    incoming_limit: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"protocol must be 'auto', '5' or '3.1.1', not {self.protocol!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"bad port {self.port}")
+        if self.max_pending < 1 or self.max_inflight < 1 or self.incoming_limit < 1:
+            raise ValueError("max_pending, max_inflight and incoming_limit must be positive")
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> TransportConfig:
+        """Parse ``mqtt://`` / ``mqtts://`` URLs (see the module docstring); kwargs win."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} (use mqtt:// or mqtts://)")
+        secure = parts.scheme in ("mqtts", "ssl")
+        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        kw: dict[str, Any] = {
+            "host": parts.hostname or "127.0.0.1",
+            "port": parts.port or (8883 if secure else 1883),
+        }
+        if parts.username:
+            kw["username"] = unquote(parts.username)
+        if parts.password:
+            kw["password"] = unquote(parts.password)
+        if "protocol" in q:
+            kw["protocol"] = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "4": "3.1.1", "auto": "auto"}.get(
+                q["protocol"], q["protocol"]
+            )
+        if "client_id" in q:
+            kw["client_id"] = q["client_id"]
+        if "keepalive" in q:
+            kw["keepalive"] = int(q["keepalive"])
+        if "persistent" in q:
+            kw["persistent"] = q["persistent"].lower() in ("1", "true", "yes")
+        if secure:
+            kw["tls"] = TLSConfig(
+                ca_file=q.get("ca"),
+                cert_file=q.get("cert"),
+                key_file=q.get("key"),
+                check_hostname=q.get("insecure", "0").lower() not in ("1", "true", "yes"),
+            )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def url(self) -> str:
+        """The broker URL without credentials."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One received application message."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+
+
+@dataclass
+class _Sub:
+    qos: int
+    handler: MessageCallback | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _reason_value(rc: Any) -> int:
+    return int(rc.value) if isinstance(rc, ReasonCode) else int(rc)
+
+
+def _deliver(cb: MessageCallback, msg: Message, tasks: set[asyncio.Task[Any]]) -> None:
+    try:
+        res = cb(msg.topic, msg.payload, retain=msg.retain, qos=msg.qos)
+    except Exception:  # noqa: BLE001 - a bad handler must not kill the connection
+        log.exception("message handler for %s raised", msg.topic)
+        return
+    if inspect.isawaitable(res):
+        task = asyncio.ensure_future(res)
+        tasks.add(task)
+        task.add_done_callback(_handler_done(tasks))
+
+
+def _handler_done(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("async message handler raised", exc_info=task.exception())
+
+    return done
+
+
+class MqttTransport:
+    """One MQTT connection driven by the running asyncio loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        target: str | TransportConfig,
+        /,
+        *,
+        on_message: MessageCallback | None = None,
+        **overrides: Any,
+    ) -> None:
+        if isinstance(target, str):
+            cfg = TransportConfig.from_url(target, **overrides)
+        elif isinstance(target, TransportConfig):
+            cfg = replace(target, **overrides) if overrides else target
+        else:
+            raise TypeError("target must be a broker URL or a TransportConfig")
+        if cfg.client_id is None:
+            cfg = replace(cfg, client_id="autoglm-" + secrets.token_hex(8))
+        self.config: TransportConfig = cfg
+        self.on_message: MessageCallback | None = on_message
+        self._protocol: Literal["5", "3.1.1"] = (
+            cfg.protocol if cfg.protocol != "auto" else _NEGOTIATED.get((cfg.host, cfg.port), "5")
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._sock: Any = None
+        self._connected = asyncio.Event()
+        self._connack: asyncio.Future[tuple[int, bool]] | None = None
+        self._closing = False
+        self._running = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._misc_task: asyncio.Task[None] | None = None
+        self._pub_futs: dict[int, asyncio.Future[None]] = {}
+        self._qos0_pending = 0
+        self._sub_futs: dict[int, asyncio.Future[list[int]]] = {}
+        self._subs: dict[str, _Sub] = {}
+        self._hooks: list[ConnectHook] = []
+        self._queue: collections.deque[Message] = collections.deque()
+        self._queue_wakeup: asyncio.Event | None = None
+        self._read_paused = False
+        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        self._deferred: list[Callable[[], None]] | None = None
+        self._close_waiter: asyncio.Future[None] | None = None
+        self.reconnects = 0
+        self.session_present = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def client_id(self) -> str:
+        return self.config.client_id or ""
+
+    @property
+    def protocol(self) -> Literal["5", "3.1.1"]:
+        """The MQTT version in use (after connect: what the broker accepted)."""
+        return self._protocol
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def pending(self) -> int:
+        """Publishes handed to paho and not yet acknowledged (QoS 1/2) or written (QoS 0)."""
+        return len(self._pub_futs) + self._qos0_pending
+
+    async def __aenter__(self) -> MqttTransport:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def connect(self) -> None:
+        """Connect (first attempt: no retries, errors raise :class:`ConnectFailed`)."""
+        if self._running:
+            raise RuntimeError("transport is already connected (not re-entrant)")
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._running = True
+        self._queue_wakeup = asyncio.Event()
+        try:
+            session_present = await self._connect_once(first=True)
+        except BaseException:
+            self._running = False
+            self._teardown_client()
+            raise
+        self._misc_task = self._loop.create_task(self._misc_loop())
+        await self._after_connect(session_present)
+
+    async def aclose(self) -> None:
+        """Disconnect cleanly (DISCONNECT sent, so no will) and fail what is still pending."""
+        if not self._running:
+            return
+        self._closing = True
+        for task in (self._reconnect_task, self._misc_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._reconnect_task = self._misc_task = None
+        client = self._client
+        if client is not None and self._connected.is_set():
+            closed = self._loop.create_future() if self._loop else None
+            self._close_waiter = closed
+            client.disconnect()
+            if closed is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(closed, 2.0)
+        self._teardown_client()
+        self._fail_all(NotConnected("transport closed"))
+        self._running = False
+        if self._queue_wakeup is not None:
+            self._queue_wakeup.set()
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str = b"",
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,
+        properties: Properties | None = None,
+    ) -> None:
+        """Publish; for QoS 1/2 wait for the broker's acknowledgement."""
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        client = self._client
+        if client is None or not self._running:
+            raise NotConnected("transport is not connected")
+        if self.pending >= self.config.max_pending:
+            log.warning("send queue full (%d pending) publishing to %s", self.pending, topic)
+            raise SendQueueFull(f"{self.pending} publishes await acknowledgement (max_pending)")
+        if qos == 0 and not self._connected.is_set():
+            raise NotConnected("not connected (QoS 0 messages are not queued offline)")
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        info = client.publish(topic, payload, qos, retain, properties)
+        rc = info.rc
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise SendQueueFull("paho refused the message: queue full")
+        if qos == 0:
+            if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                raise NotConnected("not connected")
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise PublishFailed(f"publish failed: {paho.error_string(rc)}")
+            self._qos0_pending += 1
+            return
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishFailed(f"publish failed: {paho.error_string(rc)}")
+        # paho never writes synchronously here (a register-write callback is set), so the
+        # acknowledgement cannot have arrived yet.
+        fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+        self._pub_futs[info.mid] = fut
+        wait = timeout if timeout is not None else self.config.publish_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), wait)
+        except asyncio.TimeoutError:
+            raise PublishTimeout(f"no acknowledgement for {topic!r} within {wait}s") from None
+
+    async def subscribe(
+        self,
+        topic_filter: str,
+        *,
+        qos: int = 1,
+        handler: MessageCallback | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Subscribe and wait for the SUBACK; return the granted QoS."""
+        if qos not in (0, 1, 2):
+            raise ValueError("qos must be 0, 1 or 2")
+        if not self._connected.is_set() or self._client is None:
+            raise NotConnected("not connected")
+        self._subs[topic_filter] = _Sub(qos, handler)
+        try:
+            codes = await self._send_subscribe([(topic_filter, qos)], timeout)
+        except BaseException:
+            self._subs.pop(topic_filter, None)
+            raise
+        code = codes[0]
+        if code >= 0x80:
+            self._subs.pop(topic_filter, None)
+            log.warning("broker refused subscription %s (code 0x%02x)", topic_filter, code)
+            raise SubscribeFailed(f"broker refused subscription to {topic_filter!r} (0x{code:02x})")
+        return code
+
+    async def unsubscribe(self, topic_filter: str, *, timeout: float | None = None) -> None:
+        """Forget the subscription (and its handler); tell the broker if connected."""
+        self._subs.pop(topic_filter, None)
+        if self._connected.is_set() and self._client is not None:
+            rc, mid = self._client.unsubscribe(topic_filter)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                fut = self._loop.create_future()  # type: ignore[union-attr]
+                self._sub_futs[mid] = fut
+                with contextlib.suppress(asyncio.TimeoutError, TransportError):
+                    await asyncio.wait_for(fut, timeout or self.config.connect_timeout)
+
+    def add_on_connect(self, hook: ConnectHook) -> Callable[[], None]:
+        """Run ``hook(session_present)`` after every (re)connect; returns a remover."""
+        self._hooks.append(hook)
+        return lambda: self._hooks.remove(hook) if hook in self._hooks else None
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the connection is (re-)established."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectFailed("not reconnected in time", reason="connect_timeout") from None
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages not taken by a subscription handler or ``on_message``."""
+        while self._running or self._queue:
+            if self._queue:
+                msg = self._queue.popleft()
+                if self._read_paused and len(self._queue) <= self.config.incoming_limit // 2:
+                    self._resume_reading()
+                yield msg
+                continue
+            assert self._queue_wakeup is not None
+            self._queue_wakeup.clear()
+            await self._queue_wakeup.wait()
+
+    async def _abort(self) -> None:
+        """Drop the TCP connection without DISCONNECT (the broker then sends the will); for tests."""
+        self._closing = True
+        self._drop_socket()
+        self._connected.clear()
+        await self.aclose()
+
+    # ------------------------------------------------------------------ connection
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        proto = paho.MQTTv5 if self._protocol == "5" else paho.MQTTv311
+        kwargs: dict[str, Any] = {}
+        if proto == paho.MQTTv311:
+            kwargs["clean_session"] = not cfg.persistent
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id or "", protocol=proto, **kwargs)
+        c.suppress_exceptions = True
+        c.connect_timeout = cfg.connect_timeout
+        c.max_inflight_messages_set(cfg.max_inflight)
+        c.max_queued_messages_set(0)
+        if cfg.tls is not None:
+            ctx = ssl.create_default_context(cafile=cfg.tls.ca_file)
+            if cfg.tls.cert_file:
+                ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+            ctx.check_hostname = cfg.tls.check_hostname
+            c.tls_set_context(ctx)
+        if cfg.will is not None:
+            w = cfg.will
+            c.will_set(w.topic, w.payload, w.qos, w.retain)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
+        c.on_message = self._on_paho_message
+        c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_socket_register_write
+        c.on_socket_unregister_write = self._on_socket_unregister_write
+        return c
+
+    async def _connect_once(self, *, first: bool) -> bool:
+        """One CONNECT attempt (plus the MQTT 5 → 3.1.1 fallback); returns session_present."""
+        cfg = self.config
+        assert self._loop is not None
+        if self._client is None:
+            self._client = self._make_client()
+        client = self._client
+        pw = cfg.password(self.client_id) if callable(cfg.password) else cfg.password
+        if cfg.username is not None or pw is not None:
+            client.username_pw_set(cfg.username, pw)
+        kwargs: dict[str, Any] = {}
+        if self._protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry if cfg.persistent else 0
+            kwargs = {"clean_start": not cfg.persistent, "properties": props}
+        self._connack = self._loop.create_future()
+        self._deferred = []
+        try:
+            # connect() blocks (DNS, TCP, TLS handshake): run it off the loop; socket callbacks
+            # it triggers are deferred and replayed on the loop below.
+            await self._loop.run_in_executor(
+                None, lambda: client.connect(cfg.host, cfg.port, cfg.keepalive, **kwargs)
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._deferred = None
+            raise ConnectFailed(f"cannot reach broker {cfg.url}: {exc}") from exc
+        finally:
+            deferred, self._deferred = self._deferred or [], None
+        for fn in deferred:
+            fn()
+        probing = cfg.protocol == "auto" and self._protocol == "5" and self._broker_key() not in _NEGOTIATED
+        wait = min(cfg.connect_timeout, cfg.probe_timeout) if probing else cfg.connect_timeout
+        try:
+            code, session_present = await asyncio.wait_for(self._connack, wait)
+        except asyncio.TimeoutError:
+            if probing:  # e.g. amqtt misparses an MQTT 5 CONNECT with credentials and never answers
+                return await self._downgrade(first)
+            self._drop_socket()
+            raise ConnectFailed(f"no CONNACK from {cfg.url}", reason="connect_timeout") from None
+        except ConnectionLost as exc:
+            if cfg.protocol == "auto" and self._protocol == "5":
+                return await self._downgrade(first)
+            raise ConnectFailed(f"broker {cfg.url} closed the connection before CONNACK") from exc
+        if code == _UNSUPPORTED_PROTOCOL and cfg.protocol == "auto" and self._protocol == "5":
+            return await self._downgrade(first)
+        if code == 0:
+            _NEGOTIATED[self._broker_key()] = self._protocol
+        else:
+            self._drop_socket()
+            reason = _AUTH_CODES.get(code, "unsupported_protocol" if code == _UNSUPPORTED_PROTOCOL
+                                     else "connect_failed")
+            log.warning("broker %s refused CONNECT: code 0x%02x (%s)", cfg.url, code, reason)
+            raise ConnectFailed(f"broker {cfg.url} refused CONNECT (code 0x{code:02x})", reason=reason)
+        return session_present
+
+    def _broker_key(self) -> tuple[str, int]:
+        return (self.config.host, self.config.port)
+
+    async def _downgrade(self, first: bool) -> bool:
+        log.info("broker %s does not speak MQTT 5; using 3.1.1", self.config.url)
+        self._drop_socket()
+        self._teardown_client()
+        self._protocol = "3.1.1"  # cached in _NEGOTIATED only once a 3.1.1 CONNECT succeeds
+        return await self._connect_once(first=True)
+
+    async def _after_connect(self, session_present: bool) -> None:
+        self.session_present = session_present
+        self._connected.set()
+        if self._subs and not (session_present and self.config.persistent):
+            try:
+                codes = await self._send_subscribe([(t, s.qos) for t, s in self._subs.items()], None)
+                for (t, _), code in zip(list(self._subs.items()), codes):
+                    if code >= 0x80:
+                        log.warning("resubscription to %s refused (0x%02x)", t, code)
+            except TransportError as exc:
+                log.warning("resubscription failed: %s", exc)
+        for hook in list(self._hooks):
+            try:
+                res = hook(session_present)
+                if inspect.isawaitable(res):
+                    await res
+            except Exception:  # noqa: BLE001 - one bad hook must not stop the others
+                log.exception("on_connect hook %r raised", hook)
+
+    async def _reconnect_loop(self) -> None:
+        delay = self.config.backoff_min
+        while not self._closing and not self._connected.is_set():
+            try:
+                session_present = await self._connect_once(first=False)
+            except ConnectFailed as exc:
+                log.info("reconnect to %s failed (%s); retrying in %.2fs", self.config.url, exc.reason, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.backoff_max)
+                continue
+            self.reconnects += 1
+            delay = self.config.backoff_min
+            log.info("reconnected to %s (session present: %s)", self.config.url, session_present)
+            # if the link drops again during this, _on_disconnect sees this task still running:
+            # the while condition then takes over
+            await self._after_connect(session_present)
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._client is not None and self._sock is not None:
+                self._client.loop_misc()
+
+    async def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> list[int]:
+        assert self._client is not None and self._loop is not None
+        rc, mid = self._client.subscribe(subs)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        self._sub_futs[mid] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout or self.config.connect_timeout)
+        except asyncio.TimeoutError:
+            self._sub_futs.pop(mid, None)
+            raise SubscribeFailed("no SUBACK in time", reason="timeout") from None
+
+    def _teardown_client(self) -> None:
+        self._drop_socket()
+        self._client = None
+        self._connected.clear()
+
+    def _drop_socket(self) -> None:
+        """Close the socket without DISCONNECT (the broker sees an unclean drop)."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._unwatch(sock)
+        self._sock = None
+        client = self._client
+        if client is not None and client._sock is sock:  # noqa: SLF001
+            client._sock = None  # noqa: SLF001
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _fail_all(self, exc: TransportError) -> None:
+        for futs in (self._pub_futs, self._sub_futs):
+            for fut in futs.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # mark retrieved: nobody may be awaiting it
+            futs.clear()
+        self._qos0_pending = 0
+
+    # ------------------------------------------------------------------ socket plumbing
+
+    def _in_loop_or_defer(self, fn: Callable[[], None]) -> None:
+        if self._deferred is not None:
+            self._deferred.append(fn)
+        else:
+            fn()
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def watch() -> None:
+            self._sock = sock
+            if not self._read_paused:
+                self._loop.add_reader(sock, self._on_readable)  # type: ignore[union-attr]
+
+        self._in_loop_or_defer(watch)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def unwatch() -> None:
+            self._unwatch(sock)
+            if self._sock is sock:
+                self._sock = None
+
+        self._in_loop_or_defer(unwatch)
+
+    def _unwatch(self, sock: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(sock)
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_writer(sock)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop_or_defer(lambda: self._loop.add_writer(sock, self._on_writable))  # type: ignore[union-attr]
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def unreg() -> None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_writer(sock)  # type: ignore[union-attr]
+
+        self._in_loop_or_defer(unreg)
+
+    def _on_readable(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        client.loop_read()
+        sock = client._sock  # noqa: SLF001
+        while sock is not None and getattr(sock, "pending", None) and sock.pending() > 0:
+            client.loop_read()
+            sock = client._sock  # noqa: SLF001
+
+    def _on_writable(self) -> None:
+        client = self._client
+        if client is not None:
+            client.loop_write()
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self._sock is not None:
+            self._read_paused = True
+            log.warning("incoming queue full (%d); pausing reads", len(self._queue))
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._sock)  # type: ignore[union-attr]
+
+    def _resume_reading(self) -> None:
+        self._read_paused = False
+        if self._sock is not None:
+            self._loop.add_reader(self._sock, self._on_readable)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        fut = self._connack
+        if fut is not None and not fut.done():
+            fut.set_result((_reason_value(rc), bool(flags.session_present)))
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        waiter = self._close_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        fut = self._connack
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionLost(f"connection closed before CONNACK ({rc})"))
+            fut.exception()
+        for mid, sfut in list(self._sub_futs.items()):
+            if not sfut.done():
+                sfut.set_exception(ConnectionLost("connection lost while waiting for SUBACK"))
+                sfut.exception()
+        self._sub_futs.clear()
+        self._qos0_pending = 0
+        if client is not self._client or self._closing or not was_connected:
+            return
+        log.warning("connection to %s lost (%s)", self.config.url, rc)
+        if self.config.reconnect and (self._reconnect_task is None or self._reconnect_task.done()):
+            self._reconnect_task = self._loop.create_task(self._reconnect_loop())  # type: ignore[union-attr]
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        fut = self._pub_futs.pop(mid, None)
+        if fut is None:
+            if self._qos0_pending > 0:
+                self._qos0_pending -= 1
+            return
+        if fut.done():
+            return
+        code = _reason_value(rc)
+        if code >= 0x80:
+            reason = "not_authorized" if code == 0x87 else "publish_failed"
+            fut.set_exception(PublishFailed(f"broker refused publish (0x{code:02x})", reason=reason))
+        else:
+            fut.set_result(None)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        fut = self._sub_futs.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result([_reason_value(c) for c in codes])
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        fut = self._sub_futs.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result([])
+
+    def _on_paho_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
+        msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain))
+        for topic_filter, sub in self._subs.items():
+            if sub.handler is not None and _matches(topic_filter, msg.topic):
+                _deliver(sub.handler, msg, self._handler_tasks)
+                return
+        if self.on_message is not None:
+            _deliver(self.on_message, msg, self._handler_tasks)
+            return
+        self._queue.append(msg)
+        if self._queue_wakeup is not None:
+            self._queue_wakeup.set()
+        if len(self._queue) >= self.config.incoming_limit:
+            self._pause_reading()
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching (``+`` one level, ``#`` the rest; ``$`` topics need explicit levels)."""
+    if topic_filter == topic:
+        return True
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return False
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    if topic.startswith("$") and f_levels[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= len(t_levels) or (f != "+" and f != t_levels[i]):
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+__all__ = [
+    "MqttTransport",
+    "TransportConfig",
+    "TLSConfig",
+    "Will",
+    "Message",
+    "Protocol",
+    "MessageCallback",
+    "ConnectHook",
+]

@@ -1,0 +1,56 @@
+"""Low level: XML Schema dateTime parsing/formatting and the ``now`` / skew arguments."""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timedelta, timezone
+
+from sdk.identity.errors import MalformedError
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_datetime(text: str) -> datetime:
+    """Parse an XML Schema dateTime (``2023-01-01T00:00:00Z``) to an aware UTC datetime."""
+    if not isinstance(text, str) or "T" not in text:
+        raise MalformedError(f"not a dateTime: {text!r}")
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise MalformedError(f"not a dateTime: {text!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)  # XSD: no offset means UTC for our purposes
+    return dt.astimezone(timezone.utc)
+
+
+def format_datetime(dt: datetime | None = None) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` in UTC (seconds precision), now if ``dt`` is None."""
+    dt = dt or datetime.now(timezone.utc)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def from_timestamp(ts: int | float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+def as_now(now: datetime | float | int | None) -> datetime:
+    """Normalize an injectable clock value (aware datetime or epoch seconds; None = now)."""
+    if now is None:
+        return datetime.now(timezone.utc)
+    if isinstance(now, datetime):
+        return now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    if isinstance(now, (int, float)) and not isinstance(now, bool):
+        return from_timestamp(now)
+    raise TypeError("now must be a datetime, epoch seconds or None")
+
+
+def as_skew(skew: timedelta | float | int) -> timedelta:
+    if isinstance(skew, timedelta):
+        return skew
+    if isinstance(skew, (int, float)) and not isinstance(skew, bool) and skew >= 0:
+        return timedelta(seconds=skew)
+    raise TypeError("skew must be a non-negative timedelta or number of seconds")
+
+
+__all__ = ["parse_datetime", "format_datetime", "from_timestamp", "as_now", "as_skew"]

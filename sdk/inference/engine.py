@@ -1,0 +1,323 @@
+"""The inference engine: an asyncio facade over the continuous-batching scheduler.
+
+    engine = await Engine.start(EngineConfig())          # load (bundled SmolLM2 by default), warm up
+    engine = Engine.from_model(model, tokenizer, config)  # or wrap a model already loaded
+    async for chunk in engine.stream(GenerationRequest(prompt="Hi", max_new_tokens=16)): ...
+    result = await engine.generate(request)
+    await engine.aclose()
+
+Request errors (``InvalidRequest``, ``PromptTooLong``, ``EngineOverloaded``, ``EngineClosed``) are
+raised by the first ``__anext__`` of ``stream()``, before any chunk, and by ``generate()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .errors import InvalidRequest, PromptTooLong
+from .kv_cache import PrefixCache, SlotKVCache, install_slot_attention
+from .sampling import SamplingParams, make_generator
+from .scheduler import Scheduler, Sequence
+from .types import EngineConfig, GenerationRequest, GenerationResult, TokenChunk
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine"]
+
+_MAX_STOP_STRINGS = 16
+
+
+class Engine:
+    """Continuous-batching generation over one causal LM; safe to share between asyncio tasks."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, config: EngineConfig, *, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Use :meth:`start` or :meth:`from_model`; this wires the parts but starts nothing."""
+        from .device import dtype_name, model_dims, plan_kv_cache
+
+        self.config = config
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        dims = model_dims(model.config)
+        per_token = SlotKVCache.bytes_per_token(
+            layers=dims["layers"], kv_heads=dims["kv_heads"], head_dim=dims["head_dim"], dtype=self.dtype
+        )
+        budget = None if config.kv_cache_tokens is None else config.kv_cache_tokens * per_token
+        self.plan = plan_kv_cache(
+            model.config, self.dtype, self.device,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_sequence_length=min(config.max_sequence_length, dims["context_length"]),
+            max_batch_size=config.max_batch_size,
+            budget_bytes=budget,
+        )
+        self.max_sequence_length = self.plan.max_sequence_length
+        install_slot_attention(model)
+        cache = SlotKVCache(
+            layers=dims["layers"], slots=self.plan.max_batch_size, slot_len=self.max_sequence_length,
+            kv_heads=dims["kv_heads"], head_dim=dims["head_dim"], dtype=self.dtype, device=self.device,
+        )
+        prefix = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens > 0 else None
+        decoder = None
+        if config.cuda_graphs:
+            if self.device.type == "cuda":
+                from .cuda_graphs import CudaGraphDecoder
+
+                decoder = CudaGraphDecoder(model, cache)
+            else:
+                log.warning("cuda_graphs=True ignored on %s", self.device)
+        self._scheduler = Scheduler(
+            model, cache=cache, prefix_cache=prefix, max_queue_size=config.max_queue_size,
+            prefill_chunk_size=config.prefill_chunk_size, decoder=decoder,
+        )
+        self._eos = _eos_ids(model, tokenizer)
+        self._vocab = int(model.get_output_embeddings().weight.shape[0])
+        self._by_request: dict[str, Sequence] = {}
+        self._closed = False
+        if metadata is not None:
+            self._metadata = {**metadata, "serving": {**metadata.get("serving", {}), **_serving(self)}}
+        else:
+            self._metadata = _metadata(self, dtype_name(self.dtype))
+        self._scheduler.start()
+        log.info(
+            "engine ready on %s (%s): %d slots x %d tokens, prefix cache %d tokens, cuda_graphs=%s",
+            self.device, dtype_name(self.dtype), cache.slots, cache.slot_len, config.prefix_cache_tokens,
+            decoder is not None,
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    async def start(cls, config: EngineConfig | None = None) -> Engine:
+        """Load ``config.model_path`` (None: the bundled SmolLM2) on the chosen device, then warm up."""
+        from .loader import load_model
+
+        config = config or EngineConfig()
+        loaded = await asyncio.to_thread(
+            load_model, config.model_path, device=config.device, dtype=config.dtype,
+            max_sequence_length=config.max_sequence_length,
+        )
+        engine = await asyncio.to_thread(
+            lambda: cls(loaded.model, loaded.tokenizer, config, metadata=_loaded_metadata(loaded, config))
+        )
+        if config.warmup:
+            await engine.warmup()
+        return engine
+
+    @classmethod
+    def from_model(
+        cls, model: Any, tokenizer: Any, config: EngineConfig | None = None, *, metadata: dict[str, Any] | None = None
+    ) -> Engine:
+        """Wrap a loaded transformers causal LM (its attention is routed through the slot cache)."""
+        return cls(model, tokenizer, config or EngineConfig(), metadata=metadata)
+
+    async def warmup(self) -> float:
+        """Run one short generation (and capture CUDA graphs if enabled); return its seconds."""
+        started = time.perf_counter()
+        await self.generate(GenerationRequest(prompt="Hello", max_new_tokens=4, temperature=0.0))
+        seconds = time.perf_counter() - started
+        log.info("warm-up took %.2f s", seconds)
+        return seconds
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """The prompt token ids of ``request`` (chat template applied for ``messages``)."""
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequest("give exactly one of prompt, messages or prompt_token_ids")
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            if not all(isinstance(t, int) and 0 <= t < self._vocab for t in ids):
+                raise InvalidRequest(f"prompt_token_ids must be integers in [0, {self._vocab})")
+        elif request.messages is not None:
+            if not isinstance(request.messages, list) or not all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in request.messages
+            ):
+                raise InvalidRequest("messages must be a list of {role, content} objects")
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:
+                raise InvalidRequest(f"cannot apply the chat template: {exc}") from exc
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            if not isinstance(request.prompt, str):
+                raise InvalidRequest("prompt must be a string")
+            ids = list(self.tokenizer(request.prompt)["input_ids"])
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return ids
+
+    def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+        _check_fields(request)
+        ids = self.encode(request)
+        room = self.max_sequence_length - len(ids)
+        if room < 1:
+            log.warning("prompt of %d tokens does not fit max_sequence_length %d", len(ids), self.max_sequence_length)
+            raise PromptTooLong(
+                f"prompt has {len(ids)} tokens; max_sequence_length {self.max_sequence_length} leaves no room "
+                "for output",
+                prompt_tokens=len(ids), max_sequence_length=self.max_sequence_length,
+            )
+        params = SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        return Sequence(
+            prompt_ids=ids,
+            max_new_tokens=min(request.max_new_tokens, room),  # clipped to what fits: finish "length"
+            params=params,
+            generator=None if params.greedy else make_generator(request.seed, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer, ids),
+            stop=StopMatcher(list(request.stop)),
+            eos_ids=self._eos,
+            loop=loop,
+            queue=asyncio.Queue(),
+            request_id=request.request_id or uuid.uuid4().hex,
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Yield a ``TokenChunk`` per generated token; closing the iterator cancels the request."""
+        if self._closed:
+            from .errors import EngineClosed
+
+            raise EngineClosed("the engine is closed")
+        seq = self._prepare(request, asyncio.get_running_loop())
+        self._scheduler.submit(seq)
+        self._by_request[seq.request_id] = seq
+        finished = False
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            self._by_request.pop(seq.request_id, None)
+            if not finished:
+                self._scheduler.cancel(seq.id)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run ``request`` to the end and return the whole completion."""
+        texts: list[str] = []
+        ids: list[int] = []
+        last: TokenChunk | None = None
+        async for chunk in self.stream(request):
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        assert last is not None and last.finish_reason is not None and last.usage is not None
+        return GenerationResult(text="".join(texts), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage)
+
+    def cancel(self, request_id: str) -> bool:
+        """End a running or waiting request; its stream ends with ``finish_reason="cancelled"``."""
+        seq = self._by_request.get(request_id)
+        if seq is None:
+            return False
+        self._scheduler.cancel(seq.id)
+        return True
+
+    # ------------------------------------------------------------------ introspection and shutdown
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The model metadata document nodes advertise."""
+        return self._metadata
+
+    def stats(self) -> dict[str, Any]:
+        """Live load: queue_depth, active_streams, tokens_per_s, free_cache_tokens, prefix_cache_hit_rate..."""
+        return self._scheduler.stats()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` (or :meth:`close`) ran."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the worker; pending requests fail with ``EngineClosed``.
+
+        The model keeps the slot attention, which is plain SDPA outside an engine step, so the
+        model stays usable (``model.generate``) and other engines on it keep working.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._scheduler.stop()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close` (the worker is joined off the event loop)."""
+        await asyncio.to_thread(self.close)
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _check_fields(r: GenerationRequest) -> None:
+    if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+        raise InvalidRequest("max_new_tokens must be a positive integer")
+    if not r.temperature >= 0.0:
+        raise InvalidRequest("temperature must be >= 0")
+    if not 0.0 < r.top_p <= 1.0:
+        raise InvalidRequest("top_p must be in (0, 1]")
+    if not isinstance(r.top_k, int) or r.top_k < 0:
+        raise InvalidRequest("top_k must be a non-negative integer")
+    if isinstance(r.stop, str) or len(r.stop) > _MAX_STOP_STRINGS or not all(isinstance(s, str) for s in r.stop):
+        raise InvalidRequest(f"stop must be a list of at most {_MAX_STOP_STRINGS} strings")
+    if r.seed is not None and not isinstance(r.seed, int):
+        raise InvalidRequest("seed must be an integer")
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _serving(engine: Engine) -> dict[str, Any]:
+    return {
+        "max_batch_size": engine.plan.max_batch_size,
+        "max_sequence_length": engine.max_sequence_length,
+        "kv_cache_tokens": engine.plan.max_batch_size * engine.max_sequence_length,
+        "prefix_cache_tokens": engine.config.prefix_cache_tokens,
+        "max_queue_size": engine.config.max_queue_size,
+        "continuous_batching": True,
+        "cuda_graphs": engine._scheduler.decoder is not None,
+    }
+
+
+def _metadata(engine: Engine, dtype: str) -> dict[str, Any]:
+    """The metadata document for a model handed to :meth:`Engine.from_model`."""
+    path = str(getattr(engine.model.config, "name_or_path", "") or "").rstrip("/")
+    name = path.rsplit("/", 1)[-1] or type(engine.model).__name__
+    try:
+        from .metadata import build_metadata
+
+        return build_metadata(
+            engine.model, engine.tokenizer, name=name, version="unknown", device=engine.device, dtype=engine.dtype,
+            context_length=engine.max_sequence_length, serving=_serving(engine),
+        )
+    except Exception:
+        log.exception("could not build the metadata document; using a minimal one")
+        return {"name": name, "framework": "transformers", "dtype": dtype, "device": str(engine.device),
+                "context_length": engine.max_sequence_length}
+
+
+def _loaded_metadata(loaded: Any, config: EngineConfig) -> dict[str, Any] | None:
+    """The loader's metadata document, or None to build one from the model."""
+    return dict(loaded.metadata) if getattr(loaded, "metadata", None) else None

@@ -1,0 +1,44 @@
+"""Errors of the inference engine; each carries a stable ``reason`` the HTTP layer maps to a status.
+
+    InferenceError (sdk.errors)
+    ├── InvalidRequest     reason "invalid_request"   bad request fields (400)
+    ├── PromptTooLong      reason "prompt_too_long"   prompt leaves no room within max_sequence_length (400)
+    ├── EngineOverloaded   reason "overloaded"        the waiting queue is full (429/503)
+    └── EngineClosed       reason "shutting_down"     the engine is closed or closing (503)
+"""
+
+from __future__ import annotations
+
+from sdk.errors import InferenceError
+
+
+class InvalidRequest(InferenceError):
+    """A generation request with missing, conflicting or out-of-range fields."""
+
+    reason = "invalid_request"
+
+
+class PromptTooLong(InferenceError):
+    """The prompt cannot fit, with at least one new token, in ``max_sequence_length``."""
+
+    reason = "prompt_too_long"
+
+    def __init__(self, message: str = "", *, prompt_tokens: int = 0, max_sequence_length: int = 0) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_sequence_length = max_sequence_length
+
+
+class EngineOverloaded(InferenceError):
+    """Too many requests are already waiting for a slot; retry later."""
+
+    reason = "overloaded"
+
+
+class EngineClosed(InferenceError):
+    """The engine was closed (or is closing) and takes no more requests."""
+
+    reason = "shutting_down"
+
+
+__all__ = ["InferenceError", "InvalidRequest", "PromptTooLong", "EngineOverloaded", "EngineClosed"]

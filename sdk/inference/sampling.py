@@ -1,0 +1,62 @@
+"""Next-token selection: greedy, or temperature / top-k / top-p sampling with a per-request generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "make_generator", "sample_rows"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The sampling fields of one request; ``temperature`` 0 is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """True when the argmax is taken (no randomness)."""
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator for one request: seeded for reproducibility, else from fresh entropy."""
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    """Sample one id from a 1-D logits row."""
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        drop = (cum - sorted_probs) > params.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
+    """Pick one token per row of ``logits`` [rows, vocab]; one host sync for the whole batch."""
+    picks = torch.argmax(logits, dim=-1)
+    if not all(p.greedy for p in params):
+        picks = picks.clone()
+        for i, (p, g) in enumerate(zip(params, generators)):
+            if not p.greedy:
+                picks[i] = _sample_one(logits[i], p, g)
+    return picks.tolist()
