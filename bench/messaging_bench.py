@@ -211,7 +211,7 @@ async def secure_rtt(url: str, n: int, warmup: int, *, encrypt: bool) -> list[fl
     return out
 
 
-async def secure_publish(url: str, n: int, window: int = 100) -> float:
+async def secure_publish(url: str, n: int, window: int = 500) -> float:
     from sdk.coord import SecureClient
 
     async with SecureClient(url, _key(4)) as pub:

@@ -218,7 +218,7 @@ async def transport_qos1_throughput(url: str, *, n: int = 20000, payload_size: i
         if count == n:
             done.set()
 
-    async with MqttTransport(url) as sub, MqttTransport(url, max_inflight=window) as pub:
+    async with MqttTransport(url) as sub, MqttTransport(url) as pub:
         await sub.subscribe(topic, qos=1, handler=on_message)
         payload = os.urandom(payload_size)
         t0 = time.perf_counter()

@@ -281,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results["cases"][f"{tag}_plan"] = engine.plan.as_dict()
             for c in conc:
-                # Warm-up at this width (captures its CUDA graphs), timed apart from the run.
+                # Warm-up at this width, timed apart from the run; with graphs it runs the full length
+                # so every (batch, KV-length) bucket the timed run meets is captured here.
+                warm_new = new if graphs else 8
                 case(f"{tag}_warmup_c{c}",
-                     lambda c=c: engine_generate(engine, warm[:c], 4, name=f"warm-up x{c}"), 20)
+                     lambda c=c, w=warm_new: engine_generate(engine, warm[:c], w, name=f"warm-up x{c}"), 20)
                 run = case(f"{tag}_c{c}", lambda c=c: _engine_case(engine, prompts[:c], new, graphs), 30)
                 if run is not None and c == 1 and b1 is not None:
                     results["cases"][f"{tag}_c1"]["matches_generate"] = agreement(run, b1)

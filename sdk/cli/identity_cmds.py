@@ -31,7 +31,9 @@ FORMATS = ("eddsa-jcs-2022", "jwt")
 
 id_app = typer.Typer(name="id", help="Your DID: create and show an encrypted keystore.", no_args_is_help=True)
 vc_app = typer.Typer(name="vc", help="Issue and verify Verifiable Credentials.", no_args_is_help=True)
-vp_app = typer.Typer(name="vp", help="Create and verify Verifiable Presentations (DID Auth).", no_args_is_help=True)
+vp_app = typer.Typer(
+    name="vp", help="Create and verify Verifiable Presentations (DID Auth).", no_args_is_help=True
+)
 sl_app = typer.Typer(
     name="status-list", help="Bitstring Status Lists: create, set/clear bits, check.", no_args_is_help=True
 )
@@ -39,12 +41,14 @@ sl_app = typer.Typer(
 # -- shared options -------------------------------------------------------------------------------
 
 KeystoreOpt = typer.Option(
-    None, "--keystore", "-k", envvar=KEYSTORE_ENV, help="Keystore file [env AUTOGLM_KEYSTORE; ~/.autoglm/keystore.json]"
+    None, "--keystore", "-k", envvar=KEYSTORE_ENV,
+    help="Keystore file [env AUTOGLM_KEYSTORE; ~/.autoglm/keystore.json]",
 )
 PassOpt = typer.Option(
-    None, "--passphrase", envvar=PASSPHRASE_ENV, help="Keystore passphrase [env AUTOGLM_PASSPHRASE; else prompted]"
+    None, "--passphrase", envvar=PASSPHRASE_ENV,
+    help="Keystore passphrase [env AUTOGLM_PASSPHRASE; else prompted]",
 )
-KeyNameOpt = typer.Option(None, "--key-name", "-n", help="Named key in the keystore (default: the default key)")
+KeyNameOpt = typer.Option(None, "--key-name", "-n", help="Named key in the keystore (default: default key)")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON output")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the result here instead of stdout")
 FormatOpt = typer.Option("eddsa-jcs-2022", "--format", "-f", help="Proof format: eddsa-jcs-2022 | jwt")
@@ -120,7 +124,9 @@ def _passphrase(given: str | None, *, confirm: bool = False) -> str:
     try:
         return typer.prompt("Keystore passphrase", hide_input=True, confirmation_prompt=confirm)
     except typer.Abort:
-        raise CliFailure("no_passphrase", f"no passphrase: pass --passphrase or set {PASSPHRASE_ENV}") from None
+        raise CliFailure(
+            "no_passphrase", f"no passphrase: pass --passphrase or set {PASSPHRASE_ENV}"
+        ) from None
 
 
 def _open_key(keystore: Path | None, passphrase: str | None, name: str | None) -> Key:
@@ -303,7 +309,8 @@ def _report_result(result: VerificationResult, *, as_json: bool, what: str) -> N
         if value:
             console.print(f"  {label}: {_esc(value)}")
     for i, sub in enumerate(result.credentials):
-        console.print(f"  credential {i}: {_esc(', '.join(sub.types))} from {_esc(sub.issuer)} → [green]verified[/]")
+        kinds = _esc(", ".join(sub.types))
+        console.print(f"  credential {i}: {kinds} from {_esc(sub.issuer)} → [green]verified[/]")
 
 
 def _parse_claim(text: str) -> tuple[str, Any]:
@@ -339,7 +346,8 @@ def id_new(
             store = Keystore.open(path, _passphrase(passphrase))
             if name in store.keys:
                 raise KeystoreError(
-                    f"{path} already holds a key named {name!r} (use --name or --force)", reason="keystore_exists"
+                    f"{path} already holds a key named {name!r} (use --name or --force)",
+                    reason="keystore_exists",
                 )
             key = store.add(name=name)
             store.save()
@@ -392,7 +400,8 @@ def id_show(
             typer.echo(json.dumps(info))
             return
         console = _stdout()
-        console.print(f"keystore: {_esc(path)} ({'unlocked' if unlocked else 'locked: DIDs not authenticated'})")
+        state = "unlocked" if unlocked else "locked: DIDs not authenticated"
+        console.print(f"keystore: {_esc(path)} ({state})")
         for n in sorted(dids):
             mark = "*" if n == default else " "
             console.print(f" {mark} {_esc(n)}: {_esc(dids[n])}")
@@ -404,7 +413,9 @@ def id_show(
 
 @vc_app.command("issue")
 def vc_issue(
-    input_file: Path = typer.Argument(None, help="Unsigned credential JSON ('-' for stdin); else built from options"),
+    input_file: Path = typer.Argument(
+        None, help="Unsigned credential JSON ('-' for stdin); else built from options"
+    ),
     subject: str = typer.Option(None, "--subject", "-s", help="credentialSubject.id (a DID)"),
     types: list[str] = typer.Option(None, "--type", "-t", help="Credential type (repeatable)"),
     claims: list[str] = typer.Option(None, "--claim", "-c", help="Subject claim NAME=VALUE (JSON value ok)"),
@@ -412,7 +423,7 @@ def vc_issue(
     valid_until: str = typer.Option(None, "--valid-until", help="ISO 8601 end"),
     cred_id: str = typer.Option(None, "--id", help="Credential id (URI)"),
     v1: bool = typer.Option(False, "--v1", help="Build a VC Data Model 1.1 credential (default 2.0)"),
-    status_url: str = typer.Option(None, "--status-url", help="Status list credential URL for credentialStatus"),
+    status_url: str = typer.Option(None, "--status-url", help="Status list credential URL"),
     status_index: int = typer.Option(None, "--status-index", help="Index in that status list"),
     status_purpose: str = typer.Option("revocation", "--status-purpose", help="revocation | suspension"),
     fmt: str = FormatOpt,
@@ -462,7 +473,7 @@ def vc_issue(
 
 @vc_app.command("verify")
 def vc_verify(
-    file: Path = typer.Argument(..., help="Credential: JSON (Data Integrity / LD proof) or VC-JWT; '-' for stdin"),
+    file: Path = typer.Argument(..., help="Credential: JSON (DI / LD proof) or VC-JWT; '-' for stdin"),
     trust: list[str] = TrustOpt,
     trust_file: Path = TrustFileOpt,
     status_lists: list[str] = StatusOpt,
@@ -556,9 +567,12 @@ def _load_status_list(file: Path, key: Key) -> tuple[dict[str, Any], Any, str]:
         raise CliFailure(",".join(result.errors), f"{file}: status list credential does not verify")
     cred = result.credential or {}
     if result.issuer != key.did:
-        raise CliFailure("key_not_authorized", f"{file} was issued by {result.issuer}, not by your key {key.did}")
+        raise CliFailure(
+            "key_not_authorized", f"{file} was issued by {result.issuer}, not by your key {key.did}"
+        )
     subject = cred.get("credentialSubject", {})
-    return cred, StatusList.decode(subject.get("encodedList")), "jwt" if isinstance(doc, str) else "eddsa-jcs-2022"
+    fmt = "jwt" if isinstance(doc, str) else "eddsa-jcs-2022"
+    return cred, StatusList.decode(subject.get("encodedList")), fmt
 
 
 def _reissue(file: Path, cred: dict[str, Any], bits: Any, key: Key, fmt: str) -> None:
@@ -586,7 +600,8 @@ def _set_bits(file: Path, indexes: list[int], value: bool, keystore: Path | None
         if as_json:
             typer.echo(json.dumps({"ok": True, "url": cred["id"], "indexes": indexes, "set": value}))
         else:
-            _stdout().print(f"[green]✓[/] {'set' if value else 'cleared'} {_esc(indexes)} in {_esc(cred['id'])} ({_esc(file)})")
+            verb = "set" if value else "cleared"
+            _stdout().print(f"[green]✓[/] {verb} {_esc(indexes)} in {_esc(cred['id'])} ({_esc(file)})")
 
 
 @sl_app.command("create")
@@ -613,9 +628,11 @@ def sl_create(
         signed = create_status_list_credential(key, url, status_list=bits, purpose=purpose, proof_format=fmt)
         _write_atomic(out, _serialize(signed) + "\n")
         if as_json:
-            typer.echo(json.dumps({"ok": True, "url": url, "path": str(out), "size": size, "purpose": purpose}))
+            info = {"ok": True, "url": url, "path": str(out), "size": size, "purpose": purpose}
+            typer.echo(json.dumps(info))
         else:
-            _stdout().print(f"[green]✓[/] status list {_esc(url)} ({size} entries, {_esc(purpose)}) written to {_esc(out)}")
+            what = f"{_esc(url)} ({size} entries, {_esc(purpose)})"
+            _stdout().print(f"[green]✓[/] status list {what} written to {_esc(out)}")
 
 
 @sl_app.command("set")
@@ -677,7 +694,8 @@ def sl_check(
             return
         if flagged:
             _fail(reason, f"index {', '.join(map(str, flagged))} set in {file}", as_json=False)
-        _stdout().print(f"[green]✓[/] clear: {', '.join(map(str, indexes))} ({_esc(purpose)} list by {_esc(result.issuer)})")
+        listed = ", ".join(map(str, indexes))
+        _stdout().print(f"[green]✓[/] clear: {listed} ({_esc(purpose)} list by {_esc(result.issuer)})")
 
 
 # -- registration ---------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ ConnectHook = Callable[[bool], Awaitable[None] | None]
 
 #: (host, port) → the protocol that broker accepted, so "auto" probes each broker once per process.
 _NEGOTIATED: dict[tuple[str, int], Literal["5", "3.1.1"]] = {}
+_CORK: int | None = getattr(socket, "TCP_CORK", None)
 _UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 reason code; paho maps the 3.1.1 CONNACK code 1 onto it
 _AUTH_CODES = {0x86: "bad_credentials", 0x87: "not_authorized", 0x8C: "not_authorized"}
 
@@ -122,7 +123,7 @@ class TransportConfig:
     probe_timeout: float = 1.0
     publish_timeout: float | None = 60.0
     max_pending: int = 10_000
-    max_inflight: int = 100
+    max_inflight: int = 0  # 0: as many as the broker's MQTT 5 Receive Maximum allows (no cap on 3.1.1)
     incoming_limit: int = 10_000
 
     def __post_init__(self) -> None:
@@ -130,8 +131,8 @@ class TransportConfig:
             raise ValueError(f"protocol must be 'auto', '5' or '3.1.1', not {self.protocol!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"bad port {self.port}")
-        if self.max_pending < 1 or self.max_inflight < 1 or self.incoming_limit < 1:
-            raise ValueError("max_pending, max_inflight and incoming_limit must be positive")
+        if self.max_pending < 1 or self.max_inflight < 0 or self.incoming_limit < 1:
+            raise ValueError("max_pending and incoming_limit must be positive, max_inflight >= 0")
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> TransportConfig:
@@ -261,6 +262,7 @@ class MqttTransport:
         self._handler_tasks: set[asyncio.Task[Any]] = set()
         self._deferred: list[Callable[[], None]] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
+        self._flush_scheduled = False
         self.reconnects = 0
         self.session_present = False
 
@@ -375,8 +377,11 @@ class MqttTransport:
         self._pub_futs[info.mid] = fut
         wait = timeout if timeout is not None else self.config.publish_timeout
         try:
-            await asyncio.wait_for(asyncio.shield(fut), wait)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(wait):
+                await fut
+        except TimeoutError:
+            # the (cancelled) future stays in _pub_futs until paho reports the ack: the message
+            # is still queued in the session and still counts against max_pending
             raise PublishTimeout(f"no acknowledgement for {topic!r} within {wait}s") from None
 
     async def subscribe(
@@ -459,7 +464,7 @@ class MqttTransport:
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id or "", protocol=proto, **kwargs)
         c.suppress_exceptions = True
         c.connect_timeout = cfg.connect_timeout
-        c.max_inflight_messages_set(cfg.max_inflight)
+        c.max_inflight_messages_set(cfg.max_inflight)  # refined by the CONNACK's Receive Maximum
         c.max_queued_messages_set(0)
         if cfg.tls is not None:
             ctx = ssl.create_default_context(cafile=cfg.tls.ca_file)
@@ -666,7 +671,33 @@ class MqttTransport:
             loop.remove_writer(sock)
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop_or_defer(lambda: self._loop.add_writer(sock, self._on_writable))  # type: ignore[union-attr]
+        # Batch: everything queued during this loop iteration is written by one loop_write() call
+        # scheduled with call_soon; only a full socket buffer falls back to add_writer.
+        def schedule() -> None:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush, sock)  # type: ignore[union-attr]
+
+        self._in_loop_or_defer(schedule)
+
+    def _flush(self, sock: Any) -> None:
+        self._flush_scheduled = False
+        client = self._client
+        if client is None or client._sock is not sock:  # noqa: SLF001
+            return
+        if len(client._out_packet) > 1 and _CORK is not None:  # noqa: SLF001
+            # several packets: cork so they leave as full segments, not one loopback trip each
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
+            try:
+                client.loop_write()
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
+        else:
+            client.loop_write()
+        if client.want_write() and client._sock is sock:  # noqa: SLF001 - EAGAIN: wait until writable
+            self._loop.add_writer(sock, self._on_writable)  # type: ignore[union-attr]
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         def unreg() -> None:
@@ -705,6 +736,11 @@ class MqttTransport:
     # ------------------------------------------------------------------ paho callbacks
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        # paho ignores the broker's Receive Maximum; exceeding it gets a client disconnected.
+        # paho's in-flight bookkeeping is O(limit) per ack, so "unlimited" is 0, never 65535.
+        receive_max = getattr(props, "ReceiveMaximum", 65535) if props is not None else 65535
+        limits = [n for n in (self.config.max_inflight, receive_max if receive_max < 65535 else 0) if n > 0]
+        client._max_inflight_messages = min(limits) if limits else 0  # noqa: SLF001 - setter refuses now
         fut = self._connack
         if fut is not None and not fut.done():
             fut.set_result((_reason_value(rc), bool(flags.session_present)))

@@ -179,12 +179,12 @@ def _vm_problem(doc: Mapping[str, Any], controller_member: str) -> tuple[str, st
         return "unsupported_proof", f"unsupported proof type {proof.get('type')!r}"
     vm = proof.get("verificationMethod")
     if not isinstance(vm, str) or not vm.startswith("did:key:"):
-        return "unresolvable", "verificationMethod must be a did:key DID URL (the didkit backend stays offline)"
+        return "unresolvable", "verificationMethod must be a did:key DID URL (the backend stays offline)"
     controller = doc.get(controller_member)
     if isinstance(controller, Mapping):
         controller = controller.get("id")
     if vm.partition("#")[0] != controller:
-        return "key_not_authorized", f"verificationMethod {vm} is not controlled by {controller_member} {controller!r}"
+        return "key_not_authorized", f"{vm} is not controlled by {controller_member} {controller!r}"
     return None
 
 
@@ -367,12 +367,19 @@ async def aissue_ld_credential(
         ctx = [ctx] if isinstance(ctx, str) else list(ctx)
         if ED25519_2020_CONTEXT not in ctx:
             doc["@context"] = [*ctx, ED25519_2020_CONTEXT]
-    options = {"proofPurpose": "assertionMethod", "verificationMethod": ours.verification_method, "type": proof_type}
+    options = {
+        "proofPurpose": "assertionMethod",
+        "verificationMethod": ours.verification_method,
+        "type": proof_type,
+    }
     return json.loads(await _call("issue_credential", json.dumps(doc), json.dumps(options), jwk))
 
 
 def issue_ld_credential(
-    credential: Mapping[str, Any], key: Key | Mapping[str, Any] | str, *, proof_type: str = "Ed25519Signature2018"
+    credential: Mapping[str, Any],
+    key: Key | Mapping[str, Any] | str,
+    *,
+    proof_type: str = "Ed25519Signature2018",
 ) -> dict[str, Any]:
     """Sync facade of :func:`aissue_ld_credential`."""
     return _sync(lambda: aissue_ld_credential(credential, key, proof_type=proof_type))
@@ -381,7 +388,11 @@ def issue_ld_credential(
 async def aissue_jwt_credential(credential: Mapping[str, Any], key: Key | Mapping[str, Any] | str) -> str:
     """Sign a VC 1.1 credential as a VC-JWT with didkit."""
     jwk, ours = _jwk_json(key)
-    options = {"proofPurpose": "assertionMethod", "verificationMethod": ours.verification_method, "proofFormat": "jwt"}
+    options = {
+        "proofPurpose": "assertionMethod",
+        "verificationMethod": ours.verification_method,
+        "proofFormat": "jwt",
+    }
     return await _call("issue_credential", json.dumps(dict(credential)), json.dumps(options), jwk)
 
 
@@ -406,11 +417,16 @@ async def aissue_ld_presentation(
     }
     if domain is not None:
         options["domain"] = domain
-    return json.loads(await _call("issue_presentation", json.dumps(dict(presentation)), json.dumps(options), jwk))
+    signed = await _call("issue_presentation", json.dumps(dict(presentation)), json.dumps(options), jwk)
+    return json.loads(signed)
 
 
 def issue_ld_presentation(
-    presentation: Mapping[str, Any], key: Key | Mapping[str, Any] | str, *, challenge: str, domain: str | None = None
+    presentation: Mapping[str, Any],
+    key: Key | Mapping[str, Any] | str,
+    *,
+    challenge: str,
+    domain: str | None = None,
 ) -> dict[str, Any]:
     """Sync facade of :func:`aissue_ld_presentation`."""
     return _sync(lambda: aissue_ld_presentation(presentation, key, challenge=challenge, domain=domain))

@@ -41,6 +41,7 @@ _CHECK_LABEL = b"autoglm-keystore-passphrase-check-v1"
 _MAX_OPSLIMIT = 16
 _MAX_MEMLIMIT = 1 << 30
 _MAX_FILE_BYTES = 1 << 20
+_CORRUPT = "corrupt_keystore"
 
 
 class KeystoreError(IdentityError):
@@ -208,7 +209,7 @@ class Keystore:
             plaintext = nacl.secret.SecretBox(box_key).decrypt(ciphertext, nonce)
         except nacl.exceptions.CryptoError as exc:
             log.warning("keystore %s: ciphertext fails authentication", path)
-            raise KeystoreError(f"keystore {path} is corrupted (ciphertext)", reason="corrupt_keystore") from exc
+            raise KeystoreError(f"keystore {path} is corrupted (ciphertext)", reason=_CORRUPT) from exc
         keys, default = _parse_plaintext(plaintext, path)
         public = doc.get("public")
         if public != {n: k.did for n, k in keys.items()}:
@@ -308,7 +309,11 @@ class Keystore:
                 "memlimit": self.kdf.memlimit,
                 "salt": _b64(self._salt),
             },
-            "cipher": {"name": "xsalsa20poly1305", "nonce": _b64(nonce), "ciphertext": _b64(sealed.ciphertext)},
+            "cipher": {
+                "name": "xsalsa20poly1305",
+                "nonce": _b64(nonce),
+                "ciphertext": _b64(sealed.ciphertext),
+            },
             "check": _b64(_check_value(self._box_key)),
             "default": self._default,
             "public": {n: k.did for n, k in sorted(self._keys.items())},
@@ -363,7 +368,7 @@ def _parse_document(doc: dict[str, Any], path: Path) -> tuple[KdfParams, bytes, 
     try:
         kdf = KdfParams(kdf_doc.get("opslimit"), kdf_doc.get("memlimit"))  # type: ignore[arg-type]
     except ValueError as exc:
-        raise KeystoreError(f"keystore {path}: bad kdf parameters ({exc})", reason="corrupt_keystore") from exc
+        raise KeystoreError(f"keystore {path}: bad kdf parameters ({exc})", reason=_CORRUPT) from exc
     salt = _unb64(kdf_doc.get("salt"), "kdf.salt", argon2id.SALTBYTES)
     nonce = _unb64(cipher.get("nonce"), "cipher.nonce", nacl.secret.SecretBox.NONCE_SIZE)
     ciphertext = _unb64(cipher.get("ciphertext"), "cipher.ciphertext")
@@ -379,7 +384,7 @@ def _parse_plaintext(plaintext: bytes, path: Path) -> tuple[dict[str, Key], str]
         default = body["default"]
         keys = {str(n): Key.from_multibase(mb) for n, mb in body["keys"].items()}
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, InvalidKey) as exc:
-        raise KeystoreError(f"keystore {path}: sealed content is malformed", reason="corrupt_keystore") from exc
+        raise KeystoreError(f"keystore {path}: sealed content is malformed", reason=_CORRUPT) from exc
     if default not in keys:
         raise KeystoreError(f"keystore {path}: default key missing", reason="corrupt_keystore")
     return keys, default

@@ -189,7 +189,8 @@ def test_status_list_revocation_flow(cli, issuer, holder):
     sl = cli.tmp / "sl.json"
     cred = cli.tmp / "c.json"
     ok_json(cli("status-list", "create", URL, "-o", sl, "--size", "1024", "--json"))
-    ok_json(cli("vc", "issue", "-s", holder, "--status-url", URL, "--status-index", "42", "-o", cred, "--json"))
+    ok_json(cli("vc", "issue", "-s", holder, "--status-url", URL, "--status-index", "42",
+                "-o", cred, "--json"))
     failed(cli("vc", "verify", cred), "status_unavailable")  # status check needs the list
     assert ok_json(cli("vc", "verify", cred, "--status-list", sl, "--json"))["verified"]
     assert ok_json(cli("status-list", "check", sl, "42", "--json"))["bits"] == {"42": False}
@@ -229,7 +230,8 @@ def test_vp_create_and_verify(cli, issuer, holder, fmt):
     checked = ok_json(cli("vp", "verify", vp, "--challenge", "n-1", "--domain", "mesh.local",
                           "--trust", f"{issuer}=DeviceCredential,InferenceAccessCredential", "--json"))
     assert checked["verified"] and checked["holder"] == holder
-    assert [c["types"][-1] for c in checked["credentials"]] == ["DeviceCredential", "InferenceAccessCredential"]
+    kinds = [c["types"][-1] for c in checked["credentials"]]
+    assert kinds == ["DeviceCredential", "InferenceAccessCredential"]
     failed(cli("vp", "verify", vp, "--challenge", "n-2", "--domain", "mesh.local"), "wrong_challenge")
     failed(cli("vp", "verify", vp, "--challenge", "n-1", "--domain", "evil.example"), "wrong_domain")
 

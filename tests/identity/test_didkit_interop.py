@@ -187,7 +187,8 @@ def test_jwt_signed_with_another_key_fails_in_didkit(issuer, holder):
 def test_didkit_presentation_round_trip(issuer, holder):
     cred = db.issue_ld_credential(v1_credential(issuer, holder.did), issuer)
     vp = db.issue_ld_presentation(
-        {"@context": [V1], "type": ["VerifiablePresentation"], "holder": holder.did, "verifiableCredential": [cred]},
+        {"@context": [V1], "type": ["VerifiablePresentation"], "holder": holder.did,
+         "verifiableCredential": [cred]},
         holder, challenge="c-1", domain="mesh.local",
     )
     assert db.verify_ld_presentation(vp, challenge="c-1", domain="mesh.local") == (True, [])
@@ -228,7 +229,8 @@ GUARDED_CHILD = textwrap.dedent(
 def test_guard_keeps_exit_clean_and_status_intact():
     """Unguarded, such a child aborts or segfaults at exit in a good share of runs."""
     for _ in range(4):
-        proc = subprocess.run([sys.executable, "-c", GUARDED_CHILD], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-c", GUARDED_CHILD],
+                              capture_output=True, text=True, timeout=60)
         assert proc.returncode == 3, proc.stderr[-2000:]
         assert "child-ok" in proc.stdout
         assert "Fatal Python error" not in proc.stderr

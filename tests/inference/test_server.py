@@ -212,7 +212,8 @@ def test_overload_is_429_and_disconnect_frees_the_slot(smollm2_engine: Any) -> N
             openai.OpenAI(base_url=srv.api_url, api_key="x", max_retries=0) as client:
         with http.stream("POST", "/v1/completions", json=body) as held:
             assert held.status_code == 200
-            next(held.iter_lines())  # generating now: holds the only slot
+            lines = held.iter_lines()  # keep a reference: a dropped iterator closes the connection
+            next(lines)  # generating now: holds the only slot
             with pytest.raises(openai.RateLimitError) as info:
                 client.completions.create(model=MODEL, prompt=FRANCE, max_tokens=2)
             assert info.value.body["code"] == "server_overloaded"

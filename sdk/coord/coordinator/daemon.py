@@ -152,7 +152,8 @@ class Coordinator:
         await self.stop()
 
     def add_listener(self, listener: Listener) -> None:
-        """``listener(kind, info)`` on admitted/refused/converged/revoked/expired/offline/rejected."""
+        """``listener(what, info)``: admitted, refused, event, committed, report, converged, revoked,
+        expired, offline, rejected."""
         self._listeners.append(listener)
 
     def _emit(self, what: str, /, **info: Any) -> None:
@@ -372,6 +373,7 @@ class Coordinator:
         versions = self.store.commit(merged, event_id=msg.id)
         self.metrics.start(msg.id, {c.did: c.version for c in versions})
         self._dirty = True
+        self._emit("committed", event_id=msg.id, versions={c.did: c.version for c in versions})
         await asyncio.gather(*(self._pump(c.did, c) for c in versions))
         self.metrics.event_work(time.perf_counter() - t0)
 

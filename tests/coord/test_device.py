@@ -1,0 +1,195 @@
+"""Device SDK on real brokers: admission failures, forged configs, revocation, iterator mode."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from sdk.coord import topics
+from sdk.coord.broker_auth import did_credentials
+from sdk.coord.client import SecureClient
+from sdk.coord.coordinator import protocol
+from sdk.coord.coordinator.auth import device_credential, present
+from sdk.coord.coordinator.errors import AdmissionError, NotAdmitted
+from sdk.coord.device import REVOKED, Device
+from sdk.coord.events import InvalidEvent, battery, screen_available
+from sdk.coord.transport import MqttTransport
+from sdk.errors import MessagingError
+from sdk.identity import Key, TrustPolicy
+from tests.coord.test_coordinator import Mesh, mesh, until  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+
+async def test_untrusted_issuer_and_expired_credential_refused(mesh: Mesh) -> None:
+    await mesh.start_coordinator()
+    stranger_issuer = Key.generate()
+    key = Key.generate()
+    cred = device_credential(stranger_issuer, key.did, kind="phone", groups=["room:living"])
+    dev = Device(key, cred, broker=mesh.url, coordinator=mesh.coord_key.did,
+                 trust=TrustPolicy({mesh.issuer.did: {"CoordinatorCredential"}}))
+    with pytest.raises(AdmissionError) as info:
+        await dev.connect()
+    assert info.value.reason == "untrusted_issuer"
+    assert not dev.admitted
+    await dev.aclose()
+
+    key2 = Key.generate()
+    old = device_credential(mesh.issuer, key2.did, kind="phone", valid_for=60,
+                            valid_from=datetime.now(UTC) - timedelta(days=2))
+    dev2 = Device(key2, old, broker=mesh.url, coordinator=mesh.coord_key.did)
+    with pytest.raises(AdmissionError) as info:
+        await dev2.connect()
+    assert info.value.reason == "expired"
+    await dev2.aclose()
+    refused = [i["reason"] for w, i in mesh.events if w == "refused"]
+    assert refused == ["untrusted_issuer", "expired"]
+
+
+async def test_wrong_and_reused_challenge_refused(mesh: Mesh) -> None:
+    await mesh.start_coordinator()
+    key = Key.generate()
+    cred = mesh.coordinator.issue_device_credential(key.did, kind="phone")  # type: ignore[union-attr]
+    cmd = topics.device_commands(protocol.token(mesh.coord_key.did))
+    async with SecureClient(mesh.url, key, **did_credentials(key)) as client:
+        hello = await client.request(cmd, {"nonce": "n" * 16}, type=protocol.HELLO, timeout=5)
+        challenge = hello.body["challenge"]
+        vp = present(cred, key, challenge="not-the-challenge", domain=mesh.coord_key.did)
+        with pytest.raises(MessagingError) as info:
+            await client.request(cmd, {"challenge": challenge, "vp": vp}, type=protocol.PRESENT, timeout=5)
+        assert info.value.reason == "wrong_challenge"
+        # the challenge was consumed by that attempt: a correct VP over it is refused too
+        vp = present(cred, key, challenge=challenge, domain=mesh.coord_key.did)
+        with pytest.raises(MessagingError) as info:
+            await client.request(cmd, {"challenge": challenge, "vp": vp}, type=protocol.PRESENT, timeout=5)
+        assert info.value.reason == "wrong_challenge"
+
+
+async def test_device_refuses_untrusted_coordinator(mesh: Mesh) -> None:
+    await mesh.start_coordinator()
+    key = Key.generate()
+    cred = mesh.coordinator.issue_device_credential(key.did, kind="phone")  # type: ignore[union-attr]
+    dev = Device(key, cred, broker=mesh.url, coordinator=mesh.coord_key.did,
+                 trust=TrustPolicy({Key.generate().did: {"CoordinatorCredential"}}))
+    with pytest.raises(AdmissionError) as info:
+        await dev.connect()
+    assert info.value.reason == "untrusted_coordinator"
+    await dev.aclose()
+
+
+async def test_forged_and_tampered_configs_never_reach_the_app(mesh: Mesh) -> None:
+    await mesh.start_coordinator()
+    got: list[Any] = []
+    phone = await mesh.device("phone", record=got)
+    mallory = Key.generate()
+    body = {"device": phone.did, "version": 7, "changes": {"ui.layout": "evil"}, "state": {"ui.layout": "evil"}}
+    config_topic = topics.device_config(phone._token)
+    async with SecureClient(mesh.url, mallory, **did_credentials(mallory)) as client:
+        await client.publish(config_topic, body, type=protocol.CONFIG, qos=1)
+    await until(lambda: "untrusted_sender" in phone.rejected_configs)
+
+    # a real coordinator-signed envelope with its body altered fails the signature check
+    from sdk.coord.envelope import Signer, b64d, b64e
+
+    _, wire = Signer(mesh.coord_key).seal(config_topic, {**body, "version": 1}, type=protocol.CONFIG)
+    h, p, s = wire.split(b".")
+    payload = b64d(p).replace(b'"evil"', b'"eviL"')
+    forged = h + b"." + b64e(payload) + b"." + s
+    async with MqttTransport(mesh.url, **did_credentials(mallory)) as raw:
+        await raw.publish(config_topic, forged, qos=1)
+        await raw.publish(config_topic, b"not an envelope", qos=1)
+    await until(lambda: phone.client.stats.rejected["bad_signature"] >= 1
+                and phone.client.stats.rejected["malformed"] >= 1)
+    await asyncio.sleep(0.1)
+    assert got == [] and phone.last_version == 0
+
+    # the device keeps working: a genuine config still arrives
+    display = await mesh.device("display")
+    await display.publish_event(screen_available(800, 600))
+    await phone.wait_version(1, 10)
+    assert [c.version for c in got] == [1]
+
+
+async def test_revoked_device_disconnected_and_refused(mesh: Mesh) -> None:
+    coord = await mesh.start_coordinator()
+    tablet = await mesh.device("tablet")
+    display = await mesh.device("display")
+    assert tablet.admitted
+    t0 = time.monotonic()
+    await coord.revoke(tablet.did)
+    await until(lambda: tablet.state == REVOKED, timeout=1.0)     # within a second, by contract
+    assert time.monotonic() - t0 < 1.0
+    assert coord.registry.get(tablet.did).state == "revoked"     # type: ignore[union-attr]
+    # its next messages are rejected by the coordinator
+    await tablet.client.publish(topics.device_events(tablet._token), battery("low").to_body(),
+                                type=protocol.EVENT, qos=1)
+    await mesh.wait_for("rejected", lambda i: i["did"] == tablet.did and i["reason"] == "revoked")
+    with pytest.raises(NotAdmitted):
+        await tablet.publish_event(battery("low"))
+    with pytest.raises(AdmissionError) as info:
+        await tablet.authenticate()
+    assert info.value.reason == "revoked"
+    # others are unaffected
+    assert display.admitted
+    # a second coordinator-side verifier sees the revocation via the retained status list
+    assert protocol.status_list_url(mesh.issuer.did) in coord.status_source
+
+
+async def test_status_list_is_published_retained(mesh: Mesh) -> None:
+    coord = await mesh.start_coordinator()
+    tablet = await mesh.device("tablet")
+    await coord.revoke(tablet.did)
+    from sdk.coord.coordinator.status import MqttStatusListSource
+    from sdk.identity import StatusChecker
+
+    source = MqttStatusListSource()
+    viewer = Key.generate()
+    async with SecureClient(mesh.url, viewer, **did_credentials(viewer)) as client:
+        await source.attach(client)
+        url = protocol.status_list_url(mesh.issuer.did)
+        await until(lambda: url in source)
+    checker = StatusChecker(source)
+    with pytest.raises(Exception) as info:
+        checker.check(mesh.credentials[tablet.did]["credentialStatus"], issuer=mesh.issuer.did)
+    assert getattr(info.value, "reason", "") == "revoked"
+
+
+async def test_iterator_mode_and_failure_reports(mesh: Mesh) -> None:
+    coord = await mesh.start_coordinator()
+    phone = await mesh.device("phone")                          # no on_config: async iterator
+    display = await mesh.device("display")
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for cfg in phone.configs():
+            seen.append(cfg.version)
+            if cfg.version == 1:
+                await cfg.fail("layout not supported")
+            else:
+                await cfg.ack()
+            if cfg.version == 2:
+                return
+
+    task = asyncio.ensure_future(consume())
+    await display.publish_event(screen_available(800, 600))
+    await display.publish_event(screen_available(640, 480))
+    await asyncio.wait_for(task, 10)
+    assert seen == [1, 2]
+    await mesh.wait_for("report", lambda i: i["version"] == 2)
+    summary = coord.metrics.summary()
+    assert summary["reports"] == {"applied": 1, "failed": 1} and summary["error_rate"] == 0.5
+    assert coord.store.reported(phone.did).version == 2          # type: ignore[union-attr]
+
+
+def test_event_helpers_validate() -> None:
+    assert screen_available(800, 600, density=2.5).fields == {"width": 800, "height": 600, "density": 2.5}
+    with pytest.raises(InvalidEvent):
+        screen_available(0, 600)
+    with pytest.raises(InvalidEvent):
+        battery("exploding")
+    with pytest.raises(InvalidEvent):
+        screen_available(True, 600)  # type: ignore[arg-type]
