@@ -105,14 +105,22 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 @torch.inference_mode()
 def hf_generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, *, batched: bool, name: str = ""
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    batched: bool,
+    name: str = "",
 ) -> Run:
     """``model.generate`` greedy: one batch (left padded) or one call per prompt in turn."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = eos_ids(model, tokenizer)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, temperature=None, top_p=None,
-                  top_k=None)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+        temperature=None, top_p=None, top_k=None,
+    )
     outputs: list[list[int]] = []
     sync(device)
     started = time.perf_counter()
@@ -140,7 +148,9 @@ def hf_generate(
 async def _engine_all(engine: Any, prompts: list[list[int]], max_new_tokens: int) -> list[Any]:
     from sdk.inference.types import GenerationRequest
 
-    reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=max_new_tokens, temperature=0.0) for p in prompts]
+    reqs = [
+        GenerationRequest(prompt_token_ids=p, max_new_tokens=max_new_tokens, temperature=0.0) for p in prompts
+    ]
     return await asyncio.gather(*(engine.generate(r) for r in reqs))
 
 
@@ -207,7 +217,9 @@ def tokenize_prompts(tokenizer: Any, n: int, offset: int = 0) -> list[list[int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", default=None, help="model dir or .gguf (default: bundled SmolLM2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -215,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all cases (best of each kept)")
     parser.add_argument("--prefix-cache", action="store_true", help="keep the engine's prefix cache on")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sdk.inference.engine import Engine
     from sdk.inference.loader import load_model
@@ -241,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "hf_single": lambda: hf_generate(model, tok, single, new, batched=False, name="generate, batch 1"),
         "eng_single": lambda: engine_generate(engine, single, new, name="engine, 1 stream"),
         "hf_seq": lambda: hf_generate(model, tok, many, new, batched=False, name=f"generate, {n} sequential"),
-        "hf_batch": lambda: hf_generate(model, tok, many, new, batched=True, name=f"generate, batch {n} (padded)"),
+        "hf_batch": lambda: hf_generate(
+            model, tok, many, new, batched=True, name=f"generate, batch {n} (padded)"
+        ),
         "eng_conc": lambda: engine_generate(engine, many, new, name=f"engine, {n} concurrent"),
     }
     best: dict[str, Run] = {}
@@ -286,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         "single_stream_speedup": round(single_ratio, 3),
         "concurrent_vs_sequential_speedup": round(conc_ratio, 3),
         "concurrent_vs_batched_generate": round(eng_conc.tokens_per_s / hf_batch.tokens_per_s, 3),
-        "greedy_agreement": {"single": agreement(eng_single, hf_single), "concurrent": agreement(eng_conc, hf_seq)},
+        "greedy_agreement": {
+            "single": agreement(eng_single, hf_single),
+            "concurrent": agreement(eng_conc, hf_seq),
+        },
         "engine_stats": stats,
     }
     if args.json == "-":

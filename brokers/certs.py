@@ -22,7 +22,7 @@ class CertFiles:
 
 
 @dataclass(frozen=True)
-class TestPKI:
+class PKIFiles:
     """A CA with one server certificate (for ``hosts``) and one client certificate."""
 
     ca: Path
@@ -88,7 +88,7 @@ def make_test_pki(
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
     client_cn: str = "autoglm-test-client",
     days: int = 2,
-) -> TestPKI:
+) -> PKIFiles:
     """Write ca.pem, server.pem/server.key, client.pem/client.key into ``directory``.
 
     Keys are mode 0644 so a broker that drops root privileges (mosquitto) can read them:
@@ -128,7 +128,7 @@ def make_test_pki(
             cert=_write(d / f"{label}.pem", cert.public_bytes(pem), 0o644),
             key=_write(d / f"{label}.key", _key_pem(key), 0o644),
         )
-    return TestPKI(ca=ca_path, server=files["server"], client=files["client"])
+    return PKIFiles(ca=ca_path, server=files["server"], client=files["client"])
 
 
-__all__ = ["CertFiles", "TestPKI", "make_test_pki"]
+__all__ = ["CertFiles", "PKIFiles", "make_test_pki"]

@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any
 
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -25,10 +24,10 @@ from amqtt.session import Session
 
 from sdk.coord.broker_auth import AUDIENCE, DEFAULT_WINDOW, ProofReplayGuard, verify_connect_password
 from sdk.coord.errors import BrokerAuthError
+from sdk.coord.topics import ROOT
 
 log = logging.getLogger(__name__)
 
-ROOT = "autoglm/v1"
 TopicACL = Callable[[str | None, str, str, Sequence[str]], bool]
 
 # kinds of topic: who may publish / subscribe (see sdk/coord/topics.py for the layout)

@@ -25,6 +25,19 @@ OWN_TOPICS_ACL = "brokers.did_auth.own_topics_acl"
 OPEN_ACL = "brokers.did_auth.open_acl"
 
 
+class _Broker(Broker):
+    """amqtt's broker, minus the traceback it logs when a client hangs up mid-CONNECT."""
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            # e.g. an MQTT 5 probe that amqtt misparsed, abandoned by the client
+            log.debug("connection dropped during CONNECT: %r", exc)
+
+
 class EmbeddedBroker:
     """An amqtt broker on ``host:port`` (port 0 = a free port, kept across restarts)."""
 
@@ -37,6 +50,7 @@ class EmbeddedBroker:
         acl: str | None = OWN_TOPICS_ACL,
         admins: Sequence[str] = (),
         proof_window: float = 60.0,
+        session_expiry: int = 3600,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -44,6 +58,7 @@ class EmbeddedBroker:
         self.acl = acl
         self.admins = tuple(admins)
         self.proof_window = proof_window
+        self.session_expiry = session_expiry
         self._broker: Broker | None = None
 
     def _config(self) -> dict[str, Any]:
@@ -57,6 +72,7 @@ class EmbeddedBroker:
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "timeout_disconnect_delay": 0,
+            "session_expiry_interval": self.session_expiry,  # forget offline persistent sessions
             "plugins": plugins,
         }
 
@@ -79,7 +95,7 @@ class EmbeddedBroker:
     async def start(self) -> None:
         if self._broker is not None:
             return
-        broker = Broker(self._config())
+        broker = _Broker(self._config())
         await broker.start()
         self._broker = broker
         log.debug("embedded broker on %s", self.url)

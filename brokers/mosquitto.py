@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from brokers.certs import TestPKI, make_test_pki
+from brokers.certs import PKIFiles, make_test_pki
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def render_config(
     port: int,
     tls_port: int | None,
     workdir: Path,
-    pki: TestPKI | None,
+    pki: PKIFiles | None,
     acl_file: Path | None,
     password_file: Path | None,
 ) -> str:
@@ -154,7 +154,7 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.config.port or free_port(self.config.host)
         self.tls_port: int | None = None
-        self.pki: TestPKI | None = None
+        self.pki: PKIFiles | None = None
         if self.config.tls:
             self.tls_port = self.config.tls_port or free_port(self.config.host)
             self.pki = make_test_pki(self.workdir / "pki", hosts=(self.config.host, "localhost"))

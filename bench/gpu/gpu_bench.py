@@ -13,6 +13,7 @@ written to ``$OUT/gpu_bench.json`` after each case, and cases are skipped once t
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.abc
 import json
 import os
@@ -54,10 +55,12 @@ class _Forbid(importlib.abc.MetaPathFinder):
 def _config(smoke: bool) -> dict[str, Any]:
     if smoke:
         return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True)
+                    num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024,
+                    tie_word_embeddings=True)
     # ~1.07B parameters with tied embeddings (the reference model).
     return dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True)
+                num_key_value_heads=8, vocab_size=49152, max_position_embeddings=4096,
+                tie_word_embeddings=True)
 
 
 def build_model(smoke: bool, device: Any, dtype: Any) -> Any:
@@ -89,8 +92,10 @@ def load_tokenizer() -> Any:
         log(f"AutoTokenizer failed ({exc!r}); using PreTrainedTokenizerFast")
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"), eos_token="<|im_end|>",
-                                       pad_token="<|im_end|>", bos_token="<|im_start|>")
+        return PreTrainedTokenizerFast(
+            tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
+            eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>",
+        )
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -140,7 +145,9 @@ class Budget:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, short prompts: checks the script")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", default=None, help="comma list (default 1,8,32,64; smoke 1,4)")
@@ -165,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt_len = args.prompt_tokens or (16 if smoke else 128)
     new = args.new_tokens or (8 if smoke else 128)
     budget = Budget(args.budget_s)
-    out_path = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT")
-                                                 else None)
+    out_path = Path(args.out) if args.out else None
+    if out_path is None and os.environ.get("OUT"):
+        out_path = Path(os.environ["OUT"]) / "gpu_bench.json"
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -209,14 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"FAILED {name}: {exc!r}")
             results["errors"][name] = {"error": repr(exc), "traceback": traceback.format_exc()[-3000:]}
             if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                except Exception as sync_exc:  # a broken CUDA context: later cases will fail fast too
+                    log(f"CUDA unusable after {name}: {sync_exc!r}")
             save()
             return None
         took = time.perf_counter() - started
         if isinstance(value, Run):
             results["cases"][name] = {**value.as_dict(), "case_seconds": round(took, 2)}
-            log(f"  {name}: {value.tokens} tokens in {value.seconds:.2f}s = {value.tokens_per_s:.1f} tokens/s")
+            log(f"  {name}: {value.tokens} tokens in {value.seconds:.2f}s "
+                f"= {value.tokens_per_s:.1f} tokens/s")
         elif value is not None and record:
             results["cases"][name] = value
             log(f"  {name}: {value}")
@@ -227,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return value
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, device {results['device']}")
-    case("import_engine", lambda: {"module": __import__("sdk.inference.engine", fromlist=["Engine"]).__name__})
+    case("import_engine", lambda: {"module": importlib.import_module("sdk.inference.engine").__name__})
     bw = case("copy_bandwidth", lambda: copy_bandwidth(device, smoke))
     tok = load_tokenizer()
     vocab = _config(smoke)["vocab_size"]
@@ -272,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         def start(graphs: bool = graphs) -> Any:
             cfg = EngineConfig(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                max_sequence_length=prompt_len + new + 8, max_batch_size=max_c,
-                               prefix_cache_tokens=0, cuda_graphs=graphs, warmup=False, max_queue_size=4 * max_c)
+                               prefix_cache_tokens=0, cuda_graphs=graphs, warmup=False,
+                               max_queue_size=4 * max_c)
             return Engine.from_model(model, tok, cfg)
 
         engine = case(f"{tag}_start", start, 20, record=False)
@@ -290,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
                 if run is not None and c == 1 and b1 is not None:
                     results["cases"][f"{tag}_c1"]["matches_generate"] = agreement(run, b1)
         finally:
-            engine.close()
+            try:
+                engine.close()
+            except Exception as exc:
+                log(f"closing the engine failed: {exc!r}")
 
     # ---- summary
     summarize(results, conc)
@@ -347,8 +363,8 @@ def print_summary(results: dict[str, Any]) -> None:
     for name, c in cases.items():
         if isinstance(c, dict) and "tokens_per_s" in c and "warmup" not in name:
             ttft = "" if c.get("ttft_s") is None else f"{c['ttft_s'] * 1000:.0f}"
-            rows.append((name, str(c["requests"]), str(c["tokens"]), f"{c['seconds']:.2f}", f"{c['tokens_per_s']:.1f}",
-                         ttft))
+            rows.append((name, str(c["requests"]), str(c["tokens"]), f"{c['seconds']:.2f}",
+                         f"{c['tokens_per_s']:.1f}", ttft))
     print(f"\n== {results['device']} ({results['dtype']}), torch {results['torch']}, transformers "
           f"{results['transformers']}, {results.get('parameters', 0) / 1e9:.3f}B params, "
           f"{results['prompt_tokens']}-token prompts, {results['new_tokens']} new tokens")

@@ -133,6 +133,7 @@ def devices(
 def demo(
     keep_running: bool = typer.Option(False, "--keep-running", help="Leave the mesh up after the scenario"),
     plain: bool = typer.Option(False, "--plain", help="No live redraw (final table only)"),
+    rules: Path | None = typer.Option(None, "--rules", help="Use these [[rules]] instead of the demo's"),
 ) -> None:
     """Broker + coordinator + simulated devices in one process: auth, events, configs, revocation."""
     import asyncio
@@ -144,13 +145,18 @@ def demo(
     logging.basicConfig(level=logging.ERROR)
     console = Console()
     try:
-        result = asyncio.run(run_demo(console=console, keep_running=keep_running, live=not plain))
+        kwargs: dict[str, Any] = {}
+        if rules is not None:
+            kwargs["rules_toml"] = rules.read_text(encoding="utf-8")
+        result = asyncio.run(run_demo(console=console, keep_running=keep_running, live=not plain, **kwargs))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     if plain:
         from sdk.coord.demo import _View
 
-        console.print(_View(result.steps, console).render())
+        view = _View(result.steps, console)
+        view.lines = result.log
+        console.print(view.render())
     if not result.ok:
         console.print(f"[red]demo failed at step: {result.failed_step}[/red]")
         typer.echo(f"error: failed step: {result.failed_step}: {result.error}", err=True)

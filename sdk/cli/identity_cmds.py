@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 PASSPHRASE_ENV = "AUTOGLM_PASSPHRASE"
 KEYSTORE_ENV = "AUTOGLM_KEYSTORE"
-DEFAULT_KEYSTORE = Path("~/.autoglm/keystore.json")
 FORMATS = ("eddsa-jcs-2022", "jwt")
 
 id_app = typer.Typer(name="id", help="Your DID: create and show an encrypted keystore.", no_args_is_help=True)
@@ -42,18 +41,18 @@ sl_app = typer.Typer(
 
 KeystoreOpt = typer.Option(
     None, "--keystore", "-k", envvar=KEYSTORE_ENV,
-    help="Keystore file [env AUTOGLM_KEYSTORE; ~/.autoglm/keystore.json]",
+    help="Keystore file (default ~/.autoglm/keystore.json)",
 )
 PassOpt = typer.Option(
     None, "--passphrase", envvar=PASSPHRASE_ENV,
-    help="Keystore passphrase [env AUTOGLM_PASSPHRASE; else prompted]",
+    help="Keystore passphrase (else prompted)",
 )
 KeyNameOpt = typer.Option(None, "--key-name", "-n", help="Named key in the keystore (default: default key)")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON output")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the result here instead of stdout")
 FormatOpt = typer.Option("eddsa-jcs-2022", "--format", "-f", help="Proof format: eddsa-jcs-2022 | jwt")
 TrustOpt = typer.Option(None, "--trust", help="ISSUER=Type1,Type2 (repeatable; '*' for any type)")
-TrustFileOpt = typer.Option(None, "--trust-file", help="JSON trust policy [{issuer, types}]")
+TrustFileOpt = typer.Option(None, "--trust-file", help="JSON trust policy: a list of {issuer, types}")
 StatusOpt = typer.Option(
     None, "--status-list", help="Status list credential FILE or URL=FILE (repeatable)"
 )
@@ -115,7 +114,9 @@ def _guard(as_json: bool) -> Iterator[None]:
 
 
 def _keystore_path(path: Path | None) -> Path:
-    return (path or DEFAULT_KEYSTORE).expanduser()
+    from sdk.identity.keystore import default_keystore_path
+
+    return path.expanduser() if path else default_keystore_path()
 
 
 def _passphrase(given: str | None, *, confirm: bool = False) -> str:
@@ -152,8 +153,11 @@ def _load_doc(path: Path) -> dict[str, Any] | str:
             raise CliFailure("malformed", f"{path}: not valid JSON ({exc})") from None
         return doc
     if text.startswith('"'):
-        text = json.loads(text)
-    if text.count(".") == 2 and " " not in text:
+        try:
+            text = json.loads(text)
+        except ValueError:
+            text = ""
+    if isinstance(text, str) and text.count(".") == 2 and not any(c.isspace() for c in text):
         return text
     raise CliFailure("malformed", f"{path}: neither a JSON object nor a compact JWT")
 
@@ -218,8 +222,9 @@ def _list_url(doc: dict[str, Any] | str) -> str:
     if isinstance(doc, dict):
         url = doc.get("id")
     else:
-        from sdk.identity.jwt_vc import claims_to_credential
         import base64
+
+        from sdk.identity.jwt_vc import claims_to_credential
 
         payload = doc.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))

@@ -109,7 +109,7 @@ def serve(
     max_concurrent: Annotated[int, typer.Option(min=1, help="HTTP generations in flight.")] = 64,
     api_key: Annotated[
         list[str] | None,
-        typer.Option(help="Require this bearer key on /v1 (repeatable; env AUTOGLM_API_KEYS, comma-separated)."),
+        typer.Option(help="Require this bearer key on /v1 (repeatable; env AUTOGLM_API_KEYS, comma list)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning.")] = "info",
 ) -> None:
@@ -172,8 +172,8 @@ async def stream_generation(
     from sdk.inference.engine import Engine
     from sdk.inference.types import EngineConfig, GenerationRequest
 
-    config = EngineConfig(model_path=model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
-                          max_batch_size=1, warmup=False)
+    config = EngineConfig(model_path=model_path, device=device, dtype=dtype,
+                          max_sequence_length=max_sequence_length, max_batch_size=1, warmup=False)
     engine = await Engine.start(config)
     try:
         if on_ready is not None:
@@ -202,7 +202,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Sampling seed (reproducible output).")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Apply the chat template.")] = True,
     system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
-    model_path: Annotated[str | None, typer.Option(help="Model directory or GGUF (default: bundled SmolLM2).")] = None,
+    model_path: Annotated[
+        str | None, typer.Option(help="Model directory or GGUF (default: bundled SmolLM2).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_sequence_length: Annotated[int, typer.Option(min=2)] = 8192,
@@ -220,7 +222,9 @@ def generate(
 
         def ready(meta: dict[str, Any]) -> None:
             status.stop()
-            err.print(f"[dim]{meta.get('name', 'model')} on {meta.get('device', '?')} ({meta.get('dtype', '?')})[/dim]")
+            device = meta.get("device", "?")
+            device = device.get("type", "?") if isinstance(device, dict) else device
+            err.print(f"[dim]{meta.get('name', 'model')} on {device} ({meta.get('dtype', '?')})[/dim]")
 
         usage = None
         try:
@@ -240,7 +244,8 @@ def generate(
         sys.stdout.flush()
         if usage is not None:
             err.print(f"[dim]{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens, "
-                      f"first token {usage.time_to_first_token_s:.2f}s, {usage.tokens_per_s:.1f} tokens/s[/dim]")
+                      f"first token {usage.time_to_first_token_s:.2f}s, "
+                      f"{usage.tokens_per_s:.1f} tokens/s[/dim]")
 
     _run_or_exit(main())
 
@@ -251,4 +256,12 @@ def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
 
 
-__all__ = ["register", "serve", "generate", "run_serve", "ServeSettings", "EngineAttachment", "stream_generation"]
+__all__ = [
+    "register",
+    "serve",
+    "generate",
+    "run_serve",
+    "ServeSettings",
+    "EngineAttachment",
+    "stream_generation",
+]

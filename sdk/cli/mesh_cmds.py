@@ -1,9 +1,243 @@
-"""`autoglm` commands for the mesh layer."""
+"""`autoglm` commands for the mesh layer: ``gateway``, ``nodes``, and ``serve --broker`` (node mode).
+
+``serve`` is the inference layer's command, re-registered here with the mesh options added: with
+``--broker`` the started engine also joins the mesh as a :class:`~sdk.mesh.MeshNode` (through
+``run_serve``'s ``attach`` hook); without it, the original command runs unchanged.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import typing
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from sdk.cli import inference_cmds
+
+log = logging.getLogger(__name__)
+
+BrokerOpt = Annotated[str | None, typer.Option("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883.")]
+KeystoreOpt = Annotated[
+    Path | None, typer.Option("--keystore", help="Keystore file (default $AUTOGLM_KEYSTORE or ~/.autoglm/keystore.json; "
+                              "passphrase from $AUTOGLM_PASSPHRASE).")]
+KeyNameOpt = Annotated[str | None, typer.Option("--key-name", help="Named key in the keystore (default key if unset).")]
+
+
+def _load_key(keystore: Path | None, key_name: str | None) -> Any:
+    from sdk.identity.keystore import load_key
+
+    return load_key(keystore, name=key_name)
+
+
+def _read_credential(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8").strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    return text  # a VC-JWT
+
+
+# ------------------------------------------------------------------ serve --broker (node mode)
+
+_MESH_SERVE_PARAMS = [
+    inspect.Parameter("broker", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        str | None, typer.Option("--broker", help="Also join the mesh on this MQTT broker (node mode).")]),
+    inspect.Parameter("keystore", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=KeystoreOpt),
+    inspect.Parameter("key_name", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=KeyNameOpt),
+    inspect.Parameter("trust", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        list[str] | None, typer.Option("--trust", help="Issuer DID trusted for InferenceAccessCredential "
+                                       "(repeatable; node mode needs at least one).")]),
+    inspect.Parameter("status_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Path | None, typer.Option("--status-file", help="JSON {status list URL: status list credential}.")]),
+    inspect.Parameter("node_id", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        str | None, typer.Option("--node-id", help="Node id on the mesh (default: the DID's key id).")]),
+    inspect.Parameter("advert_interval", inspect.Parameter.KEYWORD_ONLY, default=2.0, annotation=Annotated[
+        float, typer.Option("--advert-interval", min=0.1, help="Seconds between adverts.")]),
+    inspect.Parameter("peer_rate", inspect.Parameter.KEYWORD_ONLY, default=5.0, annotation=Annotated[
+        float, typer.Option("--peer-rate", min=0.001, help="Requests per second each peer may start.")]),
+    inspect.Parameter("peer_burst", inspect.Parameter.KEYWORD_ONLY, default=20.0, annotation=Annotated[
+        float, typer.Option("--peer-burst", min=1.0, help="Requests a peer may start at once.")]),
+]
+_MESH_NAMES = {p.name for p in _MESH_SERVE_PARAMS}
+_SETTINGS_FIELDS = ("model_path", "device", "dtype", "gpu_memory_utilization", "max_sequence_length", "max_batch_size",
+                    "max_queue_size", "host", "port", "served_model_name", "max_concurrent")
+
+
+def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = None, node_id: str | None = None,
+                    advert_interval: float = 2.0, peer_rate: float = 5.0, peer_burst: float = 20.0) -> Any:
+    """An ``EngineAttachment`` for ``run_serve``: keeps the engine on the mesh while HTTP serves."""
+    from sdk.identity import TrustPolicy
+    from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, MeshNode, NodeConfig, RateLimit
+
+    policy = AccessPolicy(TrustPolicy({did: {ACCESS_CREDENTIAL} for did in trust}), status=status)
+    config = NodeConfig(node_id=node_id, advert_interval=advert_interval,
+                        rate_limit=RateLimit(rate=peer_rate, burst=peer_burst))
+
+    @contextlib.asynccontextmanager
+    async def attach(engine: Any) -> AsyncIterator[Any]:
+        async with MeshNode(engine, broker, key, access=policy, config=config) as node:
+            typer.echo(f"mesh node {node.node_id} ({node.did}) serving {node.model} via {broker}", err=True)
+            yield node
+
+    return attach
+
+
+def _serve_with_mesh(**kwargs: Any) -> None:
+    mesh = {name: kwargs.pop(name) for name in list(kwargs) if name in _MESH_NAMES}
+    if mesh["broker"] is None:
+        inference_cmds.serve(**kwargs)
+        return
+    import os
+
+    from sdk.cli.inference_cmds import ServeSettings, _check_choice, _run_or_exit, run_serve
+
+    if not mesh["trust"]:
+        raise typer.BadParameter("node mode needs at least one --trust issuer DID", param_hint="--trust")
+    _check_choice(kwargs["device"], inference_cmds._DEVICES, "--device")
+    _check_choice(kwargs["dtype"], inference_cmds._DTYPES, "--dtype")
+    log_level = str(kwargs.get("log_level", "info"))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = list(kwargs.get("api_key") or []) + [k for k in os.environ.get("AUTOGLM_API_KEYS", "").split(",") if k]
+    settings = ServeSettings(**{f: kwargs[f] for f in _SETTINGS_FIELDS if f in kwargs}, api_keys=tuple(keys),
+                             log_level=log_level.lower())
+
+    async def main() -> None:
+        key = _load_key(mesh["keystore"], mesh["key_name"])
+        status = json.loads(mesh["status_file"].read_text(encoding="utf-8")) if mesh["status_file"] else None
+        attach = node_attachment(mesh["broker"], key, trust=list(mesh["trust"]), status=status,
+                                 node_id=mesh["node_id"], advert_interval=mesh["advert_interval"],
+                                 peer_rate=mesh["peer_rate"], peer_burst=mesh["peer_burst"])
+        await run_serve(settings, attach=attach)
+
+    _run_or_exit(main())
+
+
+def _extended_serve() -> Any:
+    base = inference_cmds.serve
+    hints = typing.get_type_hints(base, include_extras=True)  # the module's annotations are strings
+    params = [p.replace(annotation=hints.get(p.name, p.annotation))
+              for p in inspect.signature(base).parameters.values()] + _MESH_SERVE_PARAMS
+
+    def serve(**kwargs: Any) -> None:
+        _serve_with_mesh(**kwargs)
+
+    serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    serve.__doc__ = (base.__doc__ or "").rstrip() + "\n\nWith --broker the engine also joins the inference mesh."
+    return serve
+
+
+# ------------------------------------------------------------------ gateway
+
+
+def gateway(
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh.")],
+    keystore: KeystoreOpt = None,
+    key_name: KeyNameOpt = None,
+    credential: Annotated[
+        list[Path] | None, typer.Option("--credential", help="InferenceAccessCredential file (JSON or VC-JWT; "
+                                        "repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0: any free port).")] = 8000,
+    model: Annotated[str | None, typer.Option(help="Model used when several are on the mesh.")] = None,
+    first_token_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to the first token.")] = 30.0,
+    stall_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds between tokens before failover.")] = 5.0,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="HTTP generations in flight.")] = 64,
+    api_key: Annotated[list[str] | None, typer.Option(help="Require this bearer key on /v1 (repeatable).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API (same as `autoglm serve`) backed by the mesh."""
+    from sdk.cli.inference_cmds import _run_or_exit
+    from sdk.mesh import RouterConfig
+    from sdk.mesh.gateway import run_gateway
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        key = _load_key(keystore, key_name)
+        creds = [_read_credential(p) for p in credential or []]
+        await run_gateway(broker, key, credentials=creds, host=host, port=port, default_model=model,
+                          config=RouterConfig(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout),
+                          api_keys=api_key or None, max_concurrent=max_concurrent, log_level=log_level.lower())
+
+    _run_or_exit(main())
+
+
+# ------------------------------------------------------------------ nodes
+
+
+async def collect_nodes(broker: str, key: Any, *, model: str | None = None, wait: float = 2.5,
+                        top: int = 10) -> list[dict[str, Any]]:
+    """Listen to adverts for ``wait`` seconds and return the ranked top ``top`` nodes as dicts."""
+    from sdk.mesh import Mesh
+
+    async with Mesh(broker, key) as mesh:
+        await asyncio.sleep(wait)
+        rows = []
+        for i, view in enumerate(mesh.ranked(model)[:top], 1):
+            a = view.advert
+            rows.append({
+                "rank": i, "node": a.node_id, "did": a.did, "models": list(a.models),
+                "version": a.metadata.get("version"), "score": round(view.rank.score, 4),
+                "parts": {k: round(v, 4) for k, v in view.rank.parts.items()},
+                "tokens_per_s": round(a.load.tokens_per_s, 2), "queue_depth": a.load.queue_depth,
+                "active_streams": a.load.active_streams, "max_batch_size": a.load.max_batch_size,
+                "free_cache_tokens": a.load.free_cache_tokens, "uptime_s": round(view.figures.uptime_s, 1),
+                "hardware": dict(a.hardware),
+            })
+        return rows
+
+
+def nodes(
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh.")],
+    keystore: KeystoreOpt = None,
+    key_name: KeyNameOpt = None,
+    model: Annotated[str | None, typer.Option(help="Only nodes serving this model.")] = None,
+    wait: Annotated[float, typer.Option(min=0.0, help="Seconds to listen for adverts.")] = 2.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
+) -> None:
+    """Show the mesh's ranked nodes (top 10) with the parts of their composite score."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sdk.cli.inference_cmds import _run_or_exit
+    from sdk.identity import Key
+
+    rows: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        key = _load_key(keystore, key_name) if keystore or key_name else Key.generate()  # listing needs no grant
+        rows.extend(await collect_nodes(broker, key, model=model, wait=wait))
+
+    _run_or_exit(main())
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"mesh nodes on {broker}" + (f" for {model}" if model else ""))
+    for col in ("#", "node", "models", "score", "throughput", "stability", "load", "latency", "tok/s", "q/active",
+                "device", "uptime"):
+        table.add_column(col, justify="right" if col not in ("node", "models", "device") else "left")
+    for r in rows:
+        p = r["parts"]
+        hw = r["hardware"]
+        table.add_row(str(r["rank"]), r["node"], ",".join(r["models"]), f"{r['score']:+.2f}",
+                      f"{p['throughput']:+.2f}", f"{p['stability']:+.2f}", f"{p['load']:+.2f}", f"{p['latency']:+.2f}",
+                      f"{r['tokens_per_s']:.1f}", f"{r['queue_depth']}/{r['active_streams']}",
+                      f"{hw.get('device', '?')} {hw.get('name') or ''}".strip(), f"{r['uptime_s']:.0f}s")
+    Console().print(table if rows else "[yellow]no live nodes[/yellow]")
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this module's commands and groups to the root app."""
+    """Attach this module's commands and groups to the root app (``serve`` gains the mesh options)."""
+    app.registered_commands = [c for c in app.registered_commands if c.name != "serve"]
+    app.command("serve")(_extended_serve())
+    app.command("gateway")(gateway)
+    app.command("nodes")(nodes)
+
+
+__all__ = ["register", "gateway", "nodes", "node_attachment", "collect_nodes"]

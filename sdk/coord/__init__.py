@@ -44,11 +44,13 @@ from sdk.coord.errors import (
     WrongTopic,
 )
 from sdk.coord.replay import ReplayCache
+from sdk.coord.sync_client import SyncSecureClient
 from sdk.coord.transport import MqttTransport, TLSConfig, TransportConfig, Will
 
 __all__ = [
     # client
     "SecureClient",
+    "SyncSecureClient",
     "ClientConfig",
     "ClientStats",
     "Subscription",
@@ -90,3 +92,10 @@ __all__ = [
     "RequestTimeout",
     "RemoteError",
 ]
+
+# Coordination on top of the secure client (engineer D; docs/COORDINATOR.md).
+from sdk.coord import events  # noqa: E402
+from sdk.coord.coordinator import Coordinator  # noqa: E402
+from sdk.coord.device import Config, Device, SyncDevice  # noqa: E402
+
+__all__ += ["events", "Coordinator", "Device", "SyncDevice", "Config"]

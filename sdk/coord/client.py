@@ -58,6 +58,7 @@ class ClientConfig:
     replay_max_entries: int = 100_000
     reply_prefix: str = f"{topics.ROOT}/reply/"
     attach_credentials: bool = True  # attach the client's credentials to requests/streams
+    max_serving: int = 1024  # concurrent requests served; beyond it requests get an error "busy"
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Subscription:
 @dataclass(eq=False)
 class _Pending:
     future: asyncio.Future[Message] | None = None
-    queue: asyncio.Queue[Message] | None = None
+    queue: asyncio.Queue[Message | None] | None = None  # None: the client closed
     expect: str | None = None
 
 
@@ -174,14 +175,16 @@ class SecureClient:
 
     async def aclose(self) -> None:
         """Cancel served requests and pending calls, then disconnect."""
-        for task in list(self._serving.values()) + list(self._tasks):
+        tasks = list(self._serving.values()) + list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._serving.values()) + list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for p in self._pending.values():
             if p.future is not None and not p.future.done():
                 p.future.set_exception(MessagingError("client closed", reason="closed"))
+            elif p.queue is not None:
+                p.queue.put_nowait(None)
         await self.transport.aclose()
 
     @property
@@ -346,7 +349,7 @@ class SecureClient:
     ) -> AsyncIterator[Message]:
         loop = asyncio.get_running_loop()
         cid = new_id()
-        queue: asyncio.Queue[Message] = asyncio.Queue()
+        queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._pending[cid] = _Pending(queue=queue, expect=expect)
         finished = False
         deadline = None if timeout is None else loop.time() + timeout
@@ -363,6 +366,9 @@ class SecureClient:
                 except (asyncio.TimeoutError, TimeoutError):
                     which = "overall" if deadline is not None and loop.time() >= deadline else "idle"
                     raise RequestTimeout(f"stream from {topic!r}: {which} timeout") from None
+                if msg is None:
+                    finished = True
+                    raise MessagingError("client closed", reason="closed")
                 if msg.type == CHUNK:
                     if msg.seq is not None and msg.seq != next_seq:
                         logger.warning("stream %s: chunk seq %s, expected %s", cid, msg.seq, next_seq)
@@ -458,9 +464,18 @@ class SecureClient:
                 logger.info("request %s cancelled by %s", msg.correlation_id, msg.sender)
                 task.cancel()
             return
+        if sub.serve and msg.type in _REPLY_TYPES:
+            logger.debug("ignoring %s sent to request topic %r", msg.type, msg.topic)
+            return
         if not self._authorize(sub, msg):
             return
         if sub.serve:
+            if len(self._serving) >= self.config.max_serving:
+                logger.warning("busy: %d requests in progress, refusing %s from %s",
+                               len(self._serving), msg.id, msg.sender)
+                if msg.reply_to is not None and msg.reply_to.startswith(self.config.reply_prefix):
+                    self._spawn(self._safe_error_reply(msg, "busy", "too many requests in progress"))
+                return
             if msg.reply_to is not None and not msg.reply_to.startswith(self.config.reply_prefix):
                 self._reject(msg.topic, RejectedMessage(
                     f"reply-to {msg.reply_to!r} is outside {self.config.reply_prefix!r}", reason="bad_reply_to"), msg)
@@ -541,7 +556,7 @@ class SecureClient:
         assert req.reply_to is not None
         await self.publish(
             req.reply_to, body, type=type, seq=seq, correlation_id=req.correlation_id or req.id,
-            encrypt_to=req.sender if req.encrypted else None,
+            encrypt_to=self._verifier.public_key(req.kid) if req.encrypted else None,
         )
 
 

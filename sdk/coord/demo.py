@@ -78,6 +78,7 @@ class DemoResult:
     steps: list[Step] = field(default_factory=list)
     convergence_ms: float | None = None
     auth_ms: list[float] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
 
 
 class _View:
@@ -104,8 +105,12 @@ class _View:
 
 
 async def run_demo(*, console: Console | None = None, keep_running: bool = False,
-                   data_dir: Path | None = None, live: bool = True) -> DemoResult:
-    """Run the scenario; returns a :class:`DemoResult` (never raises for a failed step)."""
+                   data_dir: Path | None = None, live: bool = True, rules_toml: str = DEMO_RULES,
+                   step_timeout: float = 15.0) -> DemoResult:
+    """Run the scenario; returns a :class:`DemoResult` (never raises for a failed step).
+
+    ``rules_toml`` replaces the demo's rules (the phone step expects an 800x600 companion layout).
+    """
     from brokers.embedded import OPEN_ACL, EmbeddedBroker
     from sdk.coord.coordinator import Coordinator, parse_rules
     from sdk.coord.coordinator.errors import AdmissionError
@@ -122,7 +127,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
              "revoke tablet", "revoked tablet refused"]
     steps = [Step(n) for n in names]
     view = _View(steps, console)
-    result = DemoResult(ok=False, steps=steps)
+    result = DemoResult(ok=False, steps=steps, log=view.lines)
     tmp = tempfile.TemporaryDirectory(prefix="autoglm-demo-")
     workdir = data_dir or Path(tmp.name)
     cleanup: list[Callable[[], Awaitable[Any]]] = []
@@ -138,7 +143,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
         refresh()
         t0 = time.perf_counter()
         try:
-            s.detail = await asyncio.wait_for(fn(), 15)
+            s.detail = await asyncio.wait_for(fn(), step_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure names the step
             s.status, s.ms = "failed", (time.perf_counter() - t0) * 1000
             s.detail = f"{type(exc).__name__}: {exc}"
@@ -162,9 +167,19 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
         who = short.get(info.get("did", ""), info.get("did", "")[:24])
         if what == "converged" and not converged.done():
             converged.set_result(info)
-        if what in ("admitted", "refused", "revoked", "rejected", "event", "report", "converged"):
-            extra = {k: v for k, v in info.items() if k not in ("did", "message", "fields")}
-            view.note(f"coordinator: {what} {who} {extra}")
+        line = {
+            "admitted": lambda: f"admitted {who} ({info.get('kind')}), last version {info.get('last_version')}",
+            "refused": lambda: f"refused {who}: {info.get('reason')}",
+            "revoked": lambda: f"revoked {who}: disconnected from coordination",
+            "rejected": lambda: f"rejected {info.get('type')} from {who}: {info.get('reason')}",
+            "event": lambda: f"event {info.get('type')} {info.get('fields')} from {who} -> "
+                             f"{len(info.get('targets', []))} target(s)",
+            "report": lambda: f"{who} reports v{info.get('version')} {info.get('status')}",
+            "converged": lambda: f"converged in {info['seconds'] * 1000:.2f} ms "
+                                 f"({info.get('targets')} target(s), {info.get('failures')} failure(s))",
+        }.get(what)
+        if line is not None:
+            view.note(line())
             refresh()
 
     try:
@@ -178,7 +193,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
 
         async def start_coordinator() -> str:
             nonlocal coordinator
-            rules = parse_rules(tomllib.loads(DEMO_RULES)["rules"])
+            rules = parse_rules(tomllib.loads(rules_toml).get("rules", []))
             coordinator = Coordinator(ckey, broker=broker.url, data_dir=workdir / "coordinator",
                                       trust=TrustPolicy({}), issuer=issuer, rules=rules)
             coordinator.add_listener(on_coord)
@@ -210,8 +225,8 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             return "display → screen_available {width: 800, height: 600, density: 160}"
 
         async def phone_applies() -> str:
-            info = await asyncio.wait_for(converged, 10)
-            await devices["phone"].wait_version(1, 10)
+            info = await converged
+            await devices["phone"].wait_version(1)
             cfg = applied[-1]
             if cfg.state.get("ui.companion.resolution") != "800x600" or cfg.state.get("ui.layout") != "companion":
                 raise RuntimeError(f"unexpected config {cfg.state}")

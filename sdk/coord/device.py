@@ -143,7 +143,7 @@ class Device:
                                         type=protocol.PRESENCE, ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
         options.setdefault("will", Will(topics.device_presence(self._token), will_wire, qos=1, retain=True))
-        self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **options)
+        self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
         self._admitted = asyncio.Event()
         self._changed = asyncio.Event()
         self._inbox: asyncio.Queue[ConfigVersion] = asyncio.Queue()
@@ -153,6 +153,7 @@ class Device:
         self._heartbeat: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._coordinator_boot: str | None = None
+        self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
         self._seen_connect = False
         self._last_delivered: Config | None = None
 
@@ -169,10 +170,10 @@ class Device:
         self.state = CONNECTING
         await self.client.connect()
         await self.status_source.attach(self.client)
-        await self.client.subscribe(topics.device_config(self._token), self._on_config_msg)
-        await self.client.subscribe(topics.device_commands(self._token), self._on_notice)
+        await self.client.subscribe(topics.device_config(self._token), self._on_config_msg, qos=1)
+        await self.client.subscribe(topics.device_commands(self._token), self._on_notice, qos=1)
         await self.client.subscribe(topics.device_presence(protocol.token(self.coordinator)),
-                                    self._on_coordinator_presence)
+                                    self._on_coordinator_presence, qos=1)
         self.client.transport.add_on_connect(self._on_reconnect)
         self._worker = asyncio.ensure_future(self._config_worker())
         await self._publish_presence("online")
@@ -214,36 +215,61 @@ class Device:
             raise NotAdmitted("device credential revoked", reason="revoked")
 
     # ------------------------------------------------------------------ authentication
-    async def authenticate(self) -> Admission:
-        """Run the mutual DID+VP handshake; raises :class:`AdmissionError` with a reason."""
+    async def authenticate(self, *, resume: bool = True) -> Admission:
+        """Run the mutual DID+VP handshake; raises :class:`AdmissionError` with a reason.
+
+        After a first admission the coordinator hands out a single-use ``next_challenge``; with
+        ``resume`` the next authentication answers it directly (one round trip, the coordinator's
+        presentation comes back in the admission reply). A stale one falls back to the full form.
+        """
+        ticket, self._ticket = self._ticket, None
+        if resume and ticket is not None and ticket[1] == self._coordinator_boot:
+            try:
+                return await self._present(ticket[0], nonce=secrets.token_urlsafe(16))
+            except AdmissionError as exc:
+                if exc.reason not in ("wrong_challenge", "timeout"):
+                    raise
+                log.debug("resumed authentication refused (%s); full handshake", exc.reason)
         nonce = secrets.token_urlsafe(16)
         hello = await self._request(protocol.HELLO, {"nonce": nonce})
         body = hello.body if isinstance(hello.body, dict) else {}
         challenge = body.get("challenge")
         if not isinstance(challenge, str):
             raise self._refused(AdmissionError("coordinator sent no challenge", reason="malformed"))
+        self._check_coordinator(body.get("vp"), nonce)
+        return await self._present(challenge)
+
+    def _check_coordinator(self, vp: Any, nonce: str) -> None:
         try:
-            check_presentation(body.get("vp"), challenge=nonce, domain=self.did, trust=self.trust,
+            check_presentation(vp, challenge=nonce, domain=self.did, trust=self.trust,
                                status=self._checker, credential_type=COORDINATOR_CREDENTIAL,
                                expected_holder=self.coordinator)
         except AdmissionError as exc:
             log.warning("coordinator %s failed mutual authentication: %s", self.coordinator, exc)
             raise self._refused(AdmissionError(f"coordinator not trusted: {exc}",
                                                reason="untrusted_coordinator")) from exc
+
+    async def _present(self, challenge: str, *, nonce: str | None = None) -> Admission:
         vp = present(self.credential, self.key, challenge=challenge, domain=self.coordinator)
         req: dict[str, Any] = {"challenge": challenge, "vp": vp, "last_version": self.last_version,
                                "heartbeat_ttl": self.heartbeat_ttl}
+        if nonce is not None:
+            req["nonce"] = nonce
         if self.capabilities is not None:
             req["capabilities"] = self.capabilities
         if self.attributes:
             req["attributes"] = self.attributes
         reply = await self._request(protocol.PRESENT, req)
         rb = reply.body if isinstance(reply.body, dict) else {}
+        if nonce is not None:
+            self._check_coordinator(rb.get("vp"), nonce)
         try:
             admission = Admission(self.coordinator, str(rb["session"]), str(rb["boot"]),
                                   float(rb.get("heartbeat_ttl", self.heartbeat_ttl)), int(rb.get("pending", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise self._refused(AdmissionError("malformed admission reply", reason="malformed")) from exc
+        if isinstance(rb.get("next_challenge"), str):
+            self._ticket = (rb["next_challenge"], admission.boot)
         self.admission = admission
         self._coordinator_boot = admission.boot
         self.refused_reason = None

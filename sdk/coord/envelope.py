@@ -219,6 +219,14 @@ class Verifier:
             raise TypeError("resolver must be callable or have .resolve()")
         self._headers: dict[bytes, tuple[str, str, PublicKey]] = {}
 
+    def public_key(self, kid: str) -> PublicKey:
+        """The sender key for ``kid`` as resolved for verification (to encrypt replies to it)."""
+        for k, _sender, pub in self._headers.values():
+            if k == kid:
+                return pub
+        resolved = self._resolve(kid)
+        return getattr(resolved, "public_key", resolved)
+
     def _sender(self, header_b64: bytes) -> tuple[str, str, PublicKey]:
         hit = self._headers.get(header_b64)
         if hit is not None:

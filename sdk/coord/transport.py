@@ -45,8 +45,9 @@ import logging
 import secrets
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -76,6 +77,7 @@ ConnectHook = Callable[[bool], Awaitable[None] | None]
 
 #: (host, port) → the protocol that broker accepted, so "auto" probes each broker once per process.
 _NEGOTIATED: dict[tuple[str, int], Literal["5", "3.1.1"]] = {}
+_READ_BATCH = 256
 _CORK: int | None = getattr(socket, "TCP_CORK", None)
 _UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 reason code; paho maps the 3.1.1 CONNACK code 1 onto it
 _AUTH_CODES = {0x86: "bad_credentials", 0x87: "not_authorized", 0x8C: "not_authorized"}
@@ -190,7 +192,6 @@ class Message:
 class _Sub:
     qos: int
     handler: MessageCallback | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _reason_value(rc: Any) -> int:
@@ -263,6 +264,7 @@ class MqttTransport:
         self._deferred: list[Callable[[], None]] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
         self._flush_scheduled = False
+        self._loop_thread: int | None = None
         self.reconnects = 0
         self.session_present = False
 
@@ -298,6 +300,7 @@ class MqttTransport:
         if self._running:
             raise RuntimeError("transport is already connected (not re-entrant)")
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._closing = False
         self._running = True
         self._queue_wakeup = asyncio.Event()
@@ -331,6 +334,8 @@ class MqttTransport:
                     await asyncio.wait_for(closed, 2.0)
         self._teardown_client()
         self._fail_all(NotConnected("transport closed"))
+        for task in list(self._handler_tasks):
+            task.cancel()
         self._running = False
         if self._queue_wakeup is not None:
             self._queue_wakeup.set()
@@ -358,17 +363,26 @@ class MqttTransport:
             raise NotConnected("not connected (QoS 0 messages are not queued offline)")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        info = client.publish(topic, payload, qos, retain, properties)
-        rc = info.rc
-        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            raise SendQueueFull("paho refused the message: queue full")
         if qos == 0:
+            # counted before paho sees it: an idle connection writes it (and calls on_publish) at once
+            self._qos0_pending += 1
+        try:
+            info = client.publish(topic, payload, qos, retain, properties)
+        except BaseException:
+            if qos == 0:
+                self._qos0_pending = max(0, self._qos0_pending - 1)
+            raise
+        rc = info.rc
+        if qos == 0:
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not info.is_published():
+                self._qos0_pending = max(0, self._qos0_pending - 1)
             if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
                 raise NotConnected("not connected")
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise PublishFailed(f"publish failed: {paho.error_string(rc)}")
-            self._qos0_pending += 1
             return
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise SendQueueFull("paho refused the message: queue full")
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise PublishFailed(f"publish failed: {paho.error_string(rc)}")
         # paho never writes synchronously here (a register-write callback is set), so the
@@ -392,9 +406,16 @@ class MqttTransport:
         handler: MessageCallback | None = None,
         timeout: float | None = None,
     ) -> int:
-        """Subscribe and wait for the SUBACK; return the granted QoS."""
+        """Subscribe and wait for the SUBACK; return the granted QoS.
+
+        While a reconnect is under way this waits for it (up to ``timeout`` or
+        ``connect_timeout``) instead of failing at once.
+        """
         if qos not in (0, 1, 2):
             raise ValueError("qos must be 0, 1 or 2")
+        if self._running and not self._connected.is_set():
+            with contextlib.suppress(ConnectFailed):
+                await self.wait_connected(timeout or self.config.connect_timeout)
         if not self._connected.is_set() or self._client is None:
             raise NotConnected("not connected")
         self._subs[topic_filter] = _Sub(qos, handler)
@@ -527,13 +548,15 @@ class MqttTransport:
             self._drop_socket()
             raise ConnectFailed(f"no CONNACK from {cfg.url}", reason="connect_timeout") from None
         except ConnectionLost as exc:
-            if cfg.protocol == "auto" and self._protocol == "5":
+            # only while probing: after that a fresh client would drop the queued session state
+            if probing:
                 return await self._downgrade(first)
             raise ConnectFailed(f"broker {cfg.url} closed the connection before CONNACK") from exc
-        if code == _UNSUPPORTED_PROTOCOL and cfg.protocol == "auto" and self._protocol == "5":
+        if code == _UNSUPPORTED_PROTOCOL and probing:
             return await self._downgrade(first)
         if code == 0:
-            _NEGOTIATED[self._broker_key()] = self._protocol
+            if cfg.protocol == "auto":
+                _NEGOTIATED[self._broker_key()] = self._protocol
         else:
             self._drop_socket()
             reason = _AUTH_CODES.get(code, "unsupported_protocol" if code == _UNSUPPORTED_PROTOCOL
@@ -637,16 +660,24 @@ class MqttTransport:
     # ------------------------------------------------------------------ socket plumbing
 
     def _in_loop_or_defer(self, fn: Callable[[], None]) -> None:
+        """Run socket bookkeeping on the loop: deferred during connect(), hopped over if a
+        connect() cancelled mid-way finishes later in its executor thread."""
         if self._deferred is not None:
             self._deferred.append(fn)
-        else:
+        elif threading.get_ident() == self._loop_thread:
             fn()
+        elif self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def watch() -> None:
+            if client is not self._client:  # a stale connect (cancelled, superseded) finished late
+                with contextlib.suppress(OSError):
+                    sock.close()
+                return
             self._sock = sock
             if not self._read_paused:
                 self._loop.add_reader(sock, self._on_readable)  # type: ignore[union-attr]
@@ -674,9 +705,15 @@ class MqttTransport:
         # Batch: everything queued during this loop iteration is written by one loop_write() call
         # scheduled with call_soon; only a full socket buffer falls back to add_writer.
         def schedule() -> None:
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush, sock)  # type: ignore[union-attr]
+            if self._flush_scheduled:
+                return
+            if len(client._out_packet) == 1 and not client._in_callback_mutex.locked():  # noqa: SLF001
+                # a lone packet on an idle connection: write it now (one loop turn less latency);
+                # never from inside a paho callback, where paho's own bookkeeping is mid-way
+                self._flush(sock)
+                return
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush, sock)  # type: ignore[union-attr]
 
         self._in_loop_or_defer(schedule)
 
@@ -707,14 +744,24 @@ class MqttTransport:
         self._in_loop_or_defer(unreg)
 
     def _on_readable(self) -> None:
+        # paho's loop_read() handles one packet per call here; read until the socket is drained
+        # (bounded) so the acks for a burst leave in one corked write.
         client = self._client
         if client is None:
             return
-        client.loop_read()
-        sock = client._sock  # noqa: SLF001
-        while sock is not None and getattr(sock, "pending", None) and sock.pending() > 0:
+        packet_read = getattr(client, "_packet_read", None)
+        if packet_read is None:  # pragma: no cover - older paho
             client.loop_read()
-            sock = client._sock  # noqa: SLF001
+            return
+        for _ in range(_READ_BATCH):
+            if client._sock is None or self._read_paused:  # noqa: SLF001
+                return
+            rc = packet_read()
+            if rc > 0:
+                client._loop_rc_handle(rc)  # noqa: SLF001 - closes the socket, calls on_disconnect
+                return
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return
 
     def _on_writable(self) -> None:
         client = self._client

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import json
 import logging
 import threading
@@ -37,6 +38,8 @@ ED25519_2020_CONTEXT = "https://w3id.org/security/suites/ed25519-2020/v1"
 CALL_TIMEOUT_S = 30.0
 #: Seconds the exit guard lets tokio threads settle; 1 ms sufficed in tests, this is headroom.
 EXIT_DRAIN_S = 0.05
+#: Longest the exit guard waits for didkit calls still in flight (e.g. on an abandoned loop).
+EXIT_WAIT_S = 5.0
 
 T = TypeVar("T")
 
@@ -83,7 +86,7 @@ def install_exit_guard() -> None:
 
 def _drain_at_exit() -> None:
     with _idle:
-        _idle.wait_for(lambda: _in_flight == 0, timeout=CALL_TIMEOUT_S)
+        _idle.wait_for(lambda: _in_flight == 0, timeout=EXIT_WAIT_S)
     _runner.stop()
     time.sleep(EXIT_DRAIN_S)  # releases the GIL so tokio threads finish their last Python touch
 
@@ -143,7 +146,12 @@ _runner = _LoopThread()
 
 def _sync(factory: Callable[[], Awaitable[T]]) -> T:
     _lib()
-    return _runner.run(factory)
+    try:
+        return _runner.run(factory)
+    except concurrent.futures.TimeoutError:
+        log.error("didkit call did not finish within %.0f s", CALL_TIMEOUT_S)
+        raise DidkitUnavailable(f"didkit call timed out after {CALL_TIMEOUT_S:.0f} s",
+                                reason="didkit_timeout") from None
 
 
 # -- helpers ------------------------------------------------------------------------------------

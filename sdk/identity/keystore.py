@@ -36,6 +36,8 @@ FORMAT = "autoglm-keystore"
 VERSION = 1
 DEFAULT_NAME = "default"
 PASSPHRASE_ENV = "AUTOGLM_PASSPHRASE"
+KEYSTORE_ENV = "AUTOGLM_KEYSTORE"
+DEFAULT_PATH = "~/.autoglm/keystore.json"
 _CHECK_LABEL = b"autoglm-keystore-passphrase-check-v1"
 # Parameters read from a file are bounded so a hostile file cannot make us burn CPU or memory.
 _MAX_OPSLIMIT = 16
@@ -48,7 +50,7 @@ class KeystoreError(IdentityError):
     """A keystore could not be created, opened or saved.
 
     ``reason`` is one of ``wrong_passphrase``, ``corrupt_keystore``, ``keystore_not_found``,
-    ``keystore_exists``, ``unknown_key``, ``keystore_io``.
+    ``keystore_exists``, ``unknown_key``, ``keystore_io``, ``no_passphrase``.
     """
 
     reason = "keystore_error"
@@ -82,6 +84,25 @@ def passphrase_from_env(var: str = PASSPHRASE_ENV) -> str | None:
     """The passphrase in environment variable ``var`` (default ``AUTOGLM_PASSPHRASE``), if set."""
     value = os.environ.get(var)
     return value if value else None
+
+
+def default_keystore_path() -> Path:
+    """``$AUTOGLM_KEYSTORE``, else ``~/.autoglm/keystore.json``."""
+    return Path(os.environ.get(KEYSTORE_ENV) or DEFAULT_PATH).expanduser()
+
+
+def load_key(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    passphrase: str | bytes | None = None,
+) -> Key:
+    """For daemons: open the keystore (default path) with ``passphrase`` or ``$AUTOGLM_PASSPHRASE``."""
+    secret = passphrase if passphrase else passphrase_from_env()
+    if not secret:
+        raise KeystoreError(f"no passphrase given and {PASSPHRASE_ENV} is not set", reason="no_passphrase")
+    store = Keystore.open(Path(path).expanduser() if path else default_keystore_path(), secret)
+    return store.get(name) if name else store.key
 
 
 def _b64(data: bytes) -> str:
@@ -390,4 +411,14 @@ def _parse_plaintext(plaintext: bytes, path: Path) -> tuple[dict[str, Key], str]
     return keys, default
 
 
-__all__ = ["Keystore", "KeystoreError", "KdfParams", "passphrase_from_env", "PASSPHRASE_ENV", "DEFAULT_NAME"]
+__all__ = [
+    "Keystore",
+    "KeystoreError",
+    "KdfParams",
+    "load_key",
+    "passphrase_from_env",
+    "default_keystore_path",
+    "PASSPHRASE_ENV",
+    "KEYSTORE_ENV",
+    "DEFAULT_NAME",
+]

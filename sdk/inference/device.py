@@ -65,11 +65,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 def select_device(device: str | torch.device | None = None) -> torch.device:
     """The device to run on: ``device`` if given (checked), else ``cuda`` when available, else ``cpu``."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InferenceError(f"device {dev} requested but CUDA is not available", reason="device_unavailable")
+            raise InferenceError(
+                f"device {dev} requested but CUDA is not available", reason="device_unavailable"
+            )
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         elif dev.index >= torch.cuda.device_count():

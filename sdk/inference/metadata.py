@@ -118,10 +118,13 @@ def _check(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any], 
                 _check(value, option, path, root, sub)
                 matches += not sub
             if matches == 0 or (key == "oneOf" and matches > 1):
-                errors.append(f"{path}: matches {matches} of the allowed forms ({key}), needs {'exactly ' if key == 'oneOf' else 'at least '}one")
+                need = "exactly one" if key == "oneOf" else "at least one"
+                errors.append(f"{path}: matches {matches} of the allowed forms ({key}), needs {need}")
 
 
-def _check_object(value: dict[str, Any], schema: dict[str, Any], path: str, root: dict[str, Any], errors: list[str]) -> None:
+def _check_object(
+    value: dict[str, Any], schema: dict[str, Any], path: str, root: dict[str, Any], errors: list[str]
+) -> None:
     for name in schema.get("required", []):
         if name not in value:
             errors.append(f"{path}: missing required field {name!r}")
@@ -164,7 +167,7 @@ def validate_metadata(doc: Any) -> dict[str, Any]:
     return doc  # type: ignore[no-any-return]
 
 
-# ----------------------------------------------------------------------------------------- request / result schemas
+# ----------------------------------------------------------------------------------------- request/result
 
 
 def request_schema(context_length: int) -> dict[str, Any]:
@@ -188,7 +191,9 @@ def request_schema(context_length: int) -> dict[str, Any]:
                 },
             },
             "prompt_token_ids": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
-            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": context_length - 1, "default": 256},
+            "max_new_tokens": {
+                "type": "integer", "minimum": 1, "maximum": context_length - 1, "default": 256,
+            },
             "temperature": {"type": "number", "minimum": 0, "default": 1.0, "description": "0 means greedy"},
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
             "top_k": {"type": "integer", "minimum": 0, "default": 0, "description": "0 disables"},
@@ -235,7 +240,9 @@ def result_schema() -> dict[str, Any]:
                 "properties": {
                     "text": {"type": "string"},
                     "token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                    "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", "cancelled", None]},
+                    "finish_reason": {
+                        "type": ["string", "null"], "enum": ["stop", "length", "cancelled", None],
+                    },
                     "usage": {"oneOf": [{"type": "null"}, _usage_schema()]},
                 },
             }
@@ -252,7 +259,12 @@ def _versions() -> dict[str, str]:
 
     import sdk
 
-    return {"name": "transformers", "version": transformers.__version__, "torch": torch.__version__, "sdk": sdk.__version__}
+    return {
+        "name": "transformers",
+        "version": transformers.__version__,
+        "torch": torch.__version__,
+        "sdk": sdk.__version__,
+    }
 
 
 def describe_device(device: Any) -> dict[str, Any]:
@@ -263,7 +275,12 @@ def describe_device(device: Any) -> dict[str, Any]:
     if dev.type == "cuda":
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        return {"type": "cuda", "name": props.name, "count": torch.cuda.device_count(), "memory_bytes": int(props.total_memory)}
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "count": torch.cuda.device_count(),
+            "memory_bytes": int(props.total_memory),
+        }
     if dev.type == "mps":
         return {"type": "mps", "name": "Apple MPS", "memory_bytes": None}
     from sdk.inference.device import available_ram_bytes
@@ -348,6 +365,16 @@ def build_metadata(
     return validate_metadata(doc)
 
 
+def with_serving(doc: dict[str, Any], serving: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``doc`` with the engine's sizing merged into ``serving`` (validated)."""
+    out = dict(doc)
+    out["serving"] = {**doc.get("serving", {}), **serving}
+    if "max_sequence_length" in serving:
+        out["context_length"] = min(int(serving["max_sequence_length"]), int(doc["context_length"]))
+        out["inputs"] = request_schema(out["context_length"])
+    return validate_metadata(out)
+
+
 __all__ = [
     "SCHEMA_VERSION",
     "SCHEMA_PATH",
@@ -360,4 +387,5 @@ __all__ = [
     "result_schema",
     "schema_errors",
     "validate_metadata",
+    "with_serving",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from sdk.errors import InferenceError
 from sdk.inference.http.app import create_app
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,23 @@ class HTTPServer:
     @property
     def url(self) -> str:
         """Base URL of the OpenAI API, e.g. ``http://127.0.0.1:8000/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
 
     async def start(self) -> None:
-        """Bind the socket and start serving; returns once uvicorn accepts connections."""
+        """Bind the socket and start serving; returns once uvicorn accepts connections.
+
+        Raises ``InferenceError`` (reason ``bind_failed``) if the address is taken."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self._requested_port))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            log.error("cannot bind %s:%d: %s", self.host, self._requested_port, exc)
+            raise InferenceError(f"cannot bind {self.host}:{self._requested_port}: {exc.strerror or exc}",
+                                 reason="bind_failed") from exc
         sock.set_inheritable(True)
         self._sock = sock
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="autoglm-http")

@@ -49,13 +49,15 @@ class RankedNode:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def _zscores(values: Sequence[float]) -> list[float]:
+def _zscores(values: Sequence[float], *, floor: float = 0.0, relative_floor: float = 0.0) -> list[float]:
+    """z-scores whose spread is at least ``floor`` (absolute) and ``relative_floor`` x |mean|, so
+    differences that are noise (two idle twins, 3% throughput jitter) do not become a whole sigma."""
     n = len(values)
     if n == 0:
         return []
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / n
-    std = math.sqrt(var)
+    std = max(math.sqrt(var), floor, relative_floor * abs(mean))
     if std < 1e-12:
         return [0.0] * n
     return [(v - mean) / std for v in values]
@@ -71,10 +73,10 @@ def rank_nodes(nodes: Sequence[NodeFigures], weights: RankingWeights | None = No
     known_latencies = [f.latency_s for f in nodes if f.latency_s is not None]
     default_latency = sum(known_latencies) / len(known_latencies) if known_latencies else 0.0
     latency = [-(f.latency_s if f.latency_s is not None else default_latency) for f in nodes]
-    z_tp = _zscores([f.tokens_per_s for f in nodes])
-    z_st = _zscores(stability)
-    z_ld = _zscores([-f.load for f in nodes])
-    z_lt = _zscores(latency)
+    z_tp = _zscores([f.tokens_per_s for f in nodes], relative_floor=0.25)
+    z_st = _zscores(stability, floor=0.1)
+    z_ld = _zscores([-f.load for f in nodes], floor=0.1)
+    z_lt = _zscores(latency, relative_floor=0.25)
     ranked = []
     for i, f in enumerate(nodes):
         parts = {

@@ -193,3 +193,29 @@ def test_event_helpers_validate() -> None:
         battery("exploding")
     with pytest.raises(InvalidEvent):
         screen_available(True, 600)  # type: ignore[arg-type]
+
+
+async def test_sync_facade(mesh: Mesh) -> None:
+    from sdk.coord.device import SyncDevice
+
+    await mesh.start_coordinator()
+    display = await mesh.device("display")
+    key = Key.generate()
+    cred = mesh.coordinator.issue_device_credential(key.did, kind="phone", groups=["room:living"])  # type: ignore[union-attr]
+    got: list[Any] = []
+
+    def run() -> None:
+        with SyncDevice(key, cred, broker=mesh.url, coordinator=mesh.coord_key.did, on_config=got.append) as dev:
+            assert dev.device.admitted
+            ready.set()
+            dev.wait_version(1, timeout=10)
+
+    import threading
+
+    ready = threading.Event()
+    thread = threading.Thread(target=run)
+    thread.start()
+    await asyncio.to_thread(ready.wait, 10)
+    await display.publish_event(screen_available(800, 600))
+    await asyncio.to_thread(thread.join, 15)
+    assert [c.version for c in got] == [1]

@@ -251,3 +251,145 @@ async def test_persistent_session_loses_nothing_at_qos1_across_restart(restartab
     finally:
         await sub2.aclose()
     assert got == list(range(30))
+
+
+async def test_full_incoming_queue_pauses_reading_without_loss(broker) -> None:
+    async with _client(broker, incoming_limit=4) as sub, _client(broker) as pub:
+        await sub.subscribe("bp/#", qos=1)
+        await asyncio.gather(*(pub.publish(f"bp/{i}", b"%d" % i, qos=1) for i in range(40)))
+        got: list[int] = []
+        async for msg in sub.messages():
+            got.append(int(msg.payload))
+            if len(got) == 40:
+                break
+        assert sorted(got) == list(range(40))
+
+
+@pytest.mark.mosquitto
+async def test_respects_the_brokers_receive_maximum() -> None:
+    from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not installed")
+    m = MosquittoBroker(MosquittoConfig(max_inflight_messages=3))  # CONNACK Receive Maximum 3
+    await asyncio.to_thread(m.start)
+    try:
+        inbox = Inbox()
+        async with MqttTransport(m.url) as sub, MqttTransport(m.url) as pub:
+            await sub.subscribe("rm/#", qos=1, handler=inbox)
+            assert pub._client._max_inflight_messages == 3  # noqa: SLF001 - paho itself ignores it
+            await asyncio.gather(*(pub.publish(f"rm/{i}", b"x", qos=1) for i in range(50)))
+            assert pub.reconnects == 0 and pub.connected
+            got = {(await inbox.get()).topic for _ in range(50)}
+            assert len(got) == 50
+    finally:
+        await asyncio.to_thread(m.cleanup)
+
+
+async def test_persistent_session_queues_while_offline(broker) -> None:
+    """DID-authenticated sessions are not anonymous, so even amqtt queues for them."""
+    inbox = Inbox()
+    cid = f"offline-{broker.kind}-{id(inbox)}"
+    sub = _client(broker, client_id=cid, persistent=True)
+    await sub.connect()
+    await sub.subscribe("offline/#", qos=1)
+    await sub.aclose()
+    async with _client(broker) as pub:
+        for i in range(5):
+            await pub.publish(f"offline/{i}", b"%d" % i, qos=1)
+    back = _client(broker, client_id=cid, persistent=True, on_message=inbox)
+    await back.connect()
+    try:
+        assert back.session_present
+        assert sorted([int((await inbox.get()).payload) for _ in range(5)]) == list(range(5))
+    finally:
+        await back.aclose()
+
+
+async def test_a_failing_handler_does_not_break_the_connection(broker) -> None:
+    inbox = Inbox()
+
+    def broken(topic: str, payload: bytes, *, retain: bool, qos: int) -> None:
+        raise RuntimeError("handler bug")
+
+    async def broken_async(topic: str, payload: bytes, *, retain: bool, qos: int) -> None:
+        raise RuntimeError("async handler bug")
+
+    async with _client(broker) as sub, _client(broker) as pub:
+        await sub.subscribe("hb/sync", qos=1, handler=broken)
+        await sub.subscribe("hb/async", qos=1, handler=broken_async)
+        await sub.subscribe("hb/ok", qos=1, handler=inbox)
+        await pub.publish("hb/sync", b"1", qos=1)
+        await pub.publish("hb/async", b"2", qos=1)
+        await pub.publish("hb/ok", b"3", qos=1)
+        assert (await inbox.get()).payload == b"3"
+        assert sub.connected and sub.reconnects == 0
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+async def test_keepalive_detects_a_frozen_broker_and_recovers() -> None:
+    import signal
+
+    from brokers.mosquitto import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not installed")
+    m = MosquittoBroker()
+    await asyncio.to_thread(m.start)
+    try:
+        async with MqttTransport(m.url, keepalive=1) as t:
+            m._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - the TCP link stays up, no PINGRESP
+            try:
+                for _ in range(100):
+                    if not t.connected:
+                        break
+                    await asyncio.sleep(0.1)
+                assert not t.connected  # our PINGREQ went unanswered
+            finally:
+                m._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
+            await t.wait_connected(15)
+            assert t.reconnects >= 1
+    finally:
+        await asyncio.to_thread(m.cleanup)
+
+
+async def test_close_while_reconnecting_to_a_dead_broker(restartable_broker) -> None:
+    h = restartable_broker
+    t = _client(h, backoff_min=0.01, backoff_max=0.05)
+    await t.connect()
+    if h.kind == "mosquitto":
+        await asyncio.to_thread(h.server.stop)
+    else:
+        await h.server.stop()
+    for _ in range(100):
+        if not t.connected and t._reconnect_task is not None:  # noqa: SLF001
+            break
+        await asyncio.sleep(0.02)
+    assert not t.connected
+    await asyncio.sleep(0.2)  # several refused reconnect attempts
+    await asyncio.wait_for(t.aclose(), 5)
+    assert not t.connected and t.pending == 0
+    with pytest.raises(NotConnected):
+        await t.publish("x", b"", qos=1)
+
+
+async def test_pending_counts_return_to_zero(broker) -> None:
+    inbox = Inbox()
+    async with _client(broker) as t:
+        await t.subscribe("pc/#", qos=1, handler=inbox)
+        for qos in (0, 1, 2, 0):
+            await t.publish(f"pc/{qos}", b"x", qos=qos)
+        await asyncio.gather(*(t.publish("pc/burst", b"y", qos=0) for _ in range(50)))
+        for _ in range(54):
+            await inbox.get()
+        assert t.pending == 0
+
+
+async def test_tcp_nodelay_is_set(broker) -> None:
+    import socket
+
+    async with _client(broker) as t:
+        sock = t._sock  # noqa: SLF001
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

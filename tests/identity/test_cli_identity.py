@@ -241,3 +241,14 @@ def test_vp_by_someone_else_than_the_subject(cli, issuer, holder):
     ok_json(cli("vc", "issue", "-s", holder, "-o", c1, "--json"))
     ok_json(cli("vp", "create", c1, "--challenge", "n", "-o", vp, "--json"))  # default key, not holder
     failed(cli("vp", "verify", vp, "--challenge", "n"), "holder_mismatch")
+
+
+def test_help_lists_the_identity_groups(cli):
+    top = cli("--help")
+    assert top.exit_code == 0
+    for group in ("id", "vc", "vp", "status-list"):
+        assert group in top.stdout
+        sub = cli(group, "--help")
+        assert sub.exit_code == 0, sub.output
+    issue = cli("vc", "issue", "--help")
+    assert "~/.autoglm/keystore.json" in issue.stdout and "AUTOGLM_PASSPHRASE" in issue.stdout

@@ -12,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdk.identity import Key
-from sdk.identity.keystore import KdfParams, Keystore, KeystoreError, passphrase_from_env
+from sdk.identity.keystore import (
+    KdfParams,
+    Keystore,
+    KeystoreError,
+    default_keystore_path,
+    load_key,
+    passphrase_from_env,
+)
 
 # Cheap Argon2id parameters so the many corruption cases stay fast; one test uses the defaults.
 FAST = KdfParams(opslimit=1, memlimit=64 * 1024)
@@ -253,6 +260,23 @@ def test_passphrase_from_env(monkeypatch):
     assert passphrase_from_env() == "s3cret"
     monkeypatch.setenv("OTHER_VAR", "x")
     assert passphrase_from_env("OTHER_VAR") == "x"
+
+
+def test_load_key_for_daemons(created, monkeypatch):
+    path, key = created
+    monkeypatch.delenv("AUTOGLM_PASSPHRASE", raising=False)
+    monkeypatch.setenv("AUTOGLM_KEYSTORE", str(path))
+    assert default_keystore_path() == path
+    with pytest.raises(KeystoreError) as exc:
+        load_key()
+    assert exc.value.reason == "no_passphrase"
+    monkeypatch.setenv("AUTOGLM_PASSPHRASE", PASS)
+    assert load_key() == key
+    assert load_key(path, passphrase=PASS, name="default") == key
+    monkeypatch.setenv("AUTOGLM_PASSPHRASE", "wrong")
+    with pytest.raises(KeystoreError) as exc:
+        load_key()
+    assert exc.value.reason == "wrong_passphrase"
 
 
 def test_kdf_params_are_validated():

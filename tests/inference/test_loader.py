@@ -25,6 +25,7 @@ from sdk.inference.device import (
 from sdk.inference.loader import (
     CACHE_MANIFEST,
     MissingDependency,
+    ModelLoadError,
     ModelNotFound,
     default_model_path,
     ensure_converted,
@@ -101,6 +102,28 @@ def test_fingerprint_depends_on_content_not_location(tmp_path):
     assert fingerprint(a) == fingerprint(b)
     b.write_bytes(b"x" * 4999 + b"y")
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(ModelLoadError, match="AUTOGLM_CACHE") as info:
+        ensure_converted(default_model_path(), cache_dir=blocker / "cache")
+    assert info.value.reason == "model_load_failed"
+
+
+def test_corrupt_gguf_is_a_load_error_and_leaves_no_partial_copy(tmp_path):
+    bad = tmp_path / "Broken.Q4_0.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 4096)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelLoadError) as info:
+        ensure_converted(bad, cache_dir=cache)
+    assert info.value.reason == "model_load_failed" and "Broken.Q4_0.gguf" in str(info.value)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_hub_is_offline_once_the_loader_is_imported():
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
 
 
 # ------------------------------------------------------------------ device and dtype
@@ -257,3 +280,15 @@ def test_parallel_processes_convert_once(tmp_path):
     assert sum(err.count("converted SmolLM2") for _, err in outs) == 1
     assert (stale / CACHE_MANIFEST).is_file()
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [stale.name]
+
+
+@pytest.mark.gpu
+@pytest.mark.model
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loads_on_cuda_in_half_precision():
+    loaded = load_model(None, device="cuda")
+    assert loaded.device.type == "cuda"
+    assert loaded.dtype in (torch.bfloat16, torch.float16)
+    assert next(loaded.model.parameters()).device.type == "cuda"
+    assert loaded.metadata["device"]["type"] == "cuda"
+    assert loaded.metadata["quantization"]["runtime_dtype"] in ("bfloat16", "float16")

@@ -18,6 +18,7 @@ from sdk.inference.metadata import (
     result_schema,
     schema_errors,
     validate_metadata,
+    with_serving,
 )
 from sdk.inference.types import GenerationRequest, GenerationResult, TokenChunk, Usage
 
@@ -54,8 +55,20 @@ def test_built_document_describes_the_model(doc, tiny_model):
 
 
 def test_context_length_is_capped_at_the_model(tiny_model):
-    doc = build_metadata(tiny_model, name="t", version="v", device="cpu", dtype=torch.float32, context_length=99999)
+    doc = build_metadata(tiny_model, name="t", version="v", device="cpu", dtype=torch.float32,
+                         context_length=99999)
     assert doc["context_length"] == 512
+
+
+def test_with_serving_merges_engine_sizing(doc):
+    served = with_serving(doc, {"max_batch_size": 8, "max_sequence_length": 128, "continuous_batching": True})
+    assert served["serving"] == {"max_batch_size": 8, "kv_cache_tokens": 1024, "max_sequence_length": 128,
+                                 "continuous_batching": True}
+    assert served["context_length"] == 128
+    assert served["inputs"]["properties"]["max_new_tokens"]["maximum"] == 127
+    assert doc["serving"]["max_batch_size"] == 4  # the original is untouched
+    with pytest.raises(MetadataError, match="unknown field 'gpu'"):
+        with_serving(doc, {"gpu": "h100"})
 
 
 def test_schema_file_is_valid_json_schema():
@@ -110,8 +123,9 @@ def test_every_broken_rule_is_reported_with_its_path(doc):
 def test_builtin_validator_agrees_with_jsonschema(doc):
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(metadata_schema())
-    quantized = {**doc, "quantization": {"method": "gguf", "source_format": "Q4_1", "dequantized_to": "float32",
-                                         "runtime_dtype": "bfloat16", "tensor_types": {"Q4_1": 3}}}
+    quant = {"method": "gguf", "source_format": "Q4_1", "dequantized_to": "float32",
+             "runtime_dtype": "bfloat16", "tensor_types": {"Q4_1": 3}}
+    quantized = {**doc, "quantization": quant}
     extended = {**doc, "x-node": {"region": "eu"}}
     for good in (doc, quantized, extended):
         assert validator.is_valid(good) and schema_errors(good, metadata_schema()) == []
@@ -124,7 +138,8 @@ def test_request_schema_covers_the_engine_request_type():
     schema = request_schema(1024)
     fields = {f.name for f in dataclasses.fields(GenerationRequest)}
     assert fields == set(schema["properties"])
-    wire = {k: v for k, v in dataclasses.asdict(GenerationRequest(prompt="Hi", stop=("\n",))).items() if v is not None}
+    request = GenerationRequest(prompt="Hi", stop=("\n",))
+    wire = {k: v for k, v in dataclasses.asdict(request).items() if v is not None}
     wire["stop"] = list(wire["stop"])
     assert schema_errors(wire, schema) == []
     assert schema_errors({"max_new_tokens": 4}, schema)  # neither prompt nor messages

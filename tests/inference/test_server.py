@@ -12,7 +12,9 @@ import httpx
 import openai
 import pytest
 
+from sdk.errors import InferenceError
 from sdk.inference.http import create_app
+from sdk.inference.server import HTTPServer
 from sdk.inference.types import TokenChunk
 from tests.inference.http_harness import ServerThread
 
@@ -78,7 +80,8 @@ def test_completion_is_sensible_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_model_may_be_named_by_metadata_name(client: openai.OpenAI, smollm2_engine: Any) -> None:
-    r = client.completions.create(model=smollm2_engine.metadata["name"], prompt=FRANCE, max_tokens=2, temperature=0)
+    name = smollm2_engine.metadata["name"]
+    r = client.completions.create(model=name, prompt=FRANCE, max_tokens=2, temperature=0)
     assert r.model == MODEL
 
 
@@ -109,7 +112,8 @@ def test_streaming_chat_equals_non_streaming_under_greedy(client: openai.OpenAI)
 
 def test_streaming_completion_equals_non_streaming(client: openai.OpenAI) -> None:
     whole = client.completions.create(model=MODEL, prompt=FRANCE, max_tokens=12, temperature=0)
-    chunks = list(client.completions.create(model=MODEL, prompt=FRANCE, max_tokens=12, temperature=0, stream=True))
+    stream = client.completions.create(model=MODEL, prompt=FRANCE, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
@@ -139,7 +143,7 @@ def test_stop_sequence_and_prompt_token_ids(client: openai.OpenAI, smollm2_engin
 
 
 def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
-    args: dict[str, Any] = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0)
+    args: dict[str, Any] = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0)
     first = client.completions.create(**args, seed=7, extra_body={"top_k": 40})
     second = client.completions.create(**args, seed=7, extra_body={"top_k": 40})
     assert first.choices[0].text == second.choices[0].text
@@ -173,6 +177,14 @@ def test_invalid_fields_are_400_with_param(http: httpx.Client) -> None:
     assert r.status_code == 400 and error_of(r)["param"] == "messages"
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stop": ["a"] * 17})
     assert r.status_code == 400 and error_of(r)["param"] == "stop"
+
+
+def test_oversized_body_is_413(http: httpx.Client) -> None:
+    from sdk.inference.http.app import MAX_BODY_BYTES
+
+    big = b" " * (MAX_BODY_BYTES + 1)
+    r = http.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and error_of(r)["code"] == "request_too_large"
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
@@ -233,7 +245,8 @@ def test_concurrent_requests_queue_then_all_complete(smollm2_engine: Any) -> Non
     with ServerThread(app) as srv, openai.OpenAI(base_url=srv.api_url, api_key="x", max_retries=0) as client:
 
         def run(prompt: str) -> str:
-            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+            return r.choices[0].text
 
         sequential = [run(p) for p in prompts]
         with ThreadPoolExecutor(len(prompts)) as pool:
@@ -269,6 +282,13 @@ def test_draining_server_answers_503(smollm2_engine: Any) -> None:
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
         assert r.status_code == 503 and error_of(r)["code"] == "service_unavailable"
         assert http.get("/health").status_code == 503
+
+
+def test_port_in_use_is_a_typed_error(srv: ServerThread) -> None:
+    taken = HTTPServer(srv.app, host="127.0.0.1", port=srv.server.port)
+    with pytest.raises(InferenceError) as info:
+        srv.call(taken.start())
+    assert info.value.reason == "bind_failed"
 
 
 class _BrokenBackend:

@@ -28,6 +28,7 @@ DEVICE_CREDENTIAL = "DeviceCredential"
 COORDINATOR_CREDENTIAL = "CoordinatorCredential"
 V2_CONTEXT = "https://www.w3.org/ns/credentials/v2"
 CHALLENGE_TTL = 30.0
+RESUME_TTL = 600.0     # the next_challenge handed out with an admission
 
 #: identity reason -> admission reason (most are the same words)
 _REASON_MAP = {
@@ -149,12 +150,12 @@ class Challenges:
         self.limit = limit
         self._open: dict[str, tuple[str, float]] = {}
 
-    def issue(self, did: str) -> str:
-        """A new challenge for ``did``."""
+    def issue(self, did: str, *, ttl: float | None = None) -> str:
+        """A new challenge for ``did`` (valid ``ttl`` seconds, default the instance's)."""
         if len(self._open) >= self.limit:
             self.sweep()
         value = secrets.token_urlsafe(18)
-        self._open[value] = (did, time.monotonic() + self.ttl)
+        self._open[value] = (did, time.monotonic() + (self.ttl if ttl is None else ttl))
         return value
 
     def consume(self, challenge: Any, did: str) -> None:

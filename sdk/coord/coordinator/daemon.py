@@ -27,6 +27,7 @@ from sdk.coord.client import ClientConfig, SecureClient
 from sdk.coord.coordinator import protocol
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
+    RESUME_TTL,
     Challenges,
     check_presentation,
     coordinator_credential,
@@ -110,9 +111,12 @@ class Coordinator:
                                    ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
         options.setdefault("will", Will(presence, will, qos=1, retain=True))
-        self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **options)
+        self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
         self._credentials: dict[str, dict[str, Any]] = {}
+        self._reports: list[tuple[str, int, str, str | None, float | None]] = []
+        self._persisted: dict[str, str] = {}
         self._sent: dict[str, int] = {}
+        self._gen: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Listener] = []
         self._notified: dict[str, float] = {}
@@ -182,9 +186,9 @@ class Coordinator:
             self._load_issuer_state()
         await self.client.connect()
         await self.status_source.attach(self.client)
-        await self.client.serve(topics.device_commands(self._token), self._on_command)
-        await self.client.subscribe(topics.ALL_EVENTS, self._on_device_message)
-        await self.client.subscribe(topics.ALL_PRESENCE, self._on_presence)
+        await self.client.serve(topics.device_commands(self._token), self._on_command, qos=1)
+        await self.client.subscribe(topics.ALL_EVENTS, self._on_device_message, qos=1)
+        await self.client.subscribe(topics.ALL_PRESENCE, self._on_presence, qos=1)
         self.client.transport.add_on_connect(self._on_reconnect)
         await self._announce()
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
@@ -285,15 +289,31 @@ class Coordinator:
             self.registry.announce(did, capabilities=caps if isinstance(caps, list) else None,
                                    attributes=attrs if isinstance(attrs, dict) else None)
         self._credentials[did] = admitted.credential
-        self.store.save_devices([rec.to_row()])
+        self._persist(rec)
         latest = self.store.latest_version(did)
         self._sent[did] = min(last, latest)
+        self._gen[did] = self._gen.get(did, 0) + 1      # a pump of the previous session stops
         self.metrics.auth.labels("admitted").inc()
         self._dirty = True
         self._emit("admitted", did=did, kind=rec.kind, last_version=last, latest=latest)
         if latest > last:
             asyncio.get_running_loop().call_soon(lambda: self._spawn(self._pump(did)))
-        return {"session": session, "boot": self.boot, "heartbeat_ttl": ttl, "pending": max(0, latest - last)}
+        reply = {"session": session, "boot": self.boot, "heartbeat_ttl": ttl, "pending": max(0, latest - last),
+                 "next_challenge": self.challenges.issue(did, ttl=RESUME_TTL)}
+        nonce = body.get("nonce")
+        if isinstance(nonce, str) and 8 <= len(nonce) <= 128:   # resumed: prove ourselves in the reply
+            reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=did)
+        return reply
+
+    def _persist(self, rec: DeviceRecord) -> None:
+        """Save a device record unless only its liveness fields changed since the last save."""
+        assert self.store is not None
+        row = rec.to_row()
+        stable = json.dumps({k: v for k, v in row.items() if k not in ("last_seen",)}, sort_keys=True,
+                            default=str)
+        if self._persisted.get(rec.did) != stable:
+            self.store.save_devices([row])
+            self._persisted[rec.did] = stable
 
     # ------------------------------------------------------------------ device messages
     def _check_sender(self, msg: Message, kind: str) -> DeviceRecord | None:
@@ -365,12 +385,11 @@ class Coordinator:
             for did in action.targets:
                 changes, rules = merged.get(did, ({}, ()))
                 merged[did] = ({**changes, **action.changes}, (*rules, action.rule))
-        self.store.record_event(msg.id, msg.sender, event.type, event.fields, merged)
+        versions = self.store.commit(merged, event_id=msg.id, event=(msg.sender, event.type, event.fields))
         self._emit("event", did=msg.sender, event_id=msg.id, type=event.type, fields=event.fields,
                    targets=sorted(merged))
         if not merged:
             return
-        versions = self.store.commit(merged, event_id=msg.id)
         self.metrics.start(msg.id, {c.did: c.version for c in versions})
         self._dirty = True
         self._emit("committed", event_id=msg.id, versions={c.did: c.version for c in versions})
@@ -390,16 +409,29 @@ class Coordinator:
             return
         reason = body.get("reason") if isinstance(body.get("reason"), str) else None
         apply_ms = body.get("apply_ms") if isinstance(body.get("apply_ms"), (int, float)) else None
-        self.store.record_report(msg.sender, version, status, reason=reason, apply_ms=apply_ms)
+        self._reports.append((msg.sender, version, status, reason, apply_ms))
+        if len(self._reports) == 1:     # one transaction for every report read in this loop turn
+            asyncio.get_running_loop().call_soon(self._flush_reports)
+
+    def _flush_reports(self) -> None:
+        assert self.store is not None
+        batch, self._reports = self._reports, []
+        try:
+            self.store.record_reports(batch)
+        except CoordinationError as exc:
+            log.error("could not record %d report(s): %s", len(batch), exc)
+            return
         self._dirty = True
-        done = self.metrics.report(msg.sender, version, status, apply_ms=apply_ms)
-        self._emit("report", did=msg.sender, version=version, status=status, reason=reason)
-        if done is not None:
-            event_id, seconds, targets, failures = done
-            self.store.mark_converged(event_id, failures=failures)
-            log.info("event %s converged in %.3f ms over %d device(s), %d failure(s)", event_id,
-                     seconds * 1000, targets, failures)
-            self._emit("converged", event_id=event_id, seconds=seconds, targets=targets, failures=failures)
+        for did, version, status, reason, apply_ms in batch:
+            done = self.metrics.report(did, version, status, apply_ms=apply_ms)
+            self._emit("report", did=did, version=version, status=status, reason=reason)
+            if done is not None:
+                event_id, seconds, targets, failures = done
+                self.store.mark_converged(event_id, failures=failures)
+                log.info("event %s converged in %.3f ms over %d device(s), %d failure(s)", event_id,
+                         seconds * 1000, targets, failures)
+                self._emit("converged", event_id=event_id, seconds=seconds, targets=targets,
+                           failures=failures)
 
     def _on_presence(self, msg: Message) -> None:
         parsed = topics.parse_device_topic(msg.topic)
@@ -434,7 +466,7 @@ class Coordinator:
                 rec = self.registry.get(did)
                 if rec is None or not rec.admitted or did not in self._sent:
                     return
-                sent = self._sent[did]
+                sent, gen = self._sent[did], self._gen.get(did)
                 if sent >= self.store.latest_version(did):
                     return
                 if known is not None and known.version == sent + 1:
@@ -452,8 +484,8 @@ class Coordinator:
                                     cv.version, did, exc.reason)
                         self._sent.pop(did, None)
                         return
-                    if self._sent.get(did) is None:
-                        return
+                    if self._sent.get(did) is None or self._gen.get(did) != gen:
+                        return          # offline, expired, or re-admitted meanwhile (its own pump follows)
                     self._sent[did] = cv.version
                     self.metrics.config_sent(len(json.dumps(body, separators=(",", ":"))))
 
@@ -486,7 +518,7 @@ class Coordinator:
         self._sent.pop(did, None)
         self._credentials.pop(did, None)
         if rec is not None:
-            self.store.save_devices([rec.to_row()])
+            self._persist(rec)
         self._dirty = True
         log.warning("device %s %s: disconnected from coordination", did, reason)
         self._notified.pop(did, None)

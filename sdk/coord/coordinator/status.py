@@ -48,7 +48,7 @@ class MqttStatusListSource:
 
     async def attach(self, client: SecureClient) -> None:
         """Subscribe ``client`` to every issuer's status list topic."""
-        self._sub = await client.subscribe(protocol.ALL_STATUS_LISTS, self._on_message)
+        self._sub = await client.subscribe(protocol.ALL_STATUS_LISTS, self._on_message, qos=1)
 
     def _on_message(self, msg: Message) -> None:
         if msg.type != protocol.STATUS_LIST:

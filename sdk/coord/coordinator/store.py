@@ -163,8 +163,12 @@ class Store:
 
     # ------------------------------------------------------------------ desired state
     def commit(self, changes_by_device: Mapping[str, tuple[dict[str, Any], tuple[str, ...]]], *,
-               event_id: str | None = None, now: float | None = None) -> list[ConfigVersion]:
-        """Commit one new desired version per device, atomically; returns the new versions."""
+               event_id: str | None = None, event: tuple[str, str, Mapping[str, Any]] | None = None,
+               now: float | None = None) -> list[ConfigVersion]:
+        """Commit one new desired version per device, atomically; returns the new versions.
+
+        ``event`` = ``(sender, type, fields)`` records the triggering event in the same transaction.
+        """
         now = time.time() if now is None else now
         out: list[ConfigVersion] = []
         for did, (changes, rules) in changes_by_device.items():
@@ -174,10 +178,17 @@ class Store:
         rows = [(c.did, c.version, json.dumps(c.changes, sort_keys=True),
                  json.dumps(c.state, sort_keys=True), c.event_id, json.dumps(list(c.rules)), c.created)
                 for c in out]
-        if rows:
-            self._tx(lambda db: db.executemany(
-                "INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
-                "VALUES (?,?,?,?,?,?,?)", rows))
+        def write(db: sqlite3.Connection) -> None:
+            if event is not None:
+                db.execute("INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
+                           "VALUES (?,?,?,?,?,?)", (event_id, event[0], event[1],
+                                                    json.dumps(dict(event[2]), sort_keys=True), now,
+                                                    json.dumps(sorted(changes_by_device))))
+            db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
+                           "VALUES (?,?,?,?,?,?,?)", rows)
+
+        if rows or event is not None:
+            self._tx(write)
             for c in out:
                 self._latest[c.did] = (c.version, c.state)
         return out
@@ -203,27 +214,35 @@ class Store:
     def record_report(self, did: str, version: int, status: str, *, reason: str | None = None,
                       apply_ms: float | None = None, now: float | None = None) -> None:
         """Record a device's applied/failed report (idempotent per version)."""
+        self.record_reports([(did, version, status, reason, apply_ms)], now=now)
+
+    def record_reports(self, reports: Iterable[tuple[str, int, str, str | None, float | None]], *,
+                       now: float | None = None) -> None:
+        """Record many ``(did, version, status, reason, apply_ms)`` reports in one transaction."""
         now = time.time() if now is None else now
+        batch = list(reports)
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO reports(did, version, status, reason, apply_ms, at) "
-                       "VALUES (?,?,?,?,?,?)", (did, version, status, reason, apply_ms, now))
-            if status == "applied":
-                row = db.execute("SELECT state FROM desired WHERE did = ? AND version = ?",
-                                 (did, version)).fetchone()
-                state = row[0] if row else "{}"
-                db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
-                           "VALUES (?,?,?,?,?,?) ON CONFLICT(did) DO UPDATE SET "
-                           "version=excluded.version, state=excluded.state, status=excluded.status, "
-                           "reason=excluded.reason, at=excluded.at WHERE excluded.version >= version",
-                           (did, version, state, status, reason, now))
-            else:
-                db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
-                           "VALUES (?, 0, '{}', ?, ?, ?) ON CONFLICT(did) DO UPDATE SET "
-                           "status=excluded.status, reason=excluded.reason, at=excluded.at",
-                           (did, status, reason, now))
+            for did, version, status, reason, apply_ms in batch:
+                db.execute("INSERT OR REPLACE INTO reports(did, version, status, reason, apply_ms, at) "
+                           "VALUES (?,?,?,?,?,?)", (did, version, status, reason, apply_ms, now))
+                if status == "applied":
+                    row = db.execute("SELECT state FROM desired WHERE did = ? AND version = ?",
+                                     (did, version)).fetchone()
+                    state = row[0] if row else "{}"
+                    db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
+                               "VALUES (?,?,?,?,?,?) ON CONFLICT(did) DO UPDATE SET "
+                               "version=excluded.version, state=excluded.state, status=excluded.status, "
+                               "reason=excluded.reason, at=excluded.at WHERE excluded.version >= version",
+                               (did, version, state, status, reason, now))
+                else:
+                    db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
+                               "VALUES (?, 0, '{}', ?, ?, ?) ON CONFLICT(did) DO UPDATE SET "
+                               "status=excluded.status, reason=excluded.reason, at=excluded.at",
+                               (did, status, reason, now))
 
-        self._tx(write)
+        if batch:
+            self._tx(write)
 
     def reported(self, did: str) -> Reported:
         """The last reported state of ``did``."""

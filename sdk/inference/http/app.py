@@ -28,7 +28,7 @@ from sdk.inference.http.metrics import Metrics
 from sdk.inference.http.schemas import (
     ChatCompletionBody,
     CompletionBody,
-    _SamplingBody,
+    SamplingBody,
     message_dicts,
     unsupported,
 )
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 B = TypeVar("B", bound=BaseModel)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
 
 _FINISH = {"stop": "stop", "length": "length", "eos": "stop", "stop_string": "stop", "max_tokens": "length"}
 
@@ -155,7 +157,14 @@ def _param_of(err: dict[str, Any]) -> str | None:
 
 async def _parse(request: Request, model: type[B]) -> B:
     """Parse the JSON body into ``model``; malformed JSON and invalid fields are 400s."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large",
+                       reason="invalid_request")
     raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large",
+                       reason="invalid_request")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -168,6 +177,10 @@ async def _parse(request: Request, model: type[B]) -> B:
         first = exc.errors()[0]
         param = _param_of(first)
         raise bad_request(f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+def _internal_error() -> APIError:
+    return APIError(500, "internal error", type="internal_error", code="internal_error", reason="internal_error")
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -226,7 +239,7 @@ class _Service:
 
     # -- requests
 
-    def build_request(self, body: _SamplingBody, model_id: str, *, request_id: str, **prompt: Any) -> Any:
+    def build_request(self, body: SamplingBody, model_id: str, *, request_id: str, **prompt: Any) -> Any:
         """Map OpenAI sampling fields onto a ``GenerationRequest``."""
         problem = unsupported(body)
         if problem is not None:
@@ -263,11 +276,12 @@ class _Service:
         status = 500
         try:
             self.admission.check_open()
-            body: _SamplingBody = await _parse(request, ChatCompletionBody if chat else CompletionBody)
+            body: SamplingBody = await _parse(request, ChatCompletionBody if chat else CompletionBody)
             model_id = self.resolve_model(body.model)
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             if isinstance(body, ChatCompletionBody):
-                req = self.build_request(body, model_id, request_id=ident, messages=message_dicts(body.messages))
+                messages = message_dicts(body.messages)
+                req = self.build_request(body, model_id, request_id=ident, messages=messages)
             else:
                 assert isinstance(body, CompletionBody)
                 text = body.prompt_text()
@@ -303,8 +317,7 @@ class _Service:
         except Exception:
             self.metrics.errors.labels("internal_error").inc()
             log.exception("%s: unexpected error", endpoint)
-            return _error_response(APIError(500, "internal error", type="internal_error",
-                                            code="internal_error", reason="internal_error"))
+            return _error_response(_internal_error())
         finally:
             if not streaming:
                 if lease is not None:
@@ -320,7 +333,7 @@ class _Service:
         self,
         request: Request,
         req: Any,
-        body: _SamplingBody,
+        body: SamplingBody,
         lease: Lease,
         *,
         ident: str,
@@ -410,7 +423,7 @@ class _Service:
                 outcome["status"] = 500
                 self.metrics.errors.labels("internal_error").inc()
                 log.exception("%s stream failed", endpoint)
-                yield event(APIError(500, "internal error", type="internal_error", code="internal_error").body())
+                yield event(_internal_error().body())
                 yield DONE
 
         async def on_close() -> None:
@@ -491,7 +504,8 @@ def create_app(
             given = header[7:].strip().encode() if header.lower().startswith("bearer ") else b""
             if not any(hmac.compare_digest(given, k) for k in keys):
                 metrics.errors.labels("invalid_api_key").inc()
-                raise APIError(401, "invalid or missing API key", code="invalid_api_key", reason="invalid_api_key")
+                raise APIError(401, "invalid or missing API key", code="invalid_api_key",
+                               reason="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_key)])
 
@@ -507,7 +521,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return _error_response(APIError(500, "internal error", type="internal_error", code="internal_error"))
+        return _error_response(_internal_error())
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:

@@ -42,11 +42,14 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "autoglm_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+            "autoglm_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+            registry=r,
         )
-        self.errors = Counter("autoglm_http_errors", "Failed requests by error reason", ["reason"], registry=r)
+        self.errors = Counter("autoglm_http_errors", "Failed requests by error reason", ["reason"],
+                              registry=r)
         self.prompt_tokens = Counter("autoglm_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.completion_tokens = Counter("autoglm_completion_tokens", "Completion tokens generated", registry=r)
+        self.completion_tokens = Counter("autoglm_completion_tokens", "Completion tokens generated",
+                                         registry=r)
         self.latency = Histogram(
             "autoglm_request_latency_seconds",
             "Time from request to last byte",

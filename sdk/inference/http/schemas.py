@@ -20,7 +20,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingBody(BaseModel):
+class SamplingBody(BaseModel):
     """Fields shared by both endpoints."""
 
     model_config = ConfigDict(extra="ignore")
@@ -61,7 +61,7 @@ class _SamplingBody(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionBody(_SamplingBody):
+class CompletionBody(SamplingBody):
     """``POST /v1/completions``."""
 
     prompt: str | list[str] | list[int]
@@ -94,7 +94,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionBody(_SamplingBody):
+class ChatCompletionBody(SamplingBody):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -105,7 +105,7 @@ class ChatCompletionBody(_SamplingBody):
     response_format: dict[str, Any] | None = None
 
 
-def unsupported(body: _SamplingBody) -> tuple[str, str] | None:
+def unsupported(body: SamplingBody) -> tuple[str, str] | None:
     """Return ``(param, message)`` for the first requested feature we cannot honour."""
     if body.n != 1:
         return "n", "only n=1 is supported"
@@ -156,6 +156,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 __all__ = [
     "StreamOptions",
+    "SamplingBody",
     "CompletionBody",
     "ChatMessage",
     "ChatCompletionBody",

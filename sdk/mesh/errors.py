@@ -1,0 +1,66 @@
+"""Mesh errors (node, router, gateway), each with a stable ``reason``.
+
+    MeshError (sdk.errors)
+    ├── NoNode             no_node         no live node serves the model (or none is left to fail over to)
+    ├── NotPermitted       not_permitted   every node refused the peer; ``node_reason`` says why:
+    │                                      not_authorized | revoked | scope_model | scope_max_tokens
+    ├── MeshOverloaded     overloaded      every node was busy (engine queue full or rate limited)
+    ├── MeshTimeout        timeout         no first token / the stream stalled and no node could go on
+    └── NodeRequestError   <node reason>   the node rejected the request itself (invalid_request,
+                                           prompt_too_long...): retrying elsewhere would not help
+"""
+
+from __future__ import annotations
+
+from sdk.errors import MeshError
+
+#: Reasons a node gives when it refuses a peer's credential (error replies, ``NotPermitted.node_reason``).
+PERMISSION_REASONS = frozenset({"not_authorized", "revoked", "scope_model", "scope_max_tokens"})
+#: Reasons a node gives when it is too busy for this peer right now.
+BUSY_REASONS = frozenset({"overloaded", "rate_limited", "shutting_down"})
+
+
+class NoNode(MeshError):
+    """No live node advertises the requested model."""
+
+    reason = "no_node"
+
+
+class NotPermitted(MeshError):
+    """The nodes refused this peer; ``node_reason`` is the (first) node's reason code."""
+
+    reason = "not_permitted"
+
+    def __init__(self, message: str = "", *, node_reason: str = "not_authorized") -> None:
+        super().__init__(message)
+        self.node_reason = node_reason
+
+
+class MeshOverloaded(MeshError):
+    """Every candidate node was overloaded or rate-limited this peer."""
+
+    reason = "overloaded"
+
+
+class MeshTimeout(MeshError):
+    """No node produced a (next) token in time."""
+
+    reason = "timeout"
+
+
+class NodeRequestError(MeshError):
+    """The node found the request itself invalid; ``reason`` is the node's (e.g. ``invalid_request``)."""
+
+    reason = "invalid_request"
+
+
+__all__ = [
+    "MeshError",
+    "NoNode",
+    "NotPermitted",
+    "MeshOverloaded",
+    "MeshTimeout",
+    "NodeRequestError",
+    "PERMISSION_REASONS",
+    "BUSY_REASONS",
+]

@@ -1,0 +1,277 @@
+"""``MeshNode``: an engine joins the mesh — it advertises itself and serves permitted peers.
+
+    async with MeshNode(engine, "mqtt://127.0.0.1:1883", key, access=AccessPolicy(trust)) as node:
+        ...   # adverts every few seconds; requests on autoglm/v1/inf/req/{node_id}
+
+Adverts are signed and retained; the MQTT will is a pre-signed death advert (highest sequence
+number of the boot), so routers drop the node the moment its connection dies. Requests must be
+encrypted to the node's DID and carry an ``InferenceAccessCredential`` covering the model and the
+requested tokens; each peer is rate-limited. A requester's ``cancel`` (or a dropped router)
+cancels the engine request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sdk.coord import topics
+from sdk.coord.client import ClientConfig, SecureClient
+from sdk.coord.envelope import Message, Signer
+from sdk.coord.errors import MessagingError
+from sdk.coord.transport import Will
+from sdk.errors import InferenceError
+from sdk.identity import Key
+from sdk.mesh.adverts import NodeAdvert, NodeLoad
+from sdk.mesh.credentials import AccessPolicy
+from sdk.mesh.protocol import ADVERT, GENERATE, Refusal, chunk_body, parse_request
+from sdk.mesh.ratelimit import PeerBuckets, RateLimit
+
+log = logging.getLogger(__name__)
+
+#: Sequence number of the death advert pre-signed as the MQTT will: above any live advert of the boot.
+WILL_SEQ = 2**53 - 1
+_WILL_TTL_S = 365 * 86400
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``node_id`` defaults to the DID's token (``z6Mk...``); ``model_name`` to the metadata name."""
+
+    node_id: str | None = None
+    model_name: str | None = None
+    advert_interval: float = 2.0
+    rate_limit: RateLimit = RateLimit()
+    hardware: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.advert_interval > 0:
+            raise ValueError("advert_interval must be > 0")
+        if self.node_id is not None:
+            topics.validate_id(self.node_id, what="node id")
+
+
+class MeshNode:
+    """Serves one :class:`~sdk.inference.Engine` to permitted mesh peers (``async with``)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        broker: Any,
+        key: Key,
+        *,
+        access: AccessPolicy,
+        config: NodeConfig = NodeConfig(),
+        client_config: ClientConfig | None = None,
+        **transport_options: Any,
+    ) -> None:
+        if not isinstance(access, AccessPolicy):
+            raise TypeError("access must be an AccessPolicy")
+        self.engine = engine
+        self.key = key
+        self.did = key.did
+        self.access = access
+        self.config = config
+        self.node_id = config.node_id or topics.client_token(key.did)
+        meta = dict(engine.metadata)
+        self.model = config.model_name or str(meta.get("name") or "model")
+        self.metadata = meta
+        self.hardware = dict(config.hardware) if config.hardware is not None else _hardware(meta)
+        self.epoch = round(time.time(), 3)
+        self.advert_topic = topics.inference_ad(self.node_id)
+        self.request_topic = topics.inference_requests(self.node_id)
+        self._seq = 0
+        self._buckets = PeerBuckets(config.rate_limit)
+        self.refusals: Counter[str] = Counter()
+        self.served = 0
+        self.cancelled = 0
+        self.active = 0
+        will_body = self._advert(online=False, seq=WILL_SEQ).to_body()
+        _, will_wire = Signer(key).seal(self.advert_topic, will_body, type=ADVERT, ttl=_WILL_TTL_S)
+        transport_options.setdefault("will", Will(self.advert_topic, will_wire, qos=1, retain=True))
+        self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **transport_options)
+        self._advert_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> MeshNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Connect, serve requests, publish the first advert and keep advertising."""
+        await self.client.connect()
+        await self.client.serve(self.request_topic, self._handle)
+        self.client.transport.add_on_connect(self._on_reconnect)
+        await self.advertise()
+        self._advert_task = asyncio.ensure_future(self._advert_loop())
+        self._started = True
+        log.info("mesh node %s (%s) serving %s on %s", self.node_id, self.did, self.model, self.request_topic)
+
+    async def aclose(self) -> None:
+        """Publish a retained death advert, stop serving and disconnect (no will is sent)."""
+        if not self._started:
+            return
+        self._started = False
+        await self._stop_adverts()
+        if self.client.connected:
+            with contextlib.suppress(MessagingError, OSError):
+                await self.advertise(online=False)
+        await self.client.aclose()
+
+    async def abort(self) -> None:
+        """Crash on purpose (tests, benchmarks): drop the connection without DISCONNECT, so the
+        broker publishes the will, then cancel in-flight requests."""
+        self._started = False
+        await self._stop_adverts()
+        await self.client.transport._abort()  # the transport's test hook: no DISCONNECT, the will fires
+        await self.client.aclose()
+
+    async def _stop_adverts(self) -> None:
+        if self._advert_task is not None:
+            self._advert_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._advert_task
+            self._advert_task = None
+
+    # ------------------------------------------------------------------ adverts
+
+    def load(self) -> NodeLoad:
+        """Live load figures from the engine."""
+        s = self.engine.stats()
+        return NodeLoad(
+            queue_depth=int(s.get("queue_depth", 0)),
+            active_streams=int(s.get("active_streams", 0)),
+            max_batch_size=int(s.get("max_batch_size", 1)),
+            tokens_per_s=float(s.get("tokens_per_s", 0.0)),
+            free_cache_tokens=int(s.get("free_cache_tokens", 0)),
+        )
+
+    def _advert(self, *, online: bool = True, seq: int | None = None) -> NodeAdvert:
+        if seq is None:
+            self._seq += 1
+            seq = self._seq
+        return NodeAdvert(
+            node_id=self.node_id, did=self.did, epoch=self.epoch, seq=seq, models=(self.model,),
+            metadata=self.metadata if online else {}, hardware=self.hardware if online else {},
+            load=self.load() if online else NodeLoad(), online=online, interval_s=self.config.advert_interval,
+        )
+
+    async def advertise(self, *, online: bool = True) -> NodeAdvert:
+        """Publish one advert now (retained, expiring after three intervals)."""
+        advert = self._advert(online=online)
+        ttl = None if not online else 3 * self.config.advert_interval
+        await self.client.publish(self.advert_topic, advert.to_body(), type=ADVERT, retain=True, ttl=ttl)
+        return advert
+
+    async def _advert_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.advert_interval)
+            try:
+                await self.advertise()
+            except MessagingError as exc:
+                log.warning("advert from %s failed: %s", self.node_id, exc)
+
+    async def _on_reconnect(self, *args: Any) -> None:
+        with contextlib.suppress(MessagingError):
+            await self.advertise()
+
+    # ------------------------------------------------------------------ requests
+
+    async def _handle(self, msg: Message) -> AsyncIterator[dict[str, Any]]:
+        try:
+            if not msg.encrypted:
+                raise Refusal("requests must be encrypted to the node's DID", reason="not_encrypted")
+            model, fields, held = parse_request(msg.body)
+            if model != self.model:
+                raise Refusal(f"this node serves {self.model!r}, not {model!r}", reason="model_not_found")
+            max_tokens = fields.get("max_new_tokens", 256)
+            if type(max_tokens) is not int:
+                raise Refusal("max_new_tokens must be an integer", reason="invalid_request")
+            self.access.check(msg, model=model, max_tokens=max_tokens)
+            if not self._buckets.allow(msg.sender):
+                raise Refusal(f"{msg.sender} exceeds {self.config.rate_limit.rate} requests/s", reason="rate_limited")
+        except Refusal as exc:
+            self.refusals[exc.reason] += 1
+            raise
+        from sdk.inference.types import GenerationRequest
+
+        try:
+            req = GenerationRequest(**fields, request_id=f"mesh-{uuid.uuid4().hex}")
+        except (TypeError, ValueError) as exc:
+            raise Refusal(str(exc), reason="invalid_request") from None
+        return self._generate(req, held)
+
+    async def _generate(self, req: Any, held: int) -> AsyncIterator[dict[str, Any]]:
+        """Run ``req`` on the engine; yield chunk bodies (the first with the prompt's token ids)."""
+        try:
+            send_prompt = req.prompt_token_ids is None
+            prompt_ids = self.engine.encode(req) if send_prompt else list(req.prompt_token_ids)
+        except InferenceError as exc:
+            self.refusals[exc.reason] += 1
+            raise Refusal(str(exc), reason=exc.reason) from None
+        req = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=prompt_ids)
+        detok, pending = None, ""
+        if held and not req.stop:
+            detok, pending = _held_detokenizer(self.engine.tokenizer, prompt_ids, held)
+        stream = self.engine.stream(req)
+        self.active += 1
+        first = True
+        try:
+            async for chunk in stream:
+                text = None
+                if detok is not None:
+                    text = pending + "".join(detok.push(t) for t in chunk.token_ids)
+                    pending = ""
+                    if chunk.finish_reason is not None:
+                        text += detok.flush()
+                yield chunk_body(chunk, prompt_ids=prompt_ids if first and send_prompt else None, text=text)
+                first = False
+            self.served += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            log.info("request from a peer cancelled on %s", self.node_id)
+            raise
+        except InferenceError as exc:
+            self.refusals[exc.reason] += 1
+            raise Refusal(str(exc), reason=exc.reason) from None
+        finally:
+            self.active -= 1
+            await stream.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        """Node counters plus the engine's live figures."""
+        return {"node_id": self.node_id, "model": self.model, "served": self.served, "active": self.active,
+                "cancelled": self.cancelled,
+                "refusals": dict(self.refusals), "engine": dict(self.engine.stats())}
+
+
+def _held_detokenizer(tokenizer: Any, ids: list[int], held: int) -> tuple[Any, str]:
+    """A detokenizer positioned after the ``held`` trailing ids whose text was never emitted,
+    and any of their text it could already produce."""
+    from sdk.inference.detokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tokenizer, ids[:-held])
+    pending = "".join(detok.push(t) for t in ids[-held:])  # usually "" (an incomplete character)
+    return detok, pending
+
+
+def _hardware(meta: Mapping[str, Any]) -> dict[str, Any]:
+    device = meta.get("device") if isinstance(meta.get("device"), Mapping) else {}
+    return {"device": device.get("type", "cpu"), "name": device.get("name"), "count": device.get("count", 1),
+            "memory_bytes": device.get("memory_bytes"), "dtype": meta.get("dtype")}
+
+
+__all__ = ["MeshNode", "NodeConfig", "WILL_SEQ", "GENERATE"]

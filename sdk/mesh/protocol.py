@@ -1,0 +1,94 @@
+"""The mesh's wire vocabulary: message types and the bodies nodes and routers exchange.
+
+Requests go to ``autoglm/v1/inf/req/{node}`` encrypted to the node's DID (type
+``inference.generate``); chunks come back encrypted on the requester's reply topic. Adverts are
+signed, retained messages on ``autoglm/v1/inf/ads/{node}`` (type ``inference.advert``). Bodies:
+
+    request  {"model", one of "prompt" | "messages" | "prompt_token_ids", "max_new_tokens",
+              "temperature", "top_p", "top_k", "stop", "seed", "held"}
+    chunk    {"t": text, "ids": [token ids], "f": finish reason | null, "u": usage | null,
+              "p": prompt token ids (first chunk only)}
+    error    {"reason", "message"}  (the messaging layer's error reply)
+
+``held`` (resume only) is how many trailing generated tokens of ``prompt_token_ids`` had no text
+emitted yet (an incomplete character), so the resuming node emits their text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from sdk.coord.errors import MessagingError
+
+GENERATE = "inference.generate"
+ADVERT = "inference.advert"
+
+_SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+
+
+class Refusal(MessagingError):
+    """Raised by a node's handler: answered to the requester as an error reply with ``reason``."""
+
+    reason = "refused"
+
+
+def request_body(req: Any, *, model: str, prompt_token_ids: list[int] | None = None, held: int = 0,
+                 max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The body for a ``GenerationRequest`` (or a resume of it from ``prompt_token_ids``)."""
+    body: dict[str, Any] = {"model": model}
+    if prompt_token_ids is not None:
+        body["prompt_token_ids"] = list(prompt_token_ids)
+    elif req.prompt_token_ids is not None:
+        body["prompt_token_ids"] = list(req.prompt_token_ids)
+    elif req.messages is not None:
+        body["messages"] = list(req.messages)
+    else:
+        body["prompt"] = req.prompt
+    for name in _SAMPLING:
+        body[name] = getattr(req, name)
+    if max_new_tokens is not None:
+        body["max_new_tokens"] = max_new_tokens
+    body["stop"] = list(req.stop)
+    if held:
+        body["held"] = held
+    return body
+
+
+def parse_request(body: Any) -> tuple[str, dict[str, Any], int]:
+    """``(model, GenerationRequest fields, held)`` from a request body; ``Refusal`` when malformed."""
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise Refusal("request body must be an object with a model name", reason="invalid_request")
+    fields: dict[str, Any] = {}
+    given = [k for k in ("prompt", "messages", "prompt_token_ids") if body.get(k) is not None]
+    if len(given) != 1:
+        raise Refusal("give exactly one of prompt, messages or prompt_token_ids", reason="invalid_request")
+    fields[given[0]] = body[given[0]]
+    for name in _SAMPLING:
+        if name in body:
+            fields[name] = body[name]
+    stop = body.get("stop") or []
+    if not isinstance(stop, list):
+        raise Refusal("stop must be a list", reason="invalid_request")
+    fields["stop"] = tuple(stop)
+    held = body.get("held", 0)
+    if type(held) is not int or held < 0:
+        raise Refusal("held must be a non-negative integer", reason="invalid_request")
+    if held and (given[0] != "prompt_token_ids" or held >= len(body["prompt_token_ids"])):
+        raise Refusal("held needs prompt_token_ids longer than it", reason="invalid_request")
+    return body["model"], fields, held
+
+
+def chunk_body(chunk: Any, *, prompt_ids: list[int] | None = None, text: str | None = None) -> dict[str, Any]:
+    """The body for one ``TokenChunk``."""
+    body: dict[str, Any] = {"t": chunk.text if text is None else text, "ids": list(chunk.token_ids)}
+    if chunk.finish_reason is not None:
+        body["f"] = chunk.finish_reason
+    if chunk.usage is not None:
+        body["u"] = asdict(chunk.usage)
+    if prompt_ids is not None:
+        body["p"] = prompt_ids
+    return body
+
+
+__all__ = ["GENERATE", "ADVERT", "Refusal", "request_body", "parse_request", "chunk_body"]

@@ -1,0 +1,112 @@
+"""Mesh building blocks without a model: scopes, credentials, rate limits, wire bodies, adverts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sdk.coord import SecureClient, topics
+from sdk.identity import Key, TrustPolicy, verify_credential
+from sdk.inference import GenerationRequest
+from sdk.mesh import (
+    ACCESS_CREDENTIAL,
+    AccessScope,
+    Mesh,
+    NodeAdvert,
+    NoNode,
+    PeerBuckets,
+    RateLimit,
+    access_scope,
+    issue_access_credential,
+)
+from sdk.mesh.protocol import ADVERT, Refusal, parse_request, request_body
+
+
+def test_scope_refusals() -> None:
+    scope = AccessScope(("m1", "m2"), 100)
+    assert scope.refusal("m1", 100) is None
+    assert scope.refusal("m3", 10) == "scope_model"
+    assert scope.refusal("m2", 101) == "scope_max_tokens"
+    assert AccessScope().refusal("anything", 10**6) is None
+
+
+def test_access_credential_round_trip_and_validation() -> None:
+    issuer, holder = Key.generate(), Key.generate()
+    vc = issue_access_credential(issuer, holder.did, models=["m"], max_tokens=32)
+    result = verify_credential(vc, trust=TrustPolicy({issuer.did: {ACCESS_CREDENTIAL}}))
+    assert result.verified and result.subject == holder.did and ACCESS_CREDENTIAL in result.types
+    assert access_scope(result.credential) == AccessScope(("m",), 32)
+    jwt = issue_access_credential(issuer, holder.did, proof_format="jwt")
+    assert access_scope(verify_credential(jwt).credential) == AccessScope(("*",), None)
+    with pytest.raises(ValueError):
+        issue_access_credential(issuer, holder.did, max_tokens=0)
+    with pytest.raises(ValueError):
+        issue_access_credential(issuer, holder.did, models=[])
+    with pytest.raises(ValueError):
+        access_scope({"credentialSubject": {"id": holder.did}})
+    with pytest.raises(ValueError):
+        access_scope({"credentialSubject": {"scope": {"models": "m"}}})
+
+
+def test_token_bucket_per_peer() -> None:
+    now = [0.0]
+    buckets = PeerBuckets(RateLimit(rate=2.0, burst=2), clock=lambda: now[0])
+    assert buckets.allow("a") and buckets.allow("a")
+    assert not buckets.allow("a")
+    assert buckets.allow("b")  # its own bucket
+    now[0] += 0.5  # one token refilled
+    assert buckets.allow("a") and not buckets.allow("a")
+    with pytest.raises(ValueError):
+        RateLimit(rate=0)
+
+
+def test_request_bodies_round_trip_and_bad_ones() -> None:
+    req = GenerationRequest(prompt="hi", max_new_tokens=7, temperature=0.0, stop=("x",))
+    model, fields, held = parse_request(request_body(req, model="m"))
+    assert (model, held) == ("m", 0)
+    assert GenerationRequest(**fields) == GenerationRequest(prompt="hi", max_new_tokens=7, temperature=0.0,
+                                                            stop=("x",))
+    resumed = request_body(req, model="m", prompt_token_ids=[1, 2, 3], held=1, max_new_tokens=4)
+    _, fields, held = parse_request(resumed)
+    assert fields["prompt_token_ids"] == [1, 2, 3] and fields["max_new_tokens"] == 4 and held == 1
+    for bad in ("nope", {"prompt": "x"}, {"model": "m"}, {"model": "m", "prompt": "a", "messages": []},
+                {"model": "m", "prompt": "a", "held": 1}, {"model": "m", "prompt": "a", "stop": "x"}):
+        with pytest.raises(Refusal) as info:
+            parse_request(bad)
+        assert info.value.reason == "invalid_request"
+
+
+def advert(key: Key, node: str, seq: int, *, online: bool = True, did: str | None = None) -> dict[str, Any]:
+    return NodeAdvert(node_id=node, did=did or key.did, epoch=1.0, seq=seq, models=("m",), online=online,
+                      interval_s=1.0).to_body()
+
+
+@pytest.mark.broker
+async def test_router_trusts_only_well_signed_adverts(embedded_broker: Any) -> None:
+    good, evil = Key.generate(), Key.generate()
+    async with SecureClient(embedded_broker.url, good) as node, SecureClient(embedded_broker.url, evil) as other, \
+            Mesh(embedded_broker.url, Key.generate()) as mesh:
+        await other.publish(topics.inference_ad("n1"), advert(evil, "n1", 1, did=good.did), type=ADVERT)
+        await other.publish(topics.inference_ad("n2"), advert(evil, "n1", 1), type=ADVERT)  # wrong topic
+        await other.publish(topics.inference_ad("n3"), advert(evil, "n3", 1), type="event")  # wrong type
+        await node.publish(topics.inference_ad("n1"), advert(good, "n1", 1), type=ADVERT, retain=True, ttl=3)
+        live = await mesh.wait_for_nodes(1, model="m", timeout=5)
+        assert [a.node_id for a in live] == ["n1"] and live[0].did == good.did
+        for _ in range(100):
+            if mesh.counters["adverts_rejected"] >= 3:
+                break
+            await asyncio.sleep(0.02)
+        assert mesh.counters["adverts_rejected"] == 3
+        await node.publish(topics.inference_ad("n1"), advert(good, "n1", 2, online=False), type=ADVERT, retain=True)
+        for _ in range(100):
+            if not mesh.nodes():
+                break
+            await asyncio.sleep(0.02)
+        assert mesh.nodes() == []
+        with pytest.raises(NoNode) as info:
+            await mesh.generate(prompt="hi", max_new_tokens=2, model="m")
+        assert info.value.reason == "no_node"
+        with pytest.raises(NoNode):
+            await mesh.wait_for_nodes(1, timeout=0.2)
