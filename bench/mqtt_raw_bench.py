@@ -3,7 +3,7 @@
     python3 bench/mqtt_raw_bench.py [--n 2000] [--throughput-n 20000] [--url mqtt://host:port]
 
 Without ``--url`` a Mosquitto (set_tcp_nodelay, big queues) is started on a free loopback port.
-The functions are reused by ``bench/messaging_bench.py`` (signed / encrypted variants).
+The functions can be imported by other benches (e.g. ``bench/messaging_bench.py``).
 
 Round trip: a requester publishes to ``bench/req`` (QoS 0), a responder echoes to ``bench/resp``;
 the time from publish to the echo's arrival. Raw paho runs each client with ``loop_start()``

@@ -23,6 +23,8 @@ def coordinator(
 ) -> None:
     """Run the coordinator daemon until interrupted."""
     import asyncio
+    import contextlib
+    import signal
 
     from sdk.coord.coordinator import Coordinator, load_config
     from sdk.errors import AutoGLMError
@@ -48,8 +50,13 @@ def coordinator(
         coord = Coordinator.from_config(cfg, broker=url)
         await coord.start()
         typer.echo(f"coordinator {coord.did} on {url} (data: {cfg.data_dir})")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await coord.stop()
             if embedded is not None:

@@ -219,3 +219,39 @@ async def test_sync_facade(mesh: Mesh) -> None:
     await display.publish_event(screen_available(800, 600))
     await asyncio.to_thread(thread.join, 15)
     assert [c.version for c in got] == [1]
+
+
+async def test_external_issuer_revocation_over_mqtt(broker: Any, tmp_path: Any) -> None:
+    """The issuer is not the coordinator: its status list update, relayed over MQTT, revokes."""
+    from sdk.coord.coordinator import Coordinator
+    from sdk.coord.coordinator.auth import coordinator_credential
+    from sdk.coord.coordinator.status import publish_status_list
+    from sdk.identity import StatusList, create_status_list_credential, status_entry
+
+    issuer, ckey, dkey = Key.generate(), Key.generate(), Key.generate()
+    url = protocol.status_list_url(issuer.did)
+    bits = StatusList()
+    coord = Coordinator(ckey, broker=broker.url, data_dir=tmp_path, trust=TrustPolicy({issuer.did: ["DeviceCredential"]}),
+                        credential=coordinator_credential(issuer, ckey.did))
+    await coord.start()
+    revoked_at: list[float] = []
+    coord.add_listener(lambda what, info: revoked_at.append(time.monotonic()) if what == "revoked" else None)
+    async with SecureClient(broker.url, issuer, **did_credentials(issuer)) as admin:
+        await publish_status_list(admin, create_status_list_credential(issuer, url, status_list=bits))
+        cred = device_credential(issuer, dkey.did, kind="phone", status=status_entry(url, 42))
+        dev = Device(dkey, cred, broker=broker.url, coordinator=ckey.did)
+        try:
+            await until(lambda: url in coord.status_source)
+            await dev.connect()
+            assert dev.admitted
+            bits.set(42)
+            t0 = time.monotonic()
+            await publish_status_list(admin, create_status_list_credential(issuer, url, status_list=bits))
+            await until(lambda: dev.state == REVOKED, timeout=1.0)
+            assert revoked_at and revoked_at[0] - t0 < 1.0
+            with pytest.raises(AdmissionError) as info:
+                await dev.authenticate()
+            assert info.value.reason == "revoked"
+        finally:
+            await dev.aclose()
+            await coord.stop()

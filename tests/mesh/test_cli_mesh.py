@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 import pytest
@@ -18,7 +19,8 @@ async def test_autoglm_nodes_json_and_table(embedded_env: MeshEnv) -> None:
     for args in (["--json"], []):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from sdk.cli import main; main()", "nodes", "--broker", embedded_env.url, "--wait", "1.5", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "COLUMNS": "220"})
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
         if args:

@@ -39,7 +39,7 @@ from sdk.coord.coordinator.errors import AdmissionError, CoordinationError
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
 from sdk.coord.coordinator.registry import EXPIRED, OFFLINE, ONLINE, REVOKED, DeviceRecord, Registry
 from sdk.coord.coordinator.rules import RuleSet
-from sdk.coord.coordinator.status import MqttStatusListSource
+from sdk.coord.coordinator.status import MqttStatusListSource, publish_status_list
 from sdk.coord.coordinator.store import ConfigVersion, Store
 from sdk.coord.envelope import Message, Signer
 from sdk.coord.errors import MessagingError
@@ -556,8 +556,7 @@ class Coordinator:
 
     async def _publish_status_list(self) -> None:
         assert self.issuer is not None
-        await self.client.publish(protocol.status_list_topic(self.issuer.did), self._issuer_state["credential"],
-                                  type=protocol.STATUS_LIST, retain=True, qos=1)
+        await publish_status_list(self.client, self._issuer_state["credential"])
 
     def issue_device_credential(self, did: str, *, kind: str, groups: Iterable[str] = (),
                                 capabilities: Iterable[str] = (), name: str | None = None,

@@ -72,4 +72,15 @@ class MqttStatusListSource:
         self.put(url, cred)
 
 
-__all__ = ["MqttStatusListSource"]
+async def publish_status_list(client: SecureClient, credential: Mapping[str, Any]) -> None:
+    """Publish (or relay) a signed status list credential, retained, on its issuer's topic."""
+    issuer = credential.get("issuer")
+    if isinstance(issuer, Mapping):
+        issuer = issuer.get("id")
+    if not isinstance(issuer, str) or credential.get("id") != protocol.status_list_url(issuer):
+        raise ValueError("status list id must be protocol.status_list_url(issuer)")
+    await client.publish(protocol.status_list_topic(issuer), dict(credential), type=protocol.STATUS_LIST,
+                         retain=True, qos=1)
+
+
+__all__ = ["MqttStatusListSource", "publish_status_list"]
