@@ -362,6 +362,8 @@ class SecureClient:
             while True:
                 wait = idle_timeout if deadline is None else min(idle_timeout, deadline - loop.time())
                 try:
+                    if wait <= 0:
+                        raise asyncio.TimeoutError
                     msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), wait)
                 except (asyncio.TimeoutError, TimeoutError):
                     which = "overall" if deadline is not None and loop.time() >= deadline else "idle"

@@ -132,6 +132,13 @@ async def test_streaming_and_cancellation(broker, node_key: Key, user_key: Key) 
                 seen.append(m.body)
         assert seen == [1]
         await until(lambda: not node._serving)  # noqa: SLF001 - cancel reached the server
+        # overall timeout: chunks keep coming but the whole stream takes too long
+        seen.clear()
+        with pytest.raises(RequestTimeout, match="overall"):
+            async for m in user.stream(topic, {"n": -1}, idle_timeout=5, timeout=0.5):
+                seen.append(m.seq)
+        assert len(seen) > 3
+        await until(lambda: not node._serving)  # noqa: SLF001
         # a plain handler answered through stream() yields its single response
         await node.serve(topics.inference_requests("plain"), _echo)
         single = [m async for m in user.stream(topics.inference_requests("plain"), 7, timeout=10)]

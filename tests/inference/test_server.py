@@ -239,6 +239,20 @@ def test_overload_is_429_and_disconnect_frees_the_slot(smollm2_engine: Any) -> N
     assert 'autoglm_http_errors_total{reason="client_disconnected"} 1.0' in metrics
 
 
+def test_engine_queue_full_is_429(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine(max_batch_size=1, max_queue_size=0)
+    app = create_app(engine, served_model_name=MODEL)  # the HTTP layer admits; the engine refuses
+    body = {"model": MODEL, "prompt": LONG, "max_tokens": 400, "temperature": 0, "stream": True}
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as held:
+            lines = held.iter_lines()
+            next(lines)
+            for stream in (False, True):
+                r = http.post("/v1/completions", json={**body, "max_tokens": 2, "stream": stream})
+                assert r.status_code == 429 and error_of(r)["code"] == "server_overloaded"
+        assert wait_until(lambda: idle(engine))
+
+
 def test_concurrent_requests_queue_then_all_complete(smollm2_engine: Any) -> None:
     app = create_app(smollm2_engine, served_model_name=MODEL, max_concurrent=2, max_queued=8)
     prompts = ["The capital of France is", "Water boils at", "The three primary colors are", "Python is"]
