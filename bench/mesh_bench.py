@@ -35,7 +35,7 @@ from bench.mqtt_raw_bench import loopback_mosquitto, machine_info  # noqa: E402
 TARGET_ADDED_MS = 1.0
 TARGET_TPS_LOSS = 0.03
 TARGET_FAILOVER_S = 1.0
-PROMPTS = [f"Write one sentence about the number {i} and the colour blue." for i in range(64)]
+PROMPTS = [f"Chapter {i}. Once upon a time, in a small village by the sea, there lived" for i in range(64)]
 
 
 async def timed(chunks: Any) -> tuple[float, float, int, str]:
@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     nodes.remove(victim)
                     fresh = node(engines.index(victim.engine))
                     nodes.append(fresh)
-            assert replacement_first is not None
+            assert replacement_first is not None, (k, n, killed_at)
             takeovers.append(replacement_first)
             await fresh.start()
             await mesh.wait_for_nodes(2)

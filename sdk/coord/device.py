@@ -8,7 +8,8 @@
   with a presentation of its DeviceCredential. Failure raises :class:`AdmissionError` (reason:
   untrusted_issuer, revoked, expired, wrong_challenge, untrusted_coordinator, timeout...).
 * Presence: retained online/offline on the device's presence topic (a will covers unclean
-  disconnects) and heartbeats every ``heartbeat_ttl / 3`` (the coordinator expires silence).
+  disconnects) and heartbeats every ``heartbeat_ttl / 3`` (the coordinator expires silence; the
+  TTL is the coordinator's configured one, default 30 s, unless the device asks for its own).
 * Configs: versioned, signed by the coordinator (checked: sender DID, device, version) before
   the app sees them, through ``on_config`` (return = applied, raise = failed) or
   ``async for cfg in dev.configs()`` (``await cfg.ack()`` / ``await cfg.fail(reason)``).
@@ -104,7 +105,7 @@ class Device:
         coordinator: str,
         trust: TrustPolicy | None = None,
         on_config: ConfigCallback | None = None,
-        heartbeat_ttl: float = 30.0,
+        heartbeat_ttl: float | None = None,
         last_version: int = 0,
         state_file: str | Path | None = None,
         capabilities: Iterable[str] | None = None,
@@ -115,7 +116,7 @@ class Device:
     ) -> None:
         if not isinstance(key, Key):
             raise TypeError("key must be an sdk.identity.Key")
-        if heartbeat_ttl <= 0:
+        if heartbeat_ttl is not None and heartbeat_ttl <= 0:
             raise ValueError("heartbeat_ttl must be positive")
         self.key = key
         self.did = key.did
@@ -251,8 +252,9 @@ class Device:
 
     async def _present(self, challenge: str, *, nonce: str | None = None) -> Admission:
         vp = present(self.credential, self.key, challenge=challenge, domain=self.coordinator)
-        req: dict[str, Any] = {"challenge": challenge, "vp": vp, "last_version": self.last_version,
-                               "heartbeat_ttl": self.heartbeat_ttl}
+        req: dict[str, Any] = {"challenge": challenge, "vp": vp, "last_version": self.last_version}
+        if self.heartbeat_ttl is not None:      # else the coordinator's configured TTL applies
+            req["heartbeat_ttl"] = self.heartbeat_ttl
         if nonce is not None:
             req["nonce"] = nonce
         if self.capabilities is not None:
@@ -265,7 +267,8 @@ class Device:
             self._check_coordinator(rb.get("vp"), nonce)
         try:
             admission = Admission(self.coordinator, str(rb["session"]), str(rb["boot"]),
-                                  float(rb.get("heartbeat_ttl", self.heartbeat_ttl)), int(rb.get("pending", 0)))
+                                  float(rb.get("heartbeat_ttl") or self.heartbeat_ttl or 30.0),
+                                  int(rb.get("pending", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise self._refused(AdmissionError("malformed admission reply", reason="malformed")) from exc
         if isinstance(rb.get("next_challenge"), str):
@@ -331,7 +334,8 @@ class Device:
 
     # ------------------------------------------------------------------ presence
     async def _publish_presence(self, state: str, *, reason: str | None = None) -> None:
-        body: dict[str, Any] = {"state": state, "did": self.did, "ttl": self.heartbeat_ttl}
+        ttl = self.admission.heartbeat_ttl if self.admission is not None else self.heartbeat_ttl
+        body: dict[str, Any] = {"state": state, "did": self.did, "ttl": ttl}
         if reason:
             body["reason"] = reason
         await self.client.publish(topics.device_presence(self._token), body, type=protocol.PRESENCE,

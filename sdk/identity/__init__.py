@@ -34,6 +34,7 @@ from sdk.identity.errors import (
     WrongProofPurpose,
 )
 from sdk.identity.keys import Key, PublicKey
+from sdk.identity.keystore import Keystore, KeystoreError, load_key
 from sdk.identity.presentations import create_presentation, verify_presentation
 from sdk.identity.resolver import (
     DidKeyResolver,
@@ -56,6 +57,9 @@ from sdk.identity.status_list import (
 from sdk.identity.trust import TrustPolicy
 
 __all__ = [
+    "Keystore",
+    "KeystoreError",
+    "load_key",
     # keys and DIDs
     "Key",
     "PublicKey",

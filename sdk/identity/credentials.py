@@ -43,6 +43,7 @@ ASSERTION = "assertionMethod"
 #: ``fn(credential, *, proof_purpose) -> verification method id``, raising IdentityError.
 ProofBackend = Callable[..., str]
 _PROOF_BACKENDS: dict[str, ProofBackend] = {}
+_LD_PROOF_TYPES = frozenset({"Ed25519Signature2018", "Ed25519Signature2020"})
 
 
 def register_proof_backend(proof_type: str, verifier: ProofBackend | None) -> None:
@@ -175,6 +176,11 @@ def _verify_signature(credential: Any, resolver: Resolver, result: VerificationR
         result.verification_method = proof["verificationMethod"]
         return cred
     backend = _PROOF_BACKENDS.get(proof_type) if isinstance(proof_type, str) else None
+    if backend is None and proof_type in _LD_PROOF_TYPES:
+        from sdk.identity import didkit_backend  # optional: routes LD proofs to didkit when installed
+
+        didkit_backend.register_backend()
+        backend = _PROOF_BACKENDS.get(proof_type)
     if backend is None:
         raise UnsupportedProof(f"no verifier for proof type {proof_type!r}")
     result.proof_format = proof_type
