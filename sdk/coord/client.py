@@ -425,7 +425,7 @@ class SecureClient:
     def _reject(self, topic: str, exc: RejectedMessage, msg: Message | None = None) -> None:
         self.stats.rejected[exc.reason] += 1
         sender = f" from {msg.sender}" if msg is not None else ""
-        logger.warning("rejected message on %r%s: %s: %s", topic, sender, exc.reason, exc)
+        logger.warning("rejected message on %r%s: %s: %.300r", topic, sender, exc.reason, str(exc))
         if self.on_reject is not None:
             try:
                 self.on_reject(topic, exc)
@@ -454,8 +454,8 @@ class SecureClient:
             self.authorizer.authorize(msg, sub.require)
         except NotAuthorized as exc:
             self._reject(msg.topic, exc, msg)
-            if sub.serve and msg.reply_to:
-                self._spawn(self._reply(msg, {"reason": exc.reason, "message": "not authorized"}, type=ERROR))
+            if sub.serve:
+                self._spawn(self._safe_error_reply(msg, exc.reason, "not authorized"))
             return False
         return True
 
@@ -466,21 +466,21 @@ class SecureClient:
                 logger.info("request %s cancelled by %s", msg.correlation_id, msg.sender)
                 task.cancel()
             return
-        if sub.serve and msg.type in _REPLY_TYPES:
-            logger.debug("ignoring %s sent to request topic %r", msg.type, msg.topic)
-            return
+        if sub.serve:
+            if msg.type in _REPLY_TYPES:
+                logger.debug("ignoring %s sent to request topic %r", msg.type, msg.topic)
+                return
+            if msg.reply_to is not None and not msg.reply_to.startswith(self.config.reply_prefix):
+                self._reject(msg.topic, RejectedMessage(
+                    f"reply-to {msg.reply_to!r} is outside {self.config.reply_prefix!r}", reason="bad_reply_to"), msg)
+                return
         if not self._authorize(sub, msg):
             return
         if sub.serve:
             if len(self._serving) >= self.config.max_serving:
                 logger.warning("busy: %d requests in progress, refusing %s from %s",
                                len(self._serving), msg.id, msg.sender)
-                if msg.reply_to is not None and msg.reply_to.startswith(self.config.reply_prefix):
-                    self._spawn(self._safe_error_reply(msg, "busy", "too many requests in progress"))
-                return
-            if msg.reply_to is not None and not msg.reply_to.startswith(self.config.reply_prefix):
-                self._reject(msg.topic, RejectedMessage(
-                    f"reply-to {msg.reply_to!r} is outside {self.config.reply_prefix!r}", reason="bad_reply_to"), msg)
+                self._spawn(self._safe_error_reply(msg, "busy", "too many requests in progress"))
                 return
             key = (msg.sender, msg.correlation_id or msg.id)
             task = asyncio.ensure_future(self._run_handler(sub, msg, key))

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 ConfigCallback = Callable[["Config"], Awaitable[Any] | Any]
 
+_TRANSIENT = ("timeout", "busy", "status_unavailable")   # worth another try at connect()
+_CONNECT_ATTEMPTS = 3
+
 #: device states
 CONNECTING = "connecting"
 ADMITTED = "admitted"
@@ -179,7 +182,15 @@ class Device:
         self._worker = asyncio.ensure_future(self._config_worker())
         await self._publish_presence("online")
         if authenticate:
-            await self.authenticate()
+            for attempt in range(_CONNECT_ATTEMPTS):
+                try:
+                    await self.authenticate()
+                    break
+                except AdmissionError as exc:
+                    if exc.reason not in _TRANSIENT or attempt == _CONNECT_ATTEMPTS - 1:
+                        raise
+                    log.info("authentication attempt %d failed (%s); retrying", attempt + 1, exc.reason)
+                    await asyncio.sleep(0.1 * 2 ** attempt)
 
     async def aclose(self) -> None:
         """Say offline (retained), stop tasks and disconnect."""

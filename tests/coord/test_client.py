@@ -288,6 +288,20 @@ async def test_wrong_sender_reply_is_rejected(broker, node_key: Key, user_key: K
         assert user.stats.rejected["wrong_sender"] == 1
 
 
+async def test_reply_to_outside_reply_prefix_is_refused(broker, node_key: Key, user_key: Key) -> None:
+    topic = topics.inference_requests("reflector")
+    victim_topic = topics.device_config("someone")
+    async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
+        calls: list[Message] = []
+        await node.serve(topic, calls.append)
+        seen: list[Message] = []
+        await user.subscribe(victim_topic, seen.append)
+        await user.publish(topic, 1, type="request", reply_to=victim_topic, correlation_id="c1")
+        await until(lambda: node.stats.rejected["bad_reply_to"] == 1)
+        assert (await user.request(topic, 2, timeout=10)).type == "response"  # still serving
+        assert [m.body for m in calls] == [2] and seen == []
+
+
 @pytest.mark.slow
 async def test_reconnect_after_broker_restart(restartable_broker, node_key: Key, user_key: Key) -> None:
     topic = topics.inference_requests("survivor")

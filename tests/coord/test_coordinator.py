@@ -202,10 +202,11 @@ async def test_two_displays_racing(mesh: Mesh) -> None:
 
 
 async def test_expired_heartbeat_expires_device_then_it_recovers(mesh: Mesh) -> None:
-    coord = await mesh.start_coordinator(sweep_interval=0.05)
+    coord = await mesh.start_coordinator(sweep_interval=0.05, heartbeat_ttl=0.6)   # the default TTL
     got: list[Any] = []
-    phone = await mesh.device("phone", record=got, heartbeat_ttl=0.6)
-    display = await mesh.device("display", heartbeat_ttl=30)
+    phone = await mesh.device("phone", record=got)
+    display = await mesh.device("display", heartbeat_ttl=30)                      # asks for its own
+    assert phone.admission.heartbeat_ttl == 0.6 and display.admission.heartbeat_ttl == 30  # type: ignore[union-attr]
     phone.pause_heartbeats()
     info = await mesh.wait_for("expired", lambda i: i["did"] == phone.did, timeout=10)
     assert info["did"] == phone.did

@@ -209,3 +209,18 @@ def test_b64d_rejects_bad_input() -> None:
     with pytest.raises(errors.Malformed):
         b64d(b"abcde")
     assert b64d(base64.urlsafe_b64encode(b"xyz").rstrip(b"=")) == b"xyz"
+
+
+@pytest.mark.filterwarnings("ignore::Warning:joserfc.*")
+def test_interop_with_an_independent_jose_library(alice: Key) -> None:
+    """joserfc verifies our envelopes, and our Verifier accepts a JWS that joserfc built."""
+    from joserfc import jws
+    from joserfc.jwk import OKPKey
+
+    _, wire = Signer(alice).seal(TOPIC, {"a": 1}, type="event", now=NOW)
+    obj = jws.deserialize_compact(wire.decode(), OKPKey.import_key(alice.public.to_jwk()), algorithms=["EdDSA"])
+    assert obj.headers()["kid"] == alice.verification_method and json.loads(obj.payload)["body"] == {"a": 1}
+    header = {"alg": "EdDSA", "kid": alice.verification_method, "typ": "autoglm-msg+jws"}
+    payload = json.dumps({"id": "x1", "typ": "event", "top": TOPIC, "iat": int(NOW * 1000), "body": 5})
+    token = jws.serialize_compact(header, payload, OKPKey.import_key(alice.to_jwk(private=True)), algorithms=["EdDSA"])
+    assert _verifier().open(TOPIC, token.encode(), now=NOW).body == 5
