@@ -191,6 +191,12 @@ def device_info(device: torch.device) -> dict[str, Any]:
         pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+        info["load_average"] = os.getloadavg()
+    except (OSError, StopIteration):
+        pass
     return info
 
 

@@ -77,7 +77,9 @@ def build_model(smoke: bool, device: Any, dtype: Any) -> Any:
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to(device=device, dtype=dtype).eval()
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype=dtype)  # only if needed: a blanket cast would also cast RoPE's fp32 buffer
+    model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # random weights: decode the full length on the baseline
     return model
 
@@ -345,6 +347,8 @@ def summarize(results: dict[str, Any], conc: list[int]) -> None:
                 continue
             if seq:
                 summary[f"{tag}_c{c}_vs_sequential"] = run["tokens_per_s"] / seq
+            if one and c > 1:
+                summary[f"{tag}_c{c}_vs_own_single_stream"] = run["tokens_per_s"] / one["tokens_per_s"]
             plain = cases.get(f"generate_batch{c}", {}).get("tokens_per_s")
             if plain:
                 summary[f"{tag}_c{c}_vs_batched_generate"] = run["tokens_per_s"] / plain

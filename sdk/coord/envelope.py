@@ -47,6 +47,7 @@ TYP = "autoglm-msg+jws"
 DEFAULT_MAX_BYTES = 256 * 1024
 MAX_ID_LEN = 64
 MAX_TYPE_LEN = 128
+MAX_HEADER_B64 = 2048
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _loads = json.loads
@@ -231,9 +232,11 @@ class Verifier:
         hit = self._headers.get(header_b64)
         if hit is not None:
             return hit
+        if len(header_b64) > MAX_HEADER_B64:
+            raise Malformed("header too long")
         try:
             header = _loads(b64d(header_b64))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise Malformed("header is not JSON") from exc
         if not isinstance(header, dict) or header.get("alg") != ALG or header.get("typ") != TYP:
             raise Malformed("header must have alg=EdDSA and typ=" + TYP)
@@ -278,7 +281,7 @@ class Verifier:
             raise BadSignature(f"signature from {kid} does not verify") from exc
         try:
             p = _loads(b64d(payload_b64))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise Malformed("payload is not JSON") from exc
         if not isinstance(p, dict):
             raise Malformed("payload is not a JSON object")
@@ -348,7 +351,7 @@ class Verifier:
         plain = sealing.decrypt(self._shared.get(sender), b64d(n), b64d(ct), msg_id.encode("utf-8"))
         try:
             return _loads(plain)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise Malformed("decrypted body is not JSON") from exc
 
 

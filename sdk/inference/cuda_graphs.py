@@ -77,7 +77,11 @@ class CudaGraphDecoder:
         )
         with active_context(ctx):
             out = self.model(
-                input_ids=self.ids[:batch], attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1
+                input_ids=self.ids[:batch],
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=False,
+                logits_to_keep=1,
             )
         return out.logits[:, -1, :]
 
@@ -91,13 +95,33 @@ class CudaGraphDecoder:
                 self._step(batch, kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._step(batch, kv_len)
         self.pool = graph.pool()
         self.ids.copy_(saved_ids)
         self.pos.copy_(saved_pos)
         log.info("captured a CUDA graph for batch %d, kv length %d", batch, kv_len)
         return graph, out
+
+    def warmup(self) -> int:
+        """Capture the first KV-length bucket for every batch bucket now; return graphs captured.
+
+        Call it before serving (``Engine.warmup`` does): a capture, and the compile of a new batch
+        shape, would otherwise stall every running stream the first time that batch size occurs.
+        """
+        kv_len = min(self.kv_bucket, self.cache.slot_len + 1)
+        batch = 1
+        while not self.disabled:
+            try:
+                if (batch, kv_len) not in self.graphs:
+                    self.graphs[(batch, kv_len)] = self._capture(batch, kv_len)
+            except Exception:
+                log.warning("CUDA graph capture failed; using the eager decode step", exc_info=True)
+                self.disabled = True
+            if batch >= self.cache.slots:
+                break
+            batch = min(batch * 2, self.cache.slots)
+        return 0 if self.disabled else len(self.graphs)
 
     def __call__(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Logits [len(seqs), vocab] for one decode step of ``seqs``, or None when graphs are off."""

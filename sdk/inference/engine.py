@@ -114,14 +114,26 @@ class Engine:
 
     @classmethod
     def from_model(
-        cls, model: Any, tokenizer: Any, config: EngineConfig | None = None, *, metadata: dict[str, Any] | None = None
+        cls,
+        model: Any,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
     ) -> Engine:
         """Wrap a loaded transformers causal LM (its attention is routed through the slot cache)."""
         return cls(model, tokenizer, config or EngineConfig(), metadata=metadata)
 
     async def warmup(self) -> float:
-        """Run one short generation (and capture CUDA graphs if enabled); return its seconds."""
+        """Capture CUDA graphs (if enabled) and run one short generation; return the seconds taken.
+
+        Call it before serving: with ``cuda_graphs`` it compiles and captures every batch bucket.
+        """
         started = time.perf_counter()
+        decoder = self._scheduler.decoder
+        if decoder is not None:
+            graphs = await asyncio.to_thread(decoder.warmup)
+            log.info("captured %d CUDA graphs in %.2f s", graphs, time.perf_counter() - started)
         await self.generate(GenerationRequest(prompt="Hello", max_new_tokens=4, temperature=0.0))
         seconds = time.perf_counter() - started
         log.info("warm-up took %.2f s", seconds)
@@ -143,7 +155,9 @@ class Engine:
             ):
                 raise InvalidRequest("messages must be a list of {role, content} objects")
             try:
-                text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(
+                    request.messages, tokenize=False, add_generation_prompt=True
+                )
             except Exception as exc:
                 raise InvalidRequest(f"cannot apply the chat template: {exc}") from exc
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -162,10 +176,12 @@ class Engine:
         ids = self.encode(request)
         room = self.max_sequence_length - len(ids)
         if room < 1:
-            log.warning("prompt of %d tokens does not fit max_sequence_length %d", len(ids), self.max_sequence_length)
+            log.warning(
+                "prompt of %d tokens does not fit max_sequence_length %d", len(ids), self.max_sequence_length
+            )
             raise PromptTooLong(
-                f"prompt has {len(ids)} tokens; max_sequence_length {self.max_sequence_length} leaves no room "
-                "for output",
+                f"prompt has {len(ids)} tokens; max_sequence_length {self.max_sequence_length} "
+                "leaves no room for output",
                 prompt_tokens=len(ids), max_sequence_length=self.max_sequence_length,
             )
         params = SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
@@ -217,7 +233,9 @@ class Engine:
             ids.extend(chunk.token_ids)
             last = chunk
         assert last is not None and last.finish_reason is not None and last.usage is not None
-        return GenerationResult(text="".join(texts), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage)
+        return GenerationResult(
+            text="".join(texts), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage
+        )
 
     def cancel(self, request_id: str) -> bool:
         """End a running or waiting request; its stream ends with ``finish_reason="cancelled"``."""
@@ -234,7 +252,7 @@ class Engine:
         return self._metadata
 
     def stats(self) -> dict[str, Any]:
-        """Live load: queue_depth, active_streams, tokens_per_s, free_cache_tokens, prefix_cache_hit_rate..."""
+        """Live load: queue_depth, active_streams, tokens_per_s, free_cache_tokens, prefix hit rate..."""
         return self._scheduler.stats()
 
     @property
@@ -273,7 +291,8 @@ def _check_fields(r: GenerationRequest) -> None:
         raise InvalidRequest("top_p must be in (0, 1]")
     if not isinstance(r.top_k, int) or r.top_k < 0:
         raise InvalidRequest("top_k must be a non-negative integer")
-    if isinstance(r.stop, str) or len(r.stop) > _MAX_STOP_STRINGS or not all(isinstance(s, str) for s in r.stop):
+    stops = r.stop
+    if isinstance(stops, str) or len(stops) > _MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stops):
         raise InvalidRequest(f"stop must be a list of at most {_MAX_STOP_STRINGS} strings")
     if r.seed is not None and not isinstance(r.seed, int):
         raise InvalidRequest("seed must be an integer")
@@ -310,8 +329,14 @@ def _metadata(engine: Engine, dtype: str) -> dict[str, Any]:
         from .metadata import build_metadata
 
         return build_metadata(
-            engine.model, engine.tokenizer, name=name, version="unknown", device=engine.device, dtype=engine.dtype,
-            context_length=engine.max_sequence_length, serving=_serving(engine),
+            engine.model,
+            engine.tokenizer,
+            name=name,
+            version="unknown",
+            device=engine.device,
+            dtype=engine.dtype,
+            context_length=engine.max_sequence_length,
+            serving=_serving(engine),
         )
     except Exception:
         log.exception("could not build the metadata document; using a minimal one")

@@ -2,7 +2,7 @@
 
     InferenceError (sdk.errors)
     ├── InvalidRequest     reason "invalid_request"   bad request fields (400)
-    ├── PromptTooLong      reason "prompt_too_long"   prompt leaves no room within max_sequence_length (400)
+    ├── PromptTooLong      reason "prompt_too_long"   no room left in max_sequence_length (400)
     ├── EngineOverloaded   reason "overloaded"        the waiting queue is full (429/503)
     └── EngineClosed       reason "shutting_down"     the engine is closed or closing (503)
 """

@@ -107,7 +107,8 @@ def install_slot_attention(model: torch.nn.Module) -> None:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         raise InferenceError(
-            f"{type(model).__name__} does not support a custom attention implementation", reason="unsupported_model"
+            f"{type(model).__name__} does not support a custom attention implementation",
+            reason="unsupported_model",
         )
 
 

@@ -15,9 +15,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +25,9 @@ from .errors import EngineClosed, EngineOverloaded, InferenceError
 from .kv_cache import PrefixCache, SlotKVCache, StepContext, active_context
 from .sampling import SamplingParams, sample_rows
 from .types import FinishReason, TokenChunk, Usage
+
+if TYPE_CHECKING:
+    from .cuda_graphs import CudaGraphDecoder
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,12 @@ class Sequence:
     first_token_at: float | None = None
     done: bool = False
 
+    @property
+    def decoding(self) -> bool:
+        """Prefilled, not finished, and its last sampled token not yet in the cache."""
+        in_cache = len(self.prompt_ids) + len(self.generated) - 1
+        return not self.done and bool(self.generated) and self.pos == in_cache
+
     def next_input(self) -> int:
         """The token the next decode step feeds (the last one sampled)."""
         return self.generated[-1]
@@ -74,7 +82,7 @@ class Scheduler:
         max_queue_size: int,
         prefill_chunk_size: int,
         kv_bucket: int = 64,
-        decoder: Callable[[list[Sequence]], torch.Tensor | None] | None = None,
+        decoder: CudaGraphDecoder | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -225,15 +233,13 @@ class Scheduler:
                 self._accept(seq, sample_rows(logits, [seq.params], [seq.generator])[0])
 
     def _decode(self) -> None:
-        batch = [
-            s for s in self._slots
-            if s is not None and not s.done and s.generated and s.pos == len(s.prompt_ids) + len(s.generated) - 1
-        ]
+        batch = [s for s in self._slots if s is not None and s.decoding]
         if not batch:
             return
         logits = self.decoder(batch) if self.decoder is not None else None
         if logits is None:
-            logits = self._forward([s.slot for s in batch], [[s.next_input()] for s in batch], [s.pos for s in batch])
+            inputs = [[s.next_input()] for s in batch]
+            logits = self._forward([s.slot for s in batch], inputs, [s.pos for s in batch])
         tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, tok in zip(batch, tokens):
             seq.pos += 1
@@ -244,7 +250,8 @@ class Scheduler:
         dev = self.device
         width = len(tokens[0])
         input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        positions = torch.tensor(starts, dtype=torch.long, device=dev)[:, None] + torch.arange(width, device=dev)
+        offsets = torch.arange(width, device=dev)
+        positions = torch.tensor(starts, dtype=torch.long, device=dev)[:, None] + offsets
         end = max(starts) + width
         kv_len = min(-(-end // self.kv_bucket) * self.kv_bucket, self.cache.slot_len + 1)
         mask = torch.arange(kv_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
@@ -261,7 +268,11 @@ class Scheduler:
         )
         with active_context(ctx):
             out = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=1,
             )
         return out.logits[:, -1, :]
 
@@ -312,7 +323,8 @@ class Scheduler:
             tokens_per_s=((n - 1) / decode_s) if n > 1 and decode_s > 0 else 0.0,
             cached_prompt_tokens=seq.cached_tokens,
         )
-        self._emit(seq, TokenChunk(text=text, token_ids=list(final_ids or []), finish_reason=reason, usage=usage))
+        last = TokenChunk(text=text, token_ids=list(final_ids or []), finish_reason=reason, usage=usage)
+        self._emit(seq, last)
         self.completed += 1
         if seq.slot >= 0:
             if self.prefix_cache is not None and seq.pos > 0:

@@ -32,7 +32,7 @@ from sdk.errors import InferenceError
 from sdk.identity import Key
 from sdk.mesh.adverts import NodeAdvert, NodeLoad
 from sdk.mesh.credentials import AccessPolicy
-from sdk.mesh.protocol import ADVERT, GENERATE, Refusal, chunk_body, parse_request
+from sdk.mesh.protocol import ADVERT, Refusal, chunk_body, parse_request
 from sdk.mesh.ratelimit import PeerBuckets, RateLimit
 
 log = logging.getLogger(__name__)
@@ -274,4 +274,4 @@ def _hardware(meta: Mapping[str, Any]) -> dict[str, Any]:
             "memory_bytes": device.get("memory_bytes"), "dtype": meta.get("dtype")}
 
 
-__all__ = ["MeshNode", "NodeConfig", "WILL_SEQ", "GENERATE"]
+__all__ = ["MeshNode", "NodeConfig", "WILL_SEQ"]

@@ -3,6 +3,8 @@
 Each candidate node is described by a few observed figures; each figure is turned into a
 z-score across the candidates (so units do not matter), signed so that higher is better, and
 the weighted sum ranks the nodes. The parts are kept so operators can see why a node won.
+Each part's spread has a floor (absolute for load and stability, relative to the mean for
+throughput and latency) so noise between near-identical nodes does not count as a whole sigma.
 """
 
 from __future__ import annotations

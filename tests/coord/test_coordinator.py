@@ -246,15 +246,14 @@ async def test_broker_restart(restartable_broker: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.mosquitto
-async def test_kill_9_coordinator_subprocess_mid_push(mosquitto_broker: Any, tmp_path: Path) -> None:
+async def test_kill_9_coordinator_subprocess_mid_push(broker: Any, tmp_path: Path) -> None:
     issuer, ckey = Key.generate(), Key.generate()
     from sdk.coord.coordinator.auth import coordinator_credential, device_credential
 
     (tmp_path / "coord-vc.json").write_text(__import__("json").dumps(coordinator_credential(issuer, ckey.did)))
     data = tmp_path / "data"
     cfg = tmp_path / "coordinator.toml"
-    cfg.write_text(f'rules_file = "{EXAMPLES / "rules.toml"}"\n[coordinator]\nbroker = "{mosquitto_broker.url}"\n'
+    cfg.write_text(f'rules_file = "{EXAMPLES / "rules.toml"}"\n[coordinator]\nbroker = "{broker.url}"\n'
                    f'data_dir = "{data}"\n[identity]\nkey = "{ckey.private_key_multibase}"\n'
                    f'credential = "coord-vc.json"\n[[trust]]\nissuer = "{issuer.did}"\n'
                    f'types = ["DeviceCredential"]\n')
@@ -268,7 +267,7 @@ async def test_kill_9_coordinator_subprocess_mid_push(mosquitto_broker: Any, tmp
         async def dev(kind: str, record: list[Any] | None = None) -> Device:
             key = Key.generate()
             cred = device_credential(issuer, key.did, kind=kind, groups=["room:x"])
-            d = Device(key, cred, broker=mosquitto_broker.url, coordinator=ckey.did,
+            d = Device(key, cred, broker=broker.url, coordinator=ckey.did,
                        on_config=record.append if record is not None else None, auth_timeout=2)
             for _ in range(100):                              # the daemon may still be starting
                 try:
@@ -276,7 +275,7 @@ async def test_kill_9_coordinator_subprocess_mid_push(mosquitto_broker: Any, tmp
                     break
                 except Exception:                            # noqa: BLE001
                     await d.aclose()
-                    d = Device(key, cred, broker=mosquitto_broker.url, coordinator=ckey.did,
+                    d = Device(key, cred, broker=broker.url, coordinator=ckey.did,
                                on_config=record.append if record is not None else None, auth_timeout=2)
                     await asyncio.sleep(0.1)
             stack.push_async_callback(d.aclose)
@@ -298,7 +297,7 @@ async def test_kill_9_coordinator_subprocess_mid_push(mosquitto_broker: Any, tmp
                     break
                 await asyncio.sleep(0.001)
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            await asyncio.to_thread(proc.wait, 10)
             assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM desired").fetchone()[0] == 30
             proc = spawn()
             for p in phones:
@@ -306,8 +305,48 @@ async def test_kill_9_coordinator_subprocess_mid_push(mosquitto_broker: Any, tmp
             await asyncio.sleep(0.3)
             assert all([c.version for c in r] == [1] for r in records)
         finally:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)       # the embedded broker runs in this loop: do not block it
             try:
-                proc.wait(10)
+                await asyncio.to_thread(proc.wait, 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+async def test_will_marks_device_offline_and_announcements_feed_rules(mesh: Mesh) -> None:
+    from sdk.coord.coordinator import parse_rules
+
+    rules = parse_rules([{
+        "name": "banner", "event": "doorbell",
+        "target": {"select": "capability", "capability": "ui.banner"},
+        "config": {"ui.banner": "door {event.floor}"},
+    }])
+    coord = await mesh.start_coordinator(rules=rules)
+    bell = await mesh.device("doorbell")
+    got: list[Any] = []
+    tv = await mesh.device("tv", record=got)
+    await tv.announce(capabilities=["ui.banner"], attributes={"size_in": 55})
+    await until(lambda: "ui.banner" in coord.registry.get(tv.did).view()["capabilities"])  # type: ignore[union-attr]
+    assert coord.registry.get(tv.did).attributes == {"size_in": 55}  # type: ignore[union-attr]
+    await bell.custom_event("doorbell", floor=2)
+    await tv.wait_version(1, 10)
+    assert got[0].changes == {"ui.banner": "door 2"}
+
+    # an unclean disconnect: the broker publishes the pre-signed will, the coordinator notes it
+    await tv.client.transport._abort()                    # noqa: SLF001 - drop TCP without DISCONNECT
+    info = await mesh.wait_for("offline", lambda i: i["did"] == tv.did)
+    assert info["reason"] == "connection_lost"
+    assert coord.registry.get(tv.did).state == "offline"  # type: ignore[union-attr]
+
+
+async def test_prometheus_endpoint(mesh: Mesh) -> None:
+    import urllib.request
+
+    from brokers.mosquitto import free_port
+
+    port = free_port()
+    await mesh.start_coordinator(metrics_port=port)
+    await mesh.device("phone")
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    assert 'autoglm_coord_auth_total{result="admitted"} 1.0' in text
+    assert "autoglm_coord_convergence_seconds_bucket" in text

@@ -255,3 +255,21 @@ async def test_external_issuer_revocation_over_mqtt(broker: Any, tmp_path: Any) 
         finally:
             await dev.aclose()
             await coord.stop()
+
+
+async def test_full_flow_on_strict_topic_acl(embedded_broker_strict: Any, tmp_path: Any) -> None:
+    """With the embedded broker's own-topics ACL, the coordination flow still works end to end."""
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+        m = Mesh(embedded_broker_strict.url, tmp_path / "coord", stack)
+        coord = await m.start_coordinator()
+        stack.push_async_callback(coord.stop)
+        display = await m.device("display")
+        got: list[Any] = []
+        phone = await m.device("phone", record=got)
+        await display.publish_event(screen_available(800, 600))
+        await phone.wait_version(1, 10)
+        assert got[0].state["ui.companion.resolution"] == "800x600"
+        await coord.revoke(phone.did)
+        await until(lambda: phone.state == REVOKED, timeout=1.0)

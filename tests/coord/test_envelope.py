@@ -168,7 +168,7 @@ def test_too_large(alice: Key) -> None:
     "data",
     [b"", b"garbage", b"a.b", b"a.b.c.d", b"\xff\xfe.\x00.\x01", b"!!!.@@@.###",
      b64e(b'{"alg":"none","kid":"x","typ":"autoglm-msg+jws"}') + b".e30.AA",
-     b64e(b"[1,2]") + b".e30.AA"],
+     b64e(b"[1,2]") + b".e30.AA", b64e(b"[" * 100_000) + b".e30.AA", b64e(b"{" + b" " * 3000 + b"}") + b".e30.AA"],
 )
 def test_malformed(data: bytes) -> None:
     with pytest.raises(errors.Malformed):

@@ -47,7 +47,8 @@ async def test_matches_transformers_generate(smollm2: Any, smollm2_engine: Any) 
     tok = smollm2.tokenizer
     ids = tok(PROMPTS[3], return_tensors="pt")
     with torch.inference_mode():
-        ref = smollm2.model.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids.input_ids.shape[1] :].tolist()
+        out = smollm2.model.generate(**ids, max_new_tokens=10, do_sample=False)
+    ref = out[0, ids.input_ids.shape[1] :].tolist()
     result = await smollm2_engine.generate(greedy(PROMPTS[3], 10))
     assert result.token_ids == ref
 
@@ -153,7 +154,9 @@ async def test_stop_string_ends_before_the_match(smollm2_engine: Any) -> None:
 
 async def test_seed_reproducibility(smollm2_engine: Any) -> None:
     def req(seed: int) -> GenerationRequest:
-        return GenerationRequest(prompt=PROMPTS[4], max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+        return GenerationRequest(
+            prompt=PROMPTS[4], max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=seed
+        )
 
     a = await smollm2_engine.generate(req(7))
     b = await smollm2_engine.generate(req(7))
@@ -166,7 +169,9 @@ async def test_seed_reproducibility(smollm2_engine: Any) -> None:
 
 async def test_resume_from_prompt_token_ids(smollm2: Any, smollm2_engine: Any) -> None:
     prompt_ids = smollm2.tokenizer(PROMPTS[0])["input_ids"]
-    full = await smollm2_engine.generate(GenerationRequest(prompt_token_ids=prompt_ids, max_new_tokens=16, temperature=0))
+    full = await smollm2_engine.generate(
+        GenerationRequest(prompt_token_ids=prompt_ids, max_new_tokens=16, temperature=0)
+    )
     head = full.token_ids[:6]
     rest = await smollm2_engine.generate(
         GenerationRequest(prompt_token_ids=prompt_ids + head, max_new_tokens=10, temperature=0)
@@ -176,7 +181,7 @@ async def test_resume_from_prompt_token_ids(smollm2: Any, smollm2_engine: Any) -
 
 
 async def test_prefix_cache_reuses_shared_prompt(make_engine: Any) -> None:
-    system = {"role": "system", "content": "You are a concise assistant that answers geography questions in one line."}
+    system = {"role": "system", "content": "You are a concise assistant answering geography questions."}
     cached = make_engine(max_batch_size=2)
     plain = make_engine(max_batch_size=2, prefix_cache_tokens=0)
     first = [{**system}, {"role": "user", "content": "What is the capital of Italy?"}]
@@ -246,7 +251,30 @@ async def test_closed_engine_refuses(make_engine: Any) -> None:
 async def test_stats_and_metadata(smollm2_engine: Any) -> None:
     await smollm2_engine.generate(greedy(PROMPTS[0], 4))
     stats = smollm2_engine.stats()
-    for key in ("queue_depth", "active_streams", "tokens_per_s", "free_cache_tokens", "prefix_cache_hit_rate"):
+    keys = ("queue_depth", "active_streams", "tokens_per_s", "free_cache_tokens", "prefix_cache_hit_rate")
+    for key in keys:
         assert isinstance(stats[key], (int, float))
     assert stats["free_cache_tokens"] == 8 * 512
     assert smollm2_engine.metadata["serving"]["max_batch_size"] == 8
+
+
+@pytest.mark.slow
+async def test_start_loads_the_bundled_model_and_warms_up() -> None:
+    from sdk.inference import Engine, EngineConfig
+
+    engine = await Engine.start(EngineConfig(device="cpu", max_sequence_length=128, max_batch_size=2))
+    try:
+        assert engine.metadata["name"] == "SmolLM2-135M-Instruct"
+        assert engine.metadata["serving"]["max_batch_size"] == 2
+        assert engine.stats()["completed_requests"] == 1  # the warm-up generation
+        result = await engine.generate(greedy("The capital of France is", 6))
+        assert "Paris" in result.text
+    finally:
+        await engine.aclose()
+
+
+async def test_cuda_graphs_option_falls_back_on_cpu(make_engine: Any, smollm2_engine: Any) -> None:
+    engine = make_engine(max_batch_size=1, cuda_graphs=True)
+    assert engine.metadata["serving"]["cuda_graphs"] is False
+    ours = await engine.generate(greedy(PROMPTS[0], 6))
+    assert ours.token_ids == (await smollm2_engine.generate(greedy(PROMPTS[0], 6))).token_ids

@@ -9,8 +9,11 @@ import pytest
 from sdk.inference.detokenizer import IncrementalDetokenizer, StopMatcher
 
 
+TEXTS = ["héllo wörld, naïve café", "日本語のテキスト 🙂👍 ok", "  two  spaces\n\ttab", "x"]
+
+
 @pytest.mark.model
-@pytest.mark.parametrize("text", ["héllo wörld, naïve café", "日本語のテキスト 🙂👍 ok", "  two  spaces\n\ttab", "x"])
+@pytest.mark.parametrize("text", TEXTS)
 def test_incremental_text_concatenates_to_decode(smollm2: Any, text: str) -> None:
     tok = smollm2.tokenizer
     context = tok("Say:")["input_ids"]

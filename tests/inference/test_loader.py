@@ -38,12 +38,6 @@ from sdk.inference.loader import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The bundled SmolLM2, loaded once for this module (converted once per machine)."""
-    return load_model()
-
-
 # ------------------------------------------------------------------ resolution
 
 
@@ -214,8 +208,7 @@ def test_cuda_budget_respects_utilization():
 
 @pytest.mark.model
 def test_loads_smollm2_on_cpu_fp32_and_generates(smollm2):
-    if torch.cuda.is_available():
-        pytest.skip("the auto device is CUDA here")
+    """``smollm2`` is the session fixture (tests/fixtures/model.py): ``load_model(None, device="cpu")``."""
     assert smollm2.device.type == "cpu" and smollm2.dtype is torch.float32
     assert next(smollm2.model.parameters()).dtype is torch.float32
     assert not smollm2.model.training

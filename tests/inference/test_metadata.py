@@ -162,15 +162,16 @@ def test_result_schema_covers_the_engine_result_types():
 
 
 @pytest.mark.model
-def test_smollm2_metadata():
-    from sdk.inference.loader import load_model
+def test_smollm2_metadata(smollm2):
+    from tests.fixtures.model import TEST_MAX_SEQUENCE_LENGTH
 
-    loaded = load_model(max_sequence_length=2048)
+    loaded = smollm2
     doc = validate_metadata(loaded.metadata)
     assert doc["name"] == "SmolLM2-135M-Instruct"
     assert doc["version"] == loaded.version and len(doc["version"]) == 16
     assert 130_000_000 < doc["parameters"] < 140_000_000
     assert doc["quantization"]["method"] == "gguf" and doc["quantization"]["source_format"] == "Q4_1"
     assert doc["quantization"]["dequantized_to"] == "float32"
-    assert doc["context_length"] == 2048 and doc["architecture"]["max_position_embeddings"] == 8192
+    assert doc["context_length"] == TEST_MAX_SEQUENCE_LENGTH
+    assert doc["architecture"]["max_position_embeddings"] == 8192
     assert "chat" in doc["capabilities"]

@@ -9,6 +9,7 @@ from typing import Any
 from sdk.coord.client import SecureClient, Subscription
 from sdk.coord.coordinator import protocol
 from sdk.coord.envelope import Message
+from sdk.coord.errors import SubscribeFailed
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,15 @@ class MqttStatusListSource:
             except Exception:  # noqa: BLE001 - a listener bug must not stop the others
                 log.exception("status list listener failed for %s", url)
 
-    async def attach(self, client: SecureClient) -> None:
-        """Subscribe ``client`` to every issuer's status list topic."""
-        self._sub = await client.subscribe(protocol.ALL_STATUS_LISTS, self._on_message, qos=1)
+    async def attach(self, client: SecureClient) -> bool:
+        """Subscribe ``client`` to every issuer's status list topic; False if the broker refused."""
+        try:
+            self._sub = await client.subscribe(protocol.ALL_STATUS_LISTS, self._on_message, qos=1)
+        except SubscribeFailed as exc:
+            log.warning("status lists unavailable over MQTT (%s): broker ACL refused %s",
+                        exc.reason, protocol.ALL_STATUS_LISTS)
+            return False
+        return True
 
     def _on_message(self, msg: Message) -> None:
         if msg.type != protocol.STATUS_LIST:
