@@ -134,13 +134,14 @@ def devices(
     console.print(f"convergence p50 {conv.get('p50')} ms, p99 {conv.get('p99')} ms "
                   f"(n={conv.get('count', 0)}); error rate {m.get('error_rate', 0)}; "
                   f"config cost: {cost.get('bytes_mean')} B, apply {cost.get('apply_ms_mean')} ms, "
-                  f"coordinator {cost.get('coordinator_ms_mean')} ms")
+                  f"decision {cost.get('decision_ms_mean')} ms")
 
 
 def demo(
     keep_running: bool = typer.Option(False, "--keep-running", help="Leave the mesh up after the scenario"),
     plain: bool = typer.Option(False, "--plain", help="No live redraw (final table only)"),
     rules: Path | None = typer.Option(None, "--rules", help="Use these [[rules]] instead of the demo's"),
+    step_timeout: float = typer.Option(15.0, "--step-timeout", help="Seconds each step may take"),
 ) -> None:
     """Broker + coordinator + simulated devices in one process: auth, events, configs, revocation."""
     import asyncio
@@ -152,7 +153,7 @@ def demo(
     logging.basicConfig(level=logging.ERROR)
     console = Console()
     try:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"step_timeout": step_timeout}
         if rules is not None:
             kwargs["rules_toml"] = rules.read_text(encoding="utf-8")
         result = asyncio.run(run_demo(console=console, keep_running=keep_running, live=not plain, **kwargs))

@@ -158,7 +158,6 @@ class Device:
         self._worker: asyncio.Task[None] | None = None
         self._coordinator_boot: str | None = None
         self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
-        self._seen_connect = False
         self._last_delivered: Config | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -544,9 +543,10 @@ class Device:
                 self.state = WAITING
                 self._admitted.clear()
                 self._stop_heartbeat()
-        elif body.get("state") == "online" and body.get("boot") != self._coordinator_boot \
-                and self.state in (ADMITTED, WAITING):
-            log.info("coordinator (re)started (boot %s); re-authenticating", body.get("boot"))
+        elif body.get("state") == "online" and (
+                self.state == WAITING
+                or (self.state == ADMITTED and body.get("boot") != self._coordinator_boot)):
+            log.info("coordinator online (boot %s); re-authenticating", body.get("boot"))
             self._schedule_reauth()
 
     def _spawn(self, aw: Awaitable[Any]) -> None:

@@ -84,7 +84,7 @@ class Engine:
         self._by_request: dict[str, Sequence] = {}
         self._closed = False
         if metadata is not None:
-            self._metadata = {**metadata, "serving": {**metadata.get("serving", {}), **_serving(self)}}
+            self._metadata = _with_serving(metadata, _serving(self))
         else:
             self._metadata = _metadata(self, dtype_name(self.dtype))
         self._scheduler.start()
@@ -342,6 +342,17 @@ def _metadata(engine: Engine, dtype: str) -> dict[str, Any]:
         log.exception("could not build the metadata document; using a minimal one")
         return {"name": name, "framework": "transformers", "dtype": dtype, "device": str(engine.device),
                 "context_length": engine.max_sequence_length}
+
+
+def _with_serving(doc: dict[str, Any], serving: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with the engine's sizing merged in (validated by the metadata module when it can)."""
+    try:
+        from .metadata import with_serving
+
+        return with_serving(doc, serving)
+    except Exception:
+        log.warning("metadata document failed validation with the serving block; merging unchecked")
+        return {**doc, "serving": {**doc.get("serving", {}), **serving}}
 
 
 def _loaded_metadata(loaded: Any, config: EngineConfig) -> dict[str, Any] | None:

@@ -218,19 +218,32 @@ class Scheduler:
                     seq.pos = seq.cached_tokens = n
 
     def _prefill(self) -> None:
+        """Prefill the next prompt chunks of up to ``prefill_chunk_size`` tokens in one forward pass."""
         budget = self.prefill_chunk_size
+        work: list[tuple[Sequence, int]] = []
         for seq in sorted((s for s in self._slots if s is not None), key=lambda s: s.id):
-            if budget <= 0:
-                break
             remaining = len(seq.prompt_ids) - seq.pos
-            if remaining <= 0:
-                continue
-            n = min(remaining, budget)
-            logits = self._forward([seq.slot], [seq.prompt_ids[seq.pos : seq.pos + n]], [seq.pos])
+            if remaining > 0 and budget > 0:
+                n = min(remaining, budget)
+                work.append((seq, n))
+                budget -= n
+        if not work:
+            return
+        logits = self._forward(
+            [seq.slot for seq, _ in work],
+            [seq.prompt_ids[seq.pos : seq.pos + n] for seq, n in work],
+            [seq.pos for seq, _ in work],
+        )
+        done: list[tuple[Sequence, int]] = []
+        for row, (seq, n) in enumerate(work):
             seq.pos += n
-            budget -= n
             if seq.pos == len(seq.prompt_ids):
-                self._accept(seq, sample_rows(logits, [seq.params], [seq.generator])[0])
+                done.append((seq, row))
+        if done:
+            rows = logits[[row for _, row in done]]
+            tokens = sample_rows(rows, [seq.params for seq, _ in done], [seq.generator for seq, _ in done])
+            for (seq, _), token in zip(done, tokens):
+                self._accept(seq, token)
 
     def _decode(self) -> None:
         batch = [s for s in self._slots if s is not None and s.decoding]
@@ -246,13 +259,19 @@ class Scheduler:
             self._accept(seq, tok)
 
     def _forward(self, slots: list[int], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Run the model on new tokens of some slots; return the last position's logits [B, vocab]."""
+        """Run the model on new tokens of some slots; return each row's last-token logits [B, vocab].
+
+        Rows shorter than the widest are padded on the left; pad tokens sit at the scratch
+        position, so they write only the scratch column and no real token attends to them.
+        """
         dev = self.device
-        width = len(tokens[0])
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        offsets = torch.arange(width, device=dev)
-        positions = torch.tensor(starts, dtype=torch.long, device=dev)[:, None] + offsets
-        end = max(starts) + width
+        width = max(len(t) for t in tokens)
+        scratch = self.cache.slot_len
+        padded = [[0] * (width - len(t)) + t for t in tokens]
+        pos_rows = [[scratch] * (width - len(t)) + list(range(p, p + len(t))) for t, p in zip(tokens, starts)]
+        input_ids = torch.tensor(padded, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos_rows, dtype=torch.long, device=dev)
+        end = max(p + len(t) for t, p in zip(tokens, starts))
         kv_len = min(-(-end // self.kv_bucket) * self.kv_bucket, self.cache.slot_len + 1)
         mask = torch.arange(kv_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,19 @@ class _Progress:
     failovers: int = 0
 
 
+class _Watch:
+    """One stream's watch on its node: a death advert ends the current wait at once."""
+
+    def __init__(self) -> None:
+        self.dead = False
+        self.timeout: asyncio.Timeout | None = None
+
+    def kill(self) -> None:
+        self.dead = True
+        if self.timeout is not None and not self.timeout.expired():
+            self.timeout.reschedule(asyncio.get_running_loop().time())
+
+
 @dataclass(frozen=True)
 class NodeView:
     """A live node as ``autoglm nodes`` shows it: its advert and its rank."""
@@ -126,10 +140,11 @@ class Mesh:
         self.table = AdvertTable(stale_after=config.stale_after)
         self._ad_verifier = Verifier(resolver=resolver, policy=client_config.policy)
         self._observed: dict[str, _Observed] = {}
-        self._watchers: dict[str, set[asyncio.Queue[tuple[str, Any]]]] = {}
+        self._watchers: dict[str, set[_Watch]] = {}
         self._changed = asyncio.Event()
         self.counters: dict[str, int] = {"requests": 0, "completed": 0, "failovers": 0, "errors": 0,
                                          "adverts": 0, "adverts_rejected": 0}
+        self.failures: Counter[str] = Counter()  # per node attempt that did not finish, by reason
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,8 +191,8 @@ class Mesh:
         if self.table.apply(advert):
             if not advert.online:
                 log.info("node %s left the mesh", advert.node_id)
-                for q in self._watchers.get(advert.node_id, ()):
-                    q.put_nowait(("dead", None))
+                for watch in self._watchers.get(advert.node_id, ()):
+                    watch.kill()
             self._changed.set()
 
     async def wait_for_nodes(self, count: int = 1, *, model: str | None = None, timeout: float = 10.0) -> list[NodeAdvert]:
@@ -283,10 +298,11 @@ class Mesh:
             else:
                 body = request_body(req, model=name)
             obs = self._observed.setdefault(node.node_id, _Observed())
-            q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+            watch = _Watch()
             watchers = self._watchers.setdefault(node.node_id, set())
-            watchers.add(q)
-            pump = asyncio.ensure_future(self._pump(node, body, q))
+            watchers.add(watch)
+            replies = self.client.stream(topics.inference_requests(node.node_id), body, type=GENERATE,
+                                         encrypt_to=node.did, idle_timeout=1e9)
             obs.inflight += 1
             sent = loop.time()
             first_at: float | None = None
@@ -295,66 +311,79 @@ class Mesh:
             failure: tuple[str, str] | None = None
             try:
                 while failure is None:
+                    if watch.dead:  # the death advert came while the caller held a chunk
+                        failure = ("node_lost", f"{node.node_id} left the mesh")
+                        break
                     wait = self.config.stall_timeout if first_at is not None else self.config.first_token_timeout
                     try:
-                        async with asyncio.timeout(wait):
-                            kind, value = await q.get()
+                        async with asyncio.timeout(wait) as watch.timeout:
+                            msg = await replies.__anext__()
                     except TimeoutError:
-                        failure = ("timeout", f"no token from {node.node_id} within {wait}s")
+                        if watch.dead:
+                            failure = ("node_lost", f"{node.node_id} left the mesh")
+                        else:
+                            failure = ("timeout", f"no token from {node.node_id} within {wait}s")
                         break
-                    if kind == "dead":
-                        failure = ("node_lost", f"{node.node_id} left the mesh")
-                    elif kind == "error":
-                        failure = _classify(value)
+                    except StopAsyncIteration:
+                        failure = ("protocol_error", f"{node.node_id} ended the stream without a finish reason")
+                        break
+                    except MessagingError as exc:
+                        failure = _classify(exc)
                         if failure[0] in _REQUEST_REASONS:
                             obs.outcome(True)
                             self.counters["errors"] += 1
-                            raise NodeRequestError(failure[1], reason=failure[0])
-                    elif kind == "end":
-                        failure = ("protocol_error", f"{node.node_id} ended the stream without a finish reason")
-                    else:
-                        chunk = _parse_chunk(value)
-                        if chunk is None:
-                            failure = ("protocol_error", f"malformed chunk from {node.node_id}")
-                            break
-                        text, ids, finish, usage, prompt_ids = chunk
-                        now = loop.time()
-                        if first_at is None:
-                            first_at = now
-                            obs.ttft_s = _ewma(obs.ttft_s, now - sent)
-                        if prompt_ids is not None and progress.prompt_ids is None:
-                            progress.prompt_ids = prompt_ids
-                            prompt_len = len(prompt_ids)
-                        if ids and progress.first_token_at is None:
-                            progress.first_token_at = now
-                        progress.generated.extend(ids)
-                        progress.held = 0 if text else progress.held + len(ids)
-                        n_tokens += len(ids)
-                        last_at = now
-                        if finish is not None:
-                            obs.outcome(True)
-                            if n_tokens > 1 and last_at > first_at:
-                                obs.tokens_per_s = _ewma(obs.tokens_per_s, (n_tokens - 1) / (last_at - first_at))
-                            self.counters["completed"] += 1
-                            yield TokenChunk(text=text, token_ids=ids, finish_reason=finish,
-                                             usage=_usage(prompt_len, progress, started, usage))
-                            return
-                        yield TokenChunk(text=text, token_ids=ids)
+                            raise NodeRequestError(failure[1], reason=failure[0]) from None
+                        break
+                    except Exception as exc:  # noqa: BLE001 - any other failure of this node: fail over
+                        failure = _classify(exc)
+                        break
+                    finally:
+                        watch.timeout = None
+                    chunk = _parse_chunk(msg)
+                    if chunk is None:
+                        failure = ("protocol_error", f"malformed chunk from {node.node_id}")
+                        break
+                    text, ids, finish, usage, prompt_ids = chunk
+                    now = loop.time()
+                    if first_at is None:
+                        first_at = now
+                        obs.ttft_s = _ewma(obs.ttft_s, now - sent)
+                    if prompt_ids is not None and progress.prompt_ids is None:
+                        progress.prompt_ids = prompt_ids
+                        prompt_len = len(prompt_ids)
+                    if ids and progress.first_token_at is None:
+                        progress.first_token_at = now
+                    progress.generated.extend(ids)
+                    progress.held = 0 if text else progress.held + len(ids)
+                    n_tokens += len(ids)
+                    last_at = now
+                    if finish is not None:
+                        obs.outcome(True)
+                        if n_tokens > 1 and last_at > first_at:
+                            obs.tokens_per_s = _ewma(obs.tokens_per_s, (n_tokens - 1) / (last_at - first_at))
+                        self.counters["completed"] += 1
+                        yield TokenChunk(text=text, token_ids=ids, finish_reason=finish,
+                                         usage=_usage(prompt_len, progress, started, usage))
+                        # read the node's stream.end so closing the reply stream sends no cancel
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(self.config.stall_timeout):
+                                await anext(replies, None)
+                        return
+                    yield TokenChunk(text=text, token_ids=ids)
             finally:
-                watchers.discard(q)
+                watchers.discard(watch)
                 if not watchers:
                     self._watchers.pop(node.node_id, None)
                 obs.inflight -= 1
-                if not pump.done():
-                    pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
+                with contextlib.suppress(Exception):
+                    await replies.aclose()  # sends cancel to the node unless the stream had ended
             reason, message = failure
             if reason not in PERMISSION_REASONS and reason not in BUSY_REASONS and reason != "model_not_found":
                 obs.outcome(False)
             if reason == "node_lost":
                 self.table.mark_dead(node.node_id)
             failures.append((node.node_id, reason, message))
+            self.failures[reason] += 1
             log.warning("node %s failed (%s): %s", node.node_id, reason, message)
         self.counters["errors"] += 1
         raise _exhausted(name, failures, tried)
@@ -365,20 +394,6 @@ class Mesh:
             same = [v for v in ranked if str(v.advert.metadata.get("version") or "") == version]
             ranked = same or ranked
         return ranked[0] if ranked else None
-
-    async def _pump(self, node: NodeAdvert, body: dict[str, Any], q: asyncio.Queue[tuple[str, Any]]) -> None:
-        """Feed one node's reply stream into ``q`` (chunks, then ``end`` or ``error``)."""
-        try:
-            stream = self.client.stream(topics.inference_requests(node.node_id), body, type=GENERATE,
-                                        encrypt_to=node.did, idle_timeout=1e9)
-            async with stream:
-                async for msg in stream:
-                    q.put_nowait(("chunk", msg))
-            q.put_nowait(("end", None))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported to the consumer, which fails over
-            q.put_nowait(("error", exc))
 
     # ------------------------------------------------------------------ GenerationBackend
 

@@ -350,3 +350,26 @@ async def test_prometheus_endpoint(mesh: Mesh) -> None:
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     assert 'autoglm_coord_auth_total{result="admitted"} 1.0' in text
     assert "autoglm_coord_convergence_seconds_bucket" in text
+
+
+async def test_coordinator_offline_then_online_same_boot(mesh: Mesh) -> None:
+    """The coordinator's link drops (its will says offline) and comes back with the same boot."""
+    from sdk.coord import topics
+    from sdk.coord.coordinator import protocol
+
+    coord = await mesh.start_coordinator()
+    display = await mesh.device("display")
+    got: list[Any] = []
+    phone = await mesh.device("phone", record=got)
+    presence = topics.device_presence(protocol.token(coord.did))
+    await coord.client.publish(presence, {"state": "offline", "boot": coord.boot}, type=protocol.PRESENCE,
+                               retain=True, qos=1)
+    await until(lambda: phone.state == "waiting" and display.state == "waiting")
+    mesh.events.clear()
+    await coord._announce()                                 # noqa: SLF001 - what a reconnect does
+    for dev in (display, phone):
+        await mesh.wait_for("admitted", lambda i, d=dev.did: i["did"] == d, timeout=10)
+        await dev.wait_admitted(10)
+    await display.publish_event(screen_available(800, 600))
+    await phone.wait_version(1, 10)
+    assert [c.version for c in got] == [1]

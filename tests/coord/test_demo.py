@@ -42,10 +42,8 @@ async def test_demo_names_the_failed_step() -> None:
 def test_demo_command_exits_nonzero_naming_the_step(tmp_path) -> None:
     bad = tmp_path / "rules.toml"
     bad.write_text(DEMO_RULES.replace('"device.kind" = "phone"', '"device.kind" = "television"'))
-    code = ("import sys; sys.argv = ['autoglm', 'demo', '--plain', '--rules', sys.argv[1]];"
-            "import sdk.coord.demo as d; from sdk.cli import main; main()")
-    # shorten the failing step: the CLI has no timeout knob, so patch the default through env-free code
-    code = code.replace("main()", "d.run_demo.__kwdefaults__['step_timeout'] = 2; main()")
+    code = ("import sys; sys.argv = ['autoglm', 'demo', '--plain', '--step-timeout', '2', '--rules', sys.argv[1]];"
+            "from sdk.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 1
     assert "failed step: phone applies companion config" in proc.stderr

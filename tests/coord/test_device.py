@@ -273,3 +273,29 @@ async def test_full_flow_on_strict_topic_acl(embedded_broker_strict: Any, tmp_pa
         assert got[0].state["ui.companion.resolution"] == "800x600"
         await coord.revoke(phone.did)
         await until(lambda: phone.state == REVOKED, timeout=1.0)
+
+
+async def test_coordinator_rejects_spoofed_topic_and_bad_events(mesh: Mesh) -> None:
+    coord = await mesh.start_coordinator()
+    mallory = await mesh.device("phone")
+    victim = await mesh.device("display")
+    # an admitted device publishing on another device's events topic
+    await mallory.client.publish(topics.device_events(victim._token), screen_available(800, 600).to_body(),
+                                 type=protocol.EVENT, qos=1)
+    await mesh.wait_for("rejected", lambda i: i["reason"] == "wrong_topic_owner" and i["did"] == mallory.did)
+    # malformed events and reports from an admitted device: rejected, logged, coordinator keeps going
+    await victim.client.publish(topics.device_events(victim._token), {"type": "screen_available",
+                                "fields": {"width": "wide"}}, type=protocol.EVENT, qos=1)
+    await mesh.wait_for("rejected", lambda i: i["reason"] == "invalid_event")
+    await victim.client.publish(topics.device_events(victim._token), {"version": 99, "status": "applied"},
+                                type=protocol.REPORT, qos=1)
+    await mesh.wait_for("rejected", lambda i: i["reason"] == "unknown_version")
+    # a never-admitted DID is refused and told to authenticate
+    stranger = Key.generate()
+    async with SecureClient(mesh.url, stranger, **did_credentials(stranger)) as client:
+        await client.publish(topics.device_events(protocol.token(stranger.did)), battery("low").to_body(),
+                             type=protocol.EVENT, qos=1)
+        await mesh.wait_for("rejected", lambda i: i["did"] == stranger.did and i["reason"] == "not_admitted")
+    assert coord.store.latest_version(victim.did) == 0     # type: ignore[union-attr]
+    text = coord.metrics.prometheus().decode()
+    assert 'autoglm_coord_rejected_total{reason="wrong_topic_owner"} 1.0' in text

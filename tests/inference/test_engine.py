@@ -256,6 +256,15 @@ async def test_stats_and_metadata(smollm2_engine: Any) -> None:
         assert isinstance(stats[key], (int, float))
     assert stats["free_cache_tokens"] == 8 * 512
     assert smollm2_engine.metadata["serving"]["max_batch_size"] == 8
+    assert smollm2_engine.metadata["context_length"] == 512
+
+
+async def test_small_engine_narrows_metadata_context(make_engine: Any) -> None:
+    from sdk.inference.metadata import validate_metadata
+
+    doc = make_engine(max_sequence_length=64, max_batch_size=1).metadata
+    assert doc["context_length"] == 64 and doc["serving"]["max_sequence_length"] == 64
+    validate_metadata(doc)
 
 
 @pytest.mark.slow
@@ -278,3 +287,11 @@ async def test_cuda_graphs_option_falls_back_on_cpu(make_engine: Any, smollm2_en
     assert engine.metadata["serving"]["cuda_graphs"] is False
     ours = await engine.generate(greedy(PROMPTS[0], 6))
     assert ours.token_ids == (await smollm2_engine.generate(greedy(PROMPTS[0], 6))).token_ids
+
+
+async def test_chunked_prefill_matches_whole_prefill(make_engine: Any, smollm2_engine: Any) -> None:
+    chunked = make_engine(max_batch_size=2, prefill_chunk_size=7, prefix_cache_tokens=0)
+    request = greedy(PROMPTS[3], 10)  # a 19-token prompt: three prefill chunks
+    ours, busy = await asyncio.gather(chunked.generate(request), chunked.generate(greedy(PROMPTS[1], 10)))
+    assert ours.token_ids == (await smollm2_engine.generate(request)).token_ids
+    assert busy.token_ids == (await smollm2_engine.generate(greedy(PROMPTS[1], 10))).token_ids

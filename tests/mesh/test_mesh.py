@@ -63,6 +63,7 @@ async def test_node_killed_mid_stream_completes_elsewhere(mesh_env: MeshEnv, nod
     assert chunks[-1].usage.completion_tokens == len(reference.token_ids)
     assert chunks[-1].usage.prompt_tokens == reference.usage.prompt_tokens
     assert mesh.counters["failovers"] == 1
+    assert mesh.failures == {"node_lost": 1}  # the will, not the stall timeout, triggered it
     survivor = next(n for n in nodes if n is not killed)
     assert survivor.served == 1
     assert killed.node_id not in {a.node_id for a in mesh.nodes()}
@@ -96,3 +97,37 @@ async def test_caller_cancellation_frees_the_engine_slot(embedded_env: MeshEnv, 
     assert node.cancelled == 1 and node.active == 0
     assert node_engines[0].stats()["active_streams"] == 0
     assert node.served == 0  # it never ran to its 60 tokens
+
+
+class StallingNode(MeshNode):
+    """A real node that goes silent (still connected, still advertising) after three chunks."""
+
+    async def _generate(self, req: Any, held: int) -> Any:
+        sent = 0
+        async for body in super()._generate(req, held):
+            if sent == 3:
+                await asyncio.sleep(3600)
+            yield body
+            sent += 1
+
+
+async def test_stalled_node_is_replaced_after_the_stall_timeout(embedded_env: MeshEnv, node_engines: list[Any],
+                                                                 peer_key: Key, access_vc: Any) -> None:
+    from sdk.mesh import AccessPolicy, NodeConfig
+
+    stalling = StallingNode(node_engines[0], embedded_env.url, Key.generate(), access=AccessPolicy(embedded_env.trust),
+                            config=NodeConfig(node_id="stalling", advert_interval=1.0))
+    await stalling.start()
+    embedded_env.nodes.append(stalling)
+    mesh = await embedded_env.router(peer_key, [access_vc], nodes=1, stall_timeout=0.5)
+    reference = await node_engines[2].generate(greedy(12))
+    chunks = []
+    async for chunk in mesh.stream(greedy(12)):  # the stalling node is the only one at first
+        chunks.append(chunk)
+        if len(chunks) == 1:
+            healthy = await embedded_env.node(1)
+            await mesh.wait_for_nodes(2, model=MODEL)
+    assert "".join(c.text for c in chunks) == reference.text
+    assert [t for c in chunks for t in c.token_ids] == reference.token_ids
+    assert mesh.failures == {"timeout": 1} and mesh.counters["failovers"] == 1
+    assert healthy.served == 1 and stalling.cancelled == 1  # the router's cancel reached the silent node

@@ -217,6 +217,7 @@ class Coordinator:
         if self._http is not None:
             with contextlib.suppress(Exception):
                 self._http[0].shutdown()
+                self._http[0].server_close()
         self._write_status()
         await self.client.aclose()
         if self.store is not None:
@@ -392,9 +393,9 @@ class Coordinator:
             return
         self.metrics.start(msg.id, {c.did: c.version for c in versions})
         self._dirty = True
+        self.metrics.event_work(time.perf_counter() - t0)        # rules + durable commit
         self._emit("committed", event_id=msg.id, versions={c.did: c.version for c in versions})
         await asyncio.gather(*(self._pump(c.did, c) for c in versions))
-        self.metrics.event_work(time.perf_counter() - t0)
 
     def _handle_report(self, msg: Message) -> None:
         assert self.store is not None

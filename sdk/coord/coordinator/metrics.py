@@ -50,8 +50,8 @@ class CoordinatorMetrics:
         self.apply_seconds = Histogram("autoglm_coord_config_apply_seconds",
                                        "Device-reported time to apply a config", buckets=_LAT_BUCKETS,
                                        registry=r)
-        self.coordinator_seconds = Histogram("autoglm_coord_config_cpu_seconds",
-                                             "Coordinator time to evaluate, commit and sign per event",
+        self.coordinator_seconds = Histogram("autoglm_coord_decision_seconds",
+                                             "Coordinator time per event to evaluate rules and commit",
                                              buckets=_LAT_BUCKETS, registry=r)
         self.auth = Counter("autoglm_coord_auth", "Authentication attempts", ["result"], registry=r)
         self.devices = Gauge("autoglm_coord_devices", "Devices by state", ["state"], registry=r)
@@ -109,7 +109,7 @@ class CoordinatorMetrics:
         self._bytes.append(size)
 
     def event_work(self, seconds: float) -> None:
-        """Coordinator-side cost of handling one event (rules, commit, signing)."""
+        """Coordinator-side cost of deciding one event (rules evaluation and the SQLite commit)."""
         self.coordinator_seconds.observe(seconds)
         self._work.append(seconds)
 
@@ -142,7 +142,7 @@ class CoordinatorMetrics:
             "config_cost": {
                 "bytes_mean": round(statistics.fmean(self._bytes), 1) if self._bytes else None,
                 "apply_ms_mean": round(statistics.fmean(self._apply), 3) if self._apply else None,
-                "coordinator_ms_mean": _ms(statistics.fmean(self._work)) if self._work else None,
+                "decision_ms_mean": _ms(statistics.fmean(self._work)) if self._work else None,
             },
         }
 
