@@ -284,13 +284,16 @@ class Mesh:
             node = view.advert
             tried.add(node.node_id)
             version = version or str(node.metadata.get("version") or "") or None
-            if progress.generated or (progress.prompt_ids is not None and _attempt > 0):
+            if progress.generated:
+                if progress.prompt_ids is None:  # the node never sent the prompt's ids: cannot resume
+                    self.counters["errors"] += 1
+                    raise NoNode(f"cannot resume {name!r}: the failed node sent no prompt token ids")
                 remaining = req.max_new_tokens - len(progress.generated)
                 if remaining <= 0:
                     yield TokenChunk(text="", token_ids=[], finish_reason="length",
                                      usage=_usage(prompt_len, progress, started, None))
                     return
-                body = request_body(req, model=name, prompt_token_ids=(progress.prompt_ids or []) + progress.generated,
+                body = request_body(req, model=name, prompt_token_ids=progress.prompt_ids + progress.generated,
                                     held=progress.held, max_new_tokens=remaining)
                 progress.failovers += 1
                 self.counters["failovers"] += 1
