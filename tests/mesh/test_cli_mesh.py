@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,28 @@ async def test_autoglm_nodes_json_and_table(embedded_env: MeshEnv) -> None:
             assert set(rows[0]["parts"]) == {"throughput", "stability", "load", "latency"}
         else:
             assert node.node_id in out.decode() and "stability" in out.decode()
+
+
+async def test_serve_node_mode_attachment(embedded_env: MeshEnv, node_engines: list[Any], peer_key: Any,
+                                          access_vc: Any, access_issuer: Any) -> None:
+    """What `autoglm serve --broker ... --trust ...` attaches to its engine: a working mesh node."""
+    from sdk.cli.mesh_cmds import node_attachment
+    from sdk.identity import Key
+
+    attach = node_attachment(embedded_env.url, Key.generate(), trust=[access_issuer.did], node_id="served",
+                             advert_interval=1.0)
+    async with attach(node_engines[0]) as node:
+        mesh = await embedded_env.router(peer_key, [access_vc])
+        result = await mesh.generate(prompt="Hi", max_new_tokens=3, temperature=0.0)
+        assert result.usage.completion_tokens >= 1 and node.served == 1 and node.node_id == "served"
+
+
+def test_serve_node_mode_needs_a_trusted_issuer() -> None:
+    from typer.testing import CliRunner
+
+    from sdk.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--broker", "mqtt://127.0.0.1:1", "--port", "0"])
+    assert result.exit_code == 2 and "--trust" in result.output
+    help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "--broker" in help_text and "--model-path" in help_text and "--peer-rate" in help_text

@@ -9,7 +9,7 @@ import pytest
 
 from sdk.identity import Key
 from sdk.inference import GenerationRequest
-from sdk.mesh import MeshNode, NoNode
+from sdk.mesh import MeshNode, MeshTimeout, NoNode
 from tests.mesh.conftest import MODEL, MeshEnv
 
 pytestmark = [pytest.mark.model, pytest.mark.broker, pytest.mark.slow]
@@ -131,3 +131,19 @@ async def test_stalled_node_is_replaced_after_the_stall_timeout(embedded_env: Me
     assert [t for c in chunks for t in c.token_ids] == reference.token_ids
     assert mesh.failures == {"timeout": 1} and mesh.counters["failovers"] == 1
     assert healthy.served == 1 and stalling.cancelled == 1  # the router's cancel reached the silent node
+
+
+async def test_only_node_stalling_is_a_timeout(embedded_env: MeshEnv, node_engines: list[Any], peer_key: Key,
+                                               access_vc: Any) -> None:
+    from sdk.mesh import AccessPolicy, NodeConfig
+
+    stalling = StallingNode(node_engines[0], embedded_env.url, Key.generate(), access=AccessPolicy(embedded_env.trust),
+                            config=NodeConfig(node_id="stalling", advert_interval=1.0))
+    await stalling.start()
+    embedded_env.nodes.append(stalling)
+    mesh = await embedded_env.router(peer_key, [access_vc], nodes=1, stall_timeout=0.3)
+    got = []
+    with pytest.raises(MeshTimeout) as info:
+        async for chunk in mesh.stream(greedy(12)):
+            got.append(chunk)
+    assert info.value.reason == "timeout" and len(got) == 3
