@@ -81,7 +81,7 @@ def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = No
 
     @contextlib.asynccontextmanager
     async def attach(engine: Any) -> AsyncIterator[Any]:
-        async with MeshNode(engine, broker, key, access=policy, config=config) as node:
+        async with MeshNode(engine, broker, key=key, access=policy, config=config) as node:
             typer.echo(f"mesh node {node.node_id} ({node.did}) serving {node.model} via {broker}", err=True)
             yield node
 

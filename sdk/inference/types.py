@@ -59,6 +59,7 @@ class GenerationRequest:
     stop: list[str] | tuple[str, ...] = ()
     seed: int | None = None
     request_id: str | None = None
+    model: str | None = None  # the model asked for: the mesh router routes on it; an engine ignores it
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ covers the model and the requested ``max_new_tokens``. Refusals carry distinct r
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,7 @@ class AccessPolicy:
         self.requirement = CredentialRequirement(ACCESS_CREDENTIAL, trust, recheck_interval=recheck_interval,
                                                  verify_options=options)
         self.authorizer = Authorizer()
+        self._scopes: dict[tuple[str, str], tuple[float, AccessScope]] = {}
 
     def check(self, msg: Message, *, model: str, max_tokens: int) -> AccessScope:
         """The granting scope, or raise :class:`Refusal` with the reason."""
@@ -119,11 +121,38 @@ class AccessPolicy:
             log.warning("refused %s: malformed scope: %s", msg.sender, exc)
             raise Refusal(f"{ACCESS_CREDENTIAL} has no valid scope", reason="not_authorized") from None
         reason = scope.refusal(model, max_tokens)
-        if reason is not None:
-            log.info("refused %s: %s (model %r, max_new_tokens %d)", msg.sender, reason, model, max_tokens)
-            raise Refusal(f"credential scope does not cover model {model!r} with {max_tokens} tokens",
-                          reason=reason)
-        return scope
+        if reason is None:
+            return scope
+        other = self._other_scope(msg, model, max_tokens)  # a peer may hold several scoped credentials
+        if other is not None:
+            return other
+        log.info("refused %s: %s (model %r, max_new_tokens %d)", msg.sender, reason, model, max_tokens)
+        raise Refusal(f"credential scope does not cover model {model!r} with {max_tokens} tokens", reason=reason)
+
+    def _other_scope(self, msg: Message, model: str, max_tokens: int) -> AccessScope | None:
+        """A scope covering the request from any of the message's other access credentials (cached)."""
+        now = time.time()
+        key = (msg.sender, model)
+        hit = self._scopes.get(key)
+        if hit is not None and now < hit[0] and hit[1].refusal(model, max_tokens) is None:
+            return hit[1]
+        req = self.requirement
+        for cred in msg.credentials:
+            try:
+                result = verify_credential(cred, now=now, trust=req.trust, **req.verify_options)
+                scope = access_scope(result.credential)
+            except Exception:  # noqa: BLE001 - a bad or unscoped credential grants nothing
+                continue
+            if (result.verified and ACCESS_CREDENTIAL in (result.types or []) and result.subject == msg.sender
+                    and req.trust.allows(result.issuer, result.types) and scope.refusal(model, max_tokens) is None):
+                until = now + req.recheck_interval
+                if result.expires_at is not None:
+                    until = min(until, result.expires_at.timestamp())
+                if len(self._scopes) >= 10_000:
+                    self._scopes.clear()
+                self._scopes[key] = (until, scope)
+                return scope
+        return None
 
     def _why(self, msg: Message) -> str:
         """``revoked`` if a credential of the right type fails only on its status, else ``not_authorized``."""
@@ -141,6 +170,7 @@ class AccessPolicy:
     def status_changed(self, status_list_url: str) -> None:
         """Forget grants that depend on this status list (call when it is republished)."""
         self.authorizer.status_changed(status_list_url)
+        self._scopes.clear()
 
 
 __all__ = ["ACCESS_CREDENTIAL", "AccessScope", "AccessPolicy", "issue_access_credential", "access_scope"]

@@ -1,6 +1,6 @@
 """``MeshNode``: an engine joins the mesh — it advertises itself and serves permitted peers.
 
-    async with MeshNode(engine, "mqtt://127.0.0.1:1883", key, access=AccessPolicy(trust)) as node:
+    async with MeshNode(engine, "mqtt://127.0.0.1:1883", key=key, access=AccessPolicy(trust)) as node:
         ...   # adverts every few seconds; requests on autoglm/v1/inf/req/{node_id}
 
 Adverts are signed and retained; the MQTT will is a pre-signed death advert (highest sequence
@@ -66,8 +66,8 @@ class MeshNode:
         self,
         engine: Any,
         broker: Any,
-        key: Key,
         *,
+        key: Key,
         access: AccessPolicy,
         config: NodeConfig = NodeConfig(),
         client_config: ClientConfig | None = None,
@@ -170,9 +170,9 @@ class MeshNode:
         )
 
     async def advertise(self, *, online: bool = True) -> NodeAdvert:
-        """Publish one advert now (retained, expiring after three intervals)."""
+        """Publish one advert now (retained; expires three intervals plus the allowed clock skew later)."""
         advert = self._advert(online=online)
-        ttl = None if not online else 3 * self.config.advert_interval
+        ttl = None if not online else 3 * self.config.advert_interval + self.client.config.policy.clock_skew
         await self.client.publish(self.advert_topic, advert.to_body(), type=ADVERT, retain=True, ttl=ttl)
         return advert
 

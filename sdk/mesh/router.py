@@ -180,8 +180,11 @@ class Mesh:
                 raise ValueError(f"advert for {advert.did} signed by {msg.sender}")
             if topics.inference_ad(advert.node_id) != topic:
                 raise ValueError(f"advert for node {advert.node_id!r} on {topic!r}")
-            if advert.online and time.time() - msg.issued_at > self.config.stale_after * advert.interval_s:
-                log.debug("ignoring a stale advert of %s", advert.node_id)
+            # a retained copy of a node that died without its will (lost by a broker restart) is ignored
+            # once older than the staleness window plus the clock skew allowed between hosts
+            too_old = self.config.stale_after * advert.interval_s + self._ad_verifier.policy.clock_skew
+            if retain and advert.online and time.time() - msg.issued_at > too_old:
+                log.debug("ignoring a stale retained advert of %s", advert.node_id)
                 return
         except (RejectedMessage, ValueError) as exc:
             self.counters["adverts_rejected"] += 1

@@ -46,7 +46,7 @@ class MeshEnv:
     async def node(self, index: int, *, access: AccessPolicy | None = None, **config: Any) -> MeshNode:
         key = Key.from_seed(bytes([100 + index]) * 32)
         config.setdefault("advert_interval", 1.0)
-        node = MeshNode(self.engines[index], self.url, key, access=access or AccessPolicy(self.trust),
+        node = MeshNode(self.engines[index], self.url, key=key, access=access or AccessPolicy(self.trust),
                         config=NodeConfig(node_id=f"node-{index}", **config), **self.credentials(key))
         await node.start()
         self.nodes.append(node)

@@ -10,6 +10,7 @@ import pytest
 from sdk.identity import Key
 from sdk.inference import GenerationRequest
 from sdk.inference.server import HTTPServer
+from sdk.mesh import issue_access_credential
 from sdk.mesh.gateway import create_gateway_app
 from tests.mesh.conftest import MODEL, MeshEnv
 
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.model, pytest.mark.broker, pytest.mark.slow]
 
 
 async def test_openai_client_through_the_mesh(embedded_env: MeshEnv, node_engines: list[Any], peer_key: Key,
-                                              access_vc: Any) -> None:
+                                              access_vc: Any, access_issuer: Key) -> None:
     node = await embedded_env.node(0)
     mesh = await embedded_env.router(peer_key, [access_vc])
     messages = [{"role": "user", "content": "Name a colour."}]
@@ -46,6 +47,19 @@ async def test_openai_client_through_the_mesh(embedded_env: MeshEnv, node_engine
             await client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
         await client.close()
     assert node.served == 3
+
+    # a second model on the mesh: the gateway routes on the model the client names
+    other = await embedded_env.node(1, model_name="smol-b")
+    await mesh.wait_for_nodes(1, model="smol-b")
+    mesh.client.credentials += (issue_access_credential(access_issuer, peer_key.did, models=["smol-b"]),)
+    async with HTTPServer(create_gateway_app(mesh), port=0) as server:
+        client = openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        assert sorted(m.id for m in (await client.models.list()).data) == sorted([MODEL, "smol-b"])
+        done = await client.completions.create(model="smol-b", prompt="One, two,", max_tokens=5, temperature=0)
+        assert done.choices[0].text == completion_ref.text and done.model == "smol-b"
+        await client.completions.create(model=MODEL, prompt="One, two,", max_tokens=5, temperature=0)
+        await client.close()
+    assert other.served == 1 and node.served == 4
 
     stranger = Key.generate()  # a peer without the credential gets 403 through the gateway
     denied = await embedded_env.router(stranger, [])

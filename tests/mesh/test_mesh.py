@@ -115,7 +115,8 @@ async def test_stalled_node_is_replaced_after_the_stall_timeout(embedded_env: Me
                                                                  peer_key: Key, access_vc: Any) -> None:
     from sdk.mesh import AccessPolicy, NodeConfig
 
-    stalling = StallingNode(node_engines[0], embedded_env.url, Key.generate(), access=AccessPolicy(embedded_env.trust),
+    stalling = StallingNode(node_engines[0], embedded_env.url, key=Key.generate(),
+                            access=AccessPolicy(embedded_env.trust),
                             config=NodeConfig(node_id="stalling", advert_interval=1.0))
     await stalling.start()
     embedded_env.nodes.append(stalling)
@@ -137,7 +138,8 @@ async def test_only_node_stalling_is_a_timeout(embedded_env: MeshEnv, node_engin
                                                access_vc: Any) -> None:
     from sdk.mesh import AccessPolicy, NodeConfig
 
-    stalling = StallingNode(node_engines[0], embedded_env.url, Key.generate(), access=AccessPolicy(embedded_env.trust),
+    stalling = StallingNode(node_engines[0], embedded_env.url, key=Key.generate(),
+                            access=AccessPolicy(embedded_env.trust),
                             config=NodeConfig(node_id="stalling", advert_interval=1.0))
     await stalling.start()
     embedded_env.nodes.append(stalling)
@@ -147,3 +149,21 @@ async def test_only_node_stalling_is_a_timeout(embedded_env: MeshEnv, node_engin
         async for chunk in mesh.stream(greedy(12)):
             got.append(chunk)
     assert info.value.reason == "timeout" and len(got) == 3
+
+
+async def test_failover_inside_a_multibyte_character(embedded_env: MeshEnv, node_engines: list[Any], peer_key: Key,
+                                                     access_vc: Any) -> None:
+    """Killed while the text of the last tokens was held back (half an emoji): the next node emits it."""
+    nodes = [await embedded_env.node(0), await embedded_env.node(1)]
+    mesh = await embedded_env.router(peer_key, [access_vc], nodes=2)
+    request = greedy(12, "Emoji party: 🎉🎉")
+    reference = [c async for c in node_engines[2].stream(request)]
+    assert reference[3].text == "" and reference[4].text == ""  # 🎉 is three tokens: two held, then the text
+    chunks = []
+    async for chunk in mesh.stream(request):
+        chunks.append(chunk)
+        if len(chunks) == 5:
+            await next(n for n in nodes if n.active).abort()
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in reference)
+    assert [t for c in chunks for t in c.token_ids] == [t for c in reference for t in c.token_ids]
+    assert mesh.failures == {"node_lost": 1}
