@@ -364,7 +364,11 @@ class SecureClient:
                 try:
                     if wait <= 0:
                         raise asyncio.TimeoutError
-                    msg = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), wait)
+                    if queue.empty():  # asyncio.timeout, not wait_for: no extra task per message
+                        async with asyncio.timeout(wait):
+                            msg = await queue.get()
+                    else:
+                        msg = queue.get_nowait()
                 except (asyncio.TimeoutError, TimeoutError):
                     which = "overall" if deadline is not None and loop.time() >= deadline else "idle"
                     raise RequestTimeout(f"stream from {topic!r}: {which} timeout") from None

@@ -264,6 +264,7 @@ class MqttTransport:
         self._deferred: list[Callable[[], None]] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
         self._flush_scheduled = False
+        self._reading = False  # inside _on_readable: acks wait until the handlers' wake-ups ran
         self._loop_thread: int | None = None
         self.reconnects = 0
         self.session_present = False
@@ -707,9 +708,11 @@ class MqttTransport:
         def schedule() -> None:
             if self._flush_scheduled:
                 return
-            if len(client._out_packet) == 1 and not client._in_callback_mutex.locked():  # noqa: SLF001
+            if len(client._out_packet) == 1 and not self._reading \
+                    and not client._in_callback_mutex.locked():  # noqa: SLF001
                 # a lone packet on an idle connection: write it now (one loop turn less latency);
-                # never from inside a paho callback, where paho's own bookkeeping is mid-way
+                # never from inside a paho callback, where paho's own bookkeeping is mid-way, nor
+                # while reading: the acks of what was read go after the tasks the messages woke
                 self._flush(sock)
                 return
             self._flush_scheduled = True
@@ -753,15 +756,19 @@ class MqttTransport:
         if packet_read is None:  # pragma: no cover - older paho
             client.loop_read()
             return
-        for _ in range(_READ_BATCH):
-            if client._sock is None or self._read_paused:  # noqa: SLF001
-                return
-            rc = packet_read()
-            if rc > 0:
-                client._loop_rc_handle(rc)  # noqa: SLF001 - closes the socket, calls on_disconnect
-                return
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                return
+        self._reading = True
+        try:
+            for _ in range(_READ_BATCH):
+                if client._sock is None or self._read_paused:  # noqa: SLF001
+                    return
+                rc = packet_read()
+                if rc > 0:
+                    client._loop_rc_handle(rc)  # noqa: SLF001 - closes the socket, calls on_disconnect
+                    return
+                if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                    return
+        finally:
+            self._reading = False
 
     def _on_writable(self) -> None:
         client = self._client

@@ -200,6 +200,7 @@ def request_schema(context_length: int) -> dict[str, Any]:
             "stop": {"type": "array", "items": {"type": "string", "minLength": 1}},
             "seed": {"type": ["integer", "null"]},
             "request_id": {"type": ["string", "null"]},
+            "model": {"type": ["string", "null"], "description": "served model name (mesh routing)"},
         },
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}, {"required": ["prompt_token_ids"]}],
         "additionalProperties": False,
