@@ -126,7 +126,7 @@ def devices(
         table.add_row(d["did"], d.get("kind", ""), d.get("state", ""), ",".join(d.get("groups", [])),
                       str(d.get("desired_version", "")), str(d.get("reported_version", "")),
                       json.dumps(d.get("delta", {})) if d.get("delta") else "")
-    console = Console()
+    console = Console(emoji=False)
     console.print(table)
     m = status.get("metrics", {})
     conv = m.get("convergence_ms", {})
@@ -151,7 +151,7 @@ def demo(
     from sdk.coord.demo import run_demo
 
     logging.basicConfig(level=logging.ERROR)
-    console = Console()
+    console = Console(emoji=False)
     try:
         kwargs: dict[str, Any] = {"step_timeout": step_timeout}
         if rules is not None:

@@ -146,7 +146,7 @@ def _run_or_exit(coro: Any) -> None:
     try:
         asyncio.run(coro)
     except AutoGLMError as exc:
-        Console(stderr=True).print(f"[red]error[/red] ({exc.reason}): {exc}")
+        Console(stderr=True, emoji=False).print(f"[red]error[/red] ({exc.reason}): {exc}")
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -214,7 +214,7 @@ def generate(
 
     _check_choice(device, _DEVICES, "--device")
     _check_choice(dtype, _DTYPES, "--dtype")
-    err = Console(stderr=True)
+    err = Console(stderr=True, emoji=False)
 
     async def main() -> None:
         status = err.status("loading model…")

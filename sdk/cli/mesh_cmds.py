@@ -229,7 +229,7 @@ def nodes(
                       f"{p['throughput']:+.2f}", f"{p['stability']:+.2f}", f"{p['load']:+.2f}", f"{p['latency']:+.2f}",
                       f"{r['tokens_per_s']:.1f}", f"{r['queue_depth']}/{r['active_streams']}",
                       f"{hw.get('device', '?')} {hw.get('name') or ''}".strip(), f"{r['uptime_s']:.0f}s")
-    Console().print(table if rows else "[yellow]no live nodes[/yellow]")
+    Console(emoji=False).print(table if rows else "[yellow]no live nodes[/yellow]")
 
 
 def register(app: typer.Typer) -> None:

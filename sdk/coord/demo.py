@@ -121,7 +121,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     from sdk.coord.broker_auth import did_credentials
     from sdk.identity import Key, TrustPolicy
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     names = ["start embedded broker", "start coordinator", "authenticate devices",
              "display announces 800x600", "phone applies companion config", "forged config refused",
              "revoke tablet", "revoked tablet refused"]

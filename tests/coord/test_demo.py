@@ -20,6 +20,7 @@ def test_demo_command_exits_0_without_torch() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all steps succeeded" in proc.stdout
     assert "revoked tablet refused" in proc.stdout
+    assert "did:key:z6Mk" in proc.stdout  # DIDs print verbatim (Rich emoji codes like :key: are off)
 
 
 async def test_demo_reports_every_step() -> None:
