@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 TopicACL = Callable[[str | None, str, str, Sequence[str]], bool]
 
 # kinds of topic: who may publish / subscribe (see sdk/coord/topics.py for the layout)
-_OWNER_PUBLISHES = {("dev", "presence"), ("dev", "events"), ("inf", "ads")}
+_OWNER_PUBLISHES = {("dev", "presence"), ("dev", "events"), ("inf", "ads"), ("status", None)}
 _INBOX = {("dev", "cmd"), ("inf", "req"), ("reply", None)}
-_PUBLIC_READ = {("dev", "presence"), ("dev", "events"), ("dev", "config"), ("inf", "ads")}
+_PUBLIC_READ = {("dev", "presence"), ("dev", "events"), ("dev", "config"), ("inf", "ads"), ("status", None)}
 
 
 def _token(did: str | None) -> str | None:
@@ -54,6 +54,8 @@ def _classify(topic: str) -> tuple[tuple[str, str | None], str] | None:
             return ("inf", kind), ident
         case ["reply", ident]:
             return ("reply", None), ident
+        case ["status", ident]:
+            return ("status", None), ident
     return None
 
 

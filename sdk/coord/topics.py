@@ -113,11 +113,17 @@ def reply_topic(client: str) -> str:
     return f"{ROOT}/reply/{validate_id(client, what='client id')}"
 
 
+def status_list(issuer: str) -> str:
+    """Where an issuer publishes its status list credential (retained); ``issuer`` is its token."""
+    return f"{ROOT}/status/{validate_id(issuer, what='issuer id')}"
+
+
 #: Subscription filters over all devices / nodes.
 ALL_PRESENCE = f"{ROOT}/dev/+/presence"
 ALL_EVENTS = f"{ROOT}/dev/+/events"
 ALL_CONFIGS = f"{ROOT}/dev/+/config"
 ALL_INFERENCE_ADS = f"{ROOT}/inf/ads/+"
+ALL_STATUS_LISTS = f"{ROOT}/status/+"
 
 _DEVICE_TOPIC = re.compile(rf"^{re.escape(ROOT)}/dev/([^/]+)/(presence|events|config|cmd)$")
 

@@ -265,6 +265,8 @@ class MqttTransport:
         self._close_waiter: asyncio.Future[None] | None = None
         self._flush_scheduled = False
         self._reading = False  # inside _on_readable: acks wait until the handlers' wake-ups ran
+        self._quiet = True  # the last read drained the socket
+        self._received = 0  # PUBLISH packets received
         self._loop_thread: int | None = None
         self.reconnects = 0
         self.session_present = False
@@ -756,16 +758,25 @@ class MqttTransport:
         if packet_read is None:  # pragma: no cover - older paho
             client.loop_read()
             return
+        # Latency: the first message after a quiet spell is handed over alone (the tasks it woke
+        # run before anything behind it is parsed and verified); a busy socket is read in batches.
+        quiet = self._quiet
+        self._quiet = False
         self._reading = True
         try:
             for _ in range(_READ_BATCH):
                 if client._sock is None or self._read_paused:  # noqa: SLF001
                     return
+                seen = self._received
                 rc = packet_read()
                 if rc > 0:
                     client._loop_rc_handle(rc)  # noqa: SLF001 - closes the socket, calls on_disconnect
                     return
                 if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                    self._quiet = True
+                    return
+                if quiet and self._received != seen:
+                    self._loop.call_soon(self._on_readable)  # type: ignore[union-attr] - reads on after them
                     return
         finally:
             self._reading = False
@@ -847,6 +858,7 @@ class MqttTransport:
             fut.set_result([])
 
     def _on_paho_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
+        self._received += 1
         msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain))
         for topic_filter, sub in self._subs.items():
             if sub.handler is not None and _matches(topic_filter, msg.topic):

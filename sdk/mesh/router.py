@@ -281,10 +281,9 @@ class Mesh:
         failures: list[tuple[str, str, str]] = []  # (node, reason, message)
         version: str | None = None
         for _attempt in range(self.config.max_attempts):
-            view = self._choose(name, tried, version)
-            if view is None:
+            node = self._choose(name, tried, version)
+            if node is None:
                 break
-            node = view.advert
             tried.add(node.node_id)
             version = version or str(node.metadata.get("version") or "") or None
             if progress.generated:
@@ -394,12 +393,15 @@ class Mesh:
         self.counters["errors"] += 1
         raise _exhausted(name, failures, tried)
 
-    def _choose(self, model: str, tried: set[str], version: str | None) -> NodeView | None:
+    def _choose(self, model: str, tried: set[str], version: str | None) -> NodeAdvert | None:
+        live = [a for a in self.table.live(model) if a.node_id not in tried]
+        if len(live) == 1:  # nothing to rank (the common single-node path: no z-scores per request)
+            return live[0]
         ranked = self.ranked(model, exclude=tried)
         if version is not None:  # a resumed stream continues on the same weights where possible
             same = [v for v in ranked if str(v.advert.metadata.get("version") or "") == version]
             ranked = same or ranked
-        return ranked[0] if ranked else None
+        return ranked[0].advert if ranked else None
 
     # ------------------------------------------------------------------ GenerationBackend
 

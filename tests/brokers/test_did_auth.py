@@ -92,6 +92,11 @@ def test_own_topics_acl() -> None:
     assert not acl(ALICE.did, "other/topic", "publish")
     assert not acl(None, f"autoglm/v1/dev/{a}/presence", "publish")
     assert acl(MALLORY.did, "other/topic", "publish", (MALLORY.did,))  # admins may do anything
+    # status lists: only the issuer publishes its own; everyone may read them
+    assert acl(ALICE.did, f"autoglm/v1/status/{a}", "publish")
+    assert not acl(MALLORY.did, f"autoglm/v1/status/{a}", "publish")
+    assert acl(MALLORY.did, f"autoglm/v1/status/{a}", "subscribe")
+    assert acl(MALLORY.did, "autoglm/v1/status/+", "subscribe")
 
 
 # --------------------------------------------------------------------------- the embedded broker

@@ -36,8 +36,7 @@ NOTICE_NOT_ADMITTED = "not_admitted"
 APPLIED = "applied"
 FAILED = "failed"
 
-STATUS_ROOT = f"{topics.ROOT}/status"
-ALL_STATUS_LISTS = f"{STATUS_ROOT}/+"
+ALL_STATUS_LISTS = topics.ALL_STATUS_LISTS
 
 
 def token(did: str) -> str:
@@ -47,7 +46,7 @@ def token(did: str) -> str:
 
 def status_list_topic(issuer_did: str) -> str:
     """Where ``issuer_did`` publishes its status list credential (retained)."""
-    return f"{STATUS_ROOT}/{topics.client_token(issuer_did)}"
+    return topics.status_list(topics.client_token(issuer_did))
 
 
 def status_list_url(issuer_did: str) -> str:
@@ -64,6 +63,6 @@ def issuer_of_status_url(url: str) -> str | None:
 __all__ = [
     "HELLO", "PRESENT", "EVENT", "REPORT", "ANNOUNCE", "PRESENCE", "HEARTBEAT", "CONFIG", "NOTICE",
     "STATUS_LIST", "NOTICE_REVOKED", "NOTICE_REAUTH", "NOTICE_NOT_ADMITTED", "APPLIED", "FAILED",
-    "STATUS_ROOT", "ALL_STATUS_LISTS", "token", "status_list_topic", "status_list_url",
+    "ALL_STATUS_LISTS", "token", "status_list_topic", "status_list_url",
     "issuer_of_status_url",
 ]
