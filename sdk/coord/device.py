@@ -15,6 +15,9 @@
   ``async for cfg in dev.configs()`` (``await cfg.ack()`` / ``await cfg.fail(reason)``).
 * Catch-up: every (re)authentication states the last version handled; the coordinator sends
   what changed since, and each version reaches the app exactly once.
+* Outbox: each event carries an ``event_id`` and stays queued (in ``state_file`` too) until the
+  coordinator acknowledges it (``coord.event_ack``); unacknowledged events are re-sent in order
+  after every (re)admission and every heartbeat TTL, and the coordinator applies each id once.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from sdk.coord.coordinator.auth import COORDINATOR_CREDENTIAL, check_presentatio
 from sdk.coord.coordinator.errors import AdmissionError, ConfigRejected, NotAdmitted
 from sdk.coord.coordinator.status import MqttStatusListSource
 from sdk.coord.coordinator.store import ConfigVersion
-from sdk.coord.envelope import Message, Signer
+from sdk.coord.envelope import Message, Signer, new_id
 from sdk.coord.errors import MessagingError, RemoteError, RequestTimeout
 from sdk.coord.events import Event, battery, custom, input_methods, network, screen_available, screen_lost
 from sdk.coord.transport import Will
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 ConfigCallback = Callable[["Config"], Awaitable[Any] | Any]
 
 _TRANSIENT = ("timeout", "busy", "status_unavailable")   # worth another try at connect()
+MAX_OUTBOX = 1000          # unacknowledged events kept per device (oldest dropped beyond, logged)
 _CONNECT_ATTEMPTS = 3
 
 #: device states
@@ -85,6 +89,15 @@ class Config:
             self._done.set_result((protocol.FAILED, str(reason)[:200]))
 
 
+@dataclass(eq=False)
+class _Outgoing:
+    """An event waiting for the coordinator's acknowledgement."""
+
+    body: dict[str, Any]
+    sent_gen: int = -1          # admission generation it was last sent in (-1: not yet)
+    sent_at: float = 0.0
+
+
 @dataclass(frozen=True)
 class Admission:
     """The result of a successful authentication."""
@@ -115,10 +128,13 @@ class Device:
         attributes: dict[str, Any] | None = None,
         auth_timeout: float = 5.0,
         client_config: ClientConfig | None = None,
+        max_outbox: int = MAX_OUTBOX,
         **transport_options: Any,
     ) -> None:
         if not isinstance(key, Key):
             raise TypeError("key must be an sdk.identity.Key")
+        if max_outbox < 1:
+            raise ValueError("max_outbox must be at least 1")
         if heartbeat_ttl is not None and heartbeat_ttl <= 0:
             raise ValueError("heartbeat_ttl must be positive")
         self.key = key
@@ -133,6 +149,10 @@ class Device:
         self.capabilities = None if capabilities is None else sorted(capabilities)
         self.attributes = dict(attributes or {})
         self.state_file = Path(state_file) if state_file is not None else None
+        self.max_outbox = max_outbox
+        self._outbox: dict[str, _Outgoing] = {}
+        self._admission_gen = 0
+        self._send_lock = asyncio.Lock()
         self.last_version = self._load_version(last_version)
         self.state: str = CLOSED
         self.admission: Admission | None = None
@@ -287,6 +307,9 @@ class Device:
         self._coordinator_boot = admission.boot
         self.refused_reason = None
         self.state = ADMITTED
+        self._admission_gen += 1
+        if self._outbox:        # queued before, sent before the waiters' new events (same lock, order)
+            self._spawn(self._drain())
         self._admitted.set()
         self._start_heartbeat(admission.heartbeat_ttl)
         log.info("device %s admitted by %s (session %s)", self.did, self.coordinator, admission.session)
@@ -370,6 +393,12 @@ class Device:
                                           type=protocol.HEARTBEAT, qos=0)
             except MessagingError as exc:
                 log.debug("heartbeat not sent: %s", exc.reason)
+            stale = time.monotonic() - ttl
+            for item in self._outbox.values():      # unacknowledged for a whole TTL: send again
+                if 0 <= item.sent_gen and item.sent_at < stale:
+                    item.sent_gen = -1
+            if any(item.sent_gen < 0 for item in self._outbox.values()):
+                self._spawn(self._drain())
 
     def pause_heartbeats(self) -> None:
         """Stop sending heartbeats (for tests and apps going silent on purpose)."""
@@ -377,13 +406,68 @@ class Device:
 
     # ------------------------------------------------------------------ events
     async def publish_event(self, event: Event, *, wait_admitted: float | None = 5.0) -> str:
-        """Publish a validated event; waits (up to ``wait_admitted`` s) while re-authenticating."""
+        """Queue a validated event and send it; returns its ``event_id``.
+
+        It stays in the outbox until the coordinator acknowledges it. While the coordinator is
+        away this waits up to ``wait_admitted`` s, then returns with the event still queued (it
+        goes out on re-admission). Raises :class:`NotAdmitted` only when revoked.
+        """
         if not isinstance(event, Event):
             raise TypeError("event must be an sdk.coord.events.Event (use the helpers)")
+        if self.state == REVOKED:
+            raise NotAdmitted("device credential revoked", reason="revoked")
+        event_id = new_id()
+        self._outbox[event_id] = _Outgoing({**event.to_body(), "event_id": event_id})
+        while len(self._outbox) > self.max_outbox:
+            dropped = next(iter(self._outbox))
+            del self._outbox[dropped]
+            log.warning("device %s outbox full (%d): dropped unacknowledged event %s", self.did,
+                        self.max_outbox, dropped)
+        self._save_state()
         if self.state != ADMITTED:
-            await self.wait_admitted(wait_admitted)
-        return await self.client.publish(topics.device_events(self._token), event.to_body(),
-                                         type=protocol.EVENT, qos=1)
+            try:
+                await self.wait_admitted(wait_admitted)
+            except NotAdmitted as exc:
+                if exc.reason == "revoked":
+                    self._outbox.pop(event_id, None)
+                    self._save_state()
+                    raise
+                log.info("event %s queued until the coordinator admits %s (%s)", event_id, self.did,
+                         exc.reason)
+                return event_id
+        await self._drain()
+        return event_id
+
+    @property
+    def outbox(self) -> list[str]:
+        """Ids of the events not yet acknowledged by the coordinator, oldest first."""
+        return list(self._outbox)
+
+    async def _drain(self) -> None:
+        """Send every queued event not yet sent in this admission, in order (one sender at a time)."""
+        async with self._send_lock:
+            for event_id, item in list(self._outbox.items()):
+                if self.state != ADMITTED:
+                    return
+                if item.sent_gen == self._admission_gen or event_id not in self._outbox:
+                    continue
+                gen = self._admission_gen
+                try:
+                    await self.client.publish(topics.device_events(self._token), item.body,
+                                              type=protocol.EVENT, qos=1)
+                except MessagingError as exc:
+                    log.info("event %s not sent (%s); it stays queued", event_id, exc.reason)
+                    return
+                item.sent_gen, item.sent_at = gen, time.monotonic()
+
+    def _on_event_ack(self, msg: Message) -> None:
+        body = msg.body if isinstance(msg.body, dict) else {}
+        event_id = body.get("event_id")
+        if not isinstance(event_id, str) or self._outbox.pop(event_id, None) is None:
+            return
+        if body.get("status") == protocol.ACK_REJECTED:
+            log.warning("coordinator rejected event %s: %s", event_id, body.get("reason"))
+        self._save_state()
 
     async def screen_available(self, width: int, height: int, *, density: float | None = None,
                                screen_id: str | None = None) -> str:
@@ -506,21 +590,37 @@ class Device:
         if self.state_file is None or not self.state_file.exists():
             return default
         try:
-            return max(default, int(json.loads(self.state_file.read_text())["last_version"]))
+            data = json.loads(self.state_file.read_text())
+            version = max(default, int(data["last_version"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable device state %s: %s", self.state_file, exc)
             return default
+        outbox = data.get("outbox", [])
+        for body in outbox if isinstance(outbox, list) else []:
+            if isinstance(body, dict) and isinstance(body.get("event_id"), str):
+                self._outbox[body["event_id"]] = _Outgoing(body)
+        return version
 
     def _save_version(self) -> None:
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """Write ``last_version`` and the unacknowledged events to ``state_file`` (atomically)."""
         if self.state_file is None:
             return
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"last_version": self.last_version}))
+        tmp.write_text(json.dumps({"last_version": self.last_version,
+                                   "outbox": [item.body for item in self._outbox.values()]}))
         os.replace(tmp, self.state_file)
 
     # ------------------------------------------------------------------ from the coordinator
     def _on_notice(self, msg: Message) -> None:
-        if msg.type != protocol.NOTICE or msg.sender != self.coordinator:
+        if msg.sender != self.coordinator:
+            return
+        if msg.type == protocol.EVENT_ACK:
+            self._on_event_ack(msg)
+            return
+        if msg.type != protocol.NOTICE:
             return
         body = msg.body if isinstance(msg.body, dict) else {}
         notice = body.get("notice")

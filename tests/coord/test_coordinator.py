@@ -373,3 +373,107 @@ async def test_coordinator_offline_then_online_same_boot(mesh: Mesh) -> None:
     await display.publish_event(screen_available(800, 600))
     await phone.wait_version(1, 10)
     assert [c.version for c in got] == [1]
+
+
+async def test_event_sent_while_coordinator_down_is_applied_once(mesh: Mesh, tmp_path: Path) -> None:
+    """Coordinator stopped → the display's event waits in its outbox → a restarted coordinator
+    (same data dir) gets it on re-admission and the phone applies the config exactly once."""
+    import json
+
+    coord = await mesh.start_coordinator()
+    state_file = tmp_path / "display-state.json"
+    display = await mesh.device("display", state_file=state_file)
+    got: list[Any] = []
+    phone = await mesh.device("phone", record=got)
+    await coord.stop()
+    await until(lambda: display.state == "waiting" and phone.state == "waiting")
+
+    eid = await display.publish_event(screen_available(800, 600), wait_admitted=0.2)
+    assert display.outbox == [eid]                          # queued, not lost, not raised
+    assert [b["event_id"] for b in json.loads(state_file.read_text())["outbox"]] == [eid]
+
+    mesh.events.clear()
+    await mesh.start_coordinator()                          # same key, same data dir, new boot
+    await phone.wait_version(1, 15)
+    await until(lambda: display.outbox == [])               # acknowledged
+    assert json.loads(state_file.read_text())["outbox"] == []
+    await asyncio.sleep(0.3)                                # give duplicates a chance to show up
+    assert [c.version for c in got] == [1]
+    assert got[0].event_id == eid and got[0].state["ui.companion.resolution"] == "800x600"
+    store = mesh.coordinator.store  # type: ignore[union-attr]
+    assert store.latest_version(phone.did) == 1
+    assert [i["event_id"] for w, i in mesh.events if w == "event"] == [eid]
+
+
+async def test_redelivered_event_is_applied_once_across_restart(mesh: Mesh) -> None:
+    """The same event delivered again after a restart (the broker's copy twice, then the device's
+    re-send in a fresh envelope) is acknowledged as a duplicate and changes nothing."""
+    from sdk.coord import topics
+    from sdk.coord.broker_auth import did_credentials
+    from sdk.coord.coordinator import protocol
+    from sdk.coord.device import _Outgoing
+    from sdk.coord.transport import MqttTransport
+
+    coord = await mesh.start_coordinator()
+    display = await mesh.device("display")
+    got: list[Any] = []
+    phone = await mesh.device("phone", record=got)
+    events_topic = topics.device_events(protocol.token(display.did))
+    wires: list[bytes] = []
+    sniffer = MqttTransport(mesh.url, **did_credentials(Key.generate()))
+    await sniffer.connect()
+    mesh.stack.push_async_callback(sniffer.aclose)
+    await sniffer.subscribe(events_topic, qos=1, handler=lambda t, p, **kw: wires.append(p))
+
+    eid = await display.publish_event(screen_available(800, 600))
+    await phone.wait_version(1, 10)
+    await until(lambda: display.outbox == [] and len(wires) == 1)
+
+    await coord.stop()                                      # its in-memory replay cache goes too
+    mesh.events.clear()
+    coord = await mesh.start_coordinator()
+    for dev in (display, phone):
+        await mesh.wait_for("admitted", lambda i, d=dev.did: i["did"] == d, timeout=15)
+        await dev.wait_admitted(10)
+    for _ in range(2):                                      # the same envelope, delivered twice
+        await sniffer.publish(events_topic, wires[0], qos=1)
+    again = _Outgoing({**screen_available(800, 600).to_body(), "event_id": eid})
+    display._outbox[eid] = again                            # noqa: SLF001 - the device's own re-send
+    await display._drain()                                  # noqa: SLF001
+    await until(lambda: sum(w == "duplicate" for w, _ in mesh.events) == 2 and display.outbox == [])
+    await until(lambda: coord.client.stats.rejected["replayed"] >= 1)    # the second raw copy
+    await asyncio.sleep(0.3)
+    assert [c.version for c in got] == [1]
+    assert coord.store.latest_version(phone.did) == 1       # type: ignore[union-attr]
+    assert not any(w in ("event", "committed") for w, _ in mesh.events)
+    assert coord.store.event_processed(display.did, eid)    # type: ignore[union-attr]
+
+
+async def test_queued_event_survives_device_and_broker_restart(restartable_broker: Any,
+                                                               tmp_path: Path) -> None:
+    """Coordinator down, event queued in the device's state file, the device process and the broker
+    restart (amqtt forgets every session), then the coordinator returns: applied exactly once."""
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(restartable_broker.url, tmp_path / "coord", stack)
+        coord = await mesh.start_coordinator()
+        display_key = Key.generate()
+        state_file = tmp_path / "display-state.json"
+        display = await mesh.device("display", key=display_key, connect=False, state_file=state_file)
+        await display.connect()
+        got: list[Any] = []
+        phone = await mesh.device("phone", record=got)
+        await coord.stop()
+        await until(lambda: display.state == "waiting")
+        eid = await display.publish_event(screen_available(800, 600), wait_admitted=0.2)
+        await display.aclose()                              # the device process ends, event queued on disk
+
+        await restartable_broker.restart()
+        mesh.events.clear()
+        coord = await mesh.start_coordinator()
+        stack.push_async_callback(coord.stop)
+        display2 = await mesh.device("display", key=display_key, state_file=state_file)
+        await phone.wait_version(1, 30)
+        await until(lambda: display2.outbox == [], timeout=20)
+        await asyncio.sleep(0.3)
+        assert [c.version for c in got] == [1] and got[0].event_id == eid
+        assert coord.store.latest_version(phone.did) == 1   # type: ignore[union-attr]

@@ -299,3 +299,42 @@ async def test_coordinator_rejects_spoofed_topic_and_bad_events(mesh: Mesh) -> N
     assert coord.store.latest_version(victim.did) == 0     # type: ignore[union-attr]
     text = coord.metrics.prometheus().decode()
     assert 'autoglm_coord_rejected_total{reason="wrong_topic_owner"} 1.0' in text
+
+
+async def test_unacknowledged_event_is_resent_after_a_ttl(mesh: Mesh) -> None:
+    """An event the coordinator never saw (lost as the coordinator's link dropped) stays in the
+    outbox and goes out again once a heartbeat TTL passes without an acknowledgement."""
+    from sdk.coord.device import _Outgoing
+
+    await mesh.start_coordinator()
+    display = await mesh.device("display", heartbeat_ttl=0.6)
+    got: list[Any] = []
+    phone = await mesh.device("phone", record=got)
+    lost = _Outgoing({**screen_available(800, 600).to_body(), "event_id": "lost-event-0001"},
+                     sent_gen=display._admission_gen, sent_at=time.monotonic())   # noqa: SLF001
+    display._outbox["lost-event-0001"] = lost                                      # noqa: SLF001
+    await phone.wait_version(1, 10)
+    await until(lambda: display.outbox == [])
+    assert [c.event_id for c in got] == ["lost-event-0001"]
+
+
+async def test_invalid_event_is_acknowledged_as_rejected_and_dropped(mesh: Mesh) -> None:
+    await mesh.start_coordinator()
+    display = await mesh.device("display")
+    from sdk.coord.device import _Outgoing
+
+    display._outbox["bad-event-00001"] = _Outgoing(                                # noqa: SLF001
+        {"type": "screen_available", "fields": {"width": "wide"}, "event_id": "bad-event-00001"})
+    await display._drain()                                                         # noqa: SLF001
+    await mesh.wait_for("rejected", lambda i: i["reason"] == "invalid_event")
+    await until(lambda: display.outbox == [])              # not re-sent forever
+
+
+async def test_revoked_device_does_not_queue_events(mesh: Mesh) -> None:
+    coord = await mesh.start_coordinator()
+    tablet = await mesh.device("tablet")
+    await coord.revoke(tablet.did)
+    await until(lambda: tablet.state == REVOKED, timeout=5)
+    with pytest.raises(NotAdmitted):
+        await tablet.publish_event(battery("low"))
+    assert tablet.outbox == []

@@ -57,3 +57,23 @@ def test_failed_report_and_counts(tmp_path: Path) -> None:
 def test_merge_and_delta_helpers() -> None:
     assert merge({"a": 1, "b": 2}, {"a": None, "c": 3}) == {"b": 2, "c": 3}
     assert delta({"a": 1, "b": 2}, {"a": 1, "z": 0}) == {"b": 2, "z": None}
+
+
+def test_event_dedup_is_per_sender_and_survives_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    ev = ("did:display", "screen_available", {"width": 800, "height": 600})
+    (v1,) = store.commit({"did:phone": ({"w": 800}, ("r",))}, event_id="e-0001", event=ev)
+    assert v1.version == 1 and store.event_processed("did:display", "e-0001")
+    assert not store.event_processed("did:other", "e-0001")           # scoped to the sender
+    assert store.commit({"did:phone": ({"w": 800}, ("r",))}, event_id="e-0001", event=ev) == []
+    assert store.latest_version("did:phone") == 1
+    store.close()
+
+    store = Store(tmp_path / "state.db")                              # a restarted coordinator
+    assert store.event_processed("did:display", "e-0001")
+    assert store.commit({"did:phone": ({"w": 800}, ("r",))}, event_id="e-0001", event=ev) == []
+    assert [c.version for c in store.versions_since("did:phone", 0)] == [1]
+    other = ("did:other", "screen_available", {"width": 640, "height": 480})
+    (v2,) = store.commit({"did:phone": ({"w": 640}, ("r",))}, event_id="e-0001", event=other)
+    assert v2.version == 2                                            # another sender's event applies
+    store.close()

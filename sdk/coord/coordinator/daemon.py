@@ -373,29 +373,60 @@ class Coordinator:
     async def _handle_event(self, msg: Message) -> None:
         assert self.store is not None
         t0 = time.perf_counter()
+        event_id = _event_id(msg)
+        if self.store.event_processed(msg.sender, event_id):
+            log.info("event %s from %s already processed; acknowledged again", event_id, msg.sender)
+            self._emit("duplicate", did=msg.sender, event_id=event_id)
+            self._ack(msg.sender, event_id, protocol.ACK_DUPLICATE)
+            return
         try:
             event = Event.from_body(msg.body)
         except InvalidEvent as exc:
             log.warning("invalid event from %s: %s", msg.sender, exc)
             self._reject(msg, exc.reason)
+            self._ack(msg.sender, event_id, protocol.ACK_REJECTED, exc.reason)   # no point re-sending it
             return
-        self.metrics.events.labels(event.type).inc()
         actions = self.rules.evaluate(event, msg.sender, self.registry)
         merged: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
         for action in actions:
             for did in action.targets:
                 changes, rules = merged.get(did, ({}, ()))
                 merged[did] = ({**changes, **action.changes}, (*rules, action.rule))
-        versions = self.store.commit(merged, event_id=msg.id, event=(msg.sender, event.type, event.fields))
-        self._emit("event", did=msg.sender, event_id=msg.id, type=event.type, fields=event.fields,
+        try:
+            versions = self.store.commit(merged, event_id=event_id,
+                                         event=(msg.sender, event.type, event.fields))
+        except CoordinationError as exc:       # not acknowledged: the device sends it again
+            log.error("event %s from %s not committed: %s", event_id, msg.sender, exc)
+            return
+        if merged and not versions:            # processed meanwhile (dedup inside the transaction)
+            self._ack(msg.sender, event_id, protocol.ACK_DUPLICATE)
+            return
+        self.metrics.events.labels(event.type).inc()
+        self._emit("event", did=msg.sender, event_id=event_id, type=event.type, fields=event.fields,
                    targets=sorted(merged))
         if not merged:
+            self._ack(msg.sender, event_id, protocol.ACK_PROCESSED)
             return
-        self.metrics.start(msg.id, {c.did: c.version for c in versions})
+        self.metrics.start(event_id, {c.did: c.version for c in versions})
         self._dirty = True
         self.metrics.event_work(time.perf_counter() - t0)        # rules + durable commit
-        self._emit("committed", event_id=msg.id, versions={c.did: c.version for c in versions})
+        self._emit("committed", event_id=event_id, versions={c.did: c.version for c in versions})
         await asyncio.gather(*(self._pump(c.did, c) for c in versions))
+        self._ack(msg.sender, event_id, protocol.ACK_PROCESSED)
+
+    def _ack(self, did: str, event_id: str, status: str, reason: str | None = None) -> None:
+        """Tell ``did`` its event is durably handled, so it drops it from its outbox."""
+        body: dict[str, Any] = {"event_id": event_id, "status": status}
+        if reason:
+            body["reason"] = reason
+        self._spawn(self._send_ack(did, body))
+
+    async def _send_ack(self, did: str, body: dict[str, Any]) -> None:
+        try:
+            await self.client.publish(topics.device_commands(protocol.token(did)), body,
+                                      type=protocol.EVENT_ACK, qos=1)
+        except MessagingError as exc:          # the device re-sends; dedup answers it again
+            log.info("event ack to %s not sent: %s", did, exc.reason)
 
     def _handle_report(self, msg: Message) -> None:
         assert self.store is not None
@@ -643,6 +674,15 @@ class Coordinator:
             os.replace(tmp, path)
         except (OSError, CoordinationError) as exc:
             log.warning("could not write status snapshot: %s", exc)
+
+
+def _event_id(msg: Message) -> str:
+    """The event's id: the body's ``event_id`` (kept across a device's re-sends), else the envelope id."""
+    body = msg.body if isinstance(msg.body, dict) else {}
+    eid = body.get("event_id")
+    if isinstance(eid, str) and 8 <= len(eid) <= 128:
+        return eid
+    return msg.id
 
 
 def load_key(config: CoordinatorConfig) -> Key:

@@ -3,13 +3,15 @@
     device → coordinator  dev/{coord}/cmd       coord.hello   (request)  {nonce}
                                                 coord.present (request)  {challenge, vp, last_version,
                                                                           capabilities?, attributes?}
-    device → coordinator  dev/{device}/events   coord.event     {type, fields}
+    device → coordinator  dev/{device}/events   coord.event     {type, fields, event_id?}
                                                 coord.report    {version, status, reason?, apply_ms?}
                                                 coord.announce  {capabilities?, attributes?}
     device → coordinator  dev/{device}/presence coord.presence  {state, ttl}  (retained; will = offline)
                                                 coord.heartbeat {seq}
     coordinator → device  dev/{device}/config   coord.config    ConfigVersion document
     coordinator → device  dev/{device}/cmd      coord.notice    {notice: revoked|reauth|not_admitted, reason}
+                                                coord.event_ack {event_id, reason?,
+                                                                 status: processed|duplicate|rejected}
     coordinator           dev/{coord}/presence  coord.presence  {state, boot} (retained)
     issuer/coordinator    status/{issuer}       coord.status_list  status list credential (retained)
 """
@@ -27,7 +29,12 @@ PRESENCE = "coord.presence"
 HEARTBEAT = "coord.heartbeat"
 CONFIG = "coord.config"
 NOTICE = "coord.notice"
+EVENT_ACK = "coord.event_ack"
 STATUS_LIST = "coord.status_list"
+
+ACK_PROCESSED = "processed"
+ACK_DUPLICATE = "duplicate"
+ACK_REJECTED = "rejected"
 
 NOTICE_REVOKED = "revoked"
 NOTICE_REAUTH = "reauth"

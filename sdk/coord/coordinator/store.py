@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE TABLE IF NOT EXISTS events (
     event_id TEXT PRIMARY KEY, sender TEXT NOT NULL, type TEXT NOT NULL, fields TEXT NOT NULL,
     received REAL NOT NULL, targets TEXT NOT NULL, converged REAL, failures INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS processed (
+    sender TEXT NOT NULL, event_id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (sender, event_id));
 """
 
 
@@ -114,6 +116,10 @@ class Store:
             self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            if self._db.execute("SELECT 1 FROM processed LIMIT 1").fetchone() is None:
+                # a store written before event dedup: its recorded events count as processed
+                self._db.execute("INSERT OR IGNORE INTO processed(sender, event_id, at) "
+                                 "SELECT sender, event_id, received FROM events")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
         self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -167,7 +173,9 @@ class Store:
                now: float | None = None) -> list[ConfigVersion]:
         """Commit one new desired version per device, atomically; returns the new versions.
 
-        ``event`` = ``(sender, type, fields)`` records the triggering event in the same transaction.
+        ``event`` = ``(sender, type, fields)`` records the triggering event in the same transaction
+        and marks ``(sender, event_id)`` processed; an event already processed commits nothing and
+        returns ``[]`` (each event is applied exactly once, across restarts).
         """
         now = time.time() if now is None else now
         out: list[ConfigVersion] = []
@@ -178,17 +186,25 @@ class Store:
         rows = [(c.did, c.version, json.dumps(c.changes, sort_keys=True),
                  json.dumps(c.state, sort_keys=True), c.event_id, json.dumps(list(c.rules)), c.created)
                 for c in out]
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: sqlite3.Connection) -> bool:
             if event is not None:
+                if event_id is not None and db.execute(
+                        "INSERT OR IGNORE INTO processed(sender, event_id, at) VALUES (?,?,?)",
+                        (event[0], event_id, now)).rowcount == 0:
+                    return False
                 db.execute("INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
                            "VALUES (?,?,?,?,?,?)", (event_id, event[0], event[1],
                                                     json.dumps(dict(event[2]), sort_keys=True), now,
                                                     json.dumps(sorted(changes_by_device))))
             db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
                            "VALUES (?,?,?,?,?,?,?)", rows)
+            return True
 
         if rows or event is not None:
-            self._tx(write)
+            if not self._tx(write):
+                log.info("event %s from %s already processed; nothing committed", event_id,
+                         event[0] if event else "?")
+                return []
             for c in out:
                 self._latest[c.did] = (c.version, c.state)
         return out
@@ -286,6 +302,12 @@ class Store:
             "VALUES (?,?,?,?,?,?)",
             (event_id, sender, event_type, json.dumps(dict(fields), sort_keys=True), now,
              json.dumps(sorted(targets)))))
+
+    def event_processed(self, sender: str, event_id: str) -> bool:
+        """True when ``sender``'s event ``event_id`` was already processed (persisted dedup)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM processed WHERE sender = ? AND event_id = ?",
+                                    (sender, event_id)).fetchone() is not None
 
     def mark_converged(self, event_id: str, *, failures: int = 0, now: float | None = None) -> None:
         """Record when every target of an event had reported."""
