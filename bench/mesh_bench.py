@@ -13,7 +13,9 @@ alternate, greedy, same prompts. Figures against the issue's targets:
   router's time to first token minus the node engine's own (from its submission), for the same
   request on one clock (the engine's clock starts when the node tokenizes, as the direct path
   tokenizes inside ``stream()``); for full requests and for one-token requests ("path only":
-  nothing else competes for the CPU while the first token travels);
+  nothing else competes for the CPU while the first token travels); ``--split`` also measures the
+  messaging floor: the same request body sent to the node process over the same connections and
+  answered with one encrypted chunk (``SecureClient`` alone: no mesh logic, no engine);
 * decode tokens/s lost (target <= 3 %): 1 - router/engine decode rate of the same requests,
   (n-1) / (last token - first token), median; the unpaired mesh vs direct runs are printed too;
 * failover: a second node takes over after the serving node is killed (connection dropped, its
@@ -218,7 +220,7 @@ async def serve_node(args: argparse.Namespace) -> None:
                     config=NodeConfig(node_id=args.node_id, advert_interval=1.0))
     await node.start()
 
-    async def echo(msg: Any) -> Any:  # the messaging floor: same connection, one chunk back, no mesh, no engine
+    async def echo(msg: Any) -> Any:  # the messaging floor: one chunk back, no mesh logic, no engine
         async def chunks() -> Any:
             yield {"t": "x", "ids": [1], "f": "length"}
         return chunks()
@@ -286,18 +288,22 @@ async def run_split(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 path.append(t_first - (e_first - sub))
             # The floor: the same request body (credential attached) to the node process over the same two
             # connections, encrypted both ways, one chunk back: SecureClient alone, no mesh, no engine.
+            # Idle gaps of 50 ms (processes asleep, as while a prefill runs) and of 5 ms (kept warm).
             node_did = mesh.nodes()[0].did
-            floor = []
-            for i in range(max(args.requests, 16)):
-                body = request_body(req(i, 1), model="echo")
-                start = time.perf_counter()
-                got = None
-                async for _ in mesh.client.stream(topics.inference_requests("split-0-echo"), body, encrypt_to=node_did):
-                    got = got or time.perf_counter() - start
-                floor.append(got)
-                await asyncio.sleep(0.05)
+            floors: dict[float, list[float]] = {0.05: [], 0.005: []}
+            for gap, floor in floors.items():
+                for i in range(max(args.requests, 16)):
+                    body = request_body(req(i, 1), model="echo")
+                    start = time.perf_counter()
+                    got = None
+                    async for _ in mesh.client.stream(topics.inference_requests("split-0-echo"), body,
+                                                      encrypt_to=node_did):
+                        got = got or time.perf_counter() - start
+                    floor.append(got)
+                    await asyncio.sleep(gap)
             out.update({
-                "floor_round_trip_ms": statistics.median(floor) * 1e3,
+                "floor_round_trip_ms": statistics.median(floors[0.05]) * 1e3,
+                "floor_round_trip_warm_ms": statistics.median(floors[0.005]) * 1e3,
                 "paired_added_latency_ms": statistics.median(p[0] for p in paired) * 1e3,
                 "path_added_latency_ms": statistics.median(path) * 1e3,
                 "paired_decode_tps_router": statistics.median(p[1] for p in paired),
@@ -375,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['path_added_latency_ms']:.2f} ms (target <= {TARGET_ADDED_MS} ms)")
     if "floor_round_trip_ms" in r:
         print(f"  messaging floor (same body to the node process and back as one encrypted chunk, no mesh, "
-              f"no engine): {r['floor_round_trip_ms']:.2f} ms; mesh on top of it "
+              f"no engine): {r['floor_round_trip_ms']:.2f} ms after 50 ms idle "
+              f"({r['floor_round_trip_warm_ms']:.2f} ms after 5 ms); path only minus floor "
               f"{r['path_added_latency_ms'] - r['floor_round_trip_ms']:.2f} ms")
     if "ttft_direct_ms" in r:
         print(f"  unpaired, alternating runs: time to first token: direct {r['ttft_direct_ms']:.2f} ms, mesh {r['ttft_mesh_ms']:.2f} ms; "
