@@ -65,6 +65,8 @@ def matches(topic_filter: str, topic: str) -> bool:
     """True if ``topic`` matches the MQTT filter ``topic_filter``."""
     if topic_filter == topic:
         return True
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return False
     f_levels = topic_filter.split("/")
     t_levels = topic.split("/")
     if topic.startswith("$") and f_levels[0] in ("+", "#"):

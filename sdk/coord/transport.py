@@ -70,6 +70,7 @@ from sdk.coord.errors import (
     SubscribeFailed,
     TransportError,
 )
+from sdk.coord.topics import matches as topic_matches
 
 log = logging.getLogger(__name__)
 
@@ -864,7 +865,7 @@ class MqttTransport:
         self._received += 1
         msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain))
         for topic_filter, sub in self._subs.items():
-            if sub.handler is not None and _matches(topic_filter, msg.topic):
+            if sub.handler is not None and topic_matches(topic_filter, msg.topic):
                 _deliver(sub.handler, msg, self._handler_tasks)
                 return
         if self.on_message is not None:
@@ -875,24 +876,6 @@ class MqttTransport:
             self._queue_wakeup.set()
         if len(self._queue) >= self.config.incoming_limit:
             self._pause_reading()
-
-
-def _matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (``+`` one level, ``#`` the rest; ``$`` topics need explicit levels)."""
-    if topic_filter == topic:
-        return True
-    if "+" not in topic_filter and "#" not in topic_filter:
-        return False
-    f_levels = topic_filter.split("/")
-    t_levels = topic.split("/")
-    if topic.startswith("$") and f_levels[0] in ("+", "#"):
-        return False
-    for i, f in enumerate(f_levels):
-        if f == "#":
-            return True
-        if i >= len(t_levels) or (f != "+" and f != t_levels[i]):
-            return False
-    return len(f_levels) == len(t_levels)
 
 
 __all__ = [
