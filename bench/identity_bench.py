@@ -44,11 +44,11 @@ from sdk.identity import (  # noqa: E402
     TrustPolicy,
     create_presentation,
     create_status_list_credential,
+    didkit_backend,  # noqa: E402
     issue_credential,
     status_entry,
     verify_presentation,
 )
-from sdk.identity import didkit_backend  # noqa: E402
 from sdk.identity.ed25519_fast import clear_cache  # noqa: E402
 
 V1 = "https://www.w3.org/2018/credentials/v1"

@@ -209,8 +209,7 @@ async def serve_node(args: argparse.Namespace) -> None:
     from sdk.identity import Key, TrustPolicy
     from sdk.inference import Engine, EngineConfig
     from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, MeshNode, NodeConfig
-
-    from sdk.coord import topics
+    from sdk.mesh import topics as mesh_topics
 
     engine = await Engine.start(EngineConfig(device=args.device, max_sequence_length=512, max_batch_size=4))
     ran = asyncio.Event()
@@ -225,7 +224,7 @@ async def serve_node(args: argparse.Namespace) -> None:
             yield {"t": "x", "ids": [1], "f": "length"}
         return chunks()
 
-    await node.client.serve(topics.inference_requests(f"{args.node_id}-echo"), echo)
+    await node.client.serve(mesh_topics.inference_requests(f"{args.node_id}-echo"), echo)
     print("READY", flush=True)
     reported = 0
     while True:  # report engine runs when they end (no polling in the measured process)
@@ -240,10 +239,10 @@ async def serve_node(args: argparse.Namespace) -> None:
 async def run_split(args: argparse.Namespace, url: str) -> dict[str, Any]:
     """Router here, each node a separate process (its own interpreter, loop and engine thread);
     perf_counter is CLOCK_MONOTONIC, one clock for all processes. Failover = SIGKILL of the node."""
-    from sdk.coord import topics
     from sdk.identity import Key
     from sdk.inference import GenerationRequest
     from sdk.mesh import Mesh, issue_access_credential
+    from sdk.mesh import topics as mesh_topics
     from sdk.mesh.protocol import request_body
 
     issuer, peer = Key.generate(), Key.generate()
@@ -296,7 +295,7 @@ async def run_split(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     body = request_body(req(i, 1), model="echo")
                     start = time.perf_counter()
                     got = None
-                    async for _ in mesh.client.stream(topics.inference_requests("split-0-echo"), body,
+                    async for _ in mesh.client.stream(mesh_topics.inference_requests("split-0-echo"), body,
                                                       encrypt_to=node_did):
                         got = got or time.perf_counter() - start
                     floor.append(got)

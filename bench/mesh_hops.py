@@ -81,7 +81,7 @@ def wrap(cls: Any, attr: str) -> None:
 
 
 def instrument_messaging() -> None:
-    from sdk.coord import client, envelope, transport
+    from sdk.messaging import client, envelope, transport
 
     wrap(envelope.Signer, "seal")
     wrap(envelope.Verifier, "open")

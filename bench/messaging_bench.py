@@ -50,11 +50,12 @@ def _keys():  # noqa: ANN202
 
 async def secure_round_trip(url: str, *, n: int, encrypt: bool, warmup: int = 200) -> LatencyStats:
     """SecureClient request/response (signed; optionally end-to-end encrypted), QoS 0."""
-    from sdk.coord import ClientConfig, SecureClient, topics
+    from sdk.mesh import topics as mesh_topics
+    from sdk.messaging import ClientConfig, SecureClient
 
     node_key, user_key = _keys()
     cfg = ClientConfig(qos=0)
-    topic = topics.inference_requests("bench")
+    topic = mesh_topics.inference_requests("bench")
     async with SecureClient(url, node_key, config=cfg) as node, SecureClient(url, user_key, config=cfg) as user:
         await node.serve(topic, lambda m: m.body)
         to = node_key.did if encrypt else None
@@ -74,10 +75,11 @@ async def secure_round_trip(url: str, *, n: int, encrypt: bool, warmup: int = 20
 
 async def secure_qos1_throughput(url: str, *, n: int, window: int = 1000) -> float:
     """Signed QoS-1 messages per second, one publisher → one verifying subscriber."""
-    from sdk.coord import SecureClient, topics
+    from sdk.coord import protocol
+    from sdk.messaging import SecureClient
 
     pub_key, sub_key = _keys()
-    topic = topics.device_events("bench")
+    topic = protocol.device_events("bench")
     done = asyncio.Event()
     count = 0
 

@@ -195,7 +195,7 @@ async def async_round_trip(
 
 async def transport_round_trip(url: str, *, n: int = 2000, payload_size: int = 64) -> LatencyStats:
     """The same round trip through two ``MqttTransport`` instances on this loop."""
-    from sdk.coord.transport import MqttTransport
+    from sdk.messaging.transport import MqttTransport
 
     tag = uuid.uuid4().hex[:6]
     req, resp = f"bench/{tag}/req", f"bench/{tag}/resp"
@@ -213,7 +213,7 @@ async def transport_round_trip(url: str, *, n: int = 2000, payload_size: int = 6
 
 async def transport_qos1_throughput(url: str, *, n: int = 20000, payload_size: int = 64, window: int = 1000) -> float:
     """``MqttTransport`` QoS-1 messages per second (publishes awaited ``window`` at a time)."""
-    from sdk.coord.transport import MqttTransport
+    from sdk.messaging.transport import MqttTransport
 
     topic = f"bench/{uuid.uuid4().hex[:6]}/tp"
     done = asyncio.Event()

@@ -2,7 +2,7 @@
 
     AutoGLMError                      root of every error this SDK raises on purpose
     ├── IdentityError                 sdk.identity (keys, DIDs, credentials) — see sdk.identity.errors
-    ├── MessagingError                sdk.coord transport/envelope layer — see sdk.coord.errors
+    ├── MessagingError                sdk.coord transport/envelope layer — see sdk.messaging.errors
     ├── CoordinationError             coordinator / device SDK
     ├── InferenceError                sdk.inference engine — see sdk.inference.errors
     └── MeshError                     inference mesh (node, router, gateway)

@@ -2,10 +2,16 @@
 
 Produced the H200 figures in docs/INFERENCE.md. Run from the repo root: PYTHONPATH=. python3 bench/gpu/engine_check.py
 """
-import asyncio, os, sys, time, json
+import asyncio
+import os
+import sys
+import time
+
 import torch
+
 sys.path.insert(0, os.getcwd())
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from sdk.inference.engine import Engine
 from sdk.inference.types import EngineConfig, GenerationRequest
 
@@ -38,6 +44,7 @@ def hf_generate(batch):
     torch.cuda.synchronize(); return batch * N / (time.perf_counter() - t)
 
 import sdk.inference.cuda_graphs as cgmod
+
 _real_compile = cgmod.compile_pointwise_modules
 async def run(graphs, compile_=False):
     cgmod.compile_pointwise_modules = _real_compile if compile_ else (lambda m: 0)

@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import transformers
-
-    from inference_bench import Run, agreement, engine_generate, hf_generate, print_table
+    from inference_bench import Run, agreement, engine_generate, hf_generate
 
     smoke = args.smoke
     conc = [int(c) for c in (args.concurrency or ("1,4" if smoke else "1,8,32,64")).split(",")]

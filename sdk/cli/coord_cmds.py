@@ -148,7 +148,7 @@ def demo(
 
     from rich.console import Console
 
-    from sdk.coord.demo import run_demo
+    from sdk.cli.demo import run_demo
 
     logging.basicConfig(level=logging.ERROR)
     console = Console(emoji=False)
@@ -160,7 +160,7 @@ def demo(
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     if plain:
-        from sdk.coord.demo import _View
+        from sdk.cli.demo import _View
 
         view = _View(result.steps, console)
         view.lines = result.log

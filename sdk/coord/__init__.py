@@ -1,101 +1,52 @@
-"""Secure MQTT messaging: transport (paho, asyncio) → signed envelope → secure client.
+"""Coordination: devices, the coordinator daemon and the protocol they share.
 
-Typical use::
+    Device / SyncDevice (device.py)    the device SDK: mutual DID+VP admission, events, configs
+    Coordinator (coordinator/)         admits devices, runs rules, pushes signed configs
+    protocol.py                        message types, device topics (shared by both sides)
+    events.py                          typed device events
 
-    async with SecureClient("mqtt://127.0.0.1:1883", key) as client:
-        await client.serve(topics.inference_requests("node1"), handler, require=requirement)
-        reply = await client.request(topics.inference_requests("node1"), {"prompt": "hi"},
-                                     encrypt_to=node_did, timeout=10)
-        async for chunk in client.stream(topic, body, encrypt_to=node_did): ...
-
-Wire format and topic layout: docs/PROTOCOL.md.
+Built on ``sdk.messaging``; docs/COORDINATOR.md. Names load on first use, so importing the
+device SDK does not load the coordinator's SQLite store or metrics.
 """
 
-from sdk.coord import topics
-from sdk.coord.authz import Authorizer, CredentialRequirement
-from sdk.coord.client import (
-    CANCEL,
-    CHUNK,
-    END,
-    ERROR,
-    RESPONSE,
-    ClientConfig,
-    ClientStats,
-    ResponseStream,
-    SecureClient,
-    Subscription,
-)
-from sdk.coord.envelope import Message, Signer, Verifier, VerifyPolicy
-from sdk.coord.errors import (
-    BadSignature,
-    ClockSkew,
-    DecryptFailed,
-    Expired,
-    Malformed,
-    MessagingError,
-    NotAuthorized,
-    RejectedMessage,
-    RemoteError,
-    Replayed,
-    RequestTimeout,
-    TooLarge,
-    UnknownSender,
-    WrongSender,
-    WrongTopic,
-)
-from sdk.coord.replay import ReplayCache
-from sdk.coord.sync_client import SyncSecureClient
-from sdk.coord.transport import MqttTransport, TLSConfig, TransportConfig, Will
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "Coordinator": "sdk.coord.coordinator",
+    "Device": "sdk.coord.device",
+    "SyncDevice": "sdk.coord.device",
+    "Config": "sdk.coord.device",
+}
+_SUBMODULES = {"events", "protocol", "device", "coordinator"}
 
 __all__ = [
-    # client
-    "SecureClient",
-    "SyncSecureClient",
-    "ClientConfig",
-    "ClientStats",
-    "Subscription",
-    "ResponseStream",
-    "Message",
-    "CredentialRequirement",
-    "Authorizer",
-    "RESPONSE",
-    "ERROR",
-    "CHUNK",
-    "END",
-    "CANCEL",
-    # envelope
-    "Signer",
-    "Verifier",
-    "VerifyPolicy",
-    "ReplayCache",
-    # transport
-    "MqttTransport",
-    "TransportConfig",
-    "TLSConfig",
-    "Will",
-    # topics
-    "topics",
-    # errors
-    "MessagingError",
-    "RejectedMessage",
-    "Malformed",
-    "TooLarge",
-    "BadSignature",
-    "UnknownSender",
-    "WrongTopic",
-    "ClockSkew",
-    "Expired",
-    "Replayed",
-    "DecryptFailed",
-    "WrongSender",
-    "NotAuthorized",
-    "RequestTimeout",
-    "RemoteError",
+    "Config",
+    "Coordinator",
+    "Device",
+    "SyncDevice",
+    "events",
+    "protocol",
 ]
 
-# Coordination on top of the secure client (engineer D; docs/COORDINATOR.md).
-from sdk.coord import events  # noqa: E402
-from sdk.coord.coordinator import Coordinator  # noqa: E402
-from sdk.coord.device import Config, Device, SyncDevice  # noqa: E402
 
-__all__ += ["events", "Coordinator", "Device", "SyncDevice", "Config"]
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"sdk.coord.{name}")
+    raise AttributeError(f"module 'sdk.coord' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from sdk.coord import events, protocol
+    from sdk.coord.coordinator import Coordinator
+    from sdk.coord.device import Config, Device, SyncDevice

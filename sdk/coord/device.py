@@ -36,19 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdk.coord import topics
-from sdk.coord.broker_auth import did_credentials
-from sdk.coord.client import ClientConfig, SecureClient
-from sdk.coord.coordinator import protocol
+from sdk.coord import protocol
 from sdk.coord.coordinator.auth import COORDINATOR_CREDENTIAL, check_presentation, present
 from sdk.coord.coordinator.errors import AdmissionError, ConfigRejected, NotAdmitted
-from sdk.coord.coordinator.status import MqttStatusListSource
 from sdk.coord.coordinator.store import ConfigVersion
-from sdk.coord.envelope import Message, Signer, new_id
-from sdk.coord.errors import MessagingError, RemoteError, RequestTimeout
 from sdk.coord.events import Event, battery, custom, input_methods, network, screen_available, screen_lost
-from sdk.coord.transport import Will
 from sdk.identity import Key, StatusChecker, TrustPolicy
+from sdk.messaging.broker_auth import did_credentials
+from sdk.messaging.client import ClientConfig, SecureClient
+from sdk.messaging.envelope import Message, Signer, new_id
+from sdk.messaging.errors import MessagingError, RemoteError, RequestTimeout
+from sdk.messaging.status import MqttStatusListSource
+from sdk.messaging.transport import Will
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +160,12 @@ class Device:
         self.status_source = MqttStatusListSource()
         self._checker = StatusChecker(self.status_source)
         self._token = protocol.token(self.did)
-        self._coord_cmd = topics.device_commands(protocol.token(self.coordinator))
+        self._coord_cmd = protocol.device_commands(protocol.token(self.coordinator))
         will_body = {"state": "offline", "reason": "connection_lost", "did": self.did}
-        _, will_wire = Signer(key).seal(topics.device_presence(self._token), will_body,
+        _, will_wire = Signer(key).seal(protocol.device_presence(self._token), will_body,
                                         type=protocol.PRESENCE, ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
-        options.setdefault("will", Will(topics.device_presence(self._token), will_wire, qos=1, retain=True))
+        options.setdefault("will", Will(protocol.device_presence(self._token), will_wire, qos=1, retain=True))
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
         self._admitted = asyncio.Event()
         self._changed = asyncio.Event()
@@ -193,9 +192,9 @@ class Device:
         self.state = CONNECTING
         await self.client.connect()
         await self.status_source.attach(self.client)
-        await self.client.subscribe(topics.device_config(self._token), self._on_config_msg, qos=1)
-        await self.client.subscribe(topics.device_commands(self._token), self._on_notice, qos=1)
-        await self.client.subscribe(topics.device_presence(protocol.token(self.coordinator)),
+        await self.client.subscribe(protocol.device_config(self._token), self._on_config_msg, qos=1)
+        await self.client.subscribe(protocol.device_commands(self._token), self._on_notice, qos=1)
+        await self.client.subscribe(protocol.device_presence(protocol.token(self.coordinator)),
                                     self._on_coordinator_presence, qos=1)
         self.client.transport.add_on_connect(self._on_reconnect)
         self._worker = asyncio.ensure_future(self._config_worker())
@@ -371,7 +370,7 @@ class Device:
         body: dict[str, Any] = {"state": state, "did": self.did, "ttl": ttl}
         if reason:
             body["reason"] = reason
-        await self.client.publish(topics.device_presence(self._token), body, type=protocol.PRESENCE,
+        await self.client.publish(protocol.device_presence(self._token), body, type=protocol.PRESENCE,
                                   retain=True, qos=1)
 
     def _start_heartbeat(self, ttl: float) -> None:
@@ -389,7 +388,7 @@ class Device:
             await asyncio.sleep(ttl / 3)
             seq += 1
             try:
-                await self.client.publish(topics.device_presence(self._token), {"seq": seq},
+                await self.client.publish(protocol.device_presence(self._token), {"seq": seq},
                                           type=protocol.HEARTBEAT, qos=0)
             except MessagingError as exc:
                 log.debug("heartbeat not sent: %s", exc.reason)
@@ -453,7 +452,7 @@ class Device:
                     continue
                 gen = self._admission_gen
                 try:
-                    await self.client.publish(topics.device_events(self._token), item.body,
+                    await self.client.publish(protocol.device_events(self._token), item.body,
                                               type=protocol.EVENT, qos=1)
                 except MessagingError as exc:
                     log.info("event %s not sent (%s); it stays queued", event_id, exc.reason)
@@ -504,7 +503,7 @@ class Device:
         body: dict[str, Any] = {"attributes": self.attributes}
         if self.capabilities is not None:
             body["capabilities"] = self.capabilities
-        await self.client.publish(topics.device_events(self._token), body, type=protocol.ANNOUNCE, qos=1)
+        await self.client.publish(protocol.device_events(self._token), body, type=protocol.ANNOUNCE, qos=1)
 
     # ------------------------------------------------------------------ configs
     def _on_config_msg(self, msg: Message) -> None:
@@ -544,7 +543,7 @@ class Device:
                 body: dict[str, Any] = {"version": cfg.version, "status": status, "apply_ms": apply_ms}
                 if reason:
                     body["reason"] = reason
-                await self.client.publish(topics.device_events(self._token), body, type=protocol.REPORT, qos=1)
+                await self.client.publish(protocol.device_events(self._token), body, type=protocol.REPORT, qos=1)
             except MessagingError as exc:
                 log.warning("could not report config v%d: %s", cfg.version, exc.reason)
 
@@ -663,7 +662,7 @@ def _issuer_of(credential: Any) -> str:
         if isinstance(issuer, str):
             return issuer
     if isinstance(credential, str):  # VC-JWT: iss claim
-        from sdk.coord.envelope import b64d
+        from sdk.messaging.envelope import b64d
         try:
             return str(json.loads(b64d(credential.split(".")[1]))["iss"])
         except (ValueError, KeyError, IndexError, MessagingError):

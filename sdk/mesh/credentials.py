@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sdk.coord.authz import Authorizer, CredentialRequirement
-from sdk.coord.envelope import Message
-from sdk.coord.errors import NotAuthorized
 from sdk.identity import V2_CONTEXT, Key, issue_credential, verify_credential
 from sdk.mesh.protocol import Refusal
+from sdk.messaging.authz import Authorizer, CredentialRequirement
+from sdk.messaging.envelope import Message
+from sdk.messaging.errors import NotAuthorized
 
 log = logging.getLogger(__name__)
 

@@ -23,17 +23,18 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sdk.coord import topics
-from sdk.coord.client import ClientConfig, SecureClient
-from sdk.coord.envelope import Message, Signer
-from sdk.coord.errors import MessagingError
-from sdk.coord.transport import Will
 from sdk.errors import InferenceError
 from sdk.identity import Key
+from sdk.mesh import topics as mesh_topics
 from sdk.mesh.adverts import NodeAdvert, NodeLoad
 from sdk.mesh.credentials import AccessPolicy
 from sdk.mesh.protocol import ADVERT, Refusal, chunk_body, parse_request
 from sdk.mesh.ratelimit import PeerBuckets, RateLimit
+from sdk.messaging import topics
+from sdk.messaging.client import ClientConfig, SecureClient
+from sdk.messaging.envelope import Message, Signer
+from sdk.messaging.errors import MessagingError
+from sdk.messaging.transport import Will
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ class MeshNode:
         self.metadata = meta
         self.hardware = dict(config.hardware) if config.hardware is not None else _hardware(meta)
         self.epoch = round(time.time(), 3)
-        self.advert_topic = topics.inference_ad(self.node_id)
-        self.request_topic = topics.inference_requests(self.node_id)
+        self.advert_topic = mesh_topics.inference_ad(self.node_id)
+        self.request_topic = mesh_topics.inference_requests(self.node_id)
         self._seq = 0
         self._buckets = PeerBuckets(config.rate_limit)
         self.refusals: Counter[str] = Counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from sdk.coord.errors import MessagingError
+from sdk.messaging.errors import MessagingError
 
 GENERATE = "inference.generate"
 ADVERT = "inference.advert"

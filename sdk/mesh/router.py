@@ -25,12 +25,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdk.coord import topics
-from sdk.coord.client import ClientConfig, SecureClient
-from sdk.coord.envelope import Message, Verifier
-from sdk.coord.errors import MessagingError, RejectedMessage, RemoteError
 from sdk.identity import Key
 from sdk.inference.types import GenerationRequest, GenerationResult, TokenChunk, Usage
+from sdk.mesh import topics as mesh_topics
 from sdk.mesh.adverts import AdvertTable, NodeAdvert
 from sdk.mesh.errors import (
     BUSY_REASONS,
@@ -44,6 +41,9 @@ from sdk.mesh.errors import (
 )
 from sdk.mesh.protocol import ADVERT, GENERATE, request_body
 from sdk.mesh.ranking import NodeFigures, RankedNode, RankingWeights, rank_nodes
+from sdk.messaging.client import ClientConfig, SecureClient
+from sdk.messaging.envelope import Message, Verifier
+from sdk.messaging.errors import MessagingError, RejectedMessage, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Mesh:
     async def start(self) -> None:
         """Connect and subscribe to node adverts (retained ones arrive at once)."""
         await self.client.connect()
-        await self.client.transport.subscribe(topics.ALL_INFERENCE_ADS, qos=1, handler=self._on_advert)
+        await self.client.transport.subscribe(mesh_topics.ALL_INFERENCE_ADS, qos=1, handler=self._on_advert)
 
     async def aclose(self) -> None:
         """Disconnect (streams in progress fail)."""
@@ -178,7 +178,7 @@ class Mesh:
             advert = NodeAdvert.from_body(msg.body)
             if advert.did != msg.sender:
                 raise ValueError(f"advert for {advert.did} signed by {msg.sender}")
-            if topics.inference_ad(advert.node_id) != topic:
+            if mesh_topics.inference_ad(advert.node_id) != topic:
                 raise ValueError(f"advert for node {advert.node_id!r} on {topic!r}")
             # a retained copy of a node that died without its will (lost by a broker restart) is ignored
             # once older than the staleness window plus the clock skew allowed between hosts
@@ -306,7 +306,7 @@ class Mesh:
             watch = _Watch()
             watchers = self._watchers.setdefault(node.node_id, set())
             watchers.add(watch)
-            replies = self.client.stream(topics.inference_requests(node.node_id), body, type=GENERATE,
+            replies = self.client.stream(mesh_topics.inference_requests(node.node_id), body, type=GENERATE,
                                          encrypt_to=node.did, idle_timeout=1e9)
             obs.inflight += 1
             sent = loop.time()

@@ -11,15 +11,15 @@ import pytest
 
 from brokers.did_auth import own_topics_acl
 from brokers.embedded import EmbeddedBroker
-from sdk.coord.broker_auth import (
+from sdk.identity import Key
+from sdk.messaging.broker_auth import (
     ProofReplayGuard,
     did_credentials,
     make_connect_password,
     verify_connect_password,
 )
-from sdk.coord.errors import BrokerAuthError, ConnectFailed, SubscribeFailed
-from sdk.coord.transport import Message, MqttTransport
-from sdk.identity import Key
+from sdk.messaging.errors import BrokerAuthError, ConnectFailed, SubscribeFailed
+from sdk.messaging.transport import Message, MqttTransport
 
 ALICE = Key.from_seed(b"\x01" * 32)
 MALLORY = Key.from_seed(b"\x02" * 32)

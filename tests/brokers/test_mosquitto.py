@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto, render_config, wait_for_port
-from sdk.coord.errors import ConnectFailed, PublishFailed
-from sdk.coord.transport import Message, MqttTransport, TLSConfig
+from sdk.messaging.errors import ConnectFailed, PublishFailed
+from sdk.messaging.transport import Message, MqttTransport, TLSConfig
 
 pytestmark = [
     pytest.mark.broker,

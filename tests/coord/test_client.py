@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from sdk.coord import (
+from sdk.coord import protocol
+from sdk.identity import V2_CONTEXT, Key, TrustPolicy, issue_credential
+from sdk.mesh import topics as mesh_topics
+from sdk.messaging import (
     ClientConfig,
     CredentialRequirement,
     Message,
@@ -21,8 +24,7 @@ from sdk.coord import (
     VerifyPolicy,
     topics,
 )
-from sdk.coord.envelope import Signer, b64d, b64e
-from sdk.identity import V2_CONTEXT, Key, TrustPolicy, issue_credential
+from sdk.messaging.envelope import Signer, b64d, b64e
 
 pytestmark = pytest.mark.broker
 
@@ -50,7 +52,7 @@ async def _echo(msg: Message) -> dict:
 
 
 async def test_signed_request_response(broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.inference_requests("node-a")
+    topic = mesh_topics.inference_requests("node-a")
     async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
         await node.serve(topic, _echo)
         reply = await user.request(topic, {"q": 1}, timeout=10)
@@ -60,23 +62,23 @@ async def test_signed_request_response(broker, node_key: Key, user_key: Key) -> 
         async def boom(msg: Message) -> None:
             raise KeyError("nope")
 
-        await node.serve(topics.device_commands("node-a"), boom)
+        await node.serve(protocol.device_commands("node-a"), boom)
         with pytest.raises(RemoteError) as err:
-            await user.request(topics.device_commands("node-a"), None, timeout=10)
+            await user.request(protocol.device_commands("node-a"), None, timeout=10)
         assert err.value.reason == "handler_error"
         assert (await user.request(topic, 2, timeout=10)).body["echo"] == 2
         # nobody serving: timeout
         with pytest.raises(RequestTimeout):
-            await user.request(topics.inference_requests("nobody"), 1, timeout=0.3)
+            await user.request(mesh_topics.inference_requests("nobody"), 1, timeout=0.3)
 
 
 async def test_pubsub_retained_and_sync_handler(broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.device_presence(topics.client_token(node_key.did))
+    topic = protocol.device_presence(topics.client_token(node_key.did))
     async with SecureClient(broker.url, node_key) as dev:
         await dev.publish(topic, {"online": True}, type="presence", retain=True, ttl=60)
         got: list[Message] = []
         async with SecureClient(broker.url, user_key) as watcher:
-            await watcher.subscribe(topics.ALL_PRESENCE, got.append)
+            await watcher.subscribe(protocol.ALL_PRESENCE, got.append)
             await until(lambda: len(got) == 1)
             assert got[0].retained and got[0].body == {"online": True} and got[0].sender == node_key.did
             await dev.publish(topic, {"online": False}, type="presence")
@@ -86,7 +88,7 @@ async def test_pubsub_retained_and_sync_handler(broker, node_key: Key, user_key:
 
 
 async def test_streaming_and_cancellation(broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.inference_requests("streamer")
+    topic = mesh_topics.inference_requests("streamer")
     cancelled = asyncio.Event()
 
     async def tokens(msg: Message) -> AsyncIterator[dict]:
@@ -125,10 +127,10 @@ async def test_streaming_and_cancellation(broker, node_key: Key, user_key: Key) 
             await asyncio.sleep(30)
             yield 2
 
-        await node.serve(topics.inference_requests("staller"), stall)
+        await node.serve(mesh_topics.inference_requests("staller"), stall)
         seen = []
         with pytest.raises(RequestTimeout):
-            async for m in user.stream(topics.inference_requests("staller"), None, idle_timeout=0.5):
+            async for m in user.stream(mesh_topics.inference_requests("staller"), None, idle_timeout=0.5):
                 seen.append(m.body)
         assert seen == [1]
         await until(lambda: not node._serving)  # noqa: SLF001 - cancel reached the server
@@ -140,13 +142,13 @@ async def test_streaming_and_cancellation(broker, node_key: Key, user_key: Key) 
         assert len(seen) > 3
         await until(lambda: not node._serving)  # noqa: SLF001
         # a plain handler answered through stream() yields its single response
-        await node.serve(topics.inference_requests("plain"), _echo)
-        single = [m async for m in user.stream(topics.inference_requests("plain"), 7, timeout=10)]
+        await node.serve(mesh_topics.inference_requests("plain"), _echo)
+        single = [m async for m in user.stream(mesh_topics.inference_requests("plain"), 7, timeout=10)]
         assert len(single) == 1 and single[0].body["echo"] == 7
 
 
 async def test_encryption_hides_plaintext_from_the_broker(broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.inference_requests("secret-node")
+    topic = mesh_topics.inference_requests("secret-node")
     spy_key = Key.generate()
     async with MqttTransport(broker.url, **broker.credentials(spy_key)) as spy:
         await spy.subscribe("#", qos=1)
@@ -166,10 +168,10 @@ async def test_encryption_hides_plaintext_from_the_broker(broker, node_key: Key,
                 yield "PLAINTEXT-TOKEN-99"
 
             await node.serve(topic, answer)
-            await node.serve(topics.inference_requests("secret-streamer"), stream)
+            await node.serve(mesh_topics.inference_requests("secret-streamer"), stream)
             reply = await user.request(topic, {"prompt": "PLAINTEXT-PROMPT-42"}, encrypt_to=node_key.did, timeout=10)
             assert reply.encrypted and reply.body == {"completion": "PLAINTEXT-COMPLETION-17"}
-            chunks = [m async for m in user.stream(topics.inference_requests("secret-streamer"), "x",
+            chunks = [m async for m in user.stream(mesh_topics.inference_requests("secret-streamer"), "x",
                                                    encrypt_to=node_key.did, timeout=10)]
             assert [c.body for c in chunks] == ["PLAINTEXT-TOKEN-99"] and chunks[0].encrypted
             await until(lambda: len(seen) >= 5)  # request, response, request, chunk, end
@@ -188,9 +190,9 @@ async def test_encryption_hides_plaintext_from_the_broker(broker, node_key: Key,
 async def test_every_bad_case_is_rejected_distinctly_and_client_keeps_working(
     broker, node_key: Key, user_key: Key, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="sdk.coord.client")
-    topic = topics.device_events("victim")
-    other = topics.device_events("elsewhere")
+    caplog.set_level(logging.WARNING, logger="sdk.messaging.client")
+    topic = protocol.device_events("victim")
+    other = protocol.device_events("elsewhere")
     config = ClientConfig(policy=VerifyPolicy(max_bytes=4096))
     attacker = Key.generate()
     signer = Signer(user_key, max_bytes=1 << 20)
@@ -251,7 +253,7 @@ async def test_authorization_hook(broker, node_key: Key) -> None:
         trust=TrustPolicy({issuer.did: {"InferenceAccessCredential"}}),
         check=lambda result, msg: msg.body != "forbidden",
     )
-    topic = topics.inference_requests("guarded")
+    topic = mesh_topics.inference_requests("guarded")
     async with SecureClient(broker.url, node_key) as node:
         await node.serve(topic, _echo, require=requirement)
         clients = {
@@ -279,7 +281,7 @@ async def test_authorization_hook(broker, node_key: Key) -> None:
 
 
 async def test_wrong_sender_reply_is_rejected(broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.inference_requests("impostor")
+    topic = mesh_topics.inference_requests("impostor")
     async with SecureClient(broker.url, node_key) as impostor, SecureClient(broker.url, user_key) as user:
         await impostor.serve(topic, _echo)
         expected = Key.generate().did
@@ -289,8 +291,8 @@ async def test_wrong_sender_reply_is_rejected(broker, node_key: Key, user_key: K
 
 
 async def test_reply_to_outside_reply_prefix_is_refused(broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.inference_requests("reflector")
-    victim_topic = topics.device_config("someone")
+    topic = mesh_topics.inference_requests("reflector")
+    victim_topic = protocol.device_config("someone")
     async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
         calls: list[Message] = []
         await node.serve(topic, calls.append)
@@ -304,7 +306,7 @@ async def test_reply_to_outside_reply_prefix_is_refused(broker, node_key: Key, u
 
 @pytest.mark.slow
 async def test_reconnect_after_broker_restart(restartable_broker, node_key: Key, user_key: Key) -> None:
-    topic = topics.inference_requests("survivor")
+    topic = mesh_topics.inference_requests("survivor")
     async with SecureClient(restartable_broker.url, node_key) as node, \
             SecureClient(restartable_broker.url, user_key) as user:
         await node.serve(topic, _echo)
@@ -327,7 +329,7 @@ async def test_reconnect_after_broker_restart(restartable_broker, node_key: Key,
 async def test_qos1_events_survive_restart_with_persistent_session(restartable_broker, user_key: Key) -> None:
     if restartable_broker.kind == "embedded":
         pytest.skip("amqtt keeps no sessions across a restart (documented gap)")
-    topic = topics.device_events("survivor")
+    topic = protocol.device_events("survivor")
     got: list[int] = []
     sub_key = Key.generate()
     async with SecureClient(restartable_broker.url, sub_key, persistent=True, client_id="b2-persistent-sub") as sub, \

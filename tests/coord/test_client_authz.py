@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from sdk.coord import Authorizer, CredentialRequirement, Message, NotAuthorized
 from sdk.identity import (
     V2_CONTEXT,
     Key,
@@ -17,6 +16,7 @@ from sdk.identity import (
     issue_credential,
     status_entry,
 )
+from sdk.messaging import Authorizer, CredentialRequirement, Message, NotAuthorized
 
 URL = "https://issuer.example/status/1"
 

@@ -6,15 +6,17 @@ import threading
 
 import pytest
 
-from sdk.coord import RemoteError, SecureClient, SyncSecureClient, topics
+from sdk.coord import protocol
 from sdk.identity import Key
+from sdk.mesh import topics as mesh_topics
+from sdk.messaging import RemoteError, SecureClient, SyncSecureClient
 
 pytestmark = [pytest.mark.broker, pytest.mark.mosquitto]
 
 
 def test_sync_facade(mosquitto_broker) -> None:
     node_key, user_key = Key.generate(), Key.generate()
-    topic = topics.inference_requests("sync-node")
+    topic = mesh_topics.inference_requests("sync-node")
     with SyncSecureClient(mosquitto_broker.url, node_key) as node, \
             SyncSecureClient(mosquitto_broker.url, user_key) as user:
         node.serve(topic, lambda m: {"twice": m.body * 2})
@@ -23,19 +25,19 @@ def test_sync_facade(mosquitto_broker) -> None:
             for i in range(m.body):
                 yield i
 
-        node.serve(topics.inference_requests("sync-streamer"), count)
+        node.serve(mesh_topics.inference_requests("sync-streamer"), count)
 
         def fail(m):
             raise ValueError("bad")
 
-        node.serve(topics.device_commands("sync-node"), fail)
+        node.serve(protocol.device_commands("sync-node"), fail)
         assert user.request(topic, 21, timeout=10).body == {"twice": 42}
         assert user.request(topic, 1, encrypt_to=node_key.did, timeout=10).encrypted
-        assert [m.body for m in user.stream(topics.inference_requests("sync-streamer"), 4, timeout=10)] == [0, 1, 2, 3]
+        assert [m.body for m in user.stream(mesh_topics.inference_requests("sync-streamer"), 4, timeout=10)] == [0, 1, 2, 3]
         with pytest.raises(RemoteError):
-            user.request(topics.device_commands("sync-node"), None, timeout=10)
+            user.request(protocol.device_commands("sync-node"), None, timeout=10)
         seen = threading.Event()
-        user.subscribe(topics.ALL_EVENTS, lambda m: seen.set())
-        node.publish(topics.device_events("sync-node"), {"e": 1})
+        user.subscribe(protocol.ALL_EVENTS, lambda m: seen.set())
+        node.publish(protocol.device_events("sync-node"), {"e": 1})
         assert seen.wait(10)
         assert isinstance(user.client, SecureClient) and user.stats.rejected_total == 0

@@ -354,14 +354,13 @@ async def test_prometheus_endpoint(mesh: Mesh) -> None:
 
 async def test_coordinator_offline_then_online_same_boot(mesh: Mesh) -> None:
     """The coordinator's link drops (its will says offline) and comes back with the same boot."""
-    from sdk.coord import topics
-    from sdk.coord.coordinator import protocol
+    from sdk.coord import protocol
 
     coord = await mesh.start_coordinator()
     display = await mesh.device("display")
     got: list[Any] = []
     phone = await mesh.device("phone", record=got)
-    presence = topics.device_presence(protocol.token(coord.did))
+    presence = protocol.device_presence(protocol.token(coord.did))
     await coord.client.publish(presence, {"state": "offline", "boot": coord.boot}, type=protocol.PRESENCE,
                                retain=True, qos=1)
     await until(lambda: phone.state == "waiting" and display.state == "waiting")
@@ -408,17 +407,16 @@ async def test_event_sent_while_coordinator_down_is_applied_once(mesh: Mesh, tmp
 async def test_redelivered_event_is_applied_once_across_restart(mesh: Mesh) -> None:
     """The same event delivered again after a restart (the broker's copy twice, then the device's
     re-send in a fresh envelope) is acknowledged as a duplicate and changes nothing."""
-    from sdk.coord import topics
-    from sdk.coord.broker_auth import did_credentials
-    from sdk.coord.coordinator import protocol
+    from sdk.coord import protocol
     from sdk.coord.device import _Outgoing
-    from sdk.coord.transport import MqttTransport
+    from sdk.messaging.broker_auth import did_credentials
+    from sdk.messaging.transport import MqttTransport
 
     coord = await mesh.start_coordinator()
     display = await mesh.device("display")
     got: list[Any] = []
     phone = await mesh.device("phone", record=got)
-    events_topic = topics.device_events(protocol.token(display.did))
+    events_topic = protocol.device_events(protocol.token(display.did))
     wires: list[bytes] = []
     sniffer = MqttTransport(mesh.url, **did_credentials(Key.generate()))
     await sniffer.connect()

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sdk.cli import app
-from tests.coord.test_coordinator import Mesh, mesh  # noqa: F401 - the fixture
 from sdk.coord.events import screen_available
+from tests.coord.test_coordinator import Mesh, mesh  # noqa: F401 - the fixture
 
 runner = CliRunner()
 

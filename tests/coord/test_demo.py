@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sdk.coord.demo import DEMO_RULES, run_demo
+from sdk.cli.demo import DEMO_RULES, run_demo
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

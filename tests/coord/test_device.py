@@ -9,17 +9,16 @@ from typing import Any
 
 import pytest
 
-from sdk.coord import topics
-from sdk.coord.broker_auth import did_credentials
-from sdk.coord.client import SecureClient
-from sdk.coord.coordinator import protocol
+from sdk.coord import protocol
 from sdk.coord.coordinator.auth import device_credential, present
 from sdk.coord.coordinator.errors import AdmissionError, NotAdmitted
 from sdk.coord.device import REVOKED, Device
 from sdk.coord.events import InvalidEvent, battery, screen_available
-from sdk.coord.transport import MqttTransport
 from sdk.errors import MessagingError
 from sdk.identity import Key, TrustPolicy
+from sdk.messaging.broker_auth import did_credentials
+from sdk.messaging.client import SecureClient
+from sdk.messaging.transport import MqttTransport
 from tests.coord.test_coordinator import Mesh, mesh, until  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -54,7 +53,7 @@ async def test_wrong_and_reused_challenge_refused(mesh: Mesh) -> None:
     await mesh.start_coordinator()
     key = Key.generate()
     cred = mesh.coordinator.issue_device_credential(key.did, kind="phone")  # type: ignore[union-attr]
-    cmd = topics.device_commands(protocol.token(mesh.coord_key.did))
+    cmd = protocol.device_commands(protocol.token(mesh.coord_key.did))
     async with SecureClient(mesh.url, key, **did_credentials(key)) as client:
         hello = await client.request(cmd, {"nonce": "n" * 16}, type=protocol.HELLO, timeout=5)
         challenge = hello.body["challenge"]
@@ -87,13 +86,13 @@ async def test_forged_and_tampered_configs_never_reach_the_app(mesh: Mesh) -> No
     phone = await mesh.device("phone", record=got)
     mallory = Key.generate()
     body = {"device": phone.did, "version": 7, "changes": {"ui.layout": "evil"}, "state": {"ui.layout": "evil"}}
-    config_topic = topics.device_config(phone._token)
+    config_topic = protocol.device_config(phone._token)
     async with SecureClient(mesh.url, mallory, **did_credentials(mallory)) as client:
         await client.publish(config_topic, body, type=protocol.CONFIG, qos=1)
     await until(lambda: "untrusted_sender" in phone.rejected_configs)
 
     # a real coordinator-signed envelope with its body altered fails the signature check
-    from sdk.coord.envelope import Signer, b64d, b64e
+    from sdk.messaging.envelope import Signer, b64d, b64e
 
     _, wire = Signer(mesh.coord_key).seal(config_topic, {**body, "version": 1}, type=protocol.CONFIG)
     h, p, s = wire.split(b".")
@@ -125,7 +124,7 @@ async def test_revoked_device_disconnected_and_refused(mesh: Mesh) -> None:
     assert time.monotonic() - t0 < 1.0
     assert coord.registry.get(tablet.did).state == "revoked"     # type: ignore[union-attr]
     # its next messages are rejected by the coordinator
-    await tablet.client.publish(topics.device_events(tablet._token), battery("low").to_body(),
+    await tablet.client.publish(protocol.device_events(tablet._token), battery("low").to_body(),
                                 type=protocol.EVENT, qos=1)
     await mesh.wait_for("rejected", lambda i: i["did"] == tablet.did and i["reason"] == "revoked")
     with pytest.raises(NotAdmitted):
@@ -143,8 +142,8 @@ async def test_status_list_is_published_retained(mesh: Mesh) -> None:
     coord = await mesh.start_coordinator()
     tablet = await mesh.device("tablet")
     await coord.revoke(tablet.did)
-    from sdk.coord.coordinator.status import MqttStatusListSource
     from sdk.identity import StatusChecker
+    from sdk.messaging.status import MqttStatusListSource
 
     source = MqttStatusListSource()
     viewer = Key.generate()
@@ -225,8 +224,8 @@ async def test_external_issuer_revocation_over_mqtt(broker: Any, tmp_path: Any) 
     """The issuer is not the coordinator: its status list update, relayed over MQTT, revokes."""
     from sdk.coord.coordinator import Coordinator
     from sdk.coord.coordinator.auth import coordinator_credential
-    from sdk.coord.coordinator.status import publish_status_list
     from sdk.identity import StatusList, create_status_list_credential, status_entry
+    from sdk.messaging.status import publish_status_list
 
     issuer, ckey, dkey = Key.generate(), Key.generate(), Key.generate()
     url = protocol.status_list_url(issuer.did)
@@ -280,20 +279,20 @@ async def test_coordinator_rejects_spoofed_topic_and_bad_events(mesh: Mesh) -> N
     mallory = await mesh.device("phone")
     victim = await mesh.device("display")
     # an admitted device publishing on another device's events topic
-    await mallory.client.publish(topics.device_events(victim._token), screen_available(800, 600).to_body(),
+    await mallory.client.publish(protocol.device_events(victim._token), screen_available(800, 600).to_body(),
                                  type=protocol.EVENT, qos=1)
     await mesh.wait_for("rejected", lambda i: i["reason"] == "wrong_topic_owner" and i["did"] == mallory.did)
     # malformed events and reports from an admitted device: rejected, logged, coordinator keeps going
-    await victim.client.publish(topics.device_events(victim._token), {"type": "screen_available",
+    await victim.client.publish(protocol.device_events(victim._token), {"type": "screen_available",
                                 "fields": {"width": "wide"}}, type=protocol.EVENT, qos=1)
     await mesh.wait_for("rejected", lambda i: i["reason"] == "invalid_event")
-    await victim.client.publish(topics.device_events(victim._token), {"version": 99, "status": "applied"},
+    await victim.client.publish(protocol.device_events(victim._token), {"version": 99, "status": "applied"},
                                 type=protocol.REPORT, qos=1)
     await mesh.wait_for("rejected", lambda i: i["reason"] == "unknown_version")
     # a never-admitted DID is refused and told to authenticate
     stranger = Key.generate()
     async with SecureClient(mesh.url, stranger, **did_credentials(stranger)) as client:
-        await client.publish(topics.device_events(protocol.token(stranger.did)), battery("low").to_body(),
+        await client.publish(protocol.device_events(protocol.token(stranger.did)), battery("low").to_body(),
                              type=protocol.EVENT, qos=1)
         await mesh.wait_for("rejected", lambda i: i["did"] == stranger.did and i["reason"] == "not_admitted")
     assert coord.store.latest_version(victim.did) == 0     # type: ignore[union-attr]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sdk.coord import errors
-from sdk.coord.envelope import Signer, Verifier, VerifyPolicy, b64d, b64e
-from sdk.coord.replay import ReplayCache
 from sdk.identity import Key
+from sdk.messaging import errors
+from sdk.messaging.envelope import Signer, Verifier, VerifyPolicy, b64d, b64e
+from sdk.messaging.replay import ReplayCache
 
 NOW = 1767225600.0
 TOPIC = "autoglm/v1/inf/req/node1"

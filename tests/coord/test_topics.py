@@ -6,30 +6,32 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdk.coord import topics
+from sdk.coord import protocol
 from sdk.identity import Key
+from sdk.mesh import topics as mesh_topics
+from sdk.messaging import topics
 
 BUILDERS = [
-    topics.device_presence,
-    topics.device_events,
-    topics.device_config,
-    topics.device_commands,
-    topics.inference_requests,
-    topics.inference_ad,
+    protocol.device_presence,
+    protocol.device_events,
+    protocol.device_config,
+    protocol.device_commands,
+    mesh_topics.inference_requests,
+    mesh_topics.inference_ad,
     topics.reply_topic,
 ]
 
 
 def test_layout() -> None:
-    assert topics.device_presence("tv-1") == "autoglm/v1/dev/tv-1/presence"
-    assert topics.device_events("tv-1") == "autoglm/v1/dev/tv-1/events"
-    assert topics.device_config("tv-1") == "autoglm/v1/dev/tv-1/config"
-    assert topics.device_commands("tv-1") == "autoglm/v1/dev/tv-1/cmd"
-    assert topics.inference_requests("gpu0") == "autoglm/v1/inf/req/gpu0"
-    assert topics.inference_ad("gpu0") == "autoglm/v1/inf/ads/gpu0"
+    assert protocol.device_presence("tv-1") == "autoglm/v1/dev/tv-1/presence"
+    assert protocol.device_events("tv-1") == "autoglm/v1/dev/tv-1/events"
+    assert protocol.device_config("tv-1") == "autoglm/v1/dev/tv-1/config"
+    assert protocol.device_commands("tv-1") == "autoglm/v1/dev/tv-1/cmd"
+    assert mesh_topics.inference_requests("gpu0") == "autoglm/v1/inf/req/gpu0"
+    assert mesh_topics.inference_ad("gpu0") == "autoglm/v1/inf/ads/gpu0"
     assert topics.reply_topic("c1") == "autoglm/v1/reply/c1"
-    assert topics.parse_device_topic("autoglm/v1/dev/tv-1/events") == ("tv-1", "events")
-    assert topics.parse_device_topic("autoglm/v1/inf/req/x") is None
+    assert protocol.parse_device_topic("autoglm/v1/dev/tv-1/events") == ("tv-1", "events")
+    assert protocol.parse_device_topic("autoglm/v1/inf/req/x") is None
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
@@ -41,18 +43,18 @@ def test_builders_reject_injection(builder, bad: str) -> None:
 
 def test_builders_reject_non_str() -> None:
     with pytest.raises(TypeError):
-        topics.device_events(5)  # type: ignore[arg-type]
+        protocol.device_events(5)  # type: ignore[arg-type]
 
 
 @given(st.text(min_size=1, max_size=40))
 def test_any_accepted_id_is_exactly_one_level(ident: str) -> None:
     try:
-        topic = topics.device_events(ident)
+        topic = protocol.device_events(ident)
     except ValueError:
         return
     assert topic.split("/") == ["autoglm", "v1", "dev", ident, "events"]
     assert "+" not in topic and "#" not in topic
-    assert topics.matches(topics.ALL_EVENTS, topic)
+    assert topics.matches(protocol.ALL_EVENTS, topic)
 
 
 def test_client_token_from_did() -> None:

@@ -8,10 +8,10 @@ import ssl
 import pytest
 
 from brokers.embedded import OPEN_ACL, EmbeddedBroker
-from sdk.coord.broker_auth import did_credentials
-from sdk.coord.errors import ConnectFailed, NotConnected, SendQueueFull
-from sdk.coord.transport import Message, MqttTransport, TLSConfig, TransportConfig, Will
 from sdk.identity import Key
+from sdk.messaging.broker_auth import did_credentials
+from sdk.messaging.errors import ConnectFailed, NotConnected, SendQueueFull
+from sdk.messaging.transport import Message, MqttTransport, TLSConfig, TransportConfig, Will
 
 pytestmark = pytest.mark.broker
 

@@ -8,7 +8,6 @@ import pytest
 
 from sdk.inference.detokenizer import IncrementalDetokenizer, StopMatcher
 
-
 TEXTS = ["héllo wörld, naïve café", "日本語のテキスト 🙂👍 ok", "  two  spaces\n\ttab", "x"]
 
 

@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from sdk.identity import Key, TrustPolicy
-from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, Mesh, MeshNode, NodeConfig, RouterConfig, issue_access_credential
+from sdk.mesh import (
+    ACCESS_CREDENTIAL,
+    AccessPolicy,
+    Mesh,
+    MeshNode,
+    NodeConfig,
+    RouterConfig,
+    issue_access_credential,
+)
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -81,7 +89,7 @@ async def mesh_env(broker: Any, node_engines: list[Any], access_issuer: Key) -> 
 @pytest.fixture
 async def embedded_env(embedded_broker: Any, node_engines: list[Any], access_issuer: Key) -> AsyncIterator[MeshEnv]:
     """A MeshEnv on the embedded broker only (for tests that need no broker matrix)."""
-    from sdk.coord.broker_auth import did_credentials
+    from sdk.messaging.broker_auth import did_credentials
 
     env = MeshEnv(embedded_broker.url, did_credentials, node_engines,
                   TrustPolicy({access_issuer.did: {ACCESS_CREDENTIAL}}))

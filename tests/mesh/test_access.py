@@ -8,7 +8,14 @@ import pytest
 
 from sdk.identity import Key, StatusChecker, TrustPolicy
 from sdk.inference import GenerationRequest
-from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, MeshOverloaded, NotPermitted, RateLimit, issue_access_credential
+from sdk.mesh import (
+    ACCESS_CREDENTIAL,
+    AccessPolicy,
+    MeshOverloaded,
+    NotPermitted,
+    RateLimit,
+    issue_access_credential,
+)
 from tests.fixtures.identity import StatusRegistry
 from tests.mesh.conftest import MODEL, MeshEnv
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from sdk.coord import SecureClient, topics
 from sdk.identity import Key, TrustPolicy, verify_credential
 from sdk.inference import GenerationRequest
 from sdk.mesh import (
@@ -21,7 +20,9 @@ from sdk.mesh import (
     access_scope,
     issue_access_credential,
 )
+from sdk.mesh import topics as mesh_topics
 from sdk.mesh.protocol import ADVERT, Refusal, parse_request, request_body
+from sdk.messaging import SecureClient
 
 
 def test_scope_refusals() -> None:
@@ -88,10 +89,10 @@ async def test_router_trusts_only_well_signed_adverts(embedded_broker: Any) -> N
     good, evil = Key.generate(), Key.generate()
     async with SecureClient(embedded_broker.url, good) as node, SecureClient(embedded_broker.url, evil) as other, \
             Mesh(embedded_broker.url, Key.generate()) as mesh:
-        await other.publish(topics.inference_ad("n1"), advert(evil, "n1", 1, did=good.did), type=ADVERT)
-        await other.publish(topics.inference_ad("n2"), advert(evil, "n1", 1), type=ADVERT)  # wrong topic
-        await other.publish(topics.inference_ad("n3"), advert(evil, "n3", 1), type="event")  # wrong type
-        await node.publish(topics.inference_ad("n1"), advert(good, "n1", 1), type=ADVERT, retain=True, ttl=3)
+        await other.publish(mesh_topics.inference_ad("n1"), advert(evil, "n1", 1, did=good.did), type=ADVERT)
+        await other.publish(mesh_topics.inference_ad("n2"), advert(evil, "n1", 1), type=ADVERT)  # wrong topic
+        await other.publish(mesh_topics.inference_ad("n3"), advert(evil, "n3", 1), type="event")  # wrong type
+        await node.publish(mesh_topics.inference_ad("n1"), advert(good, "n1", 1), type=ADVERT, retain=True, ttl=3)
         live = await mesh.wait_for_nodes(1, model="m", timeout=5)
         assert [a.node_id for a in live] == ["n1"] and live[0].did == good.did
         for _ in range(100):
@@ -99,7 +100,7 @@ async def test_router_trusts_only_well_signed_adverts(embedded_broker: Any) -> N
                 break
             await asyncio.sleep(0.02)
         assert mesh.counters["adverts_rejected"] == 3
-        await node.publish(topics.inference_ad("n1"), advert(good, "n1", 2, online=False), type=ADVERT, retain=True)
+        await node.publish(mesh_topics.inference_ad("n1"), advert(good, "n1", 2, online=False), type=ADVERT, retain=True)
         for _ in range(100):
             if not mesh.nodes():
                 break

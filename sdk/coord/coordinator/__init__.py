@@ -1,7 +1,7 @@
 """The coordinator: admits devices (DID + VP), runs adaptation rules, pushes signed configs.
 
 Modules: ``config`` (TOML), ``rules``, ``store`` (SQLite WAL), ``registry``, ``metrics``,
-``auth`` (handshake), ``protocol`` (message types/topics), ``status`` (status lists over MQTT),
+``auth`` (handshake),
 ``daemon`` (the :class:`Coordinator`).
 """
 
@@ -25,7 +25,6 @@ from sdk.coord.coordinator.errors import (
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
 from sdk.coord.coordinator.registry import DeviceRecord, Registry
 from sdk.coord.coordinator.rules import Rule, RuleSet, load_rules, parse_rules
-from sdk.coord.coordinator.status import MqttStatusListSource
 from sdk.coord.coordinator.store import ConfigVersion, Store
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "Registry",
     "DeviceRecord",
     "CoordinatorMetrics",
-    "MqttStatusListSource",
     "DEVICE_CREDENTIAL",
     "COORDINATOR_CREDENTIAL",
     "device_credential",

@@ -1,6 +1,6 @@
 """The coordinator daemon: admits devices, runs rules on their events, pushes signed configs.
 
-Everything goes through one :class:`~sdk.coord.client.SecureClient` (signed envelopes). The
+Everything goes through one :class:`~sdk.messaging.client.SecureClient` (signed envelopes). The
 order of work per event: verify sender and admission → rules → commit the new desired versions
 to SQLite → publish each target's missing versions in order (one pump per device) → count
 reports into the convergence metrics. A restart reloads the store; devices see the new
@@ -21,10 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from sdk.coord import topics
-from sdk.coord.broker_auth import did_credentials
-from sdk.coord.client import ClientConfig, SecureClient
-from sdk.coord.coordinator import protocol
+from sdk.coord import protocol
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
     RESUME_TTL,
@@ -39,12 +36,8 @@ from sdk.coord.coordinator.errors import AdmissionError, CoordinationError
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
 from sdk.coord.coordinator.registry import EXPIRED, OFFLINE, ONLINE, REVOKED, DeviceRecord, Registry
 from sdk.coord.coordinator.rules import RuleSet
-from sdk.coord.coordinator.status import MqttStatusListSource, publish_status_list
 from sdk.coord.coordinator.store import ConfigVersion, Store
-from sdk.coord.envelope import Message, Signer
-from sdk.coord.errors import MessagingError
 from sdk.coord.events import Event, InvalidEvent
-from sdk.coord.transport import Will
 from sdk.identity import (
     IdentityError,
     Key,
@@ -54,6 +47,12 @@ from sdk.identity import (
     create_status_list_credential,
     status_entry,
 )
+from sdk.messaging.broker_auth import did_credentials
+from sdk.messaging.client import ClientConfig, SecureClient
+from sdk.messaging.envelope import Message, Signer
+from sdk.messaging.errors import MessagingError
+from sdk.messaging.status import MqttStatusListSource, publish_status_list
+from sdk.messaging.transport import Will
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class Coordinator:
         self.status_source.add_listener(self._on_status_list)
         self.store: Store | None = None
         self._token = protocol.token(self.did)
-        presence = topics.device_presence(self._token)
+        presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
                                    ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
@@ -186,9 +185,9 @@ class Coordinator:
             self._load_issuer_state()
         await self.client.connect()
         await self.status_source.attach(self.client)
-        await self.client.serve(topics.device_commands(self._token), self._on_command, qos=1)
-        await self.client.subscribe(topics.ALL_EVENTS, self._on_device_message, qos=1)
-        await self.client.subscribe(topics.ALL_PRESENCE, self._on_presence, qos=1)
+        await self.client.serve(protocol.device_commands(self._token), self._on_command, qos=1)
+        await self.client.subscribe(protocol.ALL_EVENTS, self._on_device_message, qos=1)
+        await self.client.subscribe(protocol.ALL_PRESENCE, self._on_presence, qos=1)
         self.client.transport.add_on_connect(self._on_reconnect)
         await self._announce()
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
@@ -206,7 +205,7 @@ class Coordinator:
         self.started = False
         with contextlib.suppress(MessagingError, OSError):
             if self.client.connected:
-                await self.client.publish(topics.device_presence(self._token),
+                await self.client.publish(protocol.device_presence(self._token),
                                           {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
                                           retain=True, qos=1)
         for task in [self._sweeper, *self._tasks]:
@@ -225,7 +224,7 @@ class Coordinator:
             self.store.close()
 
     async def _announce(self) -> None:
-        await self.client.publish(topics.device_presence(self._token), {"state": "online", "boot": self.boot},
+        await self.client.publish(protocol.device_presence(self._token), {"state": "online", "boot": self.boot},
                                   type=protocol.PRESENCE, retain=True, qos=1)
         if self.issuer is not None and self._issuer_state.get("credential") is not None:
             await self._publish_status_list()
@@ -318,7 +317,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ device messages
     def _check_sender(self, msg: Message, kind: str) -> DeviceRecord | None:
-        parsed = topics.parse_device_topic(msg.topic)
+        parsed = protocol.parse_device_topic(msg.topic)
         if parsed is None or parsed[1] != kind:
             return None
         if msg.sender == self.did:
@@ -350,7 +349,7 @@ class Coordinator:
 
     async def _send_notice(self, did: str, notice: str, reason: str) -> None:
         with contextlib.suppress(MessagingError):
-            await self.client.publish(topics.device_commands(protocol.token(did)),
+            await self.client.publish(protocol.device_commands(protocol.token(did)),
                                       {"notice": notice, "reason": reason}, type=protocol.NOTICE, qos=1)
 
     async def _on_device_message(self, msg: Message) -> None:
@@ -423,7 +422,7 @@ class Coordinator:
 
     async def _send_ack(self, did: str, body: dict[str, Any]) -> None:
         try:
-            await self.client.publish(topics.device_commands(protocol.token(did)), body,
+            await self.client.publish(protocol.device_commands(protocol.token(did)), body,
                                       type=protocol.EVENT_ACK, qos=1)
         except MessagingError as exc:          # the device re-sends; dedup answers it again
             log.info("event ack to %s not sent: %s", did, exc.reason)
@@ -466,7 +465,7 @@ class Coordinator:
                            failures=failures)
 
     def _on_presence(self, msg: Message) -> None:
-        parsed = topics.parse_device_topic(msg.topic)
+        parsed = protocol.parse_device_topic(msg.topic)
         if parsed is None or msg.sender == self.did or parsed[0] != protocol.token(msg.sender):
             return
         rec = self.registry.get(msg.sender)
@@ -509,7 +508,7 @@ class Coordinator:
                 for cv in batch:
                     body = cv.to_body()
                     try:
-                        await self.client.publish(topics.device_config(protocol.token(did)), body,
+                        await self.client.publish(protocol.device_config(protocol.token(did)), body,
                                                   type=protocol.CONFIG, qos=1)
                     except MessagingError as exc:
                         log.warning("config v%d to %s not sent (%s); it goes out on reconnect",

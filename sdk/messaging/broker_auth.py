@@ -24,9 +24,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sdk.coord.errors import BrokerAuthError
 from sdk.identity import Key, public_key_from_did_key
 from sdk.identity.errors import IdentityError, InvalidSignature
+from sdk.messaging.errors import BrokerAuthError
 
 log = logging.getLogger(__name__)
 

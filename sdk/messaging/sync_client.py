@@ -11,9 +11,9 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from sdk.coord.client import SecureClient, Subscription
-from sdk.coord.envelope import Message
 from sdk.identity import Key
+from sdk.messaging.client import SecureClient, Subscription
+from sdk.messaging.envelope import Message
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ Contract (what the envelope / secure client layer builds on):
   plus ``session_expiry`` seconds; 3.1.1: clean session off) with a stable client id, so QoS 1
   messages survive client reconnects and broker restarts (if the broker persists sessions).
 * TCP_NODELAY is set on every socket (paho does not; without it a round trip costs 40+ ms).
-* Errors are subclasses of ``sdk.coord.errors.TransportError`` with stable ``reason`` codes.
+* Errors are subclasses of ``sdk.messaging.errors.TransportError`` with stable ``reason`` codes.
 
 Implementation: paho runs on the asyncio loop itself (socket callbacks drive ``add_reader`` /
 ``add_writer``, as aiomqtt does); paho callbacks only resolve futures or feed the queue. Latency:
@@ -60,7 +60,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from sdk.coord.errors import (
+from sdk.messaging.errors import (
     ConnectFailed,
     ConnectionLost,
     NotConnected,
@@ -70,7 +70,7 @@ from sdk.coord.errors import (
     SubscribeFailed,
     TransportError,
 )
-from sdk.coord.topics import matches as topic_matches
+from sdk.messaging.topics import matches as topic_matches
 
 log = logging.getLogger(__name__)
 

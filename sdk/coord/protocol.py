@@ -1,4 +1,4 @@
-"""Coordination message types and topics (on top of the signed envelopes of docs/PROTOCOL.md).
+"""Coordination protocol shared by device and coordinator: message types and device topics (on top of the signed envelopes of docs/PROTOCOL.md).
 
     device → coordinator  dev/{coord}/cmd       coord.hello   (request)  {nonce}
                                                 coord.present (request)  {challenge, vp, last_version,
@@ -18,7 +18,11 @@
 
 from __future__ import annotations
 
-from sdk.coord import topics
+import re
+
+from sdk.messaging import topics
+from sdk.messaging.status import STATUS_LIST, issuer_of_status_url, status_list_topic, status_list_url
+from sdk.messaging.topics import ROOT, validate_id
 
 HELLO = "coord.hello"
 PRESENT = "coord.present"
@@ -30,7 +34,6 @@ HEARTBEAT = "coord.heartbeat"
 CONFIG = "coord.config"
 NOTICE = "coord.notice"
 EVENT_ACK = "coord.event_ack"
-STATUS_LIST = "coord.status_list"
 
 ACK_PROCESSED = "processed"
 ACK_DUPLICATE = "duplicate"
@@ -51,25 +54,47 @@ def token(did: str) -> str:
     return topics.client_token(did)
 
 
-def status_list_topic(issuer_did: str) -> str:
-    """Where ``issuer_did`` publishes its status list credential (retained)."""
-    return topics.status_list(topics.client_token(issuer_did))
+# Device topics:
+#     autoglm/v1/dev/{device}/presence    retained presence (online/offline, will message)
+#     autoglm/v1/dev/{device}/events      device events
+#     autoglm/v1/dev/{device}/config      retained adaptation config for the device
+#     autoglm/v1/dev/{device}/cmd         commands to the device (requests)
 
 
-def status_list_url(issuer_did: str) -> str:
-    """The id (URL) of the status list credential an issuer publishes over MQTT."""
-    return f"urn:autoglm:status-list:{topics.client_token(issuer_did)}"
+def device_presence(device: str) -> str:
+    return f"{ROOT}/dev/{validate_id(device, what='device id')}/presence"
 
 
-def issuer_of_status_url(url: str) -> str | None:
-    """The did:key token in a ``urn:autoglm:status-list:...`` URL (None for other URLs)."""
-    prefix = "urn:autoglm:status-list:"
-    return url[len(prefix):] if url.startswith(prefix) else None
+def device_events(device: str) -> str:
+    return f"{ROOT}/dev/{validate_id(device, what='device id')}/events"
+
+
+def device_config(device: str) -> str:
+    return f"{ROOT}/dev/{validate_id(device, what='device id')}/config"
+
+
+def device_commands(device: str) -> str:
+    return f"{ROOT}/dev/{validate_id(device, what='device id')}/cmd"
+
+
+#: Subscription filters over all devices.
+ALL_PRESENCE = f"{ROOT}/dev/+/presence"
+ALL_EVENTS = f"{ROOT}/dev/+/events"
+ALL_CONFIGS = f"{ROOT}/dev/+/config"
+
+_DEVICE_TOPIC = re.compile(rf"^{re.escape(ROOT)}/dev/([^/]+)/(presence|events|config|cmd)$")
+
+
+def parse_device_topic(topic: str) -> tuple[str, str] | None:
+    """``(device_id, kind)`` for a device topic, else None."""
+    m = _DEVICE_TOPIC.match(topic)
+    return (m.group(1), m.group(2)) if m else None
 
 
 __all__ = [
     "HELLO", "PRESENT", "EVENT", "REPORT", "ANNOUNCE", "PRESENCE", "HEARTBEAT", "CONFIG", "NOTICE",
     "STATUS_LIST", "NOTICE_REVOKED", "NOTICE_REAUTH", "NOTICE_NOT_ADMITTED", "APPLIED", "FAILED",
     "ALL_STATUS_LISTS", "token", "status_list_topic", "status_list_url",
-    "issuer_of_status_url",
+    "issuer_of_status_url", "device_presence", "device_events", "device_config", "device_commands",
+    "ALL_PRESENCE", "ALL_EVENTS", "ALL_CONFIGS", "parse_device_topic",
 ]

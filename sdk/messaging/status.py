@@ -6,14 +6,34 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sdk.coord.client import SecureClient, Subscription
-from sdk.coord.coordinator import protocol
-from sdk.coord.envelope import Message
-from sdk.coord.errors import SubscribeFailed
+from sdk.messaging import topics
+from sdk.messaging.client import SecureClient, Subscription
+from sdk.messaging.envelope import Message
+from sdk.messaging.errors import SubscribeFailed
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, Any], Any]
+
+#: Message type of a status list credential on ``status/{issuer}`` (retained).
+STATUS_LIST = "coord.status_list"
+ALL_STATUS_LISTS = topics.ALL_STATUS_LISTS
+_URL_PREFIX = "urn:autoglm:status-list:"
+
+
+def status_list_topic(issuer_did: str) -> str:
+    """Where ``issuer_did`` publishes its status list credential (retained)."""
+    return topics.status_list(topics.client_token(issuer_did))
+
+
+def status_list_url(issuer_did: str) -> str:
+    """The id (URL) of the status list credential an issuer publishes over MQTT."""
+    return f"{_URL_PREFIX}{topics.client_token(issuer_did)}"
+
+
+def issuer_of_status_url(url: str) -> str | None:
+    """The did:key token in a ``urn:autoglm:status-list:...`` URL (None for other URLs)."""
+    return url[len(_URL_PREFIX):] if url.startswith(_URL_PREFIX) else None
 
 
 class MqttStatusListSource:
@@ -50,15 +70,15 @@ class MqttStatusListSource:
     async def attach(self, client: SecureClient) -> bool:
         """Subscribe ``client`` to every issuer's status list topic; False if the broker refused."""
         try:
-            self._sub = await client.subscribe(protocol.ALL_STATUS_LISTS, self._on_message, qos=1)
+            self._sub = await client.subscribe(ALL_STATUS_LISTS, self._on_message, qos=1)
         except SubscribeFailed as exc:
             log.warning("status lists unavailable over MQTT (%s): broker ACL refused %s",
-                        exc.reason, protocol.ALL_STATUS_LISTS)
+                        exc.reason, ALL_STATUS_LISTS)
             return False
         return True
 
     def _on_message(self, msg: Message) -> None:
-        if msg.type != protocol.STATUS_LIST:
+        if msg.type != STATUS_LIST:
             return
         cred = msg.body
         url = cred.get("id") if isinstance(cred, Mapping) else None
@@ -66,8 +86,8 @@ class MqttStatusListSource:
         if isinstance(issuer, Mapping):
             issuer = issuer.get("id")
         try:
-            expected = protocol.status_list_url(issuer) if isinstance(issuer, str) else None
-            on_topic = isinstance(issuer, str) and msg.topic == protocol.status_list_topic(issuer)
+            expected = status_list_url(issuer) if isinstance(issuer, str) else None
+            on_topic = isinstance(issuer, str) and msg.topic == status_list_topic(issuer)
         except (TypeError, ValueError):
             expected, on_topic = None, False
         if not isinstance(url, str) or url != expected or not on_topic:
@@ -84,10 +104,13 @@ async def publish_status_list(client: SecureClient, credential: Mapping[str, Any
     issuer = credential.get("issuer")
     if isinstance(issuer, Mapping):
         issuer = issuer.get("id")
-    if not isinstance(issuer, str) or credential.get("id") != protocol.status_list_url(issuer):
-        raise ValueError("status list id must be protocol.status_list_url(issuer)")
-    await client.publish(protocol.status_list_topic(issuer), dict(credential), type=protocol.STATUS_LIST,
+    if not isinstance(issuer, str) or credential.get("id") != status_list_url(issuer):
+        raise ValueError("status list id must be status_list_url(issuer)")
+    await client.publish(status_list_topic(issuer), dict(credential), type=STATUS_LIST,
                          retain=True, qos=1)
 
 
-__all__ = ["MqttStatusListSource", "publish_status_list"]
+__all__ = [
+    "MqttStatusListSource", "publish_status_list", "STATUS_LIST", "ALL_STATUS_LISTS",
+    "status_list_topic", "status_list_url", "issuer_of_status_url",
+]

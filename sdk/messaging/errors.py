@@ -15,7 +15,7 @@
     │   └── NotAuthorized             not_authorized       (required credential missing/invalid)
     ├── RequestTimeout                timeout              (no reply / stream idle or overall)
     ├── RemoteError                   <remote reason>      (the peer answered with an error reply)
-    ├── TransportError                transport            (broker connection; sdk.coord.transport)
+    ├── TransportError                transport            (broker connection; sdk.messaging.transport)
     │   ├── ConnectFailed             connect_failed | not_authorized | bad_credentials
     │   │                             | unsupported_protocol | connect_timeout
     │   ├── NotConnected              not_connected        (QoS 0 publish / subscribe while offline)
@@ -25,7 +25,7 @@
     │   ├── PublishTimeout            publish_timeout      (no PUBACK/PUBCOMP in time)
     │   └── SubscribeFailed           subscribe_denied     (SUBACK failure code)
     └── BrokerAuthError               malformed_proof | bad_proof | stale_proof | replayed_proof
-                                      | wrong_client      (DID proof in CONNECT; sdk.coord.broker_auth)
+                                      | wrong_client      (DID proof in CONNECT; sdk.messaging.broker_auth)
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from collections import OrderedDict
 import nacl.bindings as _nb
 import nacl.exceptions
 
-from sdk.coord.errors import DecryptFailed
 from sdk.identity import Key, PublicKey
+from sdk.messaging.errors import DecryptFailed
 
 ALG = "X25519-XC20P"
 NONCE_BYTES = 24

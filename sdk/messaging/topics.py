@@ -1,12 +1,12 @@
-"""The MQTT topic layout and validated builders (ids can never inject wildcards or levels).
+"""Topic validation, MQTT filter matching and the messaging layer's own topics.
 
-    autoglm/v1/dev/{device}/presence    retained presence (online/offline, will message)
-    autoglm/v1/dev/{device}/events      device events
-    autoglm/v1/dev/{device}/config      retained adaptation config for the device
-    autoglm/v1/dev/{device}/cmd         commands to the device (requests)
-    autoglm/v1/inf/req/{node}           inference requests to one node
-    autoglm/v1/inf/ads/{node}           retained inference node advertisements
+Every topic lives under ``autoglm/v1``. This layer owns only the topics it uses itself:
+
     autoglm/v1/reply/{client}           replies and stream chunks for one client
+    autoglm/v1/status/{issuer}          retained status list credentials (sdk.messaging.status)
+
+The layers above own theirs, built with :func:`build` (ids can never inject wildcards or levels):
+``sdk.coord.protocol`` the device topics (``dev/...``), ``sdk.mesh.topics`` the inference topics.
 """
 
 from __future__ import annotations
@@ -81,34 +81,15 @@ def matches(topic_filter: str, topic: str) -> bool:
     return len(f_levels) == len(t_levels)
 
 
+def build(*levels: str, what: str = "id") -> str:
+    """``ROOT/level/...``; each level is validated with :func:`validate_id` (no wildcards, no '/')."""
+    return "/".join([ROOT, *(validate_id(level, what=what) for level in levels)])
+
+
 def client_token(did: str) -> str:
     """A topic-safe token for a DID (its method-specific id, e.g. ``z6Mk...``)."""
     ident = did.partition("#")[0].rsplit(":", 1)[-1]
     return validate_id(ident, what="client token")
-
-
-def device_presence(device: str) -> str:
-    return f"{ROOT}/dev/{validate_id(device, what='device id')}/presence"
-
-
-def device_events(device: str) -> str:
-    return f"{ROOT}/dev/{validate_id(device, what='device id')}/events"
-
-
-def device_config(device: str) -> str:
-    return f"{ROOT}/dev/{validate_id(device, what='device id')}/config"
-
-
-def device_commands(device: str) -> str:
-    return f"{ROOT}/dev/{validate_id(device, what='device id')}/cmd"
-
-
-def inference_requests(node: str) -> str:
-    return f"{ROOT}/inf/req/{validate_id(node, what='node id')}"
-
-
-def inference_ad(node: str) -> str:
-    return f"{ROOT}/inf/ads/{validate_id(node, what='node id')}"
 
 
 def reply_topic(client: str) -> str:
@@ -120,40 +101,21 @@ def status_list(issuer: str) -> str:
     return f"{ROOT}/status/{validate_id(issuer, what='issuer id')}"
 
 
-#: Subscription filters over all devices / nodes.
-ALL_PRESENCE = f"{ROOT}/dev/+/presence"
-ALL_EVENTS = f"{ROOT}/dev/+/events"
-ALL_CONFIGS = f"{ROOT}/dev/+/config"
-ALL_INFERENCE_ADS = f"{ROOT}/inf/ads/+"
+#: Subscription filter over every issuer's status list.
 ALL_STATUS_LISTS = f"{ROOT}/status/+"
-
-_DEVICE_TOPIC = re.compile(rf"^{re.escape(ROOT)}/dev/([^/]+)/(presence|events|config|cmd)$")
-
-
-def parse_device_topic(topic: str) -> tuple[str, str] | None:
-    """``(device_id, kind)`` for a device topic, else None."""
-    m = _DEVICE_TOPIC.match(topic)
-    return (m.group(1), m.group(2)) if m else None
 
 
 __all__ = [
     "ROOT",
     "MAX_ID_LEN",
+    "MAX_TOPIC_BYTES",
     "validate_id",
     "validate_topic",
     "validate_filter",
     "matches",
+    "build",
     "client_token",
-    "device_presence",
-    "device_events",
-    "device_config",
-    "device_commands",
-    "inference_requests",
-    "inference_ad",
     "reply_topic",
-    "ALL_PRESENCE",
-    "ALL_EVENTS",
-    "ALL_CONFIGS",
-    "ALL_INFERENCE_ADS",
-    "parse_device_topic",
+    "status_list",
+    "ALL_STATUS_LISTS",
 ]

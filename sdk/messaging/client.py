@@ -1,7 +1,7 @@
 """``SecureClient``: signed (optionally encrypted) pub/sub, request/response and streaming.
 
-Policy lives here; the broker connection is :class:`sdk.coord.transport.MqttTransport` and the
-wire format is :mod:`sdk.coord.envelope`. Every inbound message is verified before any handler
+Policy lives here; the broker connection is :class:`sdk.messaging.transport.MqttTransport` and the
+wire format is :mod:`sdk.messaging.envelope`. Every inbound message is verified before any handler
 sees it; a rejection is counted in :attr:`SecureClient.stats`, logged, and never raised into
 the connection. Message types used by the request protocol: ``response``, ``error``,
 ``stream.chunk``, ``stream.end``, ``cancel`` (see docs/PROTOCOL.md).
@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdk.coord import topics
-from sdk.coord.authz import Authorizer, CredentialRequirement
-from sdk.coord.broker_auth import did_credentials
-from sdk.coord.envelope import Message, Signer, Verifier, VerifyPolicy, new_id
-from sdk.coord.errors import (
+from sdk.identity import Key, PublicKey
+from sdk.messaging import topics
+from sdk.messaging.authz import Authorizer, CredentialRequirement
+from sdk.messaging.broker_auth import did_credentials
+from sdk.messaging.envelope import Message, Signer, Verifier, VerifyPolicy, new_id
+from sdk.messaging.errors import (
     MessagingError,
     NotAuthorized,
     RejectedMessage,
@@ -30,9 +31,8 @@ from sdk.coord.errors import (
     RequestTimeout,
     WrongSender,
 )
-from sdk.coord.replay import ReplayCache
-from sdk.coord.transport import MqttTransport, TransportConfig
-from sdk.identity import Key, PublicKey
+from sdk.messaging.replay import ReplayCache
+from sdk.messaging.transport import MqttTransport, TransportConfig
 
 logger = logging.getLogger(__name__)
 

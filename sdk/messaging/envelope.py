@@ -26,8 +26,9 @@ from typing import Any
 import nacl.bindings as _nb
 import nacl.exceptions
 
-from sdk.coord import sealing
-from sdk.coord.errors import (
+from sdk.identity import Key, PublicKey, public_key_from_did_key
+from sdk.messaging import sealing
+from sdk.messaging.errors import (
     BadSignature,
     ClockSkew,
     DecryptFailed,
@@ -37,8 +38,7 @@ from sdk.coord.errors import (
     UnknownSender,
     WrongTopic,
 )
-from sdk.coord.replay import ReplayCache
-from sdk.identity import Key, PublicKey, public_key_from_did_key
+from sdk.messaging.replay import ReplayCache
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sdk.coord.envelope import Message
-from sdk.coord.errors import NotAuthorized
+from sdk.messaging.envelope import Message
+from sdk.messaging.errors import NotAuthorized
 
 logger = logging.getLogger(__name__)
 

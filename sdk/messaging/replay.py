@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sdk.coord.errors import Replayed
+from sdk.messaging.errors import Replayed
 
 logger = logging.getLogger(__name__)
 

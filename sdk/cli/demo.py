@@ -112,14 +112,14 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     ``rules_toml`` replaces the demo's rules (the phone step expects an 800x600 companion layout).
     """
     from brokers.embedded import OPEN_ACL, EmbeddedBroker
+    from sdk.coord import protocol
     from sdk.coord.coordinator import Coordinator, parse_rules
     from sdk.coord.coordinator.errors import AdmissionError
     from sdk.coord.device import REVOKED, Device
     from sdk.coord.events import screen_available
-    from sdk.coord import topics
-    from sdk.coord.client import SecureClient
-    from sdk.coord.broker_auth import did_credentials
     from sdk.identity import Key, TrustPolicy
+    from sdk.messaging.broker_auth import did_credentials
+    from sdk.messaging.client import SecureClient
 
     console = console or Console(emoji=False)
     names = ["start embedded broker", "start coordinator", "authenticate devices",
@@ -241,7 +241,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             async with SecureClient(broker.url, mallory, **did_credentials(mallory)) as client:
                 body = {"device": phone.did, "version": 99, "changes": {"ui.layout": "evil"},
                         "state": {"ui.layout": "evil"}, "event_id": None, "rules": [], "created": 0}
-                await client.publish(topics.device_config(phone._token), body, type="coord.config", qos=1)
+                await client.publish(protocol.device_config(phone._token), body, type="coord.config", qos=1)
                 for _ in range(100):
                     if phone.rejected_configs:
                         break

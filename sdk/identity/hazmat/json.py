@@ -1,0 +1,85 @@
+"""Strict JSON parsing for signed and untrusted documents.
+
+``loads`` rejects duplicate object members (one signed document, one meaning), NaN and
+±Infinity (numbers are finite), documents over ``max_bytes`` and nesting deeper than
+``max_depth``, all before or during the one parse. Errors are ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import json as _json
+from typing import Any
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+DEFAULT_MAX_DEPTH = 64
+
+dumps_compact = _json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate JSON member {k[:64]!r}")
+        obj[k] = v
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999 parses to inf
+        raise ValueError("non-finite number in JSON")
+    return value
+
+
+def _depth_ok(text: str | bytes, max_depth: int) -> bool:
+    """Cheap scan: nesting of brackets outside strings never exceeds ``max_depth``."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    if text.count("[") + text.count("{") <= max_depth:
+        return True
+    depth = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def loads(
+    text: str | bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Any:
+    """Parse ``text`` strictly (see module docstring); ``ValueError`` on any violation."""
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ValueError(f"JSON must be str or bytes, not {type(text).__name__}")
+    if len(text) > max_bytes:
+        raise ValueError(f"JSON document over {max_bytes} bytes")
+    if not _depth_ok(text, max_depth):
+        raise ValueError(f"JSON nested deeper than {max_depth}")
+    try:
+        return _json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                           parse_float=_float)
+    except RecursionError as exc:  # pragma: no cover - bounded by the depth scan
+        raise ValueError("JSON nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError("JSON is not UTF-8") from exc
+
+
+__all__ = ["loads", "dumps_compact", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH"]
