@@ -43,6 +43,9 @@ _EXPORTS: dict[str, str] = {
     "TransportConfig": "transport",
     "TLSConfig": "transport",
     "Will": "transport",
+    # per-subscription inbound policy
+    "Retained": "policy",
+    "InboundPolicy": "policy",
     # status lists over MQTT
     "MqttStatusListSource": "status",
     "publish_status_list": "status",
@@ -60,6 +63,8 @@ _EXPORTS: dict[str, str] = {
     "DecryptFailed": "errors",
     "WrongSender": "errors",
     "NotAuthorized": "errors",
+    "NotEncrypted": "errors",
+    "MissingExpiry": "errors",
     "RequestTimeout": "errors",
     "RemoteError": "errors",
     "TransportError": "errors",
@@ -67,7 +72,7 @@ _EXPORTS: dict[str, str] = {
     "BrokerAuthError": "errors",
 }
 _SUBMODULES = {"topics", "errors", "envelope", "transport", "client", "sync_client", "authz", "replay",
-               "sealing", "broker_auth", "status", "jws"}
+               "sealing", "broker_auth", "status", "jws", "policy", "will", "loop_thread"}
 
 __all__ = [
     "Authorizer",
@@ -83,12 +88,15 @@ __all__ = [
     "END",
     "ERROR",
     "Expired",
+    "InboundPolicy",
     "Malformed",
     "Message",
     "MessagingError",
+    "MissingExpiry",
     "MqttStatusListSource",
     "MqttTransport",
     "NotAuthorized",
+    "NotEncrypted",
     "RESPONSE",
     "RejectedMessage",
     "RemoteError",
@@ -96,6 +104,7 @@ __all__ = [
     "Replayed",
     "RequestTimeout",
     "ResponseStream",
+    "Retained",
     "SecureClient",
     "Signer",
     "SubscribeFailed",
@@ -154,7 +163,9 @@ if TYPE_CHECKING:
         Expired,
         Malformed,
         MessagingError,
+        MissingExpiry,
         NotAuthorized,
+        NotEncrypted,
         RejectedMessage,
         RemoteError,
         Replayed,
@@ -166,6 +177,7 @@ if TYPE_CHECKING:
         WrongSender,
         WrongTopic,
     )
+    from sdk.messaging.policy import InboundPolicy, Retained
     from sdk.messaging.replay import ReplayCache
     from sdk.messaging.status import MqttStatusListSource, publish_status_list
     from sdk.messaging.sync_client import SyncSecureClient

@@ -14,7 +14,7 @@ import collections
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +24,17 @@ from sdk.messaging.authz import Authorizer, CredentialRequirement
 from sdk.messaging.broker_auth import did_credentials
 from sdk.messaging.envelope import Message, Signer, Verifier, VerifyPolicy, new_id
 from sdk.messaging.errors import (
+    Malformed,
     MessagingError,
+    MissingExpiry,
     NotAuthorized,
+    NotEncrypted,
     RejectedMessage,
     RemoteError,
     RequestTimeout,
     WrongSender,
 )
+from sdk.messaging.policy import Gate, InboundPolicy, Retained, Senders, StateOrder
 from sdk.messaging.replay import ReplayCache
 from sdk.messaging.transport import MqttTransport, TransportConfig
 
@@ -59,6 +63,8 @@ class ClientConfig:
     reply_prefix: str = f"{topics.ROOT}/reply/"
     attach_credentials: bool = True  # attach the client's credentials to requests/streams
     max_serving: int = 1024  # concurrent requests served; beyond it requests get an error "busy"
+    request_ttl: float = 60.0  # expiry of a stream request (or cancel) sent without an overall timeout
+    max_state_keys: int = 100_000  # per Retained.STATE subscription: (sender, key) floors remembered
 
 
 @dataclass
@@ -71,6 +77,9 @@ class ClientStats:
     handled: int = 0
     handler_errors: int = 0
     unmatched_replies: int = 0
+    retained_dropped: int = 0  # retained deliveries ignored by Retained.DROP / serve()
+    stale_state: int = 0  # Retained.STATE messages not newer than the last accepted
+    unrouted: int = 0  # messages on no subscribed filter (dropped unverified)
 
     @property
     def rejected_total(self) -> int:
@@ -79,13 +88,34 @@ class ClientStats:
 
 @dataclass(eq=False)
 class Subscription:
-    """A handler registered with :meth:`SecureClient.subscribe` / :meth:`SecureClient.serve`."""
+    """A handler registered with :meth:`SecureClient.subscribe` / :meth:`SecureClient.serve`.
+
+    For a ``Retained.STATE`` subscription, :attr:`versions` maps ``(sender DID, key)`` to the
+    last accepted version; floors are per sender, so nobody can block another sender's state.
+    """
 
     client: SecureClient
     filter: str
     handler: Handler
-    require: CredentialRequirement | None
-    serve: bool
+    policy: InboundPolicy
+    versions: dict[tuple[str, Hashable], Any] = field(default_factory=dict)
+
+    @property
+    def require(self) -> CredentialRequirement | None:
+        return self.policy.require
+
+    @property
+    def serve(self) -> bool:
+        return self.policy.serve
+
+    def advance(self, sender: str, key: Hashable, version: Any) -> None:
+        """Raise the floor for ``(sender, key)`` (e.g. from a persistent store) to ``version``."""
+        k = (sender.partition("#")[0], key)
+        current = self.versions.get(k)
+        if current is None or version > current:
+            if current is None and len(self.versions) >= self.client.config.max_state_keys:
+                self.versions.pop(next(iter(self.versions)))
+            self.versions[k] = version
 
     async def cancel(self) -> None:
         """Unsubscribe."""
@@ -233,10 +263,24 @@ class SecureClient:
         handler: Handler,
         *,
         require: CredentialRequirement | None = None,
+        senders: Senders | None = None,
+        encrypted: bool = False,
+        retained: Retained = Retained.MESSAGES,
+        order: StateOrder | None = None,
+        gate: Gate | None = None,
         qos: int | None = None,
     ) -> Subscription:
-        """Call ``handler(message)`` (sync or async) for each verified message matching the filter."""
-        return await self._add_sub(topic_filter, handler, require=require, qos=qos, serve=False)
+        """Call ``handler(message)`` (sync or async) for each verified message matching the filter.
+
+        ``senders``: allowed sender DIDs (or a predicate); ``encrypted``: only E2E bodies;
+        ``retained``: what a retained delivery means (:class:`Retained`; ``STATE`` needs
+        ``order(message) -> (key, version)`` and then accepts only strictly newer versions per
+        sender and key); ``gate(message)`` may return a rejection before authorization runs;
+        ``require``: a credential the sender must present.
+        """
+        policy = InboundPolicy(require=require, senders=senders, encrypted=encrypted, retained=retained,
+                               order=order, gate=gate)
+        return await self._add_sub(topic_filter, handler, policy, qos=qos)
 
     async def serve(
         self,
@@ -244,20 +288,26 @@ class SecureClient:
         handler: Handler,
         *,
         require: CredentialRequirement | None = None,
+        senders: Senders | None = None,
+        encrypted: bool = False,
+        gate: Gate | None = None,
         qos: int | None = None,
     ) -> Subscription:
-        """Answer requests: ``handler(message)`` returns a body, or an async iterator to stream."""
-        return await self._add_sub(topic_filter, handler, require=require, qos=qos, serve=True)
+        """Answer requests: ``handler(message)`` returns a body, or an async iterator to stream.
+
+        Requests must carry an expiry; retained deliveries never run. Options as :meth:`subscribe`.
+        """
+        policy = InboundPolicy(require=require, senders=senders, encrypted=encrypted, retained=Retained.DROP,
+                               gate=gate, serve=True)
+        return await self._add_sub(topic_filter, handler, policy, qos=qos)
 
     async def _add_sub(
-        self, topic_filter: str, handler: Handler, *, require: Any, qos: int | None, serve: bool
+        self, topic_filter: str, handler: Handler, policy: InboundPolicy, *, qos: int | None
     ) -> Subscription:
         topics.validate_filter(topic_filter)
         if not callable(handler):
             raise TypeError("handler must be callable")
-        if require is not None and not isinstance(require, CredentialRequirement):
-            raise TypeError("require must be a CredentialRequirement")
-        sub = Subscription(self, topic_filter, handler, require, serve)
+        sub = Subscription(self, topic_filter, handler, policy)
         first = topic_filter not in self._subs
         self._subs.setdefault(topic_filter, []).append(sub)
         if first:
@@ -316,7 +366,7 @@ class SecureClient:
         if msg.type == ERROR:
             raise _remote_error(msg)
         with contextlib.suppress(MessagingError):
-            await self.publish(topic, None, type=CANCEL, correlation_id=cid)
+            await self.publish(topic, None, type=CANCEL, correlation_id=cid, ttl=self.config.request_ttl)
         raise MessagingError(f"peer answered {topic!r} with {msg.type!r}; use stream()", reason="protocol_error")
 
     def stream(
@@ -355,7 +405,8 @@ class SecureClient:
         deadline = None if timeout is None else loop.time() + timeout
         try:
             await self.publish(
-                topic, body, type=type, qos=qos, encrypt_to=encrypt_to, ttl=timeout, reply_to=self.reply_topic,
+                topic, body, type=type, qos=qos, encrypt_to=encrypt_to,
+                ttl=self.config.request_ttl if timeout is None else timeout, reply_to=self.reply_topic,
                 correlation_id=cid, msg_id=cid, credentials=self._creds(),
             )
             next_seq = 0
@@ -394,7 +445,7 @@ class SecureClient:
             self._pending.pop(cid, None)
             if not finished and self.transport.connected:
                 try:
-                    await self.publish(topic, None, type=CANCEL, correlation_id=cid)
+                    await self.publish(topic, None, type=CANCEL, correlation_id=cid, ttl=self.config.request_ttl)
                 except Exception as exc:  # noqa: BLE001 - best effort
                     logger.info("could not send cancel for %s: %s", cid, exc)
 
@@ -404,9 +455,30 @@ class SecureClient:
     # ------------------------------------------------------------------ inbound
 
     def _on_raw(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 0) -> None:
+        """The one inbound path: route, drop what no policy accepts, verify once, then dispatch."""
         self.stats.received += 1
+        if topic == self.reply_topic:
+            if retain:  # replies are never retained state
+                self.stats.retained_dropped += 1
+                return
+            subs: list[Subscription] = []
+            state = False
+        else:
+            subs = [sub for topic_filter, group in self._subs.items() if topics.matches(topic_filter, topic)
+                    for sub in group]
+            if not subs:
+                self.stats.unrouted += 1
+                logger.debug("no handler for message on %r", topic)
+                return
+            if retain:
+                subs = [sub for sub in subs if sub.policy.retained is not Retained.DROP]
+                if not subs:
+                    self.stats.retained_dropped += 1
+                    logger.debug("dropped retained message on %r (topic carries no retained state)", topic)
+                    return
+            state = all(sub.policy.retained is Retained.STATE for sub in subs)
         try:
-            msg = self._verifier.open(topic, payload, retained=retain)
+            msg = self._verifier.open(topic, payload, retained=retain, state=state)
         except RejectedMessage as exc:
             self._reject(topic, exc)
             return
@@ -417,14 +489,8 @@ class SecureClient:
         if topic == self.reply_topic:
             self._on_reply(msg)
             return
-        delivered = False
-        for topic_filter, subs in self._subs.items():
-            if topics.matches(topic_filter, topic):
-                for sub in subs:
-                    delivered = True
-                    self._dispatch(sub, msg)
-        if not delivered:
-            logger.debug("no handler for verified message on %r", topic)
+        for sub in subs:
+            self._dispatch(sub, msg)
 
     def _reject(self, topic: str, exc: RejectedMessage, msg: Message | None = None) -> None:
         self.stats.rejected[exc.reason] += 1
@@ -451,6 +517,54 @@ class SecureClient:
         elif pending.queue is not None:
             pending.queue.put_nowait(msg)
 
+    def _check_policy(self, sub: Subscription, msg: Message) -> tuple[Hashable, Any] | None | bool:
+        """Per-subscription checks, cheapest first. False: rejected; else the STATE (key, version)."""
+        policy = sub.policy
+        if not policy.sender_allowed(msg.sender):
+            self._reject(msg.topic, WrongSender(f"{msg.sender} may not send on {sub.filter!r}"), msg)
+            return False
+        if policy.encrypted and not msg.encrypted and not (policy.serve and msg.type == CANCEL):
+            self._reject(msg.topic, NotEncrypted(f"{msg.type} on {sub.filter!r} must be end-to-end encrypted"), msg)
+            return False
+        if policy.serve and msg.expires_at is None:
+            self._reject(msg.topic, MissingExpiry(f"request {msg.id} carries no expiry"), msg)
+            return False
+        state: tuple[Hashable, Any] | None = None
+        if policy.retained is Retained.STATE:
+            assert policy.order is not None
+            try:
+                state = policy.order(msg)
+                if state is not None:
+                    hash(state[0])
+            except Exception as exc:  # noqa: BLE001 - a bad state document is malformed, not a crash
+                state = None
+                logger.debug("order() raised on %r: %s", msg.topic, exc)
+            if state is None:
+                self._reject(msg.topic, Malformed(f"{msg.type} on {sub.filter!r} has no usable version"), msg)
+                return False
+            floor = sub.versions.get((msg.sender, state[0]))
+            try:
+                stale = floor is not None and not state[1] > floor
+            except TypeError:
+                stale = True
+            if stale:
+                self.stats.stale_state += 1
+                logger.debug("ignoring %s on %r from %s: version %r is not newer than %r",
+                             msg.type, msg.topic, msg.sender, state[1], floor)
+                return False
+        if policy.gate is not None:
+            try:
+                refusal = policy.gate(msg)
+            except Exception:  # noqa: BLE001
+                logger.exception("gate for %r raised", sub.filter)
+                refusal = RejectedMessage("gate failed", reason="gate_error")
+            if refusal is not None:
+                self._reject(msg.topic, refusal, msg)
+                if policy.serve and msg.type != CANCEL:
+                    self._spawn(self._safe_error_reply(msg, refusal.reason, str(refusal)))
+                return False
+        return state if state is not None else True
+
     def _authorize(self, sub: Subscription, msg: Message) -> bool:
         if sub.require is None:
             return True
@@ -464,6 +578,9 @@ class SecureClient:
         return True
 
     def _dispatch(self, sub: Subscription, msg: Message) -> None:
+        checked = self._check_policy(sub, msg)
+        if checked is False:
+            return
         if sub.serve and msg.type == CANCEL:
             task = self._serving.get((msg.sender, msg.correlation_id or ""))
             if task is not None:
@@ -480,6 +597,8 @@ class SecureClient:
                 return
         if not self._authorize(sub, msg):
             return
+        if isinstance(checked, tuple):  # accepted state: only now may it raise the floor
+            sub.advance(msg.sender, checked[0], checked[1])
         if sub.serve:
             if len(self._serving) >= self.config.max_serving:
                 logger.warning("busy: %d requests in progress, refusing %s from %s",

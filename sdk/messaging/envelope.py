@@ -14,8 +14,6 @@ the signature covers the ASCII ``header_b64 "." payload_b64`` exactly as sent.
 from __future__ import annotations
 
 import base64
-import binascii
-import json
 import logging
 import os
 import time
@@ -27,6 +25,8 @@ import nacl.bindings as _nb
 import nacl.exceptions
 
 from sdk.identity import Key, PublicKey, public_key_from_did_key
+from sdk.identity.hazmat import json as strict_json
+from sdk.identity.hazmat.b64 import b64url_decode, b64url_encode
 from sdk.messaging import sealing
 from sdk.messaging.errors import (
     BadSignature,
@@ -49,28 +49,29 @@ MAX_ID_LEN = 64
 MAX_TYPE_LEN = 128
 MAX_HEADER_B64 = 2048
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_loads = json.loads
+_dumps = strict_json.dumps_compact
+
+
+def _loads(data: bytes) -> Any:
+    """Strict JSON: duplicate members and NaN/Infinity are malformed (one signed text, one meaning).
+
+    Size is bounded by the receiver's ``max_bytes`` before parsing; nesting by the C parser's
+    recursion guard (payloads are parsed only after their signature verified).
+    """
+    return strict_json.loads(data, max_bytes=DEFAULT_MAX_BYTES * 4, max_depth=None)
 
 
 def b64e(data: bytes) -> bytes:
     """base64url without padding."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    return b64url_encode(data)
 
 
 def b64d(data: bytes | str) -> bytes:
-    """Decode base64url without padding; raise :class:`Malformed` on bad input."""
-    if isinstance(data, str):
-        try:
-            data = data.encode("ascii", "strict")
-        except UnicodeEncodeError as exc:
-            raise Malformed("non-ASCII base64url") from exc
-    if len(data) % 4 == 1:
-        raise Malformed("bad base64url length")
+    """Decode canonical base64url without padding; raise :class:`Malformed` on anything else."""
     try:
-        return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise Malformed("bad base64url") from exc
+        return b64url_decode(data)
+    except ValueError as exc:
+        raise Malformed(str(exc)) from exc
 
 
 def new_id() -> str:
@@ -236,8 +237,8 @@ class Verifier:
             raise Malformed("header too long")
         try:
             header = _loads(b64d(header_b64))
-        except (ValueError, RecursionError) as exc:
-            raise Malformed("header is not JSON") from exc
+        except ValueError as exc:
+            raise Malformed(f"header is not strict JSON: {exc}") from exc
         if not isinstance(header, dict) or header.get("alg") != ALG or header.get("typ") != TYP:
             raise Malformed("header must have alg=EdDSA and typ=" + TYP)
         kid = header.get("kid")
@@ -260,8 +261,15 @@ class Verifier:
         self._headers[header_b64] = hit
         return hit
 
-    def open(self, topic: str, data: bytes, *, retained: bool = False, now: float | None = None) -> Message:
-        """Verify ``data`` received on ``topic``; return the :class:`Message` or raise a rejection."""
+    def open(
+        self, topic: str, data: bytes, *, retained: bool = False, state: bool = False, now: float | None = None
+    ) -> Message:
+        """Verify ``data`` received on ``topic``; return the :class:`Message` or raise a rejection.
+
+        ``retained`` only records the MQTT flag: retained copies are checked like any message.
+        ``state=True`` (the caller orders the topic's messages by their own version, see
+        :class:`sdk.messaging.policy.Retained`) replaces the freshness window and replay cache.
+        """
         policy = self.policy
         if len(data) > policy.max_bytes:
             raise TooLarge(f"{len(data)} bytes exceeds the {policy.max_bytes}-byte limit")
@@ -281,8 +289,8 @@ class Verifier:
             raise BadSignature(f"signature from {kid} does not verify") from exc
         try:
             p = _loads(b64d(payload_b64))
-        except (ValueError, RecursionError) as exc:
-            raise Malformed("payload is not JSON") from exc
+        except ValueError as exc:
+            raise Malformed(f"payload is not strict JSON: {exc}") from exc
         if not isinstance(p, dict):
             raise Malformed("payload is not a JSON object")
         msg_id, typ, top, iat = p.get("id"), p.get("typ"), p.get("top"), p.get("iat")
@@ -313,7 +321,7 @@ class Verifier:
             raise Expired(f"message {msg_id} expired {(now_ms - exp) / 1000:.3f}s ago")
         if iat > now_ms + policy.clock_skew * 1000:
             raise ClockSkew(f"issued {(iat - now_ms) / 1000:.3f}s in the future")
-        if not retained:
+        if not state:
             if iat < now_ms - policy.max_age * 1000:
                 raise ClockSkew(f"issued {(now_ms - iat) / 1000:.3f}s ago (max age {policy.max_age}s)")
             self.replay.check_and_add(sender, msg_id, issued_at=iat / 1000, now=now)
@@ -351,8 +359,8 @@ class Verifier:
         plain = sealing.decrypt(self._shared.get(sender), b64d(n), b64d(ct), msg_id.encode("utf-8"))
         try:
             return _loads(plain)
-        except (ValueError, RecursionError) as exc:
-            raise Malformed("decrypted body is not JSON") from exc
+        except ValueError as exc:
+            raise Malformed(f"decrypted body is not strict JSON: {exc}") from exc
 
 
 __all__ = [

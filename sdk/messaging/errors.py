@@ -12,7 +12,9 @@
     │   ├── Replayed                  replayed             (id already seen)
     │   ├── DecryptFailed             decrypt_failed       (E2E body not for us / tampered)
     │   ├── WrongSender               wrong_sender         (reply from an unexpected DID)
-    │   └── NotAuthorized             not_authorized       (required credential missing/invalid)
+    │   ├── NotAuthorized             not_authorized       (required credential missing/invalid)
+    │   ├── NotEncrypted              not_encrypted        (subscription requires an E2E body)
+    │   └── MissingExpiry             no_expiry            (a request without ``exp``)
     ├── RequestTimeout                timeout              (no reply / stream idle or overall)
     ├── RemoteError                   <remote reason>      (the peer answered with an error reply)
     ├── TransportError                transport            (broker connection; sdk.messaging.transport)
@@ -83,6 +85,14 @@ class NotAuthorized(RejectedMessage):
     reason = "not_authorized"
 
 
+class NotEncrypted(RejectedMessage):
+    reason = "not_encrypted"
+
+
+class MissingExpiry(RejectedMessage):
+    reason = "no_expiry"
+
+
 class RequestTimeout(MessagingError):
     """No reply (or no stream chunk) within the timeout."""
 
@@ -149,6 +159,8 @@ __all__ = [
     "DecryptFailed",
     "WrongSender",
     "NotAuthorized",
+    "NotEncrypted",
+    "MissingExpiry",
     "RequestTimeout",
     "RemoteError",
     "TransportError",

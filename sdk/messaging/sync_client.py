@@ -6,14 +6,13 @@ The client runs on a private event loop in a daemon thread; handlers registered 
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from sdk.identity import Key
 from sdk.messaging.client import SecureClient, Subscription
 from sdk.messaging.envelope import Message
+from sdk.messaging.loop_thread import LoopThread
 
 T = TypeVar("T")
 
@@ -22,9 +21,7 @@ class SyncSecureClient:
     """``with SyncSecureClient(url, key) as c: c.request(topic, body, timeout=5)``."""
 
     def __init__(self, broker: Any, key: Key, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="autoglm-sync-client", daemon=True)
-        self._thread.start()
+        self._lt = LoopThread("autoglm-sync-client")
         try:
             self.client: SecureClient = self._call(self._make(broker, key, options))
         except BaseException:
@@ -38,7 +35,7 @@ class SyncSecureClient:
         return client
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._lt.call(coro, timeout)
 
     def publish(self, topic: str, body: Any = None, **kwargs: Any) -> str:
         return self._call(self.client.publish(topic, body, **kwargs))
@@ -70,16 +67,14 @@ class SyncSecureClient:
 
     def close(self) -> None:
         """Disconnect and stop the loop thread."""
-        if self._loop.is_running():
+        if self._lt.running:
             try:
                 self._call(self.client.aclose(), timeout=10)
             finally:
                 self._stop_loop()
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._lt.stop()
 
     def __enter__(self) -> SyncSecureClient:
         return self

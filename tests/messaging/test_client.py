@@ -298,7 +298,7 @@ async def test_reply_to_outside_reply_prefix_is_refused(broker, node_key: Key, u
         await node.serve(topic, calls.append)
         seen: list[Message] = []
         await user.subscribe(victim_topic, seen.append)
-        await user.publish(topic, 1, type="request", reply_to=victim_topic, correlation_id="c1")
+        await user.publish(topic, 1, type="request", reply_to=victim_topic, correlation_id="c1", ttl=10)
         await until(lambda: node.stats.rejected["bad_reply_to"] == 1)
         assert (await user.request(topic, 2, timeout=10)).type == "response"  # still serving
         assert [m.body for m in calls] == [2] and seen == []

@@ -129,8 +129,10 @@ def test_replayed(alice: Key) -> None:
     v.open(TOPIC, wire, now=NOW)
     with pytest.raises(errors.Replayed):
         v.open(TOPIC, wire, now=NOW + 1)
-    # retained redelivery is legitimate and skips the replay cache
-    assert v.open(TOPIC, wire, retained=True, now=NOW + 2).retained
+    with pytest.raises(errors.Replayed):  # the retain flag is no licence to replay
+        v.open(TOPIC, wire, retained=True, now=NOW + 2)
+    # state topics (ordered by their own version by the caller) skip the replay cache
+    assert v.open(TOPIC, wire, retained=True, state=True, now=NOW + 2).retained
 
 
 def test_expired_and_clock_skew(alice: Key) -> None:
@@ -139,14 +141,44 @@ def test_expired_and_clock_skew(alice: Key) -> None:
     with pytest.raises(errors.Expired):
         _verifier().open(TOPIC, wire, now=NOW + 11)
     with pytest.raises(errors.Expired):  # expiry applies to retained messages too
-        _verifier().open(TOPIC, wire, retained=True, now=NOW + 11)
+        _verifier().open(TOPIC, wire, retained=True, state=True, now=NOW + 11)
     _, future = signer.seal(TOPIC, 1, type="t", now=NOW + 60)
     with pytest.raises(errors.ClockSkew):
         _verifier(clock_skew=30).open(TOPIC, future, now=NOW)
     _, old = signer.seal(TOPIC, 1, type="t", now=NOW - 400)
     with pytest.raises(errors.ClockSkew):
         _verifier(max_age=300).open(TOPIC, old, now=NOW)
-    assert _verifier(max_age=300).open(TOPIC, old, retained=True, now=NOW).body == 1
+    with pytest.raises(errors.ClockSkew):  # an old retained message is still old
+        _verifier(max_age=300).open(TOPIC, old, retained=True, now=NOW)
+    assert _verifier(max_age=300).open(TOPIC, old, retained=True, state=True, now=NOW).body == 1
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"id":"a","id":"b","typ":"t","top":"' + TOPIC.encode() + b'","iat":1}',
+    b'{"id":"a","typ":"t","top":"' + TOPIC.encode() + b'","iat":1,"body":NaN}',
+    b'{"id":"a","typ":"t","top":"' + TOPIC.encode() + b'","iat":1,"body":[Infinity]}',
+    b'{"id":"a","typ":"t","top":"' + TOPIC.encode() + b'","iat":1,"body":1e999}',
+])
+def test_duplicate_members_and_non_finite_numbers_are_malformed(alice: Key, payload: bytes) -> None:
+    from sdk.messaging.envelope import b64e
+
+    header = b64e(b'{"alg":"EdDSA","kid":"' + alice.verification_method.encode() + b'","typ":"autoglm-msg+jws"}')
+    signing_input = header + b"." + b64e(payload)
+    wire = signing_input + b"." + b64e(alice.sign(signing_input))
+    with pytest.raises(errors.Malformed):
+        _verifier().open(TOPIC, wire, now=NOW)
+
+
+def test_non_canonical_base64url_is_malformed(alice: Key) -> None:
+    _, wire = Signer(alice).seal(TOPIC, 1, type="t", now=NOW)
+    header, payload, sig = wire.split(b".")
+    # flip the unused low bits of the signature's last character: same bytes, another wire form
+    last = sig[-1:]
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = bytes([alphabet[alphabet.index(last) | 0b11]])
+    assert twin != last
+    with pytest.raises(errors.Malformed):
+        _verifier().open(TOPIC, b".".join([header, payload, sig[:-1] + twin]), now=NOW)
 
 
 def test_wrong_topic(alice: Key) -> None:

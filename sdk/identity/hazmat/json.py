@@ -64,14 +64,17 @@ def _depth_ok(text: str | bytes, max_depth: int) -> bool:
 
 
 def loads(
-    text: str | bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = DEFAULT_MAX_DEPTH
+    text: str | bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int | None = DEFAULT_MAX_DEPTH
 ) -> Any:
-    """Parse ``text`` strictly (see module docstring); ``ValueError`` on any violation."""
+    """Parse ``text`` strictly (see module docstring); ``ValueError`` on any violation.
+
+    ``max_depth=None`` skips the depth scan (the C parser's recursion guard still applies).
+    """
     if not isinstance(text, (str, bytes, bytearray)):
         raise ValueError(f"JSON must be str or bytes, not {type(text).__name__}")
     if len(text) > max_bytes:
         raise ValueError(f"JSON document over {max_bytes} bytes")
-    if not _depth_ok(text, max_depth):
+    if max_depth is not None and not _depth_ok(text, max_depth):
         raise ValueError(f"JSON nested deeper than {max_depth}")
     try:
         return _json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
