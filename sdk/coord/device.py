@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord import protocol
-from sdk.coord.coordinator.auth import COORDINATOR_CREDENTIAL, check_presentation, present
-from sdk.coord.coordinator.errors import AdmissionError, ConfigRejected, NotAdmitted
-from sdk.coord.coordinator.store import ConfigVersion
+from sdk.coord.errors import AdmissionError, ConfigRejected, NotAdmitted
+from sdk.coord.handshake import COORDINATOR_CREDENTIAL, check_presentation, present
+from sdk.coord.protocol import ConfigVersion
 from sdk.coord.events import Event, battery, custom, input_methods, network, screen_available, screen_lost
 from sdk.identity import Key, StatusChecker, TrustPolicy
 from sdk.messaging.broker_auth import did_credentials

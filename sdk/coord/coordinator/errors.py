@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sdk.coord.errors import AdmissionError, ConfigRejected, NotAdmitted
 from sdk.errors import CoordinationError
 
 
@@ -21,29 +22,6 @@ class StoreError(CoordinationError):
     """The state store could not read or write (corrupt file, disk full...)."""
 
     reason = "store_error"
-
-
-class AdmissionError(CoordinationError):
-    """Authentication between a device and the coordinator failed.
-
-    ``reason`` is one of: ``untrusted_issuer``, ``revoked``, ``expired``, ``not_yet_valid``,
-    ``wrong_challenge``, ``bad_signature``, ``holder_mismatch``, ``missing_credential``,
-    ``malformed``, ``untrusted_coordinator``, ``timeout``, ``unknown_session``.
-    """
-
-    reason = "admission_failed"
-
-
-class ConfigRejected(CoordinationError):
-    """A pushed config failed verification on the device (forged, wrong device, stale)."""
-
-    reason = "config_rejected"
-
-
-class NotAdmitted(CoordinationError):
-    """The device is not (or no longer) admitted by the coordinator."""
-
-    reason = "not_admitted"
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord.coordinator.errors import StoreError
+from sdk.coord.protocol import ConfigVersion
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +40,6 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS processed (
     sender TEXT NOT NULL, event_id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (sender, event_id));
 """
-
-
-@dataclass(frozen=True)
-class ConfigVersion:
-    """One committed desired-state version for one device."""
-
-    did: str
-    version: int
-    changes: dict[str, Any]
-    state: dict[str, Any]
-    event_id: str | None = None
-    rules: tuple[str, ...] = ()
-    created: float = 0.0
-
-    def to_body(self) -> dict[str, Any]:
-        """The JSON document that the coordinator signs and sends."""
-        return {"device": self.did, "version": self.version, "changes": self.changes,
-                "state": self.state, "event_id": self.event_id, "rules": list(self.rules),
-                "created": self.created}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ConfigVersion:
-        """Parse a config document (raises KeyError/TypeError/ValueError when malformed)."""
-        version = body["version"]
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError("version must be a positive integer")
-        if not isinstance(body["changes"], dict) or not isinstance(body["state"], dict):
-            raise TypeError("changes and state must be objects")
-        return cls(str(body["device"]), version, dict(body["changes"]), dict(body["state"]),
-                   body.get("event_id"), tuple(body.get("rules") or ()), float(body.get("created", 0)))
 
 
 @dataclass
