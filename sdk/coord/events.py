@@ -7,6 +7,7 @@ against at load, so a template naming a field the event never carries is a load 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ INPUT_METHOD_NAMES = ("touch", "keyboard", "mouse", "voice", "remote", "pen", "g
 
 _EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+#: Nesting allowed inside an event field value.
+MAX_FIELD_DEPTH = 8
 
 
 class InvalidEvent(CoordinationError):
@@ -87,9 +90,12 @@ def validate_event(event: Event) -> Event:
     """Check an event against its schema (known types) or the generic rules (custom types)."""
     if not _EVENT_TYPE_RE.match(event.type):
         raise InvalidEvent(f"bad event type {event.type!r} (lowercase letters, digits, _ . -)")
-    for name in event.fields:
+    for name, value in event.fields.items():
         if not isinstance(name, str) or not _FIELD_RE.match(name):
             raise InvalidEvent(f"bad field name {name!r} in event {event.type!r}")
+        problem = _json_problem(value)
+        if problem:
+            raise InvalidEvent(f"event {event.type!r} field {name!r}: {problem}")
     schema = EVENT_SCHEMAS.get(event.type)
     if schema is None:
         return event
@@ -111,6 +117,29 @@ def validate_event(event: Event) -> Event:
         if not all(isinstance(m, str) and m for m in methods):
             raise InvalidEvent("input_methods 'methods' must be a list of names")
     return event
+
+
+def _json_problem(value: object) -> str | None:
+    """Why ``value`` is not plain JSON with finite numbers (None when it is)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if item is None or isinstance(item, (str, bool, int)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"non-finite number {item!r}"
+        elif depth >= MAX_FIELD_DEPTH:
+            return f"nested deeper than {MAX_FIELD_DEPTH}"
+        elif isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                return "object keys must be strings"
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+        else:
+            return f"{type(item).__name__} is not a JSON value"
+    return None
 
 
 def screen_available(width: int, height: int, *, density: float | None = None,

@@ -79,6 +79,8 @@ class Challenges:
         """A new challenge for ``did`` (valid ``ttl`` seconds, default the instance's)."""
         if len(self._open) >= self.limit:
             self.sweep()
+            while len(self._open) >= self.limit:      # still full (a flood): the oldest go first
+                del self._open[next(iter(self._open))]
         value = secrets.token_urlsafe(18)
         self._open[value] = (did, time.monotonic() + (self.ttl if ttl is None else ttl))
         return value

@@ -24,6 +24,7 @@ Relative paths are resolved against the config file's directory.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -74,10 +75,13 @@ def _err(msg: str) -> ConfigFileError:
     return ConfigFileError(msg)
 
 
-def _number(table: dict[str, Any], key: str, default: float, *, where: str, minimum: float = 0) -> float:
+def _number(table: dict[str, Any], key: str, default: float, *, where: str, minimum: float = 0,
+            maximum: float = 3600.0) -> float:
+    """A finite number in ``[minimum, maximum]`` (TOML also allows ``nan`` and ``inf``)."""
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _err(f"{where}.{key} must be a number >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not minimum <= value <= maximum:
+        raise _err(f"{where}.{key} must be a finite number between {minimum} and {maximum}, got {value!r}")
     return float(value)
 
 

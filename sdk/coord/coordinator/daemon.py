@@ -6,22 +6,29 @@ to SQLite → publish each target's missing versions in order (one pump per devi
 reports into the convergence metrics. A restart reloads the store; devices see the new
 ``boot`` in the coordinator's retained presence, re-authenticate stating their last version,
 and the pump sends what they missed.
+
+Each device is one :class:`~sdk.coord.coordinator.registry.DeviceRecord`; while admitted it holds
+a :class:`~sdk.coord.coordinator.registry.Session` that ends when the device goes offline, its
+heartbeat lapses, its credential expires (one timer over a heap of deadlines) or is revoked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import heapq
 import json
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sdk.coord import protocol
+from sdk.coord.coordinator.admission import SenderLimiter, TokenBucket
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
     RESUME_TTL,
@@ -32,11 +39,28 @@ from sdk.coord.coordinator.auth import (
     present,
 )
 from sdk.coord.coordinator.config import CoordinatorConfig
-from sdk.coord.coordinator.errors import AdmissionError, CoordinationError
+from sdk.coord.coordinator.errors import (
+    AdmissionError,
+    CoordinationError,
+    InvalidValue,
+    RuleOutputError,
+    StoreBehind,
+    StoreCorrupt,
+    StoreMissing,
+)
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
-from sdk.coord.coordinator.registry import EXPIRED, OFFLINE, ONLINE, REVOKED, DeviceRecord, Registry
+from sdk.coord.coordinator.registry import (
+    EXPIRED,
+    OFFLINE,
+    ONLINE,
+    REVOKED,
+    DeviceRecord,
+    Registry,
+    Session,
+)
 from sdk.coord.coordinator.rules import RuleSet
 from sdk.coord.coordinator.store import ConfigVersion, Store
+from sdk.coord.coordinator.values import MAX_INT, check_json, finite, integer, strict_dumps
 from sdk.coord.events import Event, InvalidEvent
 from sdk.identity import (
     IdentityError,
@@ -47,10 +71,11 @@ from sdk.identity import (
     create_status_list_credential,
     status_entry,
 )
+from sdk.identity.hazmat import json as strict_json
 from sdk.messaging.broker_auth import did_credentials
 from sdk.messaging.client import ClientConfig, SecureClient
-from sdk.messaging.envelope import Message, Signer
-from sdk.messaging.errors import MessagingError
+from sdk.messaging.envelope import DEFAULT_MAX_BYTES, Message, Signer
+from sdk.messaging.errors import MessagingError, RejectedMessage
 from sdk.messaging.status import MqttStatusListSource, publish_status_list
 from sdk.messaging.transport import Will
 
@@ -58,10 +83,51 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[str, dict[str, Any]], Any]
 STATUS_LIST_SIZE = 131072
+#: The largest config document the coordinator commits: base64url inside a signed envelope
+#: (a third larger) with room for the header and signature, it must fit the envelope limit.
+MAX_CONFIG_BYTES = DEFAULT_MAX_BYTES * 3 // 4 - 4096
+#: heartbeat_ttl a device may ask for (seconds).
+MIN_TTL, MAX_TTL = 0.1, 3600.0
+_ISSUER_STATE_FILE = "issuer-state.json"
+_ISSUER_MIGRATED = "issuer_state_migrated"
+_MAX_CAPABILITIES = 256
+_MAX_ATTRIBUTES_BYTES = 16 * 1024
+
+
+def fingerprint(credential: Mapping[str, Any]) -> str:
+    """A stable identifier of a credential: its ``id``, else a digest of its strict JSON."""
+    cid = credential.get("id")
+    if isinstance(cid, str) and cid:
+        return cid
+    return "sha256:" + hashlib.sha256(strict_dumps(credential, sort_keys=True).encode()).hexdigest()
+
+
+def _valid_until(credential: Mapping[str, Any]) -> float | None:
+    """The credential's ``validUntil`` (or VC 1.1 ``expirationDate``) as epoch seconds."""
+    from sdk.identity.datetimes import parse_datetime
+
+    text = credential.get("validUntil", credential.get("expirationDate"))
+    if text is None:
+        return None
+    try:
+        return parse_datetime(text).timestamp()
+    except (IdentityError, ValueError, TypeError) as exc:
+        raise AdmissionError(f"credential validUntil is not a dateTime: {exc}", reason="malformed") from exc
+
+
+def _status_entries(credential: Mapping[str, Any]) -> list[dict[str, Any]]:
+    status = credential.get("credentialStatus")
+    entries = status if isinstance(status, list) else [status] if status is not None else []
+    return [dict(e) for e in entries if isinstance(e, dict)]
 
 
 class Coordinator:
-    """One coordinator: ``await c.start()`` ... ``await c.stop()`` (or ``async with``)."""
+    """One coordinator: ``await c.start()`` ... ``await c.stop()`` (or ``async with``).
+
+    ``fresh=True`` starts with an empty store when the existing one is corrupt, 0 bytes or
+    missing (the bad file is moved aside); without it such a store refuses to start with a
+    :class:`~sdk.coord.coordinator.errors.StoreError` (``store_corrupt`` / ``store_missing``).
+    """
 
     def __init__(
         self,
@@ -78,6 +144,9 @@ class Coordinator:
         sweep_interval: float = 1.0,
         metrics_port: int = 0,
         client_config: ClientConfig | None = None,
+        fresh: bool = False,
+        hello_rate: float = 500.0,
+        hello_burst: int = 1000,
         **transport_options: Any,
     ) -> None:
         self.key = key
@@ -92,14 +161,19 @@ class Coordinator:
                 raise ValueError("give the coordinator a credential, or an issuer key to self-issue one")
             credential = coordinator_credential(issuer, self.did)
         self.credential = credential
-        self.heartbeat_ttl = heartbeat_ttl
+        self.heartbeat_ttl = finite(heartbeat_ttl, what="heartbeat_ttl", minimum=MIN_TTL, maximum=MAX_TTL)
         self.durability = durability
-        self.sweep_interval = sweep_interval
+        self.sweep_interval = finite(sweep_interval, what="sweep_interval", minimum=0.001, maximum=3600)
         self.metrics_port = metrics_port
+        self.fresh = fresh
         self.boot = secrets.token_hex(8)
         self.registry = Registry()
         self.metrics = CoordinatorMetrics()
         self.challenges = Challenges()
+        #: presentations signed for hellos from senders never admitted (a flood cannot buy more)
+        self.hello_budget = TokenBucket(hello_rate, hello_burst)
+        #: handshake requests (hello, present) per sender never admitted
+        self.request_limiter = SenderLimiter(rate=2.0, burst=10)
         self.status_source = MqttStatusListSource()
         self.checker = StatusChecker(self.status_source)
         self.status_source.add_listener(self._on_status_list)
@@ -111,19 +185,15 @@ class Coordinator:
         options = {**did_credentials(key), **transport_options}
         options.setdefault("will", Will(presence, will, qos=1, retain=True))
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
-        self._credentials: dict[str, dict[str, Any]] = {}
         self._reports: list[tuple[str, int, str, str | None, float | None]] = []
-        self._persisted: dict[str, str] = {}
-        self._sent: dict[str, int] = {}
-        self._gen: dict[str, int] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Listener] = []
-        self._notified: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._http: Any = None
-        self._issuer_state: dict[str, Any] = {}
+        self._status_credential: dict[str, Any] | None = None
         self._status_list: StatusList | None = None
+        self._deadlines: list[tuple[float, str, str]] = []     # (valid_until, did, session id)
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
         self.started = False
 
@@ -137,10 +207,10 @@ class Coordinator:
         if config.credential is not None:
             try:
                 text = config.credential.read_text(encoding="utf-8").strip()
-            except OSError as exc:
+                credential = text if not text.startswith("{") else strict_json.loads(text)
+            except (OSError, ValueError) as exc:
                 raise CoordinationError(f"cannot read coordinator credential {config.credential}: {exc}",
                                         reason="invalid_config_file") from exc
-            credential = text if not text.startswith("{") else json.loads(text)
         trust = TrustPolicy({t.issuer: set(t.types) for t in config.trust})
         return cls(key, broker=broker or config.broker, data_dir=config.data_dir, trust=trust,
                    rules=config.rules, credential=credential, issuer=issuer,
@@ -156,36 +226,34 @@ class Coordinator:
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(what, info)``: admitted, refused, event, committed, report, converged, revoked,
-        expired, offline, rejected."""
+        expired, session_ended, offline, rejected, duplicate, store_behind."""
         self._listeners.append(listener)
 
     def _emit(self, what: str, /, **info: Any) -> None:
         for listener in list(self._listeners):
             try:
                 listener(what, info)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("coordinator listener failed on %s", what)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Open the store, connect, subscribe, announce presence and status lists."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.data_dir / "coordinator.db", durability=self.durability)
+        self.store = self._open_store()
         for row in self.store.load_devices():
-            rec = DeviceRecord(did=row["did"], kind=row.get("kind", "device"), name=row.get("name", ""),
-                               groups=frozenset(row.get("groups", ())),
-                               capabilities=frozenset(row.get("capabilities", ())),
-                               attributes=dict(row.get("attributes", {})),
-                               credential_id=row.get("credential_id"), issuer=row.get("issuer"),
-                               state=REVOKED if row.get("state") == REVOKED else OFFLINE,
-                               last_seen=row.get("last_seen", 0.0), first_seen=row.get("first_seen", 0.0),
-                               heartbeat_ttl=row.get("heartbeat_ttl", self.heartbeat_ttl))
-            self.registry.put(rec)
+            try:
+                self.registry.put(DeviceRecord.from_row(row, heartbeat_ttl=self.heartbeat_ttl))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("device record %r in the store is unreadable (%s); skipped", row.get("did"), exc)
+        for rec in self.registry:
+            rec.persisted = self._stable(rec)
         if self.issuer is not None:
             self._load_issuer_state()
         await self.client.connect()
         await self.status_source.attach(self.client)
-        await self.client.serve(protocol.device_commands(self._token), self._on_command, qos=1)
+        await self.client.serve(protocol.device_commands(self._token), self._on_command, gate=self._gate,
+                                qos=1)
         await self.client.subscribe(protocol.ALL_EVENTS, self._on_device_message, qos=1)
         await self.client.subscribe(protocol.ALL_PRESENCE, self._on_presence, qos=1)
         self.client.transport.add_on_connect(self._on_reconnect)
@@ -193,10 +261,42 @@ class Coordinator:
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
         if self.metrics_port:
             from prometheus_client import start_http_server
-            self._http = start_http_server(self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry)
+            self._http = start_http_server(self.metrics_port, addr="127.0.0.1",
+                                           registry=self.metrics.registry)
         self.started = True
         log.info("coordinator %s up (boot %s, %d known devices, %d rules)", self.did, self.boot,
                  len(self.registry), len(self.rules))
+
+    def _open_store(self) -> Store:
+        """Open the store; refuse one that is corrupt, or missing while other state says it existed."""
+        path = self.data_dir / "coordinator.db"
+        store = Store(path, durability=self.durability, fresh=self.fresh)
+        if store.created and not self.fresh:
+            evidence = self._store_evidence()
+            if evidence:
+                store.close()
+                with contextlib.suppress(OSError):
+                    for suffix in ("", "-wal", "-shm"):
+                        Path(f"{path}{suffix}").unlink(missing_ok=True)
+                msg = (f"state store {path} is missing or empty but {evidence}; refusing to start "
+                       "(devices would be rolled back). Restore it, or start fresh (--fresh)")
+                log.error(msg)
+                raise StoreMissing(msg)
+        return store
+
+    def _store_evidence(self) -> str | None:
+        """Why the data directory shows a store existed before (None on a first start)."""
+        if (self.data_dir / f"{_ISSUER_STATE_FILE}.migrated").exists():
+            return "the issuer state was migrated into it"
+        snapshot = self.data_dir / "status.json"
+        try:
+            devices = json.loads(snapshot.read_text(encoding="utf-8")).get("devices", [])
+        except (OSError, ValueError, AttributeError):
+            return None
+        known = [d for d in devices if isinstance(d, dict) and d.get("desired_version")]
+        if known:
+            return f"the last status snapshot lists {len(known)} device(s) with config versions"
+        return None
 
     async def stop(self) -> None:
         """Say offline (retained), stop tasks, close the store."""
@@ -208,6 +308,9 @@ class Coordinator:
                 await self.client.publish(protocol.device_presence(self._token),
                                           {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
                                           retain=True, qos=1)
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         for task in [self._sweeper, *self._tasks]:
             if task is not None and not task.done():
                 task.cancel()
@@ -220,13 +323,15 @@ class Coordinator:
         self._write_status()
         await self.client.aclose()
         if self.store is not None:
-            self.store.save_devices(r.to_row() for r in self.registry)
+            with contextlib.suppress(CoordinationError):
+                self.store.save_devices(r.to_row() for r in self.registry)
             self.store.close()
 
     async def _announce(self) -> None:
-        await self.client.publish(protocol.device_presence(self._token), {"state": "online", "boot": self.boot},
-                                  type=protocol.PRESENCE, retain=True, qos=1)
-        if self.issuer is not None and self._issuer_state.get("credential") is not None:
+        await self.client.publish(protocol.device_presence(self._token),
+                                  {"state": "online", "boot": self.boot}, type=protocol.PRESENCE,
+                                  retain=True, qos=1)
+        if self.issuer is not None and self._status_credential is not None:
             await self._publish_status_list()
 
     def _on_reconnect(self, session_present: bool) -> None:
@@ -245,6 +350,14 @@ class Coordinator:
             log.error("coordinator task failed", exc_info=task.exception())
 
     # ------------------------------------------------------------------ authentication
+    def _gate(self, msg: Message) -> RejectedMessage | None:
+        """Before any handshake work: a sender never admitted gets a small burst of requests."""
+        rec = self.registry.get(msg.sender)
+        if (rec is not None and rec.state != REVOKED) or self.request_limiter.allow(msg.sender):
+            return None
+        self.metrics.auth.labels("rate_limited").inc()
+        return RejectedMessage(f"too many handshake requests from {msg.sender}", reason="busy")
+
     async def _on_command(self, msg: Message) -> Any:
         try:
             if msg.type == protocol.HELLO:
@@ -259,75 +372,130 @@ class Coordinator:
         raise MessagingError(f"unknown command {msg.type!r}", reason="unknown_command")
 
     def _hello(self, msg: Message) -> dict[str, Any]:
+        """Hand out a challenge; sign a presentation only for known devices or within the budget.
+
+        A hello without ``nonce`` costs no signature: the coordinator's presentation then comes
+        with the ``present`` reply (the device sends its nonce there)."""
         body = msg.body if isinstance(msg.body, dict) else {}
         nonce = body.get("nonce")
-        if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
+        if nonce is not None and (not isinstance(nonce, str) or not 8 <= len(nonce) <= 128):
             raise AdmissionError("hello needs a nonce of 8-128 characters", reason="malformed")
-        vp = present(self.credential, self.key, challenge=nonce, domain=msg.sender)
-        return {"challenge": self.challenges.issue(msg.sender), "vp": vp, "boot": self.boot,
-                "heartbeat_ttl": self.heartbeat_ttl}
+        rec = self.registry.get(msg.sender)
+        known = rec is not None and rec.state != REVOKED
+        reply: dict[str, Any] = {"boot": self.boot, "heartbeat_ttl": self.heartbeat_ttl}
+        if nonce is not None:
+            if not known and not self.hello_budget.take():
+                raise AdmissionError("coordinator busy; retry shortly", reason="busy")
+            reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=msg.sender)
+        reply["challenge"] = self.challenges.issue(msg.sender)
+        return reply
 
     def _present(self, msg: Message) -> dict[str, Any]:
+        """Admit a device: validate everything first, then commit record and session at once."""
         assert self.store is not None
         body = msg.body if isinstance(msg.body, dict) else {}
+        try:
+            last = integer(body.get("last_version", 0), what="last_version")
+            ttl = body.get("heartbeat_ttl")
+            ttl = self.heartbeat_ttl if ttl is None else min(
+                max(finite(ttl, what="heartbeat_ttl", minimum=0), MIN_TTL), MAX_TTL)
+            caps = body.get("capabilities")
+            if caps is not None and (not isinstance(caps, list) or len(caps) > _MAX_CAPABILITIES
+                                     or not all(isinstance(c, str) and 0 < len(c) <= 128 for c in caps)):
+                raise InvalidValue(f"capabilities must be a list of at most {_MAX_CAPABILITIES} names")
+            attrs = body.get("attributes")
+            if attrs is not None:
+                _check_attributes(attrs)
+        except InvalidValue as exc:
+            raise AdmissionError(f"malformed admission request: {exc}", reason="malformed") from exc
+        nonce = body.get("nonce")
+        if nonce is not None and (not isinstance(nonce, str) or not 8 <= len(nonce) <= 128):
+            raise AdmissionError("nonce must be 8-128 characters", reason="malformed")
         self.challenges.consume(body.get("challenge"), msg.sender)
         admitted = check_presentation(body.get("vp"), challenge=body["challenge"], domain=self.did,
                                       trust=self.trust, status=self.checker, expected_holder=msg.sender)
         did = admitted.holder
-        last = body.get("last_version", 0)
-        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
-            raise AdmissionError("last_version must be a non-negative integer", reason="malformed")
-        ttl = body.get("heartbeat_ttl", self.heartbeat_ttl)
-        ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) else self.heartbeat_ttl
-        ttl = min(max(ttl, 0.1), 3600.0)
-        session = secrets.token_hex(8)
-        rec = self.registry.register(did, admitted.subject, credential_id=admitted.credential_id,
-                                     issuer=admitted.issuer, session=session, heartbeat_ttl=ttl)
-        if "capabilities" in body or "attributes" in body:
-            caps = body.get("capabilities")
-            attrs = body.get("attributes")
-            self.registry.announce(did, capabilities=caps if isinstance(caps, list) else None,
-                                   attributes=attrs if isinstance(attrs, dict) else None)
-        self._credentials[did] = admitted.credential
-        self._persist(rec)
+        credential = dict(admitted.credential)
+        fp = fingerprint(credential)
+        old = self.registry.get(did)
+        if old is not None and fp in old.revoked_credentials:
+            raise AdmissionError("this credential was revoked", reason="revoked")
+        valid_until = _valid_until(credential)
+        session = Session(secrets.token_hex(8), credential, fp, valid_until)
+        rec = self.registry.admission(did, admitted.subject, credential_id=admitted.credential_id,
+                                      issuer=admitted.issuer, session=session, heartbeat_ttl=ttl,
+                                      status=_status_entries(credential), capabilities=caps,
+                                      attributes=attrs)
         latest = self.store.latest_version(did)
-        self._sent[did] = min(last, latest)
-        self._gen[did] = self._gen.get(did, 0) + 1      # a pump of the previous session stops
+        try:
+            self._persist(rec, force=old is None)       # durable first: a failed write admits no one
+            if last > latest:
+                latest = self._store_behind(did, last, latest)
+        except CoordinationError as exc:
+            raise AdmissionError(f"admission not recorded: {exc}", reason="busy") from exc
+        if old is not None and old.session is not None:
+            old.session.sent = None                     # the previous session's pump stops
+        self.registry.put(rec)
+        session.sent = min(last, latest)
+        if valid_until is not None:
+            self._schedule_expiry(did, session)
         self.metrics.auth.labels("admitted").inc()
         self._dirty = True
         self._emit("admitted", did=did, kind=rec.kind, last_version=last, latest=latest)
         if latest > last:
             asyncio.get_running_loop().call_soon(lambda: self._spawn(self._pump(did)))
-        reply = {"session": session, "boot": self.boot, "heartbeat_ttl": ttl, "pending": max(0, latest - last),
+        reply = {"session": session.id, "boot": self.boot, "heartbeat_ttl": ttl,
+                 "pending": max(0, latest - last),
                  "next_challenge": self.challenges.issue(did, ttl=RESUME_TTL)}
-        nonce = body.get("nonce")
-        if isinstance(nonce, str) and 8 <= len(nonce) <= 128:   # resumed: prove ourselves in the reply
+        if valid_until is not None:
+            reply["valid_until"] = valid_until
+        if nonce is not None:       # resumed, or a nonce-less hello: prove ourselves in the reply
             reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=did)
         return reply
 
-    def _persist(self, rec: DeviceRecord) -> None:
+    def _store_behind(self, did: str, reported: int, latest: int) -> int:
+        """A device is ahead of the store: say so loudly and continue after its version."""
+        assert self.store is not None
+        self.metrics.store_behind.inc()
+        err = StoreBehind(f"state store is behind device {did}: it reports config v{reported}, the store "
+                          f"holds v{latest} (store lost or restored from an old copy); new configs "
+                          f"continue from v{reported + 1}")
+        log.error("%s: %s", err.reason, err)
+        self._emit("store_behind", did=did, reported=reported, stored=latest, error=err)
+        self.store.advance(did, reported)
+        return reported
+
+    @staticmethod
+    def _stable(rec: DeviceRecord) -> str:
+        row = rec.to_row()
+        row.pop("last_seen", None)
+        return json.dumps(row, sort_keys=True, default=str)
+
+    def _persist(self, rec: DeviceRecord, *, force: bool = False) -> None:
         """Save a device record unless only its liveness fields changed since the last save."""
         assert self.store is not None
-        row = rec.to_row()
-        stable = json.dumps({k: v for k, v in row.items() if k not in ("last_seen",)}, sort_keys=True,
-                            default=str)
-        if self._persisted.get(rec.did) != stable:
-            self.store.save_devices([row])
-            self._persisted[rec.did] = stable
+        stable = self._stable(rec)
+        if force or rec.persisted != stable:
+            self.store.save_devices([rec.to_row()])
+            rec.persisted = stable
 
     # ------------------------------------------------------------------ device messages
-    def _check_sender(self, msg: Message, kind: str) -> DeviceRecord | None:
-        parsed = protocol.parse_device_topic(msg.topic)
-        if parsed is None or parsed[1] != kind:
-            return None
+    def _check_sender(self, msg: Message) -> DeviceRecord | None:
+        """The sender's record when it is admitted and its session still valid, else None."""
         if msg.sender == self.did:
             return None
-        if parsed[0] != protocol.token(msg.sender):
+        rec = self.registry.get(msg.sender)
+        if rec is None:
+            self._reject(msg, "not_admitted")
+            self._notify(msg.sender, protocol.NOTICE_REAUTH, "not_admitted")
+            return None
+        if msg.topic != protocol.device_events(rec.token):
             self._reject(msg, "wrong_topic_owner")
             return None
-        rec = self.registry.get(msg.sender)
-        if rec is None or not rec.admitted:
-            reason = REVOKED if rec is not None and rec.state == REVOKED else "not_admitted"
+        if rec.session is not None and rec.session.expired():
+            self._end_session(rec, "credential_expired")
+        if not rec.admitted:
+            reason = REVOKED if rec.state == REVOKED else "not_admitted"
             self._reject(msg, reason)
             self._notify(msg.sender, protocol.NOTICE_REVOKED if reason == REVOKED else protocol.NOTICE_REAUTH,
                          reason)
@@ -341,10 +509,14 @@ class Coordinator:
         self._emit("rejected", did=msg.sender, type=msg.type, reason=reason)
 
     def _notify(self, did: str, notice: str, reason: str) -> None:
+        rec = self.registry.get(did)
         now = time.monotonic()
-        if now - self._notified.get(did, 0.0) < 0.5:   # at most two notices a second per device
+        if rec is not None:
+            if now - rec.notified_at < 0.5:   # at most two notices a second per known device
+                return
+            rec.notified_at = now
+        elif not self.request_limiter.allow(did):     # unknown senders share the handshake limit
             return
-        self._notified[did] = now
         self._spawn(self._send_notice(did, notice, reason))
 
     async def _send_notice(self, did: str, notice: str, reason: str) -> None:
@@ -353,7 +525,7 @@ class Coordinator:
                                       {"notice": notice, "reason": reason}, type=protocol.NOTICE, qos=1)
 
     async def _on_device_message(self, msg: Message) -> None:
-        rec = self._check_sender(msg, "events")
+        rec = self._check_sender(msg)
         if rec is None:
             return
         if msg.type == protocol.EVENT:
@@ -361,13 +533,30 @@ class Coordinator:
         elif msg.type == protocol.REPORT:
             self._handle_report(msg)
         elif msg.type == protocol.ANNOUNCE:
-            body = msg.body if isinstance(msg.body, dict) else {}
-            caps, attrs = body.get("capabilities"), body.get("attributes")
-            self.registry.announce(msg.sender, capabilities=caps if isinstance(caps, list) else None,
-                                   attributes=attrs if isinstance(attrs, dict) else None)
-            self._dirty = True
+            self._handle_announce(msg, rec)
         else:
             self._reject(msg, "unknown_type")
+
+    def _handle_announce(self, msg: Message, rec: DeviceRecord) -> None:
+        body = msg.body if isinstance(msg.body, dict) else {}
+        caps, attrs = body.get("capabilities"), body.get("attributes")
+        try:
+            if caps is not None and (not isinstance(caps, list) or len(caps) > _MAX_CAPABILITIES
+                                     or not all(isinstance(c, str) and 0 < len(c) <= 128 for c in caps)):
+                raise InvalidValue(f"capabilities must be a list of at most {_MAX_CAPABILITIES} names")
+            if attrs is not None:
+                _check_attributes(attrs)
+        except InvalidValue as exc:
+            log.warning("announcement from %s refused: %s", msg.sender, exc)
+            self._reject(msg, "malformed")
+            return
+        self.registry.announce(msg.sender, capabilities=caps, attributes=attrs if isinstance(attrs, dict)
+                               else None)
+        try:
+            self._persist(rec)
+        except CoordinationError as exc:
+            log.error("announcement from %s not persisted: %s", msg.sender, exc)
+        self._dirty = True
 
     async def _handle_event(self, msg: Message) -> None:
         assert self.store is not None
@@ -393,14 +582,23 @@ class Coordinator:
                 merged[did] = ({**changes, **action.changes}, (*rules, action.rule))
         try:
             versions = self.store.commit(merged, event_id=event_id,
-                                         event=(msg.sender, event.type, event.fields))
+                                         event=(msg.sender, event.type, event.fields),
+                                         max_bytes=MAX_CONFIG_BYTES)
+        except InvalidValue as exc:            # the rules' output can never be signed: refuse the event
+            err = RuleOutputError(f"event {event_id} ({event.type}) from {msg.sender}: rule(s) "
+                                  f"{sorted({r for _, rs in merged.values() for r in rs})} produced a config "
+                                  f"that cannot be committed: {exc}")
+            log.error("%s; nothing committed", err)
+            self._reject(msg, err.reason)
+            self._ack(msg.sender, event_id, protocol.ACK_REJECTED, err.reason)
+            return
         except CoordinationError as exc:       # not acknowledged: the device sends it again
             log.error("event %s from %s not committed: %s", event_id, msg.sender, exc)
             return
         if merged and not versions:            # processed meanwhile (dedup inside the transaction)
             self._ack(msg.sender, event_id, protocol.ACK_DUPLICATE)
             return
-        self.metrics.events.labels(event.type).inc()
+        self.metrics.event(event.type)
         self._emit("event", did=msg.sender, event_id=event_id, type=event.type, fields=event.fields,
                    targets=sorted(merged))
         if not merged:
@@ -430,17 +628,23 @@ class Coordinator:
     def _handle_report(self, msg: Message) -> None:
         assert self.store is not None
         body = msg.body if isinstance(msg.body, dict) else {}
-        version, status = body.get("version"), body.get("status")
-        if isinstance(version, bool) or not isinstance(version, int) or status not in (protocol.APPLIED,
-                                                                                       protocol.FAILED):
+        status = body.get("status")
+        try:
+            version = integer(body.get("version"), what="version", minimum=1)
+            apply_ms = body.get("apply_ms")
+            apply_ms = None if apply_ms is None else finite(apply_ms, what="apply_ms", minimum=0)
+        except InvalidValue as exc:
+            log.warning("report from %s refused: %s", msg.sender, exc)
+            self._reject(msg, "malformed")
+            return
+        if status not in (protocol.APPLIED, protocol.FAILED):
             self._reject(msg, "malformed")
             return
         if version > self.store.latest_version(msg.sender):
             self._reject(msg, "unknown_version")
             return
         reason = body.get("reason") if isinstance(body.get("reason"), str) else None
-        apply_ms = body.get("apply_ms") if isinstance(body.get("apply_ms"), (int, float)) else None
-        self._reports.append((msg.sender, version, status, reason, apply_ms))
+        self._reports.append((msg.sender, version, status, reason[:256] if reason else None, apply_ms))
         if len(self._reports) == 1:     # one transaction for every report read in this loop turn
             asyncio.get_running_loop().call_soon(self._flush_reports)
 
@@ -465,13 +669,14 @@ class Coordinator:
                            failures=failures)
 
     def _on_presence(self, msg: Message) -> None:
-        parsed = protocol.parse_device_topic(msg.topic)
-        if parsed is None or msg.sender == self.did or parsed[0] != protocol.token(msg.sender):
+        if msg.sender == self.did:
             return
         rec = self.registry.get(msg.sender)
-        if rec is None:
+        if rec is None or msg.topic != protocol.device_presence(rec.token):
             return
         body = msg.body if isinstance(msg.body, dict) else {}
+        if rec.session is not None and rec.session.expired():
+            self._end_session(rec, "credential_expired")
         if msg.type == protocol.HEARTBEAT:
             if rec.admitted:
                 rec.last_seen = time.time()
@@ -480,7 +685,6 @@ class Coordinator:
         elif msg.type == protocol.PRESENCE and body.get("state") == "offline" and rec.admitted \
                 and not msg.retained:
             self.registry.set_state(msg.sender, OFFLINE)
-            self._sent.pop(msg.sender, None)
             self._dirty = True
             log.info("device %s offline (%s)", msg.sender, body.get("reason", "?"))
             self._emit("offline", did=msg.sender, reason=body.get("reason"))
@@ -489,15 +693,19 @@ class Coordinator:
     async def _pump(self, did: str, known: ConfigVersion | None = None) -> None:
         """Send ``did`` every committed version it has not been sent, in order (one pump per device)."""
         assert self.store is not None
-        lock = self._locks.get(did)
-        if lock is None:
-            lock = self._locks[did] = asyncio.Lock()
-        async with lock:
+        rec = self.registry.get(did)
+        if rec is None:
+            return
+        async with rec.lock:
             while True:
                 rec = self.registry.get(did)
-                if rec is None or not rec.admitted or did not in self._sent:
+                session = rec.session if rec is not None else None
+                if rec is None or session is None or not rec.admitted or session.sent is None:
                     return
-                sent, gen = self._sent[did], self._gen.get(did)
+                if session.expired():
+                    self._end_session(rec, "credential_expired")
+                    return
+                sent = session.sent
                 if sent >= self.store.latest_version(did):
                     return
                 if known is not None and known.version == sent + 1:
@@ -508,17 +716,66 @@ class Coordinator:
                 for cv in batch:
                     body = cv.to_body()
                     try:
-                        await self.client.publish(protocol.device_config(protocol.token(did)), body,
+                        await self.client.publish(protocol.device_config(rec.token), body,
                                                   type=protocol.CONFIG, qos=1)
                     except MessagingError as exc:
                         log.warning("config v%d to %s not sent (%s); it goes out on reconnect",
                                     cv.version, did, exc.reason)
-                        self._sent.pop(did, None)
+                        session.sent = None
                         return
-                    if self._sent.get(did) is None or self._gen.get(did) != gen:
+                    if (self.registry.get(did) is not rec or rec.session is not session
+                            or session.sent is None):
                         return          # offline, expired, or re-admitted meanwhile (its own pump follows)
-                    self._sent[did] = cv.version
-                    self.metrics.config_sent(len(json.dumps(body, separators=(",", ":"))))
+                    session.sent = cv.version
+                    self.metrics.config_sent(len(strict_dumps(body)))
+
+    # ------------------------------------------------------------------ session ends
+    def _end_session(self, rec: DeviceRecord, reason: str) -> None:
+        """End ``rec``'s session because its credential expired; the device is told to re-authenticate."""
+        if rec.session is None:
+            return
+        self.registry.set_state(rec.did, EXPIRED)
+        self.metrics.sessions_ended.labels(reason).inc()
+        self._dirty = True
+        with contextlib.suppress(CoordinationError):
+            self._persist(rec)
+        log.warning("device %s: session ended (%s); it must re-authenticate with a valid credential",
+                    rec.did, reason)
+        rec.notified_at = 0.0
+        self._notify(rec.did, protocol.NOTICE_REAUTH, reason)
+        self._emit("session_ended", did=rec.did, reason=reason)
+
+    def _schedule_expiry(self, did: str, session: Session) -> None:
+        assert session.valid_until is not None
+        heapq.heappush(self._deadlines, (session.valid_until, did, session.id))
+        if self._deadlines[0][2] == session.id:
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """One timer for the earliest credential deadline of all sessions."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if not self._deadlines:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._deadlines[0][0] - time.time())
+        self._expiry_timer = loop.call_at(loop.time() + delay, self._expire_due)
+
+    def _expire_due(self, now: float | None = None) -> list[str]:
+        """End every session whose credential is past its validUntil; returns their DIDs."""
+        self._expiry_timer = None
+        now = time.time() if now is None else now
+        ended = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, did, sid = heapq.heappop(self._deadlines)
+            rec = self.registry.get(did)
+            if rec is not None and rec.session is not None and rec.session.id == sid:
+                self._end_session(rec, "credential_expired")
+                ended.append(did)
+        with contextlib.suppress(RuntimeError):        # no loop: called from a synchronous sweep
+            self._arm_expiry()
+        return ended
 
     # ------------------------------------------------------------------ revocation
     def _on_status_list(self, url: str, credential: Any) -> None:
@@ -527,67 +784,77 @@ class Coordinator:
         except IdentityError as exc:
             log.warning("status list %s rejected: %s", url, exc)
             return
-        for did, cred in list(self._credentials.items()):
-            status = cred.get("credentialStatus")
-            if status is None:
+        for rec in self.registry:
+            if rec.state == REVOKED:
                 continue
-            entries = status if isinstance(status, list) else [status]
-            if not any(isinstance(e, dict) and e.get("statusListCredential") == url for e in entries):
-                continue
-            rec = self.registry.get(did)
-            if rec is None or rec.state == REVOKED:
+            entries = [e for e in rec.status if e.get("statusListCredential") == url]
+            if not entries:
                 continue
             try:
-                self.checker.check(status, issuer=rec.issuer)
+                self.checker.check(entries if len(entries) > 1 else entries[0], issuer=rec.issuer)
             except IdentityError as exc:
                 if exc.reason in ("revoked", "suspended"):
-                    self._revoke_session(did, exc.reason)
+                    self._revoke_session(rec, exc.reason)
 
-    def _revoke_session(self, did: str, reason: str) -> None:
-        assert self.store is not None
-        rec = self.registry.set_state(did, REVOKED)
-        self._sent.pop(did, None)
-        self._credentials.pop(did, None)
-        if rec is not None:
+    def _revoke_session(self, rec: DeviceRecord, reason: str) -> None:
+        """Mark ``rec`` revoked for good (its credential is never admitted again) and tell it."""
+        self.registry.revoke(rec.did, [f for f in (rec.fingerprint, rec.credential_id) if f])
+        try:
             self._persist(rec)
+        except CoordinationError as exc:
+            log.error("revocation of %s not persisted: %s", rec.did, exc)
+        self.metrics.sessions_ended.labels("revoked").inc()
         self._dirty = True
-        log.warning("device %s %s: disconnected from coordination", did, reason)
-        self._notified.pop(did, None)
-        self._notify(did, protocol.NOTICE_REVOKED, reason)
-        self._emit("revoked", did=did, reason=reason)
+        log.warning("device %s %s: disconnected from coordination", rec.did, reason)
+        rec.notified_at = 0.0
+        self._notify(rec.did, protocol.NOTICE_REVOKED, reason)
+        self._emit("revoked", did=rec.did, reason=reason)
 
-    # -- the coordinator as an issuer (demo, small deployments)
-    def _issuer_path(self) -> Path:
-        return self.data_dir / "issuer-state.json"
-
+    # -- the coordinator as an issuer (demo, small deployments); its state lives in the store
     def _load_issuer_state(self) -> None:
-        assert self.issuer is not None
-        path = self._issuer_path()
-        state: dict[str, Any] = {"next_index": 0, "by_did": {}, "revoked": []}
-        if path.exists():
-            state = json.loads(path.read_text(encoding="utf-8"))
-        self._issuer_state = state
+        assert self.issuer is not None and self.store is not None
+        if self.store.get_meta(_ISSUER_MIGRATED) is None:
+            self._migrate_issuer_file()
         self._status_list = StatusList(STATUS_LIST_SIZE)
-        for index in state["revoked"]:
-            self._status_list.set(index)
+        for index in self.store.revoked_indexes():
+            if 0 <= index < STATUS_LIST_SIZE:
+                self._status_list.set(index)
         self._resign_status_list()
 
-    def _save_issuer_state(self) -> None:
-        path = self._issuer_path()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: v for k, v in self._issuer_state.items() if k != "credential"}))
-        os.replace(tmp, path)
+    def _migrate_issuer_file(self) -> None:
+        """Import a legacy ``issuer-state.json`` into the store once (then renamed ``.migrated``)."""
+        assert self.store is not None
+        path = self.data_dir / _ISSUER_STATE_FILE
+        if not path.exists():
+            self.store.set_meta(_ISSUER_MIGRATED, "none")
+            return
+        try:
+            state = strict_json.loads(path.read_bytes())
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            self.store.import_issuer_state(state, marker=_ISSUER_MIGRATED)
+        except (OSError, ValueError, InvalidValue) as exc:
+            if not self.fresh:
+                msg = f"issuer state {path} is unreadable ({exc}); fix it, or start fresh (--fresh)"
+                log.error(msg)
+                raise StoreCorrupt(msg, reason="issuer_state_corrupt") from exc
+            log.warning("issuer state %s unreadable (%s); starting fresh without it", path, exc)
+            self.store.set_meta(_ISSUER_MIGRATED, "discarded")
+            os.replace(path, path.with_name(f"{path.name}.corrupt"))
+            return
+        os.replace(path, path.with_name(f"{path.name}.migrated"))
+        log.info("issuer state %s migrated into the state store", path)
 
     def _resign_status_list(self) -> None:
         assert self.issuer is not None and self._status_list is not None
         url = protocol.status_list_url(self.issuer.did)
-        cred = create_status_list_credential(self.issuer, url, status_list=self._status_list)
-        self._issuer_state["credential"] = cred
-        self.status_source.put(url, cred)
+        self._status_credential = create_status_list_credential(self.issuer, url,
+                                                                status_list=self._status_list)
+        self.status_source.put(url, self._status_credential)
 
     async def _publish_status_list(self) -> None:
-        assert self.issuer is not None
-        await publish_status_list(self.client, self._issuer_state["credential"])
+        assert self._status_credential is not None
+        await publish_status_list(self.client, self._status_credential)
 
     def issue_device_credential(self, did: str, *, kind: str, groups: Iterable[str] = (),
                                 capabilities: Iterable[str] = (), name: str | None = None,
@@ -595,28 +862,25 @@ class Coordinator:
         """Issue a revocable DeviceCredential with the coordinator's issuer key."""
         if self.issuer is None:
             raise CoordinationError("this coordinator has no issuer key", reason="not_issuer")
-        if not self._issuer_state:
-            self._load_issuer_state()
-        index = int(self._issuer_state["next_index"])
-        self._issuer_state["next_index"] = index + 1
-        self._issuer_state["by_did"].setdefault(did, []).append(index)
-        self._save_issuer_state()
+        if self.store is None:
+            raise CoordinationError("start the coordinator before issuing credentials", reason="not_started")
+        index = self.store.allocate_status_index(did)
+        if index >= STATUS_LIST_SIZE:
+            raise CoordinationError("the status list is full", reason="status_list_full")
         entry = status_entry(protocol.status_list_url(self.issuer.did), index)
         return device_credential(self.issuer, did, kind=kind, groups=groups, capabilities=capabilities,
                                  name=name, status=entry, valid_for=valid_for)
 
     async def revoke(self, did: str) -> None:
         """Revoke every credential this coordinator issued to ``did``: update, publish, disconnect."""
-        if self.issuer is None or self._status_list is None:
+        if self.issuer is None or self._status_list is None or self.store is None:
             raise CoordinationError("this coordinator has no issuer key", reason="not_issuer")
-        indexes = self._issuer_state["by_did"].get(did, [])
+        indexes = self.store.issued_indexes(did)
         if not indexes:
             raise CoordinationError(f"no credential issued to {did}", reason="unknown_device")
+        self.store.revoke_indexes(indexes)             # durable before anyone is told
         for index in indexes:
             self._status_list.set(index)
-            if index not in self._issuer_state["revoked"]:
-                self._issuer_state["revoked"].append(index)
-        self._save_issuer_state()
         self._resign_status_list()          # listeners apply it locally at once
         await self._publish_status_list()
 
@@ -636,13 +900,16 @@ class Coordinator:
         expired = []
         for rec in self.registry.expired(now):
             self.registry.set_state(rec.did, EXPIRED)
-            self._sent.pop(rec.did, None)
             expired.append(rec.did)
             log.info("device %s expired (no heartbeat for %.1fs)", rec.did, rec.heartbeat_ttl)
             self._emit("expired", did=rec.did)
         if expired and self.store is not None:
-            self.store.save_devices(r.to_row() for r in self.registry if r.did in expired)
+            try:
+                self.store.save_devices(r.to_row() for r in self.registry if r.did in expired)
+            except CoordinationError as exc:
+                log.error("expiry of %d device(s) not persisted: %s", len(expired), exc)
             self._dirty = True
+        self._expire_due(now)
         self.challenges.sweep()
         counts: dict[str, int] = {}
         for rec in self.registry:
@@ -675,6 +942,14 @@ class Coordinator:
             log.warning("could not write status snapshot: %s", exc)
 
 
+def _check_attributes(attrs: Any) -> None:
+    if not isinstance(attrs, dict):
+        raise InvalidValue("attributes must be an object")
+    check_json(attrs, what="attributes", max_depth=8)
+    if len(strict_dumps(attrs)) > _MAX_ATTRIBUTES_BYTES:
+        raise InvalidValue(f"attributes exceed {_MAX_ATTRIBUTES_BYTES} bytes")
+
+
 def _event_id(msg: Message) -> str:
     """The event's id: the body's ``event_id`` (kept across a device's re-sends), else the envelope id."""
     body = msg.body if isinstance(msg.body, dict) else {}
@@ -699,4 +974,4 @@ def load_key(config: CoordinatorConfig) -> Key:
     return Keystore.open(config.keystore, passphrase).key
 
 
-__all__ = ["Coordinator", "load_key", "COORDINATOR_CREDENTIAL"]
+__all__ = ["Coordinator", "load_key", "fingerprint", "COORDINATOR_CREDENTIAL", "MAX_CONFIG_BYTES", "MAX_INT"]

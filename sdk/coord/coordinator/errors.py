@@ -24,11 +24,53 @@ class StoreError(CoordinationError):
     reason = "store_error"
 
 
+class StoreCorrupt(StoreError):
+    """The state store (or the issuer state it migrates) is unreadable: refused unless started fresh."""
+
+    reason = "store_corrupt"
+
+
+class StoreMissing(StoreError):
+    """The state store is gone or empty while other state says it held data: refused unless fresh."""
+
+    reason = "store_missing"
+
+
+class StoreBehind(StoreError):
+    """A device reports a config version newer than the store holds (state lost or restored old)."""
+
+    reason = "store_behind"
+
+
+class StoreVersionError(StoreError):
+    """The state store was written by a newer schema than this coordinator knows."""
+
+    reason = "store_too_new"
+
+
+class InvalidValue(CoordinationError):
+    """A number or JSON value is not finite, out of range, or cannot be serialised and signed."""
+
+    reason = "invalid_value"
+
+
+class RuleOutputError(CoordinationError):
+    """A rule produced a config that cannot be committed and signed (non-finite number, too large)."""
+
+    reason = "invalid_rule_output"
+
+
 __all__ = [
     "CoordinationError",
     "ConfigFileError",
     "RuleError",
     "StoreError",
+    "StoreCorrupt",
+    "StoreMissing",
+    "StoreBehind",
+    "StoreVersionError",
+    "InvalidValue",
+    "RuleOutputError",
     "AdmissionError",
     "ConfigRejected",
     "NotAdmitted",

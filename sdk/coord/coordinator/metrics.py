@@ -14,8 +14,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sdk.coord.events import EVENT_SCHEMAS
+
 _LAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BYTES_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+#: Distinct event types that get their own label value; later ones count as "other".
+MAX_EVENT_LABELS = 64
+OTHER = "other"
 
 
 @dataclass
@@ -35,10 +40,16 @@ class CoordinatorMetrics:
 
     window: int = 1000
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    max_event_labels: int = MAX_EVENT_LABELS
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.events = Counter("autoglm_coord_events", "Events received", ["type"], registry=r)
+        self.events = Counter("autoglm_coord_events", "Events received (type label bounded, then 'other')",
+                              ["type"], registry=r)
+        self.store_behind = Counter("autoglm_coord_store_behind",
+                                    "Admissions where the device was ahead of the state store", registry=r)
+        self.sessions_ended = Counter("autoglm_coord_sessions_ended",
+                                      "Sessions ended by the coordinator", ["reason"], registry=r)
         self.rejected = Counter("autoglm_coord_rejected", "Messages rejected", ["reason"], registry=r)
         self.configs = Counter("autoglm_coord_configs", "Config versions pushed", registry=r)
         self.reports = Counter("autoglm_coord_reports", "Config reports", ["status"], registry=r)
@@ -60,6 +71,7 @@ class CoordinatorMetrics:
         self._bytes: deque[int] = deque(maxlen=self.window)
         self._apply: deque[float] = deque(maxlen=self.window)
         self._work: deque[float] = deque(maxlen=self.window)
+        self._event_labels: set[str] = set(EVENT_SCHEMAS)
         self.pending: dict[str, Pending] = {}
         self._by_target: dict[tuple[str, int], str] = {}
         self.applied = 0
@@ -101,6 +113,15 @@ class CoordinatorMetrics:
         self.convergence.observe(seconds)
         self._recent.append(seconds)
         return event_id, seconds, p.targets, p.failures
+
+    def event(self, event_type: str) -> None:
+        """Count one event; only the known types and the first ``max_event_labels`` others get a label."""
+        if event_type not in self._event_labels:
+            if len(self._event_labels) - len(EVENT_SCHEMAS) >= self.max_event_labels:
+                event_type = OTHER
+            else:
+                self._event_labels.add(event_type)
+        self.events.labels(event_type).inc()
 
     def config_sent(self, size: int) -> None:
         """Count one signed config of ``size`` bytes."""
@@ -155,4 +176,4 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-__all__ = ["CoordinatorMetrics", "Pending"]
+__all__ = ["CoordinatorMetrics", "Pending", "MAX_EVENT_LABELS", "OTHER"]

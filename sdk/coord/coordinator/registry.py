@@ -1,21 +1,43 @@
 """In-memory device registry: who is known, online, admitted; indexed by group and capability.
 
-Devices appear on first authentication (capabilities and groups from their DeviceCredential),
-add capabilities and attributes by announcement, and expire when their heartbeat TTL lapses.
-The store persists records; this index answers the rules engine quickly.
+One :class:`DeviceRecord` per device holds everything the coordinator knows about it: the
+persisted claims and state, and (while admitted) its live :class:`Session` (credential, expiry,
+what the config pump has sent). Devices appear on first authentication (capabilities and groups
+from their DeviceCredential), add capabilities and attributes by announcement, and expire when
+their heartbeat TTL lapses or their credential does. A revoked record stays revoked: its revoked
+credentials are remembered and never admitted again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from sdk.coord import protocol
 
 ONLINE = "online"
 OFFLINE = "offline"
 EXPIRED = "expired"
 REVOKED = "revoked"
+
+
+@dataclass
+class Session:
+    """One admission of a device: ends when the device goes offline, expires, is revoked or
+    re-authenticates (a newer session replaces it)."""
+
+    id: str
+    credential: dict[str, Any]
+    fingerprint: str                     # identifies the credential (see ``auth.fingerprint``)
+    valid_until: float | None = None     # the credential's validUntil (epoch seconds)
+    sent: int | None = None              # newest config version pushed; None = pump paused
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once the credential behind this session is past its validUntil."""
+        return self.valid_until is not None and (time.time() if now is None else now) >= self.valid_until
 
 
 @dataclass
@@ -33,9 +55,21 @@ class DeviceRecord:
     state: str = OFFLINE
     last_seen: float = 0.0          # wall clock (time.time())
     first_seen: float = 0.0
-    session: str | None = None
+    session: Session | None = None
     heartbeat_ttl: float = 30.0
     announced_capabilities: frozenset[str] = frozenset()
+    status: tuple[dict[str, Any], ...] = ()               # credentialStatus entries of its credential
+    fingerprint: str | None = None                         # of the credential it was last admitted with
+    revoked_credentials: frozenset[str] = frozenset()      # fingerprints, never admitted again
+    # live, not persisted
+    token: str = field(default="", repr=False, compare=False)   # topic id
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+    notified_at: float = field(default=0.0, repr=False, compare=False)
+    persisted: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            self.token = protocol.token(self.did)
 
     @property
     def admitted(self) -> bool:
@@ -57,7 +91,27 @@ class DeviceRecord:
         """A JSON-able summary (CLI, status, store)."""
         return {**self.view(), "credential_id": self.credential_id, "issuer": self.issuer,
                 "state": self.state, "last_seen": self.last_seen, "first_seen": self.first_seen,
-                "heartbeat_ttl": self.heartbeat_ttl}
+                "heartbeat_ttl": self.heartbeat_ttl,
+                "credential_capabilities": sorted(self.capabilities),
+                "announced_capabilities": sorted(self.announced_capabilities),
+                "status": [dict(e) for e in self.status], "fingerprint": self.fingerprint,
+                "revoked_credentials": sorted(self.revoked_credentials)}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], *, heartbeat_ttl: float = 30.0) -> DeviceRecord:
+        """Restore a persisted record (a device is never online before it re-authenticates)."""
+        caps = row.get("credential_capabilities", row.get("capabilities", ()))
+        ttl = row.get("heartbeat_ttl", heartbeat_ttl)
+        return cls(did=str(row["did"]), kind=str(row.get("kind", "device")), name=str(row.get("name", "")),
+                   groups=frozenset(_str_list(row.get("groups"))), capabilities=frozenset(_str_list(caps)),
+                   attributes=dict(row.get("attributes") or {}), credential_id=row.get("credential_id"),
+                   issuer=row.get("issuer"), state=REVOKED if row.get("state") == REVOKED else OFFLINE,
+                   last_seen=float(row.get("last_seen", 0.0)), first_seen=float(row.get("first_seen", 0.0)),
+                   heartbeat_ttl=float(ttl) if isinstance(ttl, (int, float)) else heartbeat_ttl,
+                   announced_capabilities=frozenset(_str_list(row.get("announced_capabilities"))),
+                   status=tuple(e for e in row.get("status") or () if isinstance(e, dict)),
+                   fingerprint=row.get("fingerprint"),
+                   revoked_credentials=frozenset(_str_list(row.get("revoked_credentials"))))
 
 
 class Registry:
@@ -102,16 +156,18 @@ class Registry:
         self._index(rec)
         return rec
 
-    def register(self, did: str, subject: dict[str, Any], *, credential_id: str | None = None,
-                 issuer: str | None = None, session: str | None = None,
-                 heartbeat_ttl: float = 30.0, now: float | None = None) -> DeviceRecord:
-        """Admit ``did`` with the claims of its credential subject (kind, groups, capabilities)."""
+    def admission(self, did: str, subject: Mapping[str, Any], *, credential_id: str | None = None,
+                  issuer: str | None = None, session: Session | None = None, heartbeat_ttl: float = 30.0,
+                  status: Iterable[Mapping[str, Any]] = (), capabilities: Iterable[str] | None = None,
+                  attributes: Mapping[str, Any] | None = None, now: float | None = None) -> DeviceRecord:
+        """The record ``did`` would have once admitted, built without touching the registry (commit it
+        with :meth:`put` once persisted, so a failed admission changes nothing)."""
         now = time.time() if now is None else now
-        rec = self._devices.get(did)
-        if rec is None:
-            rec = DeviceRecord(did=did, first_seen=now)
-        else:
-            self._unindex(rec)
+        old = self._devices.get(did)
+        rec = DeviceRecord(did=did, first_seen=now) if old is None else DeviceRecord(
+            did=did, first_seen=old.first_seen, kind=old.kind, name=old.name, attributes=dict(old.attributes),
+            announced_capabilities=old.announced_capabilities, revoked_credentials=old.revoked_credentials,
+            lock=old.lock, notified_at=old.notified_at, persisted=old.persisted, token=old.token)
         rec.kind = str(subject.get("kind") or subject.get("deviceType") or rec.kind)
         rec.name = str(subject.get("name") or rec.name)
         rec.groups = frozenset(_str_list(subject.get("groups")))
@@ -119,9 +175,20 @@ class Registry:
         rec.credential_id, rec.issuer = credential_id, issuer
         rec.state, rec.session, rec.last_seen = ONLINE, session, now
         rec.heartbeat_ttl = heartbeat_ttl
-        self._devices[did] = rec
-        self._index(rec)
+        rec.status = tuple(dict(e) for e in status)
+        rec.fingerprint = session.fingerprint if session is not None else None
+        if capabilities is not None:
+            rec.announced_capabilities = frozenset(_str_list(list(capabilities)))
+        if attributes:
+            rec.attributes.update(attributes)
         return rec
+
+    def register(self, did: str, subject: dict[str, Any], *, credential_id: str | None = None,
+                 issuer: str | None = None, session: Session | None = None,
+                 heartbeat_ttl: float = 30.0, now: float | None = None) -> DeviceRecord:
+        """Admit ``did`` with the claims of its credential subject (kind, groups, capabilities)."""
+        return self.put(self.admission(did, subject, credential_id=credential_id, issuer=issuer,
+                                       session=session, heartbeat_ttl=heartbeat_ttl, now=now))
 
     def announce(self, did: str, *, capabilities: Iterable[str] | None = None,
                  attributes: dict[str, Any] | None = None) -> DeviceRecord | None:
@@ -144,13 +211,25 @@ class Registry:
             rec.last_seen = time.time() if now is None else now
 
     def set_state(self, did: str, state: str) -> DeviceRecord | None:
-        """Move a device to ONLINE/OFFLINE/EXPIRED/REVOKED; leaving ONLINE ends its session."""
+        """Move a device to ONLINE/OFFLINE/EXPIRED/REVOKED; leaving ONLINE ends its session.
+
+        REVOKED is final: a revoked record never moves to another state (only a new admission
+        with a credential that was not revoked replaces it)."""
         rec = self._devices.get(did)
         if rec is None:
             return None
+        if rec.state == REVOKED and state != REVOKED:
+            return rec
         rec.state = state
         if state != ONLINE:
             rec.session = None
+        return rec
+
+    def revoke(self, did: str, fingerprints: Iterable[str]) -> DeviceRecord | None:
+        """Mark ``did`` revoked and remember the revoked credentials (never admitted again)."""
+        rec = self.set_state(did, REVOKED)
+        if rec is not None:
+            rec.revoked_credentials = rec.revoked_credentials | frozenset(fingerprints)
         return rec
 
     def expired(self, now: float | None = None) -> list[DeviceRecord]:
@@ -197,4 +276,4 @@ def _str_list(value: Any) -> list[str]:
     return []
 
 
-__all__ = ["DeviceRecord", "Registry", "ONLINE", "OFFLINE", "EXPIRED", "REVOKED"]
+__all__ = ["DeviceRecord", "Session", "Registry", "ONLINE", "OFFLINE", "EXPIRED", "REVOKED"]

@@ -23,6 +23,7 @@ Everything is validated at load, and errors name the rule and the offending key.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -230,6 +231,18 @@ def _fail(where: str, msg: str) -> RuleError:
     return err
 
 
+def _check_finite(where: str, value: Any) -> None:
+    """TOML allows ``nan`` and ``inf``: a rule must never carry them into a condition or a config."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(where, f"non-finite number {value!r} (numbers must be finite)")
+    if isinstance(value, list):
+        for v in value:
+            _check_finite(where, v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_finite(where, v)
+
+
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in table.items():
@@ -273,6 +286,7 @@ def _conditions(where: str, table: Any, roots: tuple[str, ...], event_type: str 
             if not spec:
                 raise _fail(here, "empty condition table")
             for op, value in spec.items():
+                _check_finite(here, value)
                 if op not in OPS:
                     raise _fail(here, f"unknown operator {op!r} (known: {', '.join(OPS)})")
                 if op in ("in", "not_in") and not isinstance(value, list):
@@ -286,6 +300,7 @@ def _conditions(where: str, table: Any, roots: tuple[str, ...], event_type: str 
                     raise _fail(here, "operator 'prefix' needs a string")
                 out.append(Condition(path, op, value))
         else:
+            _check_finite(here, spec)
             out.append(Condition(path, "eq", spec))
     return tuple(out)
 
@@ -352,6 +367,7 @@ def parse_rule(raw: Any, index: int = 0) -> Rule:
         if not _KEY_RE.match(key):
             raise _fail(f"{where} config", f"bad key {key!r}")
         _check_templates(f"{where} config.{key}", value, event_type)
+        _check_finite(f"{where} config.{key}", value)
     unset = raw.get("unset", [])
     if not isinstance(unset, list) or not all(isinstance(k, str) and _KEY_RE.match(k) for k in unset):
         raise _fail(where, "'unset' must be a list of config keys")

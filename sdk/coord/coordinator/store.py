@@ -1,14 +1,20 @@
-"""SQLite (WAL) persistence of devices, versioned desired state, reported state and events.
+"""SQLite (WAL) persistence of devices, versioned desired state, reported state, events and
+the issuer's status-list state, in one file with a schema version.
 
 Every change is committed before it is published, so a restart or a ``kill -9`` loses no
 committed config: on start the coordinator reloads desired versions and re-sends whatever a
 device has not reported applied. ``durability="full"`` also survives power loss (fsync per commit).
+
+Opening refuses a file that is not a healthy store (0 bytes, not SQLite, failing
+``quick_check``) with :class:`StoreCorrupt`; ``fresh=True`` moves such a file aside and starts empty.
+Values are written as strict JSON (no NaN/Infinity): what the store holds can always be signed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -17,10 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdk.coord.coordinator.errors import StoreError
+from sdk.coord.coordinator.errors import InvalidValue, StoreCorrupt, StoreError, StoreVersionError
+from sdk.coord.coordinator.values import strict_dumps
 from sdk.coord.protocol import ConfigVersion
 
 log = logging.getLogger(__name__)
+
+#: 1: devices, desired, reported, reports, events, processed (unversioned stores read as 1)
+#: 2: + meta, issued and revoked (the issuer's status-list state)
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -39,7 +50,29 @@ CREATE TABLE IF NOT EXISTS events (
     received REAL NOT NULL, targets TEXT NOT NULL, converged REAL, failures INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS processed (
     sender TEXT NOT NULL, event_id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (sender, event_id));
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS issued (
+    idx INTEGER PRIMARY KEY, did TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS issued_by_did ON issued(did);
+CREATE TABLE IF NOT EXISTS revoked (
+    idx INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
+
+
+def _dumps(value: Any, *, sort_keys: bool = True) -> str:
+    return strict_dumps(value, sort_keys=sort_keys)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a bad store (and its WAL/SHM files) out of the way; returns the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            os.replace(src, Path(f"{target}{suffix}"))
+    return target
 
 
 @dataclass
@@ -73,32 +106,103 @@ def delta(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> dict[str, 
 
 
 class Store:
-    """The coordinator's state store. One writer (the daemon); safe to read from other threads."""
+    """The coordinator's state store. One writer (the daemon); safe to read from other threads.
 
-    def __init__(self, path: str | Path, *, durability: str = "normal") -> None:
+    ``created`` is True when this open found no store (a new, empty file): the daemon uses it to
+    tell a first start from a store that went missing.
+    """
+
+    def __init__(self, path: str | Path, *, durability: str = "normal", fresh: bool = False) -> None:
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.path = Path(path)
         self._lock = threading.RLock()
+        self.moved_aside: Path | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-            if self._db.execute("SELECT 1 FROM processed LIMIT 1").fetchone() is None:
-                # a store written before event dedup: its recorded events count as processed
-                self._db.execute("INSERT OR IGNORE INTO processed(sender, event_id, at) "
-                                 "SELECT sender, event_id, received FROM events")
+        except OSError as exc:
+            raise StoreError(f"cannot create the state store's directory {self.path.parent}: {exc}") from exc
+        try:
+            self._db, self.created = self._open(durability)
+        except StoreCorrupt as exc:
+            if not fresh:
+                log.error("%s; start with fresh=True (autoglm coordinator --fresh) to move it aside "
+                          "and begin with an empty store", exc)
+                raise
+            self.moved_aside = _move_aside(self.path)
+            log.warning("%s; moved to %s, starting with an empty store", exc, self.moved_aside)
+            self._db, self.created = self._open(durability)
+        self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        try:
+            for did, version, state in self._db.execute(
+                    "SELECT d.did, d.version, d.state FROM desired d JOIN "
+                    "(SELECT did, MAX(version) v FROM desired GROUP BY did) m "
+                    "ON d.did = m.did AND d.version = m.v"):
+                self._latest[did] = (version, json.loads(state))
+        except (sqlite3.Error, ValueError) as exc:
+            self._db.close()
+            raise StoreCorrupt(f"state store {self.path} holds unreadable desired state: {exc}") from exc
+
+    def _open(self, durability: str) -> tuple[sqlite3.Connection, bool]:
+        existed = self.path.exists()
+        if existed and self.path.stat().st_size == 0 and not Path(f"{self.path}-wal").exists():
+            raise StoreCorrupt(f"state store {self.path} is a 0-byte file (truncated or lost)")
+        try:
+            db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
-        self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
-        for did, version, state in self._db.execute(
-                "SELECT d.did, d.version, d.state FROM desired d JOIN "
-                "(SELECT did, MAX(version) v FROM desired GROUP BY did) m "
-                "ON d.did = m.did AND d.version = m.v"):
-            self._latest[did] = (version, json.loads(state))
+        try:
+            if existed:
+                check = db.execute("PRAGMA quick_check").fetchone()
+                if check is None or check[0] != "ok":
+                    raise StoreCorrupt(f"state store {self.path} failed its integrity check: {check}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            created = not tables
+            if version > SCHEMA_VERSION:
+                raise StoreVersionError(f"state store {self.path} has schema {version}; this coordinator "
+                                        f"knows up to {SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:
+                self._migrate(db, 1 if version == 0 and not created else version, created)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreCorrupt(f"state store {self.path} is not a readable SQLite store: {exc}") from exc
+        except StoreError:
+            db.close()
+            raise
+        return db, created
+
+    def _migrate(self, db: sqlite3.Connection, version: int, created: bool) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(stmt)
+            if version == 1 and db.execute("SELECT 1 FROM processed LIMIT 1").fetchone() is None:
+                # a store written before event dedup: its recorded events count as processed
+                db.execute("INSERT OR IGNORE INTO processed(sender, event_id, at) "
+                           "SELECT sender, event_id, received FROM events")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if not created:
+            log.info("state store %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open store."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def is_empty(self) -> bool:
+        """True when the store holds no device, version or issuer state."""
+        with self._lock:
+            return all(self._db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() is None
+                       for t in ("devices", "desired", "issued", "meta"))
 
     def close(self) -> None:
         """Close the database (checkpointing the WAL)."""
@@ -127,7 +231,7 @@ class Store:
     def save_devices(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Upsert device records (``to_row()`` dicts)."""
         now = time.time()
-        data = [(r["did"], json.dumps(r, sort_keys=True), now) for r in rows]
+        data = [(r["did"], _dumps(r), now) for r in rows]
         if data:
             self._tx(lambda db: db.executemany(
                 "INSERT INTO devices(did, record, updated) VALUES (?,?,?) "
@@ -141,12 +245,14 @@ class Store:
     # ------------------------------------------------------------------ desired state
     def commit(self, changes_by_device: Mapping[str, tuple[dict[str, Any], tuple[str, ...]]], *,
                event_id: str | None = None, event: tuple[str, str, Mapping[str, Any]] | None = None,
-               now: float | None = None) -> list[ConfigVersion]:
+               now: float | None = None, max_bytes: int | None = None) -> list[ConfigVersion]:
         """Commit one new desired version per device, atomically; returns the new versions.
 
         ``event`` = ``(sender, type, fields)`` records the triggering event in the same transaction
         and marks ``(sender, event_id)`` processed; an event already processed commits nothing and
-        returns ``[]`` (each event is applied exactly once, across restarts).
+        returns ``[]`` (each event is applied exactly once, across restarts). A version that is not
+        strict JSON, or whose config document exceeds ``max_bytes``, raises :class:`InvalidValue`
+        before anything is written.
         """
         now = time.time() if now is None else now
         out: list[ConfigVersion] = []
@@ -154,9 +260,16 @@ class Store:
             version, state = self._latest.get(did, (0, {}))
             out.append(ConfigVersion(did, version + 1, dict(changes), merge(state, changes),
                                      event_id, tuple(rules), now))
-        rows = [(c.did, c.version, json.dumps(c.changes, sort_keys=True),
-                 json.dumps(c.state, sort_keys=True), c.event_id, json.dumps(list(c.rules)), c.created)
-                for c in out]
+        # strict JSON before the transaction: a value that cannot be signed commits nothing
+        rows = [(c.did, c.version, _dumps(c.changes), _dumps(c.state), c.event_id, _dumps(list(c.rules)),
+                 c.created) for c in out]
+        if max_bytes is not None:
+            for c, row in zip(out, rows, strict=True):
+                size = len(row[2].encode()) + len(row[3].encode()) + len(row[5].encode()) + 256
+                if size > max_bytes:
+                    raise InvalidValue(f"config v{c.version} for {c.did} is {size} bytes (limit {max_bytes})")
+        event_row = None if event is None else (event_id, event[0], event[1], _dumps(dict(event[2])), now,
+                                                _dumps(sorted(changes_by_device)))
         def write(db: sqlite3.Connection) -> bool:
             if event is not None:
                 if event_id is not None and db.execute(
@@ -164,9 +277,7 @@ class Store:
                         (event[0], event_id, now)).rowcount == 0:
                     return False
                 db.execute("INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
-                           "VALUES (?,?,?,?,?,?)", (event_id, event[0], event[1],
-                                                    json.dumps(dict(event[2]), sort_keys=True), now,
-                                                    json.dumps(sorted(changes_by_device))))
+                           "VALUES (?,?,?,?,?,?)", event_row)
             db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
                            "VALUES (?,?,?,?,?,?,?)", rows)
             return True
@@ -196,6 +307,94 @@ class Store:
                 "WHERE did = ? AND version > ? ORDER BY version", (did, version)).fetchall()
         return [ConfigVersion(did, v, json.loads(ch), json.loads(st), ev, tuple(json.loads(ru)), cr)
                 for v, ch, st, ev, ru, cr in rows]
+
+    def advance(self, did: str, version: int, *, reason: str = "store_behind",
+                now: float | None = None) -> ConfigVersion | None:
+        """Raise ``did``'s version floor to ``version`` (a device is ahead of the store): records an
+        empty placeholder version so the next commit is ``version + 1``; None when not behind."""
+        current, state = self._latest.get(did, (0, {}))
+        if version <= current:
+            return None
+        now = time.time() if now is None else now
+        cv = ConfigVersion(did, version, {}, dict(state), None, (reason,), now)
+        self._tx(lambda db: db.execute(
+            "INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (did, version, "{}", _dumps(cv.state), None, _dumps([reason]), now)))
+        self._latest[did] = (version, cv.state)
+        return cv
+
+    # ------------------------------------------------------------------ issuer state
+    def allocate_status_index(self, did: str, *, now: float | None = None) -> int:
+        """Hand out the next status-list index to ``did`` (one transaction; never handed out twice)."""
+        now = time.time() if now is None else now
+
+        def write(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
+            top = db.execute("SELECT MAX(idx) FROM issued").fetchone()[0]
+            index = max(int(row[0]) if row else 0, -1 if top is None else int(top) + 1)
+            db.execute("INSERT INTO issued(idx, did, at) VALUES (?,?,?)", (index, did, now))
+            db.execute("INSERT INTO meta(key, value) VALUES ('next_status_index', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(index + 1),))
+            return index
+
+        return int(self._tx(write))
+
+    def issued_indexes(self, did: str) -> list[int]:
+        """Status-list indexes handed out to ``did``."""
+        with self._lock:
+            return [int(i) for (i,) in self._db.execute("SELECT idx FROM issued WHERE did = ? ORDER BY idx",
+                                                        (did,))]
+
+    def revoke_indexes(self, indexes: Iterable[int], *, now: float | None = None) -> None:
+        """Mark status-list indexes revoked (one transaction; revocation is never undone)."""
+        now = time.time() if now is None else now
+        rows = [(int(i), now) for i in indexes]
+        if rows:
+            self._tx(lambda db: db.executemany("INSERT OR IGNORE INTO revoked(idx, at) VALUES (?,?)", rows))
+
+    def revoked_indexes(self) -> list[int]:
+        """Every revoked status-list index."""
+        with self._lock:
+            return [int(i) for (i,) in self._db.execute("SELECT idx FROM revoked ORDER BY idx")]
+
+    def get_meta(self, key: str) -> str | None:
+        """A value from the store's ``meta`` table."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a ``meta`` value (one transaction)."""
+        self._tx(lambda db: db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value)))
+
+    def import_issuer_state(self, state: Mapping[str, Any], *, marker: str, now: float | None = None) -> None:
+        """Import a legacy issuer-state document (``next_index``, ``by_did``, ``revoked``) in one
+        transaction, recording ``marker`` so it is imported once; a malformed document raises
+        :class:`InvalidValue` and writes nothing."""
+        now = time.time() if now is None else now
+        try:
+            next_index = int(state.get("next_index", 0))
+            issued = [(int(i), str(did), now) for did, idx in dict(state.get("by_did", {})).items()
+                      for i in idx]
+            revoked = [(int(i), now) for i in state.get("revoked", [])]
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InvalidValue(f"malformed issuer state: {exc}") from exc
+        if next_index < 0 or any(i < 0 for i, *_ in issued) or any(i < 0 for i, _ in revoked):
+            raise InvalidValue("malformed issuer state: negative status index")
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR IGNORE INTO issued(idx, did, at) VALUES (?,?,?)", issued)
+            db.executemany("INSERT OR IGNORE INTO revoked(idx, at) VALUES (?,?)", revoked)
+            row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
+            top = max([next_index, int(row[0]) if row else 0, *(i + 1 for i, *_ in issued)])
+            db.execute("INSERT INTO meta(key, value) VALUES ('next_status_index', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(top),))
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (marker, str(now)))
+
+        self._tx(write)
 
     # ------------------------------------------------------------------ reported state
     def record_report(self, did: str, version: int, status: str, *, reason: str | None = None,
@@ -271,8 +470,7 @@ class Store:
         self._tx(lambda db: db.execute(
             "INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
             "VALUES (?,?,?,?,?,?)",
-            (event_id, sender, event_type, json.dumps(dict(fields), sort_keys=True), now,
-             json.dumps(sorted(targets)))))
+            (event_id, sender, event_type, _dumps(dict(fields)), now, _dumps(sorted(targets)))))
 
     def event_processed(self, sender: str, event_id: str) -> bool:
         """True when ``sender``'s event ``event_id`` was already processed (persisted dedup)."""
@@ -297,4 +495,4 @@ class Store:
                 for e, s, t, f, r, tg, c, fl in rows]
 
 
-__all__ = ["ConfigVersion", "Reported", "Store", "merge", "delta"]
+__all__ = ["ConfigVersion", "Reported", "Store", "SCHEMA_VERSION", "merge", "delta"]
