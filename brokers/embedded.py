@@ -6,6 +6,10 @@
 amqtt speaks MQTT 3.1.1 only (the transport falls back automatically), drops denied publishes
 silently, and queues offline QoS 1/2 messages only for non-anonymous persistent sessions
 (DID-authenticated sessions qualify). Sessions live in memory: a restart forgets them.
+
+The default own-topics ACL lets only ``admins`` publish device configs: pass the coordinator's
+DID (``EmbeddedBroker(coordinator=key.did)`` or ``add_admin``). Retained messages are delivered
+only where the ACL lets the subscriber ``receive`` them (amqtt itself skips that check).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.session import Session
 
 from brokers.mosquitto import free_port
 
@@ -26,7 +32,15 @@ OPEN_ACL = "brokers.did_auth.open_acl"
 
 
 class _Broker(Broker):
-    """amqtt's broker, minus the traceback it logs when a client hangs up mid-CONNECT."""
+    """amqtt's broker with retained delivery filtered through the topic ACL, and without the
+    traceback it logs when a client hangs up mid-CONNECT.
+
+    amqtt 0.12 sends retained messages from ``_publish_retained_messages_for_subscription``
+    without asking the topic plugins whether the subscriber may ``receive`` them, and calls it at
+    every CONNECT for every filter any client has subscribed to, so a new client gets other
+    clients' retained messages. This override delivers a retained message only for a filter the
+    session itself holds, and only if the ``receive`` check allows it.
+    """
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -36,6 +50,34 @@ class _Broker(Broker):
         except (OSError, asyncio.IncompleteReadError) as exc:
             # e.g. an MQTT 5 probe that amqtt misparsed, abandoned by the client
             log.debug("connection dropped during CONNECT: %r", exc)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, [])
+        if all(s.client_id != session.client_id for s, _ in holders):
+            return  # another client's filter (amqtt replays every filter at CONNECT)
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                log.info("withheld retained %r from %s (ACL)", topic, session.username)
+                continue
+            out_qos = min(qos, retained.qos or qos)
+            tasks.append(asyncio.ensure_future(
+                handler.mqtt_publish(retained.topic, retained.data, out_qos, retain=True)))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+if not hasattr(Broker, "_publish_retained_messages_for_subscription"):  # pragma: no cover
+    raise ImportError("this amqtt has no Broker._publish_retained_messages_for_subscription: "
+                      "brokers.embedded must be checked against it (retained ACL filtering)")
 
 
 class EmbeddedBroker:
@@ -48,23 +90,44 @@ class EmbeddedBroker:
         port: int = 0,
         did_auth: bool = True,
         acl: str | None = OWN_TOPICS_ACL,
+        coordinator: str | None = None,
         admins: Sequence[str] = (),
         proof_window: float = 60.0,
+        max_recent_proofs: int = 100_000,
+        max_proofs_per_identity: int = 1_000,
         session_expiry: int = 3600,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.did_auth = did_auth
         self.acl = acl
-        self.admins = tuple(admins)
+        #: DIDs the ACL lets do anything: the coordinator first, then ``admins``.
+        first = [coordinator] if coordinator else []
+        self.admins: tuple[str, ...] = tuple(dict.fromkeys([*first, *admins]))
         self.proof_window = proof_window
+        self.max_recent_proofs = max_recent_proofs
+        self.max_proofs_per_identity = max_proofs_per_identity
         self.session_expiry = session_expiry
         self._broker: Broker | None = None
+
+    def add_admin(self, did: str) -> None:
+        """Let ``did`` (e.g. a coordinator started after the broker) publish configs; takes effect at once."""
+        if did in self.admins:
+            return
+        self.admins = (*self.admins, did)
+        broker = self._broker
+        plugin = broker.plugins_manager.get_plugin("DIDTopicPlugin") if broker is not None else None
+        if plugin is not None:
+            plugin.admins = self.admins
 
     def _config(self) -> dict[str, Any]:
         plugins: dict[str, Any] = {}
         if self.did_auth:
-            plugins["brokers.did_auth.DIDAuthPlugin"] = {"window": self.proof_window}
+            plugins["brokers.did_auth.DIDAuthPlugin"] = {
+                "window": self.proof_window,
+                "max_recent_proofs": self.max_recent_proofs,
+                "max_proofs_per_identity": self.max_proofs_per_identity,
+            }
         else:
             plugins["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": True}
         if self.acl is not None:
@@ -98,6 +161,9 @@ class EmbeddedBroker:
         broker = _Broker(self._config())
         await broker.start()
         self._broker = broker
+        if self.acl == OWN_TOPICS_ACL and not self.admins:
+            log.warning("embedded broker on %s has no coordinator/admins: nobody may publish device configs "
+                        "(EmbeddedBroker(coordinator=did) or add_admin(did))", self.url)
         log.debug("embedded broker on %s", self.url)
 
     async def stop(self) -> None:

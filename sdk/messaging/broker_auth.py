@@ -10,22 +10,24 @@ compact JWS (RFC 7515) signed with EdDSA (Ed25519) by that DID's key::
 
 The signature covers ``ASCII(header_b64 "." payload_b64)``. The broker checks: well-formed, alg
 EdDSA, kid resolves (did:key) to the key that signed, iss == username, cid == the CONNECT client
-id, aud matches, |now - iat| <= window, and jti not seen within the window (replay). Imports only
-``sdk.identity`` so the broker plugin can use it without paho.
+id, aud matches, |now - iat| <= window, and jti not seen from that DID within the window (replay;
+:class:`ProofReplayGuard` bounds memory per DID, so one DID's flood refuses only that DID).
+Imports only ``sdk.identity`` so the broker plugin can use it without paho.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sdk.identity import Key, public_key_from_did_key
 from sdk.identity.errors import IdentityError, InvalidSignature
+from sdk.identity.hazmat import json as strict_json
+from sdk.identity.hazmat.b64 import b64url_decode, b64url_encode
 from sdk.messaging.errors import BrokerAuthError
 
 log = logging.getLogger(__name__)
@@ -34,17 +36,14 @@ AUDIENCE = "autoglm-mqtt"
 PROOF_TYPE = "autoglm-mqtt-connect"
 DEFAULT_WINDOW = 60.0
 MAX_PROOF_LEN = 2048
+MAX_JTI_LEN = 64
 
 
 def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return b64url_encode(data).decode("ascii")
 
 
-def _unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _compact(obj: dict[str, object]) -> bytes:
+def _compact(obj: Mapping[str, object]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
@@ -77,21 +76,120 @@ def did_credentials(key: Key, /, *, audience: str = AUDIENCE) -> dict[str, objec
 
 
 class ProofReplayGuard:
-    """Remembers proof ids (jti) until their window has passed; bounded in memory."""
+    """Remembers proof ids (jti) per identity until their window has passed; bounded in memory.
 
-    def __init__(self, *, window: float = DEFAULT_WINDOW, max_entries: int = 100_000) -> None:
+    Proof ids are kept per DID (a proof is bound to its DID by the signature, so one DID's ids
+    never collide with another's). Two bounds keep one identity from crowding out the others:
+
+    * ``max_per_identity``: a DID holding that many live proofs is refused further CONNECTs
+      (reason ``too_many_proofs``) until its older proofs expire: a flood hurts only its sender;
+    * ``max_entries``: when all identities together hold that many, the oldest proof of the
+      identity holding the most is forgotten, and that identity's proofs issued at or before it
+      are refused from then on (``too_many_proofs``), so a forgotten proof can never be replayed.
+      A new identity is never refused because the guard is full.
+    """
+
+    def __init__(
+        self, *, window: float = DEFAULT_WINDOW, max_entries: int = 100_000, max_per_identity: int = 1_000
+    ) -> None:
+        if max_entries < 1 or max_per_identity < 1:
+            raise ValueError("max_entries and max_per_identity must be >= 1")
         self.window = window
         self.max_entries = max_entries
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self.max_per_identity = max_per_identity
+        self._buckets: dict[str, _Bucket] = {}
+        self._size = 0
+        self._by_count: dict[int, set[str]] = {}  # live proof count -> identities holding that many
+        self._heaviest = 0
+        self._next_sweep = 0.0
 
-    def check_and_add(self, jti: str, *, iat: float, now: float) -> None:
-        while self._seen and next(iter(self._seen.values())) < now:
-            self._seen.popitem(last=False)
-        if jti in self._seen:
+    def __len__(self) -> int:
+        return self._size
+
+    def count(self, identity: str) -> int:
+        """Live proofs remembered for ``identity``."""
+        bucket = self._buckets.get(identity)
+        return len(bucket.seen) if bucket is not None else 0
+
+    def check_and_add(self, jti: str, *, iat: float, now: float, identity: str = "") -> None:
+        """Record ``jti`` for ``identity`` or raise :class:`BrokerAuthError` (``replayed_proof``,
+        ``too_many_proofs``)."""
+        if now >= self._next_sweep:
+            self._sweep(now)
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            bucket = self._buckets[identity] = _Bucket()
+        else:
+            self._expire(identity, bucket, now)
+        if jti in bucket.seen:
             raise BrokerAuthError("proof already used", reason="replayed_proof")
-        if len(self._seen) >= self.max_entries:
-            raise BrokerAuthError("too many recent proofs; retry later", reason="replayed_proof")
-        self._seen[jti] = max(iat + self.window, now) + 1.0
+        if bucket.floor is not None and iat <= bucket.floor:
+            raise BrokerAuthError(
+                "too many recent proofs from this DID; make a fresh one", reason="too_many_proofs")
+        if len(bucket.seen) >= self.max_per_identity:
+            raise BrokerAuthError(
+                f"more than {self.max_per_identity} CONNECT proofs from this DID in {self.window:.0f}s; "
+                "retry later", reason="too_many_proofs")
+        if self._size >= self.max_entries:
+            self._evict_from_heaviest(now)
+        self._move(identity, len(bucket.seen), +1)
+        bucket.seen[jti] = (iat, max(iat + self.window, now) + 1.0)
+        self._size += 1
+
+    # -- internals
+    def _move(self, identity: str, count: int, delta: int) -> None:
+        if count:
+            holders = self._by_count[count]
+            holders.discard(identity)
+            if not holders:
+                del self._by_count[count]
+        new = count + delta
+        if new:
+            self._by_count.setdefault(new, set()).add(identity)
+            self._heaviest = max(self._heaviest, new)
+        while self._heaviest and self._heaviest not in self._by_count:
+            self._heaviest -= 1
+
+    def _expire(self, identity: str, bucket: _Bucket, now: float) -> None:
+        seen = bucket.seen
+        while seen:
+            jti, (_, expiry) = next(iter(seen.items()))
+            if expiry >= now:
+                break
+            del seen[jti]
+            self._size -= 1
+            self._move(identity, len(seen) + 1, -1)
+        if bucket.floor is not None and bucket.floor + self.window < now:
+            bucket.floor = None  # every proof it covered is stale anyway
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired proofs of every identity (at most about once a second)."""
+        for identity, bucket in list(self._buckets.items()):
+            self._expire(identity, bucket, now)
+            if not bucket.seen and bucket.floor is None:
+                del self._buckets[identity]
+        self._next_sweep = now + 1.0
+
+    def _evict_from_heaviest(self, now: float) -> None:
+        identity = next(iter(self._by_count[self._heaviest]))
+        bucket = self._buckets[identity]
+        jti, (iat, _) = next(iter(bucket.seen.items()))
+        del bucket.seen[jti]
+        self._size -= 1
+        self._move(identity, len(bucket.seen) + 1, -1)
+        bucket.floor = iat if bucket.floor is None else max(bucket.floor, iat)
+        log.warning("CONNECT proof guard full (%d): forgetting the oldest proof of %s, its heaviest user",
+                    self.max_entries, identity[:64])
+
+
+class _Bucket:
+    """One identity's live proof ids (insertion order) and its replay floor."""
+
+    __slots__ = ("floor", "seen")
+
+    def __init__(self) -> None:
+        self.seen: OrderedDict[str, tuple[float, float]] = OrderedDict()  # jti -> (iat, expiry)
+        self.floor: float | None = None  # proofs with iat <= floor are refused (some were forgotten)
 
 
 def verify_connect_password(
@@ -118,18 +216,22 @@ def verify_connect_password(
     if len(parts) != 3:
         raise BrokerAuthError("proof is not a compact JWS", reason="malformed_proof")
     try:
-        header = json.loads(_unb64u(parts[0]))
-        payload = json.loads(_unb64u(parts[1]))
-        signature = _unb64u(parts[2])
-    except (ValueError, TypeError) as exc:
+        header = strict_json.loads(b64url_decode(parts[0]), max_bytes=MAX_PROOF_LEN, max_depth=4)
+        payload = strict_json.loads(b64url_decode(parts[1]), max_bytes=MAX_PROOF_LEN, max_depth=4)
+        signature = b64url_decode(parts[2])
+    except ValueError as exc:
         raise BrokerAuthError(f"proof does not decode: {exc}", reason="malformed_proof") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise BrokerAuthError("proof header/payload must be JSON objects", reason="malformed_proof")
     if header.get("alg") != "EdDSA" or header.get("typ") != PROOF_TYPE:
         raise BrokerAuthError("proof must be an EdDSA autoglm-mqtt-connect JWS", reason="malformed_proof")
     iat, jti, kid = payload.get("iat"), payload.get("jti"), header.get("kid")
-    if not isinstance(iat, int) or not isinstance(jti, str) or not jti or not isinstance(kid, str):
+    if (not isinstance(iat, int) or isinstance(iat, bool) or not 0 <= iat < 2**53
+            or not isinstance(jti, str) or not jti
+            or len(jti) > MAX_JTI_LEN or not isinstance(kid, str)):
         raise BrokerAuthError("proof lacks iat/jti/kid", reason="malformed_proof")
+    if payload.get("iss") != username or kid.partition("#")[0] != username:
+        raise BrokerAuthError("proof was made by another DID than the username", reason="bad_proof")
     try:
         public = public_key_from_did_key(kid)
         public.verify(signature, (parts[0] + "." + parts[1]).encode("ascii"))
@@ -137,16 +239,15 @@ def verify_connect_password(
         raise BrokerAuthError("proof signature does not verify", reason="bad_proof") from None
     except IdentityError as exc:
         raise BrokerAuthError(f"proof key not resolvable: {exc}", reason="bad_proof") from None
-    if payload.get("iss") != username or kid.partition("#")[0] != username:
-        raise BrokerAuthError("proof was made by another DID than the username", reason="bad_proof")
     if payload.get("cid") != client_id:
         raise BrokerAuthError("proof is for another client id", reason="wrong_client")
     if payload.get("aud") != audience:
         raise BrokerAuthError("proof is for another audience", reason="wrong_client")
     if abs(now - iat) > window:
-        raise BrokerAuthError(f"proof issued {now - iat:.0f}s from now (window {window}s)", reason="stale_proof")
+        raise BrokerAuthError(f"proof issued {now - iat:.0f}s from now (window {window}s)",
+                              reason="stale_proof")
     if replay is not None:
-        replay.check_and_add(jti, iat=iat, now=now)
+        replay.check_and_add(jti, iat=iat, now=now, identity=username)
     return username
 
 
