@@ -2,10 +2,11 @@
 
     AutoGLMError                      root of every error this SDK raises on purpose
     ├── IdentityError                 sdk.identity (keys, DIDs, credentials) — see sdk.identity.errors
-    ├── MessagingError                sdk.coord transport/envelope layer — see sdk.messaging.errors
-    ├── CoordinationError             coordinator / device SDK
-    ├── InferenceError                sdk.inference engine — see sdk.inference.errors
-    └── MeshError                     inference mesh (node, router, gateway)
+    ├── MessagingError                sdk.messaging (transport, envelope, client) — see sdk.messaging.errors
+    ├── CoordinationError             sdk.coord (coordinator daemon, device SDK)
+    ├── InferenceError                sdk.inference engine and HTTP app — see sdk.inference.errors
+    ├── MeshError                     sdk.mesh (node, router, gateway)
+    └── MissingExtra                  an optional dependency is not installed (also an ImportError)
 
 Caller mistakes (wrong argument types or values) are plain ``TypeError``/``ValueError``;
 security failures (bad signature, replay, revoked credential...) are subclasses of the
@@ -57,7 +58,28 @@ class MeshError(AutoGLMError):
     reason = "mesh_error"
 
 
+class MissingExtra(AutoGLMError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+    reason = "missing_extra"
+
+    def __init__(self, module: str, extra: str, *, feature: str | None = None) -> None:
+        what = feature or "this feature"
+        super().__init__(
+            f"{what} needs {module!r}, which is not installed: pip install 'open-autoglm-sdk[{extra}]'"
+        )
+        self.module = module
+        self.extra = extra
+
+
+def require_extra(exc: ModuleNotFoundError, extra: str, *, feature: str | None = None) -> MissingExtra:
+    """The :class:`MissingExtra` for a failed import: ``raise require_extra(exc, "cli") from exc``."""
+    return MissingExtra((exc.name or "?").partition(".")[0], extra, feature=feature)
+
+
 __all__ = [
+    "MissingExtra",
+    "require_extra",
     "AutoGLMError",
     "IdentityError",
     "MessagingError",

@@ -36,7 +36,7 @@ def compile_pointwise_modules(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module).__name__.endswith(_FUSABLE_SUFFIXES) and "forward" not in module.__dict__:
             patched.append((module, module.forward))
-            module.forward = torch.compile(module.forward, dynamic=None)  # type: ignore[method-assign]
+            module.forward = torch.compile(module.forward, dynamic=None)
     if not patched:
         return 0
     try:

@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Engine"]
 
-_MAX_STOP_STRINGS = 16
-
 
 class Engine:
     """Continuous-batching generation over one causal LM; safe to share between asyncio tasks."""
@@ -40,7 +38,7 @@ class Engine:
         self, model: Any, tokenizer: Any, config: EngineConfig, *, metadata: dict[str, Any] | None = None
     ) -> None:
         """Use :meth:`start` or :meth:`from_model`; this wires the parts but starts nothing."""
-        from .device import dtype_name, model_dims, plan_kv_cache
+        from .placement import dtype_name, model_dims, plan_kv_cache
 
         self.config = config
         self.model = model.eval()
@@ -141,39 +139,35 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def encode(self, request: GenerationRequest) -> list[int]:
-        """The prompt token ids of ``request`` (chat template applied for ``messages``)."""
-        given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
-        if sum(given) != 1:
-            raise InvalidRequest("give exactly one of prompt, messages or prompt_token_ids")
+        """The prompt token ids of ``request`` (chat template applied for ``messages``).
+
+        Validates ``request`` first (:meth:`GenerationRequest.validate`), then what needs the
+        model: token ids inside the vocabulary, a chat template that applies, a non-empty prompt.
+        """
+        request.validate()
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
-            if not all(isinstance(t, int) and 0 <= t < self._vocab for t in ids):
-                raise InvalidRequest(f"prompt_token_ids must be integers in [0, {self._vocab})")
+            if not all(t < self._vocab for t in ids):
+                raise InvalidRequest(f"prompt_token_ids must be integers in [0, {self._vocab})",
+                                     field="prompt_token_ids")
         elif request.messages is not None:
-            if not isinstance(request.messages, list) or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in request.messages
-            ):
-                raise InvalidRequest("messages must be a list of {role, content} objects")
             try:
                 text = self.tokenizer.apply_chat_template(
                     request.messages, tokenize=False, add_generation_prompt=True
                 )
             except Exception as exc:
-                raise InvalidRequest(f"cannot apply the chat template: {exc}") from exc
+                raise InvalidRequest(f"cannot apply the chat template: {exc}", field="messages") from exc
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
-            if not isinstance(request.prompt, str):
-                raise InvalidRequest("prompt must be a string")
             ids = list(self.tokenizer(request.prompt)["input_ids"])
         if not ids:
-            raise InvalidRequest("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", field="prompt")
         return ids
 
     def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Sequence:
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-        _check_fields(request)
-        ids = self.encode(request)
+        ids = self.encode(request)  # validates the request
         room = self.max_sequence_length - len(ids)
         if room < 1:
             log.warning(
@@ -256,6 +250,11 @@ class Engine:
         return self._scheduler.stats()
 
     @property
+    def uses_cuda_graphs(self) -> bool:
+        """True when decode steps replay captured CUDA graphs."""
+        return self._scheduler.decoder is not None
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`aclose` (or :meth:`close`) ran."""
         return self._closed
@@ -282,22 +281,6 @@ class Engine:
         await self.aclose()
 
 
-def _check_fields(r: GenerationRequest) -> None:
-    if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
-        raise InvalidRequest("max_new_tokens must be a positive integer")
-    if not r.temperature >= 0.0:
-        raise InvalidRequest("temperature must be >= 0")
-    if not 0.0 < r.top_p <= 1.0:
-        raise InvalidRequest("top_p must be in (0, 1]")
-    if not isinstance(r.top_k, int) or r.top_k < 0:
-        raise InvalidRequest("top_k must be a non-negative integer")
-    stops = r.stop
-    if isinstance(stops, str) or len(stops) > _MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stops):
-        raise InvalidRequest(f"stop must be a list of at most {_MAX_STOP_STRINGS} strings")
-    if r.seed is not None and not isinstance(r.seed, int):
-        raise InvalidRequest("seed must be an integer")
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
@@ -317,7 +300,7 @@ def _serving(engine: Engine) -> dict[str, Any]:
         "prefix_cache_tokens": engine.config.prefix_cache_tokens,
         "max_queue_size": engine.config.max_queue_size,
         "continuous_batching": True,
-        "cuda_graphs": engine._scheduler.decoder is not None,
+        "cuda_graphs": engine.uses_cuda_graphs,
     }
 
 
@@ -346,11 +329,11 @@ def _metadata(engine: Engine, dtype: str) -> dict[str, Any]:
 
 def _with_serving(doc: dict[str, Any], serving: dict[str, Any]) -> dict[str, Any]:
     """``doc`` with the engine's sizing merged in (validated by the metadata module when it can)."""
-    try:
-        from .metadata import with_serving
+    from .metadata import MetadataError, with_serving
 
+    try:
         return with_serving(doc, serving)
-    except Exception:
+    except (MetadataError, KeyError, TypeError, ValueError):
         log.warning("metadata document failed validation with the serving block; merging unchecked")
         return {**doc, "serving": {**doc.get("serving", {}), **serving}}
 

@@ -13,9 +13,16 @@ from sdk.errors import InferenceError
 
 
 class InvalidRequest(InferenceError):
-    """A generation request with missing, conflicting or out-of-range fields."""
+    """A generation request with missing, conflicting or out-of-range fields.
+
+    ``field`` names the offending request field (``None`` when the problem spans fields).
+    """
 
     reason = "invalid_request"
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PromptTooLong(InferenceError):

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class StepContext:
     rows: torch.Tensor | None = None  # [B] slot indices when not a slice
 
 
-class active_context:  # noqa: N801 - used as a context manager
+class active_context:
     """Makes ``ctx`` the cache context of forward passes run in this thread."""
 
     def __init__(self, ctx: StepContext) -> None:
@@ -81,13 +81,14 @@ def slot_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    layer = module.layer_idx
+    layer = cast(int, module.layer_idx)
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
     kc[ctx.write_rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
     vc[ctx.write_rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
     if ctx.row_slice is not None:
         keys, values = kc[ctx.row_slice, :, : ctx.kv_len], vc[ctx.row_slice, :, : ctx.kv_len]
     else:
+        assert ctx.rows is not None  # set whenever row_slice is not
         keys = kc[:, :, : ctx.kv_len].index_select(0, ctx.rows)
         values = vc[:, :, : ctx.kv_len].index_select(0, ctx.rows)
     out = F.scaled_dot_product_attention(
@@ -96,16 +97,16 @@ def slot_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def install_slot_attention(model: torch.nn.Module) -> None:
+def install_slot_attention(model: Any) -> None:
     """Register :func:`slot_attention` and switch ``model`` to it (SDPA when no engine step runs)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:  # noqa: SLF001 - transformers' own field
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:  # noqa: SLF001
         raise InferenceError(
             f"{type(model).__name__} does not support a custom attention implementation",
             reason="unsupported_model",
@@ -140,7 +141,7 @@ class SlotKVCache:
 
     def write(self, slot: int, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
         """Copy the first ``length`` positions of stored K/V into a slot."""
-        for i, (kc, vc) in enumerate(zip(self.k, self.v)):
+        for i, (kc, vc) in enumerate(zip(self.k, self.v, strict=True)):
             kc[slot, :, :length].copy_(k[i, :, :length])
             vc[slot, :, :length].copy_(v[i, :, :length])
 

@@ -29,10 +29,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-import torch  # noqa: E402
+import torch
 
-from sdk.errors import InferenceError  # noqa: E402
-from sdk.inference.device import dtype_name, select_device, select_dtype  # noqa: E402
+from sdk.errors import InferenceError
+from sdk.inference.placement import dtype_name, select_device, select_dtype
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _convert_gguf(source: Path, target: Path, version: str) -> None:
         log.exception("transformers could not load GGUF %s", source)
         raise ModelLoadError(f"transformers could not load {source}: {exc}") from exc
     # The weights are plain fp32 now; drop the GGUF quantizer so the model serializes.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(target))
@@ -310,7 +310,7 @@ def _load_transformers(directory: Path, device: torch.device, dtype: torch.dtype
     except Exception as exc:
         log.exception("transformers could not load %s", directory)
         raise ModelLoadError(f"transformers could not load {directory}: {exc}") from exc
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typing of .to
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

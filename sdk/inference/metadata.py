@@ -68,7 +68,7 @@ def _resolve(ref: str, root: dict[str, Any]) -> dict[str, Any]:
     node: Any = root
     for part in ref[2:].split("/"):
         node = node[part]
-    return node  # type: ignore[no-any-return]
+    return node
 
 
 def _check(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any], errors: list[str]) -> None:
@@ -164,7 +164,7 @@ def validate_metadata(doc: Any) -> dict[str, Any]:
     if errors:
         log.warning("invalid model metadata (%d problems): %s", len(errors), errors[0])
         raise MetadataError(errors)
-    return doc  # type: ignore[no-any-return]
+    return doc
 
 
 # ----------------------------------------------------------------------------------------- request/result
@@ -284,7 +284,7 @@ def describe_device(device: Any) -> dict[str, Any]:
         }
     if dev.type == "mps":
         return {"type": "mps", "name": "Apple MPS", "memory_bytes": None}
-    from sdk.inference.device import available_ram_bytes
+    from sdk.inference.placement import available_ram_bytes
 
     total: int | None
     try:
@@ -296,7 +296,7 @@ def describe_device(device: Any) -> dict[str, Any]:
 
 
 def _architecture(model: Any) -> dict[str, Any]:
-    from sdk.inference.device import model_dims
+    from sdk.inference.placement import model_dims
 
     cfg = model.config
     dims = model_dims(cfg)
@@ -339,7 +339,7 @@ def build_metadata(
     ``context_length`` (the engine's ``max_sequence_length``) is capped at the model's
     ``max_position_embeddings``; an engine passes its sizing as ``serving``.
     """
-    from sdk.inference.device import dtype_name, model_dims
+    from sdk.inference.placement import dtype_name, model_dims
 
     model_context = model_dims(model.config)["context_length"]
     context = model_context if context_length is None else min(int(context_length), model_context)

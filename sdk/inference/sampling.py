@@ -33,7 +33,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
-def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     """Sample one id from a 1-D logits row."""
     logits = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < logits.numel():
@@ -50,13 +50,13 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
 
 
 def sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """Pick one token per row of ``logits`` [rows, vocab]; one host sync for the whole batch."""
     picks = torch.argmax(logits, dim=-1)
     if not all(p.greedy for p in params):
         picks = picks.clone()
-        for i, (p, g) in enumerate(zip(params, generators)):
+        for i, (p, g) in enumerate(zip(params, generators, strict=True)):
             if not p.greedy:
                 picks[i] = _sample_one(logits[i], p, g)
     return picks.tolist()

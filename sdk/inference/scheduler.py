@@ -193,13 +193,13 @@ class Scheduler:
     def _apply_cancels(self, ids: set[int]) -> None:
         if not ids:
             return
-        for seq in list(self._waiting):
-            if seq.id in ids:
-                self._waiting.remove(seq)
-                self._finish(seq, "cancelled", "")
-        for seq in self._slots:
-            if seq is not None and seq.id in ids:
-                self._finish(seq, "cancelled", "")
+        for waiting in list(self._waiting):
+            if waiting.id in ids:
+                self._waiting.remove(waiting)
+                self._finish(waiting, "cancelled", "")
+        for running in self._slots:
+            if running is not None and running.id in ids:
+                self._finish(running, "cancelled", "")
 
     def _admit(self) -> None:
         for slot, occupant in enumerate(self._slots):
@@ -242,7 +242,7 @@ class Scheduler:
         if done:
             rows = logits[[row for _, row in done]]
             tokens = sample_rows(rows, [seq.params for seq, _ in done], [seq.generator for seq, _ in done])
-            for (seq, _), token in zip(done, tokens):
+            for (seq, _), token in zip(done, tokens, strict=True):
                 self._accept(seq, token)
 
     def _decode(self) -> None:
@@ -254,7 +254,7 @@ class Scheduler:
             inputs = [[s.next_input()] for s in batch]
             logits = self._forward([s.slot for s in batch], inputs, [s.pos for s in batch])
         tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
-        for seq, tok in zip(batch, tokens):
+        for seq, tok in zip(batch, tokens, strict=True):
             seq.pos += 1
             self._accept(seq, tok)
 
@@ -268,10 +268,13 @@ class Scheduler:
         width = max(len(t) for t in tokens)
         scratch = self.cache.slot_len
         padded = [[0] * (width - len(t)) + t for t in tokens]
-        pos_rows = [[scratch] * (width - len(t)) + list(range(p, p + len(t))) for t, p in zip(tokens, starts)]
+        pos_rows = [
+            [scratch] * (width - len(t)) + list(range(p, p + len(t)))
+            for t, p in zip(tokens, starts, strict=True)
+        ]
         input_ids = torch.tensor(padded, dtype=torch.long, device=dev)
         positions = torch.tensor(pos_rows, dtype=torch.long, device=dev)
-        end = max(p + len(t) for t, p in zip(tokens, starts))
+        end = max(p + len(t) for t, p in zip(tokens, starts, strict=True))
         kv_len = min(-(-end // self.kv_bucket) * self.kv_bucket, self.cache.slot_len + 1)
         mask = torch.arange(kv_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
 FinishReason = Literal["stop", "length", "cancelled"]
+
+#: Bounds :meth:`GenerationRequest.validate` enforces (an engine's ``max_sequence_length`` is
+#: usually the tighter limit on tokens; these bound the work done before it is known).
+MAX_PROMPT_CHARS = 4 * 1024 * 1024
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_MESSAGES = 4096
+MAX_NEW_TOKENS = 1 << 20
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+MAX_NAME_CHARS = 256  # request_id, model, message role
+_SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,120 @@ class GenerationRequest:
     request_id: str | None = None
     model: str | None = None  # the model asked for: the mesh router routes on it; an engine ignores it
 
+    def validate(self) -> GenerationRequest:
+        """Check every field (types, ranges, finite numbers, lengths); return ``self``.
+
+        The one place requests are checked: the engine, the HTTP app and the mesh call it before
+        any work. Raises :class:`~sdk.inference.errors.InvalidRequest` (reason ``invalid_request``,
+        ``field`` naming the offending field). Checks needing the model (vocabulary size, prompt
+        length in tokens) are the engine's.
+        """
+        try:
+            _check_request(self)
+        except InvalidRequest as exc:
+            log.info("invalid generation request (%s): %s", exc.field or "request", exc)
+            raise
+        return self
+
+
+def _check_request(r: GenerationRequest) -> None:
+    """Raise :class:`InvalidRequest` for the first field of ``r`` that is out of bounds."""
+    prompts = (("prompt", r.prompt), ("messages", r.messages), ("prompt_token_ids", r.prompt_token_ids))
+    given = [name for name, value in prompts if value is not None]
+    if len(given) != 1:
+        raise InvalidRequest("give exactly one of prompt, messages or prompt_token_ids",
+                             field=given[-1] if given else None)
+    if r.prompt is not None:
+        _check_prompt(r.prompt)
+    elif r.messages is not None:
+        _check_messages(r.messages)
+    else:
+        _check_token_ids(r.prompt_token_ids)
+    _check_int("max_new_tokens", r.max_new_tokens, 1, MAX_NEW_TOKENS)
+    _check_float("temperature", r.temperature, 0.0, MAX_TEMPERATURE)
+    if not _in_range(r.top_p, 0.0, 1.0, open_low=True):
+        raise InvalidRequest("top_p must be a number in (0, 1]", field="top_p")
+    _check_int("top_k", r.top_k, 0, MAX_TOP_K)
+    _check_stop(r.stop)
+    if r.seed is not None:
+        _check_int("seed", r.seed, *_SEED_RANGE)
+    _check_name("request_id", r.request_id)
+    _check_name("model", r.model)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"{name} must be an integer in [{low}, {high}]", field=name)
+
+
+def _in_range(value: object, low: float, high: float, *, open_low: bool = False) -> bool:
+    """``value`` is a finite real number (not a bool) in ``[low, high]`` (``(low, high]``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return (low < value if open_low else low <= value) and value <= high
+
+
+def _check_float(name: str, value: object, low: float, high: float) -> None:
+    if not _in_range(value, low, high):
+        raise InvalidRequest(f"{name} must be a finite number in [{low}, {high}]", field=name)
+
+
+def _check_prompt(prompt: object) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidRequest("prompt must be a string", field="prompt")
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", field="prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"prompt is over {MAX_PROMPT_CHARS} characters", field="prompt")
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list", field="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"at most {MAX_MESSAGES} messages", field="messages")
+    total = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not all(isinstance(k, str) for k in message):
+            raise InvalidRequest(f"messages[{i}] must be a {{role, content}} object", field="messages")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not 0 < len(role) <= MAX_NAME_CHARS:
+            raise InvalidRequest(f"messages[{i}].role must be a non-empty string", field="messages")
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string", field="messages")
+        total += len(content)
+    if total > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"messages hold over {MAX_PROMPT_CHARS} characters", field="messages")
+
+
+def _check_token_ids(ids: object) -> None:
+    name = "prompt_token_ids"
+    if not isinstance(ids, list | tuple) or not ids:
+        raise InvalidRequest(f"{name} must be a non-empty list of integers", field=name)
+    if len(ids) > MAX_PROMPT_TOKENS:
+        raise InvalidRequest(f"{name} has over {MAX_PROMPT_TOKENS} ids", field=name)
+    if not all(type(t) is int and t >= 0 for t in ids):
+        raise InvalidRequest(f"{name} must be non-negative integers", field=name)
+
+
+def _check_stop(stop: object) -> None:
+    if (
+        not isinstance(stop, list | tuple)
+        or len(stop) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise InvalidRequest(
+            f"stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+            f"{MAX_STOP_CHARS} characters",
+            field="stop",
+        )
+
+
+def _check_name(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS):
+        raise InvalidRequest(f"{name} must be a non-empty string of at most {MAX_NAME_CHARS} characters",
+                             field=name)
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -105,4 +239,20 @@ class GenerationResult:
     usage: Usage
 
 
-__all__ = ["EngineConfig", "GenerationRequest", "TokenChunk", "GenerationResult", "Usage", "FinishReason"]
+__all__ = [
+    "EngineConfig",
+    "GenerationRequest",
+    "TokenChunk",
+    "GenerationResult",
+    "Usage",
+    "FinishReason",
+    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_TOKENS",
+    "MAX_MESSAGES",
+    "MAX_NEW_TOKENS",
+    "MAX_TEMPERATURE",
+    "MAX_TOP_K",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_CHARS",
+    "MAX_NAME_CHARS",
+]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sdk.errors import InferenceError
-from sdk.inference.device import (
+from sdk.inference.placement import (
     InsufficientMemory,
     kv_bytes_per_token,
     memory_budget,

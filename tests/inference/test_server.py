@@ -179,6 +179,26 @@ def test_invalid_fields_are_400_with_param(http: httpx.Client) -> None:
     assert r.status_code == 400 and error_of(r)["param"] == "stop"
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stop": ["x" * 10_000]}, "stop"),  # one huge stop string: work for every token
+        ({"seed": 2**70}, "seed"),  # past what the sampler's generator takes
+        ({"top_k": 10**12}, "top_k"),
+        ({"prompt": [2**40]}, "prompt"),  # a token id no vocabulary has
+    ],
+)
+def test_requests_are_validated_before_the_backend(
+    http: httpx.Client, smollm2_engine: Any, extra: dict[str, Any], param: str
+) -> None:
+    served = smollm2_engine.stats()["completed_requests"]
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert smollm2_engine.stats()["completed_requests"] == served
+
+
 def test_oversized_body_is_413(http: httpx.Client) -> None:
     from sdk.inference.http.app import MAX_BODY_BYTES
 

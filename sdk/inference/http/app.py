@@ -7,7 +7,6 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
@@ -19,11 +18,13 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdk.errors import AutoGLMError
-from sdk.inference.backend import GenerationBackend, as_backend
-from sdk.inference.http.errors import REASON_STATUS, APIError, bad_request, from_sdk_error
+from sdk.inference.backend import EngineLike, GenerationBackend, as_backend
+from sdk.inference.errors import InvalidRequest
+from sdk.inference.http.errors import REASON_STATUS, APIError, bad_request, from_sdk_error, param_of_field
 from sdk.inference.http.metrics import Metrics
 from sdk.inference.http.schemas import (
     ChatCompletionBody,
@@ -33,6 +34,7 @@ from sdk.inference.http.schemas import (
     unsupported,
 )
 from sdk.inference.http.sse import DONE, SSEResponse, event
+from sdk.inference.types import GenerationRequest  # no torch
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ class Admission:
         self._metrics.active.set(self.active)
         return Lease(self)
 
-    def _release(self) -> None:
+    def release_slot(self) -> None:
+        """Free one slot (what :meth:`Lease.release` calls)."""
         self.active -= 1
         self._metrics.active.set(self.active)
         self._slots.release()
@@ -104,7 +107,7 @@ class Lease:
     def release(self) -> None:
         """Give the slot back (once)."""
         if self._admission is not None:
-            self._admission._release()
+            self._admission.release_slot()
             self._admission = None
 
 
@@ -116,9 +119,10 @@ async def _wait_disconnect(request: Request) -> None:
 async def _unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
     """Await ``aw`` but cancel it (and raise ClientDisconnected) if the client disconnects first."""
     work: asyncio.Future[T] = asyncio.ensure_future(aw)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
+    watch: asyncio.Future[None] = asyncio.ensure_future(_wait_disconnect(request))
+    either: list[asyncio.Future[T] | asyncio.Future[None]] = [work, watch]
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             return work.result()
         raise ClientDisconnected()
@@ -150,7 +154,7 @@ def _finish(reason: Any) -> str:
     return _FINISH.get(str(reason), "stop")
 
 
-def _param_of(err: dict[str, Any]) -> str | None:
+def _param_of(err: ErrorDetails) -> str | None:
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
     return ".".join(loc) or None
 
@@ -180,7 +184,8 @@ async def _parse(request: Request, model: type[B]) -> B:
 
 
 def _internal_error() -> APIError:
-    return APIError(500, "internal error", type="internal_error", code="internal_error", reason="internal_error")
+    return APIError(500, "internal error", type="internal_error", code="internal_error",
+                    reason="internal_error")
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -211,10 +216,6 @@ class _Service:
         self.default_max_tokens = default_max_tokens
         self.error_table = error_table
         self.created = int(time.time())
-        from sdk.inference.types import GenerationRequest  # no torch: plain dataclasses
-
-        self._request_type = GenerationRequest
-        self._request_fields = {f.name for f in dataclasses.fields(GenerationRequest)}
 
     # -- models
 
@@ -239,8 +240,10 @@ class _Service:
 
     # -- requests
 
-    def build_request(self, body: SamplingBody, model_id: str, *, request_id: str, **prompt: Any) -> Any:
-        """Map OpenAI sampling fields onto a ``GenerationRequest``."""
+    def build_request(
+        self, body: SamplingBody, model_id: str, *, request_id: str, **prompt: Any
+    ) -> GenerationRequest:
+        """Map OpenAI sampling fields onto a validated ``GenerationRequest`` (400 if invalid)."""
         problem = unsupported(body)
         if problem is not None:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
@@ -249,23 +252,20 @@ class _Service:
             max_tokens = body.max_completion_tokens
         if max_tokens is None:
             max_tokens = 16 if isinstance(body, CompletionBody) else self.default_max_tokens
-        kwargs: dict[str, Any] = dict(
-            prompt,
-            max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k or 0,
-            stop=body.stop_list(),
-            seed=body.seed,
-            request_id=request_id,
-        )
-        if "model" in self._request_fields:
-            kwargs["model"] = model_id
-        kwargs = {k: v for k, v in kwargs.items() if k in self._request_fields}
         try:
-            return self._request_type(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise bad_request(str(exc)) from exc
+            return GenerationRequest(
+                **prompt,
+                max_new_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k or 0,
+                stop=body.stop_list(),
+                seed=body.seed,
+                request_id=request_id,
+                model=model_id,
+            ).validate()
+        except InvalidRequest as exc:
+            raise bad_request(str(exc), param=param_of_field(exc.field)) from exc
 
     async def handle(self, request: Request, *, chat: bool) -> Response:
         """Parse, admit, generate (streamed or whole) and account for one request."""
@@ -332,7 +332,7 @@ class _Service:
     async def _stream(
         self,
         request: Request,
-        req: Any,
+        req: GenerationRequest,
         body: SamplingBody,
         lease: Lease,
         *,
@@ -465,7 +465,7 @@ def _whole_body(result: Any, *, ident: str, model_id: str, chat: bool, created: 
 
 
 def create_app(
-    backend: Any,
+    backend: GenerationBackend | EngineLike,
     *,
     served_model_name: str | None = None,
     max_concurrent: int = 64,
@@ -552,9 +552,9 @@ def create_app(
         if admission.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         try:
-            stats = json.loads(json.dumps(backend.stats(), default=str))
+            stats = json.loads(json.dumps(dict(backend.stats()), default=str))
             models = [c["id"] for c in service.model_cards()]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "unavailable", not a 500
             log.warning("health check: backend unavailable: %s", exc)
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok", "models": models, "active": admission.active,

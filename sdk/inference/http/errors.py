@@ -23,6 +23,15 @@ REASON_STATUS: Mapping[str, tuple[int, str, str | None]] = {
 }
 
 
+#: The OpenAI parameter behind each ``GenerationRequest`` field an ``InvalidRequest`` names.
+REQUEST_PARAMS: Mapping[str, str] = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt"}
+
+
+def param_of_field(field: str | None) -> str | None:
+    """The OpenAI request parameter for a ``GenerationRequest`` field name."""
+    return None if field is None else REQUEST_PARAMS.get(field, field)
+
+
 class APIError(InferenceError):
     """An error the HTTP layer answers with an OpenAI-shaped body and a given status."""
 
@@ -33,7 +42,7 @@ class APIError(InferenceError):
         status: int,
         message: str,
         *,
-        type: str = "invalid_request_error",
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's error field name
         param: str | None = None,
         code: str | None = None,
         reason: str | None = None,
@@ -63,7 +72,9 @@ def from_sdk_error(
         return exc
     status, type_, code = table.get(exc.reason, (500, "internal_error", "internal_error"))
     message = str(exc) if status < 500 or exc.reason in table else "internal error"
-    return APIError(status, message or exc.reason, type=type_, code=code, reason=exc.reason)
+    field = getattr(exc, "field", None)
+    param = param_of_field(field) if isinstance(field, str) and status < 500 else None
+    return APIError(status, message or exc.reason, type=type_, param=param, code=code, reason=exc.reason)
 
 
-__all__ = ["REASON_STATUS", "APIError", "bad_request", "from_sdk_error"]
+__all__ = ["REASON_STATUS", "REQUEST_PARAMS", "APIError", "bad_request", "from_sdk_error", "param_of_field"]

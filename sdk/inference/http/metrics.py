@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -19,7 +18,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 class _BackendStats(Collector):
     """Exports the backend's numeric ``stats()`` as ``autoglm_backend_<key>`` gauges at scrape time."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, stats: Callable[[], Mapping[str, object]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -38,7 +37,7 @@ class _BackendStats(Collector):
 class Metrics:
     """The counters, gauges and histograms the server updates as it handles requests."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, stats: Callable[[], Mapping[str, object]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -6,7 +6,7 @@ penalties, tools...) are rejected with a clear 400 by :func:`unsupported`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -72,9 +72,13 @@ class CompletionBody(SamplingBody):
 
     def prompt_text(self) -> str | list[int]:
         """The single prompt (text or token ids); batches of prompts are rejected earlier."""
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]  # type: ignore[return-value]
-        return self.prompt  # type: ignore[return-value]
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        first = prompt[0] if prompt else None
+        if isinstance(first, str):
+            return first
+        return cast(list[int], prompt)  # pydantic picked list[int]: the items are ints
 
 
 class ContentPart(BaseModel):
@@ -123,9 +127,11 @@ def unsupported(body: SamplingBody) -> tuple[str, str] | None:
             return "suffix", "suffix is not supported"
         if body.best_of not in (None, 1):
             return "best_of", "only best_of=1 is supported"
-        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
-            if len(body.prompt) != 1:
-                return "prompt", "only one prompt per request is supported"
+        if (
+            isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str)
+            and len(body.prompt) != 1
+        ):
+            return "prompt", "only one prompt per request is supported"
         if isinstance(body.prompt, list) and not body.prompt:
             return "prompt", "prompt must not be empty"
     if isinstance(body, ChatCompletionBody):
