@@ -49,7 +49,7 @@ from sdk.identity import (  # noqa: E402
     status_entry,
     verify_presentation,
 )
-from sdk.identity.ed25519_fast import clear_cache  # noqa: E402
+from sdk.identity.hazmat.ed25519 import clear_cache  # noqa: E402
 
 V1 = "https://www.w3.org/2018/credentials/v1"
 V2 = "https://www.w3.org/ns/credentials/v2"

@@ -53,6 +53,10 @@ OutOpt = typer.Option(None, "--out", "-o", help="Write the result here instead o
 FormatOpt = typer.Option("eddsa-jcs-2022", "--format", "-f", help="Proof format: eddsa-jcs-2022 | jwt")
 TrustOpt = typer.Option(None, "--trust", help="ISSUER=Type1,Type2 (repeatable; '*' for any type)")
 TrustFileOpt = typer.Option(None, "--trust-file", help="JSON trust policy: a list of {issuer, types}")
+AnyIssuerOpt = typer.Option(
+    False, "--any-issuer", help="Accept any issuer whose proof verifies (without it and without --trust, "
+    "the issuer is reported as not checked)",
+)
 StatusOpt = typer.Option(
     None, "--status-list", help="Status list credential FILE or URL=FILE (repeatable)"
 )
@@ -145,21 +149,24 @@ def _read_text(path: Path) -> str:
 
 def _load_doc(path: Path) -> dict[str, Any] | str:
     """A credential/presentation file: JSON object, or a compact JWT (optionally JSON-quoted)."""
-    text = _read_text(path).strip()
-    if text.startswith("{"):
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise CliFailure("malformed", f"{path}: not valid JSON ({exc})") from None
-        return doc
-    if text.startswith('"'):
-        try:
-            text = json.loads(text)
-        except ValueError:
-            text = ""
-    if isinstance(text, str) and text.count(".") == 2 and not any(c.isspace() for c in text):
-        return text
-    raise CliFailure("malformed", f"{path}: neither a JSON object nor a compact JWT")
+    from sdk.identity.files import CredentialFileError, load_credential
+
+    try:
+        return load_credential(path)
+    except CredentialFileError as exc:
+        if exc.reason == "credential_not_found":
+            raise CliFailure("file_not_found", f"{path}: no such file") from None
+        raise
+
+
+def _json_file(path: Path) -> Any:
+    """A small JSON config file (trust policy, resolver table), parsed strictly."""
+    from sdk.identity.hazmat import json as strict_json
+
+    try:
+        return strict_json.loads(_read_text(path))
+    except ValueError as exc:
+        raise CliFailure("invalid_input", f"{path}: not valid JSON ({exc})") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -199,14 +206,17 @@ def _emit_artifact(artifact: dict[str, Any] | str, out: Path | None, *, as_json:
         typer.echo(_serialize(artifact))
 
 
-def _trust_policy(trust: list[str] | None, trust_file: Path | None) -> Any:
+def _trust_policy(trust: list[str] | None, trust_file: Path | None, any_issuer: bool = False) -> Any:
+    """The policy from the options; ``TrustPolicy.ANY`` when none is given (the caller says so)."""
     from sdk.identity.trust import TrustPolicy
 
+    if any_issuer and (trust or trust_file is not None):
+        raise CliFailure("invalid_input", "--any-issuer cannot be combined with --trust/--trust-file")
     if not trust and trust_file is None:
-        return None
+        return TrustPolicy.ANY
     table: dict[str, set[str]] = {}
     if trust_file is not None:
-        config = json.loads(_read_text(trust_file))
+        config = _json_file(trust_file)
         for issuer, types in TrustPolicy.from_config(config).issuers.items():
             table.setdefault(issuer, set()).update(types)
     for entry in trust or []:
@@ -222,13 +232,9 @@ def _list_url(doc: dict[str, Any] | str) -> str:
     if isinstance(doc, dict):
         url = doc.get("id")
     else:
-        import base64
+        from sdk.identity.jwt_vc import claims_to_credential, unverified_claims
 
-        from sdk.identity.jwt_vc import claims_to_credential
-
-        payload = doc.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        url = claims_to_credential(claims).get("id")
+        url = claims_to_credential(unverified_claims(doc)).get("id")
     if not isinstance(url, str):
         raise CliFailure("malformed", "status list credential has no id; use --status-list URL=FILE")
     return url
@@ -253,7 +259,7 @@ def _resolver(resolver_file: Path | None) -> Any:
         return None
     from sdk.identity.resolver import StaticResolver
 
-    table = json.loads(_read_text(resolver_file))
+    table = _json_file(resolver_file)
     if not isinstance(table, dict):
         raise CliFailure("invalid_input", "--resolver-file must hold a JSON object")
     return StaticResolver(table)
@@ -273,10 +279,11 @@ def _check_format(fmt: str) -> str:
     return fmt
 
 
-def _result_json(result: VerificationResult) -> dict[str, Any]:
+def _result_json(result: VerificationResult, issuer_checked: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "ok": result.verified,
-        "verified": result.verified,
+        "verified": result.verified and issuer_checked,
+        "issuer_checked": issuer_checked,
         "errors": list(result.errors),
         "messages": list(result.messages),
         "issuer": result.issuer,
@@ -293,10 +300,14 @@ def _result_json(result: VerificationResult) -> dict[str, Any]:
     return out
 
 
-def _report_result(result: VerificationResult, *, as_json: bool, what: str) -> None:
-    """Print a verification result; exit 1 with a one-line reason when it failed."""
+def _report_result(result: VerificationResult, *, as_json: bool, what: str, issuer_checked: bool = True) -> None:
+    """Print a verification result; exit 1 with a one-line reason when it failed.
+
+    Without a trust policy (``issuer_checked=False``) a passing result is reported as "signature
+    valid; issuer not checked", never as verified.
+    """
     if as_json:
-        typer.echo(json.dumps(_result_json(result)))
+        typer.echo(json.dumps(_result_json(result, issuer_checked)))
         if not result.verified:
             raise typer.Exit(1)
         return
@@ -304,7 +315,11 @@ def _report_result(result: VerificationResult, *, as_json: bool, what: str) -> N
         first = result.messages[0] if result.messages else ""
         _fail(",".join(result.errors) or "not_verified", f"{what} not verified: {first}", as_json=False)
     console = _stdout()
-    console.print(f"[green]✓ {what} verified[/] ({_esc(result.proof_format)})")
+    if issuer_checked:
+        console.print(f"[green]✓ {what} verified[/] ({_esc(result.proof_format)})")
+    else:
+        console.print(f"[yellow]✓ {what} signature valid; issuer not checked[/] ({_esc(result.proof_format)})")
+        console.print("  give --trust ISSUER=Types, --trust-file FILE or --any-issuer to check the issuer")
     rows = [("issuer", result.issuer), ("holder", result.holder), ("subject", result.subject),
             ("types", ", ".join(result.types) if result.types else None),
             ("verification method", result.verification_method),
@@ -315,7 +330,8 @@ def _report_result(result: VerificationResult, *, as_json: bool, what: str) -> N
             console.print(f"  {label}: {_esc(value)}")
     for i, sub in enumerate(result.credentials):
         kinds = _esc(", ".join(sub.types))
-        console.print(f"  credential {i}: {kinds} from {_esc(sub.issuer)} → [green]verified[/]")
+        state = "[green]verified[/]" if issuer_checked else "[yellow]signature valid[/]"
+        console.print(f"  credential {i}: {kinds} from {_esc(sub.issuer)} → {state}")
 
 
 def _parse_claim(text: str) -> tuple[str, Any]:
@@ -481,6 +497,7 @@ def vc_verify(
     file: Path = typer.Argument(..., help="Credential: JSON (DI / LD proof) or VC-JWT; '-' for stdin"),
     trust: list[str] = TrustOpt,
     trust_file: Path = TrustFileOpt,
+    any_issuer: bool = AnyIssuerOpt,
     status_lists: list[str] = StatusOpt,
     no_status: bool = typer.Option(False, "--no-status", help="Skip credentialStatus checks"),
     resolver_file: Path = ResolverOpt,
@@ -492,12 +509,13 @@ def vc_verify(
         from sdk.identity.credentials import verify_credential
 
         _maybe_register_didkit()
+        policy = _trust_policy(trust, trust_file, any_issuer)
         result = verify_credential(
             _load_doc(file), resolver=_resolver(resolver_file), now=_now(now),
-            trust=_trust_policy(trust, trust_file), status=_status_source(status_lists),
-            check_status=not no_status,
+            trust=policy, status=_status_source(status_lists), check_status=not no_status,
         )
-        _report_result(result, as_json=as_json, what="credential")
+        _report_result(result, as_json=as_json, what="credential",
+                       issuer_checked=any_issuer or bool(trust) or trust_file is not None)
 
 
 def _maybe_register_didkit() -> None:
@@ -540,6 +558,7 @@ def vp_verify(
     domain: str = typer.Option(None, "--domain", help="Your domain (required if the VP names one)"),
     trust: list[str] = TrustOpt,
     trust_file: Path = TrustFileOpt,
+    any_issuer: bool = AnyIssuerOpt,
     status_lists: list[str] = StatusOpt,
     no_status: bool = typer.Option(False, "--no-status", help="Skip credentialStatus checks"),
     resolver_file: Path = ResolverOpt,
@@ -553,10 +572,11 @@ def vp_verify(
         _maybe_register_didkit()
         result = verify_presentation(
             _load_doc(file), challenge=challenge, domain=domain, resolver=_resolver(resolver_file),
-            now=_now(now), trust=_trust_policy(trust, trust_file), status=_status_source(status_lists),
-            check_status=not no_status,
+            now=_now(now), trust=_trust_policy(trust, trust_file, any_issuer),
+            status=_status_source(status_lists), check_status=not no_status,
         )
-        _report_result(result, as_json=as_json, what="presentation")
+        _report_result(result, as_json=as_json, what="presentation",
+                       issuer_checked=any_issuer or bool(trust) or trust_file is not None)
 
 
 # -- status-list ----------------------------------------------------------------------------------
@@ -565,9 +585,10 @@ def _load_status_list(file: Path, key: Key) -> tuple[dict[str, Any], Any, str]:
     """Verify a status list credential issued by ``key``; return (credential, StatusList, format)."""
     from sdk.identity.credentials import verify_credential
     from sdk.identity.status_list import StatusList
+    from sdk.identity.trust import TrustPolicy
 
     doc = _load_doc(file)
-    result = verify_credential(doc, check_status=False)
+    result = verify_credential(doc, trust=TrustPolicy.ANY, check_status=False)  # issuer checked below
     if not result.verified:
         raise CliFailure(",".join(result.errors), f"{file}: status list credential does not verify")
     cred = result.credential or {}
@@ -581,12 +602,17 @@ def _load_status_list(file: Path, key: Key) -> tuple[dict[str, Any], Any, str]:
 
 
 def _reissue(file: Path, cred: dict[str, Any], bits: Any, key: Key, fmt: str) -> None:
-    from sdk.identity.status_list import create_status_list_credential
+    from sdk.identity.datetimes import parse_datetime
+    from sdk.identity.status_list import DEFAULT_TTL, create_status_list_credential
 
     subject = cred["credentialSubject"]
+    ttl = DEFAULT_TTL
+    if isinstance(cred.get("validFrom"), str) and isinstance(cred.get("validUntil"), str):
+        ttl = parse_datetime(cred["validUntil"]) - parse_datetime(cred["validFrom"])
+    # a new validFrom (now) and sequence make the re-signed list newer than the old one
     signed = create_status_list_credential(
         key, cred["id"], status_list=bits, purpose=subject.get("statusPurpose", "revocation"),
-        valid_from=cred.get("validFrom"), valid_until=cred.get("validUntil"), proof_format=fmt,
+        ttl=ttl if ttl.total_seconds() > 0 else DEFAULT_TTL, proof_format=fmt,
     )
     _write_atomic(file, _serialize(signed) + "\n")
 
@@ -615,6 +641,7 @@ def sl_create(
     out: Path = typer.Option(..., "--out", "-o", help="File to write the signed status list credential to"),
     size: int = typer.Option(131072, "--size", help="Number of entries (multiple of 8; spec minimum 131072)"),
     purpose: str = typer.Option("revocation", "--purpose", help="revocation | suspension"),
+    ttl_hours: float = typer.Option(24.0, "--ttl-hours", help="Hours the list stays valid (republish before)"),
     fmt: str = FormatOpt,
     keystore: Path = KeystoreOpt,
     passphrase: str = PassOpt,
@@ -628,9 +655,12 @@ def sl_create(
         _check_format(fmt)
         if out.exists():
             raise CliFailure("file_exists", f"{out} exists; status lists are changed with set/clear")
+        if not ttl_hours > 0:
+            raise CliFailure("invalid_input", "--ttl-hours must be positive")
         bits = StatusList(size)
         key = _open_key(keystore, passphrase, key_name)
-        signed = create_status_list_credential(key, url, status_list=bits, purpose=purpose, proof_format=fmt)
+        signed = create_status_list_credential(key, url, status_list=bits, purpose=purpose, proof_format=fmt,
+                                               ttl=ttl_hours * 3600)
         _write_atomic(out, _serialize(signed) + "\n")
         if as_json:
             info = {"ok": True, "url": url, "path": str(out), "size": size, "purpose": purpose}
@@ -676,8 +706,9 @@ def sl_check(
     with _guard(as_json):
         from sdk.identity.credentials import verify_credential
         from sdk.identity.status_list import StatusList
+        from sdk.identity.trust import TrustPolicy
 
-        result = verify_credential(_load_doc(file), check_status=False)
+        result = verify_credential(_load_doc(file), trust=TrustPolicy.ANY, check_status=False)  # issuer shown
         if not result.verified:
             raise CliFailure(",".join(result.errors), f"{file}: status list credential does not verify")
         subject = (result.credential or {}).get("credentialSubject", {})

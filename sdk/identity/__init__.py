@@ -1,18 +1,18 @@
 """Identity layer: Ed25519 keys, DIDs, Verifiable Credentials and Presentations, revocation.
 
-High level: ``issue_credential`` / ``verify_credential`` / ``create_presentation`` /
-``verify_presentation``, ``TrustPolicy``, status lists. Low level (own modules): ``jcs``,
-``multibase``, ``data_integrity``, ``jwt_vc``, ``ed25519_fast``. Imports neither MQTT nor torch.
+The safe API: ``issue_credential`` / ``verify_credential`` / ``create_presentation`` /
+``verify_presentation`` (trust is an explicit ``TrustPolicy``), ``Key``, status lists
+(``StatusListStore``, ``StatusChecker``), ``load_key`` and ``load_credential``. Primitives (JCS,
+multibase, Data Integrity internals, raw key bytes, proof backends) live in
+``sdk.identity.hazmat``. Imports neither MQTT nor torch.
 """
 
 from sdk.identity.credentials import (
     V1_CONTEXT,
     V2_CONTEXT,
     issue_credential,
-    register_proof_backend,
     verify_credential,
 )
-from sdk.identity.data_integrity import DataIntegrityProof
 from sdk.identity.did_key import did_key_document, public_key_from_did_key
 from sdk.identity.errors import (
     Expired,
@@ -33,6 +33,7 @@ from sdk.identity.errors import (
     WrongDomain,
     WrongProofPurpose,
 )
+from sdk.identity.files import CredentialFileError, load_credential
 from sdk.identity.keys import Key, PublicKey
 from sdk.identity.keystore import Keystore, KeystoreError, load_key
 from sdk.identity.presentations import create_presentation, verify_presentation
@@ -49,8 +50,12 @@ from sdk.identity.results import VerificationResult
 from sdk.identity.status_list import (
     StatusChecker,
     StatusList,
+    StatusListExpired,
+    StatusListRejected,
     StatusListSource,
+    StatusListStore,
     create_status_list_credential,
+    needs_refresh,
     status_entry,
     status_list_document,
 )
@@ -60,6 +65,8 @@ __all__ = [
     "Keystore",
     "KeystoreError",
     "load_key",
+    "load_credential",
+    "CredentialFileError",
     # keys and DIDs
     "Key",
     "PublicKey",
@@ -79,15 +86,17 @@ __all__ = [
     "create_presentation",
     "verify_presentation",
     "VerificationResult",
-    "DataIntegrityProof",
-    "register_proof_backend",
     "V1_CONTEXT",
     "V2_CONTEXT",
     # trust and status
     "TrustPolicy",
     "StatusList",
     "StatusListSource",
+    "StatusListStore",
+    "StatusListRejected",
+    "StatusListExpired",
     "StatusChecker",
+    "needs_refresh",
     "status_entry",
     "status_list_document",
     "create_status_list_credential",

@@ -7,19 +7,29 @@ from datetime import datetime, timedelta, timezone
 
 from sdk.identity.errors import MalformedError
 
+#: Longest dateTime text accepted (``2023-01-01T00:00:00.123456+00:00`` is 32 characters).
+MAX_DATETIME_CHARS = 64
+
+
+def parse_datetime(text: object) -> datetime:
+    """Parse an XML Schema dateTime (``2023-01-01T00:00:00Z``) to an aware UTC datetime.
+
+    ``MalformedError`` for anything else, including non-strings and over-long text.
+    """
+    if not isinstance(text, str) or "T" not in text or len(text) > MAX_DATETIME_CHARS:
+        raise MalformedError(f"not a dateTime: {text!r}"[:120])
+    return _parse_datetime(text)
+
 
 @functools.lru_cache(maxsize=4096)
-def parse_datetime(text: str) -> datetime:
-    """Parse an XML Schema dateTime (``2023-01-01T00:00:00Z``) to an aware UTC datetime."""
-    if not isinstance(text, str) or "T" not in text:
-        raise MalformedError(f"not a dateTime: {text!r}")
+def _parse_datetime(text: str) -> datetime:
     try:
         dt = datetime.fromisoformat(text)
-    except ValueError:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)  # XSD: no offset means UTC for our purposes
+        return dt.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         raise MalformedError(f"not a dateTime: {text!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)  # XSD: no offset means UTC for our purposes
-    return dt.astimezone(timezone.utc)
 
 
 def format_datetime(dt: datetime | None = None) -> str:
@@ -31,6 +41,9 @@ def format_datetime(dt: datetime | None = None) -> str:
 
 
 def from_timestamp(ts: int | float) -> datetime:
+    """An aware UTC datetime; ``ValueError``/``OverflowError``/``OSError``/``TypeError`` on junk."""
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        raise TypeError(f"a timestamp is a number, not {type(ts).__name__}")
     return datetime.fromtimestamp(ts, timezone.utc)
 
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from sdk.identity.errors import ResolutionError
+from sdk.identity.hazmat.multibase import KEY_B58_CHARS
 from sdk.identity.keys import InvalidKey, PublicKey
+
+#: Longest did:key DID URL accepted: ``did:key:z<47>#z<47>`` (an Ed25519 one is 56 + 1 + 48).
+MAX_DID_KEY_CHARS = 2 * (len("did:key:z") + KEY_B58_CHARS)
 
 
 def public_key_from_did_key(did_or_vm: str) -> PublicKey:
-    """The Ed25519 key inside ``did:key:z6Mk...`` or ``did:key:z6Mk...#z6Mk...``."""
+    """The Ed25519 key inside ``did:key:z6Mk...`` or ``did:key:z6Mk...#z6Mk...``.
+
+    The length is checked before any decoding, so hostile input costs nothing.
+    """
     if not isinstance(did_or_vm, str) or not did_or_vm.startswith("did:key:"):
-        raise ResolutionError(f"not a did:key identifier: {did_or_vm!r}")
+        raise ResolutionError(f"not a did:key identifier: {did_or_vm!r}"[:120])
+    if len(did_or_vm) > MAX_DID_KEY_CHARS:
+        raise ResolutionError(f"did:key identifier longer than {MAX_DID_KEY_CHARS} characters")
     did, _, fragment = did_or_vm.partition("#")
     ident = did[len("did:key:"):]
     if fragment and fragment != ident:
@@ -46,4 +55,4 @@ def did_key_document(did: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["public_key_from_did_key", "did_key_document"]
+__all__ = ["public_key_from_did_key", "did_key_document", "MAX_DID_KEY_CHARS"]

@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from sdk.errors import IdentityError
+from sdk.identity.errors import ERRORS_BY_REASON
+from sdk.identity.hazmat.proof_backends import register_proof_backend
 from sdk.identity.keys import Key
 
 log = logging.getLogger(__name__)
@@ -292,13 +294,11 @@ def verify_ld_credential(
 
 
 def ld_proof_verifier(credential: Mapping[str, Any], *, proof_purpose: str = "assertionMethod") -> str:
-    """Proof backend for ``sdk.identity.credentials``: the verification method id, or raise.
+    """Proof backend for ``verify_credential``: the verification method id, or raise.
 
     Raises the :class:`IdentityError` subclass matching the failure (bad_signature,
     key_not_authorized, wrong_proof_purpose, malformed, ...).
     """
-    from sdk.identity.errors import ERRORS_BY_REASON
-
     reason, errors = _sync(
         lambda: _acheck(credential, "issuer", "verify_credential", {"proofPurpose": proof_purpose})
     )
@@ -314,8 +314,6 @@ def register_backend() -> bool:
     """Route Ed25519Signature2018/2020 credentials in ``verify_credential`` to didkit, if installed."""
     if not available():
         return False
-    from sdk.identity.credentials import register_proof_backend
-
     for proof_type in sorted(LD_PROOF_TYPES):
         register_proof_backend(proof_type, ld_proof_verifier)
     return True

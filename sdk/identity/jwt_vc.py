@@ -21,12 +21,18 @@ from joserfc.jwk import OKPKey
 
 from sdk.identity.datetimes import format_datetime, from_timestamp, parse_datetime
 from sdk.identity.errors import InvalidSignature, KeyNotAuthorized, MalformedError
+from sdk.identity.hazmat import json as strict_json
+from sdk.identity.hazmat.b64 import b64url_decode
 from sdk.identity.keys import Key, PublicKey
 from sdk.identity.resolver import ResolvedKey, Resolver
 
 log = logging.getLogger(__name__)
 
 ALG = "EdDSA"
+#: Longest compact JWS accepted (characters), checked before any decoding.
+MAX_TOKEN_CHARS = 1024 * 1024
+_MAX_HEADER_CHARS = 4096
+_SIG_CHARS = 86  # 64 bytes of unpadded base64url
 
 
 class _EdDSAOnly(jws.JWSRegistry):
@@ -67,7 +73,7 @@ def _is_v1(doc: Mapping[str, Any]) -> bool:
 def sign_jwt(claims: Mapping[str, Any], key: Key, *, kid: str) -> str:
     """Compact JWS over ``claims`` with EdDSA and ``kid``."""
     header = {"alg": ALG, "typ": "JWT", "kid": kid}
-    payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return jws.serialize_compact(header, payload, _private_jwk(key), registry=_REGISTRY)
 
 
@@ -75,13 +81,7 @@ def verify_jwt(
     token: str, *, resolver: Resolver, proof_purpose: str
 ) -> tuple[dict[str, Any], dict[str, Any], ResolvedKey]:
     """Verify a compact EdDSA JWS; return (header, claims, resolved key) or raise."""
-    if not isinstance(token, str) or token.count(".") != 2:
-        raise MalformedError("not a compact JWS")
-    try:
-        unverified = jws.extract_compact(token.encode("ascii"), registry=_REGISTRY)
-    except (JoseError, ValueError, UnicodeError) as exc:
-        raise MalformedError(f"bad JWS: {exc}") from exc
-    header = dict(unverified.headers())
+    header, payload = _split(token)
     if header.get("alg") != ALG:
         raise MalformedError(f"JWS alg must be {ALG}, got {header.get('alg')!r}")
     kid = header.get("kid")
@@ -94,17 +94,47 @@ def verify_jwt(
         )
     except JoseError as exc:
         raise InvalidSignature(f"JWS signature by {kid} does not verify: {exc}") from exc
-    try:
-        claims = json.loads(verified.payload)
-    except ValueError as exc:
-        raise MalformedError(f"JWT payload is not JSON: {exc}") from exc
-    if not isinstance(claims, dict):
-        raise MalformedError("JWT payload is not a JSON object")
+    if verified.payload != payload:  # pragma: no cover - joserfc decodes the same bytes
+        raise MalformedError("JWS payload mismatch")
+    claims = _claims(payload)
     if proof_purpose not in resolved.purposes:
         raise KeyNotAuthorized(f"{kid} is not authorized for {proof_purpose}")
     if isinstance(claims.get("iss"), str) and resolved.controller != claims["iss"]:
         raise KeyNotAuthorized(f"{kid} is controlled by {resolved.controller}, not {claims['iss']}")
     return header, claims, resolved
+
+
+def _split(token: object) -> tuple[dict[str, Any], bytes]:
+    """Strictly decode a compact JWS's header (JSON object) and payload, before any crypto."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
+        raise MalformedError("not a compact JWS (or over the size limit)")
+    head, body, sig = token.split(".")
+    try:
+        header = strict_json.loads(b64url_decode(head, max_len=_MAX_HEADER_CHARS), max_bytes=_MAX_HEADER_CHARS)
+        payload = b64url_decode(body, max_len=MAX_TOKEN_CHARS)
+        b64url_decode(sig, max_len=_SIG_CHARS)
+    except ValueError as exc:
+        raise MalformedError(f"bad JWS: {exc}") from exc
+    if not isinstance(header, dict):
+        raise MalformedError("JWS header is not a JSON object")
+    if "b64" in header or "crit" in header:
+        raise MalformedError("JWS header members b64/crit are not supported")
+    return header, payload
+
+
+def _claims(payload: bytes) -> dict[str, Any]:
+    try:
+        claims = strict_json.loads(payload, max_bytes=MAX_TOKEN_CHARS)
+    except ValueError as exc:
+        raise MalformedError(f"JWT payload is not strict JSON: {exc}") from exc
+    if not isinstance(claims, dict):
+        raise MalformedError("JWT payload is not a JSON object")
+    return claims
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of a compact JWS *without* checking its signature (for one's own tokens)."""
+    return _claims(_split(token)[1])
 
 
 def credential_to_claims(credential: Mapping[str, Any], *, iat: datetime | None = None) -> dict[str, Any]:
@@ -220,6 +250,8 @@ def claims_to_presentation(claims: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
+    "unverified_claims",
+    "MAX_TOKEN_CHARS",
     "sign_jwt",
     "verify_jwt",
     "credential_to_claims",

@@ -1,11 +1,11 @@
 """Ed25519 keys (pynacl), their did:key identifiers and derived X25519 agreement keys.
 
-``Key`` holds a private key; ``PublicKey`` the public half (what a resolver returns).
+``Key`` holds a private key; ``PublicKey`` the public half (what a resolver returns). Raw
+private key bytes are only available through :mod:`sdk.identity.hazmat.keys`.
 """
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -15,7 +15,9 @@ import nacl.exceptions
 import nacl.signing
 
 from sdk.identity.errors import InvalidKey, InvalidSignature
-from sdk.identity.multibase import (
+from sdk.identity.hazmat.b64 import b64url_decode, b64url_encode
+from sdk.identity.hazmat.ed25519 import is_small_order
+from sdk.identity.hazmat.multibase import (
     ED25519_PRIV,
     ED25519_PUB,
     X25519_PUB,
@@ -23,24 +25,30 @@ from sdk.identity.multibase import (
     encode_key,
 )
 
+_KEY_B64_CHARS = 43  # 32 bytes of unpadded base64url
+
 
 def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return b64url_encode(data).decode("ascii")
 
 
-def _unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def _unb64u(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError("a JWK member is a base64url string")
+    return b64url_decode(text, max_len=_KEY_B64_CHARS)
 
 
 @dataclass(frozen=True)
 class PublicKey:
-    """An Ed25519 public key (32 raw bytes)."""
+    """An Ed25519 public key (32 raw bytes; all-zero and other small-order points are refused)."""
 
     raw: bytes
 
     def __post_init__(self) -> None:
         if not isinstance(self.raw, (bytes, bytearray)) or len(self.raw) != 32:
             raise InvalidKey("an Ed25519 public key is 32 bytes")
+        if is_small_order(self.raw):
+            raise InvalidKey("an Ed25519 public key must not be a small-order point")
 
     @classmethod
     def from_multibase(cls, text: str) -> PublicKey:
@@ -157,13 +165,9 @@ class Key:
         return key
 
     @property
-    def seed(self) -> bytes:
-        """The 32-byte private seed. Handle with care."""
-        return bytes(self._signing)
-
-    @property
     def private_key_multibase(self) -> str:
-        return encode_key(ED25519_PRIV, self.seed)
+        """The private key as multibase (ed25519-priv + seed): for key files, handle with care."""
+        return encode_key(ED25519_PRIV, bytes(self._signing))
 
     @property
     def public_key_multibase(self) -> str:
@@ -181,11 +185,6 @@ class Key:
         """Detached 64-byte Ed25519 signature over ``data``."""
         return self._signing.sign(data).signature
 
-    @cached_property
-    def x25519_private(self) -> bytes:
-        """X25519 private key derived from the Ed25519 seed (for key agreement)."""
-        return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(bytes(self._signing._signing_key))
-
     @property
     def x25519_public(self) -> bytes:
         return self.public.x25519
@@ -193,7 +192,7 @@ class Key:
     def to_jwk(self, private: bool = False) -> dict[str, str]:
         jwk = self.public.to_jwk()
         if private:
-            jwk["d"] = _b64u(self.seed)
+            jwk["d"] = _b64u(bytes(self._signing))
         return jwk
 
     def __repr__(self) -> str:

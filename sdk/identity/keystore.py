@@ -28,6 +28,7 @@ import nacl.utils
 
 from sdk.errors import IdentityError
 from sdk.identity.errors import InvalidKey
+from sdk.identity.hazmat import json as strict_json
 from sdk.identity.keys import Key
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ _CHECK_LABEL = b"autoglm-keystore-passphrase-check-v1"
 _MAX_OPSLIMIT = 16
 _MAX_MEMLIMIT = 1 << 30
 _MAX_FILE_BYTES = 1 << 20
+_MAX_DEPTH = 8  # the format nests three levels; anything deeper is not a keystore
 _CORRUPT = "corrupt_keystore"
 
 
@@ -50,7 +52,8 @@ class KeystoreError(IdentityError):
     """A keystore could not be created, opened or saved.
 
     ``reason`` is one of ``wrong_passphrase``, ``corrupt_keystore``, ``keystore_not_found``,
-    ``keystore_exists``, ``unknown_key``, ``keystore_io``, ``no_passphrase``.
+    ``keystore_exists``, ``unknown_key``, ``keystore_io``, ``no_passphrase``,
+    ``insecure_permissions`` (the file is readable or writable by other users).
     """
 
     reason = "keystore_error"
@@ -97,7 +100,11 @@ def load_key(
     name: str | None = None,
     passphrase: str | bytes | None = None,
 ) -> Key:
-    """For daemons: open the keystore (default path) with ``passphrase`` or ``$AUTOGLM_PASSPHRASE``."""
+    """The one way daemons and CLIs load their key.
+
+    Opens the keystore at ``path`` (default ``$AUTOGLM_KEYSTORE`` or ``~/.autoglm/keystore.json``)
+    with ``passphrase`` or ``$AUTOGLM_PASSPHRASE`` and returns key ``name`` (default key if None).
+    """
     secret = passphrase if passphrase else passphrase_from_env()
     if not secret:
         raise KeystoreError(f"no passphrase given and {PASSPHRASE_ENV} is not set", reason="no_passphrase")
@@ -220,7 +227,7 @@ class Keystore:
         """Read and decrypt the keystore at ``path``; never writes to it."""
         path = Path(path)
         secret = _passphrase_bytes(passphrase)
-        doc = _read_document(path)
+        doc = _read_document(path, private=True)
         kdf, salt, nonce, ciphertext, check = _parse_document(doc, path)
         box_key = _derive(secret, salt, kdf)
         if not hmac.compare_digest(_check_value(box_key), check):
@@ -236,9 +243,6 @@ class Keystore:
         if public != {n: k.did for n, k in keys.items()}:
             log.warning("keystore %s: public DIDs do not match the sealed keys", path)
             raise KeystoreError(f"keystore {path} is corrupted (public DIDs)", reason="corrupt_keystore")
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("keystore %s has permissive mode %o (expected 0600)", path, mode)
         return cls(path, keys, default=default, kdf=kdf, salt=salt, box_key=box_key)
 
     @staticmethod
@@ -356,9 +360,24 @@ def _check_name(name: object) -> None:
         raise ValueError("a key name is a non-empty printable string of at most 128 characters")
 
 
-def _read_document(path: Path) -> dict[str, Any]:
+def _check_mode(path: Path, st: os.stat_result) -> None:
+    """Refuse a keystore that other users can read or write (as ssh refuses such private keys)."""
+    if os.name != "posix":  # pragma: no cover - POSIX permission bits only
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        log.error("keystore %s has permissive mode %o; refusing to use it", path, mode)
+        raise KeystoreError(
+            f"keystore {path} is accessible by other users (mode {mode:o}); "
+            f"restrict it with: chmod 600 {path}", reason="insecure_permissions")
+
+
+def _read_document(path: Path, *, private: bool = False) -> dict[str, Any]:
+    """Read and parse the file (strict JSON, bounded); ``private`` also refuses permissive modes."""
     try:
         with path.open("rb") as fh:
+            if private:
+                _check_mode(path, os.fstat(fh.fileno()))
             raw = fh.read(_MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise KeystoreError(f"no keystore at {path}", reason="keystore_not_found") from None
@@ -367,8 +386,8 @@ def _read_document(path: Path) -> dict[str, Any]:
     if len(raw) > _MAX_FILE_BYTES:
         raise KeystoreError(f"keystore {path} is implausibly large", reason="corrupt_keystore")
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = strict_json.loads(raw, max_bytes=_MAX_FILE_BYTES, max_depth=_MAX_DEPTH)
+    except ValueError as exc:
         log.warning("keystore %s is not valid JSON", path)
         raise KeystoreError(f"keystore {path} is corrupted (not JSON)", reason="corrupt_keystore") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -401,10 +420,10 @@ def _parse_document(doc: dict[str, Any], path: Path) -> tuple[KdfParams, bytes, 
 
 def _parse_plaintext(plaintext: bytes, path: Path) -> tuple[dict[str, Key], str]:
     try:
-        body = json.loads(plaintext.decode("utf-8"))
+        body = strict_json.loads(plaintext, max_bytes=_MAX_FILE_BYTES, max_depth=_MAX_DEPTH)
         default = body["default"]
         keys = {str(n): Key.from_multibase(mb) for n, mb in body["keys"].items()}
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, InvalidKey) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, InvalidKey) as exc:
         raise KeystoreError(f"keystore {path}: sealed content is malformed", reason=_CORRUPT) from exc
     if default not in keys:
         raise KeystoreError(f"keystore {path}: default key missing", reason="corrupt_keystore")

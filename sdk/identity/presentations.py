@@ -11,14 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sdk.identity.credentials import (
-    DEFAULT_SKEW,
-    V1_CONTEXT,
-    V2_CONTEXT,
-    check_credential,
-    context_version,
-)
-from sdk.identity.data_integrity import PROOF_TYPE, DataIntegrityProof
+from sdk.identity.credentials import bad_arguments
 from sdk.identity.datetimes import as_now, as_skew, from_timestamp, parse_datetime
 from sdk.identity.errors import (
     Expired,
@@ -31,16 +24,19 @@ from sdk.identity.errors import (
     WrongChallenge,
     WrongDomain,
 )
+from sdk.identity.hazmat.data_integrity import PROOF_TYPE, DataIntegrityProof
 from sdk.identity.jwt_vc import claims_to_presentation, presentation_to_claims, sign_jwt, verify_jwt
 from sdk.identity.keys import Key
 from sdk.identity.resolver import Resolver, as_resolver
 from sdk.identity.results import VerificationResult
 from sdk.identity.status_list import StatusChecker, as_status_checker
 from sdk.identity.trust import TrustPolicy
+from sdk.identity.vc import DEFAULT_SKEW, V1_CONTEXT, V2_CONTEXT, check_credential, context_version
 
 log = logging.getLogger(__name__)
 
 AUTHENTICATION = "authentication"
+_SHAPE_ERRORS = (TypeError, KeyError, AttributeError, ValueError, IndexError, OverflowError, RecursionError)
 ENVELOPED_TYPE = "EnvelopedVerifiableCredential"
 _JWT_DATA_URLS = ("data:application/vc+jwt,", "data:application/vc-ld+jwt,", "data:application/jwt,")
 
@@ -174,40 +170,50 @@ def verify_presentation(
     resolver: Resolver | Mapping[str, str] | None = None,
     now: datetime | float | None = None,
     skew: timedelta | float = DEFAULT_SKEW,
-    trust: TrustPolicy | None = None,
+    trust: TrustPolicy,
     status: StatusChecker | Callable[[str], Any] | Mapping[str, Any] | None = None,
     check_status: bool = True,
 ) -> VerificationResult:
     """Verify the holder's proof, challenge, domain, and every embedded credential in full.
 
+    ``trust`` applies to the embedded credentials' issuers (``TrustPolicy.ANY``: any issuer).
     The result's ``credentials`` holds one result per embedded credential; their error codes
-    are merged into the presentation's ``errors``.
+    are merged into the presentation's ``errors``. Never raises for a bad presentation.
     """
     if not isinstance(challenge, str) or not challenge:
         raise ValueError("challenge must be a non-empty string (it is required)")
     result = VerificationResult()
     try:
+        if not isinstance(trust, TrustPolicy):
+            raise TypeError("trust must be a TrustPolicy (TrustPolicy.ANY accepts any issuer)")
         res = as_resolver(resolver)
         checker = as_status_checker(status, res)
         when, tol = as_now(now), as_skew(skew)
     except TypeError as exc:
-        result.add_error("malformed", f"bad verification arguments: {exc}")
-        return result
+        return bad_arguments(result, exc)
     try:
         vp = _verify_vp_proof(presentation, res, result, challenge, domain, when, tol)
         result.presentation = vp
         holder = vp["holder"]["id"] if isinstance(vp["holder"], Mapping) else vp["holder"]
+        if not isinstance(holder, str) or not holder:
+            raise MalformedError("presentation needs a holder")
         result.holder = holder
         types = vp.get("type")
-        result.types = [types] if isinstance(types, str) else list(types or [])
-        if "VerifiablePresentation" not in result.types:
+        types = [types] if isinstance(types, str) else types
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types) \
+                or "VerifiablePresentation" not in types:
             raise MalformedError("type must include VerifiablePresentation")
+        result.types = list(types)
         entries = vp.get("verifiableCredential", [])
         entries = entries if isinstance(entries, list) else [entries]
         embedded = [_unwrap(e) for e in entries]
     except IdentityError as exc:
         result.add_exception(exc)
         log.info("presentation rejected: %s (%s)", exc.reason, exc)
+        return result
+    except _SHAPE_ERRORS as exc:
+        result.add_error("malformed", f"malformed presentation ({type(exc).__name__})")
+        log.info("presentation rejected: malformed (%s: %s)", type(exc).__name__, str(exc)[:200])
         return result
     for cred in embedded:
         sub = check_credential(cred, resolver=res, now=when, skew=tol, trust=trust, status=checker,

@@ -15,6 +15,7 @@ import nacl.bindings as _nb
 import nacl.exceptions
 
 from sdk.identity import Key, PublicKey
+from sdk.identity.hazmat.keys import x25519_private
 from sdk.messaging.errors import DecryptFailed
 
 ALG = "X25519-XC20P"
@@ -25,7 +26,7 @@ class SharedKeys:
     """LRU cache of shared keys between one own :class:`Key` and peers' public keys."""
 
     def __init__(self, key: Key, *, max_entries: int = 4096) -> None:
-        self._x_priv = key.x25519_private
+        self._x_priv = x25519_private(key)
         self._max = max_entries
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
 

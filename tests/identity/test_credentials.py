@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdk.identity import (
-    DataIntegrityProof,
     Expired,
     Key,
     StaticResolver,
@@ -23,7 +22,10 @@ from sdk.identity import (
     issue_credential,
     verify_credential,
 )
+from sdk.identity.hazmat.data_integrity import DataIntegrityProof
 from tests.fixtures.identity import NOW, unsigned_credential
+
+ANY = TrustPolicy.ANY
 
 FORMATS = ["eddsa-jcs-2022", "jwt"]
 VERSIONS = [1, 2]
@@ -34,7 +36,7 @@ VERSIONS = [1, 2]
 def test_round_trip(make_credential, issuer_key: Key, holder_key: Key, version: int, proof_format: str) -> None:
     signed = make_credential(version=version, proof_format=proof_format)
     assert isinstance(signed, str if proof_format == "jwt" else dict)
-    result = verify_credential(signed, now=NOW)
+    result = verify_credential(signed, now=NOW, trust=ANY)
     assert result.verified, result.messages
     assert result.errors == []
     assert result.issuer == issuer_key.did
@@ -81,10 +83,10 @@ def test_https_issuer_with_static_resolver(issuer_key: Key, holder_key: Key, pro
     vm = f"{issuer}#key-1"
     cred = unsigned_credential(holder_key.did, issuer=issuer)
     signed = issue_credential(cred, issuer_key, verification_method=vm, proof_format=proof_format)
-    assert verify_credential(signed, resolver=StaticResolver({vm: issuer_key.public_key_multibase}), now=NOW)
-    missing = verify_credential(signed, now=NOW)  # no resolver knows the https key
+    assert verify_credential(signed, resolver=StaticResolver({vm: issuer_key.public_key_multibase}), now=NOW, trust=ANY)
+    missing = verify_credential(signed, now=NOW, trust=ANY)  # no resolver knows the https key
     assert missing.errors == ["unresolvable"]
-    wrong_key = verify_credential(signed, resolver={vm: holder_key.public_key_multibase}, now=NOW)
+    wrong_key = verify_credential(signed, resolver={vm: holder_key.public_key_multibase}, now=NOW, trust=ANY)
     assert wrong_key.errors == ["bad_signature"]
 
 
@@ -93,7 +95,7 @@ def test_key_not_controlled_by_issuer(issuer_key: Key, holder_key: Key, proof_fo
     # Signed with a key whose controller is not the claimed (https) issuer.
     cred = unsigned_credential(holder_key.did, issuer="https://victim.example")
     signed = issue_credential(cred, issuer_key, proof_format=proof_format)
-    assert verify_credential(signed, now=NOW).errors == ["key_not_authorized"]
+    assert verify_credential(signed, now=NOW, trust=ANY).errors == ["key_not_authorized"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -102,14 +104,14 @@ def test_validity_window_and_skew(make_credential, version: int, proof_format: s
     signed = make_credential(version=version, proof_format=proof_format)
     start = NOW.replace(year=2024, month=1, day=1, hour=0)
     end = NOW.replace(year=2030, month=1, day=1, hour=0)
-    assert verify_credential(signed, now=start - timedelta(seconds=30)).verified  # within default skew
-    early = verify_credential(signed, now=start - timedelta(seconds=61))
+    assert verify_credential(signed, now=start - timedelta(seconds=30), trust=ANY).verified  # within default skew
+    early = verify_credential(signed, now=start - timedelta(seconds=61), trust=ANY)
     assert early.errors == ["not_yet_valid"]
-    assert verify_credential(signed, now=start - timedelta(hours=1), skew=timedelta(hours=2)).verified
-    late = verify_credential(signed, now=end + timedelta(seconds=61))
+    assert verify_credential(signed, now=start - timedelta(hours=1), skew=timedelta(hours=2), trust=ANY).verified
+    late = verify_credential(signed, now=end + timedelta(seconds=61), trust=ANY)
     assert late.errors == ["expired"]
-    assert verify_credential(signed, now=(end + timedelta(seconds=59)).timestamp()).verified
-    assert verify_credential(signed, now=end, skew=0).verified
+    assert verify_credential(signed, now=(end + timedelta(seconds=59)).timestamp(), trust=ANY).verified
+    assert verify_credential(signed, now=end, skew=0, trust=ANY).verified
     with pytest.raises(Expired):
         late.raise_for_errors()
 
@@ -131,13 +133,13 @@ def test_trust_policy(make_credential, issuer_key: Key, other_key: Key, proof_fo
 def test_wrong_proof_purpose(issuer_key: Key, holder_key: Key) -> None:
     cred = {**unsigned_credential(holder_key.did), "issuer": issuer_key.did}
     signed = DataIntegrityProof.sign(cred, issuer_key, proof_purpose="authentication")
-    assert verify_credential(signed, now=NOW).errors == ["wrong_proof_purpose"]
+    assert verify_credential(signed, now=NOW, trust=ANY).errors == ["wrong_proof_purpose"]
 
 
 def test_unsupported_proof(make_credential) -> None:
     signed = make_credential()
     signed["proof"] = {**signed["proof"], "type": "BbsBlsSignature2020"}  # no backend for it
-    assert verify_credential(signed, now=NOW).errors == ["unsupported_proof"]
+    assert verify_credential(signed, now=NOW, trust=ANY).errors == ["unsupported_proof"]
 
 
 @pytest.mark.parametrize(
@@ -147,7 +149,7 @@ def test_unsupported_proof(make_credential) -> None:
      {"@context": ["https://www.w3.org/ns/credentials/v2"], "issuer": "did:key:z", "proof": []}],
 )
 def test_malformed_input_returns_result(garbage: Any) -> None:
-    result = verify_credential(garbage, now=NOW)
+    result = verify_credential(garbage, now=NOW, trust=ANY)
     assert isinstance(result, VerificationResult)
     assert not result.verified
     assert result.errors and set(result.errors) <= {"malformed", "unsupported_proof", "unresolvable"}
@@ -159,15 +161,15 @@ def test_malformed_shapes(make_credential, issuer_key: Key) -> None:
                    {**base, "type": ["DeviceCredential"]},
                    {**base, "validFrom": "not a date"}):
         signed = DataIntegrityProof.sign({**broken, "issuer": issuer_key.did}, issuer_key)
-        assert verify_credential(signed, now=NOW).errors == ["malformed"]
+        assert verify_credential(signed, now=NOW, trust=ANY).errors == ["malformed"]
     v1 = unsigned_credential(issuer_key.did, version=1)
     del v1["issuanceDate"]
     signed = DataIntegrityProof.sign({**v1, "issuer": issuer_key.did}, issuer_key)
-    assert verify_credential(signed, now=NOW).errors == ["malformed"]
+    assert verify_credential(signed, now=NOW, trust=ANY).errors == ["malformed"]
 
 
 def test_bad_arguments_are_reported_not_raised(make_credential) -> None:
-    assert verify_credential(make_credential(), now="yesterday").errors == ["malformed"]  # type: ignore[arg-type]
+    assert verify_credential(make_credential(), now="yesterday", trust=ANY).errors == ["malformed"]  # type: ignore[arg-type]
 
 
 # --- any change to any field of a signed credential fails verification -------------------------
@@ -233,7 +235,7 @@ def test_any_change_to_a_data_integrity_credential_fails(signed_di: dict, data: 
     tampered = _mutate(signed_di, path, how)
     if tampered == signed_di:
         return
-    result = verify_credential(tampered, now=NOW)
+    result = verify_credential(tampered, now=NOW, trust=ANY)
     assert not result.verified, (path, how)
 
 
@@ -253,7 +255,7 @@ def test_any_change_to_a_jwt_credential_fails(issuer_key_module: Key, data: st.D
         return
     enc = base64.urlsafe_b64encode(json.dumps(tampered).encode()).rstrip(b"=").decode()
     forged = f"{enc}.{p}.{s}" if target == "header" else f"{h}.{enc}.{s}"
-    assert not verify_credential(forged, now=NOW).verified, (target, path)
+    assert not verify_credential(forged, now=NOW, trust=ANY).verified, (target, path)
 
 
 @settings(max_examples=60, deadline=None)
@@ -261,4 +263,4 @@ def test_any_change_to_a_jwt_credential_fails(issuer_key_module: Key, data: st.D
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=4),
                     max_leaves=12))
 def test_verify_never_raises_on_garbage(garbage: Any) -> None:
-    assert not verify_credential(garbage, now=NOW).verified
+    assert not verify_credential(garbage, now=NOW, trust=ANY).verified

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from sdk.identity import DataIntegrityProof, Key, StaticResolver
+from sdk.identity import Key, StaticResolver
 from sdk.identity.errors import (
     InvalidSignature,
     KeyNotAuthorized,
@@ -15,7 +15,8 @@ from sdk.identity.errors import (
     UnsupportedProof,
     WrongProofPurpose,
 )
-from sdk.identity.jcs import canonicalize_str
+from sdk.identity.hazmat.data_integrity import DataIntegrityProof
+from sdk.identity.hazmat.jcs import canonicalize_str
 from tests.fixtures.identity import load_vectors
 
 VECTORS = load_vectors("eddsa_jcs_2022")

@@ -16,9 +16,13 @@ import pytest
 pytest.importorskip("didkit")
 
 from sdk.identity import didkit_backend as db  # noqa: E402
-from sdk.identity.credentials import issue_credential, register_proof_backend, verify_credential  # noqa: E402
+from sdk.identity.credentials import issue_credential, verify_credential  # noqa: E402
+from sdk.identity.hazmat.proof_backends import register_proof_backend  # noqa: E402
 from sdk.identity.keys import Key  # noqa: E402
 from sdk.identity.presentations import create_presentation, verify_presentation  # noqa: E402
+from sdk.identity.trust import TrustPolicy  # noqa: E402
+
+ANY = TrustPolicy.ANY
 
 pytestmark = pytest.mark.interop
 
@@ -73,7 +77,7 @@ def didkit_ld(request, issuer, holder):
 # -- didkit -> ours --------------------------------------------------------------------------------
 
 def test_didkit_jwt_verifies_here(didkit_jwt, issuer, holder):
-    result = verify_credential(didkit_jwt)
+    result = verify_credential(didkit_jwt, trust=ANY)
     assert result.verified, result.messages
     assert result.proof_format == "jwt"
     assert result.issuer == issuer.did
@@ -84,13 +88,13 @@ def test_didkit_jwt_verifies_here(didkit_jwt, issuer, holder):
 def test_tampered_didkit_jwt_fails_here(didkit_jwt):
     header, payload, sig = didkit_jwt.split(".")
     flipped = sig[:10] + ("A" if sig[10] != "A" else "B") + sig[11:]
-    result = verify_credential(f"{header}.{payload}.{flipped}")
+    result = verify_credential(f"{header}.{payload}.{flipped}", trust=ANY)
     assert not result.verified
     assert result.errors == ["bad_signature"]
 
 
 def test_didkit_ld_verifies_here(didkit_ld, issuer, holder):
-    result = verify_credential(didkit_ld)
+    result = verify_credential(didkit_ld, trust=ANY)
     assert result.verified, result.messages
     assert result.proof_format == didkit_ld["proof"]["type"]
     assert result.issuer == issuer.did and result.subject == holder.did
@@ -105,7 +109,7 @@ def test_didkit_ld_verifies_here(didkit_ld, issuer, holder):
 )
 def test_tampered_didkit_ld_fails_here(didkit_ld, field, value):
     tampered = {**didkit_ld, field: value}
-    result = verify_credential(tampered)
+    result = verify_credential(tampered, trust=ANY)
     assert not result.verified
     assert "bad_signature" in result.errors
 
@@ -115,7 +119,7 @@ def test_type_added_after_signing_is_caught(didkit_ld):
     inflated = {**didkit_ld, "type": ["VerifiableCredential", "DeviceCredential"]}
     raw = db._sync(lambda: db._call("verify_credential", json.dumps(inflated), "{}"))
     assert json.loads(raw)["errors"] == []  # didkit alone accepts the inflated credential
-    result = verify_credential(inflated)
+    result = verify_credential(inflated, trust=ANY)
     assert not result.verified
     assert result.errors == ["malformed"]
     assert "DeviceCredential" in result.messages[0]
@@ -123,7 +127,7 @@ def test_type_added_after_signing_is_caught(didkit_ld):
 
 def test_ld_proof_by_a_key_not_the_issuers(didkit_ld):
     forged = {**didkit_ld, "issuer": Key.generate().did}
-    result = verify_credential(forged)
+    result = verify_credential(forged, trust=ANY)
     assert not result.verified
     assert result.errors == ["key_not_authorized"]
 
@@ -134,7 +138,7 @@ def test_we_are_stricter_than_didkit_on_expiry(issuer, holder):
     )
     ok, errors = db.verify_ld_credential(expired)  # didkit 0.3.3 checks the proof only
     assert ok and errors == []
-    result = verify_credential(expired)
+    result = verify_credential(expired, trust=ANY)
     assert not result.verified and result.errors == ["expired"]
 
 
@@ -148,10 +152,10 @@ def test_ld_credential_with_untrusted_or_unknown_method_is_rejected_offline(didk
 
 def test_our_presentation_can_carry_a_didkit_ld_credential(didkit_ld, holder):
     vp = create_presentation([didkit_ld], holder, challenge="n-1", domain="mesh.local")
-    result = verify_presentation(vp, challenge="n-1", domain="mesh.local")
+    result = verify_presentation(vp, challenge="n-1", domain="mesh.local", trust=ANY)
     assert result.verified, result.messages
     assert result.credentials[0].proof_format == didkit_ld["proof"]["type"]
-    wrong = verify_presentation(vp, challenge="n-2", domain="mesh.local")
+    wrong = verify_presentation(vp, challenge="n-2", domain="mesh.local", trust=ANY)
     assert not wrong.verified and "wrong_challenge" in wrong.errors
 
 
@@ -241,7 +245,7 @@ def test_cli_verifies_a_didkit_ld_credential(tmp_path, issuer, holder):
     """The CLI routes LD proofs to didkit and exits cleanly (the guard runs in a real process)."""
     path = tmp_path / "ld.json"
     path.write_text(json.dumps(db.issue_ld_credential(v1_credential(issuer, holder.did), issuer)))
-    cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "vc", "verify", str(path), "--json"]
+    cmd = [sys.executable, "-c", "from sdk.cli import main; main()", "vc", "verify", str(path), "--any-issuer", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdk.identity.jcs import canonicalize, canonicalize_str, format_number
+from sdk.identity.hazmat.jcs import canonicalize, canonicalize_str, format_number
 from tests.fixtures.identity import load_vectors
 
 RFC = load_vectors("rfc8785")

@@ -16,7 +16,8 @@ from sdk.identity import (
     public_key_from_did_key,
 )
 from sdk.identity.errors import ERRORS_BY_REASON
-from sdk.identity.multibase import b58decode, b58encode, multibase_decode
+from sdk.identity.hazmat.keys import x25519_private
+from sdk.identity.hazmat.multibase import b58decode, b58encode, multibase_decode
 from sdk.identity.results import VerificationResult
 from tests.fixtures.identity import load_vectors
 
@@ -61,8 +62,8 @@ def test_did_key_document_and_x25519() -> None:
     assert ka["publicKeyMultibase"] == key.public.x25519_multibase
     # both sides derive the same shared secret from the Ed25519-derived X25519 keys
     other = Key.generate()
-    assert nacl.bindings.crypto_scalarmult(key.x25519_private, other.x25519_public) == \
-        nacl.bindings.crypto_scalarmult(other.x25519_private, key.x25519_public)
+    assert nacl.bindings.crypto_scalarmult(x25519_private(key), other.x25519_public) == \
+        nacl.bindings.crypto_scalarmult(x25519_private(other), key.x25519_public)
     assert public_key_from_did_key(key.verification_method) == key.public
     for bad in ("did:web:x", f"{key.did}#other", "did:key:zQ3sh"):
         with pytest.raises(ResolutionError):

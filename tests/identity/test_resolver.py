@@ -10,11 +10,14 @@ from sdk.identity import (
     ResolutionError,
     ResolverChain,
     StaticResolver,
+    TrustPolicy,
     issue_credential,
     verify_credential,
 )
 from sdk.identity.resolver import did_web_url
 from tests.fixtures.identity import NOW, unsigned_credential
+
+ANY = TrustPolicy.ANY
 
 DID = "did:web:example.com:devices"
 
@@ -65,15 +68,15 @@ def test_did_web_credential_end_to_end(issuer_key: Key, holder_key: Key) -> None
     chain = ResolverChain({"web": DidWebResolver(docs.__getitem__)})
     cred = issue_credential(unsigned_credential(holder_key.did, issuer=DID), issuer_key,
                             verification_method=f"{DID}#key-1")
-    assert verify_credential(cred, resolver=chain, now=NOW).verified
+    assert verify_credential(cred, resolver=chain, now=NOW, trust=ANY).verified
     # a key listed only under authentication may not issue credentials
     auth_only = ResolverChain({"web": DidWebResolver(lambda url: _did_web_doc(issuer_key, auth_only=True))})
-    assert verify_credential(cred, resolver=auth_only, now=NOW).errors == ["key_not_authorized"]
+    assert verify_credential(cred, resolver=auth_only, now=NOW, trust=ANY).errors == ["key_not_authorized"]
     # fetch failures and wrong documents are "unresolvable"
     offline = ResolverChain({"web": DidWebResolver(lambda url: (_ for _ in ()).throw(OSError("offline")))})
-    assert verify_credential(cred, resolver=offline, now=NOW).errors == ["unresolvable"]
+    assert verify_credential(cred, resolver=offline, now=NOW, trust=ANY).errors == ["unresolvable"]
     wrong_id = ResolverChain({"web": DidWebResolver(lambda url: {**_did_web_doc(issuer_key), "id": "did:web:x"})})
-    assert verify_credential(cred, resolver=wrong_id, now=NOW).errors == ["unresolvable"]
+    assert verify_credential(cred, resolver=wrong_id, now=NOW, trust=ANY).errors == ["unresolvable"]
 
 
 def test_chain_caches_and_falls_back(issuer_key: Key) -> None:

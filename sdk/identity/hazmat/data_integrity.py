@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 
 from sdk.identity.datetimes import format_datetime, parse_datetime
-from sdk.identity.ed25519_fast import verify_detached
 from sdk.identity.errors import (
     InvalidSignature,
     KeyNotAuthorized,
@@ -23,9 +22,10 @@ from sdk.identity.errors import (
     UnsupportedProof,
     WrongProofPurpose,
 )
-from sdk.identity.jcs import canonicalize
+from sdk.identity.hazmat.ed25519 import verify_detached
+from sdk.identity.hazmat.jcs import canonicalize
+from sdk.identity.hazmat.multibase import b58_length_bound, multibase_decode, multibase_encode
 from sdk.identity.keys import Key
-from sdk.identity.multibase import multibase_decode, multibase_encode
 from sdk.identity.resolver import ResolvedKey, Resolver
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ CRYPTOSUITE = "eddsa-jcs-2022"
 
 @functools.lru_cache(maxsize=8192)
 def _decode_signature(proof_value: str) -> bytes:
-    return multibase_decode(proof_value)
+    return multibase_decode(proof_value, max_len=b58_length_bound(64))
 
 
 def _jcs(value: Any) -> bytes:
@@ -145,6 +145,8 @@ class DataIntegrityProof:
         vm_id = proof.get("verificationMethod")
         if not isinstance(proof_value, str) or not isinstance(vm_id, str):
             raise MalformedError("proof needs string proofValue and verificationMethod")
+        if len(proof_value) > 1 + b58_length_bound(64):
+            raise MalformedError("proofValue is longer than an Ed25519 signature")
         try:
             signature = _decode_signature(proof_value)
         except ValueError as exc:
