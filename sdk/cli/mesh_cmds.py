@@ -28,6 +28,21 @@ KeystoreOpt = Annotated[
     Path | None, typer.Option("--keystore", help="Keystore file (default $AUTOGLM_KEYSTORE or ~/.autoglm/keystore.json; "
                               "passphrase from $AUTOGLM_PASSPHRASE).")]
 KeyNameOpt = Annotated[str | None, typer.Option("--key-name", help="Named key in the keystore (default key if unset).")]
+NodeTrustOpt = Annotated[list[str] | None, typer.Option(
+    "--node-trust", help="Issuer DID trusted for InferenceNodeCredential (repeatable): only nodes it "
+    "credentialed are used.")]
+
+
+def _node_policy(issuers: list[str] | None, *, required: bool) -> Any:
+    """The router's node trust policy from ``--node-trust`` DIDs (None when none are given)."""
+    from sdk.mesh import NodePolicy
+
+    if not issuers:
+        if required:
+            raise typer.BadParameter("name at least one issuer trusted for InferenceNodeCredential",
+                                     param_hint="--node-trust")
+        return None
+    return NodePolicy.trusting(*issuers)
 
 
 def _load_key(keystore: Path | None, key_name: str | None) -> Any:
@@ -53,8 +68,12 @@ _MESH_SERVE_PARAMS = [
     inspect.Parameter("trust", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         list[str] | None, typer.Option("--trust", help="Issuer DID trusted for InferenceAccessCredential "
                                        "(repeatable; node mode needs at least one).")]),
+    inspect.Parameter("node_credential", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Path | None, typer.Option("--node-credential", help="This node's InferenceNodeCredential (JSON or VC-JWT); "
+                                  "routers use only credentialed nodes.")]),
     inspect.Parameter("status_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Path | None, typer.Option("--status-file", help="JSON {status list URL: status list credential}.")]),
+        Path | None, typer.Option("--status-file", help="JSON {status list URL: status list credential}: a seed "
+                                  "until the issuers' live status lists arrive over the broker.")]),
     inspect.Parameter("node_id", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         str | None, typer.Option("--node-id", help="Node id on the mesh (default: the DID's key id).")]),
     inspect.Parameter("advert_interval", inspect.Parameter.KEYWORD_ONLY, default=2.0, annotation=Annotated[
@@ -69,9 +88,14 @@ _SETTINGS_FIELDS = ("model_path", "device", "dtype", "gpu_memory_utilization", "
                     "max_queue_size", "host", "port", "served_model_name", "max_concurrent")
 
 
-def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = None, node_id: str | None = None,
-                    advert_interval: float = 2.0, peer_rate: float = 5.0, peer_burst: float = 20.0) -> Any:
-    """An ``EngineAttachment`` for ``run_serve``: keeps the engine on the mesh while HTTP serves."""
+def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = None, credential: Any = None,
+                    node_id: str | None = None, advert_interval: float = 2.0, peer_rate: float = 5.0,
+                    peer_burst: float = 20.0) -> Any:
+    """An ``EngineAttachment`` for ``run_serve``: keeps the engine on the mesh while HTTP serves.
+
+    The node follows the live status lists of every issuer on the broker (``status``, e.g. the
+    ``--status-file`` contents, only seeds them) and advertises with ``credential``.
+    """
     from sdk.identity import TrustPolicy
     from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, MeshNode, NodeConfig, RateLimit
 
@@ -81,7 +105,7 @@ def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = No
 
     @contextlib.asynccontextmanager
     async def attach(engine: Any) -> AsyncIterator[Any]:
-        async with MeshNode(engine, broker, key=key, access=policy, config=config) as node:
+        async with MeshNode(engine, broker, key=key, access=policy, credential=credential, config=config) as node:
             typer.echo(f"mesh node {node.node_id} ({node.did}) serving {node.model} via {broker}", err=True)
             yield node
 
@@ -110,7 +134,8 @@ def _serve_with_mesh(**kwargs: Any) -> None:
     async def main() -> None:
         key = _load_key(mesh["keystore"], mesh["key_name"])
         status = json.loads(mesh["status_file"].read_text(encoding="utf-8")) if mesh["status_file"] else None
-        attach = node_attachment(mesh["broker"], key, trust=list(mesh["trust"]), status=status,
+        credential = _read_credential(mesh["node_credential"]) if mesh["node_credential"] else None
+        attach = node_attachment(mesh["broker"], key, trust=list(mesh["trust"]), status=status, credential=credential,
                                  node_id=mesh["node_id"], advert_interval=mesh["advert_interval"],
                                  peer_rate=mesh["peer_rate"], peer_burst=mesh["peer_burst"])
         await run_serve(settings, attach=attach)
@@ -142,6 +167,7 @@ def gateway(
     credential: Annotated[
         list[Path] | None, typer.Option("--credential", help="InferenceAccessCredential file (JSON or VC-JWT; "
                                         "repeatable).")] = None,
+    node_trust: NodeTrustOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0: any free port).")] = 8000,
     model: Annotated[str | None, typer.Option(help="Model used when several are on the mesh.")] = None,
@@ -161,7 +187,8 @@ def gateway(
     async def main() -> None:
         key = _load_key(keystore, key_name)
         creds = [_read_credential(p) for p in credential or []]
-        await run_gateway(broker, key, credentials=creds, host=host, port=port, default_model=model,
+        await run_gateway(broker, key, credentials=creds, node_policy=_node_policy(node_trust, required=True),
+                          host=host, port=port, default_model=model,
                           config=RouterConfig(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout),
                           api_keys=api_key or None, max_concurrent=max_concurrent, log_level=log_level.lower())
 
@@ -172,11 +199,12 @@ def gateway(
 
 
 async def collect_nodes(broker: str, key: Any, *, model: str | None = None, wait: float = 2.5,
-                        top: int = 10) -> list[dict[str, Any]]:
-    """Listen to adverts for ``wait`` seconds and return the ranked top ``top`` nodes as dicts."""
+                        top: int = 10, node_policy: Any = None) -> list[dict[str, Any]]:
+    """Listen to adverts for ``wait`` seconds and return the ranked top ``top`` nodes as dicts
+    (only credentialed nodes under ``node_policy``; without one, every well-signed advert)."""
     from sdk.mesh import Mesh
 
-    async with Mesh(broker, key) as mesh:
+    async with Mesh(broker, key, node_policy=node_policy, require_node_credential=node_policy is not None) as mesh:
         await asyncio.sleep(wait)
         rows = []
         for i, view in enumerate(mesh.ranked(model)[:top], 1):
@@ -198,10 +226,12 @@ def nodes(
     keystore: KeystoreOpt = None,
     key_name: KeyNameOpt = None,
     model: Annotated[str | None, typer.Option(help="Only nodes serving this model.")] = None,
+    node_trust: NodeTrustOpt = None,
     wait: Annotated[float, typer.Option(min=0.0, help="Seconds to listen for adverts.")] = 2.5,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
 ) -> None:
-    """Show the mesh's ranked nodes (top 10) with the parts of their composite score."""
+    """Show the mesh's ranked nodes (top 10) with the parts of their composite score (with
+    --node-trust only the nodes those issuers credentialed; without, every well-signed advert)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -212,7 +242,8 @@ def nodes(
 
     async def main() -> None:
         key = _load_key(keystore, key_name) if keystore or key_name else Key.generate()  # listing needs no grant
-        rows.extend(await collect_nodes(broker, key, model=model, wait=wait))
+        rows.extend(await collect_nodes(broker, key, model=model, wait=wait,
+                                        node_policy=_node_policy(node_trust, required=False)))
 
     _run_or_exit(main())
     if as_json:

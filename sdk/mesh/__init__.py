@@ -4,7 +4,9 @@
                            scope-checked, rate-limited, end-to-end encrypted generation
     Mesh (router.py)       discovery, ranking, failover mid-stream; also a GenerationBackend
     gateway (gateway.py)   the OpenAI HTTP app over a Mesh
-    credentials.py         InferenceAccessCredential (scope: models, max tokens) and AccessPolicy
+    credentials.py         InferenceAccessCredential (scope: models, max tokens) and AccessPolicy;
+                           InferenceNodeCredential (who may be a node, for which models) and NodePolicy
+    revocation.py          LiveStatus: status lists followed over MQTT, grants dropped on each new list
 
 Routers import no torch: ``sdk.inference`` types only; the node uses the engine it is given.
 """
@@ -12,15 +14,29 @@ Routers import no torch: ``sdk.inference`` types only; the node uses the engine 
 from sdk.mesh.adverts import AdvertTable, NodeAdvert, NodeLoad
 from sdk.mesh.credentials import (
     ACCESS_CREDENTIAL,
+    NODE_CREDENTIAL,
     AccessPolicy,
     AccessScope,
+    NodeGrant,
+    NodePolicy,
     access_scope,
     issue_access_credential,
+    issue_node_credential,
+    node_grant,
 )
-from sdk.mesh.errors import MeshError, MeshOverloaded, MeshTimeout, NodeRequestError, NoNode, NotPermitted
+from sdk.mesh.errors import (
+    MeshError,
+    MeshOverloaded,
+    MeshTimeout,
+    NodeRequestError,
+    NoNode,
+    NoNodeTrust,
+    NotPermitted,
+)
 from sdk.mesh.node import MeshNode, NodeConfig
 from sdk.mesh.ranking import NodeFigures, RankedNode, RankingWeights, rank_nodes
-from sdk.mesh.ratelimit import PeerBuckets, RateLimit
+from sdk.mesh.ratelimit import PeerBuckets, PeerStreams, RateLimit
+from sdk.mesh.revocation import LiveStatus
 from sdk.mesh.router import Mesh, NodeView, RouterConfig
 
 __all__ = [
@@ -31,11 +47,18 @@ __all__ = [
     "NodeConfig",
     "RateLimit",
     "PeerBuckets",
+    "PeerStreams",
+    "LiveStatus",
     "ACCESS_CREDENTIAL",
     "AccessPolicy",
     "AccessScope",
     "access_scope",
     "issue_access_credential",
+    "NODE_CREDENTIAL",
+    "NodePolicy",
+    "NodeGrant",
+    "node_grant",
+    "issue_node_credential",
     "NodeAdvert",
     "NodeLoad",
     "AdvertTable",
@@ -49,4 +72,5 @@ __all__ = [
     "MeshOverloaded",
     "MeshTimeout",
     "NodeRequestError",
+    "NoNodeTrust",
 ]

@@ -3,7 +3,9 @@
 A node publishes an advertisement every few seconds (retained) and a death notice when it
 stops (also as its MQTT will). Each carries the node's boot ``epoch`` and a ``seq`` number that
 rises with every advertisement, so the table ignores stale or out-of-order copies (a retained
-message delivered late, a replay by the broker) and notices a node that restarted.
+message delivered late, a replay by the broker) and notices a node that restarted. A node id
+belongs to the DID that holds it while that node is live: another DID's advert for it is
+ignored whatever its epoch (it may claim the id only after a death notice or staleness).
 """
 
 from __future__ import annotations
@@ -113,18 +115,24 @@ class AdvertTable:
         """Record ``advert``; ``False`` (ignored) when it is older than what we hold."""
         now = self._clock()
         current = self._entries.get(advert.node_id)
+        if current is not None and self._stale(current, now):
+            del self._entries[advert.node_id]
+            current = None
         if current is not None:
             held = current.advert
+            if advert.did != held.did:
+                return False  # a node id stays with its DID while that node lives, whatever the epoch
             if (advert.epoch, advert.seq) <= (held.epoch, held.seq):
                 return False
-            if advert.did != held.did and advert.epoch <= held.epoch:
-                return False  # a different key claiming a running node's id
         if not advert.online:
             self._entries.pop(advert.node_id, None)
             return True
         first = current.first_seen if current is not None and current.advert.epoch == advert.epoch else now
         self._entries[advert.node_id] = _Entry(advert, now, first)
         return True
+
+    def _stale(self, entry: _Entry, now: float) -> bool:
+        return now - entry.received_at > self._stale_factor * max(entry.advert.interval_s, 0.1)
 
     def mark_dead(self, node_id: str) -> None:
         """Forget a node at once (death notice, or a failed request that proved it gone)."""
@@ -135,7 +143,7 @@ class AdvertTable:
         now = self._clock()
         out = []
         for node_id, entry in list(self._entries.items()):
-            if now - entry.received_at > self._stale_factor * max(entry.advert.interval_s, 0.1):
+            if self._stale(entry, now):
                 del self._entries[node_id]
                 continue
             if model is None or model in entry.advert.models:

@@ -6,8 +6,10 @@
     │                                      not_authorized | revoked | scope_model | scope_max_tokens
     ├── MeshOverloaded     overloaded      every node was busy (engine queue full or rate limited)
     ├── MeshTimeout        timeout         no first token / the stream stalled and no node could go on
-    └── NodeRequestError   <node reason>   the node rejected the request itself (invalid_request,
-                                           prompt_too_long...): retrying elsewhere would not help
+    ├── NodeRequestError   <node reason>   the node rejected the request itself (invalid_request,
+    │                                      prompt_too_long...): retrying elsewhere would not help
+    └── NoNodeTrust        no_node_trust   a router was built without a node trust policy (which
+                                           issuers' InferenceNodeCredential make a node usable)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sdk.errors import MeshError
 #: Reasons a node gives when it refuses a peer's credential (error replies, ``NotPermitted.node_reason``).
 PERMISSION_REASONS = frozenset({"not_authorized", "revoked", "scope_model", "scope_max_tokens"})
 #: Reasons a node gives when it is too busy for this peer right now.
-BUSY_REASONS = frozenset({"overloaded", "rate_limited", "shutting_down"})
+BUSY_REASONS = frozenset({"overloaded", "rate_limited", "too_many_streams", "busy", "shutting_down"})
 
 
 class NoNode(MeshError):
@@ -54,8 +56,16 @@ class NodeRequestError(MeshError):
     reason = "invalid_request"
 
 
+class NoNodeTrust(MeshError):
+    """A router needs a node trust policy (or, for tests and development only,
+    ``require_node_credential=False``)."""
+
+    reason = "no_node_trust"
+
+
 __all__ = [
     "MeshError",
+    "NoNodeTrust",
     "NoNode",
     "NotPermitted",
     "MeshOverloaded",

@@ -38,6 +38,7 @@ async def run_gateway(
     key: Key,
     *,
     credentials: list[Any] | tuple[Any, ...] = (),
+    node_policy: Any = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     config: RouterConfig = RouterConfig(),
@@ -46,10 +47,12 @@ async def run_gateway(
     max_concurrent: int = 64,
     log_level: str = "info",
 ) -> None:
-    """Join the mesh as a permitted peer and serve the OpenAI API until SIGINT/SIGTERM."""
+    """Join the mesh as a permitted peer and serve the OpenAI API until SIGINT/SIGTERM
+    (``node_policy``: which nodes to use, see :class:`~sdk.mesh.Mesh`)."""
     from sdk.inference.server import HTTPServer
 
-    async with Mesh(broker, key, credentials=credentials, config=config, default_model=default_model) as mesh:
+    async with Mesh(broker, key, credentials=credentials, node_policy=node_policy, config=config,
+                    default_model=default_model) as mesh:
         app = create_gateway_app(mesh, max_concurrent=max_concurrent, api_keys=api_keys)
         server = HTTPServer(app, host=host, port=port, log_level=log_level, handle_signals=True)
         await server.start()

@@ -3,11 +3,15 @@
     async with MeshNode(engine, "mqtt://127.0.0.1:1883", key=key, access=AccessPolicy(trust)) as node:
         ...   # adverts every few seconds; requests on autoglm/v1/inf/req/{node_id}
 
-Adverts are signed and retained; the MQTT will is a pre-signed death advert (highest sequence
-number of the boot), so routers drop the node the moment its connection dies. Requests must be
-encrypted to the node's DID and carry an ``InferenceAccessCredential`` covering the model and the
-requested tokens; each peer is rate-limited. A requester's ``cancel`` (or a dropped router)
-cancels the engine request and frees its slot.
+Adverts are signed and retained and carry the node's ``InferenceNodeCredential`` (routers use
+only credentialed nodes); the MQTT will is a pre-signed death advert (highest sequence number of
+the boot), so routers drop the node the moment its connection dies. Requests must be encrypted
+to the node's DID (refused by the secure client otherwise) and carry an
+``InferenceAccessCredential`` covering the model and the requested tokens. Each peer is
+rate-limited before any credential work (every request counts, refused or not) and may hold at
+most ``max_streams_per_peer`` generations at once. The node follows its issuers' status lists
+live: a revocation refuses the peer's next request. A requester's ``cancel`` (or a dropped
+router) cancels the engine request and frees its slot.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from sdk.mesh import topics as mesh_topics
 from sdk.mesh.adverts import NodeAdvert, NodeLoad
 from sdk.mesh.credentials import AccessPolicy
 from sdk.mesh.protocol import ADVERT, Refusal, chunk_body, parse_request
-from sdk.mesh.ratelimit import PeerBuckets, RateLimit
+from sdk.mesh.ratelimit import PeerBuckets, PeerStreams, RateLimit
 from sdk.messaging import topics
-from sdk.messaging.client import ClientConfig, SecureClient
+from sdk.messaging.client import CANCEL, ClientConfig, SecureClient
 from sdk.messaging.envelope import Message, Signer
-from sdk.messaging.errors import MessagingError
+from sdk.messaging.errors import MessagingError, RejectedMessage
 from sdk.messaging.transport import Will
 
 log = logging.getLogger(__name__)
@@ -51,17 +55,25 @@ class NodeConfig:
     model_name: str | None = None
     advert_interval: float = 2.0
     rate_limit: RateLimit = RateLimit()
+    max_streams_per_peer: int = 8  # generations one peer DID may have running or queued at once
     hardware: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.advert_interval > 0:
             raise ValueError("advert_interval must be > 0")
+        if type(self.max_streams_per_peer) is not int or self.max_streams_per_peer < 1:
+            raise ValueError("max_streams_per_peer must be a positive integer")
         if self.node_id is not None:
             topics.validate_id(self.node_id, what="node id")
 
 
 class MeshNode:
-    """Serves one :class:`~sdk.inference.Engine` to permitted mesh peers (``async with``)."""
+    """Serves one :class:`~sdk.inference.Engine` to permitted mesh peers (``async with``).
+
+    ``credential``: this node's ``InferenceNodeCredential`` (see
+    :func:`sdk.mesh.issue_node_credential`), attached to every advert and to the will; without
+    one, routers that require node credentials (the default) ignore the node.
+    """
 
     def __init__(
         self,
@@ -70,6 +82,7 @@ class MeshNode:
         *,
         key: Key,
         access: AccessPolicy,
+        credential: Any = None,
         config: NodeConfig = NodeConfig(),
         client_config: ClientConfig | None = None,
         **transport_options: Any,
@@ -89,14 +102,21 @@ class MeshNode:
         self.epoch = round(time.time(), 3)
         self.advert_topic = mesh_topics.inference_ad(self.node_id)
         self.request_topic = mesh_topics.inference_requests(self.node_id)
+        self.credential = credential
+        self._advert_creds = (credential,) if credential is not None else None
+        if credential is None:
+            log.warning("mesh node %s has no InferenceNodeCredential: routers requiring one will not use it",
+                        self.node_id)
         self._seq = 0
         self._buckets = PeerBuckets(config.rate_limit)
+        self._streams = PeerStreams(config.max_streams_per_peer)
         self.refusals: Counter[str] = Counter()
         self.served = 0
         self.cancelled = 0
         self.active = 0
         will_body = self._advert(online=False, seq=WILL_SEQ).to_body()
-        _, will_wire = Signer(key).seal(self.advert_topic, will_body, type=ADVERT, ttl=_WILL_TTL_S)
+        _, will_wire = Signer(key).seal(self.advert_topic, will_body, type=ADVERT, ttl=_WILL_TTL_S,
+                                        credentials=self._advert_creds)
         transport_options.setdefault("will", Will(self.advert_topic, will_wire, qos=1, retain=True))
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **transport_options)
         self._advert_task: asyncio.Task[None] | None = None
@@ -114,7 +134,11 @@ class MeshNode:
     async def start(self) -> None:
         """Connect, serve requests, publish the first advert and keep advertising."""
         await self.client.connect()
-        await self.client.serve(self.request_topic, self._handle)
+        if not await self.access.status.attach(self.client):
+            log.warning("mesh node %s cannot follow status lists: revocations arrive only on recheck",
+                        self.node_id)
+        self.access.bind(self.client.authorizer)
+        await self.client.serve(self.request_topic, self._handle, encrypted=True, gate=self._gate)
         self.client.transport.add_on_connect(self._on_reconnect)
         await self.advertise()
         self._advert_task = asyncio.ensure_future(self._advert_loop())
@@ -174,7 +198,8 @@ class MeshNode:
         """Publish one advert now (retained; expires three intervals plus the allowed clock skew later)."""
         advert = self._advert(online=online)
         ttl = None if not online else 3 * self.config.advert_interval + self.client.config.policy.clock_skew
-        await self.client.publish(self.advert_topic, advert.to_body(), type=ADVERT, retain=True, ttl=ttl)
+        await self.client.publish(self.advert_topic, advert.to_body(), type=ADVERT, retain=True, ttl=ttl,
+                                  credentials=self._advert_creds)
         return advert
 
     async def _advert_loop(self) -> None:
@@ -191,29 +216,52 @@ class MeshNode:
 
     # ------------------------------------------------------------------ requests
 
+    def _gate(self, msg: Message) -> RejectedMessage | None:
+        """Before any credential work: every request costs its sender a token, and a sender at its
+        stream cap is refused (``cancel`` always passes, so a limited peer can still stop)."""
+        if msg.type == CANCEL:
+            return None
+        if not self._buckets.allow(msg.sender):
+            self.refusals["rate_limited"] += 1
+            return RejectedMessage(f"{msg.sender} exceeds {self.config.rate_limit.rate} requests/s",
+                                   reason="rate_limited")
+        if self._streams.full(msg.sender):
+            self.refusals["too_many_streams"] += 1
+            return RejectedMessage(f"{msg.sender} already has {self.config.max_streams_per_peer} streams",
+                                   reason="too_many_streams")
+        return None
+
     async def _handle(self, msg: Message) -> AsyncIterator[dict[str, Any]]:
         try:
-            if not msg.encrypted:
-                raise Refusal("requests must be encrypted to the node's DID", reason="not_encrypted")
             model, fields, held = parse_request(msg.body)
             if model != self.model:
                 raise Refusal(f"this node serves {self.model!r}, not {model!r}", reason="model_not_found")
             max_tokens = fields.get("max_new_tokens", 256)
             if type(max_tokens) is not int:
                 raise Refusal("max_new_tokens must be an integer", reason="invalid_request")
-            self.access.check(msg, model=model, max_tokens=max_tokens)
-            if not self._buckets.allow(msg.sender):
-                raise Refusal(f"{msg.sender} exceeds {self.config.rate_limit.rate} requests/s", reason="rate_limited")
+            self.access.check(msg, model=model, max_tokens=max_tokens, authorizer=self.client.authorizer)
+            from sdk.inference.types import GenerationRequest
+
+            try:
+                req = GenerationRequest(**fields, request_id=f"mesh-{uuid.uuid4().hex}")
+            except (TypeError, ValueError) as exc:
+                raise Refusal(str(exc), reason="invalid_request") from None
+            if not self._streams.acquire(msg.sender):  # the gate's check, now exact (no await since)
+                raise Refusal(f"{msg.sender} already has {self.config.max_streams_per_peer} streams",
+                              reason="too_many_streams")
         except Refusal as exc:
             self.refusals[exc.reason] += 1
             raise
-        from sdk.inference.types import GenerationRequest
+        return self._counted(self._generate(req, held), msg.sender)
 
+    async def _counted(self, chunks: AsyncIterator[dict[str, Any]], peer: str) -> AsyncIterator[dict[str, Any]]:
+        """``chunks``, releasing ``peer``'s stream slot (taken by the handler) however they end."""
         try:
-            req = GenerationRequest(**fields, request_id=f"mesh-{uuid.uuid4().hex}")
-        except (TypeError, ValueError) as exc:
-            raise Refusal(str(exc), reason="invalid_request") from None
-        return self._generate(req, held)
+            async for body in chunks:
+                yield body
+        finally:
+            self._streams.release(peer)
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _generate(self, req: Any, held: int) -> AsyncIterator[dict[str, Any]]:
         """Run ``req`` on the engine; yield chunk bodies (the first with the prompt's token ids)."""
@@ -255,7 +303,7 @@ class MeshNode:
     def stats(self) -> dict[str, Any]:
         """Node counters plus the engine's live figures."""
         return {"node_id": self.node_id, "model": self.model, "served": self.served, "active": self.active,
-                "cancelled": self.cancelled,
+                "cancelled": self.cancelled, "peers_streaming": len(self._streams),
                 "refusals": dict(self.refusals), "engine": dict(self.engine.stats())}
 
 
@@ -270,7 +318,8 @@ def _held_detokenizer(tokenizer: Any, ids: list[int], held: int) -> tuple[Any, s
 
 
 def _hardware(meta: Mapping[str, Any]) -> dict[str, Any]:
-    device = meta.get("device") if isinstance(meta.get("device"), Mapping) else {}
+    found = meta.get("device")
+    device: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     return {"device": device.get("type", "cpu"), "name": device.get("name"), "count": device.get("count", 1),
             "memory_bytes": device.get("memory_bytes"), "dtype": meta.get("dtype")}
 

@@ -16,8 +16,8 @@ emitted yet (an incomplete character), so the resuming node emits their text.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, cast
 
 from sdk.messaging.errors import MessagingError
 
@@ -25,6 +25,8 @@ GENERATE = "inference.generate"
 ADVERT = "inference.advert"
 
 _SAMPLING = ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+_FINISH = frozenset({"stop", "length", "cancelled"})
+Finish = Literal["stop", "length", "cancelled"]
 
 
 class Refusal(MessagingError):
@@ -91,4 +93,37 @@ def chunk_body(chunk: Any, *, prompt_ids: list[int] | None = None, text: str | N
     return body
 
 
-__all__ = ["GENERATE", "ADVERT", "Refusal", "request_body", "parse_request", "chunk_body"]
+@dataclass(frozen=True)
+class Chunk:
+    """One parsed ``stream.chunk`` body: text, token ids, finish reason, node usage, prompt ids."""
+
+    text: str
+    ids: list[int]
+    finish: Finish | None = None
+    usage: dict[str, Any] | None = None
+    prompt_ids: list[int] | None = None
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def parse_chunk(body: Any) -> Chunk | None:
+    """The :class:`Chunk` in a chunk body, or None when it is malformed."""
+    if not isinstance(body, dict):
+        return None
+    text, ids = body.get("t"), body.get("ids")
+    if not isinstance(text, str) or not _ints(ids):
+        return None
+    finish = body.get("f")
+    if finish is not None and finish not in _FINISH:
+        return None
+    prompt = body.get("p")
+    if prompt is not None and not _ints(prompt):
+        return None
+    usage = body.get("u")
+    return Chunk(text, list(cast(list[int], ids)), cast(Finish | None, finish), usage if isinstance(usage, dict) else None,
+                 None if prompt is None else list(prompt))
+
+
+__all__ = ["GENERATE", "ADVERT", "Refusal", "Chunk", "request_body", "parse_request", "chunk_body", "parse_chunk"]

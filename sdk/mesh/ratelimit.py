@@ -1,4 +1,5 @@
-"""Per-peer token buckets: each peer DID may start ``rate`` requests per second, ``burst`` at once."""
+"""Per-peer limits: token buckets (``rate`` requests per second, ``burst`` at once) and a cap on
+concurrent streams per peer DID."""
 
 from __future__ import annotations
 
@@ -44,4 +45,38 @@ class PeerBuckets:
         return ok
 
 
-__all__ = ["RateLimit", "PeerBuckets"]
+class PeerStreams:
+    """Concurrent streams per peer, capped at ``limit`` each (only peers with a stream are kept)."""
+
+    def __init__(self, limit: int) -> None:
+        if type(limit) is not int or limit < 1:
+            raise ValueError("limit must be a positive integer")
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def full(self, peer: str) -> bool:
+        return self._open.get(peer, 0) >= self.limit
+
+    def acquire(self, peer: str) -> bool:
+        """Take one of ``peer``'s slots; False (nothing taken) when it has ``limit`` already."""
+        n = self._open.get(peer, 0)
+        if n >= self.limit:
+            return False
+        self._open[peer] = n + 1
+        return True
+
+    def release(self, peer: str) -> None:
+        n = self._open.get(peer, 0) - 1
+        if n > 0:
+            self._open[peer] = n
+        else:
+            self._open.pop(peer, None)
+
+    def count(self, peer: str) -> int:
+        return self._open.get(peer, 0)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+__all__ = ["RateLimit", "PeerBuckets", "PeerStreams"]

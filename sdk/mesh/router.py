@@ -1,11 +1,15 @@
 """``Mesh``: the router any permitted peer runs to use the mesh's nodes.
 
-    async with Mesh("mqtt://127.0.0.1:1883", key, credentials=[access_vc]) as mesh:
+    async with Mesh("mqtt://127.0.0.1:1883", key, credentials=[access_vc],
+                    node_policy=NodePolicy.trusting(node_issuer_did)) as mesh:
         await mesh.wait_for_nodes(model="SmolLM2-135M-Instruct")
         result = await mesh.generate(prompt="Hi", max_new_tokens=16, temperature=0.0)
         async for chunk in mesh.stream(GenerationRequest(...), model="SmolLM2-135M-Instruct"): ...
 
-Nodes are discovered from their signed adverts, ranked (``rank_nodes``: advertised throughput
+Nodes are discovered from their signed adverts; only nodes whose ``InferenceNodeCredential``
+verifies under the router's node trust policy (:class:`~sdk.mesh.NodePolicy`: trusted issuer,
+not revoked, covering the advertised models and bound to the node id) are used, and a node
+whose credential is revoked is dropped the moment the new status list arrives. They are ranked (``rank_nodes``: advertised throughput
 and load, the router's own in-flight count, observed errors and time to first token) and the
 best is asked. If it dies (its death advert / MQTT will arrives) or stalls past a timeout, the
 stream continues on the next node from the prompt's token ids plus the tokens already received,
@@ -25,10 +29,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdk.identity import Key
+from sdk.identity import Key, TrustPolicy
 from sdk.inference.types import GenerationRequest, GenerationResult, TokenChunk, Usage
 from sdk.mesh import topics as mesh_topics
 from sdk.mesh.adverts import AdvertTable, NodeAdvert
+from sdk.mesh.credentials import NodePolicy
 from sdk.mesh.errors import (
     BUSY_REASONS,
     PERMISSION_REASONS,
@@ -37,13 +42,16 @@ from sdk.mesh.errors import (
     MeshTimeout,
     NodeRequestError,
     NoNode,
+    NoNodeTrust,
     NotPermitted,
 )
-from sdk.mesh.protocol import ADVERT, GENERATE, request_body
+from sdk.mesh.protocol import ADVERT, GENERATE, Chunk, parse_chunk, request_body
 from sdk.mesh.ranking import NodeFigures, RankedNode, RankingWeights, rank_nodes
+from sdk.messaging import topics
 from sdk.messaging.client import ClientConfig, SecureClient
-from sdk.messaging.envelope import Message, Verifier
-from sdk.messaging.errors import MessagingError, RejectedMessage, RemoteError
+from sdk.messaging.envelope import Message
+from sdk.messaging.errors import MessagingError, NotAuthorized, RejectedMessage, RemoteError
+from sdk.messaging.policy import Retained
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +95,22 @@ class _Progress:
     """One caller-visible stream across however many nodes serve it."""
 
     prompt_ids: list[int] | None
+    started: float
+    prompt_len: int | None = None
     generated: list[int] = field(default_factory=list)
     held: int = 0  # trailing generated tokens whose text has not been emitted
     first_token_at: float | None = None
     failovers: int = 0
+
+    def take(self, chunk: Chunk, now: float) -> None:
+        """Account for one chunk from the node serving the stream now."""
+        if chunk.prompt_ids is not None and self.prompt_ids is None:
+            self.prompt_ids = chunk.prompt_ids
+            self.prompt_len = len(chunk.prompt_ids)
+        if chunk.ids and self.first_token_at is None:
+            self.first_token_at = now
+        self.generated.extend(chunk.ids)
+        self.held = 0 if chunk.text else self.held + len(chunk.ids)
 
 
 class _Watch:
@@ -115,8 +135,22 @@ class NodeView:
     figures: NodeFigures
 
 
+@dataclass
+class _Attempt:
+    """How one node attempt ended: ``done`` (the stream finished) or ``failure`` (reason, message)."""
+
+    done: bool = False
+    failure: tuple[str, str] = ("protocol_error", "the attempt ended without a result")
+
+
 class Mesh:
-    """Routes generation requests over the mesh as one permitted peer (``async with``)."""
+    """Routes generation requests over the mesh as one permitted peer (``async with``).
+
+    ``node_policy``: which nodes to use (a :class:`NodePolicy`, or a ``TrustPolicy`` naming the
+    issuers trusted for ``InferenceNodeCredential``). Without one the constructor raises
+    :class:`NoNodeTrust`, unless ``require_node_credential=False`` (tests, development: any node
+    with a well-signed advert is used).
+    """
 
     def __init__(
         self,
@@ -124,27 +158,39 @@ class Mesh:
         key: Key,
         *,
         credentials: list[Any] | tuple[Any, ...] = (),
+        node_policy: NodePolicy | TrustPolicy | None = None,
+        require_node_credential: bool = True,
         config: RouterConfig = RouterConfig(),
         client_config: ClientConfig | None = None,
         resolver: Any = None,
         default_model: str | None = None,
         **transport_options: Any,
     ) -> None:
+        if isinstance(node_policy, TrustPolicy):
+            node_policy = NodePolicy(node_policy, resolver=resolver)
+        if node_policy is None and require_node_credential:
+            raise NoNodeTrust("a router needs node_policy= (the issuers trusted for InferenceNodeCredential); "
+                              "pass require_node_credential=False only for tests and development")
+        if node_policy is not None and not isinstance(node_policy, NodePolicy):
+            raise TypeError("node_policy must be a NodePolicy or a TrustPolicy")
         self.key = key
         self.did = key.did
         self.config = config
         self.default_model = default_model
+        self.node_policy = node_policy
         client_config = client_config or ClientConfig()
         self.client = SecureClient(broker, key, config=client_config, credentials=credentials, resolver=resolver,
-                                   **transport_options)
+                                   on_reject=self._on_reject, **transport_options)
         self.table = AdvertTable(stale_after=config.stale_after)
-        self._ad_verifier = Verifier(resolver=resolver, policy=client_config.policy)
+        self._admitted: dict[str, Message] = {}  # node id -> the advert that admitted it (re-checked on revocation)
         self._observed: dict[str, _Observed] = {}
         self._watchers: dict[str, set[_Watch]] = {}
         self._changed = asyncio.Event()
         self.counters: dict[str, int] = {"requests": 0, "completed": 0, "failovers": 0, "errors": 0,
-                                         "adverts": 0, "adverts_rejected": 0}
+                                         "adverts": 0, "adverts_rejected": 0, "nodes_revoked": 0}
         self.failures: Counter[str] = Counter()  # per node attempt that did not finish, by reason
+        if node_policy is not None:
+            node_policy.status.add_listener(self._on_status_list)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,9 +202,15 @@ class Mesh:
         await self.aclose()
 
     async def start(self) -> None:
-        """Connect and subscribe to node adverts (retained ones arrive at once)."""
+        """Connect, follow status lists and subscribe to node adverts (retained ones arrive at once)."""
         await self.client.connect()
-        await self.client.transport.subscribe(mesh_topics.ALL_INFERENCE_ADS, qos=1, handler=self._on_advert)
+        if self.node_policy is not None and not await self.node_policy.status.attach(self.client):
+            log.warning("router cannot follow status lists: node revocations arrive only on recheck")
+        await self.client.subscribe(
+            mesh_topics.ALL_INFERENCE_ADS, self._on_advert, qos=1,
+            require=self.node_policy.requirement if self.node_policy is not None else None,
+            retained=Retained.STATE, order=_advert_version,
+        )
 
     async def aclose(self) -> None:
         """Disconnect (streams in progress fail)."""
@@ -166,37 +218,59 @@ class Mesh:
 
     # ------------------------------------------------------------------ discovery
 
-    def _on_advert(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 0) -> None:
-        if not payload:
-            return  # a cleared retained advert
-        try:
-            # Adverts are state, ordered by (epoch, seq) inside the signed body: verified like retained
-            # messages (no replay window), so a will signed at connect time still counts when it fires.
-            msg = self._ad_verifier.open(topic, bytes(payload), retained=True)
-            if msg.type != ADVERT:
-                raise ValueError(f"type {msg.type!r} on an advert topic")
-            advert = NodeAdvert.from_body(msg.body)
-            if advert.did != msg.sender:
-                raise ValueError(f"advert for {advert.did} signed by {msg.sender}")
-            if mesh_topics.inference_ad(advert.node_id) != topic:
-                raise ValueError(f"advert for node {advert.node_id!r} on {topic!r}")
-            # a retained copy of a node that died without its will (lost by a broker restart) is ignored
-            # once older than the staleness window plus the clock skew allowed between hosts
-            too_old = self.config.stale_after * advert.interval_s + self._ad_verifier.policy.clock_skew
-            if retain and advert.online and time.time() - msg.issued_at > too_old:
-                log.debug("ignoring a stale retained advert of %s", advert.node_id)
-                return
-        except (RejectedMessage, ValueError) as exc:
+    def _on_reject(self, topic: str, exc: RejectedMessage) -> None:
+        if topics.matches(mesh_topics.ALL_INFERENCE_ADS, topic):
             self.counters["adverts_rejected"] += 1
-            log.warning("rejected advert on %r: %s", topic, exc)
+
+    def _on_advert(self, msg: Message) -> None:
+        """A verified advert: signer, topic and credential checked, newer than the sender's last."""
+        try:  # type, signer and topic were checked by _advert_version
+            advert = NodeAdvert.from_body(msg.body)
+        except ValueError as exc:
+            self.counters["adverts_rejected"] += 1
+            log.warning("rejected advert on %r from %s: %s", msg.topic, msg.sender, exc)
+            return
+        # a retained copy of a node that died without its will (lost by a broker restart) is ignored
+        # once older than the staleness window plus the clock skew allowed between hosts
+        too_old = self.config.stale_after * advert.interval_s + self.client.config.policy.clock_skew
+        if msg.retained and advert.online and time.time() - msg.issued_at > too_old:
+            log.debug("ignoring a stale retained advert of %s", advert.node_id)
             return
         self.counters["adverts"] += 1
-        if self.table.apply(advert):
-            if not advert.online:
-                log.info("node %s left the mesh", advert.node_id)
-                for watch in self._watchers.get(advert.node_id, ()):
-                    watch.kill()
-            self._changed.set()
+        held = self.table.get(advert.node_id)
+        if not self.table.apply(advert):
+            if held is not None and held.did != advert.did:
+                self.counters["adverts_rejected"] += 1
+                log.warning("ignoring advert for node %r from %s: the id is held by %s", advert.node_id,
+                            advert.did, held.did)
+            return
+        if not advert.online:
+            log.info("node %s left the mesh", advert.node_id)
+            self._drop(advert.node_id, mark=False)
+        else:
+            self._admitted[advert.node_id] = msg
+        self._changed.set()
+
+    def _drop(self, node_id: str, *, mark: bool = True) -> None:
+        """Forget a node and end the waits of streams on it (they fail over)."""
+        if mark:
+            self.table.mark_dead(node_id)
+        self._admitted.pop(node_id, None)
+        for watch in self._watchers.get(node_id, ()):
+            watch.kill()
+
+    def _on_status_list(self, url: str) -> None:
+        """A new status list: drop cached grants, then every node whose credential no longer holds."""
+        assert self.node_policy is not None
+        self.client.authorizer.status_changed(url)
+        for node_id, msg in list(self._admitted.items()):
+            try:
+                self.client.authorizer.authorize(msg, self.node_policy.requirement)
+            except NotAuthorized as exc:
+                self.counters["nodes_revoked"] += 1
+                log.warning("node %s (%s) dropped: its credential no longer holds: %s", node_id, msg.sender, exc)
+                self._drop(node_id)
+                self._changed.set()
 
     async def wait_for_nodes(self, count: int = 1, *, model: str | None = None, timeout: float = 10.0) -> list[NodeAdvert]:
         """Wait until ``count`` live nodes (serving ``model``) are known; ``NoNode`` after ``timeout``."""
@@ -272,15 +346,14 @@ class Mesh:
         """Yield ``TokenChunk`` s from the best node, failing over mid-stream; raises ``MeshError`` s."""
         req = _as_request(request, fields)
         name = self._model_for(req, model)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         self.counters["requests"] += 1
-        progress = _Progress(prompt_ids=list(req.prompt_token_ids) if req.prompt_token_ids is not None else None)
-        prompt_len = len(progress.prompt_ids) if progress.prompt_ids is not None else None
+        prompt_ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None
+        progress = _Progress(prompt_ids=prompt_ids, started=asyncio.get_running_loop().time(),
+                             prompt_len=len(prompt_ids) if prompt_ids is not None else None)
         tried: set[str] = set()
         failures: list[tuple[str, str, str]] = []  # (node, reason, message)
         version: str | None = None
-        for _attempt in range(self.config.max_attempts):
+        for _ in range(self.config.max_attempts):
             node = self._choose(name, tried, version)
             if node is None:
                 break
@@ -292,8 +365,7 @@ class Mesh:
                     raise NoNode(f"cannot resume {name!r}: the failed node sent no prompt token ids")
                 remaining = req.max_new_tokens - len(progress.generated)
                 if remaining <= 0:
-                    yield TokenChunk(text="", token_ids=[], finish_reason="length",
-                                     usage=_usage(prompt_len, progress, started, None))
+                    yield TokenChunk(text="", token_ids=[], finish_reason="length", usage=_usage(progress, None))
                     return
                 body = request_body(req, model=name, prompt_token_ids=progress.prompt_ids + progress.generated,
                                     held=progress.held, max_new_tokens=remaining)
@@ -302,96 +374,107 @@ class Mesh:
                 log.info("resuming on %s after %d tokens", node.node_id, len(progress.generated))
             else:
                 body = request_body(req, model=name)
-            obs = self._observed.setdefault(node.node_id, _Observed())
-            watch = _Watch()
-            watchers = self._watchers.setdefault(node.node_id, set())
-            watchers.add(watch)
-            replies = self.client.stream(mesh_topics.inference_requests(node.node_id), body, type=GENERATE,
-                                         encrypt_to=node.did, idle_timeout=1e9)
-            obs.inflight += 1
-            sent = loop.time()
-            first_at: float | None = None
-            last_at = sent
-            n_tokens = 0
-            failure: tuple[str, str] | None = None
+            result = _Attempt()
+            chunks = self._attempt(node, body, progress, result)
             try:
-                while failure is None:
-                    if watch.dead:  # the death advert came while the caller held a chunk
-                        failure = ("node_lost", f"{node.node_id} left the mesh")
-                        break
-                    wait = self.config.stall_timeout if first_at is not None else self.config.first_token_timeout
-                    try:
-                        async with asyncio.timeout(wait) as watch.timeout:
-                            msg = await replies.__anext__()
-                    except TimeoutError:
-                        if watch.dead:
-                            failure = ("node_lost", f"{node.node_id} left the mesh")
-                        else:
-                            failure = ("timeout", f"no token from {node.node_id} within {wait}s")
-                        break
-                    except StopAsyncIteration:
-                        failure = ("protocol_error", f"{node.node_id} ended the stream without a finish reason")
-                        break
-                    except MessagingError as exc:
-                        failure = _classify(exc)
-                        if failure[0] in _REQUEST_REASONS:
-                            obs.outcome(True)
-                            self.counters["errors"] += 1
-                            raise NodeRequestError(failure[1], reason=failure[0]) from None
-                        break
-                    except Exception as exc:  # noqa: BLE001 - any other failure of this node: fail over
-                        failure = _classify(exc)
-                        break
-                    finally:
-                        watch.timeout = None
-                    chunk = _parse_chunk(msg)
-                    if chunk is None:
-                        failure = ("protocol_error", f"malformed chunk from {node.node_id}")
-                        break
-                    text, ids, finish, usage, prompt_ids = chunk
-                    now = loop.time()
-                    if first_at is None:
-                        first_at = now
-                        obs.ttft_s = _ewma(obs.ttft_s, now - sent)
-                    if prompt_ids is not None and progress.prompt_ids is None:
-                        progress.prompt_ids = prompt_ids
-                        prompt_len = len(prompt_ids)
-                    if ids and progress.first_token_at is None:
-                        progress.first_token_at = now
-                    progress.generated.extend(ids)
-                    progress.held = 0 if text else progress.held + len(ids)
-                    n_tokens += len(ids)
-                    last_at = now
-                    if finish is not None:
-                        obs.outcome(True)
-                        if n_tokens > 1 and last_at > first_at:
-                            obs.tokens_per_s = _ewma(obs.tokens_per_s, (n_tokens - 1) / (last_at - first_at))
-                        self.counters["completed"] += 1
-                        yield TokenChunk(text=text, token_ids=ids, finish_reason=finish,
-                                         usage=_usage(prompt_len, progress, started, usage))
-                        # read the node's stream.end so closing the reply stream sends no cancel
-                        with contextlib.suppress(Exception):
-                            async with asyncio.timeout(self.config.stall_timeout):
-                                await anext(replies, None)
-                        return
-                    yield TokenChunk(text=text, token_ids=ids)
+                async for chunk in chunks:
+                    yield chunk
             finally:
-                watchers.discard(watch)
-                if not watchers:
-                    self._watchers.pop(node.node_id, None)
-                obs.inflight -= 1
-                with contextlib.suppress(Exception):
-                    await replies.aclose()  # sends cancel to the node unless the stream had ended
-            reason, message = failure
-            if reason not in PERMISSION_REASONS and reason not in BUSY_REASONS and reason != "model_not_found":
-                obs.outcome(False)
-            if reason == "node_lost":
-                self.table.mark_dead(node.node_id)
+                await chunks.aclose()  # type: ignore[attr-defined]  # the caller left: cancel on the node
+            if result.done:
+                return
+            reason, message = result.failure
             failures.append((node.node_id, reason, message))
             self.failures[reason] += 1
             log.warning("node %s failed (%s): %s", node.node_id, reason, message)
         self.counters["errors"] += 1
         raise _exhausted(name, failures, tried)
+
+    async def _attempt(self, node: NodeAdvert, body: dict[str, Any], progress: _Progress,
+                       result: _Attempt) -> AsyncIterator[TokenChunk]:
+        """One node's part of a stream: yield its chunks; set ``result`` (done, or why it failed).
+
+        The client's stream bounds every gap (``first_token_timeout``); after the first token the
+        tighter ``stall_timeout`` applies, and the node's death advert ends the wait at once.
+        """
+        loop = asyncio.get_running_loop()
+        obs = self._observed.setdefault(node.node_id, _Observed())
+        watch = _Watch()
+        watchers = self._watchers.setdefault(node.node_id, set())
+        watchers.add(watch)
+        replies = self.client.stream(mesh_topics.inference_requests(node.node_id), body, type=GENERATE,
+                                     encrypt_to=node.did,
+                                     idle_timeout=max(self.config.first_token_timeout, self.config.stall_timeout))
+        obs.inflight += 1
+        sent = loop.time()
+        first_at: float | None = None
+        n_tokens = 0
+        try:
+            while True:
+                if watch.dead:  # the death advert came while the caller held a chunk
+                    result.failure = ("node_lost", f"{node.node_id} left the mesh")
+                    break
+                wait = self.config.stall_timeout if first_at is not None else self.config.first_token_timeout
+                try:
+                    async with asyncio.timeout(wait) as watch.timeout:
+                        msg = await replies.__anext__()
+                except TimeoutError:
+                    if watch.dead:
+                        result.failure = ("node_lost", f"{node.node_id} left the mesh")
+                    else:
+                        result.failure = ("timeout", f"no token from {node.node_id} within {wait}s")
+                    break
+                except StopAsyncIteration:
+                    result.failure = ("protocol_error", f"{node.node_id} ended the stream without a finish reason")
+                    break
+                except MessagingError as exc:
+                    result.failure = _classify(exc)
+                    if result.failure[0] in _REQUEST_REASONS:
+                        obs.outcome(True)
+                        self.counters["errors"] += 1
+                        raise NodeRequestError(result.failure[1], reason=result.failure[0]) from None
+                    break
+                except Exception as exc:  # noqa: BLE001 - any other failure of this node: fail over
+                    result.failure = _classify(exc)
+                    break
+                finally:
+                    watch.timeout = None
+                chunk = parse_chunk(msg.body)
+                if chunk is None:
+                    result.failure = ("protocol_error", f"malformed chunk from {node.node_id}")
+                    break
+                now = loop.time()
+                if first_at is None:
+                    first_at = now
+                    obs.ttft_s = _ewma(obs.ttft_s, now - sent)
+                progress.take(chunk, now)
+                n_tokens += len(chunk.ids)
+                if chunk.finish is not None:
+                    obs.outcome(True)
+                    if n_tokens > 1 and now > first_at:
+                        obs.tokens_per_s = _ewma(obs.tokens_per_s, (n_tokens - 1) / (now - first_at))
+                    self.counters["completed"] += 1
+                    result.done = True
+                    yield TokenChunk(text=chunk.text, token_ids=chunk.ids, finish_reason=chunk.finish,
+                                     usage=_usage(progress, chunk.usage))
+                    # read the node's stream.end so closing the reply stream sends no cancel
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(self.config.stall_timeout):
+                            await anext(replies, None)
+                    return
+                yield TokenChunk(text=chunk.text, token_ids=chunk.ids)
+        finally:
+            watchers.discard(watch)
+            if not watchers:
+                self._watchers.pop(node.node_id, None)
+            obs.inflight -= 1
+            with contextlib.suppress(Exception):
+                await replies.aclose()  # sends cancel to the node unless the stream had ended
+        reason = result.failure[0]
+        if reason not in PERMISSION_REASONS and reason not in BUSY_REASONS and reason != "model_not_found":
+            obs.outcome(False)
+        if reason == "node_lost":
+            self._drop(node.node_id)
 
     def _choose(self, model: str, tried: set[str], version: str | None) -> NodeAdvert | None:
         live = [a for a in self.table.live(model) if a.node_id not in tried]
@@ -449,25 +532,28 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     return "node_error", f"{type(exc).__name__}: {exc}"
 
 
-def _parse_chunk(msg: Message) -> tuple[str, list[int], Any, Any, list[int] | None] | None:
+def _advert_version(msg: Message) -> tuple[str, tuple[float, int]] | None:
+    """Adverts are state: per node id, ordered by the signed body's ``(epoch, seq)``. None (the
+    client rejects it as malformed, before it can raise any floor) for another type, a body
+    whose DID is not the signer's or whose node id is not the topic's."""
     body = msg.body
-    if not isinstance(body, dict):
+    if msg.type != ADVERT or not isinstance(body, dict):
+        log.info("advert on %r from %s: type %r, body %s", msg.topic, msg.sender, msg.type, type(body).__name__)
         return None
-    text, ids = body.get("t"), body.get("ids")
-    if not isinstance(text, str) or not isinstance(ids, list) or not all(type(t) is int for t in ids):
+    node, epoch, seq = body.get("node"), body.get("epoch"), body.get("seq")
+    if not isinstance(node, str) or type(seq) is not int or type(epoch) not in (int, float):
+        log.info("advert on %r from %s has no node / epoch / seq", msg.topic, msg.sender)
         return None
-    finish = body.get("f")
-    if finish is not None and finish not in ("stop", "length", "cancelled"):
+    if body.get("did") != msg.sender or msg.topic != mesh_topics.inference_ad(node):
+        log.info("advert for node %r (DID %r) on %r is signed by %s", node, body.get("did"), msg.topic, msg.sender)
         return None
-    prompt = body.get("p")
-    if prompt is not None and (not isinstance(prompt, list) or not all(type(t) is int for t in prompt)):
-        return None
-    return text, ids, finish, body.get("u"), prompt
+    return node, (float(epoch), seq)  # type: ignore[arg-type]  # checked int | float above
 
 
-def _usage(prompt_len: int | None, progress: _Progress, started: float, node_usage: Any) -> Usage:
+def _usage(progress: _Progress, node_usage: Any) -> Usage:
     u = node_usage if isinstance(node_usage, dict) else {}
-    ttft = (progress.first_token_at - started) if progress.first_token_at is not None else 0.0
+    prompt_len = progress.prompt_len
+    ttft = (progress.first_token_at - progress.started) if progress.first_token_at is not None else 0.0
     cached = int(u.get("cached_prompt_tokens", 0) or 0) if progress.failovers == 0 else 0
     return Usage(
         prompt_tokens=prompt_len if prompt_len is not None else int(u.get("prompt_tokens", 0) or 0),

@@ -39,8 +39,9 @@ async def test_serve_node_mode_attachment(embedded_env: MeshEnv, node_engines: l
     from sdk.cli.mesh_cmds import node_attachment
     from sdk.identity import Key
 
-    attach = node_attachment(embedded_env.url, Key.generate(), trust=[access_issuer.did], node_id="served",
-                             advert_interval=1.0)
+    key = Key.generate()
+    attach = node_attachment(embedded_env.url, key, trust=[access_issuer.did], node_id="served",
+                             credential=embedded_env.node_credential(key, "served"), advert_interval=1.0)
     async with attach(node_engines[0]) as node:
         mesh = await embedded_env.router(peer_key, [access_vc])
         result = await mesh.generate(prompt="Hi", max_new_tokens=3, temperature=0.0)

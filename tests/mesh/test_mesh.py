@@ -115,8 +115,9 @@ async def test_stalled_node_is_replaced_after_the_stall_timeout(embedded_env: Me
                                                                  peer_key: Key, access_vc: Any) -> None:
     from sdk.mesh import AccessPolicy, NodeConfig
 
-    stalling = StallingNode(node_engines[0], embedded_env.url, key=Key.generate(),
-                            access=AccessPolicy(embedded_env.trust),
+    key = Key.generate()
+    stalling = StallingNode(node_engines[0], embedded_env.url, key=key, access=AccessPolicy(embedded_env.trust),
+                            credential=embedded_env.node_credential(key, "stalling"),
                             config=NodeConfig(node_id="stalling", advert_interval=1.0))
     await stalling.start()
     embedded_env.nodes.append(stalling)
@@ -138,8 +139,9 @@ async def test_only_node_stalling_is_a_timeout(embedded_env: MeshEnv, node_engin
                                                access_vc: Any) -> None:
     from sdk.mesh import AccessPolicy, NodeConfig
 
-    stalling = StallingNode(node_engines[0], embedded_env.url, key=Key.generate(),
-                            access=AccessPolicy(embedded_env.trust),
+    key = Key.generate()
+    stalling = StallingNode(node_engines[0], embedded_env.url, key=key, access=AccessPolicy(embedded_env.trust),
+                            credential=embedded_env.node_credential(key, "stalling"),
                             config=NodeConfig(node_id="stalling", advert_interval=1.0))
     await stalling.start()
     embedded_env.nodes.append(stalling)

@@ -40,7 +40,7 @@ def test_access_credential_round_trip_and_validation() -> None:
     assert result.verified and result.subject == holder.did and ACCESS_CREDENTIAL in result.types
     assert access_scope(result.credential) == AccessScope(("m",), 32)
     jwt = issue_access_credential(issuer, holder.did, proof_format="jwt")
-    assert access_scope(verify_credential(jwt).credential) == AccessScope(("*",), None)
+    assert access_scope(verify_credential(jwt, trust=TrustPolicy.ANY).credential) == AccessScope(("*",), None)
     with pytest.raises(ValueError):
         issue_access_credential(issuer, holder.did, max_tokens=0)
     with pytest.raises(ValueError):
@@ -88,7 +88,7 @@ def advert(key: Key, node: str, seq: int, *, online: bool = True, did: str | Non
 async def test_router_trusts_only_well_signed_adverts(embedded_broker: Any) -> None:
     good, evil = Key.generate(), Key.generate()
     async with SecureClient(embedded_broker.url, good) as node, SecureClient(embedded_broker.url, evil) as other, \
-            Mesh(embedded_broker.url, Key.generate()) as mesh:
+            Mesh(embedded_broker.url, Key.generate(), require_node_credential=False) as mesh:
         await other.publish(mesh_topics.inference_ad("n1"), advert(evil, "n1", 1, did=good.did), type=ADVERT)
         await other.publish(mesh_topics.inference_ad("n2"), advert(evil, "n1", 1), type=ADVERT)  # wrong topic
         await other.publish(mesh_topics.inference_ad("n3"), advert(evil, "n3", 1), type="event")  # wrong type
