@@ -49,7 +49,8 @@ _PRIORITY = ("revoked", "untrusted_issuer", "expired", "not_yet_valid", "wrong_c
              "holder_mismatch", "bad_signature", "status_unavailable", "malformed")
 
 
-def present(credential: Mapping[str, Any] | str, key: Key, *, challenge: str, domain: str) -> dict[str, Any]:
+def present(credential: Mapping[str, Any] | str, key: Key, *, challenge: str,
+            domain: str) -> dict[str, Any] | str:
     """A presentation of ``credential`` by its holder ``key`` over ``challenge``/``domain``."""
     from sdk.identity import create_presentation
 

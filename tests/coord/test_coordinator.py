@@ -377,11 +377,13 @@ async def test_coordinator_offline_then_online_same_boot(mesh: Mesh) -> None:
 async def test_event_sent_while_coordinator_down_is_applied_once(mesh: Mesh, tmp_path: Path) -> None:
     """Coordinator stopped → the display's event waits in its outbox → a restarted coordinator
     (same data dir) gets it on re-admission and the phone applies the config exactly once."""
-    import json
+    from sdk.coord.device.outbox import read_journal
 
     coord = await mesh.start_coordinator()
     state_file = tmp_path / "display-state.json"
     display = await mesh.device("display", state_file=state_file)
+    journal = display._outbox.path                          # noqa: SLF001
+    assert journal is not None
     got: list[Any] = []
     phone = await mesh.device("phone", record=got)
     await coord.stop()
@@ -389,13 +391,13 @@ async def test_event_sent_while_coordinator_down_is_applied_once(mesh: Mesh, tmp
 
     eid = await display.publish_event(screen_available(800, 600), wait_admitted=0.2)
     assert display.outbox == [eid]                          # queued, not lost, not raised
-    assert [b["event_id"] for b in json.loads(state_file.read_text())["outbox"]] == [eid]
+    assert [b["event_id"] for b in read_journal(journal)] == [eid]
 
     mesh.events.clear()
     await mesh.start_coordinator()                          # same key, same data dir, new boot
     await phone.wait_version(1, 15)
     await until(lambda: display.outbox == [])               # acknowledged
-    assert json.loads(state_file.read_text())["outbox"] == []
+    assert read_journal(journal) == []
     await asyncio.sleep(0.3)                                # give duplicates a chance to show up
     assert [c.version for c in got] == [1]
     assert got[0].event_id == eid and got[0].state["ui.companion.resolution"] == "800x600"
@@ -408,7 +410,6 @@ async def test_redelivered_event_is_applied_once_across_restart(mesh: Mesh) -> N
     """The same event delivered again after a restart (the broker's copy twice, then the device's
     re-send in a fresh envelope) is acknowledged as a duplicate and changes nothing."""
     from sdk.coord import protocol
-    from sdk.coord.device import _Outgoing
     from sdk.messaging.broker_auth import did_credentials
     from sdk.messaging.transport import MqttTransport
 
@@ -435,8 +436,7 @@ async def test_redelivered_event_is_applied_once_across_restart(mesh: Mesh) -> N
         await dev.wait_admitted(10)
     for _ in range(2):                                      # the same envelope, delivered twice
         await sniffer.publish(events_topic, wires[0], qos=1)
-    again = _Outgoing({**screen_available(800, 600).to_body(), "event_id": eid})
-    display._outbox[eid] = again                            # noqa: SLF001 - the device's own re-send
+    display._outbox.add({**screen_available(800, 600).to_body(), "event_id": eid})  # noqa: SLF001 - re-send
     await display._drain()                                  # noqa: SLF001
     await until(lambda: sum(w == "duplicate" for w, _ in mesh.events) == 2 and display.outbox == [])
     await until(lambda: coord.client.stats.rejected["replayed"] >= 1)    # the second raw copy

@@ -10,16 +10,17 @@ from typing import Any
 import pytest
 
 from sdk.coord import protocol
-from sdk.coord.coordinator.auth import device_credential, present
-from sdk.coord.coordinator.errors import AdmissionError, NotAdmitted
+from sdk.coord.coordinator.auth import device_credential
 from sdk.coord.device import REVOKED, Device
+from sdk.coord.errors import AdmissionError, NotAdmitted
 from sdk.coord.events import InvalidEvent, battery, screen_available
+from sdk.coord.handshake import present
 from sdk.errors import MessagingError
 from sdk.identity import Key, TrustPolicy
 from sdk.messaging.broker_auth import did_credentials
 from sdk.messaging.client import SecureClient
 from sdk.messaging.transport import MqttTransport
-from tests.coord.test_coordinator import Mesh, mesh, until  # noqa: F401 - the fixture
+from tests.coord.test_coordinator import Mesh, mesh, until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -89,7 +90,7 @@ async def test_forged_and_tampered_configs_never_reach_the_app(mesh: Mesh) -> No
     config_topic = protocol.device_config(phone._token)
     async with SecureClient(mesh.url, mallory, **did_credentials(mallory)) as client:
         await client.publish(config_topic, body, type=protocol.CONFIG, qos=1)
-    await until(lambda: "untrusted_sender" in phone.rejected_configs)
+    await until(lambda: "wrong_sender" in phone.rejected_configs)
 
     # a real coordinator-signed envelope with its body altered fails the signature check
     from sdk.messaging.envelope import Signer, b64d, b64e
@@ -262,6 +263,7 @@ async def test_full_flow_on_strict_topic_acl(embedded_broker_strict: Any, tmp_pa
 
     async with AsyncExitStack() as stack:
         m = Mesh(embedded_broker_strict.url, tmp_path / "coord", stack)
+        embedded_broker_strict.add_admin(m.coord_key.did)  # only the coordinator writes configs
         coord = await m.start_coordinator()
         stack.push_async_callback(coord.stop)
         display = await m.device("display")
@@ -303,15 +305,14 @@ async def test_coordinator_rejects_spoofed_topic_and_bad_events(mesh: Mesh) -> N
 async def test_unacknowledged_event_is_resent_after_a_ttl(mesh: Mesh) -> None:
     """An event the coordinator never saw (lost as the coordinator's link dropped) stays in the
     outbox and goes out again once a heartbeat TTL passes without an acknowledgement."""
-    from sdk.coord.device import _Outgoing
-
     await mesh.start_coordinator()
     display = await mesh.device("display", heartbeat_ttl=0.6)
     got: list[Any] = []
     phone = await mesh.device("phone", record=got)
-    lost = _Outgoing({**screen_available(800, 600).to_body(), "event_id": "lost-event-0001"},
-                     sent_gen=display._admission_gen, sent_at=time.monotonic())   # noqa: SLF001
-    display._outbox["lost-event-0001"] = lost                                      # noqa: SLF001
+    display._outbox.add({**screen_available(800, 600).to_body(), "event_id": "lost-event-0001"})
+    lost = display._outbox.get("lost-event-0001")
+    assert lost is not None                   # marked sent in this admission, as if lost on the way
+    lost.sent_gen, lost.sent_at = display._admission_gen, time.monotonic()
     await phone.wait_version(1, 10)
     await until(lambda: display.outbox == [])
     assert [c.event_id for c in got] == ["lost-event-0001"]
@@ -320,11 +321,9 @@ async def test_unacknowledged_event_is_resent_after_a_ttl(mesh: Mesh) -> None:
 async def test_invalid_event_is_acknowledged_as_rejected_and_dropped(mesh: Mesh) -> None:
     await mesh.start_coordinator()
     display = await mesh.device("display")
-    from sdk.coord.device import _Outgoing
-
-    display._outbox["bad-event-00001"] = _Outgoing(                                # noqa: SLF001
+    display._outbox.add(
         {"type": "screen_available", "fields": {"width": "wide"}, "event_id": "bad-event-00001"})
-    await display._drain()                                                         # noqa: SLF001
+    await display._drain()
     await mesh.wait_for("rejected", lambda i: i["reason"] == "invalid_event")
     await until(lambda: display.outbox == [])              # not re-sent forever
 
