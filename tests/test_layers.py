@@ -237,3 +237,31 @@ def test_package_imports_follow_the_architecture_table() -> None:
                 violations.append(f"{source} -> {target}: {', '.join(bad)}")
     header = "imports the table in docs/ARCHITECTURE.md does not allow:\n"
     assert not violations, header + "\n".join(violations)
+
+
+# ------------------------------------------------------------------ dependencies follow the layers
+
+
+def _requirement_names(requirements: Iterable[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_core_install_is_identity_and_messaging_only() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert _requirement_names(project["dependencies"]) == {"pynacl", "cryptography", "paho-mqtt", "joserfc"}
+    extras = project["optional-dependencies"]
+    assert "amqtt" in _requirement_names(extras["broker"])
+    assert {"typer", "rich"} <= _requirement_names(extras["cli"])
+    assert "prometheus-client" in _requirement_names(extras["coordinator"])
+    assert "torch" in _requirement_names(extras["inference"])
+    assert set(extras) - {"all"} <= set(re.findall(r"\w+", extras["all"][0].partition("[")[2]))
+
+
+def test_cli_without_its_extra_names_the_extra() -> None:
+    code = "import sys; sys.modules['typer'] = None\nimport sdk.cli\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode != 0
+    assert "MissingExtra" in out.stderr and "open-autoglm-sdk[cli]" in out.stderr, out.stderr

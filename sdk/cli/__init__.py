@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import typer
+try:
+    import rich  # noqa: F401 - every command prints with it
+    import typer
+except ModuleNotFoundError as exc:  # the core install has no CLI: say which extra brings it
+    from sdk.errors import require_extra
+
+    raise require_extra(exc, "cli", feature="the autoglm command line") from exc
 
 from sdk.cli import coord_cmds, identity_cmds, inference_cmds, mesh_cmds
 
