@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from sdk.mesh import (
     issue_access_credential,
 )
 from tests.fixtures.identity import StatusRegistry
-from tests.mesh.conftest import MODEL, MeshEnv
+from tests.mesh.conftest import MODEL, MeshEnv, until
 
 pytestmark = [pytest.mark.model, pytest.mark.broker]
 
@@ -84,3 +85,60 @@ async def test_rate_limit_per_peer(embedded_env: MeshEnv, peer_key: Key, access_
     other = Key.generate()  # another peer has its own bucket
     mesh2 = await embedded_env.router(other, [issue_access_credential(access_issuer, other.did)])
     assert (await mesh2.generate(tiny(2))).usage.completion_tokens >= 1
+
+
+async def test_revocation_over_mqtt_refuses_the_next_request(mesh_env: MeshEnv, access_issuer: Key) -> None:
+    """A peer with a cached grant: the issuer publishes a new status list, the next request is refused."""
+    status = mesh_env.status_list(access_issuer)
+    await status.publish()
+    node = await mesh_env.node(0)  # AccessPolicy(trust): follows the issuers' status lists on the broker
+    await until(lambda: node.access.status.updates >= 1, what="the node took the first status list")
+    peer = Key.generate()
+    cred = issue_access_credential(access_issuer, peer.did, models=[MODEL], credential_status=status.entry(9))
+    mesh = await mesh_env.router(peer, [cred])
+    await mesh.generate(tiny(2))
+    await mesh.generate(tiny(2))  # served from the node's grant cache
+    assert node.served == 2
+
+    loop = asyncio.get_running_loop()
+    revoked_at = loop.time()
+    await status.publish(9)
+    await until(lambda: node.access.status.updates >= 2, timeout=5, what="the node took the new status list")
+    with pytest.raises(NotPermitted) as info:
+        await mesh.generate(tiny(2))
+    took = loop.time() - revoked_at
+    assert info.value.node_reason == "revoked"
+    assert node.served == 2 and node.refusals["revoked"] == 1
+    assert took < 2.0, f"revoke -> refusal took {took:.2f}s"
+
+
+async def test_rate_limit_counts_refused_requests(embedded_env: MeshEnv, peer_key: Key, access_vc: Any) -> None:
+    """Requests without a grant spend the sender's tokens too: past the burst they are refused as
+    rate_limited before any credential is verified."""
+    node = await embedded_env.node(0, rate_limit=RateLimit(rate=0.001, burst=2))
+    stranger = Key.generate()
+    mesh = await embedded_env.router(stranger, [])
+    for _ in range(2):
+        with pytest.raises(NotPermitted):
+            await mesh.generate(tiny(2))
+    with pytest.raises(MeshOverloaded) as info:
+        await mesh.generate(tiny(2))
+    assert "rate_limited" in str(info.value)
+    assert node.refusals == {"not_authorized": 2, "rate_limited": 1}
+    good = await embedded_env.router(peer_key, [access_vc])  # another peer's bucket is untouched
+    assert (await good.generate(tiny(2))).usage.completion_tokens >= 1
+
+
+async def test_concurrent_streams_per_peer_are_capped(embedded_env: MeshEnv, peer_key: Key, access_vc: Any) -> None:
+    node = await embedded_env.node(0, max_streams_per_peer=1)
+    mesh = await embedded_env.router(peer_key, [access_vc])
+    long = mesh.stream(tiny(40))
+    first = await anext(long)  # one stream running on the node
+    assert first is not None and node.active == 1
+    with pytest.raises(MeshOverloaded) as info:
+        await mesh.generate(tiny(2))
+    assert "too_many_streams" in str(info.value)
+    assert node.refusals["too_many_streams"] == 1
+    await long.aclose()
+    await until(lambda: node.active == 0 and len(node._streams) == 0, what="the stream slot freed")  # noqa: SLF001
+    assert (await mesh.generate(tiny(2))).usage.completion_tokens >= 1
