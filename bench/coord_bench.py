@@ -49,7 +49,7 @@ def pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": f"{platform.machine()} {platform.processor() or ''} "
                                       f"python {platform.python_version()}".strip()}
-    broker = MosquittoBroker(MosquittoConfig())
+    broker = MosquittoBroker(MosquittoConfig.open_for_tests())
     broker.start()
     tmp = tempfile.TemporaryDirectory(prefix="coord-bench-")
     issuer, ckey = Key.generate(), Key.generate()

@@ -73,7 +73,7 @@ def loopback_mosquitto() -> Iterator[str]:
     """A fresh Mosquitto on 127.0.0.1 for the duration; yields its URL."""
     from brokers.mosquitto import MosquittoBroker, MosquittoConfig
 
-    with MosquittoBroker(MosquittoConfig()) as m:
+    with MosquittoBroker(MosquittoConfig.open_for_tests()) as m:
         yield m.url
 
 

@@ -271,7 +271,7 @@ async def test_respects_the_brokers_receive_maximum() -> None:
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto binary not installed")
-    m = MosquittoBroker(MosquittoConfig(max_inflight_messages=3))  # CONNACK Receive Maximum 3
+    m = MosquittoBroker(MosquittoConfig.open_for_tests(max_inflight_messages=3))  # CONNACK Receive Maximum 3
     await asyncio.to_thread(m.start)
     try:
         inbox = Inbox()
@@ -331,11 +331,11 @@ async def test_a_failing_handler_does_not_break_the_connection(broker) -> None:
 async def test_keepalive_detects_a_frozen_broker_and_recovers() -> None:
     import signal
 
-    from brokers.mosquitto import MosquittoBroker, find_mosquitto
+    from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto binary not installed")
-    m = MosquittoBroker()
+    m = MosquittoBroker(MosquittoConfig.open_for_tests())
     await asyncio.to_thread(m.start)
     try:
         async with MqttTransport(m.url, keepalive=1) as t:
