@@ -1,8 +1,8 @@
 """Brokers for the SDK: the embedded amqtt broker (DID auth), a Mosquitto runner, test PKI.
 
     from brokers.embedded import EmbeddedBroker          # in-process, 127.0.0.1, DID holders only
-    from brokers.mosquitto import MosquittoBroker, MosquittoConfig
-    from brokers.certs import make_test_pki
+    from brokers.mosquitto import MosquittoBroker, MosquittoConfig   # secure by default (TLS client certs)
+    from brokers.certs import CertificateAuthority, make_test_pki
 
 Names are imported lazily so ``import brokers`` does not pull in amqtt. See docs/BROKERS.md.
 """
@@ -21,8 +21,11 @@ _LAZY = {
     "BrokerStartError": "brokers.mosquitto",
     "find_mosquitto": "brokers.mosquitto",
     "free_port": "brokers.mosquitto",
+    "secure_acl": "brokers.mosquitto",
     "make_test_pki": "brokers.certs",
     "PKIFiles": "brokers.certs",
+    "CertFiles": "brokers.certs",
+    "CertificateAuthority": "brokers.certs",
 }
 
 
