@@ -11,8 +11,9 @@
    median and worst rejection time, and what it was rejected as. Target < 5 ms each.
 2. Envelope cost of a normal message (a small event body; plain and end-to-end encrypted):
    median ``Signer.seal`` and ``Verifier.open`` times over many messages, plus process CPU time
-   per open (steadier than wall time on a shared machine). Compare runs before and after a change
-   to the envelope (the target: no more than 10 % slower).
+   per open (steadier than wall time on a shared machine), compared with ``--baseline`` (default:
+   bench/results/security-before.json, measured on eacb135 before the trust-model changes): at most 10 %
+   slower.
 3. Revocation to refusal, on coordination and on the mesh: measured by ``revoke_to_refusal`` in
    bench/coord_bench.py and bench/mesh_bench.py when they define it (``revoke_to_refusal(broker=...)``,
    sync or async, returning seconds or a dict with ``seconds``); skipped otherwise. Target <= 1 s.
@@ -49,6 +50,8 @@ except ImportError:  # an older tree, where messaging lived in sdk.coord
     envelope = importlib.import_module("sdk.coord.envelope")
 
 HOSTILE_TARGET_MS = 5.0
+SLOWDOWN_LIMIT = 1.10  # envelope verify cost may grow by at most 10 % against the baseline
+DEFAULT_BASELINE = HERE / "results" / "security-before.json"
 REVOKE_TARGET_S = 1.0
 TOPIC = "autoglm/v1/dev/bench/events"
 BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -243,6 +246,23 @@ async def _awaited(aw: Any) -> Any:
 # ------------------------------------------------------------------ report
 
 
+def compare(report: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """Open and seal+open p50 against a baseline run (ratio > 1: slower now)."""
+    before = {r["message"]: r for r in baseline.get("envelope", [])}
+    rows = []
+    for now in report["envelope"]:
+        old = before.get(now["message"])
+        if old is None:
+            continue
+        for key in ("open_p50_us", "open_cpu_us", "sign_open_p50_us"):
+            if old.get(key):
+                ratio = now[key] / old[key]
+                rows.append({"message": now["message"], "figure": key, "before": old[key], "now": now[key],
+                             "ratio": round(ratio, 3), "ok": ratio <= SLOWDOWN_LIMIT})
+    return rows
+
+
+
 def _git_head() -> str | None:
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
@@ -266,6 +286,13 @@ def print_tables(report: dict[str, Any]) -> None:
         print(f"{r['message']:10} {r['wire_bytes']:>6} {r['n']:>6} {r['seal_p50_us']:>7.1f} "
               f"{r['open_p50_us']:>7.1f} {r['open_p90_us']:>9.1f} {r['open_cpu_us']:>9.1f} "
               f"{r['sign_open_p50_us']:>10.1f}")
+    if report.get("baseline"):
+        print(f"\nagainst {report['baseline']['file']} (git {report['baseline']['git']}; "
+              f"limit x{SLOWDOWN_LIMIT:.2f})")
+        for r in report["baseline"]["rows"]:
+            flag = "" if r["ok"] else "  <-- slower than allowed"
+            print(f"{r['message']:10} {r['figure']:17} {r['before']:>8.1f} -> {r['now']:>8.1f}  "
+                  f"x{r['ratio']:.3f}{flag}")
     print(f"\nrevoke -> first refusal (target <= {REVOKE_TARGET_S} s)")
     for r in report["revocation"]:
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.3f} s"
@@ -281,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-revocation", action="store_true", help="skip the revocation hooks")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON ('-' = stdout)")
     parser.add_argument("--label", help="a note stored with the figures (e.g. the tree measured)")
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
+                        help="an earlier --json output to compare envelope costs with (default: %(default)s)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -297,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     report["hostile"] = bench_hostile()
     report["envelope"] = bench_envelope(args.n)
     report["revocation"] = [] if args.no_revocation else bench_revocation(args.brokers, args.revoke_timeout)
+    if args.baseline and args.baseline.is_file():
+        old = json.loads(args.baseline.read_text(encoding="utf-8"))
+        report["baseline"] = {"file": str(args.baseline), "git": old.get("git"), "rows": compare(report, old)}
     report["seconds"] = round(time.perf_counter() - started, 1)
     print_tables(report)
     print(f"\n({report['seconds']} s; git {report['git']}; load {report['load_avg']})")
