@@ -235,6 +235,29 @@ def needs_refresh(credential: Mapping[str, Any] | str, *, now: datetime | float 
         return True
 
 
+def status_list_order(credential: Any) -> tuple[datetime, int] | None:
+    """The (validFrom, sequence) a status list credential claims, read WITHOUT verifying it.
+
+    For transports that pre-order retained state cheaply; None when it carries no readable
+    order. Acceptance is still :meth:`StatusListStore.offer`'s decision, after verification.
+    """
+    doc: Any = credential
+    try:
+        if isinstance(credential, str):
+            from sdk.identity.jwt_vc import claims_to_credential, unverified_claims
+
+            doc = claims_to_credential(unverified_claims(credential))
+        if not isinstance(doc, Mapping):
+            return None
+        subject = doc.get("credentialSubject")
+        sequence = subject.get("sequence", 0) if isinstance(subject, Mapping) else 0
+        if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
+            return None
+        return parse_datetime(doc.get("validFrom")), sequence
+    except (IdentityError, ValueError, TypeError):
+        return None
+
+
 @runtime_checkable
 class StatusListSource(Protocol):
     """Fetches a status list credential (dict, or VC-JWT string) by URL."""
@@ -624,6 +647,7 @@ __all__ = [
     "verify_status_list",
     "needs_refresh",
     "next_sequence",
+    "status_list_order",
     "status_entry",
     "status_list_document",
     "create_status_list_credential",

@@ -252,3 +252,17 @@ def test_help_lists_the_identity_groups(cli):
         assert sub.exit_code == 0, sub.output
     issue = cli("vc", "issue", "--help")
     assert "~/.autoglm/keystore.json" in issue.stdout and "AUTOGLM_PASSPHRASE" in issue.stdout
+
+
+def test_vc_verify_without_trust_does_not_say_verified(cli, issuer, holder):
+    out = cli.tmp / "self-issued.json"
+    ok_json(cli("vc", "issue", "-s", holder, "-t", "AdminCredential", "-o", out, "--json"))
+    readable = cli("vc", "verify", out)
+    assert readable.exit_code == 0, readable.output
+    assert "signature valid; issuer not checked" in readable.stdout and "verified" not in readable.stdout
+    checked = json.loads(cli("vc", "verify", out, "--json").stdout)
+    assert checked["ok"] and not checked["verified"] and checked["issuer_checked"] is False
+    trusted = ok_json(cli("vc", "verify", out, "--any-issuer", "--json"))
+    assert trusted["verified"] and trusted["issuer_checked"]
+    failed(cli("vc", "verify", out, "--trust", f"{holder}=AdminCredential"), "untrusted_issuer")
+    failed(cli("vc", "verify", out, "--any-issuer", "--trust", f"{issuer}=*"), "invalid_input")
