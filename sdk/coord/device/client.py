@@ -607,8 +607,15 @@ class Device:
 
     def _config_gate(self, msg: Message) -> RejectedMessage | None:
         cfg = self._parse_config(msg)
-        if cfg is not None and cfg.did != self.did:
+        if cfg is None:
+            return None
+        if cfg.did != self.did:
             return RejectedMessage(f"config for {cfg.did}, not this device", reason="wrong_device")
+        if cfg.version <= self.last_version:
+            # the subscription's floor is seeded from last_version right after SUBACK; a retained
+            # copy can arrive before that, and is refused here instead
+            return RejectedMessage(f"config v{cfg.version} already handled (v{self.last_version})",
+                                   reason="stale_state")
         return None
 
     def _on_reject(self, topic: str, exc: RejectedMessage) -> None:
