@@ -20,6 +20,11 @@ alternate, greedy, same prompts. Figures against the issue's targets:
   (n-1) / (last token - first token), median; the unpaired mesh vs direct runs are printed too;
 * failover: a second node takes over after the serving node is killed (connection dropped, its
   MQTT will fires): time from the kill to the first token from the replacement (target <= 1 s).
+
+``--revocation`` (no model needed): :func:`revoke_to_refusal`, the time from publishing a status
+list that revokes a peer's access credential to that peer's first refused request (target <= 1 s;
+also imported by bench/security_bench.py), and from revoking a node's credential to the router
+dropping it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from bench.mqtt_raw_bench import loopback_mosquitto, machine_info  # noqa: E402
 TARGET_ADDED_MS = 1.0
 TARGET_TPS_LOSS = 0.03
 TARGET_FAILOVER_S = 1.0
+TARGET_REVOKE_S = 1.0
 PROMPTS = [f"Chapter {i}. Once upon a time, in a small village by the sea, there lived" for i in range(64)]
 
 
@@ -102,7 +108,17 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     from sdk.identity import Key, TrustPolicy
     from sdk.inference import Engine, EngineConfig, GenerationRequest
     from sdk.inference.loader import load_model
-    from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, Mesh, MeshNode, NodeConfig, issue_access_credential
+    from sdk.mesh import (
+        ACCESS_CREDENTIAL,
+        NODE_CREDENTIAL,
+        AccessPolicy,
+        Mesh,
+        MeshNode,
+        NodeConfig,
+        NodePolicy,
+        issue_access_credential,
+        issue_node_credential,
+    )
 
     loaded = load_model(None, device=args.device, dtype="auto", max_sequence_length=512)
     engines = [Engine.from_model(loaded.model, loaded.tokenizer,
@@ -111,12 +127,14 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     for e in engines:
         await e.warmup()
     issuer, peer = Key.generate(), Key.generate()
-    trust = TrustPolicy({issuer.did: {ACCESS_CREDENTIAL}})
+    trust = TrustPolicy({issuer.did: {ACCESS_CREDENTIAL, NODE_CREDENTIAL}})
     vc = issue_access_credential(issuer, peer.did)
 
     def node(i: int) -> MeshNode:
-        return MeshNode(engines[i], url, key=Key.generate(), access=AccessPolicy(trust),
-                        config=NodeConfig(node_id=f"bench-{i}-{time.monotonic_ns()}", advert_interval=1.0))
+        key, node_id = Key.generate(), f"bench-{i}-{time.monotonic_ns()}"
+        cred = issue_node_credential(issuer, key.did, models=["*"], node_ids=[node_id])
+        return MeshNode(engines[i], url, key=key, access=AccessPolicy(trust), credential=cred,
+                        config=NodeConfig(node_id=node_id, advert_interval=1.0))
 
     def req(i: int, tokens: int) -> Any:
         return GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, temperature=0.0)
@@ -125,7 +143,7 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
                            "requests": args.requests, "tokens": args.tokens}
     node0 = node(0)
     await node0.start()
-    async with Mesh(url, peer, credentials=[vc]) as mesh:
+    async with Mesh(url, peer, credentials=[vc], node_policy=NodePolicy(trust)) as mesh:
         await mesh.wait_for_nodes(1)
         for i in range(2):  # warm the path (shared keys, caches)
             await mesh.generate(req(i, 4))
@@ -201,12 +219,170 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ revocation: revoke -> first refusal
+
+
+class StandInEngine:
+    """A one-token engine for the revocation figures: a refusal happens before any engine work,
+    so the measured path (status list -> node -> refused request) does not depend on the model."""
+
+    tokenizer = None
+
+    def __init__(self) -> None:
+        self.metadata = {"name": "stand-in", "version": "1"}
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue_depth": 0, "active_streams": 0, "max_batch_size": 8, "tokens_per_s": 100.0}
+
+    def encode(self, req: Any) -> list[int]:
+        return [1]
+
+    async def stream(self, req: Any) -> Any:
+        from sdk.inference.types import TokenChunk, Usage
+
+        yield TokenChunk(text="x", token_ids=[2], finish_reason="length",
+                         usage=Usage(prompt_tokens=1, completion_tokens=1, time_to_first_token_s=0.0, tokens_per_s=0.0))
+
+
+@contextlib.asynccontextmanager
+async def _loopback(broker: str) -> Any:
+    if broker == "embedded":
+        from brokers.embedded import OPEN_ACL, EmbeddedBroker
+
+        async with EmbeddedBroker(acl=OPEN_ACL) as b:
+            yield b.url
+    else:
+        with loopback_mosquitto() as url:
+            yield url
+
+
+async def revoke_to_refusal(broker: str = "mosquitto", *, url: str | None = None, engine: Any = None,
+                            rounds: int = 5) -> dict[str, Any]:
+    """Seconds from publishing a status list that revokes a peer to that peer's first refused request.
+
+    On ``url`` (else a fresh loopback broker: ``"mosquitto"`` or ``"embedded"``): one node (``engine``,
+    else :class:`StandInEngine`) following the issuer's live status list; per round a fresh peer
+    whose access credential points into that list is served twice (its grant cached), then the
+    issuer publishes the list with the peer's bit set and the peer requests back to back until
+    refused (``revoked``). Also the router side: a node whose ``InferenceNodeCredential`` is revoked,
+    seconds until the router no longer lists it. Returns ``{"seconds": median, "runs": [...],
+    "served_after_revoke": n, "node_drop_seconds": s}``.
+    """
+    if url is None:
+        async with _loopback(broker) as fresh:
+            return await revoke_to_refusal(broker, url=fresh, engine=engine, rounds=rounds)
+    from datetime import UTC, datetime, timedelta
+
+    from sdk.identity import Key, StatusList, TrustPolicy, create_status_list_credential, status_entry
+    from sdk.mesh import (
+        ACCESS_CREDENTIAL,
+        NODE_CREDENTIAL,
+        AccessPolicy,
+        Mesh,
+        MeshNode,
+        NodeConfig,
+        NodePolicy,
+        NotPermitted,
+        issue_access_credential,
+        issue_node_credential,
+    )
+    from sdk.messaging import SecureClient
+    from sdk.messaging.status import publish_status_list, status_list_url
+
+    engine = engine or StandInEngine()
+    model = str(engine.metadata.get("name"))
+    issuer = Key.generate()
+    list_url = status_list_url(issuer.did)
+    bits = StatusList()
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=120)
+    published = [0]
+
+    async def publish(client: SecureClient, *revoke: int) -> None:
+        for index in revoke:
+            bits.set(index)
+        published[0] += 1
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        cred = create_status_list_credential(issuer, list_url, status_list=bits,
+                                             valid_from=(base + timedelta(seconds=published[0])).strftime(fmt),
+                                             valid_until=(base + timedelta(hours=2)).strftime(fmt))
+        assert isinstance(cred, dict)
+        await publish_status_list(client, cred)
+
+    node_key = Key.generate()
+    node_cred = issue_node_credential(issuer, node_key.did, models=[model], credential_status=status_entry(list_url, 0))
+    trust = TrustPolicy({issuer.did: {ACCESS_CREDENTIAL, NODE_CREDENTIAL}})
+    runs: list[float] = []
+    served_after = 0
+    async with SecureClient(url, issuer) as issuing:
+        await publish(issuing)
+        node = MeshNode(engine, url, key=node_key, access=AccessPolicy(trust), credential=node_cred,
+                        config=NodeConfig(advert_interval=1.0))
+        await node.start()
+        try:
+            for i in range(1, rounds + 1):
+                peer = Key.generate()
+                vc = issue_access_credential(issuer, peer.did, models=[model], credential_status=status_entry(list_url, i))
+                async with Mesh(url, peer, credentials=[vc], node_policy=NodePolicy(trust)) as mesh:
+                    await mesh.wait_for_nodes(1, model=model)
+                    for _ in range(2):
+                        await mesh.generate(prompt="hi", max_new_tokens=1, model=model)
+                    start = time.perf_counter()
+                    await publish(issuing, i)
+                    while True:
+                        try:
+                            await mesh.generate(prompt="hi", max_new_tokens=1, model=model)
+                            served_after += 1
+                        except NotPermitted as exc:
+                            assert exc.node_reason == "revoked", exc.node_reason
+                            runs.append(time.perf_counter() - start)
+                            break
+                        if time.perf_counter() - start > 30:
+                            raise TimeoutError("the revoked peer was still served after 30 s")
+            watcher = Mesh(url, Key.generate(), node_policy=NodePolicy(trust))
+            async with watcher:
+                await watcher.wait_for_nodes(1, model=model)
+                start = time.perf_counter()
+                await publish(issuing, 0)
+                while watcher.nodes(model):
+                    if time.perf_counter() - start > 30:
+                        raise TimeoutError("the revoked node was still listed after 30 s")
+                    await asyncio.sleep(0.001)
+                node_drop = time.perf_counter() - start
+        finally:
+            await node.aclose()
+    return {"seconds": statistics.median(runs), "runs": runs, "served_after_revoke": served_after,
+            "node_drop_seconds": node_drop}
+
+
 # ------------------------------------------------------------------ --split: nodes in their own processes
+
+
+def write_node_identity(issuer: Any, node_id: str, directory: str) -> str:
+    """A node key (seed) and its InferenceNodeCredential from ``issuer``, in a file for a child node."""
+    from sdk.identity import Key
+    from sdk.mesh import issue_node_credential
+
+    seed = os.urandom(32)
+    key = Key.from_seed(seed)
+    path = os.path.join(directory, f"{node_id}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"seed": seed.hex(), "credential": issue_node_credential(issuer, key.did, models=["*"],
+                                                                           node_ids=[node_id])}, f)
+    return path
+
+
+def node_identity(path: str) -> tuple[Any, Any]:
+    """(key, node credential) written by :func:`write_node_identity`."""
+    from sdk.identity import Key
+
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    return Key.from_seed(bytes.fromhex(doc["seed"])), doc["credential"]
 
 
 async def serve_node(args: argparse.Namespace) -> None:
     """Child process: one engine on the mesh; prints READY, then one JSON line of engine timings per request."""
-    from sdk.identity import Key, TrustPolicy
+    from sdk.identity import TrustPolicy
     from sdk.inference import Engine, EngineConfig
     from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, MeshNode, NodeConfig
     from sdk.mesh import topics as mesh_topics
@@ -214,7 +390,8 @@ async def serve_node(args: argparse.Namespace) -> None:
     engine = await Engine.start(EngineConfig(device=args.device, max_sequence_length=512, max_batch_size=4))
     ran = asyncio.Event()
     runs = record_engine(engine, ran.set)
-    node = MeshNode(engine, args.serve_node, key=Key.generate(),
+    key, credential = node_identity(args.node_identity)
+    node = MeshNode(engine, args.serve_node, key=key, credential=credential,
                     access=AccessPolicy(TrustPolicy({args.trust: {ACCESS_CREDENTIAL}})),
                     config=NodeConfig(node_id=args.node_id, advert_interval=1.0))
     await node.start()
@@ -239,20 +416,24 @@ async def serve_node(args: argparse.Namespace) -> None:
 async def run_split(args: argparse.Namespace, url: str) -> dict[str, Any]:
     """Router here, each node a separate process (its own interpreter, loop and engine thread);
     perf_counter is CLOCK_MONOTONIC, one clock for all processes. Failover = SIGKILL of the node."""
+    import tempfile
+
     from sdk.identity import Key
     from sdk.inference import GenerationRequest
-    from sdk.mesh import Mesh, issue_access_credential
+    from sdk.mesh import Mesh, NodePolicy, issue_access_credential
     from sdk.mesh import topics as mesh_topics
     from sdk.mesh.protocol import request_body
 
     issuer, peer = Key.generate(), Key.generate()
     vc = issue_access_credential(issuer, peer.did)
     children: dict[str, asyncio.subprocess.Process] = {}
+    identities = tempfile.TemporaryDirectory()
 
     async def spawn(node_id: str) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, os.path.abspath(__file__), "--serve-node", url, "--trust", issuer.did,
-            "--node-id", node_id, "--device", args.device, stdout=asyncio.subprocess.PIPE,
+            "--node-id", node_id, "--node-identity", write_node_identity(issuer, node_id, identities.name),
+            "--device", args.device, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 300)
@@ -271,7 +452,7 @@ async def run_split(args: argparse.Namespace, url: str) -> dict[str, Any]:
                            "requests": args.requests, "tokens": args.tokens, "split": True}
     try:
         first = await spawn("split-0")
-        async with Mesh(url, peer, credentials=[vc]) as mesh:
+        async with Mesh(url, peer, credentials=[vc], node_policy=NodePolicy.trusting(issuer.did)) as mesh:
             await mesh.wait_for_nodes(1)
             for i in range(2):
                 await mesh.generate(req(i, 4))
@@ -335,6 +516,7 @@ async def run_split(args: argparse.Namespace, url: str) -> dict[str, Any]:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        identities.cleanup()
     return out
 
 
@@ -350,11 +532,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-node", metavar="URL", help=argparse.SUPPRESS)  # --split child
     parser.add_argument("--trust", help=argparse.SUPPRESS)
     parser.add_argument("--node-id", help=argparse.SUPPRESS)
+    parser.add_argument("--node-identity", help=argparse.SUPPRESS)
+    parser.add_argument("--revocation", action="store_true",
+                        help="only measure revoke -> first refusal (stand-in engine, no model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     if args.serve_node:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_node(args))
+        return 0
+    if args.revocation:
+        r = asyncio.run(revoke_to_refusal(args.broker, rounds=max(args.requests, 3)))
+        print(f"revoke -> first refusal on the mesh ({args.broker} broker, {len(r['runs'])} peers): median "
+              f"{r['seconds'] * 1e3:.1f} ms (runs: {', '.join(f'{t * 1e3:.1f}' for t in r['runs'])} ms; "
+              f"{r['served_after_revoke']} served after revocation); node credential revoked -> dropped by "
+              f"the router {r['node_drop_seconds'] * 1e3:.1f} ms (target <= {TARGET_REVOKE_S * 1e3:.0f} ms)")
+        if args.json == "-":
+            print(json.dumps(r, indent=2))
+        elif args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(r, f, indent=2)
         return 0
     runner = run_split if args.split else run
 

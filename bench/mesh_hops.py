@@ -90,10 +90,10 @@ def instrument_messaging() -> None:
     wrap(client.SecureClient, "_on_reply")
 
 
-async def serve_node(url: str, trust: str, marks_path: str) -> None:
+async def serve_node(url: str, trust: str, marks_path: str, identity: str) -> None:
     """Child: one instrumented node; writes its marks to ``marks_path`` every 0.2 s."""
     instrument_messaging()
-    from sdk.identity import Key, TrustPolicy
+    from sdk.identity import TrustPolicy
     from sdk.inference import Engine, EngineConfig
     from sdk.mesh import ACCESS_CREDENTIAL, AccessPolicy, MeshNode, NodeConfig, RateLimit
     from sdk.mesh import node as node_module
@@ -109,8 +109,11 @@ async def serve_node(url: str, trust: str, marks_path: str) -> None:
             yield chunk
 
     Engine.stream = stream  # type: ignore[method-assign]
+    from bench.mesh_bench import node_identity
+
     access = AccessPolicy(TrustPolicy({trust: {ACCESS_CREDENTIAL}}))
-    node = MeshNode(engine, url, key=Key.generate(), access=access,
+    key, credential = node_identity(identity)
+    node = MeshNode(engine, url, key=key, access=access, credential=credential,
                     config=NodeConfig(node_id="hops-0", advert_interval=1.0, rate_limit=RateLimit(100, 100)))
     await node.start()
     print("READY", flush=True)
@@ -122,10 +125,11 @@ async def serve_node(url: str, trust: str, marks_path: str) -> None:
 
 
 async def run(n: int) -> list[list[tuple[int, str]]]:
+    from bench.mesh_bench import write_node_identity
     from bench.mqtt_raw_bench import loopback_mosquitto
     from sdk.identity import Key
     from sdk.inference import GenerationRequest
-    from sdk.mesh import Mesh, issue_access_credential
+    from sdk.mesh import Mesh, NodePolicy, issue_access_credential
     from sdk.mesh import router as router_module
 
     with loopback_mosquitto() as url, tempfile.TemporaryDirectory() as tmp:
@@ -134,14 +138,15 @@ async def run(n: int) -> list[list[tuple[int, str]]]:
         marks_path = os.path.join(tmp, "node_marks.json")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, os.path.abspath(__file__), "--serve-node", url, "--trust", issuer.did,
-            "--marks", marks_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            "--marks", marks_path, "--node-identity", write_node_identity(issuer, "hops-0", tmp),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         try:
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 300)
             assert line.strip() == b"READY", line
             instrument_messaging()
             wrap(router_module.Mesh, "_choose")
-            async with Mesh(url, peer, credentials=[vc]) as mesh:
+            async with Mesh(url, peer, credentials=[vc], node_policy=NodePolicy.trusting(issuer.did)) as mesh:
                 await mesh.wait_for_nodes(1)
                 warm = GenerationRequest(prompt="warm up", max_new_tokens=2, temperature=0.0)
                 for _ in range(3):
@@ -196,10 +201,11 @@ def main() -> int:
     parser.add_argument("--serve-node", help=argparse.SUPPRESS)
     parser.add_argument("--trust", help=argparse.SUPPRESS)
     parser.add_argument("--marks", help=argparse.SUPPRESS)
+    parser.add_argument("--node-identity", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.serve_node:
-        asyncio.run(serve_node(args.serve_node, args.trust, args.marks))
+        asyncio.run(serve_node(args.serve_node, args.trust, args.marks, args.node_identity))
         return 0
     rows = hops(asyncio.run(run(args.requests)))
     for label, us in rows:
