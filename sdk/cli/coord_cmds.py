@@ -41,13 +41,15 @@ def coordinator(
         embedded = None
         url = broker or cfg.broker
         if url == "embedded":
-            from brokers.embedded import OPEN_ACL, EmbeddedBroker
+            from brokers.embedded import EmbeddedBroker
 
-            embedded = EmbeddedBroker(acl=OPEN_ACL)
-            await embedded.start()
+            embedded = EmbeddedBroker()  # own-topics ACL; the port is chosen now
             url = embedded.url
-            log.info("embedded broker on %s", url)
         coord = Coordinator.from_config(cfg, broker=url)
+        if embedded is not None:
+            embedded.add_admin(coord.did)  # only the coordinator writes device configs
+            await embedded.start()
+            log.info("embedded broker on %s", url)
         await coord.start()
         typer.echo(f"coordinator {coord.did} on {url} (data: {cfg.data_dir})")
         stop = asyncio.Event()
