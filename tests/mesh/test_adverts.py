@@ -70,3 +70,15 @@ def test_body_round_trip_and_malformed():
         NodeAdvert.from_body({"node": "x"})
     with pytest.raises(ValueError):
         NodeAdvert.from_body("nope")
+
+
+def test_other_key_cannot_take_over_with_a_higher_epoch():
+    clock = Clock()
+    table = AdvertTable(clock=clock, stale_after=3.0)
+    table.apply(ad(seq=1, epoch=1.0, did="did:key:zA"))
+    assert not table.apply(ad(seq=1, epoch=99.0, did="did:key:zEvil"))
+    assert not table.apply(ad(seq=1, epoch=99.0, did="did:key:zEvil", online=False))  # nor kill it
+    assert table.get("n1").did == "did:key:zA"
+    clock.t += 7.0  # the holder went stale: the id is free again
+    assert table.apply(ad(seq=1, epoch=99.0, did="did:key:zB"))
+    assert table.get("n1").did == "did:key:zB"

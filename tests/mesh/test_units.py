@@ -11,14 +11,21 @@ from sdk.identity import Key, TrustPolicy, verify_credential
 from sdk.inference import GenerationRequest
 from sdk.mesh import (
     ACCESS_CREDENTIAL,
+    NODE_CREDENTIAL,
     AccessScope,
     Mesh,
     NodeAdvert,
+    NodeGrant,
+    NodePolicy,
     NoNode,
+    NoNodeTrust,
     PeerBuckets,
+    PeerStreams,
     RateLimit,
     access_scope,
     issue_access_credential,
+    issue_node_credential,
+    node_grant,
 )
 from sdk.mesh import topics as mesh_topics
 from sdk.mesh.protocol import ADVERT, Refusal, parse_request, request_body
@@ -61,6 +68,62 @@ def test_token_bucket_per_peer() -> None:
     assert buckets.allow("a") and not buckets.allow("a")
     with pytest.raises(ValueError):
         RateLimit(rate=0)
+
+
+def test_stream_cap_per_peer() -> None:
+    streams = PeerStreams(2)
+    assert streams.acquire("a") and streams.acquire("a") and not streams.acquire("a")
+    assert streams.full("a") and not streams.full("b") and streams.acquire("b")
+    streams.release("a")
+    assert streams.count("a") == 1 and streams.acquire("a")
+    for _ in range(3):
+        streams.release("b")  # over-release is harmless
+    assert len(streams) == 1
+    with pytest.raises(ValueError):
+        PeerStreams(0)
+
+
+def test_node_credential_round_trip_and_binding() -> None:
+    issuer, node = Key.generate(), Key.generate()
+    token = node.did.rsplit(":", 1)[1]
+    vc = issue_node_credential(issuer, node.did, models=["m"], node_ids=["gpu-1"], valid_for=3600)
+    result = verify_credential(vc, trust=TrustPolicy({issuer.did: {NODE_CREDENTIAL}}))
+    assert result.verified and result.subject == node.did and NODE_CREDENTIAL in result.types
+    assert result.expires_at is not None
+    grant = node_grant(result.credential)
+    assert grant == NodeGrant(("m",), ("gpu-1",))
+
+    def advert_for(node_id: str, models: tuple[str, ...] = ("m",), did: str = node.did) -> NodeAdvert:
+        return NodeAdvert(node_id=node_id, did=did, epoch=1.0, seq=1, models=models)
+
+    assert grant.refusal(advert_for(token), node.did) is None  # its own token is always its id
+    assert grant.refusal(advert_for("gpu-1"), node.did) is None
+    assert grant.refusal(advert_for("gpu-2"), node.did) == "node_id_not_bound"
+    assert grant.refusal(advert_for(token, ("m", "other")), node.did) == "model_not_covered"
+    assert grant.refusal(advert_for(token), Key.generate().did) == "wrong_did"
+    assert NodeGrant(("*",)).covers("anything")
+    assert not verify_credential(vc, trust=TrustPolicy({issuer.did: {ACCESS_CREDENTIAL}})).verified
+    for bad in ({"credentialSubject": {"id": node.did}}, {"credentialSubject": {"models": []}},
+                {"credentialSubject": {"models": ["m"], "nodeIds": "x"}}, {"credentialSubject": [{}, {}]}):
+        with pytest.raises(ValueError):
+            node_grant(bad)
+    for kwargs in ({"models": []}, {"models": [""]}, {"models": ["m"], "node_ids": ["a/#"]},
+                   {"models": ["m"], "valid_for": 0}, {"models": ["m"], "valid_for": 5, "valid_until": "2030-01-01T00:00:00Z"}):
+        with pytest.raises(ValueError):
+            issue_node_credential(issuer, node.did, **kwargs)
+
+
+def test_router_needs_a_node_trust_policy() -> None:
+    with pytest.raises(NoNodeTrust) as info:
+        Mesh("mqtt://127.0.0.1:1", Key.generate())
+    assert info.value.reason == "no_node_trust"
+    with pytest.raises(TypeError):
+        Mesh("mqtt://127.0.0.1:1", Key.generate(), node_policy="did:key:z6Mk")  # type: ignore[arg-type]
+    issuer = Key.generate()
+    mesh = Mesh("mqtt://127.0.0.1:1", Key.generate(), node_policy=TrustPolicy({issuer.did: {NODE_CREDENTIAL}}))
+    assert isinstance(mesh.node_policy, NodePolicy)
+    assert NodePolicy.trusting(issuer.did).trust.allows(issuer.did, [NODE_CREDENTIAL])
+    assert Mesh("mqtt://127.0.0.1:1", Key.generate(), require_node_credential=False).node_policy is None
 
 
 def test_request_bodies_round_trip_and_bad_ones() -> None:
