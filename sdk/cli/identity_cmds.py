@@ -217,8 +217,8 @@ def _trust_policy(trust: list[str] | None, trust_file: Path | None, any_issuer: 
     table: dict[str, set[str]] = {}
     if trust_file is not None:
         config = _json_file(trust_file)
-        for issuer, types in TrustPolicy.from_config(config).issuers.items():
-            table.setdefault(issuer, set()).update(types)
+        for issuer, allowed in TrustPolicy.from_config(config).issuers.items():
+            table.setdefault(issuer, set()).update(allowed)
     for entry in trust or []:
         issuer, sep, types = entry.rpartition("=")
         if not sep or not issuer or not types:
@@ -300,7 +300,8 @@ def _result_json(result: VerificationResult, issuer_checked: bool = True) -> dic
     return out
 
 
-def _report_result(result: VerificationResult, *, as_json: bool, what: str, issuer_checked: bool = True) -> None:
+def _report_result(result: VerificationResult, *, as_json: bool, what: str,
+                   issuer_checked: bool = True) -> None:
     """Print a verification result; exit 1 with a one-line reason when it failed.
 
     Without a trust policy (``issuer_checked=False``) a passing result is reported as "signature
@@ -318,7 +319,8 @@ def _report_result(result: VerificationResult, *, as_json: bool, what: str, issu
     if issuer_checked:
         console.print(f"[green]✓ {what} verified[/] ({_esc(result.proof_format)})")
     else:
-        console.print(f"[yellow]✓ {what} signature valid; issuer not checked[/] ({_esc(result.proof_format)})")
+        fmt = _esc(result.proof_format)
+        console.print(f"[yellow]✓ {what} signature valid; issuer not checked[/] ({fmt})")
         console.print("  give --trust ISSUER=Types, --trust-file FILE or --any-issuer to check the issuer")
     rows = [("issuer", result.issuer), ("holder", result.holder), ("subject", result.subject),
             ("types", ", ".join(result.types) if result.types else None),
@@ -641,7 +643,7 @@ def sl_create(
     out: Path = typer.Option(..., "--out", "-o", help="File to write the signed status list credential to"),
     size: int = typer.Option(131072, "--size", help="Number of entries (multiple of 8; spec minimum 131072)"),
     purpose: str = typer.Option("revocation", "--purpose", help="revocation | suspension"),
-    ttl_hours: float = typer.Option(24.0, "--ttl-hours", help="Hours the list stays valid (republish before)"),
+    ttl_hours: float = typer.Option(24.0, "--ttl-hours", help="Hours the list stays valid"),
     fmt: str = FormatOpt,
     keystore: Path = KeystoreOpt,
     passphrase: str = PassOpt,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sdk.identity.errors import MalformedError
 
@@ -26,33 +26,33 @@ def _parse_datetime(text: str) -> datetime:
     try:
         dt = datetime.fromisoformat(text)
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)  # XSD: no offset means UTC for our purposes
-        return dt.astimezone(timezone.utc)
+            dt = dt.replace(tzinfo=UTC)  # XSD: no offset means UTC for our purposes
+        return dt.astimezone(UTC)
     except (ValueError, OverflowError):
         raise MalformedError(f"not a dateTime: {text!r}") from None
 
 
 def format_datetime(dt: datetime | None = None) -> str:
     """``YYYY-MM-DDTHH:MM:SSZ`` in UTC (seconds precision), now if ``dt`` is None."""
-    dt = dt or datetime.now(timezone.utc)
+    dt = dt or datetime.now(UTC)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def from_timestamp(ts: int | float) -> datetime:
     """An aware UTC datetime; ``ValueError``/``OverflowError``/``OSError``/``TypeError`` on junk."""
     if isinstance(ts, bool) or not isinstance(ts, (int, float)):
         raise TypeError(f"a timestamp is a number, not {type(ts).__name__}")
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 def as_now(now: datetime | float | int | None) -> datetime:
     """Normalize an injectable clock value (aware datetime or epoch seconds; None = now)."""
     if now is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     if isinstance(now, datetime):
-        return now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+        return now if now.tzinfo else now.replace(tzinfo=UTC)
     if isinstance(now, (int, float)) and not isinstance(now, bool):
         return from_timestamp(now)
     raise TypeError("now must be a datetime, epoch seconds or None")

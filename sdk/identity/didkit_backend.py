@@ -30,6 +30,7 @@ from sdk.identity.keys import Key
 
 log = logging.getLogger(__name__)
 
+_didkit: Any
 try:  # optional dependency: the [interop] extra
     import didkit as _didkit
 except ImportError:  # pragma: no cover - exercised where didkit is absent
@@ -269,7 +270,7 @@ async def _acheck(
                                  for t in uncovered]
     if ok:
         return None, []
-    log.info("didkit rejected a %s: %s", controller_member == "issuer" and "credential" or "presentation",
+    log.info("didkit rejected a %s: %s", (controller_member == "issuer" and "credential") or "presentation",
              "; ".join(errors))
     return _reason_of(errors[0]), errors
 

@@ -66,7 +66,8 @@ def load_credential(path: str | os.PathLike[str]) -> dict[str, Any] | str:
         except FileNotFoundError:
             raise CredentialFileError(f"no credential file {name}", reason="credential_not_found") from None
         except OSError as exc:
-            raise CredentialFileError(f"cannot read credential file {name}: {exc}", reason="credential_io") from exc
+            raise CredentialFileError(f"cannot read credential file {name}: {exc}",
+                                      reason="credential_io") from exc
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:

@@ -53,11 +53,13 @@ V1_CONTEXT = "https://www.w3.org/2018/credentials/v1"
 
 @functools.lru_cache(maxsize=1024)
 def _public_jwk(raw: bytes) -> OKPKey:
-    return OKPKey.import_key(PublicKey(raw).to_jwk())
+    jwk: dict[str, str | list[str]] = dict(PublicKey(raw).to_jwk())
+    return OKPKey.import_key(jwk)
 
 
 def _private_jwk(key: Key) -> OKPKey:
-    return OKPKey.import_key(key.to_jwk(private=True))
+    jwk: dict[str, str | list[str]] = dict(key.to_jwk(private=True))
+    return OKPKey.import_key(jwk)
 
 
 def _epoch(value: Any) -> int:
@@ -110,7 +112,8 @@ def _split(token: object) -> tuple[dict[str, Any], bytes]:
         raise MalformedError("not a compact JWS (or over the size limit)")
     head, body, sig = token.split(".")
     try:
-        header = strict_json.loads(b64url_decode(head, max_len=_MAX_HEADER_CHARS), max_bytes=_MAX_HEADER_CHARS)
+        raw_header = b64url_decode(head, max_len=_MAX_HEADER_CHARS)
+        header = strict_json.loads(raw_header, max_bytes=_MAX_HEADER_CHARS)
         payload = b64url_decode(body, max_len=MAX_TOKEN_CHARS)
         b64url_decode(sig, max_len=_SIG_CHARS)
     except ValueError as exc:
@@ -211,7 +214,8 @@ def claims_to_credential(claims: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(subject, Mapping):
             if subject.get("id", claims["sub"]) != claims["sub"]:
                 raise MalformedError("JWT sub and credentialSubject.id disagree")
-            cred["credentialSubject"] = {"id": claims["sub"], **{k: v for k, v in subject.items() if k != "id"}}
+            rest = {k: v for k, v in subject.items() if k != "id"}
+            cred["credentialSubject"] = {"id": claims["sub"], **rest}
     return cred
 
 

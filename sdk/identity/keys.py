@@ -106,7 +106,7 @@ class PublicKey:
         """The X25519 public key derived from this Ed25519 key (for key agreement)."""
         try:
             return nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(bytes(self.raw))
-        except Exception as exc:  # noqa: BLE001 - libsodium raises RuntimeError on bad points
+        except Exception as exc:
             raise InvalidKey("Ed25519 key cannot be converted to X25519") from exc
 
     @cached_property
@@ -123,7 +123,7 @@ class Key:
     Build with :meth:`generate`, :meth:`from_seed`, :meth:`from_multibase` or :meth:`from_jwk`.
     """
 
-    __slots__ = ("_signing", "public", "__dict__")
+    __slots__ = ("__dict__", "_signing", "public")
 
     def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
         if not isinstance(signing_key, nacl.signing.SigningKey):

@@ -102,7 +102,8 @@ def create_presentation(
                                        created=created, challenge=challenge, domain=domain)
     if proof_format == "jwt":
         iat = parse_datetime(created) if isinstance(created, str) else created
-        return sign_jwt(presentation_to_claims(vp, challenge=challenge, domain=domain, iat=iat), holder_key, kid=vm)
+        claims = presentation_to_claims(vp, challenge=challenge, domain=domain, iat=iat)
+        return sign_jwt(claims, holder_key, kid=vm)
     raise ValueError("proof_format must be 'eddsa-jcs-2022' or 'jwt'")
 
 
@@ -153,7 +154,8 @@ def _verify_vp_proof(presentation: Any, resolver: Resolver, result: Verification
             raise UnsupportedProof(f"unsupported presentation proof {proof.get('type')!r}")
         raise MalformedError("presentation has no proof")
     result.proof_format = "eddsa-jcs-2022"
-    _, proof = DataIntegrityProof.verify(vp, resolver=resolver, proof_purpose=AUTHENTICATION, controller=holder)
+    _, proof = DataIntegrityProof.verify(vp, resolver=resolver, proof_purpose=AUTHENTICATION,
+                                         controller=holder)
     result.verification_method = proof["verificationMethod"]
     if proof.get("challenge") != challenge:
         raise WrongChallenge("presentation proof challenge does not match")
@@ -219,7 +221,7 @@ def verify_presentation(
         sub = check_credential(cred, resolver=res, now=when, skew=tol, trust=trust, status=checker,
                                check_status=check_status)
         result.credentials.append(sub)
-        for reason, message in zip(sub.errors, sub.messages):
+        for reason, message in zip(sub.errors, sub.messages, strict=False):
             result.add_error(reason, message)
         if sub.credential is not None:
             subjects = sub.credential.get("credentialSubject")

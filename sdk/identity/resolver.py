@@ -174,7 +174,7 @@ class DidWebResolver:
             doc = self._fetch(url)
         except ResolutionError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the fetcher is user code; map its failure
+        except Exception as exc:
             raise ResolutionError(f"fetching {url} failed: {exc}") from exc
         if not isinstance(doc, Mapping):
             raise ResolutionError(f"{url} did not return a JSON object")

@@ -205,7 +205,7 @@ def create_status_list_credential(
     end = valid_until if valid_until else start + lifetime
     doc = status_list_document(
         url, issuer or key.did, status_list=status_list, purpose=purpose,
-        valid_from=format_datetime(start) if not valid_from else valid_from, valid_until=end,
+        valid_from=valid_from if valid_from else format_datetime(start), valid_until=end,
         sequence=next_sequence() if sequence is None else sequence,
     )
     return issue_credential(doc, key, proof_format=proof_format, verification_method=verification_method,
@@ -334,7 +334,8 @@ def verify_status_list(
         raise StatusListRejected(f"{label} does not verify: {', '.join(result.errors)}", problem="invalid")
     cred = result.credential or {}
     cred_id = cred.get("id")
-    if LIST_CREDENTIAL_TYPE not in result.types or not isinstance(cred_id, str) or (url is not None and cred_id != url):
+    if LIST_CREDENTIAL_TYPE not in result.types or not isinstance(cred_id, str) or (
+            url is not None and cred_id != url):
         raise StatusListRejected(f"{label} is not a {LIST_CREDENTIAL_TYPE} for that URL", problem="invalid")
     subject = cred.get("credentialSubject")
     if not isinstance(subject, Mapping) or subject.get("type") != LIST_TYPE:
@@ -347,8 +348,8 @@ def verify_status_list(
         bits = StatusList.decode(subject.get("encodedList"))  # type: ignore[arg-type]
     except MalformedError as exc:
         raise StatusListRejected(f"{label}: {exc}", problem="invalid") from exc
-    return VerifiedStatusList(cred_id, result.issuer or "", purpose, bits, result.issued_at, result.expires_at,
-                              sequence, credential)
+    return VerifiedStatusList(cred_id, result.issuer or "", purpose, bits, result.issued_at,
+                              result.expires_at, sequence, credential)
 
 
 Listener = Callable[[str, Any], Any]
@@ -403,11 +404,13 @@ class StatusListStore:
         return list(self._lists)
 
     def needs_refresh(self, now: datetime | float | None = None,
-                      margin: timedelta | float = DEFAULT_REFRESH_MARGIN, *, issuer: str | None = None) -> list[str]:
+                      margin: timedelta | float = DEFAULT_REFRESH_MARGIN, *,
+                      issuer: str | None = None) -> list[str]:
         """URLs (of ``issuer``, or all) whose list reaches ``validUntil`` within ``margin``."""
         when, lead = as_now(now), as_skew(margin)
         return [url for url, e in list(self._lists.items())
-                if (issuer is None or e.issuer == issuer) and (e.valid_until is None or when + lead >= e.valid_until)]
+                if (issuer is None or e.issuer == issuer)
+                and (e.valid_until is None or when + lead >= e.valid_until)]
 
     # -- changing -----------------------------------------------------------------------------
 
@@ -438,9 +441,11 @@ class StatusListStore:
         when = as_now(now)
         entry = verify_status_list(credential, resolver=self._resolver, now=when, skew=self._skew)
         if not self.trust.trusts_issuer(entry.issuer):
-            raise StatusListRejected(f"{entry.url}: issuer {entry.issuer} is not trusted", problem="untrusted")
+            raise StatusListRejected(f"{entry.url}: issuer {entry.issuer} is not trusted",
+                                     problem="untrusted")
         if entry.order is None or entry.valid_until is None:
-            raise StatusListRejected(f"{entry.url} has no validFrom/validUntil to order it", problem="unordered")
+            raise StatusListRejected(f"{entry.url} has no validFrom/validUntil to order it",
+                                     problem="unordered")
         with self._lock:
             held = self._lists.get(entry.url)
             if held is None and len(self._lists) >= self._max:
@@ -453,18 +458,20 @@ class StatusListStore:
                 if entry.order == held.order:
                     if _same(entry.credential, held.credential):
                         return False
-                    raise StatusListRejected(f"{entry.url}: a different list with the same order", problem="conflict")
+                    raise StatusListRejected(f"{entry.url}: a different list with the same order",
+                                             problem="conflict")
                 if entry.order < held.order:
                     raise StatusListRejected(
-                        f"{entry.url}: list of {format_datetime(entry.order[0])} #{entry.order[1]} is older than "
-                        f"the one held ({format_datetime(held.order[0])} #{held.order[1]})", problem="stale")
+                        f"{entry.url}: list of {format_datetime(entry.order[0])} #{entry.order[1]} is older "
+                        f"than the one held ({format_datetime(held.order[0])} #{held.order[1]})",
+                        problem="stale")
             self._lists[entry.url] = entry
         log.info("status list %s accepted (validFrom %s, sequence %d, validUntil %s)", entry.url,
                  entry.valid_from, entry.sequence, entry.valid_until)
         for listener in list(self._listeners):
             try:
                 listener(entry.url, entry.credential)
-            except Exception:  # noqa: BLE001 - a listener bug must not stop the others
+            except Exception:
                 log.exception("status list listener failed for %s", entry.url)
         return True
 
@@ -547,7 +554,7 @@ class StatusChecker:
             fetched = self._source(url)
         except IdentityError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the source is user code; map its failure
+        except Exception as exc:
             raise StatusUnavailable(f"fetching status list {url} failed: {exc}") from exc
         if fetched is None:
             raise StatusUnavailable(f"status list {url} not found")
@@ -575,7 +582,8 @@ class StatusChecker:
             index = _index(raw_index)
             listed = self._list_for(url, when)
             if listed.expired(when, self._skew):
-                raise StatusListExpired(f"status list {url} expired at {listed.valid_until}; statuses unknown")
+                raise StatusListExpired(f"status list {url} expired at {listed.valid_until}; "
+                                        "statuses unknown")
             if listed.purpose != purpose:
                 raise StatusUnavailable(f"{url} is a {listed.purpose} list, entry wants {purpose}")
             if issuer is not None and listed.issuer != issuer:
@@ -620,8 +628,8 @@ def as_status_checker(status: Any, resolver: Resolver | None) -> StatusChecker |
         elif callable(status):
             source = status
         else:
-            raise TypeError("status must be a StatusChecker, a StatusListStore, a callable url -> credential, "
-                            "or a dict")
+            raise TypeError("status must be a StatusChecker, a StatusListStore, "
+                            "a callable url -> credential, or a dict")
         checker = StatusChecker(source, resolver=resolver)
         if len(_WRAPPED) > 64:
             _WRAPPED.clear()

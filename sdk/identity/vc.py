@@ -247,7 +247,8 @@ def _check(credential: Any, result: VerificationResult, *, resolver: Resolver, n
         result.add_exception(Expired(f"expired at {end.isoformat()}"))
     if "credentialStatus" in cred and check_status:
         if status is None:
-            result.add_exception(StatusUnavailable("credential has credentialStatus but no status source was given"))
+            result.add_exception(StatusUnavailable(
+                "credential has credentialStatus but no status source was given"))
         else:
             try:
                 status.check(cred["credentialStatus"], issuer=result.issuer, now=now)

@@ -41,7 +41,7 @@ def b64url_decode(data: bytes | str, *, max_len: int | None = None) -> bytes:
         raise ValueError("bad base64url length")
     if _ALPHABET.fullmatch(data) is None:
         raise ValueError("character outside the base64url alphabet (or padding)")
-    if rem == 2 and data[-1] not in _TAIL2 or rem == 3 and data[-1] not in _TAIL3:
+    if (rem == 2 and data[-1] not in _TAIL2) or (rem == 3 and data[-1] not in _TAIL3):
         raise ValueError("non-canonical base64url (trailing bits set)")
     try:
         return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))

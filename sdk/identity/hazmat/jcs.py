@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 # C-accelerated JSON string quoting (escapes '"', '\\' and U+0000..U+001F exactly like ES).
-_quote = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_quote = json.encoder.encode_basestring
 
 _MAX_SAFE_INT = 2**53
 
