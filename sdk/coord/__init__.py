@@ -1,8 +1,9 @@
 """Coordination: devices, the coordinator daemon and the protocol they share.
 
-    Device / SyncDevice (device.py)    the device SDK: mutual DID+VP admission, events, configs
+    Device / SyncDevice (device/)      the device SDK: mutual DID+VP admission, events, configs
     Coordinator (coordinator/)         admits devices, runs rules, pushes signed configs
-    protocol.py                        message types, device topics (shared by both sides)
+    protocol.py                        message types, device topics, the config document (shared)
+    handshake.py, errors.py            the DID+VP handshake and the errors both sides use
     events.py                          typed device events
 
 Built on ``sdk.messaging``; docs/COORDINATOR.md. Names load on first use, so importing the
@@ -20,7 +21,7 @@ _EXPORTS: dict[str, str] = {
     "SyncDevice": "sdk.coord.device",
     "Config": "sdk.coord.device",
 }
-_SUBMODULES = {"events", "protocol", "device", "coordinator"}
+_SUBMODULES = {"events", "protocol", "device", "coordinator", "handshake", "errors"}
 
 __all__ = [
     "Config",
