@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from sdk.identity.datetimes import as_now, as_skew, format_datetime, parse_datetime
@@ -125,6 +125,13 @@ def _as_datetime_text(value: str | datetime) -> str:
     return value
 
 
+def _precise(dt: datetime) -> str:
+    """A dateTime with microseconds when it has any (lists issued within a second stay ordered)."""
+    if not dt.microsecond:
+        return format_datetime(dt)
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 _seq_lock = threading.Lock()
 _last_sequence = 0
 
@@ -194,7 +201,8 @@ def create_status_list_credential(
 ) -> dict[str, Any] | str:
     """Build and sign a status list credential (re-issue after every :meth:`StatusList.set`).
 
-    Ordering is signed inside it: ``validFrom`` (default ``now``), ``validUntil`` (default
+    Ordering is signed inside it: ``validFrom`` (default ``now``, to the microsecond; a VC-JWT
+    keeps whole seconds), ``validUntil`` (default
     ``validFrom + ttl``; republish before then) and ``credentialSubject.sequence`` (default
     :func:`next_sequence`; pass a persisted counter to order lists across restarts).
     """
@@ -202,10 +210,10 @@ def create_status_list_credential(
     lifetime = as_skew(ttl)
     if lifetime <= timedelta(0):
         raise ValueError("ttl must be positive")
-    end = valid_until if valid_until else start + lifetime
+    end = valid_until if valid_until else _precise(start + lifetime)
     doc = status_list_document(
         url, issuer or key.did, status_list=status_list, purpose=purpose,
-        valid_from=valid_from if valid_from else format_datetime(start), valid_until=end,
+        valid_from=valid_from if valid_from else _precise(start), valid_until=end,
         sequence=next_sequence() if sequence is None else sequence,
     )
     return issue_credential(doc, key, proof_format=proof_format, verification_method=verification_method,

@@ -195,3 +195,11 @@ def test_unverified_order_for_transports(issuer_key: Key) -> None:
     for junk in (None, "x.y.z", {"validFrom": ["x"]}, {"validFrom": "2026-01-01T00:00:00Z",
                                                          "credentialSubject": {"sequence": -1}}):
         assert status_list_order(junk) is None
+
+
+def test_valid_from_keeps_sub_second_order(issuer_key: Key) -> None:
+    at = NOW + timedelta(microseconds=250)
+    a = _list(issuer_key, at=at)
+    b = _list(issuer_key, at=at + timedelta(microseconds=1))
+    assert a["validFrom"] == "2026-06-01T12:00:00.000250Z" and a["validFrom"] < b["validFrom"]
+    assert verify_credential(a, now=at, trust=ANY).verified
