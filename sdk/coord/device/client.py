@@ -312,7 +312,7 @@ class Device:
         """
         if self._state is S.CLOSED:
             raise NotAdmitted("device is closed", reason="closed")
-        if self._state is not S.REAUTHENTICATING:
+        if self._state not in (S.REAUTHENTICATING, S.ADMITTED):   # admitted: the session goes on meanwhile
             self._set_state(S.AUTHENTICATING, "authenticate")
         try:
             return await self._handshake(resume)
@@ -389,7 +389,12 @@ class Device:
         self._presented = credential
         self._coordinator_boot = admission.boot
         self._admission_gen += 1
-        self._set_state(S.ADMITTED, f"session {admission.session}")
+        if self._state is S.ADMITTED:          # authenticated again while admitted: a new session
+            self.state_reason = f"session {admission.session}"
+            self._start_heartbeat(admission.heartbeat_ttl)
+            log.info("device %s: admitted again (session %s)", self.did, admission.session)
+        else:
+            self._set_state(S.ADMITTED, f"session {admission.session}")
         if len(self._outbox):   # queued before, sent before the waiters' new events (same lock, order)
             self._spawn(self._drain())
 

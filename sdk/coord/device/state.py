@@ -1,16 +1,19 @@
 """The device's connection state: one enum and the transitions allowed between its members.
 
-    CLOSED ──connect()──▶ CONNECTING ──▶ AUTHENTICATING ──▶ ADMITTED
-                                            │  ▲               │ reauth notice, reconnect,
-                                            ▼  │               ▼ coordinator restarted
-                                          WAITING ◀──────── REAUTHENTICATING ──▶ ADMITTED
-    any ──revoked──▶ REVOKED      any ──credential expired, none fresher──▶ EXPIRED
-    any ──aclose()──▶ CLOSED
+    CLOSED            -> CONNECTING          connect()
+    CONNECTING        -> AUTHENTICATING      or WAITING with connect(authenticate=False)
+    AUTHENTICATING    -> ADMITTED            or WAITING when refused for a passing reason (timeout...)
+    ADMITTED          -> WAITING             the coordinator says it is offline
+                      -> REAUTHENTICATING    reauth notice, broker reconnect, coordinator restarted
+    WAITING           -> REAUTHENTICATING    the coordinator is online again, broker reconnect
+                      -> AUTHENTICATING      the app calls authenticate()
+    REAUTHENTICATING  -> ADMITTED            (it retries with backoff until then)
+    EXPIRED           -> REAUTHENTICATING    Device.update_credential()
+    any               -> REVOKED             the credential is revoked
+    any               -> EXPIRED             the credential expired and no fresh one was available
+    any               -> CLOSED              aclose()
 
-WAITING: connected but not admitted, until the coordinator comes back (its presence says
-online) or the app calls ``authenticate()``. EXPIRED: the coordinator refused the credential
-as expired and no fresh one was available; ``Device.update_credential()`` resumes. REVOKED is
-final for automatic transitions; only an explicit ``authenticate()`` may try again.
+REVOKED is final for automatic transitions; only an explicit ``authenticate()`` may try again.
 """
 
 from __future__ import annotations
@@ -36,10 +39,9 @@ _S = DeviceState
 #: state -> the states it may move to
 TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
     _S.CLOSED: frozenset({_S.CONNECTING}),
-    _S.CONNECTING: frozenset({_S.AUTHENTICATING, _S.WAITING, _S.CLOSED}),
+    _S.CONNECTING: frozenset({_S.AUTHENTICATING, _S.WAITING, _S.REVOKED, _S.CLOSED}),
     _S.AUTHENTICATING: frozenset({_S.ADMITTED, _S.WAITING, _S.EXPIRED, _S.REVOKED, _S.CLOSED}),
-    _S.ADMITTED: frozenset({_S.AUTHENTICATING, _S.REAUTHENTICATING, _S.WAITING, _S.EXPIRED, _S.REVOKED,
-                            _S.CLOSED}),
+    _S.ADMITTED: frozenset({_S.REAUTHENTICATING, _S.WAITING, _S.EXPIRED, _S.REVOKED, _S.CLOSED}),
     _S.WAITING: frozenset({_S.AUTHENTICATING, _S.REAUTHENTICATING, _S.EXPIRED, _S.REVOKED, _S.CLOSED}),
     _S.REAUTHENTICATING: frozenset({_S.ADMITTED, _S.EXPIRED, _S.REVOKED, _S.CLOSED}),
     _S.EXPIRED: frozenset({_S.AUTHENTICATING, _S.REAUTHENTICATING, _S.REVOKED, _S.CLOSED}),
