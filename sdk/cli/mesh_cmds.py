@@ -182,12 +182,13 @@ def gateway(
     from sdk.mesh import RouterConfig
     from sdk.mesh.gateway import run_gateway
 
+    policy = _node_policy(node_trust, required=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
         key = _load_key(keystore, key_name)
         creds = [_read_credential(p) for p in credential or []]
-        await run_gateway(broker, key, credentials=creds, node_policy=_node_policy(node_trust, required=True),
+        await run_gateway(broker, key, credentials=creds, node_policy=policy,
                           host=host, port=port, default_model=model,
                           config=RouterConfig(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout),
                           api_keys=api_key or None, max_concurrent=max_concurrent, log_level=log_level.lower())

@@ -140,5 +140,5 @@ async def test_concurrent_streams_per_peer_are_capped(embedded_env: MeshEnv, pee
     assert "too_many_streams" in str(info.value)
     assert node.refusals["too_many_streams"] == 1
     await long.aclose()
-    await until(lambda: node.active == 0 and len(node._streams) == 0, what="the stream slot freed")  # noqa: SLF001
+    await until(lambda: node.active == 0 and len(node._streams) == 0, what="the stream slot freed")
     assert (await mesh.generate(tiny(2))).usage.completion_tokens >= 1

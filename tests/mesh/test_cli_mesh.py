@@ -57,3 +57,14 @@ def test_serve_node_mode_needs_a_trusted_issuer() -> None:
     assert result.exit_code == 2 and "--trust" in result.output
     help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
     assert "--broker" in help_text and "--model-path" in help_text and "--peer-rate" in help_text
+    assert "--node-credential" in help_text and "--status-file" in help_text
+
+
+def test_gateway_needs_a_node_trust_issuer() -> None:
+    from typer.testing import CliRunner
+
+    from sdk.cli import app
+
+    result = CliRunner().invoke(app, ["gateway", "--broker", "mqtt://127.0.0.1:1", "--port", "0"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "--node-trust" in result.output
