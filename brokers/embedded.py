@@ -19,9 +19,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from brokers.mosquitto import free_port
 
@@ -32,15 +36,110 @@ OPEN_ACL = "brokers.did_auth.open_acl"
 
 
 class _Broker(Broker):
-    """amqtt's broker with retained delivery filtered through the topic ACL, and without the
-    traceback it logs when a client hangs up mid-CONNECT.
+    """amqtt's broker with retained delivery filtered through the topic ACL, CONNECTs
+    authenticated before any session is touched, and without the traceback it logs when a
+    client hangs up mid-CONNECT.
 
     amqtt 0.12 sends retained messages from ``_publish_retained_messages_for_subscription``
     without asking the topic plugins whether the subscriber may ``receive`` them, and calls it at
     every CONNECT for every filter any client has subscribed to, so a new client gets other
     clients' retained messages. This override delivers a retained message only for a filter the
     session itself holds, and only if the ``receive`` check allows it.
+
+    amqtt also deletes (clean session) or resumes (persistent session) the session of a CONNECT's
+    client id, and takes over a connected one, before it checks the CONNECT's credentials. Here
+    the CONNECT is authenticated first, and a client id held by another DID's connected or
+    persistent session is refused (reason ``client_id_taken``).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._preauth: dict[int, bool] = {}  # id(session) -> verdict, consumed by _authenticate
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # amqtt 0.12.1's method, with authentication (and the client id check) before the
+        # existing session of that client id is deleted or resumed
+        try:
+            handler, client_session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager)
+        except AMQTTError as exc:
+            log.debug("[MQTT-3.1.0-1] %s:%s: cannot read first packet as CONNECT: %s",
+                      remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            log.debug("invalid connection from %s:%s", remote_address, remote_port)
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            log.debug("no data from %s:%s: %s", remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+
+        ok = await super()._authenticate(client_session, None)
+        existing = self._sessions.get(client_session.client_id) if client_session.client_id else None
+        if ok and existing is not None and existing[0].username != client_session.username \
+                and (existing[0].transitions.is_connected() or not existing[0].clean_session):
+            log.warning("refused CONNECT of %s as client %r: that client id belongs to another DID's session",
+                        client_session.username, client_session.client_id)
+            plugin = self.plugins_manager.get_plugin("DIDAuthPlugin")
+            if plugin is not None:
+                plugin.rejections.append((client_session.client_id, "client_id_taken"))
+            ok = False
+        if len(self._preauth) > 10_000:
+            self._preauth.clear()
+        self._preauth[id(client_session)] = ok
+        if not ok:
+            if not client_session.client_id:
+                client_session.client_id = gen_client_id()
+            client_session.parent = 0
+            return handler, client_session
+
+        if client_session.clean_session:
+            if client_session.client_id:
+                await self._delete_session(client_session.client_id)
+            else:
+                client_session.client_id = gen_client_id()
+            client_session.parent = 0
+        elif existing is not None:
+            old = existing[0]
+            old.will_flag = client_session.will_flag
+            old.will_message = client_session.will_message
+            old.will_topic = client_session.will_topic
+            old.will_qos = client_session.will_qos
+            old.keep_alive = client_session.keep_alive
+            old.username = client_session.username
+            old.password = client_session.password
+            self._preauth[id(old)] = self._preauth.pop(id(client_session))
+            client_session = old
+            client_session.parent = 1
+        else:
+            client_session.parent = 0
+
+        timeout_disconnect_delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
+            client_session.keep_alive += timeout_disconnect_delay
+        return handler, client_session
+
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        verdict = self._preauth.pop(id(session), None)
+        if verdict is not None:
+            return verdict
+        return await super()._authenticate(session, listener)
+
+    async def _handle_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, client_session: Session,
+        handler: BrokerProtocolHandler, server: Any, listener_name: str,
+    ) -> None:
+        if self._preauth.get(id(client_session)) is False:
+            # refused: answer without touching any session (amqtt would register this one under
+            # the client id, or take over the connected one, before looking at the verdict)
+            del self._preauth[id(client_session)]
+            handler.attach(client_session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            return
+        await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -75,9 +174,10 @@ class _Broker(Broker):
             await asyncio.wait(tasks)
 
 
-if not hasattr(Broker, "_publish_retained_messages_for_subscription"):  # pragma: no cover
-    raise ImportError("this amqtt has no Broker._publish_retained_messages_for_subscription: "
-                      "brokers.embedded must be checked against it (retained ACL filtering)")
+for _name in ("_publish_retained_messages_for_subscription", "_initialize_client_session",
+              "_handle_client_session", "_authenticate"):
+    if not hasattr(Broker, _name):  # pragma: no cover
+        raise ImportError(f"this amqtt has no Broker.{_name}: brokers.embedded must be checked against it")
 
 
 class EmbeddedBroker:

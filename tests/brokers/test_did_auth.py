@@ -380,3 +380,44 @@ async def test_only_the_coordinator_overwrites_a_device_config() -> None:
         got = _Collect()
         await alice.subscribe(config, qos=1, handler=got)
         assert (await got.wait_for(config)).payload == b"signed by the coordinator"
+
+
+@pytest.mark.broker
+async def test_a_client_id_cannot_be_taken_over_by_another_did() -> None:
+    """amqtt resumes (or takes over) the session of a CONNECT's client id before checking who
+    connects: another DID reusing a device's client id would get its queued messages."""
+    a = _tok(ALICE)
+    inbox = f"{ROOT}/dev/{a}/cmd"
+    got: asyncio.Queue[Message] = asyncio.Queue()
+
+    def on_cmd(topic: str, payload: bytes, *, retain: bool, qos: int) -> None:
+        got.put_nowait(Message(topic, payload, qos, retain))
+
+    async with EmbeddedBroker() as b:
+        alice = MqttTransport(b.url, client_id="alice-dev", persistent=True, **did_credentials(ALICE))
+        await alice.connect()
+        await alice.subscribe(inbox, qos=1, handler=on_cmd)
+        # while Alice is online: Mallory cannot kick her off with her client id
+        with pytest.raises(ConnectFailed):
+            await MqttTransport(b.url, client_id="alice-dev", connect_timeout=5,
+                                **did_credentials(MALLORY)).connect()
+        assert b.rejections[-1] == ("alice-dev", "client_id_taken")
+        async with MqttTransport(b.url, **did_credentials(CAROL)) as carol:
+            await carol.publish(inbox, b"while online", qos=1)
+            assert (await asyncio.wait_for(got.get(), 5)).payload == b"while online"
+            assert alice.connected and alice.reconnects == 0
+            await alice.aclose()
+            await carol.publish(inbox, b"queued for alice", qos=1)
+        # Alice offline, her persistent session holds a queued message: Mallory cannot resume it
+        for persistent in (True, False):
+            mallory = MqttTransport(b.url, client_id="alice-dev", persistent=persistent, connect_timeout=5,
+                                    on_message=on_cmd, **did_credentials(MALLORY))
+            with pytest.raises(ConnectFailed):
+                await mallory.connect()
+            await mallory.aclose()
+            assert b.rejections[-1] == ("alice-dev", "client_id_taken")
+        # Alice comes back and gets it
+        async with MqttTransport(b.url, client_id="alice-dev", persistent=True, on_message=on_cmd,
+                                 **did_credentials(ALICE)):
+            assert (await asyncio.wait_for(got.get(), 5)).payload == b"queued for alice"
+        assert got.empty()
