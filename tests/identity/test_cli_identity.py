@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -266,3 +267,14 @@ def test_vc_verify_without_trust_does_not_say_verified(cli, issuer, holder):
     assert trusted["verified"] and trusted["issuer_checked"]
     failed(cli("vc", "verify", out, "--trust", f"{holder}=AdminCredential"), "untrusted_issuer")
     failed(cli("vc", "verify", out, "--any-issuer", "--trust", f"{issuer}=*"), "invalid_input")
+
+
+def test_world_readable_keystore_is_refused_with_a_chmod_hint(cli, issuer):
+    os.chmod(cli.keystore, 0o644)
+    try:
+        result = cli("vc", "issue", "--subject", issuer)
+        failed(result, "insecure_permissions")
+        assert "chmod 600" in result.stderr
+    finally:
+        os.chmod(cli.keystore, 0o600)
+    ok_json(cli("vc", "issue", "--subject", issuer, "--json"))

@@ -55,6 +55,7 @@ def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
         for part in path[:-1]:
             target = target[part]
         target[path[-1]] = value
+
     return mutate
 
 
@@ -77,7 +78,11 @@ CREDENTIAL_CASES = [
     ("proofValue number", _set(("proof", "proofValue"), 5), False),
     ("proofValue huge", _set(("proof", "proofValue"), "z" + "2" * HOSTILE_LEN), False),
     ("verificationMethod list", _set(("proof", "verificationMethod"), ["did:key:z"]), False),
-    ("verificationMethod huge", _set(("proof", "verificationMethod"), "did:key:z" + "6" * HOSTILE_LEN), False),
+    (
+        "verificationMethod huge",
+        _set(("proof", "verificationMethod"), "did:key:z" + "6" * HOSTILE_LEN),
+        False,
+    ),
     ("proofPurpose list", _set(("proof", "proofPurpose"), ["assertionMethod"]), False),
     ("cryptosuite list", _set(("proof", "cryptosuite"), ["eddsa-jcs-2022"]), False),
     ("type number", _set(("type",), 5), True),
@@ -99,33 +104,77 @@ CREDENTIAL_CASES = [
     ("@context list of lists", _set(("@context",), [["https://www.w3.org/ns/credentials/v2"]]), False),
     ("credentialStatus string", _set(("credentialStatus",), "revoked?"), True),
     ("credentialStatus list of numbers", _set(("credentialStatus",), [1, 2]), True),
-    ("statusListIndex infinity-like", _set(("credentialStatus",), {
-        "type": "BitstringStatusListEntry", "statusPurpose": "revocation",
-        "statusListCredential": "https://issuer.example/status/1", "statusListIndex": 1e308}), True),
-    ("statusListIndex huge digits", _set(("credentialStatus",), {
-        "type": "BitstringStatusListEntry", "statusPurpose": "revocation",
-        "statusListCredential": "https://issuer.example/status/1", "statusListIndex": "9" * 5000}), True),
-    ("statusPurpose list", _set(("credentialStatus",), {
-        "type": "BitstringStatusListEntry", "statusPurpose": ["revocation"],
-        "statusListCredential": "https://issuer.example/status/1", "statusListIndex": "1"}), True),
-    ("statusListCredential dict", _set(("credentialStatus",), {
-        "type": "BitstringStatusListEntry", "statusPurpose": "revocation",
-        "statusListCredential": {"url": 1}, "statusListIndex": "1"}), True),
+    (
+        "statusListIndex infinity-like",
+        _set(
+            ("credentialStatus",),
+            {
+                "type": "BitstringStatusListEntry",
+                "statusPurpose": "revocation",
+                "statusListCredential": "https://issuer.example/status/1",
+                "statusListIndex": 1e308,
+            },
+        ),
+        True,
+    ),
+    (
+        "statusListIndex huge digits",
+        _set(
+            ("credentialStatus",),
+            {
+                "type": "BitstringStatusListEntry",
+                "statusPurpose": "revocation",
+                "statusListCredential": "https://issuer.example/status/1",
+                "statusListIndex": "9" * 5000,
+            },
+        ),
+        True,
+    ),
+    (
+        "statusPurpose list",
+        _set(
+            ("credentialStatus",),
+            {
+                "type": "BitstringStatusListEntry",
+                "statusPurpose": ["revocation"],
+                "statusListCredential": "https://issuer.example/status/1",
+                "statusListIndex": "1",
+            },
+        ),
+        True,
+    ),
+    (
+        "statusListCredential dict",
+        _set(
+            ("credentialStatus",),
+            {
+                "type": "BitstringStatusListEntry",
+                "statusPurpose": "revocation",
+                "statusListCredential": {"url": 1},
+                "statusListIndex": "1",
+            },
+        ),
+        True,
+    ),
     ("deeply nested subject", _set(("credentialSubject", "deep"), _deep(5000)), False),
 ]
 
 
-@pytest.mark.parametrize("mutate,resign", [c[1:] for c in CREDENTIAL_CASES], ids=[c[0] for c in CREDENTIAL_CASES])
+@pytest.mark.parametrize(
+    "mutate,resign", [c[1:] for c in CREDENTIAL_CASES], ids=[c[0] for c in CREDENTIAL_CASES]
+)
 def test_hostile_credential_fields_give_a_reason_not_an_exception(
-        issuer_key: Key, holder_key: Key, mutate, resign: bool) -> None:
+    issuer_key: Key, holder_key: Key, mutate, resign: bool
+) -> None:
     cred = unsigned_credential(holder_key.did)
     cred["issuer"] = issuer_key.did
     signed = DataIntegrityProof.sign(cred, issuer_key, created="2024-01-01T00:00:00Z")
     doc = copy.deepcopy(signed)
     mutate(doc)
     if resign:
-        doc = DataIntegrityProof.sign({k: v for k, v in doc.items() if k != "proof"}, issuer_key,
-                                      created="2024-01-01T00:00:00Z")
+        doc = DataIntegrityProof.sign(
+            {k: v for k, v in doc.items() if k != "proof"}, issuer_key, created="2024-01-01T00:00:00Z"
+        )
     status = StatusRegistry(issuer_key).published
     result = verify_credential(doc, now=NOW, trust=ANY, status=status)
     _reasons_ok(result)
@@ -133,9 +182,17 @@ def test_hostile_credential_fields_give_a_reason_not_an_exception(
     _reasons_ok(verify_credential(doc, now=NOW, trust=trusted, status=status))
     # the same credential inside a holder-signed presentation
     try:
-        vp = DataIntegrityProof.sign({"@context": [cred["@context"][0]], "type": ["VerifiablePresentation"],
-                                      "holder": holder_key.did, "verifiableCredential": [doc]},
-                                     holder_key, proof_purpose="authentication", challenge="c")
+        vp = DataIntegrityProof.sign(
+            {
+                "@context": [cred["@context"][0]],
+                "type": ["VerifiablePresentation"],
+                "holder": holder_key.did,
+                "verifiableCredential": [doc],
+            },
+            holder_key,
+            proof_purpose="authentication",
+            challenge="c",
+        )
     except MalformedError:  # too deep to canonicalize, so it cannot be signed either
         return
     _reasons_ok(verify_presentation(vp, challenge="c", now=NOW, trust=ANY, status=status))
@@ -162,10 +219,19 @@ VP_CASES = [
 
 @pytest.mark.parametrize("extra", [c[1] for c in VP_CASES], ids=[c[0] for c in VP_CASES])
 def test_hostile_presentation_fields(holder_key: Key, extra: dict[str, Any]) -> None:
-    vp = {"@context": ["https://www.w3.org/ns/credentials/v2"], "type": ["VerifiablePresentation"],
-          "holder": holder_key.did, **extra}
-    signed = DataIntegrityProof.sign(vp, holder_key, proof_purpose="authentication", challenge="c",
-                                     verification_method=holder_key.verification_method)
+    vp = {
+        "@context": ["https://www.w3.org/ns/credentials/v2"],
+        "type": ["VerifiablePresentation"],
+        "holder": holder_key.did,
+        **extra,
+    }
+    signed = DataIntegrityProof.sign(
+        vp,
+        holder_key,
+        proof_purpose="authentication",
+        challenge="c",
+        verification_method=holder_key.verification_method,
+    )
     _reasons_ok(verify_presentation(signed, challenge="c", now=NOW, trust=ANY))
     mangled = copy.deepcopy(signed)
     mangled["proof"]["challenge"] = ["c"]
@@ -184,19 +250,25 @@ def test_missing_or_wrong_trust_is_a_reason(make_credential) -> None:
 
 # -- bounded decoders -------------------------------------------------------------------------------
 
+
 def _hostile_did() -> str:
-    return "did:key:z" + "".join(random.choice("123456789ABCDEFGHJKLMNPQRSTUVWXYZabc") for _ in range(HOSTILE_LEN))
+    return "did:key:z" + "".join(
+        random.choice("123456789ABCDEFGHJKLMNPQRSTUVWXYZabc") for _ in range(HOSTILE_LEN)
+    )
 
 
-@pytest.mark.parametrize("decode,error", [
-    (public_key_from_did_key, ResolutionError),
-    (lambda s: public_key_from_did_key(s + "#" + s[8:]), ResolutionError),
-    (lambda s: DidKeyResolver().resolve(s + "#z6Mk"), ResolutionError),
-    (lambda s: PublicKey.from_multibase(s[8:]), InvalidKey),
-    (lambda s: Key.from_multibase(s[8:]), InvalidKey),
-    (lambda s: multibase_decode(s[8:]), ValueError),
-    (lambda s: b58decode(s[9:]), ValueError),
-])
+@pytest.mark.parametrize(
+    "decode,error",
+    [
+        (public_key_from_did_key, ResolutionError),
+        (lambda s: public_key_from_did_key(s + "#" + s[8:]), ResolutionError),
+        (lambda s: DidKeyResolver().resolve(s + "#z6Mk"), ResolutionError),
+        (lambda s: PublicKey.from_multibase(s[8:]), InvalidKey),
+        (lambda s: Key.from_multibase(s[8:]), InvalidKey),
+        (lambda s: multibase_decode(s[8:]), ValueError),
+        (lambda s: b58decode(s[9:]), ValueError),
+    ],
+)
 def test_oversized_did_key_and_multibase_are_refused_before_decoding(decode, error) -> None:
     hostile = _hostile_did()
     start = time.perf_counter()
@@ -225,6 +297,7 @@ def test_a_real_did_key_still_decodes() -> None:
 
 # -- small-order keys -------------------------------------------------------------------------------
 
+
 def _torsion_encodings() -> set[bytes]:
     """The 8 points of order dividing 8, found independently: L * (random point), then multiples."""
     p = 2**255 - 19
@@ -235,7 +308,10 @@ def _torsion_encodings() -> set[bytes]:
     def add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
         (x1, y1), (x2, y2) = a, b
         t = d * x1 * x2 * y1 * y2 % p
-        return ((x1 * y2 + x2 * y1) * pow(1 + t, p - 2, p) % p, (y1 * y2 + x1 * x2) * pow(1 - t, p - 2, p) % p)
+        return (
+            (x1 * y2 + x2 * y1) * pow(1 + t, p - 2, p) % p,
+            (y1 * y2 + x1 * x2) * pow(1 - t, p - 2, p) % p,
+        )
 
     def mul(k: int, pt: tuple[int, int]) -> tuple[int, int]:
         acc = (0, 1)
@@ -267,7 +343,8 @@ def _torsion_encodings() -> set[bytes]:
     return out
 
 
-SMALL_ORDER = sorted(_torsion_encodings()) + [
+SMALL_ORDER = [
+    *sorted(_torsion_encodings()),
     bytes.fromhex("ed" + "ff" * 30 + "7f"),  # y = p (non-canonical 0)
     bytes.fromhex("ee" + "ff" * 30 + "7f"),  # y = p + 1 (non-canonical 1)
     bytes.fromhex("01" + "00" * 30 + "80"),  # neutral point with the x sign bit set
@@ -298,11 +375,14 @@ def test_all_zero_key_and_real_keys() -> None:
 
 # -- strict encodings -------------------------------------------------------------------------------
 
+
 def test_jwk_needs_canonical_base64url() -> None:
     key = Key.generate()
     x = b64url_encode(key.public.raw).decode()
     assert PublicKey.from_jwk({"kty": "OKP", "crv": "Ed25519", "x": x}) == key.public
-    tweaked = x[:-1] + chr(ord(x[-1]) + 1) if x[-1] in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy" else x
+    tweaked = (
+        x[:-1] + chr(ord(x[-1]) + 1) if x[-1] in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxy" else x
+    )
     for bad in (x + "=", x[:-1] + "+", tweaked, x + "AA", 5):
         if bad == x:
             continue
@@ -329,9 +409,16 @@ def _jws(key: Key, header: bytes, payload: bytes) -> str:
 
 
 def _claims(issuer: Key, holder: Key) -> dict[str, Any]:
-    return {"iss": issuer.did, "sub": holder.did, "nbf": 1704067200,
-            "vc": {"@context": ["https://www.w3.org/2018/credentials/v1"],
-                   "type": ["VerifiableCredential", "DeviceCredential"], "credentialSubject": {"role": "x"}}}
+    return {
+        "iss": issuer.did,
+        "sub": holder.did,
+        "nbf": 1704067200,
+        "vc": {
+            "@context": ["https://www.w3.org/2018/credentials/v1"],
+            "type": ["VerifiableCredential", "DeviceCredential"],
+            "credentialSubject": {"role": "x"},
+        },
+    }
 
 
 def test_vc_jwt_with_duplicate_members_is_malformed(issuer_key: Key, holder_key: Key) -> None:
@@ -342,7 +429,9 @@ def test_vc_jwt_with_duplicate_members_is_malformed(issuer_key: Key, holder_key:
     dup = payload[:-1] + b', "sub": "' + issuer_key.did.encode() + b'"}'
     assert verify_credential(_jws(issuer_key, header, dup), now=NOW, trust=ANY).errors == ["malformed"]
     dup_header = header[:-1] + b', "kid": "' + holder_key.verification_method.encode() + b'"}'
-    assert verify_credential(_jws(issuer_key, dup_header, payload), now=NOW, trust=ANY).errors == ["malformed"]
+    assert verify_credential(_jws(issuer_key, dup_header, payload), now=NOW, trust=ANY).errors == [
+        "malformed"
+    ]
     nan = payload[:-1] + b', "x": NaN}'
     assert verify_credential(_jws(issuer_key, header, nan), now=NOW, trust=ANY).errors == ["malformed"]
 
@@ -389,7 +478,9 @@ FAST = KdfParams(1, 8192)
 
 def test_keystore_deeply_nested_json_is_a_typed_error(tmp_path) -> None:
     path = tmp_path / "ks.json"
-    path.write_text('{"format": "autoglm-keystore", "version": 1, "kdf": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    path.write_text(
+        '{"format": "autoglm-keystore", "version": 1, "kdf": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
     os.chmod(path, 0o600)
     for read in (lambda: Keystore.open(path, "pw"), lambda: Keystore.peek(path)):
         with pytest.raises(KeystoreError) as exc:

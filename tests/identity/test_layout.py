@@ -35,7 +35,9 @@ def test_no_import_cycle_inside_the_identity_package() -> None:
         name = ".".join(path.relative_to(PACKAGE.parent.parent).with_suffix("").parts)
         if path.name == "__init__.py":
             continue  # the facade re-exports; nothing below imports it
-        modules[name] = {m for m in _imports(path) if m != name and m not in ("sdk.identity", "sdk.identity.hazmat")}
+        modules[name] = {
+            m for m in _imports(path) if m != name and m not in ("sdk.identity", "sdk.identity.hazmat")
+        }
     state: dict[str, int] = {}
 
     def visit(mod: str, trail: list[str]) -> None:
@@ -64,6 +66,6 @@ def test_safe_api_leaves_primitives_to_hazmat() -> None:
     assert len(sk) == 64 and sk[32:] == key.public.raw
     assert key.public.is_valid(nacl.bindings.crypto_sign(b"m", sk)[:64], b"m")
     other = Key.generate()
-    assert nacl.bindings.crypto_scalarmult(x25519_private(key), other.x25519_public) == \
-        nacl.bindings.crypto_scalarmult(x25519_private(other), key.x25519_public)
-
+    assert nacl.bindings.crypto_scalarmult(
+        x25519_private(key), other.x25519_public
+    ) == nacl.bindings.crypto_scalarmult(x25519_private(other), key.x25519_public)

@@ -47,7 +47,9 @@ def test_new_lists_carry_signed_order_and_expiry(issuer_key: Key) -> None:
     assert verify_credential(first, now=NOW + timedelta(days=2), trust=ANY).errors == ["expired"]
 
 
-def test_replayed_pre_revocation_list_is_ignored(make_credential, issuer_key: Key, trust: TrustPolicy) -> None:
+def test_replayed_pre_revocation_list_is_ignored(
+    make_credential, issuer_key: Key, trust: TrustPolicy
+) -> None:
     cred = make_credential(status=status_entry(STATUS_URL, 42))
     store = StatusListStore(trust)
     before = _list(issuer_key)
@@ -63,7 +65,9 @@ def test_replayed_pre_revocation_list_is_ignored(make_credential, issuer_key: Ke
         store.add(before, now=NOW + timedelta(minutes=7))
     assert exc.value.problem == "stale" and exc.value.reason == "status_unavailable"
     assert store(STATUS_URL) == after
-    assert verify_credential(cred, now=NOW + timedelta(minutes=8), trust=trust, status=store).errors == ["revoked"]
+    assert verify_credential(cred, now=NOW + timedelta(minutes=8), trust=trust, status=store).errors == [
+        "revoked"
+    ]
 
 
 def test_same_second_republish_is_ordered_by_sequence(make_credential, issuer_key: Key, trust) -> None:
@@ -124,8 +128,11 @@ def test_store_checks_proof_issuer_trust_and_order_fields(issuer_key: Key, other
         store.add(_list(other_key), now=NOW)
     assert exc.value.problem == "untrusted"
     tampered = _list(issuer_key)
-    tampered["credentialSubject"] = {**tampered["credentialSubject"], "encodedList": StatusList().encode(),
-                                     "sequence": tampered["credentialSubject"]["sequence"] + 1}
+    tampered["credentialSubject"] = {
+        **tampered["credentialSubject"],
+        "encodedList": StatusList().encode(),
+        "sequence": tampered["credentialSubject"]["sequence"] + 1,
+    }
     with pytest.raises(StatusListRejected) as exc:
         store.add(tampered, now=NOW)
     assert exc.value.problem == "invalid"
@@ -192,8 +199,12 @@ def test_unverified_order_for_transports(issuer_key: Key) -> None:
     a, b = _list(issuer_key), _list(issuer_key, proof_format="jwt")
     assert status_list_order(a) < status_list_order(b)
     assert status_list_order(a)[0] == NOW
-    for junk in (None, "x.y.z", {"validFrom": ["x"]}, {"validFrom": "2026-01-01T00:00:00Z",
-                                                         "credentialSubject": {"sequence": -1}}):
+    for junk in (
+        None,
+        "x.y.z",
+        {"validFrom": ["x"]},
+        {"validFrom": "2026-01-01T00:00:00Z", "credentialSubject": {"sequence": -1}},
+    ):
         assert status_list_order(junk) is None
 
 
