@@ -292,13 +292,14 @@ class NodePolicy:
     """A router's rule for which nodes it uses: issuers trusted for ``InferenceNodeCredential``.
 
     :attr:`requirement` is checked on every advert (the messaging layer's authorization hook:
-    proof, trust, status list, subject = signer; grants cached) and its ``check`` binds the
-    advert to the credential (node id and models, :meth:`NodeGrant.refusal`). ``status`` as for
-    :class:`AccessPolicy`; the router attaches :attr:`status` to its connection.
+    proof, trust, status list, subject = signer; grants cached until the credential expires) and
+    its ``check`` binds the advert to the credential (node id and models,
+    :meth:`NodeGrant.refusal`). ``status`` as for :class:`AccessPolicy`; the router attaches
+    :attr:`status` to its connection.
     """
 
     def __init__(self, trust: TrustPolicy, *, status: Any = None, resolver: Any = None,
-                 recheck_interval: float = 300.0) -> None:
+                 recheck_interval: float = 300.0, skew: float | None = None) -> None:
         if not isinstance(trust, TrustPolicy):
             raise TypeError("trust must be a TrustPolicy naming issuers trusted for InferenceNodeCredential")
         self.trust = trust
@@ -306,6 +307,8 @@ class NodePolicy:
         options: dict[str, Any] = {"status": self.status.checker}
         if resolver is not None:
             options["resolver"] = resolver
+        if skew is not None:  # clock skew allowed on validity periods (the identity layer's default otherwise)
+            options["skew"] = skew
         self.requirement = CredentialRequirement(NODE_CREDENTIAL, trust, check=self._covers,
                                                  recheck_interval=recheck_interval, verify_options=options)
 

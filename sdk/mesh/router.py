@@ -477,6 +477,12 @@ class Mesh:
             self._drop(node.node_id)
 
     def _choose(self, model: str, tried: set[str], version: str | None) -> NodeAdvert | None:
+        while True:
+            node = self._best(model, tried, version)
+            if node is None or self._still_trusted(node):
+                return node
+
+    def _best(self, model: str, tried: set[str], version: str | None) -> NodeAdvert | None:
         live = [a for a in self.table.live(model) if a.node_id not in tried]
         if len(live) == 1:  # nothing to rank (the common single-node path: no z-scores per request)
             return live[0]
@@ -485,6 +491,22 @@ class Mesh:
             same = [v for v in ranked if str(v.advert.metadata.get("version") or "") == version]
             ranked = same or ranked
         return ranked[0].advert if ranked else None
+
+    def _still_trusted(self, node: NodeAdvert) -> bool:
+        """The node's credential grant still holds (a cache hit; it lapses when the credential
+        expires): else the node is dropped before any prompt goes to it."""
+        if self.node_policy is None:
+            return True
+        msg = self._admitted.get(node.node_id)
+        try:
+            if msg is None:
+                raise NotAuthorized(f"no admitting advert held for {node.node_id}")
+            self.client.authorizer.authorize(msg, self.node_policy.requirement)
+        except NotAuthorized as exc:
+            log.warning("node %s dropped before routing: %s", node.node_id, exc)
+            self._drop(node.node_id)
+            return False
+        return True
 
     # ------------------------------------------------------------------ GenerationBackend
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -106,5 +107,21 @@ async def test_revoked_node_is_dropped_at_once(mesh_env: MeshEnv, peer_key: Key,
     await until(lambda: mesh.counters["adverts_rejected"] > rejected, what="the revoked node's next advert refused")
     assert mesh.nodes() == []
     with pytest.raises(NoNode):
+        await mesh.generate(tiny())
+    assert node.served == 1
+
+
+async def test_expired_node_credential_gets_no_more_traffic(embedded_env: MeshEnv, peer_key: Key,
+                                                            access_vc: Any) -> None:
+    from sdk.mesh import NodePolicy
+
+    key = Key.from_seed(bytes([100]) * 32)
+    cred = embedded_env.node_credential(key, "node-0", valid_for=3)
+    node = await embedded_env.node(0, key=key, credential=cred)
+    mesh = await embedded_env.router(peer_key, [access_vc], node_policy=NodePolicy(embedded_env.node_trust, skew=0))
+    await mesh.generate(tiny())
+    expires = datetime.strptime(cred["validUntil"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    await until(lambda: time.time() > expires + 0.05, timeout=5, what="the credential's expiry")
+    with pytest.raises(NoNode):  # dropped before any prompt goes to it, not after it goes stale
         await mesh.generate(tiny())
     assert node.served == 1
