@@ -184,3 +184,13 @@ def test_state_machine_transitions(caplog: Logs) -> None:
     messages = [r.getMessage() for r in caplog.records]
     assert any("no transition closed -> admitted" in m for m in messages)
     assert any("closed -> connecting (test)" in m for m in messages)
+
+
+def test_without_auto_compaction_the_owner_decides(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.jsonl", compact_min=4, auto_compact=False)
+    for n in range(6):
+        box.add(_event(n))
+        box.ack(f"event-{n:06d}")
+    assert box.compactions == 0 and box.compact_due and box.dead_lines == 12
+    box.compact()
+    assert not box.compact_due and _lines(tmp_path / "o.jsonl") == []

@@ -117,7 +117,9 @@ class Device:
         self._state_store = StateFile(self.state_file) if self.state_file is not None else None
         if outbox_file is None and self.state_file is not None:
             outbox_file = self.state_file.with_name(self.state_file.stem + ".outbox.jsonl")
-        self._outbox = Outbox(outbox_file, max_entries=max_outbox, durability=durability)
+        # compactions run on a worker thread (_compact_if_due): the event loop only appends
+        self._outbox = Outbox(outbox_file, max_entries=max_outbox, durability=durability, auto_compact=False)
+        self._compacting = False
         self.last_version = last_version
         if self._state_store is not None:
             self.last_version, legacy = self._state_store.load(last_version)
@@ -522,8 +524,24 @@ class Device:
     async def _journal(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run an outbox change: inline (one buffered append), or on a thread when it fsyncs."""
         if self._outbox.durability == "full":
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+            out = await asyncio.to_thread(fn, *args)
+        else:
+            out = fn(*args)
+        self._compact_if_due()
+        return out
+
+    def _compact_if_due(self) -> None:
+        if self._outbox.compact_due and not self._compacting:
+            self._compacting = True
+            self._spawn(self._compact())
+
+    async def _compact(self) -> None:
+        try:
+            await asyncio.to_thread(self._outbox.compact)
+        except OSError as exc:
+            log.error("device %s: outbox compaction failed: %s", self.did, exc)
+        finally:
+            self._compacting = False
 
     async def _drain(self) -> None:
         """Send every queued event not yet sent in this admission, in order (one sender at a time)."""
@@ -550,9 +568,10 @@ class Device:
         if body.get("status") == protocol.ACK_REJECTED:
             log.warning("coordinator rejected event %s: %s", event_id, body.get("reason"))
         if self._outbox.durability == "full":
-            self._spawn(asyncio.to_thread(self._outbox.ack, event_id))
+            self._spawn(self._journal(self._outbox.ack, event_id))
         else:
             self._outbox.ack(event_id)
+            self._compact_if_due()
 
     async def screen_available(self, width: int, height: int, *, density: float | None = None,
                                screen_id: str | None = None) -> str:

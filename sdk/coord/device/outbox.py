@@ -17,7 +17,8 @@ process crashing or being killed, not a power cut); ``"full"`` also fsyncs every
 survives a power cut; one fsync per event, so callers on an event loop should write from a
 worker thread: :class:`~sdk.coord.device.Device` does). Loading tolerates a last line cut short
 by a crash (logged, then cut off) and skips any other unreadable line with an error log.
-Methods are thread-safe.
+Methods are thread-safe. With ``auto_compact=False`` the owner calls :meth:`compact` when
+:attr:`compact_due` (the device does so from a worker thread, so its event loop only appends).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Outbox:
     """Unacknowledged events in order, optionally journalled to ``path`` (see the module doc)."""
 
     def __init__(self, path: str | Path | None = None, *, max_entries: int = MAX_OUTBOX,
-                 durability: str = "normal", compact_min: int = COMPACT_MIN) -> None:
+                 durability: str = "normal", compact_min: int = COMPACT_MIN,
+                 auto_compact: bool = True) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         if durability not in DURABILITY:
@@ -69,6 +71,7 @@ class Outbox:
         self.max_entries = max_entries
         self.durability = durability
         self.compact_min = max(1, compact_min)
+        self.auto_compact = auto_compact
         self.compactions = 0
         self._entries: dict[str, Entry] = {}
         self._lines = 0            # lines in the journal file
@@ -102,6 +105,13 @@ class Outbox:
     def get(self, event_id: str) -> Entry | None:
         with self._lock:
             return self._entries.get(event_id)
+
+    @property
+    def compact_due(self) -> bool:
+        """True when dead lines dominate the journal (:meth:`compact` would shrink it)."""
+        with self._lock:
+            dead = self._lines - len(self._entries)
+            return self.path is not None and dead >= self.compact_min and dead > len(self._entries)
 
     @property
     def dead_lines(self) -> int:
@@ -192,8 +202,7 @@ class Outbox:
         self._lines += 1
 
     def _maybe_compact(self) -> None:
-        dead = self._lines - len(self._entries)
-        if self.path is not None and dead >= self.compact_min and dead > len(self._entries):
+        if self.auto_compact and self.compact_due:
             self.compact()
 
     def _load(self) -> None:
@@ -212,7 +221,8 @@ class Outbox:
                 self._file = open(self.path, "ab")  # noqa: SIM115 - kept open between appends
                 self._file.write(b"\n")
                 self._file.flush()
-            self._maybe_compact()
+            if self.compact_due:             # opening is the one compaction the owner does not schedule
+                self.compact()
         if self._entries:
             log.info("outbox %s: %d unacknowledged event(s) restored", self.path, len(self._entries))
 
