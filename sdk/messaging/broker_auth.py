@@ -17,11 +17,11 @@ Imports only ``sdk.identity`` so the broker plugin can use it without paho.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from sdk.identity import Key, public_key_from_did_key
@@ -87,6 +87,8 @@ class ProofReplayGuard:
       identity holding the most is forgotten, and that identity's proofs issued at or before it
       are refused from then on (``too_many_proofs``), so a forgotten proof can never be replayed.
       A new identity is never refused because the guard is full.
+
+    Every operation is O(log n) (a heap orders expiries); nothing scans the whole guard.
     """
 
     def __init__(
@@ -101,7 +103,11 @@ class ProofReplayGuard:
         self._size = 0
         self._by_count: dict[int, set[str]] = {}  # live proof count -> identities holding that many
         self._heaviest = 0
-        self._next_sweep = 0.0
+        # (expiry, seq, identity, jti or None for a bucket's floor); stale items are skipped
+        self._expiries: list[tuple[float, int, str, str | None]] = []
+        self._seq = 0
+        self._evictions = 0
+        self._next_eviction_log = 0.0
 
     def __len__(self) -> int:
         return self._size
@@ -114,29 +120,33 @@ class ProofReplayGuard:
     def check_and_add(self, jti: str, *, iat: float, now: float, identity: str = "") -> None:
         """Record ``jti`` for ``identity`` or raise :class:`BrokerAuthError` (``replayed_proof``,
         ``too_many_proofs``)."""
-        if now >= self._next_sweep:
-            self._sweep(now)
+        self._expire(now)
         bucket = self._buckets.get(identity)
-        if bucket is None:
-            bucket = self._buckets[identity] = _Bucket()
-        else:
-            self._expire(identity, bucket, now)
-        if jti in bucket.seen:
-            raise BrokerAuthError("proof already used", reason="replayed_proof")
-        if bucket.floor is not None and iat <= bucket.floor:
-            raise BrokerAuthError(
-                "too many recent proofs from this DID; make a fresh one", reason="too_many_proofs")
-        if len(bucket.seen) >= self.max_per_identity:
-            raise BrokerAuthError(
-                f"more than {self.max_per_identity} CONNECT proofs from this DID in {self.window:.0f}s; "
-                "retry later", reason="too_many_proofs")
+        if bucket is not None:
+            if jti in bucket.seen:
+                raise BrokerAuthError("proof already used", reason="replayed_proof")
+            if bucket.floor is not None and iat <= bucket.floor:
+                raise BrokerAuthError(
+                    "too many recent proofs from this DID; make a fresh one", reason="too_many_proofs")
+            if len(bucket.seen) >= self.max_per_identity:
+                raise BrokerAuthError(
+                    f"more than {self.max_per_identity} CONNECT proofs from this DID in {self.window:.0f}s; "
+                    "retry later", reason="too_many_proofs")
         if self._size >= self.max_entries:
             self._evict_from_heaviest(now)
+        if bucket is None:
+            bucket = self._buckets[identity] = _Bucket()
+        expiry = max(iat + self.window, now) + 1.0
         self._move(identity, len(bucket.seen), +1)
-        bucket.seen[jti] = (iat, max(iat + self.window, now) + 1.0)
+        bucket.seen[jti] = (iat, expiry)
         self._size += 1
+        self._push(expiry, identity, jti)
 
     # -- internals
+    def _push(self, expiry: float, identity: str, jti: str | None) -> None:
+        self._seq += 1
+        heapq.heappush(self._expiries, (expiry, self._seq, identity, jti))
+
     def _move(self, identity: str, count: int, delta: int) -> None:
         if count:
             holders = self._by_count[count]
@@ -150,25 +160,28 @@ class ProofReplayGuard:
         while self._heaviest and self._heaviest not in self._by_count:
             self._heaviest -= 1
 
-    def _expire(self, identity: str, bucket: _Bucket, now: float) -> None:
-        seen = bucket.seen
-        while seen:
-            jti, (_, expiry) = next(iter(seen.items()))
-            if expiry >= now:
-                break
-            del seen[jti]
-            self._size -= 1
-            self._move(identity, len(seen) + 1, -1)
-        if bucket.floor is not None and bucket.floor + self.window < now:
-            bucket.floor = None  # every proof it covered is stale anyway
+    def _drop_if_idle(self, identity: str, bucket: _Bucket) -> None:
+        if not bucket.seen and bucket.floor is None:
+            del self._buckets[identity]
 
-    def _sweep(self, now: float) -> None:
-        """Drop expired proofs of every identity (at most about once a second)."""
-        for identity, bucket in list(self._buckets.items()):
-            self._expire(identity, bucket, now)
-            if not bucket.seen and bucket.floor is None:
-                del self._buckets[identity]
-        self._next_sweep = now + 1.0
+    def _expire(self, now: float) -> None:
+        heap = self._expiries
+        while heap and heap[0][0] < now:
+            expiry, _, identity, jti = heapq.heappop(heap)
+            bucket = self._buckets.get(identity)
+            if bucket is None:
+                continue
+            if jti is None:  # the floor's horizon: every proof it covered is stale now
+                if bucket.floor is not None and bucket.floor + self.window + 1.0 <= expiry:
+                    bucket.floor = None
+            else:
+                entry = bucket.seen.get(jti)
+                if entry is None or entry[1] != expiry:
+                    continue  # evicted earlier (or re-added later)
+                del bucket.seen[jti]
+                self._size -= 1
+                self._move(identity, len(bucket.seen) + 1, -1)
+            self._drop_if_idle(identity, bucket)
 
     def _evict_from_heaviest(self, now: float) -> None:
         identity = next(iter(self._by_count[self._heaviest]))
@@ -177,9 +190,15 @@ class ProofReplayGuard:
         del bucket.seen[jti]
         self._size -= 1
         self._move(identity, len(bucket.seen) + 1, -1)
-        bucket.floor = iat if bucket.floor is None else max(bucket.floor, iat)
-        log.warning("CONNECT proof guard full (%d): forgetting the oldest proof of %s, its heaviest user",
-                    self.max_entries, identity[:64])
+        if bucket.floor is None or iat > bucket.floor:
+            bucket.floor = iat
+            self._push(iat + self.window + 1.0, identity, None)
+        self._evictions += 1
+        if now >= self._next_eviction_log:  # one line per 10 s, not one per CONNECT
+            log.warning("CONNECT proof guard full (%d): forgot %d proof(s) of the heaviest DIDs, last of %s",
+                        self.max_entries, self._evictions, identity[:64])
+            self._evictions = 0
+            self._next_eviction_log = now + 10.0
 
 
 class _Bucket:
@@ -188,7 +207,7 @@ class _Bucket:
     __slots__ = ("floor", "seen")
 
     def __init__(self) -> None:
-        self.seen: OrderedDict[str, tuple[float, float]] = OrderedDict()  # jti -> (iat, expiry)
+        self.seen: dict[str, tuple[float, float]] = {}  # jti -> (iat, expiry), oldest first
         self.floor: float | None = None  # proofs with iat <= floor are refused (some were forgotten)
 
 
