@@ -414,13 +414,13 @@ class SecureClient:
                 wait = idle_timeout if deadline is None else min(idle_timeout, deadline - loop.time())
                 try:
                     if wait <= 0:
-                        raise asyncio.TimeoutError
+                        raise TimeoutError
                     if queue.empty():  # asyncio.timeout, not wait_for: no extra task per message
                         async with asyncio.timeout(wait):
                             msg = await queue.get()
                     else:
                         msg = queue.get_nowait()
-                except (asyncio.TimeoutError, TimeoutError):
+                except TimeoutError:
                     which = "overall" if deadline is not None and loop.time() >= deadline else "idle"
                     raise RequestTimeout(f"stream from {topic!r}: {which} timeout") from None
                 if msg is None:
@@ -482,7 +482,7 @@ class SecureClient:
         except RejectedMessage as exc:
             self._reject(topic, exc)
             return
-        except Exception as exc:  # noqa: BLE001 - never let a bad message kill the connection
+        except Exception as exc:
             logger.exception("unexpected error verifying a message on %r", topic)
             self._reject(topic, RejectedMessage(f"internal error: {exc}", reason="malformed"))
             return
@@ -499,7 +499,7 @@ class SecureClient:
         if self.on_reject is not None:
             try:
                 self.on_reject(topic, exc)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("on_reject hook raised")
 
     def _on_reply(self, msg: Message) -> None:
@@ -517,7 +517,7 @@ class SecureClient:
         elif pending.queue is not None:
             pending.queue.put_nowait(msg)
 
-    def _check_policy(self, sub: Subscription, msg: Message) -> tuple[Hashable, Any] | None | bool:
+    def _check_policy(self, sub: Subscription, msg: Message) -> tuple[Hashable, Any] | bool | None:
         """Per-subscription checks, cheapest first. False: rejected; else the STATE (key, version)."""
         policy = sub.policy
         if not policy.sender_allowed(msg.sender):
@@ -555,7 +555,7 @@ class SecureClient:
         if policy.gate is not None:
             try:
                 refusal = policy.gate(msg)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("gate for %r raised", sub.filter)
                 refusal = RejectedMessage("gate failed", reason="gate_error")
             if refusal is not None:
@@ -611,7 +611,7 @@ class SecureClient:
             return
         try:
             res = sub.handler(msg)
-        except Exception:  # noqa: BLE001 - a handler bug must not stop delivery
+        except Exception:
             self.stats.handler_errors += 1
             logger.exception("handler for %r raised", sub.filter)
             return
@@ -661,7 +661,7 @@ class SecureClient:
             self.stats.handler_errors += 1
             logger.warning("handler for %r failed: %s: %s", msg.topic, exc.reason, exc)
             await self._safe_error_reply(msg, exc.reason, str(exc))
-        except Exception as exc:  # noqa: BLE001 - report to the requester, keep serving
+        except Exception as exc:
             self.stats.handler_errors += 1
             logger.exception("handler for %r raised", msg.topic)
             await self._safe_error_reply(msg, "handler_error", type(exc).__name__)

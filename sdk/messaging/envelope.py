@@ -246,7 +246,7 @@ class Verifier:
             raise Malformed("header needs a string kid and no crit")
         try:
             resolved = self._resolve(kid)
-        except Exception as exc:  # noqa: BLE001 - any resolver failure means unknown sender
+        except Exception as exc:
             raise UnknownSender(f"cannot resolve {kid!r}: {exc}") from exc
         pub = getattr(resolved, "public_key", resolved)
         if not isinstance(pub, PublicKey):

@@ -10,6 +10,7 @@ from sdk.messaging import topics
 from sdk.messaging.client import SecureClient, Subscription
 from sdk.messaging.envelope import Message
 from sdk.messaging.errors import SubscribeFailed
+from sdk.messaging.policy import Retained
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +38,68 @@ def issuer_of_status_url(url: str) -> str | None:
 
 
 class MqttStatusListSource:
-    """A ``StatusListSource`` (``url -> credential``) fed by retained ``coord.status_list`` messages.
+    """Status lists distributed over MQTT: retained ``coord.status_list`` messages on ``status/{issuer}``.
 
-    Pass it (or a ``StatusChecker`` built on it) as ``status=`` to ``verify_presentation``;
-    listeners are called with ``(url, credential)`` on every update (revocation checks).
+    One service for the coordinator, devices and mesh nodes alike. With ``trust`` (the issuers
+    whose lists count) it keeps an :class:`sdk.identity.StatusListStore`: a list is taken only if
+    its proof verifies, its issuer is trusted, it is currently valid and strictly newer than the
+    list held (signed ``validFrom``, then sequence), so re-delivering or relaying an old list can
+    never roll a revocation back. Without ``trust`` it holds whatever arrives last, for callers
+    that verify and order lists themselves (a ``StatusChecker`` on top never goes back either).
+
+    It is a ``StatusListSource`` (``source(url)``) and, with ``trust``, a verified source that a
+    ``StatusChecker`` reads live; listeners get ``(url, credential)`` after each accepted list.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trust: Any = None, *, resolver: Any = None) -> None:
         self._lists: dict[str, Any] = {}
         self._listeners: list[Listener] = []
         self._sub: Subscription | None = None
+        self.store: Any = None
+        if trust is not None:
+            from sdk.identity import StatusListStore
+
+            self.store = StatusListStore(trust, resolver=resolver)
+            self.store.add_listener(self._notify)
 
     def __call__(self, url: str) -> Mapping[str, Any] | str | None:
+        if self.store is not None:
+            return self.store(url)  # type: ignore[no-any-return]
         return self._lists.get(url)
 
     def __contains__(self, url: object) -> bool:
-        return url in self._lists
+        return url in (self.store if self.store is not None else self._lists)
+
+    def verified(self, url: str) -> Any:
+        """The verified list for ``url`` (with ``trust``), for a ``StatusChecker`` reading live."""
+        return self.store.verified(url) if self.store is not None else None
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(url, credential)`` when a status list arrives or changes."""
+        """Call ``listener(url, credential)`` when a status list is accepted."""
         self._listeners.append(listener)
 
-    def put(self, url: str, credential: Any) -> None:
-        """Store a status list credential (also used by a local issuer) and notify listeners."""
+    def put(self, url: str, credential: Any) -> bool:
+        """Take a status list from elsewhere (a local issuer, a file) as if it had arrived; True if taken."""
+        if self.store is not None:
+            return bool(self.store.offer(credential))
+        if self._lists.get(url) == credential:
+            return False
         self._lists[url] = credential
+        self._notify(url, credential)
+        return True
+
+    def _notify(self, url: str, credential: Any) -> None:
         for listener in list(self._listeners):
             try:
                 listener(url, credential)
-            except Exception:  # noqa: BLE001 - a listener bug must not stop the others
+            except Exception:
                 log.exception("status list listener failed for %s", url)
 
     async def attach(self, client: SecureClient) -> bool:
         """Subscribe ``client`` to every issuer's status list topic; False if the broker refused."""
         try:
-            self._sub = await client.subscribe(ALL_STATUS_LISTS, self._on_message, qos=1)
+            self._sub = await client.subscribe(ALL_STATUS_LISTS, self._on_message, qos=1,
+                                               retained=Retained.STATE, order=_list_order)
         except SubscribeFailed as exc:
             log.warning("status lists unavailable over MQTT (%s): broker ACL refused %s",
                         exc.reason, ALL_STATUS_LISTS)
@@ -94,9 +123,32 @@ class MqttStatusListSource:
             log.warning("ignoring status list relayed by %s: id %r / topic %r do not match its issuer",
                         msg.sender, url, msg.topic)
             return
-        if self._lists.get(url) == cred:
-            return
         self.put(url, cred)
+
+
+def _valid_from(credential: Any) -> float | None:
+    from sdk.identity.datetimes import parse_datetime
+
+    value = credential.get("validFrom") if isinstance(credential, Mapping) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _list_order(msg: Message) -> tuple[str, tuple[float, int]] | None:
+    """Status lists are state, ordered per relaying sender by the list's own signed ``validFrom``
+    and ``credentialSubject.sequence`` (the store re-checks both after verifying the proof)."""
+    cred = msg.body
+    url = cred.get("id") if isinstance(cred, Mapping) else None
+    if not isinstance(url, str):
+        return None
+    valid_from = _valid_from(cred)
+    subject = cred.get("credentialSubject")
+    seq = subject.get("sequence") if isinstance(subject, Mapping) else None
+    return url, (msg.issued_at if valid_from is None else valid_from, seq if type(seq) is int else 0)
 
 
 async def publish_status_list(client: SecureClient, credential: Mapping[str, Any]) -> None:

@@ -51,7 +51,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -205,7 +205,7 @@ def _reason_value(rc: Any) -> int:
 def _deliver(cb: MessageCallback, msg: Message, tasks: set[asyncio.Task[Any]]) -> None:
     try:
         res = cb(msg.topic, msg.payload, retain=msg.retain, qos=msg.qos)
-    except Exception:  # noqa: BLE001 - a bad handler must not kill the connection
+    except Exception:
         log.exception("message handler for %s raised", msg.topic)
         return
     if inspect.isawaitable(res):
@@ -443,7 +443,7 @@ class MqttTransport:
         self._subs.pop(topic_filter, None)
         if self._connected.is_set() and self._client is not None:
             rc, mid = self._client.unsubscribe(topic_filter)
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 fut = self._loop.create_future()  # type: ignore[union-attr]
                 self._sub_futs[mid] = fut
                 with contextlib.suppress(asyncio.TimeoutError, TransportError):
@@ -458,7 +458,7 @@ class MqttTransport:
         """Wait until the connection is (re-)established."""
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectFailed("not reconnected in time", reason="connect_timeout") from None
 
     async def messages(self) -> AsyncIterator[Message]:
@@ -524,7 +524,7 @@ class MqttTransport:
         client = self._client
         pw = cfg.password(self.client_id) if callable(cfg.password) else cfg.password
         if cfg.username is not None or pw is not None:
-            client.username_pw_set(cfg.username, pw)
+            client.username_pw_set(cfg.username, cast(Any, pw))  # paho takes bytes too
         kwargs: dict[str, Any] = {}
         if self._protocol == "5":
             props = Properties(PacketTypes.CONNECT)
@@ -549,7 +549,7 @@ class MqttTransport:
         wait = min(cfg.connect_timeout, cfg.probe_timeout) if probing else cfg.connect_timeout
         try:
             code, session_present = await asyncio.wait_for(self._connack, wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if probing:  # e.g. amqtt misparses an MQTT 5 CONNECT with credentials and never answers
                 return await self._downgrade(first)
             self._drop_socket()
@@ -598,7 +598,7 @@ class MqttTransport:
                 res = hook(session_present)
                 if inspect.isawaitable(res):
                     await res
-            except Exception:  # noqa: BLE001 - one bad hook must not stop the others
+            except Exception:
                 log.exception("on_connect hook %r raised", hook)
 
     async def _reconnect_loop(self) -> None:
@@ -627,13 +627,13 @@ class MqttTransport:
     async def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> list[int]:
         assert self._client is not None and self._loop is not None
         rc, mid = self._client.subscribe(subs)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._sub_futs[mid] = fut
         try:
             return await asyncio.wait_for(fut, timeout or self.config.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._sub_futs.pop(mid, None)
             raise SubscribeFailed("no SUBACK in time", reason="timeout") from None
 
@@ -731,6 +731,7 @@ class MqttTransport:
         client = self._client
         if client is None or client._sock is not sock:  # noqa: SLF001
             return
+        sock = cast(socket.socket, client._sock)  # noqa: SLF001 - the same object, typed
         if len(client._out_packet) > 1 and _CORK is not None:  # noqa: SLF001
             # several packets: cork so they leave as full segments, not one loopback trip each
             with contextlib.suppress(OSError):
@@ -780,7 +781,8 @@ class MqttTransport:
                     self._quiet = True
                     return
                 if quiet and self._received != seen:
-                    self._loop.call_soon(self._on_readable)  # type: ignore[union-attr] - reads on after them
+                    assert self._loop is not None
+                    self._loop.call_soon(self._on_readable)  # read on after them
                     return
         finally:
             self._reading = False
