@@ -9,7 +9,9 @@ silently, and queues offline QoS 1/2 messages only for non-anonymous persistent 
 
 The default own-topics ACL lets only ``admins`` publish device configs: pass the coordinator's
 DID (``EmbeddedBroker(coordinator=key.did)`` or ``add_admin``). Retained messages are delivered
-only where the ACL lets the subscriber ``receive`` them (amqtt itself skips that check).
+only where the ACL lets the subscriber ``receive`` them (amqtt itself skips that check), and a
+client id stays with the DID whose session holds it (amqtt touches sessions before it checks
+credentials). See docs/BROKERS.md for the amqtt behaviour worked around here.
 """
 
 from __future__ import annotations
