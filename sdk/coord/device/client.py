@@ -132,7 +132,7 @@ class Device:
         self._state_changed = asyncio.Event()
         self.admission: Admission | None = None
         self.rejected_configs: deque[str] = deque(maxlen=_MAX_REJECTED)   # reasons, before the app
-        self.status_source = MqttStatusListSource()
+        self.status_source = MqttStatusListSource(self.trust)   # lists ordered, never rolled back
         self._checker = StatusChecker(self.status_source)
         self._token = protocol.token(self.did)
         self._coord_cmd = protocol.device_commands(protocol.token(self.coordinator))
@@ -151,7 +151,7 @@ class Device:
         self._inbox: asyncio.Queue[ConfigVersion] = asyncio.Queue()
         self._app_queue: asyncio.Queue[Config] = asyncio.Queue()
         self._changed = asyncio.Event()
-        self._parsed: tuple[str, ConfigVersion | None] = ("", None)
+        self._parsed: tuple[tuple[str, str], ConfigVersion | None] = (("", ""), None)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reauth: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -613,7 +613,7 @@ class Device:
     # ------------------------------------------------------------------ configs
     def _parse_config(self, msg: Message) -> ConfigVersion | None:
         """The message's config document, or None (parsed once per message)."""
-        if self._parsed[0] == msg.id:
+        if self._parsed[0] == (msg.sender, msg.id):
             return self._parsed[1]
         cfg: ConfigVersion | None = None
         if msg.type == protocol.CONFIG:
@@ -621,7 +621,7 @@ class Device:
                 cfg = ConfigVersion.from_body(msg.body)
             except MalformedConfig as exc:
                 log.warning("device %s: malformed config from %s: %s", self.did, msg.sender, exc)
-        self._parsed = (msg.id, cfg)
+        self._parsed = ((msg.sender, msg.id), cfg)
         return cfg
 
     def _config_order(self, msg: Message) -> tuple[str, int] | None:
