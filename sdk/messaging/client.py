@@ -165,6 +165,13 @@ class SecureClient:
                     and "password" not in transport_options and "@" not in str(broker):
                 transport_options.update(did_credentials(key))
             self.transport = MqttTransport(broker, **transport_options)
+        # One match per message: the client takes every delivery (transport.on_message) and routes
+        # it itself, unless the transport it was given already sends unmatched messages elsewhere.
+        self._route: Any = None
+        if self.transport.on_message is None:
+            self.transport.on_message = self._on_raw
+        else:
+            self._route = self._on_raw
         self.key = key
         self.did = key.did
         self.config = config
@@ -201,7 +208,7 @@ class SecureClient:
         self._loop = asyncio.get_running_loop()
         if not self.transport.connected:
             await self.transport.connect()
-        await self.transport.subscribe(self.reply_topic, qos=self.config.qos, handler=self._on_raw)
+        await self.transport.subscribe(self.reply_topic, qos=self.config.qos, handler=self._route)
 
     async def aclose(self) -> None:
         """Cancel served requests and pending calls, then disconnect."""
@@ -313,7 +320,7 @@ class SecureClient:
         if first:
             try:
                 await self.transport.subscribe(
-                    topic_filter, qos=self.config.qos if qos is None else qos, handler=self._on_raw
+                    topic_filter, qos=self.config.qos if qos is None else qos, handler=self._route
                 )
             except BaseException:
                 self._subs.pop(topic_filter, None)

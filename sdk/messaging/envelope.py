@@ -27,6 +27,7 @@ import nacl.exceptions
 from sdk.identity import Key, PublicKey, public_key_from_did_key
 from sdk.identity.hazmat import json as strict_json
 from sdk.identity.hazmat.b64 import b64url_decode, b64url_encode
+from sdk.identity.hazmat.keys import signing_key_bytes
 from sdk.messaging import sealing
 from sdk.messaging.errors import (
     BadSignature,
@@ -123,11 +124,9 @@ class Signer:
         self._prefix = b64e(header) + b"."
         self._shared = sealing.SharedKeys(key)
         self._recipients: dict[str, tuple[str, PublicKey]] = {}
-        try:  # sign with libsodium directly (skips pynacl's SignedMessage wrapper)
-            sk = bytes(key._signing._signing_key)  # noqa: SLF001
-            self._sign: Callable[[bytes], bytes] = lambda m: _nb.crypto_sign(m, sk)[:64]
-        except AttributeError:
-            self._sign = key.sign
+        # sign with libsodium directly (skips pynacl's SignedMessage wrapper)
+        sk = signing_key_bytes(key)
+        self._sign: Callable[[bytes], bytes] = lambda m: _nb.crypto_sign(m, sk)[:64]
 
     def _recipient(self, to: str | PublicKey) -> tuple[str, PublicKey]:
         if isinstance(to, PublicKey):

@@ -126,29 +126,19 @@ class MqttStatusListSource:
         self.put(url, cred)
 
 
-def _valid_from(credential: Any) -> float | None:
-    from sdk.identity.datetimes import parse_datetime
-
-    value = credential.get("validFrom") if isinstance(credential, Mapping) else None
-    if not isinstance(value, str):
-        return None
-    try:
-        return parse_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return None
-
-
 def _list_order(msg: Message) -> tuple[str, tuple[float, int]] | None:
     """Status lists are state, ordered per relaying sender by the list's own signed ``validFrom``
-    and ``credentialSubject.sequence`` (the store re-checks both after verifying the proof)."""
+    and sequence (read unverified here; the store re-checks both after verifying the proof)."""
+    from sdk.identity.status_list import status_list_order
+
     cred = msg.body
     url = cred.get("id") if isinstance(cred, Mapping) else None
     if not isinstance(url, str):
         return None
-    valid_from = _valid_from(cred)
-    subject = cred.get("credentialSubject")
-    seq = subject.get("sequence") if isinstance(subject, Mapping) else None
-    return url, (msg.issued_at if valid_from is None else valid_from, seq if type(seq) is int else 0)
+    order = status_list_order(cred)
+    if order is None:
+        return None
+    return url, (order[0].timestamp(), order[1])
 
 
 async def publish_status_list(client: SecureClient, credential: Mapping[str, Any]) -> None:

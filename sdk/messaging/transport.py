@@ -60,6 +60,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from sdk.messaging import paho_internals as _paho
 from sdk.messaging.errors import (
     ConnectFailed,
     ConnectionLost,
@@ -650,8 +651,8 @@ class MqttTransport:
         self._unwatch(sock)
         self._sock = None
         client = self._client
-        if client is not None and client._sock is sock:  # noqa: SLF001
-            client._sock = None  # noqa: SLF001
+        if client is not None:
+            _paho.forget_socket(client, sock)
         with contextlib.suppress(OSError):
             sock.close()
 
@@ -714,8 +715,7 @@ class MqttTransport:
         def schedule() -> None:
             if self._flush_scheduled:
                 return
-            if len(client._out_packet) == 1 and not self._reading \
-                    and not client._in_callback_mutex.locked():  # noqa: SLF001
+            if _paho.queued_packets(client) == 1 and not self._reading and not _paho.in_callback(client):
                 # a lone packet on an idle connection: write it now (one loop turn less latency);
                 # never from inside a paho callback, where paho's own bookkeeping is mid-way, nor
                 # while reading: the acks of what was read go after the tasks the messages woke
@@ -729,10 +729,10 @@ class MqttTransport:
     def _flush(self, sock: Any) -> None:
         self._flush_scheduled = False
         client = self._client
-        if client is None or client._sock is not sock:  # noqa: SLF001
+        if client is None or _paho.socket_of(client) is not sock:
             return
-        sock = cast(socket.socket, client._sock)  # noqa: SLF001 - the same object, typed
-        if len(client._out_packet) > 1 and _CORK is not None:  # noqa: SLF001
+        sock = cast(socket.socket, sock)
+        if _paho.queued_packets(client) > 1 and _CORK is not None:
             # several packets: cork so they leave as full segments, not one loopback trip each
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
@@ -743,7 +743,7 @@ class MqttTransport:
                     sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
         else:
             client.loop_write()
-        if client.want_write() and client._sock is sock:  # noqa: SLF001 - EAGAIN: wait until writable
+        if client.want_write() and _paho.socket_of(client) is sock:  # EAGAIN: wait until writable
             self._loop.add_writer(sock, self._on_writable)  # type: ignore[union-attr]
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -759,8 +759,8 @@ class MqttTransport:
         client = self._client
         if client is None:
             return
-        packet_read = getattr(client, "_packet_read", None)
-        if packet_read is None:  # pragma: no cover - older paho
+        packet_read = _paho.packet_reader(client)
+        if packet_read is None:  # pragma: no cover - another paho
             client.loop_read()
             return
         # Latency: the first message after a quiet spell is handed over alone (the tasks it woke
@@ -770,12 +770,12 @@ class MqttTransport:
         self._reading = True
         try:
             for _ in range(_READ_BATCH):
-                if client._sock is None or self._read_paused:  # noqa: SLF001
+                if _paho.socket_of(client) is None or self._read_paused:
                     return
                 seen = self._received
                 rc = packet_read()
                 if rc > 0:
-                    client._loop_rc_handle(rc)  # noqa: SLF001 - closes the socket, calls on_disconnect
+                    _paho.handle_read_error(client, rc)  # closes the socket, calls on_disconnect
                     return
                 if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
                     self._quiet = True
@@ -811,7 +811,7 @@ class MqttTransport:
         # paho's in-flight bookkeeping is O(limit) per ack, so "unlimited" is 0, never 65535.
         receive_max = getattr(props, "ReceiveMaximum", 65535) if props is not None else 65535
         limits = [n for n in (self.config.max_inflight, receive_max if receive_max < 65535 else 0) if n > 0]
-        client._max_inflight_messages = min(limits) if limits else 0  # noqa: SLF001 - setter refuses now
+        _paho.set_max_inflight(client, min(limits) if limits else 0)
         fut = self._connack
         if fut is not None and not fut.done():
             fut.set_result((_reason_value(rc), bool(flags.session_present)))
