@@ -114,7 +114,8 @@ class AccessPolicy:
 
     def __init__(self, trust: Any, *, status: Any = None, resolver: Any = None,
                  recheck_interval: float = 300.0) -> None:
-        self.status = status if isinstance(status, LiveStatus) else LiveStatus(status, resolver=resolver)
+        self.status = status if isinstance(status, LiveStatus) else LiveStatus(
+            status, trust=trust if isinstance(trust, TrustPolicy) else None, resolver=resolver)
         options: dict[str, Any] = {"status": self.status.checker}
         if resolver is not None:
             options["resolver"] = resolver
@@ -303,7 +304,8 @@ class NodePolicy:
         if not isinstance(trust, TrustPolicy):
             raise TypeError("trust must be a TrustPolicy naming issuers trusted for InferenceNodeCredential")
         self.trust = trust
-        self.status = status if isinstance(status, LiveStatus) else LiveStatus(status, resolver=resolver)
+        self.status = status if isinstance(status, LiveStatus) else LiveStatus(
+            status, trust=trust if isinstance(trust, TrustPolicy) else None, resolver=resolver)
         options: dict[str, Any] = {"status": self.status.checker}
         if resolver is not None:
             options["resolver"] = resolver

@@ -2,9 +2,10 @@
 
 Nodes and routers follow their issuers' status lists as they are published
 (:class:`sdk.messaging.status.MqttStatusListSource`), not a file read once: each new list is
-verified into the :class:`StatusChecker` their credential checks use, then listeners run (the
-node and the router drop cached grants and re-check at once, so a revocation takes effect on
-the next message instead of after a cache lifetime). A seed (``--status-file``: ``{url: list
+verified and ordered by the shared source (never going back to an older list) and read by the
+:class:`StatusChecker` their credential checks use, then listeners run (the node and the router
+drop cached grants and re-check at once, so a revocation takes effect on the next message
+instead of after a cache lifetime). A seed (``--status-file``: ``{url: list
 credential}``, a callable source or an existing ``StatusChecker``) answers until a live list
 arrives.
 """
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sdk.identity import IdentityError, StatusChecker
+from sdk.identity import IdentityError, StatusChecker, TrustPolicy
 from sdk.messaging.client import SecureClient
 from sdk.messaging.status import MqttStatusListSource
 
@@ -26,38 +27,54 @@ StatusListener = Callable[[str], None]
 
 
 class LiveStatus:
-    """A ``StatusChecker`` kept current by status lists arriving over MQTT (``attach(client)``)."""
+    """A ``StatusChecker`` kept current by status lists arriving over MQTT (``attach(client)``).
+
+    With ``trust`` (the policy's issuers) and no seed, or a ``{url: list}`` seed, the lists are
+    kept by the shared source's :class:`~sdk.identity.StatusListStore`: only verified lists of
+    trusted issuers, each strictly newer than the one held (a re-delivered or relayed old list
+    never rolls a revocation back), read live by the checker. A ``StatusChecker`` or callable
+    seed keeps its own fetching; lists arriving over MQTT are pushed into its checker.
+    """
 
     def __init__(self, seed: StatusChecker | Callable[[str], Any] | Mapping[str, Any] | None = None, *,
-                 resolver: Any = None) -> None:
-        self.source = MqttStatusListSource()
-        if isinstance(seed, StatusChecker):
-            self.checker = seed
-        else:
-            fallback: Callable[[str], Any] | None
-            if isinstance(seed, Mapping):
-                fallback = dict(seed).get
-            elif callable(seed):
-                fallback = seed
-            elif seed is None:
-                fallback = None
-            else:
-                raise TypeError("status seed must be a StatusChecker, a callable url -> credential, or a dict")
-
-            def fetch(url: str) -> Any:
-                live = self.source(url)
-                if live is not None or fallback is None:
-                    return live
-                return fallback(url)
-
-            self.checker = StatusChecker(fetch, resolver=resolver)
-        self.updates = 0  # verified lists taken
-        self.rejected = 0  # lists that did not verify
+                 trust: TrustPolicy | None = None, resolver: Any = None) -> None:
+        self.updates = 0  # lists taken
+        self.rejected = 0  # lists pushed into a seed's checker that it refused
         self._listeners: list[StatusListener] = []
+        if (seed is None or isinstance(seed, Mapping)) and trust is not None:
+            self.source = MqttStatusListSource(trust, resolver=resolver)
+            self.checker = StatusChecker(self.source, resolver=resolver)
+            self._push = False
+            for url, credential in dict(seed or {}).items():
+                if not self.source.put(url, credential):
+                    log.warning("status list seed %s not taken (not a newer valid list of a trusted issuer)", url)
+        else:
+            self.source = MqttStatusListSource()
+            self._push = True
+            if isinstance(seed, StatusChecker):
+                self.checker = seed
+            else:
+                fallback: Callable[[str], Any] | None
+                if isinstance(seed, Mapping):
+                    fallback = dict(seed).get
+                elif callable(seed):
+                    fallback = seed
+                elif seed is None:
+                    fallback = None
+                else:
+                    raise TypeError("status seed must be a StatusChecker, a callable url -> credential, or a dict")
+
+                def fetch(url: str) -> Any:
+                    live = self.source(url)
+                    if live is not None or fallback is None:
+                        return live
+                    return fallback(url)
+
+                self.checker = StatusChecker(fetch, resolver=resolver)
         self.source.add_listener(self._on_list)
 
     def add_listener(self, listener: StatusListener) -> None:
-        """Call ``listener(url)`` after each verified status list update."""
+        """Call ``listener(url)`` after each status list taken."""
         self._listeners.append(listener)
 
     async def attach(self, client: SecureClient) -> bool:
@@ -69,12 +86,13 @@ class LiveStatus:
         self.source.put(url, credential)
 
     def _on_list(self, url: str, credential: Any) -> None:
-        try:
-            self.checker.update(url, credential)
-        except IdentityError as exc:
-            self.rejected += 1
-            log.warning("status list %s rejected: %s: %s", url, exc.reason, exc)
-            return
+        if self._push:
+            try:
+                self.checker.update(url, credential)
+            except IdentityError as exc:
+                self.rejected += 1
+                log.warning("status list %s rejected: %s: %s", url, exc.reason, exc)
+                return
         self.updates += 1
         log.info("status list %s updated", url)
         for listener in list(self._listeners):

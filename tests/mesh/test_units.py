@@ -174,3 +174,44 @@ async def test_router_trusts_only_well_signed_adverts(embedded_broker: Any) -> N
         assert info.value.reason == "no_node"
         with pytest.raises(NoNode):
             await mesh.wait_for_nodes(1, timeout=0.2)
+
+
+def test_live_status_never_goes_back_to_an_older_list() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sdk.identity import StatusList, create_status_list_credential, status_entry
+    from sdk.mesh import AccessPolicy
+    from sdk.messaging.status import status_list_url
+
+    issuer, holder = Key.generate(), Key.generate()
+    url = status_list_url(issuer.did)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    bits = StatusList()
+
+    def signed(n: int) -> Any:
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        return create_status_list_credential(issuer, url, status_list=bits,
+                                             valid_from=(base + timedelta(seconds=n)).strftime(fmt),
+                                             valid_until=(base + timedelta(hours=1)).strftime(fmt))
+
+    before = signed(1)
+    policy = AccessPolicy(TrustPolicy({issuer.did: {ACCESS_CREDENTIAL}}), status={url: before})
+    changed: list[str] = []
+    policy.status.add_listener(changed.append)
+    vc = issue_access_credential(issuer, holder.did, credential_status=status_entry(url, 3))
+    verify = dict(policy.requirement.verify_options)
+
+    def ok() -> bool:
+        return verify_credential(vc, trust=policy.requirement.trust, **verify).verified
+
+    assert ok()
+    bits.set(3)
+    policy.status.put(url, signed(2))  # the revocation
+    assert not ok() and changed == [url]
+    policy.status.put(url, before)  # the pre-revocation list again (re-delivered, relayed...)
+    assert not ok() and changed == [url]
+    other = Key.generate()  # a list signed by an issuer the policy does not trust is not taken
+    policy.status.put(status_list_url(other.did), create_status_list_credential(
+        other, status_list_url(other.did), valid_from=base.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        valid_until=(base + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")))
+    assert changed == [url]
