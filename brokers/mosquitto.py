@@ -72,6 +72,8 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> bool:
 
 
 Mode = Literal["secure", "open"]
+#: secure mode's default ``max_packet_size``: above the envelope limit (256 KiB by default)
+SECURE_MAX_PACKET = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class MosquittoConfig:
     persistence: bool = False
     max_queued_messages: int = 100_000
     max_inflight_messages: int = 0  # 0 = no per-client limit
-    max_packet_size: int = 0  # 0 = broker default (256 MiB)
+    max_packet_size: int | None = None  # None: secure 1 MiB (>= the envelope limit), open 0 (256 MiB)
     allow_anonymous: bool | None = None
     acl: str | None = None  # ACL file text (``user``/``topic``/``pattern`` lines); secure: secure_acl(admins)
     admins: tuple[str, ...] = ()  # secure ACL: DIDs (or tokens) that write configs and relay status lists
@@ -131,6 +133,13 @@ class MosquittoConfig:
     @property
     def anonymous(self) -> bool:
         return not self.secure if self.allow_anonymous is None else self.allow_anonymous
+
+    @property
+    def packet_limit(self) -> int:
+        """``max_packet_size`` in bytes (0 = Mosquitto's default, 256 MiB)."""
+        if self.max_packet_size is None:
+            return SECURE_MAX_PACKET if self.secure else 0
+        return self.max_packet_size
 
     @property
     def client_certificates(self) -> bool:
@@ -210,8 +219,8 @@ def render_config(
     ]
     if os.geteuid() == 0:
         lines.append("user mosquitto" if _has_user("mosquitto") else "user root")
-    if cfg.max_packet_size:
-        lines.append(f"max_packet_size {cfg.max_packet_size}")
+    if cfg.packet_limit:
+        lines.append(f"max_packet_size {cfg.packet_limit}")
     if cfg.persistence:
         lines += ["persistence true", f"persistence_location {workdir / 'data'}/", "autosave_interval 1"]
     if acl_file is not None:

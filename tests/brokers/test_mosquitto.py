@@ -107,7 +107,8 @@ def test_default_config_is_the_secure_mode(tmp_path: Path) -> None:
                          acl_file=tmp_path / "acl", password_file=None)
     lines = text.splitlines()
     assert {"allow_anonymous false", "listener 1234 127.0.0.1", "require_certificate true",
-            "use_identity_as_username true", f"acl_file {tmp_path / 'acl'}", f"cafile {pki.ca}"} <= set(lines)
+            "use_identity_as_username true", f"acl_file {tmp_path / 'acl'}", f"cafile {pki.ca}",
+            "max_packet_size 1048576"} <= set(lines)
     assert [line for line in lines if line.startswith("listener")] == ["listener 1234 127.0.0.1"]  # TLS only
     with pytest.raises(ValueError):
         render_config(cfg, port=1234, tls_port=None, workdir=tmp_path, pki=None, acl_file=None,
