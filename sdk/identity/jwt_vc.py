@@ -22,7 +22,7 @@ from joserfc.jwk import OKPKey
 from sdk.identity.datetimes import format_datetime, from_timestamp, parse_datetime
 from sdk.identity.errors import InvalidSignature, KeyNotAuthorized, MalformedError
 from sdk.identity.hazmat import json as strict_json
-from sdk.identity.hazmat.b64 import b64url_decode
+from sdk.identity.hazmat.jws import split_compact
 from sdk.identity.keys import Key, PublicKey
 from sdk.identity.resolver import ResolvedKey, Resolver
 
@@ -108,21 +108,16 @@ def verify_jwt(
 
 def _split(token: object) -> tuple[dict[str, Any], bytes]:
     """Strictly decode a compact JWS's header (JSON object) and payload, before any crypto."""
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
-        raise MalformedError("not a compact JWS (or over the size limit)")
-    head, body, sig = token.split(".")
+    if not isinstance(token, str):
+        raise MalformedError("not a compact JWS")
     try:
-        raw_header = b64url_decode(head, max_len=_MAX_HEADER_CHARS)
-        header = strict_json.loads(raw_header, max_bytes=_MAX_HEADER_CHARS)
-        payload = b64url_decode(body, max_len=MAX_TOKEN_CHARS)
-        b64url_decode(sig, max_len=_SIG_CHARS)
+        parts = split_compact(token, max_len=MAX_TOKEN_CHARS, max_header=_MAX_HEADER_CHARS,
+                              max_signature=_SIG_CHARS)
     except ValueError as exc:
         raise MalformedError(f"bad JWS: {exc}") from exc
-    if not isinstance(header, dict):
-        raise MalformedError("JWS header is not a JSON object")
-    if "b64" in header or "crit" in header:
+    if "b64" in parts.header or "crit" in parts.header:
         raise MalformedError("JWS header members b64/crit are not supported")
-    return header, payload
+    return parts.header, parts.payload
 
 
 def _claims(payload: bytes) -> dict[str, Any]:
