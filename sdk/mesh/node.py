@@ -38,7 +38,7 @@ from sdk.messaging import topics
 from sdk.messaging.client import CANCEL, ClientConfig, SecureClient
 from sdk.messaging.envelope import Message, Signer
 from sdk.messaging.errors import MessagingError, RejectedMessage
-from sdk.messaging.transport import Will
+from sdk.messaging.will import presigned_will
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,18 @@ class NodeConfig:
             raise ValueError("max_streams_per_peer must be a positive integer")
         if self.node_id is not None:
             topics.validate_id(self.node_id, what="node id")
+
+
+class _CredentialedSigner(Signer):
+    """A signer that attaches the node credential (``vcs``) to what it seals: the will is an advert."""
+
+    def __init__(self, key: Key, credentials: tuple[Any, ...] | None) -> None:
+        super().__init__(key)
+        self._credentials = credentials
+
+    def seal(self, topic: str, body: Any, **options: Any) -> tuple[str, bytes]:
+        options.setdefault("credentials", self._credentials)
+        return super().seal(topic, body, **options)
 
 
 class MeshNode:
@@ -115,9 +127,9 @@ class MeshNode:
         self.cancelled = 0
         self.active = 0
         will_body = self._advert(online=False, seq=WILL_SEQ).to_body()
-        _, will_wire = Signer(key).seal(self.advert_topic, will_body, type=ADVERT, ttl=_WILL_TTL_S,
-                                        credentials=self._advert_creds)
-        transport_options.setdefault("will", Will(self.advert_topic, will_wire, qos=1, retain=True))
+        will = presigned_will(_CredentialedSigner(key, self._advert_creds), self.advert_topic, will_body,
+                              type=ADVERT, ttl=_WILL_TTL_S)
+        transport_options.setdefault("will", will)
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **transport_options)
         self._advert_task: asyncio.Task[None] | None = None
         self._started = False
