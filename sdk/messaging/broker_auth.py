@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping
 from sdk.identity import Key, public_key_from_did_key
 from sdk.identity.errors import IdentityError, InvalidSignature
 from sdk.identity.hazmat import json as strict_json
-from sdk.identity.hazmat.b64 import b64url_decode, b64url_encode
+from sdk.identity.hazmat.b64 import b64url_encode
+from sdk.identity.hazmat.jws import join_compact, split_compact
 from sdk.messaging.errors import BrokerAuthError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def make_connect_password(
     """A fresh proof for one CONNECT of ``client_id`` (use ``key.did`` as the username)."""
     if not isinstance(client_id, str) or not client_id:
         raise ValueError("client_id must be a non-empty str")
-    header = {"alg": "EdDSA", "typ": PROOF_TYPE, "kid": key.verification_method}
+    header = {"alg": "EdDSA", "kid": key.verification_method, "typ": PROOF_TYPE}  # sorted, as on the wire
     payload = {
         "iss": key.did,
         "aud": audience,
@@ -61,8 +62,7 @@ def make_connect_password(
         "iat": int(time.time() if now is None else now),
         "jti": _b64u(secrets.token_bytes(16)),
     }
-    signing_input = _b64u(_compact(header)) + "." + _b64u(_compact(payload))
-    return signing_input + "." + _b64u(key.sign(signing_input.encode("ascii")))
+    return join_compact(header, _compact(payload), key.sign)
 
 
 def did_password(key: Key, /, *, audience: str = AUDIENCE) -> Callable[[str], str]:
@@ -231,16 +231,13 @@ def verify_connect_password(
             raise BrokerAuthError("password is not ASCII", reason="malformed_proof") from None
     if not username or not password or len(password) > MAX_PROOF_LEN:
         raise BrokerAuthError("username (DID) and proof password required", reason="malformed_proof")
-    parts = password.split(".")
-    if len(parts) != 3:
-        raise BrokerAuthError("proof is not a compact JWS", reason="malformed_proof")
     try:
-        header = strict_json.loads(b64url_decode(parts[0]), max_bytes=MAX_PROOF_LEN, max_depth=4)
-        payload = strict_json.loads(b64url_decode(parts[1]), max_bytes=MAX_PROOF_LEN, max_depth=4)
-        signature = b64url_decode(parts[2])
+        jws = split_compact(password, max_len=MAX_PROOF_LEN)
+        payload = strict_json.loads(jws.payload, max_bytes=MAX_PROOF_LEN, max_depth=4)
     except ValueError as exc:
         raise BrokerAuthError(f"proof does not decode: {exc}", reason="malformed_proof") from None
-    if not isinstance(header, dict) or not isinstance(payload, dict):
+    header, signature = jws.header, jws.signature
+    if not isinstance(payload, dict):
         raise BrokerAuthError("proof header/payload must be JSON objects", reason="malformed_proof")
     if header.get("alg") != "EdDSA" or header.get("typ") != PROOF_TYPE:
         raise BrokerAuthError("proof must be an EdDSA autoglm-mqtt-connect JWS", reason="malformed_proof")
@@ -253,7 +250,7 @@ def verify_connect_password(
         raise BrokerAuthError("proof was made by another DID than the username", reason="bad_proof")
     try:
         public = public_key_from_did_key(kid)
-        public.verify(signature, (parts[0] + "." + parts[1]).encode("ascii"))
+        public.verify(signature, jws.signing_input)
     except InvalidSignature:
         raise BrokerAuthError("proof signature does not verify", reason="bad_proof") from None
     except IdentityError as exc:
