@@ -131,3 +131,38 @@ def test_example_coordinator_config_loads() -> None:
     assert cfg.heartbeat_ttl == 30 and len(cfg.rules) == 3
     assert cfg.trust[0].types[0] == "DeviceCredential"
     assert cfg.data_dir == EXAMPLES / "coordinator-data"
+
+
+_HEAD = '[[rules]]\nname = "r"\nevent = "battery"\n'
+_TAIL = '[rules.target]\nselect = "sender"\n[rules.config]\n'
+
+
+@pytest.mark.parametrize("toml", [
+    _HEAD + _TAIL + '"x" = nan\n',
+    _HEAD + _TAIL + '"x" = [1, inf]\n',
+    _HEAD + '[rules.when]\n"event.level" = { gte = nan }\n' + _TAIL + '"x" = 1\n',
+    _HEAD + '[rules.when]\n"event.level" = -inf\n' + _TAIL + '"x" = 1\n',
+])
+def test_non_finite_numbers_in_rules_rejected(toml: str) -> None:
+    import tomllib
+
+    with pytest.raises(RuleError, match="non-finite"):
+        parse_rules(tomllib.loads(toml)["rules"])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e9"])
+def test_non_finite_or_huge_config_numbers_rejected(tmp_path: Path, value: str) -> None:
+    (tmp_path / "c.toml").write_text(f'[coordinator]\nbroker = "embedded"\nheartbeat_ttl = {value}\n')
+    with pytest.raises(ConfigFileError, match="finite number"):
+        load_config(tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize("fields", [{"level": float("nan")}, {"x": [1, float("inf")]},
+                                    {"x": {"y": float("-inf")}}])
+def test_events_with_non_finite_numbers_rejected(fields: dict) -> None:
+    from sdk.coord.events import Event, InvalidEvent
+
+    with pytest.raises(InvalidEvent, match="non-finite"):
+        Event.from_body({"type": "custom-thing", "fields": fields})
+    with pytest.raises(InvalidEvent):
+        Event.from_body({"type": "battery", "fields": {"battery_class": "low", **fields}})

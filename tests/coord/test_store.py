@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from sdk.coord.coordinator.store import Store, delta, merge
 
 
@@ -76,4 +78,97 @@ def test_event_dedup_is_per_sender_and_survives_reopen(tmp_path: Path) -> None:
     other = ("did:other", "screen_available", {"width": 640, "height": 480})
     (v2,) = store.commit({"did:phone": ({"w": 640}, ("r",))}, event_id="e-0001", event=other)
     assert v2.version == 2                                            # another sender's event applies
+    store.close()
+
+
+def test_schema_version_and_legacy_store_migrates(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.store import SCHEMA_VERSION
+
+    store = Store(tmp_path / "new.db")
+    assert store.created and store.schema_version == SCHEMA_VERSION
+    store.close()
+    legacy = sqlite3.connect(tmp_path / "old.db")            # a store written before schema versions
+    legacy.executescript(
+        "CREATE TABLE devices (did TEXT PRIMARY KEY, record TEXT NOT NULL, updated REAL NOT NULL);"
+        "CREATE TABLE desired (did TEXT NOT NULL, version INTEGER NOT NULL, changes TEXT NOT NULL,"
+        " state TEXT NOT NULL, event_id TEXT, rules TEXT NOT NULL, created REAL NOT NULL,"
+        " PRIMARY KEY (did, version));"
+        "INSERT INTO desired VALUES ('did:a', 4, '{}', '{\"k\": 1}', NULL, '[]', 0);")
+    legacy.commit()
+    legacy.close()
+    store = Store(tmp_path / "old.db")
+    assert not store.created and store.schema_version == SCHEMA_VERSION
+    assert store.latest_version("did:a") == 4 and store.desired("did:a") == {"k": 1}
+    assert store.allocate_status_index("did:a") == 0
+    store.close()
+
+
+def test_store_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.errors import StoreVersionError
+
+    Store(tmp_path / "s.db").close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StoreVersionError) as err:
+        Store(tmp_path / "s.db")
+    assert err.value.reason == "store_too_new"
+
+
+@pytest.mark.parametrize("content", [b"", b"SQLite format 3\x00" + b"\xff" * 4000, b"garbage" * 500])
+def test_corrupt_or_empty_file_is_refused_unless_fresh(tmp_path: Path, content: bytes) -> None:
+    from sdk.coord.coordinator.errors import StoreCorrupt
+
+    path = tmp_path / "coordinator.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreCorrupt) as err:
+        Store(path)
+    assert err.value.reason == "store_corrupt" and path.read_bytes() == content
+    store = Store(path, fresh=True)
+    assert store.created and store.moved_aside is not None and store.moved_aside.read_bytes() == content
+    store.commit({"did:a": ({"k": 1}, ("r",))})
+    store.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {"x": [float("-inf")]}])
+def test_unsignable_values_commit_nothing(tmp_path: Path, bad: object) -> None:
+    from sdk.coord.coordinator.errors import InvalidValue
+
+    store = Store(tmp_path / "s.db")
+    ev = ("did:display", "custom", {"x": 1})
+    with pytest.raises(InvalidValue):
+        store.commit({"did:phone": ({"k": bad}, ("r",))}, event_id="e-0001", event=ev)
+    assert store.latest_version("did:phone") == 0 and not store.event_processed("did:display", "e-0001")
+    with pytest.raises(InvalidValue):
+        store.commit({"did:phone": ({"k": "x" * 5000}, ("r",))}, event_id="e-0002", event=ev, max_bytes=4096)
+    with pytest.raises(InvalidValue):
+        store.save_devices([{"did": "did:phone", "heartbeat_ttl": float("nan")}])
+    (v1,) = store.commit({"did:phone": ({"k": 1}, ("r",))}, event_id="e-0001", event=ev)
+    assert v1.version == 1                                   # nothing was blocked
+    store.close()
+    assert Store(tmp_path / "s.db").versions_since("did:phone", 0)[0].state == {"k": 1}
+
+
+def test_issuer_state_is_transactional_and_survives_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    assert [store.allocate_status_index(d) for d in ("did:a", "did:b", "did:a")] == [0, 1, 2]
+    store.revoke_indexes(store.issued_indexes("did:a"))
+    store.close()
+    store = Store(tmp_path / "s.db")
+    assert store.revoked_indexes() == [0, 2] and store.issued_indexes("did:b") == [1]
+    assert store.allocate_status_index("did:c") == 3          # never handed out twice
+    store.import_issuer_state({"next_index": 10, "by_did": {"did:z": [7]}, "revoked": [7]}, marker="m")
+    assert store.allocate_status_index("did:d") == 10 and store.get_meta("m") is not None
+    assert store.revoked_indexes() == [0, 2, 7]
+    store.close()
+
+
+def test_advance_raises_the_version_floor(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.commit({"did:a": ({"k": 1}, ("r",))})
+    assert store.advance("did:a", 1) is None                   # not behind
+    floor = store.advance("did:a", 5)
+    assert floor is not None and floor.version == 5 and floor.state == {"k": 1}
+    (nxt,) = store.commit({"did:a": ({"j": 2}, ("r",))})
+    assert nxt.version == 6 and nxt.state == {"k": 1, "j": 2}
     store.close()
