@@ -20,6 +20,8 @@ def coordinator(
     config: Path = typer.Option(..., "--config", "-c", help="Coordinator TOML file (see examples/coordinator.toml)"),
     broker: str | None = typer.Option(None, "--broker", help="Override coordinator.broker"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging"),
+    fresh: bool = typer.Option(False, "--fresh", help="Start with an empty state store if the existing one "
+                               "is corrupt, 0 bytes or missing (the bad file is moved aside)"),
 ) -> None:
     """Run the coordinator daemon until interrupted."""
     import asyncio
@@ -45,7 +47,7 @@ def coordinator(
 
             embedded = EmbeddedBroker()  # own-topics ACL; the port is chosen now
             url = embedded.url
-        coord = Coordinator.from_config(cfg, broker=url)
+        coord = Coordinator.from_config(cfg, broker=url, fresh=fresh)
         if embedded is not None:
             embedded.add_admin(coord.did)  # only the coordinator writes device configs
             await embedded.start()

@@ -54,3 +54,22 @@ async def test_devices_lists_state_and_metrics(mesh: Mesh) -> None:  # noqa: F81
     assert status["metrics"]["convergence_ms"]["count"] == 1
     table = runner.invoke(app, ["devices", "--data-dir", str(mesh.data_dir)])
     assert table.exit_code == 0 and "convergence p50" in table.output and "phone" in table.output
+
+
+def test_coordinator_refuses_a_corrupt_store_unless_fresh(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.auth import coordinator_credential
+    from sdk.identity import Key
+
+    key = Key.generate()
+    (tmp_path / "vc.json").write_text(json.dumps(coordinator_credential(Key.generate(), key.did)))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "coordinator.db").write_bytes(b"")
+    (tmp_path / "c.toml").write_text(f'[coordinator]\nbroker = "mqtt://127.0.0.1:1"\ndata_dir = "{data}"\n'
+                                     f'[identity]\nkey = "{key.private_key_multibase}"\n'
+                                     'credential = "vc.json"\n')
+    result = runner.invoke(app, ["coordinator", "--config", str(tmp_path / "c.toml")])
+    assert result.exit_code == 1 and "store_corrupt" in result.output and "--fresh" in result.output
+    result = runner.invoke(app, ["coordinator", "--config", str(tmp_path / "c.toml"), "--fresh"])
+    assert "store_corrupt" not in result.output                 # past the store (no broker there)
+    assert list(data.glob("coordinator.db.corrupt-*"))

@@ -280,7 +280,7 @@ async def test_nonce_less_hello_then_present_proves_the_coordinator(mesh: Mesh) 
 # ---------------------------------------------------------------------------- state never lost silently
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not a database" * 100])
+@pytest.mark.parametrize("content", [b"", b"this is not a database" * 100], ids=["empty", "garbage"])
 async def test_corrupt_or_empty_store_refuses_to_start(mesh: Mesh, content: bytes) -> None:  # noqa: F811
     mesh.data_dir.mkdir(parents=True)
     (mesh.data_dir / "coordinator.db").write_bytes(content)

@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,12 @@ from sdk.identity import (
     status_entry,
 )
 from sdk.identity.hazmat import json as strict_json
+from sdk.identity.status_list import DEFAULT_REFRESH_MARGIN, DEFAULT_TTL
 from sdk.messaging.broker_auth import did_credentials
 from sdk.messaging.client import ClientConfig, SecureClient
 from sdk.messaging.envelope import DEFAULT_MAX_BYTES, Message, Signer
 from sdk.messaging.errors import MessagingError, RejectedMessage
+from sdk.messaging.policy import Retained
 from sdk.messaging.status import MqttStatusListSource, publish_status_list
 from sdk.messaging.transport import Will
 
@@ -83,6 +85,8 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[str, dict[str, Any]], Any]
 STATUS_LIST_SIZE = 131072
+#: Re-sign the issuer's status list this often (seconds): well inside its validity.
+STATUS_REFRESH = (DEFAULT_TTL - DEFAULT_REFRESH_MARGIN).total_seconds() / 2
 #: The largest config document the coordinator commits: base64url inside a signed envelope
 #: (a third larger) with room for the header and signature, it must fit the envelope limit.
 MAX_CONFIG_BYTES = DEFAULT_MAX_BYTES * 3 // 4 - 4096
@@ -174,7 +178,8 @@ class Coordinator:
         self.hello_budget = TokenBucket(hello_rate, hello_burst)
         #: handshake requests (hello, present) per sender never admitted
         self.request_limiter = SenderLimiter(rate=2.0, burst=10)
-        self.status_source = MqttStatusListSource()
+        # verified, ordered lists from trusted issuers: an old list re-delivered never wins
+        self.status_source = MqttStatusListSource(self.trust)
         self.checker = StatusChecker(self.status_source)
         self.status_source.add_listener(self._on_status_list)
         self.store: Store | None = None
@@ -192,6 +197,7 @@ class Coordinator:
         self._http: Any = None
         self._status_credential: dict[str, Any] | None = None
         self._status_list: StatusList | None = None
+        self._status_signed = 0.0
         self._deadlines: list[tuple[float, str, str]] = []     # (valid_until, did, session id)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
@@ -241,6 +247,17 @@ class Coordinator:
         """Open the store, connect, subscribe, announce presence and status lists."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = self._open_store()
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+            self.store.close()
+            self.store = None
+            raise
+
+    async def _start(self) -> None:
+        assert self.store is not None
         for row in self.store.load_devices():
             try:
                 self.registry.put(DeviceRecord.from_row(row, heartbeat_ttl=self.heartbeat_ttl))
@@ -255,7 +272,11 @@ class Coordinator:
         await self.client.serve(protocol.device_commands(self._token), self._on_command, gate=self._gate,
                                 qos=1)
         await self.client.subscribe(protocol.ALL_EVENTS, self._on_device_message, qos=1)
-        await self.client.subscribe(protocol.ALL_PRESENCE, self._on_presence, qos=1)
+        # presence is state: each device's heartbeats, online and offline notes (its will too, signed
+        # at connect) are each ordered by their signed iat; only known devices keep a floor
+        await self.client.subscribe(protocol.ALL_PRESENCE, self._on_presence, qos=1,
+                                    retained=Retained.STATE, order=_presence_order,
+                                    senders=self._known_sender)
         self.client.transport.add_on_connect(self._on_reconnect)
         await self._announce()
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
@@ -668,6 +689,9 @@ class Coordinator:
                 self._emit("converged", event_id=event_id, seconds=seconds, targets=targets,
                            failures=failures)
 
+    def _known_sender(self, did: str) -> bool:
+        return did in self.registry and did != self.did
+
     def _on_presence(self, msg: Message) -> None:
         if msg.sender == self.did:
             return
@@ -731,7 +755,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ session ends
     def _end_session(self, rec: DeviceRecord, reason: str) -> None:
-        """End ``rec``'s session because its credential expired; the device is told to re-authenticate."""
+        """End ``rec``'s session because its credential expired; the device is told (``expired``
+        notice) and re-authenticates if it holds a fresh credential."""
         if rec.session is None:
             return
         self.registry.set_state(rec.did, EXPIRED)
@@ -742,7 +767,7 @@ class Coordinator:
         log.warning("device %s: session ended (%s); it must re-authenticate with a valid credential",
                     rec.did, reason)
         rec.notified_at = 0.0
-        self._notify(rec.did, protocol.NOTICE_REAUTH, reason)
+        self._notify(rec.did, protocol.NOTICE_EXPIRED, reason)
         self._emit("session_ended", did=rec.did, reason=reason)
 
     def _schedule_expiry(self, did: str, session: Session) -> None:
@@ -779,11 +804,13 @@ class Coordinator:
 
     # ------------------------------------------------------------------ revocation
     def _on_status_list(self, url: str, credential: Any) -> None:
-        try:
-            self.checker.update(url, credential)
-        except IdentityError as exc:
-            log.warning("status list %s rejected: %s", url, exc)
-            return
+        """A newer status list was accepted: end the sessions of devices it revokes."""
+        if self.status_source.store is None:       # a checker of its own: push the list to it
+            try:
+                self.checker.update(url, credential)
+            except IdentityError as exc:
+                log.warning("status list %s rejected: %s", url, exc)
+                return
         for rec in self.registry:
             if rec.state == REVOKED:
                 continue
@@ -848,9 +875,12 @@ class Coordinator:
     def _resign_status_list(self) -> None:
         assert self.issuer is not None and self._status_list is not None
         url = protocol.status_list_url(self.issuer.did)
-        self._status_credential = create_status_list_credential(self.issuer, url,
-                                                                status_list=self._status_list)
-        self.status_source.put(url, self._status_credential)
+        cred = create_status_list_credential(self.issuer, url, status_list=self._status_list)
+        assert isinstance(cred, dict)
+        self._status_credential = cred
+        self._status_signed = time.monotonic()
+        if not self.status_source.put(url, cred):
+            log.error("own status list %s not taken by the status source", url)
 
     async def _publish_status_list(self) -> None:
         assert self._status_credential is not None
@@ -890,6 +920,10 @@ class Coordinator:
         while True:
             await asyncio.sleep(self.sweep_interval)
             self.sweep()
+            if self._status_list is not None and time.monotonic() - self._status_signed > STATUS_REFRESH:
+                self._resign_status_list()             # re-signed well before its validUntil
+                with contextlib.suppress(MessagingError):
+                    await self._publish_status_list()
             now = time.monotonic()
             if self._dirty and now - last_write >= 1.0:
                 last_write = now
@@ -940,6 +974,20 @@ class Coordinator:
             os.replace(tmp, path)
         except (OSError, CoordinationError) as exc:
             log.warning("could not write status snapshot: %s", exc)
+
+
+def _presence_order(msg: Message) -> tuple[Hashable, Any] | None:
+    """``(key, version)`` of a presence-topic message: heartbeats, online and offline notes are
+    each ordered by the envelope's signed ``iat`` (then id), so a replayed or re-delivered copy
+    is never newer, while a will signed at connect still counts after the session's live notes."""
+    body = msg.body if isinstance(msg.body, dict) else {}
+    if msg.type == protocol.HEARTBEAT:
+        key = "heartbeat"
+    elif msg.type == protocol.PRESENCE and body.get("state") in ("online", "offline"):
+        key = f"presence:{body['state']}"
+    else:
+        return None
+    return key, (msg.issued_at, msg.id)
 
 
 def _check_attributes(attrs: Any) -> None:

@@ -126,9 +126,10 @@ class Store:
             self._db, self.created = self._open(durability)
         except StoreCorrupt as exc:
             if not fresh:
-                log.error("%s; start with fresh=True (autoglm coordinator --fresh) to move it aside "
-                          "and begin with an empty store", exc)
-                raise
+                err = StoreCorrupt(f"{exc}; start fresh (autoglm coordinator --fresh) to move it aside "
+                                   "and begin with an empty store")
+                log.error("%s", err)
+                raise err from exc
             self.moved_aside = _move_aside(self.path)
             log.warning("%s; moved to %s, starting with an empty store", exc, self.moved_aside)
             self._db, self.created = self._open(durability)
