@@ -110,7 +110,7 @@ def validate_event(event: Event) -> Event:
             raise InvalidEvent(f"event {event.type!r} field {name!r} must be {want}, got {value!r}")
         if spec.choices is not None and value not in spec.choices:
             raise InvalidEvent(f"event {event.type!r} field {name!r} must be one of {spec.choices}")
-        if spec.minimum is not None and value < spec.minimum:
+        if spec.minimum is not None and isinstance(value, (int, float)) and value < spec.minimum:
             raise InvalidEvent(f"event {event.type!r} field {name!r} must be >= {spec.minimum}")
     if event.type == INPUT_METHODS:
         methods = event.fields["methods"]

@@ -57,7 +57,9 @@ def device_credential(issuer: Key, device_did: str, *, kind: str, groups: Iterab
     }
     if status is not None:
         doc["credentialStatus"] = dict(status)
-    return issue_credential(doc, issuer)
+    signed = issue_credential(doc, issuer)
+    assert isinstance(signed, dict)                  # eddsa-jcs-2022: a JSON-LD document
+    return signed
 
 
 def coordinator_credential(issuer: Key, coordinator_did: str, *, name: str = "coordinator",

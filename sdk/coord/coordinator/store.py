@@ -277,6 +277,7 @@ class Store:
                         "INSERT OR IGNORE INTO processed(sender, event_id, at) VALUES (?,?,?)",
                         (event[0], event_id, now)).rowcount == 0:
                     return False
+                assert event_row is not None
                 db.execute("INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
                            "VALUES (?,?,?,?,?,?)", event_row)
             db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
