@@ -20,7 +20,7 @@ from brokers.mosquitto import (
     secure_acl,
     wait_for_port,
 )
-from sdk.identity import Key
+from sdk.identity import Key, TrustPolicy
 from sdk.messaging.broker_auth import did_credentials
 from sdk.messaging.errors import ConnectFailed, PublishFailed
 from sdk.messaging.topics import ROOT, client_token
@@ -229,3 +229,52 @@ async def test_secure_mode_refuses_clients_without_a_certificate_of_its_ca(
     # the broker keeps serving certificate holders
     async with MqttTransport(m.url, tls=_tls(m, Key.generate())) as t:
         assert t.connected
+
+
+async def test_the_coordination_flow_runs_on_the_secure_mode(tmp_path: Path) -> None:
+    """Coordinator and devices, each with a certificate for its DID, on the secure default:
+    admission (mutual authentication), event -> config, revocation all pass the %u ACL."""
+    from sdk.coord.coordinator import Coordinator, load_rules
+    from sdk.coord.device import REVOKED, Device
+    from sdk.coord.events import screen_available
+
+    issuer, ckey = Key.generate(), Key.generate()
+    m = MosquittoBroker(MosquittoConfig(admins=(ckey.did,)))
+    await asyncio.to_thread(m.start)
+    devices: list[Device] = []
+    coord: Coordinator | None = None
+    try:
+        assert m.pki is not None
+
+        def url(key: Key) -> str:
+            files = m.issue_client_cert(key.did)
+            return f"{m.url}?ca={m.pki.ca}&cert={files.cert}&key={files.key}"  # type: ignore[union-attr]
+
+        rules = load_rules(Path(__file__).resolve().parents[2] / "examples" / "rules.toml")
+        coord = Coordinator(ckey, broker=url(ckey), data_dir=tmp_path, trust=TrustPolicy({}), issuer=issuer,
+                            rules=rules)
+        await coord.start()
+        got: list[object] = []
+        for kind in ("display", "phone"):
+            key = Key.generate()
+            cred = coord.issue_device_credential(key.did, kind=kind, groups=["room:living"])
+            dev = Device(key, cred, broker=url(key), coordinator=ckey.did,
+                         **({"on_config": got.append} if kind == "phone" else {}))
+            await dev.connect()
+            devices.append(dev)
+        display, phone = devices
+        await display.publish_event(screen_available(800, 600))
+        await phone.wait_version(1, 10)
+        assert got and got[0].state["ui.companion.resolution"] == "800x600"  # type: ignore[attr-defined]
+        await coord.revoke(phone.did)
+        for _ in range(250):
+            if phone.state == REVOKED:
+                break
+            await asyncio.sleep(0.02)
+        assert phone.state == REVOKED
+    finally:
+        for dev in devices:
+            await dev.aclose()
+        if coord is not None:
+            await coord.stop()
+        await asyncio.to_thread(m.cleanup)
