@@ -146,7 +146,7 @@ async def test_status_list_is_published_retained(mesh: Mesh) -> None:
     from sdk.identity import StatusChecker
     from sdk.messaging.status import MqttStatusListSource
 
-    source = MqttStatusListSource()
+    source = MqttStatusListSource(TrustPolicy({mesh.issuer.did: {"DeviceCredential"}}))  # verified, ordered
     viewer = Key.generate()
     async with SecureClient(mesh.url, viewer, **did_credentials(viewer)) as client:
         await source.attach(client)
