@@ -64,7 +64,7 @@ class MqttStatusListSource:
 
     def __call__(self, url: str) -> Mapping[str, Any] | str | None:
         if self.store is not None:
-            return self.store(url)  # type: ignore[no-any-return]
+            return self.store(url)
         return self._lists.get(url)
 
     def __contains__(self, url: object) -> bool:
