@@ -21,6 +21,9 @@ from sdk.messaging.errors import NotAuthorized
 
 logger = logging.getLogger(__name__)
 
+#: Credential failures reported with their own reason (a revoked peer learns it was revoked).
+_STATUS_REASONS = frozenset({"revoked", "suspended"})
+
 
 @dataclass(frozen=True, eq=False)
 class CredentialRequirement:
@@ -95,6 +98,7 @@ class Authorizer:
         except ImportError as exc:  # pragma: no cover - identity layer not installed
             raise NotAuthorized("credential verification is unavailable") from exc
         problems: list[str] = []
+        status_reasons: set[str] = set()  # revoked / suspended: said as such, not as not_authorized
         for cred in msg.credentials:
             try:
                 result = verify_credential(cred, **{"now": now, "trust": req.trust, **req.verify_options})
@@ -105,7 +109,9 @@ class Authorizer:
             if req.type not in types:
                 continue
             if not getattr(result, "verified", False):
-                problems.append(f"{req.type} does not verify: {getattr(result, 'errors', [])}")
+                errors = list(getattr(result, "errors", []) or [])
+                status_reasons.update(e for e in errors if e in _STATUS_REASONS)
+                problems.append(f"{req.type} does not verify: {errors}")
                 continue
             subject = getattr(result, "subject", None)
             if subject != msg.sender:
@@ -127,7 +133,8 @@ class Authorizer:
             self._grants[key] = (until, result, _status_urls(getattr(result, "credential", None)))
             return result
         detail = "; ".join(problems) or f"no {req.type} among {len(msg.credentials)} credential(s)"
-        raise NotAuthorized(f"{msg.sender} not authorized: {detail}")
+        reason = next(iter(status_reasons)) if len(status_reasons) == 1 else None
+        raise NotAuthorized(f"{msg.sender} not authorized: {detail}", reason=reason)
 
 
 __all__ = ["CredentialRequirement", "Authorizer"]

@@ -385,24 +385,26 @@ class SecureClient:
         encrypt_to: str | PublicKey | None = None,
         expect_from: str | None = None,
         idle_timeout: float | None = None,
+        first_timeout: float | None = None,
         timeout: float | None = None,
         qos: int | None = None,
     ) -> ResponseStream:
         """Send a request and iterate its response messages (``stream.chunk`` bodies, in order).
 
         Leaving early (break, exception, ``aclose()``) sends ``cancel``; the server's handler
-        task is cancelled. ``idle_timeout`` bounds the gap between chunks, ``timeout`` the total.
+        task is cancelled. ``first_timeout`` bounds the wait for the first message (default:
+        ``idle_timeout``), ``idle_timeout`` each gap after it, ``timeout`` the total.
         """
         gen = self._stream(
             topic, body, type=type, encrypt_to=encrypt_to, expect=_expected(expect_from, encrypt_to),
             idle_timeout=self.config.stream_idle_timeout if idle_timeout is None else idle_timeout,
-            timeout=timeout, qos=qos,
+            first_timeout=first_timeout, timeout=timeout, qos=qos,
         )
         return ResponseStream(gen)
 
     async def _stream(
         self, topic: str, body: Any, *, type: str, encrypt_to: Any, expect: str | None,  # noqa: A002
-        idle_timeout: float, timeout: float | None, qos: int | None,
+        idle_timeout: float, first_timeout: float | None, timeout: float | None, qos: int | None,
     ) -> AsyncIterator[Message]:
         loop = asyncio.get_running_loop()
         cid = new_id()
@@ -417,8 +419,10 @@ class SecureClient:
                 correlation_id=cid, msg_id=cid, credentials=self._creds(),
             )
             next_seq = 0
+            got_any = False
             while True:
-                wait = idle_timeout if deadline is None else min(idle_timeout, deadline - loop.time())
+                gap = first_timeout if first_timeout is not None and not got_any else idle_timeout
+                wait = gap if deadline is None else min(gap, deadline - loop.time())
                 try:
                     if wait <= 0:
                         raise TimeoutError
@@ -428,11 +432,13 @@ class SecureClient:
                     else:
                         msg = queue.get_nowait()
                 except TimeoutError:
-                    which = "overall" if deadline is not None and loop.time() >= deadline else "idle"
+                    which = "overall" if deadline is not None and loop.time() >= deadline else (
+                        "idle" if got_any else "first-message")
                     raise RequestTimeout(f"stream from {topic!r}: {which} timeout") from None
                 if msg is None:
                     finished = True
                     raise MessagingError("client closed", reason="closed")
+                got_any = True
                 if msg.type == CHUNK:
                     if msg.seq is not None and msg.seq != next_seq:
                         logger.warning("stream %s: chunk seq %s, expected %s", cid, msg.seq, next_seq)

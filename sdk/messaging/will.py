@@ -15,10 +15,13 @@ from sdk.messaging.transport import Will
 
 def presigned_will(
     signer: Signer, topic: str, body: Any, *, type: str, ttl: float | None = None,  # noqa: A002
-    qos: int = 1, retain: bool = True,
+    credentials: list[Any] | tuple[Any, ...] | None = None, qos: int = 1, retain: bool = True,
 ) -> Will:
-    """A :class:`Will` whose payload is an envelope signed now by ``signer`` (retained by default)."""
-    _, wire = signer.seal(topic, body, type=type, ttl=ttl)
+    """A :class:`Will` whose payload is an envelope signed now by ``signer`` (retained by default).
+
+    ``credentials`` travel in the envelope like a live message's (for ``require=`` subscribers).
+    """
+    _, wire = signer.seal(topic, body, type=type, ttl=ttl, credentials=credentials)
     return Will(topic, wire, qos=qos, retain=retain)
 
 

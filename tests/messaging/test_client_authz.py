@@ -97,3 +97,4 @@ def test_revocation_via_status_list(issuer: Key) -> None:
     with pytest.raises(NotAuthorized) as err:
         authz.authorize(_msg(alice, vc), req)
     assert "revoked" in str(err.value)
+    assert err.value.reason == "revoked"  # said as such: the peer learns it was revoked

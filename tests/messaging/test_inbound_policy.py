@@ -162,3 +162,43 @@ def test_policy_arguments_are_checked() -> None:
         InboundPolicy(senders="did:key:z6Mk")  # a str is not a collection of DIDs
     with pytest.raises(TypeError):
         InboundPolicy(retained="state")  # type: ignore[arg-type]
+
+
+async def test_first_message_timeout_is_apart_from_the_gap_timeout(broker) -> None:
+    from sdk.messaging import RequestTimeout
+
+    node_key, user_key = Key.generate(), Key.generate()
+    topic = _topic("slow-start")
+    first_sent = asyncio.Event()
+
+    async def slow_start(msg: Message):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.5)
+        yield "first"
+        first_sent.set()
+        await asyncio.sleep(30)
+        yield "never"
+
+    async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
+        await node.serve(topic, slow_start)
+        got: list[object] = []
+        with pytest.raises(RequestTimeout) as info:
+            async for m in user.stream(topic, None, first_timeout=10, idle_timeout=0.3):
+                got.append(m.body)
+        assert got == ["first"] and first_sent.is_set()  # the 0.5 s start fit the first-message bound
+        assert "idle" in str(info.value)
+        with pytest.raises(RequestTimeout) as info:
+            async for _ in user.stream(topic, None, first_timeout=0.1, idle_timeout=30):
+                pass
+        assert "first-message" in str(info.value)
+
+
+def test_presigned_will_carries_credentials() -> None:
+    from sdk.messaging.envelope import Verifier
+    from sdk.messaging.will import presigned_will
+
+    key = Key.generate()
+    vc = {"type": ["VerifiableCredential"], "credentialSubject": {"id": key.did}}
+    will = presigned_will(Signer(key), "autoglm/v1/test/will", {"online": False}, type="ad", credentials=[vc])
+    assert will.retain and will.qos == 1
+    msg = Verifier().open(will.topic, will.payload, state=True)
+    assert msg.credentials == (vc,) and msg.body == {"online": False}
