@@ -106,8 +106,8 @@ class AccessPolicy:
     """A node's admission rule: trusted issuers (``TrustPolicy``) plus live status lists.
 
     Uses the messaging layer's authorization hook (:class:`CredentialRequirement` checked by an
-    :class:`Authorizer`, grants cached) and then the scope; a refusal is re-examined once to tell
-    ``revoked`` from ``not_authorized``. ``status`` seeds the status lists (a ``StatusChecker``,
+    :class:`Authorizer`, grants cached) and then the scope; a refusal says ``revoked`` (or
+    ``suspended``) when that is why, else ``not_authorized``. ``status`` seeds the status lists (a ``StatusChecker``,
     a ``url -> credential`` callable or dict, or a :class:`LiveStatus`); the node attaches
     :attr:`status` to its connection, and every new list drops the grants at once.
     """
@@ -137,7 +137,7 @@ class AccessPolicy:
         try:
             result = (authorizer or self.authorizer).authorize(msg, self.requirement)
         except NotAuthorized as exc:
-            reason = self._why(msg)
+            reason = exc.reason if exc.reason in ("revoked", "suspended") else "not_authorized"
             log.warning("refused %s: %s (%s)", msg.sender, reason, exc)
             raise Refusal(f"{ACCESS_CREDENTIAL} refused: {reason}", reason=reason) from None
         try:
@@ -179,19 +179,6 @@ class AccessPolicy:
                 self._scopes[key] = (until, scope)
                 return scope
         return None
-
-    def _why(self, msg: Message) -> str:
-        """``revoked`` if a credential of the right type fails only on its status, else ``not_authorized``."""
-        req = self.requirement
-        for cred in msg.credentials:
-            try:
-                result = verify_credential(cred, trust=req.trust, **req.verify_options)
-            except Exception:  # noqa: BLE001 - a bad credential is simply not a grant
-                continue
-            if ACCESS_CREDENTIAL in (result.types or []) and result.subject == msg.sender and \
-                    ("revoked" in result.errors or "suspended" in result.errors):
-                return "revoked"
-        return "not_authorized"
 
     def status_changed(self, status_list_url: str) -> None:
         """Forget grants that depend on this status list (called on every new list)."""

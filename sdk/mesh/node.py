@@ -67,18 +67,6 @@ class NodeConfig:
             topics.validate_id(self.node_id, what="node id")
 
 
-class _CredentialedSigner(Signer):
-    """A signer that attaches the node credential (``vcs``) to what it seals: the will is an advert."""
-
-    def __init__(self, key: Key, credentials: tuple[Any, ...] | None) -> None:
-        super().__init__(key)
-        self._credentials = credentials
-
-    def seal(self, topic: str, body: Any, **options: Any) -> tuple[str, bytes]:
-        options.setdefault("credentials", self._credentials)
-        return super().seal(topic, body, **options)
-
-
 class MeshNode:
     """Serves one :class:`~sdk.inference.Engine` to permitted mesh peers (``async with``).
 
@@ -127,8 +115,8 @@ class MeshNode:
         self.cancelled = 0
         self.active = 0
         will_body = self._advert(online=False, seq=WILL_SEQ).to_body()
-        will = presigned_will(_CredentialedSigner(key, self._advert_creds), self.advert_topic, will_body,
-                              type=ADVERT, ttl=_WILL_TTL_S)
+        will = presigned_will(Signer(key), self.advert_topic, will_body, type=ADVERT, ttl=_WILL_TTL_S,
+                              credentials=self._advert_creds)
         transport_options.setdefault("will", will)
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(), **transport_options)
         self._advert_task: asyncio.Task[None] | None = None
