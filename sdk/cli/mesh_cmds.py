@@ -52,10 +52,9 @@ def _load_key(keystore: Path | None, key_name: str | None) -> Any:
 
 
 def _read_credential(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8").strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    return text  # a VC-JWT
+    from sdk.identity import load_credential
+
+    return load_credential(path)
 
 
 # ------------------------------------------------------------------ serve --broker (node mode)

@@ -24,8 +24,6 @@ from sdk.coord.events import Event, battery, custom, input_methods, network, scr
 from sdk.coord.handshake import COORDINATOR_CREDENTIAL, check_presentation, present
 from sdk.coord.protocol import ConfigVersion
 from sdk.identity import Key, StatusChecker, TrustPolicy
-from sdk.identity.hazmat import json as strict_json
-from sdk.identity.hazmat.b64 import b64url_decode
 from sdk.messaging.broker_auth import did_credentials
 from sdk.messaging.client import ClientConfig, SecureClient
 from sdk.messaging.envelope import Message, Signer, new_id
@@ -770,11 +768,14 @@ def _issuer_of(credential: Any) -> str:
         if isinstance(issuer, str):
             return issuer
     if isinstance(credential, str):  # VC-JWT: iss claim
+        from sdk.identity.errors import IdentityError
+        from sdk.identity.jwt_vc import unverified_claims
+
         try:
-            claims = strict_json.loads(b64url_decode(credential.split(".")[1], max_len=64 * 1024))
-            if isinstance(claims, dict) and isinstance(claims.get("iss"), str):
+            claims = unverified_claims(credential)
+            if isinstance(claims.get("iss"), str):
                 return str(claims["iss"])
-        except (ValueError, IndexError):
+        except IdentityError:
             pass
     raise ValueError("cannot tell the credential's issuer; pass trust= explicitly")
 
