@@ -8,6 +8,7 @@ daemon's handlers directly: the coordinator must refuse them whatever their sour
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from pathlib import Path
@@ -369,3 +370,36 @@ async def test_corrupt_issuer_state_file_is_a_typed_error(mesh: Mesh) -> None:  
     await asyncio.sleep(0)
     coord = await mesh.start_coordinator(fresh=True)
     assert coord.started
+
+
+async def test_replayed_presence_never_keeps_a_device_alive(mesh: Mesh) -> None:  # noqa: F811
+    """Presence is ordered state: a captured heartbeat re-published (even retained) is never newer."""
+    from sdk.messaging.broker_auth import did_credentials
+    from sdk.messaging.transport import MqttTransport
+
+    coord = await mesh.start_coordinator(sweep_interval=0.05, heartbeat_ttl=0.6)
+    key = Key.generate()
+    topic = protocol.device_presence(protocol.token(key.did))
+    wires: list[bytes] = []
+    sniffer = MqttTransport(mesh.url, **did_credentials(Key.generate()))
+    await sniffer.connect()
+    mesh.stack.push_async_callback(sniffer.aclose)
+    await sniffer.subscribe(topic, qos=1, handler=lambda t, p, **kw: wires.append(p))
+    dev = await mesh.device("phone", key=key)
+    await until(lambda: len(wires) >= 2)                                # online note + a heartbeat
+    dev.pause_heartbeats()
+    await mesh.wait_for("expired", lambda i: i["did"] == key.did)
+    def kind(wire: bytes) -> str:
+        payload = wire.split(b".")[1]
+        return str(json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))["typ"])
+
+    captured = [w for w in wires if w and kind(w) == protocol.HEARTBEAT]
+    assert captured
+    seen = coord.client.stats.stale_state
+    for wire in captured:                                               # replay all, live and retained
+        await sniffer.publish(topic, wire, qos=1)
+        await sniffer.publish(topic, wire, qos=1, retain=True)
+    await until(lambda: coord.client.stats.stale_state >= seen + 2 * len(captured))
+    rec = coord.registry.get(key.did)
+    assert rec is not None and rec.state == EXPIRED                     # not revived by old heartbeats
+    await sniffer.publish(topic, b"", qos=1, retain=True)               # clear the retained copy

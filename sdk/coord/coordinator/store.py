@@ -451,18 +451,12 @@ class Store:
             return dict(self._db.execute("SELECT status, COUNT(*) FROM reports GROUP BY status").fetchall())
 
     def pending(self) -> list[tuple[str, int, int]]:
-        """``(did, desired_version, reported_version)`` for every device behind its desired state."""
-        out = []
-        for did, (version, _) in self._latest.items():
-            rv = self._reported_version(did)
-            if version > rv:
-                out.append((did, version, rv))
-        return out
-
-    def _reported_version(self, did: str) -> int:
+        """``(did, desired_version, reported_version)`` for every device behind its desired state
+        (the reported version is the one ``reported`` holds: the newest applied)."""
         with self._lock:
-            row = self._db.execute("SELECT MAX(version) FROM reports WHERE did = ?", (did,)).fetchone()
-        return int(row[0] or 0)
+            applied = dict(self._db.execute("SELECT did, version FROM reported").fetchall())
+        return [(did, version, int(applied.get(did, 0))) for did, (version, _) in self._latest.items()
+                if version > int(applied.get(did, 0))]
 
     # ------------------------------------------------------------------ events
     def record_event(self, event_id: str, sender: str, event_type: str, fields: Mapping[str, Any],
