@@ -211,10 +211,11 @@ class Coordinator:
         key = key or load_key(config)
         credential = None
         if config.credential is not None:
+            from sdk.identity import load_credential
+
             try:
-                text = config.credential.read_text(encoding="utf-8").strip()
-                credential = text if not text.startswith("{") else strict_json.loads(text)
-            except (OSError, ValueError) as exc:
+                credential = load_credential(config.credential)
+            except IdentityError as exc:
                 raise CoordinationError(f"cannot read coordinator credential {config.credential}: {exc}",
                                         reason="invalid_config_file") from exc
         trust = TrustPolicy({t.issuer: set(t.types) for t in config.trust})
@@ -1013,13 +1014,13 @@ def load_key(config: CoordinatorConfig) -> Key:
         return Key.from_multibase(config.key_multibase)
     if config.keystore is None:
         raise CoordinationError("no identity: set [identity] keystore or key", reason="invalid_config_file")
-    from sdk.identity.keystore import Keystore
+    from sdk.identity import load_key as load_identity_key
 
     passphrase = os.environ.get(config.passphrase_env)
     if passphrase is None:
         raise CoordinationError(f"set ${config.passphrase_env} to the keystore passphrase",
                                 reason="invalid_config_file")
-    return Keystore.open(config.keystore, passphrase).key
+    return load_identity_key(config.keystore, passphrase=passphrase)
 
 
 __all__ = ["Coordinator", "load_key", "fingerprint", "COORDINATOR_CREDENTIAL", "MAX_CONFIG_BYTES", "MAX_INT"]
