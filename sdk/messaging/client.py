@@ -505,10 +505,11 @@ class SecureClient:
         for sub in subs:
             self._dispatch(sub, msg)
 
-    def _reject(self, topic: str, exc: RejectedMessage, msg: Message | None = None) -> None:
+    def _reject(self, topic: str, exc: RejectedMessage, msg: Message | None = None, *,
+                level: int = logging.WARNING) -> None:
         self.stats.rejected[exc.reason] += 1
         sender = f" from {msg.sender}" if msg is not None else ""
-        logger.warning("rejected message on %r%s: %s: %.300r", topic, sender, exc.reason, str(exc))
+        logger.log(level, "rejected message on %r%s: %s: %.300r", topic, sender, exc.reason, str(exc))
         if self.on_reject is not None:
             try:
                 self.on_reject(topic, exc)
@@ -534,7 +535,10 @@ class SecureClient:
         """Per-subscription checks, cheapest first. False: rejected; else the STATE (key, version)."""
         policy = sub.policy
         if not policy.sender_allowed(msg.sender):
-            self._reject(msg.topic, WrongSender(f"{msg.sender} may not send on {sub.filter!r}"), msg)
+            # a signed message from a sender this subscription does not take (e.g. not yet admitted):
+            # routine for shared filters, so logged at INFO; forged signatures stay warnings
+            self._reject(msg.topic, WrongSender(f"{msg.sender} may not send on {sub.filter!r}"), msg,
+                         level=logging.INFO)
             return False
         if policy.encrypted and not msg.encrypted and not (policy.serve and msg.type == CANCEL):
             self._reject(msg.topic, NotEncrypted(f"{msg.type} on {sub.filter!r} must be end-to-end encrypted"), msg)

@@ -47,8 +47,8 @@ class MqttStatusListSource:
     never roll a revocation back. Without ``trust`` it holds whatever arrives last, for callers
     that verify and order lists themselves (a ``StatusChecker`` on top never goes back either).
 
-    It is a ``StatusListSource`` (``source(url)``) and, with ``trust``, a verified source that a
-    ``StatusChecker`` reads live; listeners get ``(url, credential)`` after each accepted list.
+    It is a ``StatusListSource`` (``source(url)``) and, with ``trust`` only, a verified source
+    (``source.verified(url)``) that a ``StatusChecker`` reads live; listeners get ``(url, credential)`` after each accepted list.
     """
 
     def __init__(self, trust: Any = None, *, resolver: Any = None) -> None:
@@ -61,6 +61,8 @@ class MqttStatusListSource:
 
             self.store = StatusListStore(trust, resolver=resolver)
             self.store.add_listener(self._notify)
+            # a verified source (read live by a StatusChecker) only when it verifies
+            self.verified = self.store.verified
 
     def __call__(self, url: str) -> Mapping[str, Any] | str | None:
         if self.store is not None:
@@ -69,10 +71,6 @@ class MqttStatusListSource:
 
     def __contains__(self, url: object) -> bool:
         return url in (self.store if self.store is not None else self._lists)
-
-    def verified(self, url: str) -> Any:
-        """The verified list for ``url`` (with ``trust``), for a ``StatusChecker`` reading live."""
-        return self.store.verified(url) if self.store is not None else None
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(url, credential)`` when a status list is accepted."""

@@ -75,3 +75,14 @@ def test_a_local_issuer_puts_lists_through_the_same_rules() -> None:
     stranger = Key.generate()
     assert MqttStatusListSource(TrustPolicy({issuer.did: ["X"]})).put(
         status_list_url(stranger.did), _list(stranger, sequence=1)) is False
+
+
+def test_only_a_verifying_source_claims_to_hand_out_verified_lists() -> None:
+    from sdk.identity.status_list import VerifiedListSource
+
+    issuer = Key.generate()
+    assert isinstance(MqttStatusListSource(TrustPolicy({issuer.did: ["X"]})), VerifiedListSource)
+    raw = MqttStatusListSource()
+    assert not isinstance(raw, VerifiedListSource)  # a StatusChecker verifies what it returns
+    url = status_list_url(issuer.did)
+    assert raw.put(url, _list(issuer, sequence=1)) and raw(url) is not None
