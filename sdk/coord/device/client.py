@@ -339,14 +339,14 @@ class Device:
                 if exc.reason not in ("wrong_challenge", "timeout"):
                     raise
                 log.debug("resumed authentication refused (%s); full handshake", exc.reason)
-        nonce = secrets.token_urlsafe(16)
-        hello = await self._request(protocol.HELLO, {"nonce": nonce})
+        # A nonce-less hello costs the coordinator no signature (an unauthenticated flood stays
+        # cheap); the coordinator proves itself in the present reply, checked before admission.
+        hello = await self._request(protocol.HELLO, {})
         body = hello.body if isinstance(hello.body, dict) else {}
         challenge = body.get("challenge")
         if not isinstance(challenge, str):
             raise AdmissionError("coordinator sent no challenge", reason="malformed")
-        self._check_coordinator(body.get("vp"), nonce)
-        return await self._present(challenge)
+        return await self._present(challenge, nonce=secrets.token_urlsafe(16))
 
     def _check_coordinator(self, vp: Any, nonce: str) -> None:
         try:
