@@ -118,7 +118,6 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     from sdk.coord.device import REVOKED, Device
     from sdk.coord.events import screen_available
     from sdk.identity import Key, TrustPolicy
-    from sdk.messaging.broker_auth import did_credentials
     from sdk.messaging.client import SecureClient
 
     console = console or Console(emoji=False)
@@ -238,7 +237,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
         async def forged() -> str:
             mallory = Key.generate()
             phone = devices["phone"]
-            async with SecureClient(broker.url, mallory, **did_credentials(mallory)) as client:
+            async with SecureClient(broker.url, mallory) as client:
                 body = {"device": phone.did, "version": 99, "changes": {"ui.layout": "evil"},
                         "state": {"ui.layout": "evil"}, "event_id": None, "rules": [], "created": 0}
                 await client.publish(protocol.device_config(phone._token), body, type="coord.config", qos=1)
