@@ -143,7 +143,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
         t0 = time.perf_counter()
         try:
             s.detail = await asyncio.wait_for(fn(), step_timeout)
-        except Exception as exc:  # noqa: BLE001 - any failure names the step
+        except Exception as exc:
             s.status, s.ms = "failed", (time.perf_counter() - t0) * 1000
             s.detail = f"{type(exc).__name__}: {exc}"
             refresh()
@@ -240,7 +240,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             async with SecureClient(broker.url, mallory) as client:
                 body = {"device": phone.did, "version": 99, "changes": {"ui.layout": "evil"},
                         "state": {"ui.layout": "evil"}, "event_id": None, "rules": [], "created": 0}
-                await client.publish(protocol.device_config(phone._token), body, type="coord.config", qos=1)
+                await client.publish(protocol.device_config(phone.token), body, type="coord.config", qos=1)
                 for _ in range(100):
                     if phone.rejected_configs:
                         break

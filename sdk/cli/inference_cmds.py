@@ -20,8 +20,8 @@ import typer
 
 log = logging.getLogger(__name__)
 
-_DEVICES = ("auto", "cpu", "cuda")
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
@@ -115,8 +115,8 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /health, /metrics)."""
-    _check_choice(device, _DEVICES, "--device")
-    _check_choice(dtype, _DTYPES, "--dtype")
+    _check_choice(device, DEVICE_CHOICES, "--device")
+    _check_choice(dtype, DTYPE_CHOICES, "--dtype")
     keys = list(api_key or []) + [k for k in os.environ.get("AUTOGLM_API_KEYS", "").split(",") if k]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings(
@@ -212,8 +212,8 @@ def generate(
     """Generate once from a local model, streaming the text to stdout (status on stderr)."""
     from rich.console import Console
 
-    _check_choice(device, _DEVICES, "--device")
-    _check_choice(dtype, _DTYPES, "--dtype")
+    _check_choice(device, DEVICE_CHOICES, "--device")
+    _check_choice(dtype, DTYPE_CHOICES, "--dtype")
     err = Console(stderr=True, emoji=False)
 
     async def main() -> None:

@@ -122,8 +122,8 @@ def _serve_with_mesh(**kwargs: Any) -> None:
 
     if not mesh["trust"]:
         raise typer.BadParameter("node mode needs at least one --trust issuer DID", param_hint="--trust")
-    _check_choice(kwargs["device"], inference_cmds._DEVICES, "--device")
-    _check_choice(kwargs["dtype"], inference_cmds._DTYPES, "--dtype")
+    _check_choice(kwargs["device"], inference_cmds.DEVICE_CHOICES, "--device")
+    _check_choice(kwargs["dtype"], inference_cmds.DTYPE_CHOICES, "--dtype")
     log_level = str(kwargs.get("log_level", "info"))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = list(kwargs.get("api_key") or []) + [k for k in os.environ.get("AUTOGLM_API_KEYS", "").split(",") if k]

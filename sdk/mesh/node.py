@@ -161,7 +161,7 @@ class MeshNode:
         broker publishes the will, then cancel in-flight requests."""
         self._started = False
         await self._stop_adverts()
-        await self.client.transport._abort()  # the transport's test hook: no DISCONNECT, the will fires
+        await self.client.transport.abort()  # no DISCONNECT: the will fires
         await self.client.aclose()
 
     async def _stop_adverts(self) -> None:

@@ -119,7 +119,7 @@ class Subscription:
 
     async def cancel(self) -> None:
         """Unsubscribe."""
-        await self.client._unsubscribe(self)
+        await self.client._unsubscribe(self)  # noqa: SLF001 - the client owns its subscriptions
 
 
 @dataclass(eq=False)

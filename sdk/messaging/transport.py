@@ -475,8 +475,8 @@ class MqttTransport:
             self._queue_wakeup.clear()
             await self._queue_wakeup.wait()
 
-    async def _abort(self) -> None:
-        """Drop the TCP connection without DISCONNECT (the broker then sends the will); for tests."""
+    async def abort(self) -> None:
+        """Drop the TCP connection without DISCONNECT, as a crash would: the broker publishes the will."""
         self._closing = True
         self._drop_socket()
         self._connected.clear()
@@ -589,7 +589,7 @@ class MqttTransport:
         if self._subs and not (session_present and self.config.persistent):
             try:
                 codes = await self._send_subscribe([(t, s.qos) for t, s in self._subs.items()], None)
-                for (t, _), code in zip(list(self._subs.items()), codes):
+                for (t, _), code in zip(list(self._subs.items()), codes, strict=False):
                     if code >= 0x80:
                         log.warning("resubscription to %s refused (0x%02x)", t, code)
             except TransportError as exc:
@@ -826,7 +826,7 @@ class MqttTransport:
         if fut is not None and not fut.done():
             fut.set_exception(ConnectionLost(f"connection closed before CONNACK ({rc})"))
             fut.exception()
-        for mid, sfut in list(self._sub_futs.items()):
+        for sfut in list(self._sub_futs.values()):
             if not sfut.done():
                 sfut.set_exception(ConnectionLost("connection lost while waiting for SUBACK"))
                 sfut.exception()

@@ -332,7 +332,7 @@ async def test_will_marks_device_offline_and_announcements_feed_rules(mesh: Mesh
     assert got[0].changes == {"ui.banner": "door 2"}
 
     # an unclean disconnect: the broker publishes the pre-signed will, the coordinator notes it
-    await tv.client.transport._abort()                    # noqa: SLF001 - drop TCP without DISCONNECT
+    await tv.client.transport.abort()                    # noqa: SLF001 - drop TCP without DISCONNECT
     info = await mesh.wait_for("offline", lambda i: i["did"] == tv.did)
     assert info["reason"] == "connection_lost"
     assert coord.registry.get(tv.did).state == "offline"  # type: ignore[union-attr]

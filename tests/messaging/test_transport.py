@@ -104,7 +104,7 @@ async def test_will_sent_on_unclean_disconnect_only(broker) -> None:
         await clean.aclose()
         crashed = _client(broker, will=Will("will/crash", b"gone", qos=1))
         await crashed.connect()
-        await crashed._abort()  # TCP closed without DISCONNECT
+        await crashed.abort()  # TCP closed without DISCONNECT
         msg = await inbox.get(timeout=10)
         assert (msg.topic, msg.payload) == ("will/crash", b"gone")
         assert inbox.q.empty()

@@ -133,6 +133,7 @@ class Device:
         self.status_source = MqttStatusListSource(self.trust)   # lists ordered, never rolled back
         self._checker = StatusChecker(self.status_source)
         self._token = protocol.token(self.did)
+        self.token = self._token  # the device's topic id (its DID's method-specific id)
         self._coord_cmd = protocol.device_commands(protocol.token(self.coordinator))
         self._config_topic = protocol.device_config(self._token)
         presence = protocol.device_presence(self._token)
