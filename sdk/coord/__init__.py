@@ -12,8 +12,9 @@ device SDK does not load the coordinator's SQLite store or metrics.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sdk._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Coordinator": "sdk.coord.coordinator",
@@ -33,18 +34,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"sdk.coord.{name}")
-    raise AttributeError(f"module 'sdk.coord' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, _SUBMODULES)
 
 
 if TYPE_CHECKING:

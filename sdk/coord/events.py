@@ -7,12 +7,12 @@ against at load, so a template naming a field the event never carries is a load 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdk.errors import CoordinationError
+from sdk.identity.hazmat.json import value_problem
 
 SCREEN_AVAILABLE = "screen_available"
 SCREEN_LOST = "screen_lost"
@@ -121,25 +121,7 @@ def validate_event(event: Event) -> Event:
 
 def _json_problem(value: object) -> str | None:
     """Why ``value`` is not plain JSON with finite numbers (None when it is)."""
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if item is None or isinstance(item, (str, bool, int)):
-            continue
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return f"non-finite number {item!r}"
-        elif depth >= MAX_FIELD_DEPTH:
-            return f"nested deeper than {MAX_FIELD_DEPTH}"
-        elif isinstance(item, dict):
-            if not all(isinstance(k, str) for k in item):
-                return "object keys must be strings"
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, depth + 1) for v in item)
-        else:
-            return f"{type(item).__name__} is not a JSON value"
-    return None
+    return value_problem(value, max_depth=MAX_FIELD_DEPTH)
 
 
 def screen_available(width: int, height: int, *, density: float | None = None,

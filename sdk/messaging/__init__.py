@@ -14,8 +14,9 @@ loaded on first use, and nothing here imports the coordinator, the mesh, amqtt o
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sdk._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # client
@@ -125,18 +126,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"sdk.messaging.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"sdk.messaging.{name}")
-    raise AttributeError(f"module 'sdk.messaging' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, _SUBMODULES)
 
 
 if TYPE_CHECKING:

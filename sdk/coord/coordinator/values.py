@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from sdk.coord.coordinator.errors import InvalidValue
+from sdk.identity.hazmat.json import value_problem
 
 #: The largest integer a version or counter may take (exact in JSON doubles and SQLite).
 MAX_INT = 2**53 - 1
@@ -59,26 +60,9 @@ def integer(value: Any, *, what: str, minimum: int = 0, maximum: int = MAX_INT) 
 def check_json(value: Any, *, what: str, max_depth: int = MAX_DEPTH) -> None:
     """Raise :class:`InvalidValue` unless ``value`` is plain JSON: finite numbers, string keys,
     nesting at most ``max_depth``."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if item is None or isinstance(item, (str, bool, int)):
-            continue
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                raise InvalidValue(f"{what} holds a non-finite number ({item!r})")
-            continue
-        if depth >= max_depth:
-            raise InvalidValue(f"{what} is nested deeper than {max_depth}")
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if not isinstance(k, str):
-                    raise InvalidValue(f"{what} has a non-string key {k!r}")
-                stack.append((v, depth + 1))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, depth + 1) for v in item)
-        else:
-            raise InvalidValue(f"{what} holds a {type(item).__name__}, not a JSON value")
+    problem = value_problem(value, max_depth=max_depth)
+    if problem is not None:
+        raise InvalidValue(f"{what}: {problem}")
 
 
 __all__ = ["MAX_INT", "MAX_DEPTH", "strict_dumps", "finite", "integer", "check_json"]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json as _json
+import math
 from typing import Any
 
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -85,4 +86,29 @@ def loads(
         raise ValueError("JSON is not UTF-8") from exc
 
 
-__all__ = ["loads", "dumps_compact", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH"]
+def value_problem(value: object, *, max_depth: int = DEFAULT_MAX_DEPTH) -> str | None:
+    """Why an in-memory ``value`` is not plain JSON (finite numbers, string keys, nesting at most
+    ``max_depth``), or None when it is: for values built in code before they are signed."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if item is None or isinstance(item, (str, bool, int)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"non-finite number {item!r}"
+        elif depth >= max_depth:
+            return f"nested deeper than {max_depth}"
+        elif isinstance(item, dict):
+            bad = next((k for k in item if not isinstance(k, str)), None)
+            if bad is not None:
+                return f"non-string key {bad!r}"
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+        else:
+            return f"{type(item).__name__} is not a JSON value"
+    return None
+
+
+__all__ = ["loads", "dumps_compact", "value_problem", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH"]
