@@ -78,7 +78,9 @@ async def test_pubsub_retained_and_sync_handler(broker, node_key: Key, user_key:
         await dev.publish(topic, {"online": True}, type="presence", retain=True, ttl=60)
         got: list[Message] = []
         async with SecureClient(broker.url, user_key) as watcher:
-            await watcher.subscribe(protocol.ALL_PRESENCE, got.append)
+            # the session-wide Mosquitto may hold other tests' retained presence: keep only ours
+            await watcher.subscribe(protocol.ALL_PRESENCE,
+                                    lambda m: got.append(m) if m.topic == topic else None)
             await until(lambda: len(got) == 1)
             assert got[0].retained and got[0].body == {"online": True} and got[0].sender == node_key.did
             await dev.publish(topic, {"online": False}, type="presence")
