@@ -18,11 +18,11 @@ dumps_compact = _json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, all
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ValueError(f"duplicate JSON member {k[:64]!r}")
-        obj[k] = v
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate JSON member {dup[:64]!r}")
     return obj
 
 
