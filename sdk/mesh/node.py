@@ -240,11 +240,12 @@ class MeshNode:
             if type(max_tokens) is not int:
                 raise Refusal("max_new_tokens must be an integer", reason="invalid_request")
             self.access.check(msg, model=model, max_tokens=max_tokens, authorizer=self.client.authorizer)
+            from sdk.inference.errors import InvalidRequest
             from sdk.inference.types import GenerationRequest
 
             try:
-                req = GenerationRequest(**fields, request_id=f"mesh-{uuid.uuid4().hex}")
-            except (TypeError, ValueError) as exc:
+                req = GenerationRequest(**fields, request_id=f"mesh-{uuid.uuid4().hex}").validate()
+            except (TypeError, ValueError, InvalidRequest) as exc:
                 raise Refusal(str(exc), reason="invalid_request") from None
             if not self._streams.acquire(msg.sender):  # the gate's check, now exact (no await since)
                 raise Refusal(f"{msg.sender} already has {self.config.max_streams_per_peer} streams",

@@ -343,8 +343,9 @@ class Mesh:
 
     async def stream(self, request: GenerationRequest | None = None, /, *, model: str | None = None,
                      **fields: Any) -> AsyncIterator[TokenChunk]:
-        """Yield ``TokenChunk`` s from the best node, failing over mid-stream; raises ``MeshError`` s."""
-        req = _as_request(request, fields)
+        """Yield ``TokenChunk`` s from the best node, failing over mid-stream; raises ``MeshError`` s
+        (and ``InvalidRequest`` for a request no node could take, before any is asked)."""
+        req = _as_request(request, fields).validate()
         name = self._model_for(req, model)
         self.counters["requests"] += 1
         prompt_ids = list(req.prompt_token_ids) if req.prompt_token_ids is not None else None

@@ -169,3 +169,17 @@ async def test_failover_inside_a_multibyte_character(embedded_env: MeshEnv, node
     assert "".join(c.text for c in chunks) == "".join(c.text for c in reference)
     assert [t for c in chunks for t in c.token_ids] == [t for c in reference for t in c.token_ids]
     assert mesh.failures == {"node_lost": 1}
+
+
+async def test_invalid_request_is_refused_before_any_node_is_asked(embedded_env: MeshEnv, peer_key: Key,
+                                                                   access_vc: Any) -> None:
+    from sdk.inference.errors import InvalidRequest
+
+    node = await embedded_env.node(0)
+    mesh = await embedded_env.router(peer_key, [access_vc])
+    with pytest.raises(InvalidRequest) as info:
+        async for _chunk in mesh.stream(prompt="hi", max_new_tokens=4, temperature=float("nan")):
+            pass
+    assert info.value.reason == "invalid_request" and info.value.field == "temperature"
+    assert node.served == 0 and not node.refusals  # no node saw it
+    assert (await mesh.generate(greedy(4))).text  # the same router still serves valid requests
