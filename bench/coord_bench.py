@@ -27,11 +27,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from brokers.mosquitto import MosquittoBroker, MosquittoConfig  # noqa: E402
-from sdk.coord.coordinator import Coordinator, parse_rules  # noqa: E402
-from sdk.coord.device import Device  # noqa: E402
-from sdk.coord.events import screen_available  # noqa: E402
-from sdk.identity import Key, TrustPolicy  # noqa: E402
+from brokers.mosquitto import MosquittoBroker, MosquittoConfig
+from sdk.coord.coordinator import Coordinator, parse_rules
+from sdk.coord.device import Device
+from sdk.coord.events import screen_available
+from sdk.identity import Key, TrustPolicy
 
 RULES = [{
     "name": "companion", "event": "screen_available", "when": {"sender.kind": "display"},
@@ -159,6 +159,50 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         broker.cleanup()
         tmp.cleanup()
     return out
+
+
+async def revoke_to_refusal(broker: str = "mosquitto", *, rounds: int = 5) -> dict[str, Any]:
+    """Seconds from ``Coordinator.revoke(did)`` until the admitted device is told it is revoked
+    (the coordinator has refused it by then), per round; ``broker``: "mosquitto" or "embedded"."""
+    from brokers.embedded import OWN_TOPICS_ACL, EmbeddedBroker
+    from sdk.coord.device import DeviceState
+
+    issuer, ckey = Key.generate(), Key.generate()
+    server: Any
+    if broker == "embedded":
+        server = EmbeddedBroker(acl=OWN_TOPICS_ACL, coordinator=ckey.did)
+        await server.start()
+    else:
+        server = MosquittoBroker(MosquittoConfig.open_for_tests())
+        server.start()
+    tmp = tempfile.TemporaryDirectory(prefix="coord-revoke-")
+    coord = Coordinator(ckey, broker=server.url, data_dir=Path(tmp.name), trust=TrustPolicy({}), issuer=issuer)
+    await coord.start()
+    seconds: list[float] = []
+    try:
+        for _ in range(rounds):
+            key = Key.generate()
+            dev = Device(key, coord.issue_device_credential(key.did, kind="phone", groups=["room:r"]),
+                         broker=server.url, coordinator=ckey.did, auth_timeout=30)
+            await dev.connect()
+            try:
+                t0 = time.perf_counter()
+                await coord.revoke(key.did)
+                while dev.state is not DeviceState.REVOKED:
+                    if time.perf_counter() - t0 > 10:
+                        raise TimeoutError("device not told of its revocation within 10 s")
+                    await asyncio.sleep(0.0005)
+                seconds.append(time.perf_counter() - t0)
+            finally:
+                await dev.aclose()
+    finally:
+        await coord.stop()
+        if broker == "embedded":
+            await server.stop()
+        else:
+            server.cleanup()
+        tmp.cleanup()
+    return {"seconds": max(seconds), "runs": seconds}
 
 
 def main() -> None:
