@@ -21,6 +21,7 @@ from sdk.coord.coordinator.registry import EXPIRED, ONLINE
 from sdk.coord.device import Device
 from sdk.coord.events import screen_available, screen_lost
 from sdk.identity import Key, TrustPolicy
+from tests.fixtures.waiting import until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -82,12 +83,6 @@ async def mesh(broker: Any, tmp_path: Path) -> AsyncIterator[Mesh]:
             await m.coordinator.stop()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_full_flow_display_to_phone(mesh: Mesh) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,15 +52,6 @@ def access_vc(access_issuer: Key, peer_key: Key) -> Any:
     return issue_access_credential(access_issuer, peer_key.did, models=[MODEL], max_tokens=64)
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:
-    """Wait (polling every 10 ms) until ``condition()`` holds; the seconds it took. Fails after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not condition():
-        if loop.time() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout}s")
-        await asyncio.sleep(0.01)
-    return loop.time() - start
 
 
 class LiveStatusList:

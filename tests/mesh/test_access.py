@@ -18,7 +18,8 @@ from sdk.mesh import (
     issue_access_credential,
 )
 from tests.fixtures.identity import StatusRegistry
-from tests.mesh.conftest import MODEL, MeshEnv, until
+from tests.fixtures.waiting import until
+from tests.mesh.conftest import MODEL, MeshEnv
 
 pytestmark = [pytest.mark.model, pytest.mark.broker]
 

@@ -16,7 +16,8 @@ from sdk.mesh.adverts import NodeLoad
 from sdk.mesh.protocol import ADVERT
 from sdk.messaging.envelope import Message
 from sdk.messaging.topics import client_token
-from tests.mesh.conftest import MODEL, MeshEnv, until
+from tests.fixtures.waiting import until
+from tests.mesh.conftest import MODEL, MeshEnv
 
 pytestmark = [pytest.mark.model, pytest.mark.broker]
 

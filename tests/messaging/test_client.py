@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -25,16 +25,11 @@ from sdk.messaging import (
     topics,
 )
 from sdk.messaging.envelope import Signer, b64d, b64e
+from tests.fixtures.waiting import until
 
 pytestmark = pytest.mark.broker
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

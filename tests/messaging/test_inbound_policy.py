@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -15,16 +14,11 @@ from sdk.messaging.envelope import Signer
 from sdk.messaging.errors import RejectedMessage
 from sdk.messaging.policy import InboundPolicy
 from sdk.messaging.transport import MqttTransport
+from tests.fixtures.waiting import until
 
 pytestmark = pytest.mark.broker
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def _topic(name: str) -> str:

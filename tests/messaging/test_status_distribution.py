@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-
 import pytest
 
 from sdk.identity import Key, StatusList, TrustPolicy, create_status_list_credential
 from sdk.messaging import SecureClient
 from sdk.messaging.status import MqttStatusListSource, publish_status_list, status_list_url
+from tests.fixtures.waiting import until
 
 pytestmark = pytest.mark.broker
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def _list(issuer: Key, *, revoked: tuple[int, ...] = (), sequence: int) -> dict:
