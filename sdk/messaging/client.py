@@ -14,7 +14,7 @@ import collections
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +274,7 @@ class SecureClient:
         encrypted: bool = False,
         retained: Retained = Retained.MESSAGES,
         order: StateOrder | None = None,
+        floors: Mapping[tuple[str, Hashable], Any] | None = None,
         gate: Gate | None = None,
         qos: int | None = None,
     ) -> Subscription:
@@ -282,12 +283,16 @@ class SecureClient:
         ``senders``: allowed sender DIDs (or a predicate); ``encrypted``: only E2E bodies;
         ``retained``: what a retained delivery means (:class:`Retained`; ``STATE`` needs
         ``order(message) -> (key, version)`` and then accepts only strictly newer versions per
-        sender and key); ``gate(message)`` may return a rejection before authorization runs;
+        sender and key; ``floors`` maps ``(sender DID, key)`` to a version already held, set before
+        the broker can deliver a retained copy); ``gate(message)`` may return a rejection before
+        authorization runs;
         ``require``: a credential the sender must present.
         """
         policy = InboundPolicy(require=require, senders=senders, encrypted=encrypted, retained=retained,
                                order=order, gate=gate)
-        return await self._add_sub(topic_filter, handler, policy, qos=qos)
+        if floors and retained is not Retained.STATE:
+            raise ValueError("floors= only applies to Retained.STATE")
+        return await self._add_sub(topic_filter, handler, policy, qos=qos, floors=floors)
 
     async def serve(
         self,
@@ -309,12 +314,15 @@ class SecureClient:
         return await self._add_sub(topic_filter, handler, policy, qos=qos)
 
     async def _add_sub(
-        self, topic_filter: str, handler: Handler, policy: InboundPolicy, *, qos: int | None
+        self, topic_filter: str, handler: Handler, policy: InboundPolicy, *, qos: int | None,
+        floors: Mapping[tuple[str, Hashable], Any] | None = None,
     ) -> Subscription:
         topics.validate_filter(topic_filter)
         if not callable(handler):
             raise TypeError("handler must be callable")
         sub = Subscription(self, topic_filter, handler, policy)
+        for (sender, key), version in (floors or {}).items():
+            sub.advance(sender, key, version)
         first = topic_filter not in self._subs
         self._subs.setdefault(topic_filter, []).append(sub)
         if first:

@@ -196,3 +196,19 @@ def test_presigned_will_carries_credentials() -> None:
     assert will.retain and will.qos == 1
     msg = Verifier().open(will.topic, will.payload, state=True)
     assert msg.credentials == (vc,) and msg.body == {"online": False}
+
+
+async def test_floors_hold_before_the_retained_copy_arrives(broker) -> None:
+    owner, reader = Key.generate(), Key.generate()
+    topic = _topic("floor")
+    async with SecureClient(broker.url, owner) as pub, SecureClient(broker.url, reader) as client:
+        await pub.publish(topic, {"v": 3}, type="state", retain=True)
+        got: list[int] = []
+        await client.subscribe(topic, lambda m: got.append(m.body["v"]), retained=Retained.STATE,
+                               order=lambda m: ("doc", m.body["v"]), floors={(owner.did, "doc"): 5})
+        await until(lambda: client.stats.stale_state == 1)  # the retained v3 is below the floor
+        await pub.publish(topic, {"v": 6}, type="state")
+        await until(lambda: got == [6])
+        with pytest.raises(ValueError):
+            await client.subscribe(topic, got.append, floors={(owner.did, "doc"): 1})
+        await pub.transport.publish(topic, b"", qos=1, retain=True)

@@ -228,10 +228,10 @@ class Device:
             await self.client.connect()
             await self.status_source.attach(self.client)
             coordinator = {self.coordinator}
-            config_sub = await self.client.subscribe(
+            await self.client.subscribe(
                 self._config_topic, self._on_config_msg, senders=coordinator, retained=Retained.STATE,
-                order=self._config_order, gate=self._config_gate, qos=1)
-            config_sub.advance(self.coordinator, _CONFIG_KEY, self.last_version)
+                order=self._config_order, floors={(self.coordinator, _CONFIG_KEY): self.last_version},
+                gate=self._config_gate, qos=1)
             await self.client.subscribe(protocol.device_commands(self._token), self._on_command,
                                         senders=coordinator, retained=Retained.MESSAGES, qos=1)
             await self.client.subscribe(protocol.device_presence(protocol.token(self.coordinator)),
@@ -634,11 +634,6 @@ class Device:
             return None
         if cfg.did != self.did:
             return RejectedMessage(f"config for {cfg.did}, not this device", reason="wrong_device")
-        if cfg.version <= self.last_version:
-            # the subscription's floor is seeded from last_version right after SUBACK; a retained
-            # copy can arrive before that, and is refused here instead
-            return RejectedMessage(f"config v{cfg.version} already handled (v{self.last_version})",
-                                   reason="stale_state")
         return None
 
     def _on_reject(self, topic: str, exc: RejectedMessage) -> None:
