@@ -34,4 +34,14 @@ class NotAdmitted(CoordinationError):
     reason = "not_admitted"
 
 
-__all__ = ["CoordinationError", "AdmissionError", "ConfigRejected", "MalformedConfig", "NotAdmitted"]
+class OperatorError(CoordinationError):
+    """An operator request failed; ``reason`` says why (see docs/OPERATIONS.md for the table):
+    ``not_authorized``, ``forbidden``, ``unknown_op``, ``invalid_params``, ``not_found``, ``offline``,
+    ``timeout``, ``no_such_method``, ``handler_error``, ``not_issuer``, ``token_used``,
+    ``token_expired``, ``busy``."""
+
+    reason = "operator_error"
+
+
+__all__ = ["CoordinationError", "AdmissionError", "ConfigRejected", "MalformedConfig", "NotAdmitted",
+           "OperatorError"]

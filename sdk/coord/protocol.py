@@ -42,6 +42,16 @@ HEARTBEAT = "coord.heartbeat"
 CONFIG = "coord.config"
 NOTICE = "coord.notice"
 EVENT_ACK = "coord.event_ack"
+#: operator → coordinator (request on the coordinator's cmd topic): {op, params}
+OPERATE = "coord.operate"
+#: coordinator → device (request on the device's cmd topic): {method, args}
+CALL = "coord.call"
+#: device → coordinator (request on the coordinator's cmd topic): credential lifecycle
+ENROLL = "coord.enroll"
+RENEW = "coord.renew"
+ROTATE = "coord.rotate"
+#: device → coordinator (on its events topic): reported properties {properties}
+PROPERTIES = "coord.properties"
 
 ACK_PROCESSED = "processed"
 ACK_DUPLICATE = "duplicate"
@@ -159,5 +169,6 @@ __all__ = [
     "ALL_STATUS_LISTS", "token", "status_list_topic", "status_list_url",
     "issuer_of_status_url", "device_presence", "device_events", "device_config", "device_commands",
     "ALL_PRESENCE", "ALL_EVENTS", "ALL_CONFIGS", "parse_device_topic", "NOTICE_EXPIRED", "ConfigVersion",
-    "ACK_PROCESSED", "ACK_DUPLICATE", "ACK_REJECTED", "EVENT_ACK",
+    "ACK_PROCESSED", "ACK_DUPLICATE", "ACK_REJECTED", "EVENT_ACK", "OPERATE", "CALL", "ENROLL", "RENEW",
+    "ROTATE", "PROPERTIES",
 ]

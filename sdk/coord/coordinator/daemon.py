@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import heapq
+import inspect
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from sdk.coord.coordinator.errors import (
     StoreMissing,
 )
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
+from sdk.coord.coordinator.operations import Operations
 from sdk.coord.coordinator.registry import (
     EXPIRED,
     OFFLINE,
@@ -62,6 +64,7 @@ from sdk.coord.coordinator.rules import RuleSet
 from sdk.coord.coordinator.store import ConfigVersion, Store
 from sdk.coord.coordinator.values import MAX_INT, check_json, finite, integer, strict_dumps
 from sdk.coord.events import Event, InvalidEvent
+from sdk.errors import AutoGLMError
 from sdk.identity import (
     IdentityError,
     Key,
@@ -84,6 +87,8 @@ from sdk.messaging.transport import Will
 log = logging.getLogger(__name__)
 
 Listener = Callable[[str, dict[str, Any]], Any]
+#: a request handler on the coordinator's command topic: ``handler(msg) -> reply body`` (or awaitable)
+CommandHandler = Callable[[Message], Any]
 STATUS_LIST_SIZE = 131072
 #: Re-sign the issuer's status list this often (seconds): well inside its validity.
 STATUS_REFRESH = (DEFAULT_TTL - DEFAULT_REFRESH_MARGIN).total_seconds() / 2
@@ -183,6 +188,10 @@ class Coordinator:
         self.checker = StatusChecker(self.status_source)
         self.status_source.add_listener(self._on_status_list)
         self.store: Store | None = None
+        #: named operator operations (``coord.operate`` requests)
+        self.operations = Operations()
+        #: extra request types served on the command topic (besides hello and present)
+        self.commands: dict[str, CommandHandler] = {}
         self._token = protocol.token(self.did)
         presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
@@ -235,6 +244,16 @@ class Coordinator:
         """``listener(what, info)``: admitted, refused, event, committed, report, converged, revoked,
         expired, session_ended, offline, rejected, duplicate, store_behind."""
         self._listeners.append(listener)
+
+    def register_command(self, type_: str, handler: CommandHandler) -> None:
+        """Serve requests of ``type_`` on the coordinator's command topic with ``handler(msg)``.
+
+        The handler returns the reply body (or an awaitable of it) and raises an
+        :class:`~sdk.errors.AutoGLMError` with a ``reason`` to refuse; unknown senders are rate
+        limited by the same gate as the handshake."""
+        if type_ in (protocol.HELLO, protocol.PRESENT):
+            raise ValueError(f"{type_} is the handshake's own request type")
+        self.commands[type_] = handler
 
     def _emit(self, what: str, /, **info: Any) -> None:
         for listener in list(self._listeners):
@@ -386,10 +405,18 @@ class Coordinator:
                 return self._hello(msg)
             if msg.type == protocol.PRESENT:
                 return self._present(msg)
+            handler = self.commands.get(msg.type)
+            if handler is not None:
+                reply = handler(msg)
+                return await reply if inspect.isawaitable(reply) else reply
         except AdmissionError as exc:
             self.metrics.auth.labels(exc.reason).inc()
             log.warning("admission refused for %s: %s: %s", msg.sender, exc.reason, exc)
             self._emit("refused", did=msg.sender, reason=exc.reason, message=str(exc))
+            raise MessagingError(str(exc), reason=exc.reason) from exc
+        except MessagingError:
+            raise
+        except AutoGLMError as exc:       # a typed refusal: its reason travels in the error reply
             raise MessagingError(str(exc), reason=exc.reason) from exc
         raise MessagingError(f"unknown command {msg.type!r}", reason="unknown_command")
 
