@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 #: 1: devices, desired, reported, reports, events, processed (unversioned stores read as 1)
 #: 2: + meta, issued and revoked (the issuer's status-list state)
-SCHEMA_VERSION = 2
+#: 3: + audit (operator operations), tags (operator-assigned), properties (device-reported),
+#:    pins (operator-set desired keys), enroll_tokens and enroll_requests (enrollment)
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -57,6 +59,26 @@ CREATE TABLE IF NOT EXISTS issued (
 CREATE INDEX IF NOT EXISTS issued_by_did ON issued(did);
 CREATE TABLE IF NOT EXISTS revoked (
     idx INTEGER PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, operator TEXT NOT NULL, op TEXT NOT NULL,
+    params TEXT NOT NULL, outcome TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_by_operator ON audit(operator, id);
+CREATE TABLE IF NOT EXISTS tags (
+    did TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (did, tag));
+CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
+CREATE TABLE IF NOT EXISTS properties (
+    did TEXT PRIMARY KEY, props TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+    did TEXT NOT NULL, key TEXT NOT NULL, operator TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (did, key));
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    token_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, groups TEXT NOT NULL, uses INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0, expires REAL NOT NULL, approve TEXT NOT NULL,
+    valid_for REAL NOT NULL, operator TEXT, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS enroll_requests (
+    id TEXT PRIMARY KEY, did TEXT NOT NULL, kind TEXT NOT NULL, groups TEXT NOT NULL, via TEXT NOT NULL,
+    state TEXT NOT NULL, at REAL NOT NULL, credential TEXT);
+CREATE INDEX IF NOT EXISTS enroll_requests_by_did ON enroll_requests(did);
 """
 
 
