@@ -167,6 +167,7 @@ async def test_coordinator_restart_mid_push_loses_nothing(mesh: Mesh) -> None:
             task.cancel()
     await coord.client.transport.aclose()
     coord.store.close()                                     # type: ignore[union-attr]
+    coord._lock.release()                                   # noqa: SLF001 - a dead process's flock goes with it
 
     mesh.events.clear()
     await mesh.start_coordinator()                          # same key, same data dir

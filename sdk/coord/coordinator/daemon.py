@@ -49,6 +49,7 @@ from sdk.coord.coordinator.errors import (
     StoreCorrupt,
     StoreMissing,
 )
+from sdk.coord.coordinator.lock import DataDirLock
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
 from sdk.coord.coordinator.operations import Operations
 from sdk.coord.coordinator.registry import (
@@ -211,6 +212,7 @@ class Coordinator:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
         self.started = False
+        self._lock = DataDirLock(self.data_dir)       # one daemon per data directory (lock.py)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -255,6 +257,16 @@ class Coordinator:
             raise ValueError(f"{type_} is the handshake's own request type")
         self.commands[type_] = handler
 
+    # -- rule reload (SIGHUP in the CLI)
+    def reload_rules(self, rules: RuleSet) -> None:
+        """Swap in an already validated rule set; the next event is evaluated with it."""
+        if not isinstance(rules, RuleSet):
+            raise TypeError("rules must be a RuleSet (validate with load_rules / load_config first)")
+        old, self.rules = self.rules, rules
+        log.info("rules reloaded: %d rule(s), was %d", len(rules), len(old))
+        self._emit("rules_reloaded", count=len(rules), previous=len(old))
+    # -- end rule reload
+
     def _emit(self, what: str, /, **info: Any) -> None:
         for listener in list(self._listeners):
             try:
@@ -264,9 +276,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Open the store, connect, subscribe, announce presence and status lists."""
+        """Lock the data directory, open the store, connect, subscribe, announce presence and lists."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = self._open_store()
+        # -- data directory lock (one daemon per store): taken before the store opens
+        self._lock.acquire()
+        try:
+            self.store = self._open_store()
+        except BaseException:
+            self._lock.release()
+            raise
+        # -- end data directory lock
         try:
             await self._start()
         except BaseException:
@@ -274,6 +293,7 @@ class Coordinator:
                 await self.client.aclose()
             self.store.close()
             self.store = None
+            self._lock.release()
             raise
 
     async def _start(self) -> None:
@@ -367,6 +387,7 @@ class Coordinator:
             with contextlib.suppress(CoordinationError):
                 self.store.save_devices(r.to_row() for r in self.registry)
             self.store.close()
+        self._lock.release()        # data directory lock: released once the store is closed
 
     async def _announce(self) -> None:
         await self.client.publish(protocol.device_presence(self._token),
