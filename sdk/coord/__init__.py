@@ -2,6 +2,7 @@
 
     Device / SyncDevice (device/)      the device SDK: mutual DID+VP admission, events, configs
     Coordinator (coordinator/)         admits devices, runs rules, pushes signed configs
+    OperatorClient (operator.py)       an operator's signed requests: fleet queries, desired state
     protocol.py                        message types, device topics, the config document (shared)
     handshake.py, errors.py            the DID+VP handshake and the errors both sides use
     events.py                          typed device events
@@ -21,14 +22,18 @@ _EXPORTS: dict[str, str] = {
     "Device": "sdk.coord.device",
     "SyncDevice": "sdk.coord.device",
     "Config": "sdk.coord.device",
+    "OperatorClient": "sdk.coord.operator",
+    "SyncOperatorClient": "sdk.coord.operator",
 }
-_SUBMODULES = {"events", "protocol", "device", "coordinator", "handshake", "errors"}
+_SUBMODULES = {"events", "protocol", "device", "coordinator", "handshake", "errors", "operator"}
 
 __all__ = [
     "Config",
     "Coordinator",
     "Device",
+    "OperatorClient",
     "SyncDevice",
+    "SyncOperatorClient",
     "events",
     "protocol",
 ]
@@ -41,3 +46,4 @@ if TYPE_CHECKING:
     from sdk.coord import events, protocol
     from sdk.coord.coordinator import Coordinator
     from sdk.coord.device import Config, Device, SyncDevice
+    from sdk.coord.operator import OperatorClient, SyncOperatorClient

@@ -8,9 +8,11 @@ Modules: ``config`` (TOML), ``rules``, ``store`` (SQLite WAL), ``registry``, ``m
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
     DEVICE_CREDENTIAL,
+    OPERATOR_CREDENTIAL,
     check_presentation,
     coordinator_credential,
     device_credential,
+    operator_credential,
 )
 from sdk.coord.coordinator.config import CoordinatorConfig, TrustedIssuer, load_config, parse_config
 from sdk.coord.coordinator.daemon import Coordinator, load_key
@@ -45,7 +47,9 @@ __all__ = [
     "CoordinatorMetrics",
     "DEVICE_CREDENTIAL",
     "COORDINATOR_CREDENTIAL",
+    "OPERATOR_CREDENTIAL",
     "device_credential",
+    "operator_credential",
     "coordinator_credential",
     "check_presentation",
     "AdmissionError",

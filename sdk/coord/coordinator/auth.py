@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sdk.coord.coordinator.errors import AdmissionError
+from sdk.coord.coordinator.operations import OPERATOR_CREDENTIAL, ROLES
 from sdk.coord.handshake import (
     COORDINATOR_CREDENTIAL,
     DEVICE_CREDENTIAL,
@@ -69,6 +70,37 @@ def coordinator_credential(issuer: Key, coordinator_did: str, *, name: str = "co
                              credential_type=COORDINATOR_CREDENTIAL)
 
 
+def operator_credential(issuer: Key, operator_did: str, *, roles: Iterable[str] = ("read",),
+                        name: str | None = None, valid_for: float = 90 * 86400,
+                        status: Mapping[str, Any] | None = None,
+                        valid_from: datetime | None = None) -> dict[str, Any]:
+    """Issue an OperatorCredential: ``roles`` from ``read`` / ``write`` / ``admin`` (cumulative)."""
+    from sdk.identity import issue_credential
+
+    roles = sorted(set(roles))
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown or not roles:
+        raise ValueError(f"roles must be a non-empty subset of {ROLES}, got {roles}")
+    start = valid_from or datetime.now(UTC) - timedelta(seconds=60)
+    subject: dict[str, Any] = {"id": operator_did, "roles": roles}
+    if name:
+        subject["name"] = name
+    doc: dict[str, Any] = {
+        "@context": [V2_CONTEXT],
+        "id": f"urn:uuid:{secrets.token_hex(16)}",
+        "type": ["VerifiableCredential", OPERATOR_CREDENTIAL],
+        "issuer": issuer.did,
+        "validFrom": _iso(start),
+        "validUntil": _iso(start + timedelta(seconds=valid_for)),
+        "credentialSubject": subject,
+    }
+    if status is not None:
+        doc["credentialStatus"] = dict(status)
+    signed = issue_credential(doc, issuer)
+    assert isinstance(signed, dict)
+    return signed
+
+
 class Challenges:
     """Fresh, single-use challenges with a short lifetime."""
 
@@ -102,10 +134,12 @@ class Challenges:
 __all__ = [
     "DEVICE_CREDENTIAL",
     "COORDINATOR_CREDENTIAL",
+    "OPERATOR_CREDENTIAL",
     "Admitted",
     "Challenges",
     "check_presentation",
     "coordinator_credential",
     "device_credential",
+    "operator_credential",
     "present",
 ]

@@ -51,7 +51,7 @@ from sdk.coord.coordinator.errors import (
 )
 from sdk.coord.coordinator.lock import DataDirLock
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
-from sdk.coord.coordinator.operations import Operations
+from sdk.coord.coordinator.operations import OPERATOR_CREDENTIAL, Operations, OperatorAccess
 from sdk.coord.coordinator.registry import (
     EXPIRED,
     OFFLINE,
@@ -164,7 +164,7 @@ class Coordinator:
         self.broker = broker
         self.data_dir = Path(data_dir)
         self.issuer = issuer
-        self.trust = trust.allow(issuer.did, "DeviceCredential") if issuer is not None else trust
+        self.trust = trust.allow(issuer.did, "DeviceCredential", OPERATOR_CREDENTIAL) if issuer is not None else trust
         self.rules = rules or RuleSet()
         if credential is None:
             if issuer is None:
@@ -193,6 +193,10 @@ class Coordinator:
         self.operations = Operations()
         #: extra request types served on the command topic (besides hello and present)
         self.commands: dict[str, CommandHandler] = {}
+        # -- operator API: coord.operate requests, authorized, role-checked and audited (operations.py)
+        self.operators = OperatorAccess(self)
+        self.register_command(protocol.OPERATE, self.operators.dispatch)
+        # -- end operator API
         self._token = protocol.token(self.did)
         presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
@@ -383,6 +387,7 @@ class Coordinator:
                 self._http[0].server_close()
         self._write_status()
         await self.client.aclose()
+        self.operators.flush()          # queued operator audit rows
         if self.store is not None:
             with contextlib.suppress(CoordinationError):
                 self.store.save_devices(r.to_row() for r in self.registry)
@@ -413,9 +418,12 @@ class Coordinator:
 
     # ------------------------------------------------------------------ authentication
     def _gate(self, msg: Message) -> RejectedMessage | None:
-        """Before any handshake work: a sender never admitted gets a small burst of requests."""
+        """Before any handshake work: a sender never admitted gets a small burst of requests
+        (an operator with a cached grant is let through without any verification)."""
         rec = self.registry.get(msg.sender)
-        if (rec is not None and rec.state != REVOKED) or self.request_limiter.allow(msg.sender):
+        if (rec is not None and rec.state != REVOKED) or (
+                msg.type == protocol.OPERATE and self.operators.granted(msg.sender)) \
+                or self.request_limiter.allow(msg.sender):
             return None
         self.metrics.auth.labels("rate_limited").inc()
         return RejectedMessage(f"too many handshake requests from {msg.sender}", reason="busy")

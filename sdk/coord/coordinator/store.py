@@ -512,5 +512,78 @@ class Store:
                  "targets": json.loads(tg), "converged": c, "failures": fl}
                 for e, s, t, f, r, tg, c, fl in rows]
 
+    # -- operator state: audit of operator requests, operator-assigned tags, device-reported properties
+    def add_audit(self, rows: Iterable[tuple[float, str, str, str, str]]) -> None:
+        """Append ``(at, operator, op, params summary, outcome)`` audit rows (one transaction)."""
+        data = [tuple(r) for r in rows]
+        if data:
+            self._tx(lambda db: db.executemany(
+                "INSERT INTO audit(at, operator, op, params, outcome) VALUES (?,?,?,?,?)", data))
+
+    def audit(self, *, limit: int = 50, operator: str | None = None, op: str | None = None,
+              before: int | None = None) -> list[dict[str, Any]]:
+        """Audit rows, newest first (optionally one operator's, one op's, or older than id ``before``)."""
+        where, args = [], []
+        for clause, value in (("operator = ?", operator), ("op = ?", op), ("id < ?", before)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = "SELECT id, at, operator, op, params, outcome FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, int(limit))).fetchall()
+        return [{"id": i, "at": at, "operator": who, "op": name, "params": params, "outcome": outcome}
+                for i, at, who, name, params, outcome in rows]
+
+    def load_tags(self) -> dict[str, set[str]]:
+        """Every device's operator-assigned tags."""
+        out: dict[str, set[str]] = {}
+        with self._lock:
+            for did, tag in self._db.execute("SELECT did, tag FROM tags"):
+                out.setdefault(did, set()).add(tag)
+        return out
+
+    def update_tags(self, changes: Mapping[str, tuple[Iterable[str], Iterable[str]]]) -> None:
+        """Apply ``{did: (added, removed)}`` tag changes in one transaction."""
+        add = [(did, t) for did, (added, _) in changes.items() for t in added]
+        remove = [(did, t) for did, (_, removed) in changes.items() for t in removed]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM tags WHERE did = ? AND tag = ?", remove)
+            db.executemany("INSERT OR IGNORE INTO tags(did, tag) VALUES (?,?)", add)
+
+        if add or remove:
+            self._tx(write)
+
+    def load_properties(self) -> dict[str, tuple[dict[str, Any], float]]:
+        """Every device's reported properties and when they last changed."""
+        with self._lock:
+            rows = self._db.execute("SELECT did, props, at FROM properties").fetchall()
+        return {did: (json.loads(props), at) for did, props, at in rows}
+
+    def save_properties(self, did: str, properties: Mapping[str, Any], *, now: float | None = None) -> None:
+        """Replace ``did``'s reported properties (strict JSON; :class:`InvalidValue` otherwise)."""
+        now = time.time() if now is None else now
+        text = _dumps(dict(properties))
+        self._tx(lambda db: db.execute(
+            "INSERT INTO properties(did, props, at) VALUES (?,?,?) ON CONFLICT(did) DO UPDATE SET "
+            "props = excluded.props, at = excluded.at", (did, text, now)))
+
+    def reported_versions(self) -> dict[str, int]:
+        """Every device's reported (applied) version, in one query."""
+        with self._lock:
+            return {did: int(v) for did, v in self._db.execute("SELECT did, version FROM reported")}
+
+    def history(self, did: str, *, limit: int = 20) -> list[dict[str, Any]]:
+        """``did``'s newest desired versions, newest first: version, changes, rules, source, created."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT version, changes, event_id, rules, created FROM desired WHERE did = ? "
+                "ORDER BY version DESC LIMIT ?", (did, int(limit))).fetchall()
+        return [{"version": v, "changes": json.loads(ch), "rules": json.loads(ru), "source": ev,
+                 "created": cr} for v, ch, ev, ru, cr in rows]
+    # -- end operator state
+
 
 __all__ = ["ConfigVersion", "Reported", "Store", "SCHEMA_VERSION", "merge", "delta"]
