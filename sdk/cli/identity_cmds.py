@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+
+from sdk.cli.errors import CliError, Problem, guard, hint_for, report
 
 if TYPE_CHECKING:
     from sdk.identity.keys import Key
@@ -64,12 +65,8 @@ ResolverOpt = typer.Option(None, "--resolver-file", help="JSON {verification met
 NowOpt = typer.Option(None, "--now", help="Verify as of this ISO 8601 time (default: now)")
 
 
-class CliFailure(Exception):
-    """A command failed with a stable reason (mapped to exit code 1)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+#: A command's own failure with a stable reason (exit 1; ``usage=True``: exit 2).
+CliFailure = CliError
 
 
 def _stdout() -> Any:
@@ -84,37 +81,15 @@ def _esc(value: Any) -> str:
     return escape(str(value))
 
 
-def _fail(reason: str, message: str, *, as_json: bool) -> NoReturn:
-    message = " ".join(str(message).split())  # one line
-    if as_json:
-        typer.echo(json.dumps({"ok": False, "reason": reason, "error": message}))
-    else:
-        typer.echo(f"error: {reason}: {message}", err=True)
+def _fail(reason: str, message: str, *, as_json: bool, hint: str | None = None) -> NoReturn:
+    """Report a failure (one line, plus a hint when there is one) and exit 1."""
+    report(Problem(reason, " ".join(str(message).split()), hint or hint_for(reason)), as_json=as_json)
     raise typer.Exit(1)
 
 
-@contextmanager
-def _guard(as_json: bool) -> Iterator[None]:
-    """Turn the SDK's typed errors and file problems into one line and exit code 1."""
-    from sdk.errors import AutoGLMError
-
-    sdk_log = logging.getLogger("sdk")
-    if not sdk_log.handlers:  # keep failures to one line unless the app configured logging
-        sdk_log.addHandler(logging.NullHandler())
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except CliFailure as exc:
-        _fail(exc.reason, str(exc), as_json=as_json)
-    except AutoGLMError as exc:
-        _fail(exc.reason, str(exc), as_json=as_json)
-    except FileNotFoundError as exc:
-        _fail("file_not_found", f"{exc.filename}: no such file", as_json=as_json)
-    except OSError as exc:
-        _fail("io_error", str(exc), as_json=as_json)
-    except (ValueError, TypeError) as exc:
-        _fail("invalid_input", str(exc), as_json=as_json)
+def _guard(as_json: bool) -> AbstractContextManager[None]:
+    """The shared CLI guard: typed errors and file problems become one line and exit code 1."""
+    return guard(as_json=as_json)
 
 
 def _keystore_path(path: Path | None) -> Path:

@@ -50,10 +50,11 @@ def ok_json(result):
 
 
 def failed(result, reason):
-    """Non-zero exit and exactly one stderr line naming ``reason``."""
+    """Exit 1 and one stderr line naming ``reason`` (followed by at most one ``hint:`` line)."""
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert len(lines) in (1, 2), result.stderr
+    assert len(lines) == 1 or lines[1].startswith("hint: "), result.stderr
     assert lines[0].startswith(f"error: {reason}:"), lines[0]
     return lines[0]
 
