@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -136,6 +137,18 @@ class HTTPServer:
         await self.stop()
 
 
+#: Environment variable with comma-separated bearer keys, added to the ``--api-key`` flags.
+API_KEYS_ENV = "AUTOGLM_API_KEYS"
+
+
+def api_keys_from(flags: Iterable[str] | None = None, environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The bearer keys ``/v1`` requires: ``flags`` (``--api-key``, repeatable) then the comma list
+    in ``$AUTOGLM_API_KEYS``; blanks dropped, order kept, duplicates removed. Empty: no key needed."""
+    env = os.environ if environ is None else environ
+    keys = [*(flags or ()), *env.get(API_KEYS_ENV, "").split(",")]
+    return tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
+
+
 async def serve_backend(
     backend: Any,
     *,
@@ -158,4 +171,4 @@ async def serve_backend(
         await server.stop()
 
 
-__all__ = ["HTTPServer", "serve_backend", "create_app"]
+__all__ = ["HTTPServer", "serve_backend", "create_app", "api_keys_from", "API_KEYS_ENV"]

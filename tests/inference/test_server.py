@@ -388,4 +388,4 @@ def test_metrics_count_requests_tokens_and_errors(client: openai.OpenAI, http: h
     assert samples['autoglm_request_latency_seconds_count{endpoint="chat_completions"}'] >= 1
     assert samples['autoglm_time_to_first_token_seconds_count{endpoint="chat_completions"}'] >= 1
     assert "autoglm_http_queue_depth" in samples and "autoglm_backend_queue_depth" in samples
-    assert samples["autoglm_backend_generated_tokens"] > 0
+    assert samples["autoglm_backend_generated_tokens_total"] > 0

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -42,6 +42,11 @@ T = TypeVar("T")
 B = TypeVar("B", bound=BaseModel)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+
+#: Decides the error for a model the backend does not list (None: the usual 404 ``model_not_found``).
+MissingModel = Callable[[str], APIError | None]
+#: A backend's readiness for ``/health``: ``(ready, fields)``; not ready answers 503 ``unavailable``.
+Readiness = Callable[[], tuple[bool, Mapping[str, Any]]]
 
 _FINISH = {"stop": "stop", "length": "length", "eos": "stop", "stop_string": "stop", "max_tokens": "length"}
 
@@ -208,8 +213,10 @@ class _Service:
         metrics: Metrics,
         default_max_tokens: int,
         error_table: Mapping[str, tuple[int, str, str | None]],
+        missing_model: MissingModel | None = None,
     ) -> None:
         self.backend = backend
+        self.missing_model = missing_model
         self.served_model_name = served_model_name
         self.admission = admission
         self.metrics = metrics
@@ -231,10 +238,14 @@ class _Service:
         return cards
 
     def resolve_model(self, requested: str) -> str:
-        """The served id ``requested`` names (its id or its metadata name); 404 if none."""
+        """The served id ``requested`` names (its id or its metadata name); 404 if none (or the
+        error ``missing_model`` decides on)."""
         for card in self.model_cards():
             if requested in (card["id"], card["_name"]):
                 return str(card["id"])
+        decided = self.missing_model(requested) if self.missing_model is not None else None
+        if decided is not None:
+            raise decided
         raise APIError(404, f"The model '{requested}' does not exist", param="model",
                        code="model_not_found", reason="model_not_found")
 
@@ -473,12 +484,16 @@ def create_app(
     api_keys: Collection[str] | None = None,
     default_max_tokens: int = 512,
     error_statuses: Mapping[str, tuple[int, str, str | None]] | None = None,
+    missing_model: MissingModel | None = None,
+    readiness: Readiness | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app over ``backend`` (a GenerationBackend or an engine).
 
     ``max_concurrent`` generations run at once, ``max_queued`` more wait, the rest get 429.
     ``api_keys``, when given, are required as ``Authorization: Bearer <key>`` on ``/v1/*``.
     ``error_statuses`` extends the reason → (status, type, code) table for backend errors.
+    ``missing_model`` picks the error for a model the backend does not list (default 404);
+    ``readiness`` adds the backend's own fields to ``/health`` and answers 503 while not ready.
     """
     backend = as_backend(backend)
     metrics = Metrics(backend.stats)
@@ -490,6 +505,7 @@ def create_app(
         metrics=metrics,
         default_max_tokens=default_max_tokens,
         error_table={**REASON_STATUS, **(error_statuses or {})},
+        missing_model=missing_model,
     )
     keys = [k.encode() for k in api_keys or ()]
 
@@ -552,12 +568,15 @@ def create_app(
         if admission.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         try:
+            ready, fields = readiness() if readiness is not None else (True, {})
+            if not ready:
+                return JSONResponse({"status": "unavailable", **fields}, status_code=503)
             stats = json.loads(json.dumps(dict(backend.stats()), default=str))
             models = [c["id"] for c in service.model_cards()]
         except Exception as exc:  # noqa: BLE001 - any backend failure means "unavailable", not a 500
             log.warning("health check: backend unavailable: %s", exc)
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "models": models, "active": admission.active,
+        return JSONResponse({"status": "ok", **fields, "models": models, "active": admission.active,
                              "queued": admission.waiting, "backend": stats})
 
     @app.get("/metrics")
@@ -567,4 +586,4 @@ def create_app(
     return app
 
 
-__all__ = ["create_app", "Admission", "Lease", "ClientDisconnected"]
+__all__ = ["create_app", "Admission", "Lease", "ClientDisconnected", "MissingModel", "Readiness"]
