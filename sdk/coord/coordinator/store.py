@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,14 +268,15 @@ class Store:
     # ------------------------------------------------------------------ desired state
     def commit(self, changes_by_device: Mapping[str, tuple[dict[str, Any], tuple[str, ...]]], *,
                event_id: str | None = None, event: tuple[str, str, Mapping[str, Any]] | None = None,
-               now: float | None = None, max_bytes: int | None = None) -> list[ConfigVersion]:
+               now: float | None = None, max_bytes: int | None = None,
+               also: Callable[[sqlite3.Connection], Any] | None = None) -> list[ConfigVersion]:
         """Commit one new desired version per device, atomically; returns the new versions.
 
         ``event`` = ``(sender, type, fields)`` records the triggering event in the same transaction
         and marks ``(sender, event_id)`` processed; an event already processed commits nothing and
         returns ``[]`` (each event is applied exactly once, across restarts). A version that is not
         strict JSON, or whose config document exceeds ``max_bytes``, raises :class:`InvalidValue`
-        before anything is written.
+        before anything is written. ``also(db)`` runs inside the same transaction (operator pins).
         """
         now = time.time() if now is None else now
         out: list[ConfigVersion] = []
@@ -304,9 +305,11 @@ class Store:
                            "VALUES (?,?,?,?,?,?)", event_row)
             db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
                            "VALUES (?,?,?,?,?,?,?)", rows)
+            if also is not None:
+                also(db)
             return True
 
-        if rows or event is not None:
+        if rows or event is not None or also is not None:
             if not self._tx(write):
                 log.info("event %s from %s already processed; nothing committed", event_id,
                          event[0] if event else "?")
@@ -585,5 +588,158 @@ class Store:
                  "created": cr} for v, ch, ev, ru, cr in rows]
     # -- end operator state
 
+    # -- enrollment (tokens, requests, the coordinator's status indexes, revocation reasons)
+    def allocate_coordinator_index(self, did: str, *, reserved: range, now: float | None = None) -> int:
+        """Like :meth:`allocate_status_index`, skipping ``reserved`` (the offline-issuance range)."""
+        now = time.time() if now is None else now
+
+        def write(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
+            top = db.execute("SELECT MAX(idx) FROM issued").fetchone()[0]
+            index = max(int(row[0]) if row else 0, -1 if top is None else int(top) + 1)
+            if index in reserved:
+                index = reserved.stop
+            db.execute("INSERT INTO issued(idx, did, at) VALUES (?,?,?)", (index, did, now))
+            db.execute("INSERT INTO meta(key, value) VALUES ('next_status_index', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(index + 1),))
+            return index
+
+        return int(self._tx(write))
+
+    def add_enroll_token(self, token_hash: str, *, kind: str, groups: Iterable[str], uses: int, expires: float,
+                         approve: str, valid_for: float, operator: str | None,
+                         now: float | None = None) -> None:
+        """Record an enrollment token by its SHA-256 (the token itself is never stored)."""
+        now = time.time() if now is None else now
+        self._tx(lambda db: db.execute(
+            "INSERT INTO enroll_tokens(token_hash, kind, groups, uses, used, expires, approve, valid_for, "
+            "operator, created) VALUES (?,?,?,?,0,?,?,?,?,?)",
+            (token_hash, kind, _dumps(sorted(groups)), uses, expires, approve, valid_for, operator, now)))
+
+    def use_enroll_token(self, token_hash: str, *, now: float | None = None) -> tuple[str, dict[str, Any] | None]:
+        """Spend one use of a token in one transaction: ``("ok", row)``, or ``("unknown"|"used"|"expired", row)``."""
+        now = time.time() if now is None else now
+
+        def write(db: sqlite3.Connection) -> tuple[str, dict[str, Any] | None]:
+            row = db.execute("SELECT kind, groups, uses, used, expires, approve, valid_for, operator "
+                             "FROM enroll_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+            if row is None:
+                return "unknown", None
+            kind, groups, uses, used, expires, approve, valid_for, operator = row
+            info = {"kind": kind, "groups": json.loads(groups), "uses": uses, "used": used, "expires": expires,
+                    "approve": approve, "valid_for": valid_for, "operator": operator}
+            if used >= uses:
+                return "used", info
+            if expires <= now:
+                return "expired", info
+            db.execute("UPDATE enroll_tokens SET used = used + 1 WHERE token_hash = ?", (token_hash,))
+            info["used"] = used + 1
+            return "ok", info
+
+        out: tuple[str, dict[str, Any] | None] = self._tx(write)
+        return out
+
+    def add_enroll_request(self, request_id: str, *, did: str, kind: str, groups: Iterable[str], via: str,
+                           state: str, credential: Mapping[str, Any] | None = None,
+                           now: float | None = None) -> None:
+        """Record an enrollment request (``state``: pending, issued or denied)."""
+        now = time.time() if now is None else now
+        self._tx(lambda db: db.execute(
+            "INSERT INTO enroll_requests(id, did, kind, groups, via, state, at, credential) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (request_id, did, kind, _dumps(sorted(groups)), via, state, now,
+             None if credential is None else _dumps(dict(credential)))))
+
+    def set_enroll_request(self, request_id: str, *, state: str,
+                           credential: Mapping[str, Any] | None = None) -> None:
+        """Move a request to ``state`` (with the issued credential)."""
+        self._tx(lambda db: db.execute(
+            "UPDATE enroll_requests SET state = ?, credential = ? WHERE id = ?",
+            (state, None if credential is None else _dumps(dict(credential)), request_id)))
+
+    def enroll_requests(self, *, request_id: str | None = None, did: str | None = None,
+                        state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Enrollment requests, newest first, filtered by id, DID and/or state."""
+        where, args = [], []
+        for column, value in (("id", request_id), ("did", did), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = ("SELECT id, did, kind, groups, via, state, at, credential FROM enroll_requests"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at DESC LIMIT ?")
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [{"id": i, "did": d, "kind": k, "groups": json.loads(g), "via": v, "state": s, "at": a,
+                 "credential": None if c is None else json.loads(c)} for i, d, k, g, v, s, a, c in rows]
+
+    def record_revocation(self, did: str, *, reason: str, operator: str | None, indexes: Iterable[int],
+                          now: float | None = None) -> None:
+        """Remember why and by whom ``did`` was revoked (``meta`` key ``revocation:<did>``)."""
+        now = time.time() if now is None else now
+        self.set_meta(f"revocation:{did}", _dumps({"reason": reason, "operator": operator, "at": now,
+                                                    "indexes": sorted(indexes)}))
+
+    def revocation(self, did: str) -> dict[str, Any] | None:
+        """The recorded revocation of ``did`` (reason, operator, at, indexes), if any."""
+        value = self.get_meta(f"revocation:{did}")
+        return None if value is None else dict(json.loads(value))
+    # -- end enrollment
+
+    # -- pins: desired-state keys an operator set on a device; rule outputs leave them alone
+    _pins: dict[str, dict[str, str]] | None = None       # did -> {key: operator}, loaded on first use
+
+    def _pin_index(self) -> dict[str, dict[str, str]]:
+        if self._pins is None:
+            pins: dict[str, dict[str, str]] = {}
+            with self._lock:
+                for did, key, operator in self._db.execute("SELECT did, key, operator FROM pins"):
+                    pins.setdefault(did, {})[key] = operator
+            self._pins = pins
+        return self._pins
+
+    def pins(self, did: str) -> dict[str, str]:
+        """``{key: operator DID}`` of the keys operators pinned on ``did``."""
+        return dict(self._pin_index().get(did, {}))
+
+    def pinned(self, did: str) -> frozenset[str]:
+        """The keys of ``did`` that rule outputs must not change."""
+        return frozenset(self._pin_index().get(did, ()))
+
+    def commit_operator(self, changes_by_device: Mapping[str, Mapping[str, Any]], *, operator: str,
+                        event_id: str, op: str, unpin: Mapping[str, Iterable[str]] | None = None,
+                        now: float | None = None, max_bytes: int | None = None) -> list[ConfigVersion]:
+        """Commit an operator's changes as one transaction with its pins; returns the new versions.
+
+        A key set to a value is pinned to ``operator`` on that device; a key set to ``None`` is
+        removed from the state and unpinned; ``unpin`` names further ``{did: keys}`` to unpin
+        (devices without a new version). The versions record ``operator:<did>`` as their rule and
+        the request as an event of type ``op`` (the source in the device's history)."""
+        now = time.time() if now is None else now
+        pin_rows = [(did, k, operator, now) for did, ch in changes_by_device.items()
+                    for k, v in ch.items() if v is not None]
+        unpin_rows = [(did, k) for did, ch in changes_by_device.items() for k, v in ch.items() if v is None]
+        unpin_rows += [(did, k) for did, keys in (unpin or {}).items() for k in keys]
+
+        def write_pins(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM pins WHERE did = ? AND key = ?", unpin_rows)
+            db.executemany("INSERT INTO pins(did, key, operator, at) VALUES (?,?,?,?) ON CONFLICT(did, key) "
+                           "DO UPDATE SET operator = excluded.operator, at = excluded.at", pin_rows)
+
+        source = (f"operator:{operator}",)
+        fields = {"targets": len(changes_by_device)}
+        versions = self.commit({did: (dict(ch), source) for did, ch in changes_by_device.items()},
+                               event_id=event_id, event=(operator, op, fields), now=now,
+                               max_bytes=max_bytes, also=write_pins)
+        index = self._pin_index()
+        for did, key in unpin_rows:
+            keys = index.get(did)
+            if keys is not None:
+                keys.pop(key, None)
+                if not keys:
+                    del index[did]
+        for did, key, who, _ in pin_rows:
+            index.setdefault(did, {})[key] = who
+        return versions
+    # -- end pins
 
 __all__ = ["ConfigVersion", "Reported", "Store", "SCHEMA_VERSION", "merge", "delta"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord import protocol
+from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
 from sdk.coord.device.outbox import MAX_OUTBOX, Outbox
 from sdk.coord.device.state import STUCK, DeviceState, allowed
@@ -158,6 +159,8 @@ class Device:
         self._coordinator_boot: str | None = None
         self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
         self._last_delivered: Config | None = None
+        #: direct-command handlers, answering the coordinator's ``coord.call`` requests
+        self.commands = Commands()
 
     # ------------------------------------------------------------------ state
     @property
@@ -712,11 +715,22 @@ class Device:
                 await self._changed.wait()
         await asyncio.wait_for(wait(), timeout)
 
+    # ------------------------------------------------------------------ direct commands
+    def register_command(self, name: str, handler: CommandHandler) -> None:
+        """Answer the coordinator's calls to ``name`` with ``handler(args)`` (sync or async, returns JSON)."""
+        self.commands.register(name, handler)
+
+    def command(self, name: str) -> Callable[[H], H]:
+        """Decorator: ``@device.command("reboot")`` registers the function as command ``name``."""
+        return self.commands.command(name)
+
     # ------------------------------------------------------------------ from the coordinator
     def _on_command(self, msg: Message) -> None:
-        """Notices and event acknowledgements (the subscription admits only the coordinator)."""
+        """Notices, event acknowledgements and calls (the subscription admits only the coordinator)."""
         if msg.type == protocol.EVENT_ACK:
             self._on_event_ack(msg)
+        elif msg.type == protocol.CALL:
+            self._spawn(self.commands.answer(self.client, msg))
         elif msg.type == protocol.NOTICE:
             body = msg.body if isinstance(msg.body, dict) else {}
             self._on_notice(body.get("notice"), body.get("reason"))

@@ -1,15 +1,16 @@
 """A blocking facade over :class:`~sdk.coord.device.Device` for apps without an event loop.
 
 The device runs on a private :class:`~sdk.messaging.loop_thread.LoopThread`; ``on_config``
-callbacks run on that thread.
+callbacks and command handlers run on that thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from sdk.coord.device.client import Credential, Device
+from sdk.coord.device.commands import CommandHandler, H
 from sdk.coord.device.state import DeviceState
 from sdk.coord.events import Event
 from sdk.messaging.loop_thread import LoopThread
@@ -54,6 +55,14 @@ class SyncDevice:
     def wait_version(self, version: int, timeout: float | None = None) -> None:
         """Blocking :meth:`Device.wait_version`."""
         self._call(self.device.wait_version(version, timeout), None)
+
+    def register_command(self, name: str, handler: CommandHandler) -> None:
+        """:meth:`Device.register_command`; the handler runs on the device's loop thread."""
+        self.device.register_command(name, handler)
+
+    def command(self, name: str) -> Callable[[H], H]:
+        """Decorator form of :meth:`register_command`."""
+        return self.device.commands.command(name)
 
     def update_credential(self, credential: Credential) -> None:
         """:meth:`Device.update_credential`, run on the device's loop."""
