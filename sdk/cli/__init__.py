@@ -17,7 +17,7 @@ except ModuleNotFoundError as exc:  # the core install has no CLI: say which ext
 
     raise require_extra(exc, "cli", feature="the autoglm command line") from exc
 
-from sdk.cli import coord_cmds, identity_cmds, inference_cmds, mesh_cmds
+from sdk.cli import coord_cmds, examples_cmd, identity_cmds, inference_cmds, mesh_cmds
 from sdk.cli.errors import DEBUG_ENV, GuardedGroup, hoist_debug, set_debug
 
 app = typer.Typer(
@@ -37,7 +37,7 @@ def _root(
     set_debug(debug)
 
 
-for _module in (identity_cmds, coord_cmds, inference_cmds, mesh_cmds):
+for _module in (identity_cmds, coord_cmds, inference_cmds, mesh_cmds, examples_cmd):
     _module.register(app)
 
 

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def coordinator(
-    config: Path = typer.Option(..., "--config", "-c", help="Coordinator TOML file (see examples/coordinator.toml)"),
+    config: Path = typer.Option(..., "--config", "-c", help="Coordinator TOML file (`autoglm examples DIR` writes a commented one)"),
     broker: str | None = typer.Option(None, "--broker", help="Override coordinator.broker"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging"),
     fresh: bool = typer.Option(False, "--fresh", help="Start with an empty state store if the existing one "
@@ -144,7 +144,7 @@ def devices(
 def demo(
     keep_running: bool = typer.Option(False, "--keep-running", help="Leave the mesh up after the scenario"),
     plain: bool = typer.Option(False, "--plain", help="No live redraw (final table only)"),
-    rules: Path | None = typer.Option(None, "--rules", help="Use these [[rules]] instead of the demo's"),
+    rules: Path | None = typer.Option(None, "--rules", help=r"Use these \[\[rules]] instead of the demo's"),
     step_timeout: float = typer.Option(15.0, "--step-timeout", help="Seconds each step may take"),
 ) -> None:
     """Broker + coordinator + simulated devices in one process: auth, events, configs, revocation."""

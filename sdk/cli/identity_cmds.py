@@ -55,8 +55,8 @@ FormatOpt = typer.Option("eddsa-jcs-2022", "--format", "-f", help="Proof format:
 TrustOpt = typer.Option(None, "--trust", help="ISSUER=Type1,Type2 (repeatable; '*' for any type)")
 TrustFileOpt = typer.Option(None, "--trust-file", help="JSON trust policy: a list of {issuer, types}")
 AnyIssuerOpt = typer.Option(
-    False, "--any-issuer", help="Accept any issuer whose proof verifies (without it and without --trust, "
-    "the issuer is reported as not checked)",
+    False, "--any-issuer", help="Accept any issuer whose proof verifies (without it, --trust or "
+    "--trust-file, verify exits 1: issuer NOT checked)",
 )
 StatusOpt = typer.Option(
     None, "--status-list", help="Status list credential FILE or URL=FILE (repeatable)"
@@ -254,10 +254,17 @@ def _check_format(fmt: str) -> str:
     return fmt
 
 
+def _not_checked(what: str) -> Problem:
+    """The failure of a verification that passed every check but the issuer's (no trust policy)."""
+    return Problem("issuer_not_checked", f"{what} signature valid, issuer NOT checked (no --trust)",
+                   hint_for("issuer_not_checked"))
+
+
 def _result_json(result: VerificationResult, issuer_checked: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "ok": result.verified,
+        "ok": result.verified and issuer_checked,
         "verified": result.verified and issuer_checked,
+        "signature_valid": result.verified,
         "issuer_checked": issuer_checked,
         "errors": list(result.errors),
         "messages": list(result.messages),
@@ -271,7 +278,7 @@ def _result_json(result: VerificationResult, issuer_checked: bool = True) -> dic
         "expires_at": result.expires_at.isoformat() if result.expires_at else None,
     }
     if result.credentials:
-        out["credentials"] = [_result_json(r) for r in result.credentials]
+        out["credentials"] = [_result_json(r, issuer_checked) for r in result.credentials]
     return out
 
 
@@ -279,24 +286,27 @@ def _report_result(result: VerificationResult, *, as_json: bool, what: str,
                    issuer_checked: bool = True) -> None:
     """Print a verification result; exit 1 with a one-line reason when it failed.
 
-    Without a trust policy (``issuer_checked=False``) a passing result is reported as "signature
-    valid; issuer not checked", never as verified.
+    Without a trust policy (``issuer_checked=False``) a result whose other checks pass is a
+    failure too: "signature valid, issuer NOT checked" and exit 1 (``--any-issuer`` accepts any).
     """
+    unchecked = result.verified and not issuer_checked
     if as_json:
-        typer.echo(json.dumps(_result_json(result, issuer_checked)))
-        if not result.verified:
+        out = _result_json(result, issuer_checked)
+        if unchecked:
+            out.update(_not_checked(what).as_dict())
+        typer.echo(json.dumps(out))
+        if not out["ok"]:
             raise typer.Exit(1)
         return
     if not result.verified:
         first = result.messages[0] if result.messages else ""
         _fail(",".join(result.errors) or "not_verified", f"{what} not verified: {first}", as_json=False)
     console = _stdout()
-    if issuer_checked:
-        console.print(f"[green]✓ {what} verified[/] ({_esc(result.proof_format)})")
-    else:
+    if unchecked:
         fmt = _esc(result.proof_format)
-        console.print(f"[yellow]✓ {what} signature valid; issuer not checked[/] ({fmt})")
-        console.print("  give --trust ISSUER=Types, --trust-file FILE or --any-issuer to check the issuer")
+        console.print(f"[yellow]✗ {what} signature valid, issuer NOT checked[/] ({fmt})")
+    else:
+        console.print(f"[green]✓ {what} verified[/] ({_esc(result.proof_format)})")
     rows = [("issuer", result.issuer), ("holder", result.holder), ("subject", result.subject),
             ("types", ", ".join(result.types) if result.types else None),
             ("verification method", result.verification_method),
@@ -307,8 +317,11 @@ def _report_result(result: VerificationResult, *, as_json: bool, what: str,
             console.print(f"  {label}: {_esc(value)}")
     for i, sub in enumerate(result.credentials):
         kinds = _esc(", ".join(sub.types))
-        state = "[green]verified[/]" if issuer_checked else "[yellow]signature valid[/]"
+        state = "[yellow]signature valid[/]" if unchecked else "[green]verified[/]"
         console.print(f"  credential {i}: {kinds} from {_esc(sub.issuer)} → {state}")
+    if unchecked:
+        report(_not_checked(what), as_json=False)
+        raise typer.Exit(1)
 
 
 def _parse_claim(text: str) -> tuple[str, Any]:

@@ -260,10 +260,16 @@ def test_vc_verify_without_trust_does_not_say_verified(cli, issuer, holder):
     out = cli.tmp / "self-issued.json"
     ok_json(cli("vc", "issue", "-s", holder, "-t", "AdminCredential", "-o", out, "--json"))
     readable = cli("vc", "verify", out)
-    assert readable.exit_code == 0, readable.output
-    assert "signature valid; issuer not checked" in readable.stdout and "verified" not in readable.stdout
-    checked = json.loads(cli("vc", "verify", out, "--json").stdout)
-    assert checked["ok"] and not checked["verified"] and checked["issuer_checked"] is False
+    assert readable.exit_code == 1, readable.output
+    assert "signature valid, issuer NOT checked" in readable.stdout and "verified" not in readable.stdout
+    assert readable.stderr.splitlines()[0] == (
+        "error: issuer_not_checked: credential signature valid, issuer NOT checked (no --trust)")
+    assert "--any-issuer" in readable.stderr.splitlines()[1]
+    as_json = cli("vc", "verify", out, "--json")
+    checked = json.loads(as_json.stdout)
+    assert as_json.exit_code == 1 and checked["signature_valid"] and not checked["ok"]
+    assert not checked["verified"] and checked["issuer_checked"] is False
+    assert checked["error"]["reason"] == "issuer_not_checked"
     trusted = ok_json(cli("vc", "verify", out, "--any-issuer", "--json"))
     assert trusted["verified"] and trusted["issuer_checked"]
     failed(cli("vc", "verify", out, "--trust", f"{holder}=AdminCredential"), "untrusted_issuer")
