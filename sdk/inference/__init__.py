@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import EngineClosed, EngineOverloaded, InferenceError, InvalidRequest, PromptTooLong
+from .errors import (
+    EngineClosed,
+    EngineOverloaded,
+    InferenceError,
+    InvalidConfig,
+    InvalidRequest,
+    PromptTooLong,
+)
 from .types import EngineConfig, FinishReason, GenerationRequest, GenerationResult, TokenChunk, Usage
 
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ __all__ = [
     "FinishReason",
     "InferenceError",
     "InvalidRequest",
+    "InvalidConfig",
     "PromptTooLong",
     "EngineOverloaded",
     "EngineClosed",

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .errors import InvalidRequest, PromptTooLong
+from .errors import InvalidConfig, InvalidRequest, PromptTooLong
 from .kv_cache import PrefixCache, SlotKVCache, install_slot_attention
 from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler, Sequence
@@ -53,7 +53,7 @@ class Engine:
         self.plan = plan_kv_cache(
             model.config, self.dtype, self.device,
             gpu_memory_utilization=config.gpu_memory_utilization,
-            max_sequence_length=min(config.max_sequence_length, dims["context_length"]),
+            max_sequence_length=_sequence_length(config.max_sequence_length, dims["context_length"]),
             max_batch_size=config.max_batch_size,
             budget_bytes=budget,
         )
@@ -279,6 +279,19 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _sequence_length(requested: int | None, context: int) -> int:
+    """``requested`` if the model takes it (None: its context, at most the default); else ``InvalidConfig``."""
+    from .limits import DEFAULT_MAX_SEQUENCE_LENGTH
+
+    if requested is None:
+        return min(context, DEFAULT_MAX_SEQUENCE_LENGTH)
+    if requested > context:
+        log.error("max_sequence_length %d is above the model's context length %d", requested, context)
+        raise InvalidConfig(f"max_sequence_length {requested} is above the model's context length {context}",
+                            field="max_sequence_length", limit=context)
+    return requested
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -3,6 +3,7 @@
     InferenceError (sdk.errors)
     ├── InvalidRequest     reason "invalid_request"   bad request fields (400)
     ├── PromptTooLong      reason "prompt_too_long"   no room left in max_sequence_length (400)
+    ├── InvalidConfig      reason "invalid_config"    an engine setting beyond the model's limit
     ├── EngineOverloaded   reason "overloaded"        the waiting queue is full (429/503)
     └── EngineClosed       reason "shutting_down"     the engine is closed or closing (503)
 """
@@ -36,6 +37,18 @@ class PromptTooLong(InferenceError):
         self.max_sequence_length = max_sequence_length
 
 
+class InvalidConfig(InferenceError):
+    """An engine setting the model cannot take (``max_sequence_length`` above its context length):
+    ``field`` names the setting, ``limit`` the largest value allowed."""
+
+    reason = "invalid_config"
+
+    def __init__(self, message: str = "", *, field: str, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.limit = limit
+
+
 class EngineOverloaded(InferenceError):
     """Too many requests are already waiting for a slot; retry later."""
 
@@ -48,4 +61,4 @@ class EngineClosed(InferenceError):
     reason = "shutting_down"
 
 
-__all__ = ["InferenceError", "InvalidRequest", "PromptTooLong", "EngineOverloaded", "EngineClosed"]
+__all__ = ["InferenceError", "InvalidRequest", "InvalidConfig", "PromptTooLong", "EngineOverloaded", "EngineClosed"]

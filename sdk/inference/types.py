@@ -32,7 +32,8 @@ _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed ac
 class EngineConfig:
     """How to load the model and size the engine.
 
-    ``max_sequence_length`` bounds prompt + output of one request. ``kv_cache_tokens`` (None: from
+    ``max_sequence_length`` bounds prompt + output of one request (None: the model's context
+    length, at most 8192; above the model's context is ``InvalidConfig``). ``kv_cache_tokens`` (None: from
     ``gpu_memory_utilization`` on CUDA, ``max_batch_size * max_sequence_length`` on CPU) bounds the
     slots' KV cache; ``max_queue_size`` bounds requests waiting for a slot (then ``EngineOverloaded``).
     """
@@ -41,7 +42,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
-    max_sequence_length: int = 8192
+    max_sequence_length: int | None = None
     max_batch_size: int = 8
     max_queue_size: int = 256
     kv_cache_tokens: int | None = None
@@ -51,7 +52,7 @@ class EngineConfig:
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_sequence_length < 2:
+        if self.max_sequence_length is not None and self.max_sequence_length < 2:
             raise ValueError("max_sequence_length must be at least 2")
         if self.max_batch_size < 1 or self.max_queue_size < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue_size >= 0")
