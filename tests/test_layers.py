@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 
 #: The top-level packages of the layer graph (``sdk.errors`` is the shared root every layer may use).
-PACKAGES = ("sdk.identity", "sdk.messaging", "sdk.coord", "sdk.inference", "sdk.mesh", "sdk.cli", "brokers")
+PACKAGES = ("sdk.identity", "sdk.messaging", "sdk.coord", "sdk.inference", "sdk.mesh", "sdk.cli", "brokers",
+            "sdk.testing")
 SHARED = ("sdk", "sdk.errors")
 
 BROKER_STACKS = ("paho", "amqtt", "brokers")
@@ -65,6 +66,11 @@ IMPORT_CASES: list[tuple[tuple[str, ...], tuple[str, ...], str | None]] = [
     (("sdk.inference", "sdk.inference.types", "sdk.inference.errors", "sdk.inference.backend"),
      ("paho", "amqtt", "torch", "transformers", "fastapi", "sdk.messaging", "sdk.coord", "sdk.mesh",
       "sdk.identity", "brokers"), None),
+    # the pytest plugin loads in every test run of a project with the SDK installed: pytest only
+    (("sdk.testing", "sdk.testing.plugin"), ("sdk.identity", "sdk.messaging", "sdk.coord", "sdk.mesh",
+                                             "sdk.inference", "sdk.cli", *BROKER_STACKS, *HEAVY), None),
+    (("sdk.testing.fake_engine",), ("torch", "transformers", "paho", "amqtt", "sdk.messaging", "sdk.coord",
+                                    "sdk.mesh", "brokers", "fastapi"), None),
 ]
 
 
@@ -223,6 +229,11 @@ def test_architecture_table_names_every_package() -> None:
 def test_package_graph_is_acyclic() -> None:
     graph = {source: set(targets) for source, targets in _import_edges().items()}
     assert _find_cycle(graph) is None, f"import cycle between packages: {_find_cycle(graph)}"
+
+
+def test_only_test_suites_import_sdk_testing() -> None:
+    importers = sorted(source for source, targets in _import_edges().items() if "sdk.testing" in targets)
+    assert importers == [], f"library packages import sdk.testing: {importers}"
 
 
 def test_find_cycle_finds_a_cycle() -> None:
