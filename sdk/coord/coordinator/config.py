@@ -16,6 +16,14 @@
     issuer = "did:key:z6Mk..."
     types = ["DeviceCredential"]
 
+    [issuer]                             # optional: the coordinator issues and revokes credentials
+    keystore = "issuer.keystore"         # the issuing key (or key = "z..." multibase, for tests)
+    passphrase_env = "AUTOGLM_PASSPHRASE"  # default: that of [identity]
+    status_list_size = 131072            # bits in the issuer's status list (>= 131072, multiple of 8)
+    credential_valid_for = "30d"         # validity of issued credentials: seconds, or "30d" / "12h" / "90m"
+    renew_after = 0.6667                 # devices renew at this fraction of their validity period
+    manufacturer_approve = "manual"      # enrollment by ManufacturerCredential: "auto" or "manual"
+
     rules_file = "rules.toml"            # and/or inline [[rules]] tables
 
 Relative paths are resolved against the config file's directory.
@@ -27,6 +35,7 @@ import logging
 import math
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +46,7 @@ from sdk.coord.coordinator.rules import RuleSet, parse_rules
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_TTL = 30.0
-_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file"}
+_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer"}
 _COORD_KEYS = {"broker", "data_dir", "heartbeat_ttl", "durability", "metrics_port", "sweep_interval",
                "name"}
 _ID_KEYS = {"keystore", "passphrase_env", "key", "credential"}
@@ -49,6 +58,80 @@ class TrustedIssuer:
 
     issuer: str
     types: tuple[str, ...] = ("DeviceCredential",)
+
+
+# -- [issuer]
+DEFAULT_STATUS_LIST_SIZE = 131072
+DEFAULT_CREDENTIAL_VALID_FOR = 30 * 86400.0
+DEFAULT_RENEW_AFTER = 2 / 3
+MAX_STATUS_LIST_SIZE = 1 << 24
+_ISSUER_KEYS = {"keystore", "passphrase_env", "key", "status_list_size", "credential_valid_for", "renew_after",
+                "manufacturer_approve"}
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    """The ``[issuer]`` section: the key the coordinator issues credentials with, and their policy."""
+
+    keystore: Path | None = None
+    passphrase_env: str = "AUTOGLM_PASSPHRASE"
+    key_multibase: str | None = None
+    status_list_size: int = DEFAULT_STATUS_LIST_SIZE
+    credential_valid_for: float = DEFAULT_CREDENTIAL_VALID_FOR
+    renew_after: float = DEFAULT_RENEW_AFTER
+    manufacturer_approve: str = "manual"
+
+
+def parse_duration(value: Any, *, what: str) -> float:
+    """Seconds from a number or a ``"30d"`` / ``"12h"`` / ``"90m"`` / ``"45s"`` / ``"2w"`` string."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and len(value) >= 2 and value[-1] in _UNITS:
+        try:
+            seconds = float(value[:-1]) * _UNITS[value[-1]]
+        except ValueError:
+            seconds = None
+    if seconds is None or not math.isfinite(seconds) or not 1 <= seconds <= 10 * 365 * 86400:
+        raise _err(f"{what} must be a duration between 1 s and 10 years (seconds, or \"30d\", \"12h\", "
+                   f"\"90m\"), got {value!r}")
+    return seconds
+
+
+def _parse_issuer(table: Any, *, default_passphrase_env: str,
+                  path: Callable[[Any, str], Path | None]) -> IssuerConfig:
+    if not isinstance(table, dict):
+        raise _err("[issuer] must be a table")
+    unknown = set(table) - _ISSUER_KEYS
+    if unknown:
+        raise _err(f"unknown key(s) in [issuer]: {sorted(unknown)} (allowed: {sorted(_ISSUER_KEYS)})")
+    key = table.get("key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise _err("issuer.key must be a private key multibase string")
+    keystore = path(table.get("keystore"), "issuer.keystore")
+    if (key is None) == (keystore is None):
+        raise _err("[issuer] needs exactly one of 'keystore' (a keystore file) or 'key' (multibase)")
+    env = table.get("passphrase_env", default_passphrase_env)
+    if not isinstance(env, str) or not env:
+        raise _err("issuer.passphrase_env must be an environment variable name")
+    size = table.get("status_list_size", DEFAULT_STATUS_LIST_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size % 8 \
+            or not DEFAULT_STATUS_LIST_SIZE <= size <= MAX_STATUS_LIST_SIZE:
+        raise _err(f"issuer.status_list_size must be a multiple of 8 between {DEFAULT_STATUS_LIST_SIZE} and "
+                   f"{MAX_STATUS_LIST_SIZE}, got {size!r}")
+    valid_for = parse_duration(table.get("credential_valid_for", DEFAULT_CREDENTIAL_VALID_FOR),
+                               what="issuer.credential_valid_for")
+    renew = table.get("renew_after", DEFAULT_RENEW_AFTER)
+    if isinstance(renew, bool) or not isinstance(renew, (int, float)) or not math.isfinite(renew) \
+            or not 0.05 <= renew <= 0.95:
+        raise _err(f"issuer.renew_after must be a fraction of the validity between 0.05 and 0.95, got {renew!r}")
+    approve = table.get("manufacturer_approve", "manual")
+    if approve not in ("auto", "manual"):
+        raise _err(f"issuer.manufacturer_approve must be \"auto\" or \"manual\", got {approve!r}")
+    return IssuerConfig(keystore=keystore, passphrase_env=env, key_multibase=key, status_list_size=size,
+                        credential_valid_for=valid_for, renew_after=float(renew), manufacturer_approve=approve)
+# -- end [issuer]
 
 
 @dataclass(frozen=True)
@@ -68,6 +151,7 @@ class CoordinatorConfig:
     credential: Path | None = None
     trust: tuple[TrustedIssuer, ...] = ()
     rules: RuleSet = field(default_factory=RuleSet)
+    issuer: IssuerConfig | None = None
 
 
 def _err(msg: str) -> ConfigFileError:
@@ -146,6 +230,9 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
     key = ident.get("key")
     if key is not None and not isinstance(key, str):
         raise _err("identity.key must be a private key multibase string")
+    passphrase_env = str(ident.get("passphrase_env", "AUTOGLM_PASSPHRASE"))
+    issuer = None if "issuer" not in data else _parse_issuer(
+        data["issuer"], default_passphrase_env=passphrase_env, path=path)
     return CoordinatorConfig(
         broker=broker,
         data_dir=path(coord.get("data_dir", "coordinator-data"), "coordinator.data_dir") or base,
@@ -156,11 +243,12 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
         sweep_interval=_number(coord, "sweep_interval", 1.0, where="coordinator", minimum=0.01),
         name=str(coord.get("name", "coordinator")),
         keystore=path(ident.get("keystore"), "identity.keystore"),
-        passphrase_env=str(ident.get("passphrase_env", "AUTOGLM_PASSPHRASE")),
+        passphrase_env=passphrase_env,
         key_multibase=key,
         credential=path(ident.get("credential"), "identity.credential"),
         trust=tuple(trust),
         rules=rules,
+        issuer=issuer,
     )
 
 
@@ -180,4 +268,5 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     return parse_config(data, base_dir=p.resolve().parent)
 
 
-__all__ = ["CoordinatorConfig", "TrustedIssuer", "DEFAULT_HEARTBEAT_TTL", "load_config", "parse_config"]
+__all__ = ["CoordinatorConfig", "IssuerConfig", "TrustedIssuer", "DEFAULT_HEARTBEAT_TTL", "load_config",
+           "parse_config", "parse_duration"]

@@ -39,7 +39,7 @@ from sdk.coord.coordinator.auth import (
     device_credential,
     present,
 )
-from sdk.coord.coordinator.config import CoordinatorConfig
+from sdk.coord.coordinator.config import CoordinatorConfig, IssuerConfig
 from sdk.coord.coordinator.errors import (
     AdmissionError,
     CoordinationError,
@@ -149,6 +149,7 @@ class Coordinator:
         rules: RuleSet | None = None,
         credential: dict[str, Any] | str | None = None,
         issuer: Key | None = None,
+        issuer_config: IssuerConfig | None = None,
         heartbeat_ttl: float = 30.0,
         durability: str = "normal",
         sweep_interval: float = 1.0,
@@ -197,6 +198,14 @@ class Coordinator:
         self.operators = OperatorAccess(self)
         self.register_command(protocol.OPERATE, self.operators.dispatch)
         # -- end operator API
+        # -- credential lifecycle (enrollment.py): enrollment, renewal, rotation, revocation by DID
+        from sdk.coord.coordinator.enrollment import Enrollment, register_enrollment
+
+        self.status_list_size = STATUS_LIST_SIZE if issuer_config is None else issuer_config.status_list_size
+        self.enrollment: Enrollment | None = None
+        if issuer is not None:
+            self.enrollment = register_enrollment(self, issuer_config)
+        # -- end credential lifecycle
         self._token = protocol.token(self.did)
         presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
@@ -233,6 +242,13 @@ class Coordinator:
             except IdentityError as exc:
                 raise CoordinationError(f"cannot read coordinator credential {config.credential}: {exc}",
                                         reason="invalid_config_file") from exc
+        # -- [issuer]: the issuing key from the config unless given
+        if issuer is None and config.issuer is not None:
+            from sdk.coord.coordinator.enrollment import load_issuer_key
+
+            issuer = load_issuer_key(config.issuer)
+        kwargs.setdefault("issuer_config", config.issuer)
+        # -- end [issuer]
         trust = TrustPolicy({t.issuer: set(t.types) for t in config.trust})
         return cls(key, broker=broker or config.broker, data_dir=config.data_dir, trust=trust,
                    rules=config.rules, credential=credential, issuer=issuer,
@@ -899,9 +915,9 @@ class Coordinator:
         assert self.issuer is not None and self.store is not None
         if self.store.get_meta(_ISSUER_MIGRATED) is None:
             self._migrate_issuer_file()
-        self._status_list = StatusList(STATUS_LIST_SIZE)
+        self._status_list = StatusList(self.status_list_size)
         for index in self.store.revoked_indexes():
-            if 0 <= index < STATUS_LIST_SIZE:
+            if 0 <= index < self.status_list_size:
                 self._status_list.set(index)
         self._resign_status_list()
 
@@ -951,18 +967,22 @@ class Coordinator:
             raise CoordinationError("this coordinator has no issuer key", reason="not_issuer")
         if self.store is None:
             raise CoordinationError("start the coordinator before issuing credentials", reason="not_started")
-        index = self.store.allocate_status_index(did)
-        if index >= STATUS_LIST_SIZE:
+        from sdk.identity.status_ledger import OFFLINE_RANGE  # left to offline issuance (autoglm vc issue)
+
+        index = self.store.allocate_coordinator_index(did, reserved=OFFLINE_RANGE)
+        if index >= self.status_list_size:
             raise CoordinationError("the status list is full", reason="status_list_full")
         entry = status_entry(protocol.status_list_url(self.issuer.did), index)
         return device_credential(self.issuer, did, kind=kind, groups=groups, capabilities=capabilities,
                                  name=name, status=entry, valid_for=valid_for)
 
-    async def revoke(self, did: str) -> None:
-        """Revoke every credential this coordinator issued to ``did``: update, publish, disconnect."""
+    async def revoke(self, did: str, *, indexes: Iterable[int] = ()) -> None:
+        """Revoke every credential this coordinator issued to ``did`` (and ``indexes`` of its list, e.g.
+        from a credential issued offline): update, publish, disconnect."""
         if self.issuer is None or self._status_list is None or self.store is None:
             raise CoordinationError("this coordinator has no issuer key", reason="not_issuer")
-        indexes = self.store.issued_indexes(did)
+        extra = {int(i) for i in indexes if 0 <= int(i) < self.status_list_size}
+        indexes = sorted(set(self.store.issued_indexes(did)) | extra)
         if not indexes:
             raise CoordinationError(f"no credential issued to {did}", reason="unknown_device")
         self.store.revoke_indexes(indexes)             # durable before anyone is told

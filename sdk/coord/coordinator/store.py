@@ -741,5 +741,102 @@ class Store:
             index.setdefault(did, {})[key] = who
         return versions
     # -- end pins
+    # -- enrollment (tokens, requests, the coordinator's status indexes, revocation reasons)
+    def allocate_coordinator_index(self, did: str, *, reserved: range, now: float | None = None) -> int:
+        """Like :meth:`allocate_status_index`, skipping ``reserved`` (the offline-issuance range)."""
+        now = time.time() if now is None else now
+
+        def write(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
+            top = db.execute("SELECT MAX(idx) FROM issued").fetchone()[0]
+            index = max(int(row[0]) if row else 0, -1 if top is None else int(top) + 1)
+            if index in reserved:
+                index = reserved.stop
+            db.execute("INSERT INTO issued(idx, did, at) VALUES (?,?,?)", (index, did, now))
+            db.execute("INSERT INTO meta(key, value) VALUES ('next_status_index', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(index + 1),))
+            return index
+
+        return int(self._tx(write))
+
+    def add_enroll_token(self, token_hash: str, *, kind: str, groups: Iterable[str], uses: int, expires: float,
+                         approve: str, valid_for: float, operator: str | None,
+                         now: float | None = None) -> None:
+        """Record an enrollment token by its SHA-256 (the token itself is never stored)."""
+        now = time.time() if now is None else now
+        self._tx(lambda db: db.execute(
+            "INSERT INTO enroll_tokens(token_hash, kind, groups, uses, used, expires, approve, valid_for, "
+            "operator, created) VALUES (?,?,?,?,0,?,?,?,?,?)",
+            (token_hash, kind, _dumps(sorted(groups)), uses, expires, approve, valid_for, operator, now)))
+
+    def use_enroll_token(self, token_hash: str, *, now: float | None = None) -> tuple[str, dict[str, Any] | None]:
+        """Spend one use of a token in one transaction: ``("ok", row)``, or ``("unknown"|"used"|"expired", row)``."""
+        now = time.time() if now is None else now
+
+        def write(db: sqlite3.Connection) -> tuple[str, dict[str, Any] | None]:
+            row = db.execute("SELECT kind, groups, uses, used, expires, approve, valid_for, operator "
+                             "FROM enroll_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+            if row is None:
+                return "unknown", None
+            kind, groups, uses, used, expires, approve, valid_for, operator = row
+            info = {"kind": kind, "groups": json.loads(groups), "uses": uses, "used": used, "expires": expires,
+                    "approve": approve, "valid_for": valid_for, "operator": operator}
+            if used >= uses:
+                return "used", info
+            if expires <= now:
+                return "expired", info
+            db.execute("UPDATE enroll_tokens SET used = used + 1 WHERE token_hash = ?", (token_hash,))
+            info["used"] = used + 1
+            return "ok", info
+
+        out: tuple[str, dict[str, Any] | None] = self._tx(write)
+        return out
+
+    def add_enroll_request(self, request_id: str, *, did: str, kind: str, groups: Iterable[str], via: str,
+                           state: str, credential: Mapping[str, Any] | None = None,
+                           now: float | None = None) -> None:
+        """Record an enrollment request (``state``: pending, issued or denied)."""
+        now = time.time() if now is None else now
+        self._tx(lambda db: db.execute(
+            "INSERT INTO enroll_requests(id, did, kind, groups, via, state, at, credential) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (request_id, did, kind, _dumps(sorted(groups)), via, state, now,
+             None if credential is None else _dumps(dict(credential)))))
+
+    def set_enroll_request(self, request_id: str, *, state: str,
+                           credential: Mapping[str, Any] | None = None) -> None:
+        """Move a request to ``state`` (with the issued credential)."""
+        self._tx(lambda db: db.execute(
+            "UPDATE enroll_requests SET state = ?, credential = ? WHERE id = ?",
+            (state, None if credential is None else _dumps(dict(credential)), request_id)))
+
+    def enroll_requests(self, *, request_id: str | None = None, did: str | None = None,
+                        state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Enrollment requests, newest first, filtered by id, DID and/or state."""
+        where, args = [], []
+        for column, value in (("id", request_id), ("did", did), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = ("SELECT id, did, kind, groups, via, state, at, credential FROM enroll_requests"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY at DESC LIMIT ?")
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [{"id": i, "did": d, "kind": k, "groups": json.loads(g), "via": v, "state": s, "at": a,
+                 "credential": None if c is None else json.loads(c)} for i, d, k, g, v, s, a, c in rows]
+
+    def record_revocation(self, did: str, *, reason: str, operator: str | None, indexes: Iterable[int],
+                          now: float | None = None) -> None:
+        """Remember why and by whom ``did`` was revoked (``meta`` key ``revocation:<did>``)."""
+        now = time.time() if now is None else now
+        self.set_meta(f"revocation:{did}", _dumps({"reason": reason, "operator": operator, "at": now,
+                                                    "indexes": sorted(indexes)}))
+
+    def revocation(self, did: str) -> dict[str, Any] | None:
+        """The recorded revocation of ``did`` (reason, operator, at, indexes), if any."""
+        value = self.get_meta(f"revocation:{did}")
+        return None if value is None else dict(json.loads(value))
+    # -- end enrollment
+
 
 __all__ = ["ConfigVersion", "Reported", "Store", "SCHEMA_VERSION", "merge", "delta"]

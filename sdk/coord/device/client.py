@@ -17,6 +17,7 @@ from typing import Any
 from sdk.coord import protocol
 from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
+from sdk.coord.device.enrollment import Renewal
 from sdk.coord.device.outbox import MAX_OUTBOX, Outbox
 from sdk.coord.device.state import STUCK, DeviceState, allowed
 from sdk.coord.device.state_file import StateFile
@@ -68,6 +69,8 @@ class Device:
     current one expired (or refuses it as expired); :meth:`update_credential` hands one over
     at any time. ``state_file`` keeps the last handled config version; the outbox journal lives
     next to it (``outbox_file`` to choose), ``durability`` as :class:`~sdk.coord.device.Outbox`.
+    ``renew_after`` (e.g. 2/3) renews the credential at that fraction of its validity through the
+    coordinator and re-authenticates with it while admitted; ``credential_file`` keeps it on disk.
     """
 
     def __init__(
@@ -90,6 +93,8 @@ class Device:
         auth_timeout: float = 5.0,
         client_config: ClientConfig | None = None,
         max_outbox: int = MAX_OUTBOX,
+        renew_after: float | None = None,
+        credential_file: str | Path | None = None,
         **transport_options: Any,
     ) -> None:
         if not isinstance(key, Key):
@@ -159,6 +164,10 @@ class Device:
         self._coordinator_boot: str | None = None
         self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
         self._last_delivered: Config | None = None
+        # -- credential renewal (enrollment.py): at renew_after of the validity, written to credential_file
+        self.renewal: Renewal | None = None if renew_after is None else Renewal(
+            self, renew_after=renew_after, credential_file=credential_file)
+        # -- end credential renewal
         #: direct-command handlers, answering the coordinator's ``coord.call`` requests
         self.commands = Commands()
 
@@ -277,6 +286,8 @@ class Device:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        if self.renewal is not None:        # -- credential renewal
+            await self.renewal.aclose()
         self._worker = self._heartbeat = self._reauth = None
         await self.client.aclose()
         self._outbox.close()
@@ -401,6 +412,8 @@ class Device:
             self._set_state(S.ADMITTED, f"session {admission.session}")
         if len(self._outbox):   # queued before, sent before the waiters' new events (same lock, order)
             self._spawn(self._drain())
+        if self.renewal is not None:        # -- credential renewal: timed from the admitted credential
+            self.renewal.schedule()
 
     async def _request(self, type_: str, body: dict[str, Any]) -> Message:
         try:
