@@ -1,4 +1,5 @@
-"""`autoglm` commands for the coord layer: ``coordinator``, ``devices`` and ``demo``.
+"""`autoglm` commands for the coord layer: ``coordinator`` (and ``coordinator init``), ``devices``,
+``demo`` and the ``fleet`` group (:mod:`sdk.cli.fleet_cmds`).
 
 SDK modules are imported inside the commands so ``autoglm --help`` stays fast.
 """
@@ -16,63 +17,185 @@ import typer
 log = logging.getLogger(__name__)
 
 
+coordinator_app = typer.Typer(name="coordinator", help="Run the coordinator daemon, or set one up (init).")
+
+LOCK_HINT = "stop the other coordinator (kill {pid}) or give this one its own data_dir"
+
+
+def _embedded_address(url: str) -> tuple[str, int] | None:
+    """``embedded`` → any free port; ``embedded://HOST:PORT`` → that address; else None."""
+    from urllib.parse import urlsplit
+
+    if url == "embedded":
+        return ("127.0.0.1", 0)
+    if not url.startswith("embedded://"):
+        return None
+    from sdk.cli.errors import CliError
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 1883
+    except ValueError:
+        port = -1
+    if not parts.hostname or not 0 < port < 65536:
+        raise CliError("invalid_broker_url", f"{url!r}: embedded://HOST:PORT needs a host and a port",
+                       hint="e.g. embedded://127.0.0.1:1883", usage=True)
+    return (parts.hostname, port)
+
+
+def _reload_rules(coord: Any, config: Path) -> bool:
+    """SIGHUP: re-read the config's rules (rules_file and inline); a bad file keeps the current set."""
+    from sdk.coord.coordinator import load_config
+    from sdk.errors import AutoGLMError
+
+    try:
+        rules = load_config(config).rules
+    except AutoGLMError as exc:
+        log.error("rules reload from %s failed; keeping the %d rule(s) in force: %s: %s", config,
+                  len(coord.rules), exc.reason, exc,
+                  extra={"event": "rules_reload_failed", "reason": exc.reason})
+        return False
+    coord.reload_rules(rules)
+    log.info("rules reloaded from %s: %d rule(s)", config, len(rules),
+             extra={"event": "rules_reloaded", "rules": len(rules)})
+    return True
+
+
+@coordinator_app.callback(invoke_without_command=True)
 def coordinator(
-    config: Path = typer.Option(..., "--config", "-c", help="Coordinator TOML file (`autoglm examples DIR` writes a commented one)"),
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", "-c",
+                                       help="Coordinator TOML file (autoglm coordinator init DIR writes one)"),
     broker: str | None = typer.Option(None, "--broker", help="Override coordinator.broker"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (same as --log-level debug)"),
+    log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error | critical"),
+    log_format: str = typer.Option("text", "--log-format", help="text | json (one JSON object per line)"),
+    log_file: Path | None = typer.Option(None, "--log-file", help="Append logs to this file instead of stderr"),
     fresh: bool = typer.Option(False, "--fresh", help="Start with an empty state store if the existing one "
                                "is corrupt, 0 bytes or missing (the bad file is moved aside)"),
 ) -> None:
-    """Run the coordinator daemon until interrupted."""
+    """Run the coordinator daemon until SIGTERM/SIGINT; SIGHUP reloads and validates the rules."""
+    if ctx.invoked_subcommand is not None:
+        return
     import asyncio
     import contextlib
+    import os
     import signal
 
+    from sdk.cli import options
+    from sdk.cli.errors import CliError
+    from sdk.cli.logging_setup import LOG_FORMATS, setup_logging
+
+    if config is None:
+        raise CliError("missing_option", "give --config FILE (the coordinator's TOML)",
+                       hint="autoglm coordinator init DIR writes a starter config", usage=True)
+    options.log_level(log_level)
+    if log_format not in LOG_FORMATS:
+        raise CliError("invalid_log_format", f"--log-format {log_format!r} is not a log format",
+                       hint="use text or json", usage=True)
     from sdk.coord.coordinator import Coordinator, load_config
     from sdk.errors import AutoGLMError
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level="debug" if verbose else log_level, fmt=log_format, file=log_file)
     try:
         cfg = load_config(config)
     except AutoGLMError as exc:
-        typer.echo(f"error: {exc.reason}: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise CliError(exc.reason, str(exc), usage=True) from exc
+    url = broker or cfg.broker
+    embedded_at = _embedded_address(url)
+    if embedded_at is None:
+        url = options.broker_url(url, option="--broker" if broker else "coordinator.broker")
 
     async def main() -> None:
         embedded = None
-        url = broker or cfg.broker
-        if url == "embedded":
+        coord_url = url
+        if embedded_at is not None:
             from brokers.embedded import EmbeddedBroker
 
-            embedded = EmbeddedBroker()  # own-topics ACL; the port is chosen now
-            url = embedded.url
-        coord = Coordinator.from_config(cfg, broker=url, fresh=fresh)
-        if embedded is not None:
-            embedded.add_admin(coord.did)  # only the coordinator writes device configs
-            await embedded.start()
-            log.info("embedded broker on %s", url)
-        await coord.start()
-        typer.echo(f"coordinator {coord.did} on {url} (data: {cfg.data_dir})")
+            embedded = EmbeddedBroker(host=embedded_at[0], port=embedded_at[1])  # own-topics ACL
+            coord_url = embedded.url
+        coord = Coordinator.from_config(cfg, broker=coord_url, fresh=fresh)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: _reload_rules(coord, config) if coord.started else None)
+        started = False
         try:
+            if embedded is not None:
+                embedded.add_admin(coord.did)  # only the coordinator writes device configs
+                await embedded.start()
+                log.info("embedded broker on %s", coord_url)
+            await coord.start()
+            started = True
+            log.info("coordinator %s serving on %s (data %s, pid %d)", coord.did, coord_url, cfg.data_dir,
+                     os.getpid(), extra={"event": "started", "did": coord.did, "broker": coord_url,
+                                          "pid": os.getpid()})
+            typer.echo(f"coordinator {coord.did} on {coord_url} (data: {cfg.data_dir})")
             await stop.wait()
         finally:
-            await coord.stop()
+            if started:
+                await coord.stop()
             if embedded is not None:
                 await embedded.stop()
+            log.info("coordinator stopped", extra={"event": "stopped"})
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
     except AutoGLMError as exc:
-        typer.echo(f"error: {exc.reason}: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        if exc.reason == "locked":
+            from sdk.coord.coordinator.lock import DataDirLock
+
+            pid = DataDirLock(cfg.data_dir).holder()
+            raise CliError("locked", str(exc), hint=LOCK_HINT.format(pid=pid if pid else "<pid>")) from exc
+        raise
+
+
+@coordinator_app.command("init")
+def coordinator_init(
+    directory: Path = typer.Argument(..., help="Directory to create (or an empty one)"),
+    broker: str = typer.Option("embedded://127.0.0.1:1883", "--broker",
+                               help="coordinator.broker: embedded://HOST:PORT (in-process) or mqtt(s)://HOST:PORT"),
+    passphrase_env: str = typer.Option("AUTOGLM_PASSPHRASE", "--passphrase-env",
+                                       help="Variable holding the keystores' passphrase; if unset, one is "
+                                            "generated and printed once"),
+    profile: str = typer.Option("default", "--profile", help="Operator profile name to write"),
+    force: bool = typer.Option(False, "--force", help="Replace files a previous init wrote"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON output"),
+) -> None:
+    """Write a commented starter config, keys, issuer, rules and an admin operator profile into DIR."""
+    import os
+    import re
+
+    from sdk.cli import options
+    from sdk.cli.coord_init import init_directory
+    from sdk.cli.errors import CliError, guard
+
+    with guard(as_json=as_json):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", passphrase_env):
+            raise CliError("invalid_option", f"--passphrase-env {passphrase_env!r} is not a variable name",
+                           usage=True)
+        if _embedded_address(broker) is None:
+            options.broker_url(broker)
+        result = init_directory(directory, broker=broker, passphrase=os.environ.get(passphrase_env),
+                                passphrase_env=passphrase_env, profile=profile, force=force)
+    info = result.as_dict()
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **info}, indent=2))
+        return
+    typer.echo(f"wrote {result.config} (coordinator {result.coordinator})")
+    typer.echo(f"  issuer   {result.issuer}")
+    typer.echo(f"  operator {result.operator} (admin), profile {result.profile!r} in {result.profiles_file}")
+    if result.generated_passphrase:
+        typer.echo(f"${passphrase_env} was not set; the keystores' passphrase (shown once, keep it):")
+        typer.echo(f"  export {passphrase_env}={result.generated_passphrase}")
+    typer.echo("next:")
+    typer.echo(f"  autoglm coordinator -c {result.config}")
+    typer.echo(f"  autoglm fleet ls{'' if result.profile == 'default' else ' --profile ' + result.profile}")
 
 
 def _load_status(config: Path | None, data_dir: Path | None) -> dict[str, Any]:
@@ -118,7 +241,13 @@ def devices(
     try:
         status = _load_status(config, data_dir)
     except (AutoGLMError, OSError, ValueError) as exc:
-        typer.echo(f"error: {getattr(exc, 'reason', 'no_state')}: {exc}", err=True)
+        reason = getattr(exc, "reason", "no_state")
+        message = " ".join(str(exc).split())
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "reason": reason,
+                                   "error": {"reason": reason, "message": message, "hint": None}}))
+        else:
+            typer.echo(f"error: {reason}: {message}", err=True)
         raise typer.Exit(1) from exc
     if as_json:
         typer.echo(json.dumps(status, indent=2, default=str))
@@ -180,6 +309,9 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Attach this module's commands and groups to the root app."""
-    app.command("coordinator")(coordinator)
+    from sdk.cli import fleet_cmds
+
+    app.add_typer(coordinator_app, name="coordinator")
     app.command("devices")(devices)
     app.command("demo")(demo)
+    fleet_cmds.register(app)
