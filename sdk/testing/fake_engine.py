@@ -7,7 +7,8 @@
 One token is one character (its id is the code point), so prompts, token ids and texts map onto
 each other exactly. The reply is ``reply(prompt_text)`` (default :func:`echo`) cut at
 ``max_new_tokens`` characters (``finish_reason="length"``) or before a ``stop`` string; the last
-chunk carries :class:`~sdk.inference.Usage`. Leaving the stream early, :meth:`FakeEngine.cancel`
+chunk carries :class:`~sdk.inference.Usage`. A request whose token ids are an earlier prompt plus
+the start of its reply (a mesh router resuming on another node) continues that reply. Leaving the stream early, :meth:`FakeEngine.cancel`
 or :meth:`FakeEngine.aclose` cancel a request. ``MeshNode``, ``Mesh`` and the HTTP app accept it
 wherever they accept an engine.
 """
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -81,6 +83,31 @@ def prompt_text(text: str) -> str:
     body = text[start + len(marker):]
     end = body.find(_TURN_END)
     return body if end < 0 else body[:end]
+
+
+#: Replies recently started, by prompt ids, across engines: a request whose ids are one of these
+#: prompts plus the start of its reply is a resumed stream (the mesh router's failover) and
+#: continues the reply where the failed node stopped.
+_STARTED: OrderedDict[tuple[int, ...], str] = OrderedDict()
+_MAX_STARTED = 256
+
+
+def _remember(ids: list[int], reply: str) -> None:
+    _STARTED[tuple(ids)] = reply
+    _STARTED.move_to_end(tuple(ids))
+    while len(_STARTED) > _MAX_STARTED:
+        _STARTED.popitem(last=False)
+
+
+def _resumed(ids: list[int]) -> str | None:
+    """The rest of the reply when ``ids`` = a started prompt + the start of its reply, else None."""
+    for prompt, reply in reversed(_STARTED.items()):
+        n = len(prompt)
+        if len(ids) > n and tuple(ids[:n]) == prompt:
+            done = "".join(chr(i) for i in ids[n:])
+            if reply.startswith(done):
+                return reply[len(done):]
+    return None
 
 
 class FakeEngine:
@@ -155,7 +182,10 @@ class FakeEngine:
 
     def _completion(self, req: GenerationRequest, ids: list[int]) -> tuple[str, str]:
         """(text, finish reason) before streaming: the reply cut by length and stop strings."""
-        reply = self.reply(prompt_text(self.tokenizer.decode(ids)))
+        reply = _resumed(ids)
+        if reply is None:
+            reply = self.reply(prompt_text(self.tokenizer.decode(ids)))
+            _remember(ids, reply)
         room = min(req.max_new_tokens, self.max_sequence_length - len(ids))
         finish = "stop"
         if len(reply) > room:
