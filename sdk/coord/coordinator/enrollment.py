@@ -27,6 +27,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sdk.coord import protocol
@@ -37,11 +38,11 @@ from sdk.coord.coordinator.errors import CoordinationError
 from sdk.coord.coordinator.operations import OperatorRequest
 from sdk.coord.coordinator.registry import REVOKED
 from sdk.coord.errors import OperatorError
-from sdk.identity import Key, public_key_from_did_key
+from sdk.identity import Key, public_key_from_did_key, status_entry
 from sdk.identity.errors import IdentityError
 from sdk.identity.hazmat.b64 import b64url_decode
 from sdk.identity.hazmat.jcs import canonicalize
-from sdk.identity.status_ledger import StatusLedger, StatusLedgerError, ledger_path
+from sdk.identity.status_ledger import OFFLINE_RANGE, StatusLedger, StatusLedgerError, ledger_path
 from sdk.messaging.envelope import Message
 from sdk.messaging.errors import MessagingError
 
@@ -122,6 +123,18 @@ def _names(value: Any, what: str) -> list[str]:
     return sorted(set(value))
 
 
+def _period(credential: Mapping[str, Any]) -> float | None:
+    """The validity period (seconds) of ``credential``: a renewal keeps it."""
+    from sdk.identity.datetimes import parse_datetime
+
+    try:
+        start = parse_datetime(credential["validFrom"]).timestamp()
+        end = parse_datetime(credential["validUntil"]).timestamp()
+    except (KeyError, IdentityError, ValueError, TypeError):
+        return None
+    return end - start if 1 <= end - start <= MAX_VALID_FOR else None
+
+
 class Enrollment:
     """The lifecycle handlers of one coordinator (see :func:`register_enrollment`)."""
 
@@ -175,10 +188,18 @@ class Enrollment:
         return sorted(found)
 
     def _issue(self, did: str, *, kind: str, groups: Iterable[str], capabilities: Iterable[str] = (),
-               name: str | None = None, valid_for: float | None = None) -> dict[str, Any]:
-        cred = self.coordinator.issue_device_credential(
-            did, kind=kind, groups=groups, capabilities=capabilities, name=name,
-            valid_for=valid_for or self.settings.credential_valid_for)
+               name: str | None = None, valid_for: float | None = None,
+               status: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A DeviceCredential valid from now for ``valid_for`` (so a device's renewal point is a true
+        fraction of it), with ``status`` or a freshly allocated index of this issuer's list."""
+        if status is None:
+            index = self.store.allocate_coordinator_index(did, reserved=OFFLINE_RANGE)
+            if index >= self.coordinator.status_list_size:
+                raise CoordinationError("the status list is full", reason="status_list_full")
+            status = status_entry(self.url, index)
+        cred = device_credential(self.issuer, did, kind=kind, groups=groups, capabilities=capabilities,
+                                 name=name, status=status, valid_from=datetime.now(UTC),
+                                 valid_for=valid_for or self.settings.credential_valid_for)
         self._emit("issued", did=did, kind=kind, id=cred.get("id"))
         return cred
 
@@ -291,16 +312,14 @@ class Enrollment:
         if not self.renew_limiter.allow(msg.sender):
             raise self._refuse(msg, "renewing too often", "busy")
         entries = [e for e in rec.status if self.own_indexes([e])]
-        if entries:
-            status: dict[str, Any] = dict(entries[0])          # the SAME index: revocation still covers it
-            subject = rec.session.credential.get("credentialSubject")
-            subject = subject if isinstance(subject, dict) else {}
-            cred = device_credential(self.issuer, rec.did, kind=rec.kind, groups=rec.groups,
-                                     capabilities=rec.capabilities,
-                                     name=subject.get("name") if isinstance(subject.get("name"), str) else None,
-                                     status=status, valid_for=self.settings.credential_valid_for)
-        else:                                                   # issued without status: now revocable
-            cred = self._issue(rec.did, kind=rec.kind, groups=rec.groups, capabilities=rec.capabilities)
+        subject = rec.session.credential.get("credentialSubject")
+        name = subject.get("name") if isinstance(subject, dict) else None
+        # the SAME index, so revocation by DID still covers it; a credential issued without status
+        # (offline, --no-status) gets a fresh index and so becomes revocable
+        cred = self._issue(rec.did, kind=rec.kind, groups=rec.groups, capabilities=rec.capabilities,
+                           name=name if isinstance(name, str) else None,
+                           status=dict(entries[0]) if entries else None,
+                           valid_for=_period(rec.session.credential) or self.settings.credential_valid_for)
         log.info("renewed the credential of %s (valid until %s)", rec.did, cred.get("validUntil"))
         self._emit("renewed", did=rec.did, id=cred.get("id"))
         return {"status": "issued", "credential": cred, "renew_after": self.settings.renew_after}
