@@ -1,7 +1,8 @@
 """`autoglm` commands for the inference layer: ``serve`` (OpenAI-compatible HTTP) and ``generate``.
 
 torch, transformers and the web stack are imported inside the commands so ``autoglm --help``
-stays fast.
+stays fast. Arguments are checked before the model loads (:func:`check_engine_options`): an
+out-of-range value is an error naming the limit, an option the device ignores is a warning line.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -22,12 +22,73 @@ log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+API_KEY_HELP = ("Require this bearer key on /v1 (repeatable). Keys are also read from $AUTOGLM_API_KEYS "
+                "(comma-separated).")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
     if value not in choices and not (name == "--device" and value.startswith("cuda:")):
         raise typer.BadParameter(f"must be one of {', '.join(choices)}", param_hint=name)
     return value
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    typer.echo(f"warning: {message}", err=True)
+
+
+def _runs_on_gpu(device: str) -> bool:
+    """Whether ``device`` (auto, cpu, cuda, cuda:N) means CUDA here (auto asks torch)."""
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        return True
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def check_engine_options(*, model_path: str | None, device: str, dtype: str, max_sequence_length: int | None,
+                         gpu_memory_utilization: float | None = None) -> None:
+    """Check the engine's options before anything loads: choices, ``--max-sequence-length``
+    against the model's context length (read from its files), ``--gpu-memory-utilization`` in
+    (0, 1] and only meaningful on CUDA (a warning otherwise)."""
+    from sdk.cli.errors import fail
+
+    _check_choice(device, DEVICE_CHOICES, "--device")
+    _check_choice(dtype, DTYPE_CHOICES, "--dtype")
+    if gpu_memory_utilization is not None:
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            fail("invalid_option", f"--gpu-memory-utilization {gpu_memory_utilization} is not in (0, 1]",
+                 "give a fraction of GPU memory such as 0.9", usage=True)
+        if not _runs_on_gpu(device):
+            _warn(f"--gpu-memory-utilization {gpu_memory_utilization} is ignored on CPU (the KV cache is "
+                  "sized from --max-batch-size x --max-sequence-length)")
+    if max_sequence_length is not None:
+        from sdk.inference.limits import model_context_length
+
+        limit = model_context_length(model_path)
+        if limit is not None and max_sequence_length > limit:
+            fail("invalid_config", f"--max-sequence-length {max_sequence_length} is above the model's context "
+                 f"length {limit}", f"use --max-sequence-length {limit} or less, or leave it out (default: the "
+                 "model's context length)", usage=True)
+
+
+def api_keys(flags: list[str] | None) -> tuple[str, ...]:
+    """``--api-key`` values plus ``$AUTOGLM_API_KEYS`` (the one rule ``serve`` and ``gateway`` share)."""
+    from sdk.inference.server import api_keys_from
+
+    return api_keys_from(flags)
+
+
+def setup_logging(log_level: str) -> str:
+    """Check ``--log-level`` and configure logging to stderr; returns the lower-case name."""
+    from sdk.cli.options import log_level as check_level
+
+    level = check_level(log_level)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return log_level.strip().lower()
 
 
 @dataclass(frozen=True)
@@ -37,8 +98,8 @@ class ServeSettings:
     model_path: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    max_sequence_length: int = 8192
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
+    max_sequence_length: int | None = None
     max_batch_size: int = 8
     max_queue_size: int = 256
     host: str = "127.0.0.1"
@@ -94,9 +155,13 @@ def serve(
         str | None, typer.Option(help="Model directory or GGUF file (default: the bundled SmolLM2).")
     ] = None,
     gpu_memory_utilization: Annotated[
-        float, typer.Option(min=0.01, max=1.0, help="Fraction of GPU memory for weights + KV cache.")
-    ] = 0.9,
-    max_sequence_length: Annotated[int, typer.Option(min=2, help="Max prompt + output tokens.")] = 8192,
+        float | None, typer.Option(min=0.01, max=1.0, help="Fraction of GPU memory for weights + KV cache "
+                                   "(default 0.9; ignored on CPU, with a warning).")
+    ] = None,
+    max_sequence_length: Annotated[
+        int | None, typer.Option(min=2, help="Max prompt + output tokens (default: the model's context length, "
+                                 "at most 8192; above it is an error).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind (0: any free port).")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -107,23 +172,21 @@ def serve(
     max_batch_size: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
     max_queue_size: Annotated[int, typer.Option(min=0, help="Requests waiting before 429.")] = 256,
     max_concurrent: Annotated[int, typer.Option(min=1, help="HTTP generations in flight.")] = 64,
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option(help="Require this bearer key on /v1 (repeatable; env AUTOGLM_API_KEYS, comma list)."),
-    ] = None,
-    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning.")] = "info",
+    api_key: Annotated[list[str] | None, typer.Option(help=API_KEY_HELP)] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")] = "info",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
-    /v1/chat/completions, /health, /metrics)."""
-    _check_choice(device, DEVICE_CHOICES, "--device")
-    _check_choice(dtype, DTYPE_CHOICES, "--dtype")
-    keys = list(api_key or []) + [k for k in os.environ.get("AUTOGLM_API_KEYS", "").split(",") if k]
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    /v1/chat/completions, /health, /metrics).
+
+    API keys: --api-key (repeatable) and $AUTOGLM_API_KEYS (comma-separated); none given, no key is needed."""
+    level = setup_logging(log_level)
+    check_engine_options(model_path=model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+                         gpu_memory_utilization=gpu_memory_utilization)
     settings = ServeSettings(
         model_path=model_path,
         device=device,
         dtype=dtype,
-        gpu_memory_utilization=gpu_memory_utilization,
+        gpu_memory_utilization=gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION,
         max_sequence_length=max_sequence_length,
         max_batch_size=max_batch_size,
         max_queue_size=max_queue_size,
@@ -131,25 +194,22 @@ def serve(
         port=port,
         served_model_name=served_model_name,
         max_concurrent=max_concurrent,
-        api_keys=tuple(keys),
-        log_level=log_level.lower(),
+        api_keys=api_keys(api_key),
+        log_level=level,
     )
     _run_or_exit(run_serve(settings))
 
 
-def _run_or_exit(coro: Any) -> None:
-    """Run ``coro``; an SDK error becomes a one-line message and exit status 1."""
-    from rich.console import Console
+def _run_or_exit(coro: Any, *, as_json: bool = False) -> None:
+    """Run ``coro``; a failure becomes the CLI's one ``error:`` line (JSON with ``as_json``) and
+    its exit status (see :mod:`sdk.cli.errors`); Ctrl-C exits 130."""
+    from sdk.cli.errors import guard
 
-    from sdk.errors import AutoGLMError
-
-    try:
-        asyncio.run(coro)
-    except AutoGLMError as exc:
-        Console(stderr=True, emoji=False).print(f"[red]error[/red] ({exc.reason}): {exc}")
-        raise typer.Exit(1) from exc
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    with guard(as_json=as_json):
+        try:
+            asyncio.run(coro)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
 
 
 async def stream_generation(
@@ -165,7 +225,7 @@ async def stream_generation(
     model_path: str | None,
     device: str,
     dtype: str,
-    max_sequence_length: int,
+    max_sequence_length: int | None,
     on_ready: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[Any]:
     """Start a one-request engine and yield its ``TokenChunk``s (the engine closes afterwards)."""
@@ -207,13 +267,15 @@ def generate(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    max_sequence_length: Annotated[int, typer.Option(min=2)] = 8192,
+    max_sequence_length: Annotated[
+        int | None, typer.Option(min=2, help="Max prompt + output tokens (default: the model's context length, "
+                                 "at most 8192; above it is an error).")
+    ] = None,
 ) -> None:
     """Generate once from a local model, streaming the text to stdout (status on stderr)."""
     from rich.console import Console
 
-    _check_choice(device, DEVICE_CHOICES, "--device")
-    _check_choice(dtype, DTYPE_CHOICES, "--dtype")
+    check_engine_options(model_path=model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
     err = Console(stderr=True, emoji=False)
 
     async def main() -> None:
@@ -263,5 +325,8 @@ __all__ = [
     "run_serve",
     "ServeSettings",
     "EngineAttachment",
+    "check_engine_options",
+    "api_keys",
+    "setup_logging",
     "stream_generation",
 ]

@@ -2,7 +2,8 @@
 
 ``serve`` is the inference layer's command, re-registered here with the mesh options added: with
 ``--broker`` the started engine also joins the mesh as a :class:`~sdk.mesh.MeshNode` (through
-``run_serve``'s ``attach`` hook); without it, the original command runs unchanged.
+``run_serve``'s ``attach`` hook); without it, the original command runs unchanged. Every command
+checks its broker URL and options before it connects or loads anything.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ KeyNameOpt = Annotated[str | None, typer.Option("--key-name", help="Named key in
 NodeTrustOpt = Annotated[list[str] | None, typer.Option(
     "--node-trust", help="Issuer DID trusted for InferenceNodeCredential (repeatable): only nodes it "
     "credentialed are used.")]
+
+
+def _broker(url: str) -> str:
+    """``--broker`` checked (``mqtt://`` / ``mqtts://`` with a host) before anything starts."""
+    from sdk.cli.options import broker_url
+
+    return broker_url(url)
 
 
 def _node_policy(issuers: list[str] | None, *, required: bool) -> Any:
@@ -116,25 +124,32 @@ def _serve_with_mesh(**kwargs: Any) -> None:
     if mesh["broker"] is None:
         inference_cmds.serve(**kwargs)
         return
-    import os
+    from sdk.cli.inference_cmds import (
+        DEFAULT_GPU_MEMORY_UTILIZATION,
+        ServeSettings,
+        _run_or_exit,
+        api_keys,
+        check_engine_options,
+        run_serve,
+        setup_logging,
+    )
 
-    from sdk.cli.inference_cmds import ServeSettings, _check_choice, _run_or_exit, run_serve
-
+    broker = _broker(mesh["broker"])
     if not mesh["trust"]:
         raise typer.BadParameter("node mode needs at least one --trust issuer DID", param_hint="--trust")
-    _check_choice(kwargs["device"], inference_cmds.DEVICE_CHOICES, "--device")
-    _check_choice(kwargs["dtype"], inference_cmds.DTYPE_CHOICES, "--dtype")
-    log_level = str(kwargs.get("log_level", "info"))
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = list(kwargs.get("api_key") or []) + [k for k in os.environ.get("AUTOGLM_API_KEYS", "").split(",") if k]
-    settings = ServeSettings(**{f: kwargs[f] for f in _SETTINGS_FIELDS if f in kwargs}, api_keys=tuple(keys),
-                             log_level=log_level.lower())
+    log_level = setup_logging(str(kwargs.get("log_level", "info")))
+    check_engine_options(model_path=kwargs["model_path"], device=kwargs["device"], dtype=kwargs["dtype"],
+                         max_sequence_length=kwargs["max_sequence_length"],
+                         gpu_memory_utilization=kwargs["gpu_memory_utilization"])
+    fields = {f: kwargs[f] for f in _SETTINGS_FIELDS if f in kwargs}
+    fields["gpu_memory_utilization"] = fields.get("gpu_memory_utilization") or DEFAULT_GPU_MEMORY_UTILIZATION
+    settings = ServeSettings(**fields, api_keys=api_keys(kwargs.get("api_key")), log_level=log_level)
 
     async def main() -> None:
         key = _load_key(mesh["keystore"], mesh["key_name"])
         status = json.loads(mesh["status_file"].read_text(encoding="utf-8")) if mesh["status_file"] else None
         credential = _read_credential(mesh["node_credential"]) if mesh["node_credential"] else None
-        attach = node_attachment(mesh["broker"], key, trust=list(mesh["trust"]), status=status, credential=credential,
+        attach = node_attachment(broker, key, trust=list(mesh["trust"]), status=status, credential=credential,
                                  node_id=mesh["node_id"], advert_interval=mesh["advert_interval"],
                                  peer_rate=mesh["peer_rate"], peer_burst=mesh["peer_burst"])
         await run_serve(settings, attach=attach)
@@ -160,7 +175,7 @@ def _extended_serve() -> Any:
 
 
 def gateway(
-    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh.")],
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh (mqtt:// or mqtts://).")],
     keystore: KeystoreOpt = None,
     key_name: KeyNameOpt = None,
     credential: Annotated[
@@ -173,16 +188,21 @@ def gateway(
     first_token_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to the first token.")] = 30.0,
     stall_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds between tokens before failover.")] = 5.0,
     max_concurrent: Annotated[int, typer.Option(min=1, help="HTTP generations in flight.")] = 64,
-    api_key: Annotated[list[str] | None, typer.Option(help="Require this bearer key on /v1 (repeatable).")] = None,
-    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning.")] = "info",
+    api_key: Annotated[list[str] | None, typer.Option(help=inference_cmds.API_KEY_HELP)] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")] = "info",
 ) -> None:
-    """Serve the OpenAI-compatible API (same as `autoglm serve`) backed by the mesh."""
-    from sdk.cli.inference_cmds import _run_or_exit
+    """Serve the OpenAI-compatible API (same as `autoglm serve`) backed by the mesh.
+
+    API keys: --api-key (repeatable) and $AUTOGLM_API_KEYS (comma-separated), as for `autoglm serve`.
+    No live node for a model: 503 no_node_available; /health is 503 while no node is live."""
+    from sdk.cli.inference_cmds import _run_or_exit, api_keys, setup_logging
     from sdk.mesh import RouterConfig
     from sdk.mesh.gateway import run_gateway
 
+    broker = _broker(broker)
     policy = _node_policy(node_trust, required=True)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = setup_logging(log_level)
+    keys = api_keys(api_key)
 
     async def main() -> None:
         key = _load_key(keystore, key_name)
@@ -190,7 +210,7 @@ def gateway(
         await run_gateway(broker, key, credentials=creds, node_policy=policy,
                           host=host, port=port, default_model=model,
                           config=RouterConfig(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout),
-                          api_keys=api_key or None, max_concurrent=max_concurrent, log_level=log_level.lower())
+                          api_keys=keys or None, max_concurrent=max_concurrent, log_level=level)
 
     _run_or_exit(main())
 
@@ -221,46 +241,90 @@ async def collect_nodes(broker: str, key: Any, *, model: str | None = None, wait
         return rows
 
 
+#: The ``nodes`` table's columns: (title, right-aligned, shown without ``--wide``).
+NODE_COLUMNS: tuple[tuple[str, bool, bool], ...] = (
+    ("#", True, True), ("node", False, True), ("models", False, True), ("score", True, True),
+    ("throughput", True, False), ("stability", True, False), ("load", True, False), ("latency", True, False),
+    ("tok/s", True, True), ("q/act", True, True), ("device", False, False), ("uptime", True, True),
+)
+
+
+#: ``nodes --wide`` prints at least this wide (the full ids and every part).
+WIDE_COLUMNS = 200
+_MIN_WIDTHS = {"#": 2, "tok/s": 6, "uptime": 6}
+
+
+def nodes_table(rows: list[dict[str, Any]], *, title: str, wide: bool = False) -> Any:
+    """The ranked nodes as a Rich table: at 80 columns by default (ids shortened), every score part
+    and the device with ``wide``."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, expand=False, pad_edge=False,
+                  collapse_padding=True)
+    for name, right, narrow in NODE_COLUMNS:
+        if narrow or wide:
+            short = not wide and name in ("node", "models")
+            table.add_column(name, justify="right" if right else "left", no_wrap=True,
+                             min_width=max(len(name), _MIN_WIDTHS.get(name, 0)),
+                             overflow="ellipsis" if short else "fold", max_width=20 if short else None)
+    for r in rows:
+        p = r["parts"]
+        hw = r["hardware"]
+        cells = {
+            "#": str(r["rank"]), "node": r["node"], "models": ",".join(r["models"]), "score": f"{r['score']:+.2f}",
+            "throughput": f"{p['throughput']:+.2f}", "stability": f"{p['stability']:+.2f}",
+            "load": f"{p['load']:+.2f}", "latency": f"{p['latency']:+.2f}", "tok/s": f"{r['tokens_per_s']:.1f}",
+            "q/act": f"{r['queue_depth']}/{r['active_streams']}",
+            "device": f"{hw.get('device', '?')} {hw.get('name') or ''}".strip(), "uptime": f"{r['uptime_s']:.0f}s",
+        }
+        table.add_row(*(cells[name] for name, _, narrow in NODE_COLUMNS if narrow or wide))
+    return table
+
+
 def nodes(
-    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh.")],
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh (mqtt:// or mqtts://).")],
     keystore: KeystoreOpt = None,
     key_name: KeyNameOpt = None,
     model: Annotated[str | None, typer.Option(help="Only nodes serving this model.")] = None,
     node_trust: NodeTrustOpt = None,
     wait: Annotated[float, typer.Option(min=0.0, help="Seconds to listen for adverts.")] = 2.5,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column (score parts, device) whatever the terminal width.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output (errors too).")] = False,
 ) -> None:
-    """Show the mesh's ranked nodes (top 10) with the parts of their composite score (with
-    --node-trust only the nodes those issuers credentialed; without, every well-signed advert)."""
+    """Show the mesh's ranked nodes (top 10) with their composite score (with --node-trust only
+    the nodes those issuers credentialed; without, every well-signed advert). Every column when the
+    terminal is wide enough, else a short table (fits 80 columns); --wide: every column, always."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.measure import Measurement
 
     from sdk.cli.inference_cmds import _run_or_exit
     from sdk.identity import Key
 
+    broker = _broker(broker)
+    policy = _node_policy(node_trust, required=False)
     rows: list[dict[str, Any]] = []
 
     async def main() -> None:
         key = _load_key(keystore, key_name) if keystore or key_name else Key.generate()  # listing needs no grant
-        rows.extend(await collect_nodes(broker, key, model=model, wait=wait,
-                                        node_policy=_node_policy(node_trust, required=False)))
+        rows.extend(await collect_nodes(broker, key, model=model, wait=wait, node_policy=policy))
 
-    _run_or_exit(main())
+    _run_or_exit(main(), as_json=as_json)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"mesh nodes on {broker}" + (f" for {model}" if model else ""))
-    for col in ("#", "node", "models", "score", "throughput", "stability", "load", "latency", "tok/s", "q/active",
-                "device", "uptime"):
-        table.add_column(col, justify="right" if col not in ("node", "models", "device") else "left")
-    for r in rows:
-        p = r["parts"]
-        hw = r["hardware"]
-        table.add_row(str(r["rank"]), r["node"], ",".join(r["models"]), f"{r['score']:+.2f}",
-                      f"{p['throughput']:+.2f}", f"{p['stability']:+.2f}", f"{p['load']:+.2f}", f"{p['latency']:+.2f}",
-                      f"{r['tokens_per_s']:.1f}", f"{r['queue_depth']}/{r['active_streams']}",
-                      f"{hw.get('device', '?')} {hw.get('name') or ''}".strip(), f"{r['uptime_s']:.0f}s")
-    Console(emoji=False).print(table if rows else "[yellow]no live nodes[/yellow]")
+    title = f"mesh nodes on {broker}" + (f" for {model}" if model else "")
+    console = Console(emoji=False)
+    if not rows:
+        console.print("[yellow]no live nodes[/yellow]")
+        return
+    table = nodes_table(rows, title=title, wide=True)
+    if wide:
+        console = Console(emoji=False, width=max(console.width, WIDE_COLUMNS))
+    elif Measurement.get(console, console.options, table).maximum > console.width:
+        table = nodes_table(rows, title=title)  # every column would not fit: the short table
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -271,4 +335,4 @@ def register(app: typer.Typer) -> None:
     app.command("nodes")(nodes)
 
 
-__all__ = ["register", "gateway", "nodes", "node_attachment", "collect_nodes"]
+__all__ = ["register", "gateway", "nodes", "nodes_table", "node_attachment", "collect_nodes", "NODE_COLUMNS"]
