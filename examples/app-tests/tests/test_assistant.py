@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from roomapp import Assistant
+
 from sdk.identity import Key
 from sdk.mesh import AccessPolicy, Mesh, MeshNode, NodeConfig, NodePolicy
-
-from roomapp import Assistant
 
 QUESTION = "What is the code for the garage, tangerine-walrus-42?"
 
