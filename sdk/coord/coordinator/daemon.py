@@ -49,6 +49,7 @@ from sdk.coord.coordinator.errors import (
     StoreCorrupt,
     StoreMissing,
 )
+from sdk.coord.coordinator.fleet_ops import handle_properties, load_operator_state, register_fleet_ops
 from sdk.coord.coordinator.lock import DataDirLock
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
 from sdk.coord.coordinator.operations import OPERATOR_CREDENTIAL, Operations, OperatorAccess
@@ -197,6 +198,7 @@ class Coordinator:
         # -- operator API: coord.operate requests, authorized, role-checked and audited (operations.py)
         self.operators = OperatorAccess(self)
         self.register_command(protocol.OPERATE, self.operators.dispatch)
+        register_fleet_ops(self)        # fleet.query, device.show, tags.set, audit.list (fleet_ops.py)
         # -- end operator API
         # -- credential lifecycle (enrollment.py): enrollment, renewal, rotation, revocation by DID
         from sdk.coord.coordinator.enrollment import Enrollment, register_enrollment
@@ -323,6 +325,7 @@ class Coordinator:
                 self.registry.put(DeviceRecord.from_row(row, heartbeat_ttl=self.heartbeat_ttl))
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("device record %r in the store is unreadable (%s); skipped", row.get("did"), exc)
+        load_operator_state(self)       # operator tags and reported properties (fleet_ops.py)
         for rec in self.registry:
             rec.persisted = self._stable(rec)
         if self.issuer is not None:
@@ -628,6 +631,10 @@ class Coordinator:
             self._handle_report(msg)
         elif msg.type == protocol.ANNOUNCE:
             self._handle_announce(msg, rec)
+        elif msg.type == protocol.PROPERTIES:      # reported properties (fleet_ops.py)
+            reason = handle_properties(self, msg, rec)
+            if reason is not None:
+                self._reject(msg, reason)
         else:
             self._reject(msg, "unknown_type")
 

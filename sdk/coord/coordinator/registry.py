@@ -1,4 +1,4 @@
-"""In-memory device registry: who is known, online, admitted; indexed by group and capability.
+"""In-memory device registry: who is known, online, admitted; indexed by kind, group, tag and capability.
 
 One :class:`DeviceRecord` per device holds everything the coordinator knows about it: the
 persisted claims and state, and (while admitted) its live :class:`Session` (credential, expiry,
@@ -6,6 +6,10 @@ what the config pump has sent). Devices appear on first authentication (capabili
 from their DeviceCredential), add capabilities and attributes by announcement, and expire when
 their heartbeat TTL lapses or their credential does. A revoked record stays revoked: its revoked
 credentials are remembered and never admitted again.
+
+Operators add *tags* (kept in the store's ``tags`` table); rules see them as ``device.tags`` and a
+rule's ``group_prefix`` matches a credential group or a tag. Devices report *properties* (a small
+JSON object, kept in the ``properties`` table) that fleet queries can filter on.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class DeviceRecord:
     status: tuple[dict[str, Any], ...] = ()               # credentialStatus entries of its credential
     fingerprint: str | None = None                         # of the credential it was last admitted with
     revoked_credentials: frozenset[str] = frozenset()      # fingerprints, never admitted again
+    tags: frozenset[str] = frozenset()                     # operator-assigned (store's tags table)
+    valid_until: float | None = None                       # of the credential it was last admitted with
+    properties: dict[str, Any] = field(default_factory=dict, compare=False)   # reported (properties table)
+    properties_at: float = field(default=0.0, compare=False)
     # live, not persisted
     token: str = field(default="", repr=False, compare=False)   # topic id
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
@@ -83,6 +91,7 @@ class DeviceRecord:
             "kind": self.kind,
             "name": self.name,
             "groups": sorted(self.groups),
+            "tags": sorted(self.tags),
             "capabilities": sorted(self.capabilities | self.announced_capabilities),
             "attributes": dict(self.attributes),
         }
@@ -95,7 +104,7 @@ class DeviceRecord:
                 "credential_capabilities": sorted(self.capabilities),
                 "announced_capabilities": sorted(self.announced_capabilities),
                 "status": [dict(e) for e in self.status], "fingerprint": self.fingerprint,
-                "revoked_credentials": sorted(self.revoked_credentials)}
+                "revoked_credentials": sorted(self.revoked_credentials), "valid_until": self.valid_until}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], *, heartbeat_ttl: float = 30.0) -> DeviceRecord:
@@ -111,16 +120,20 @@ class DeviceRecord:
                    announced_capabilities=frozenset(_str_list(row.get("announced_capabilities"))),
                    status=tuple(e for e in row.get("status") or () if isinstance(e, dict)),
                    fingerprint=row.get("fingerprint"),
-                   revoked_credentials=frozenset(_str_list(row.get("revoked_credentials"))))
+                   revoked_credentials=frozenset(_str_list(row.get("revoked_credentials"))),
+                   tags=frozenset(_str_list(row.get("tags"))), valid_until=_epoch(row.get("valid_until")))
 
 
 class Registry:
-    """Known devices with group and capability indexes (implements the rules' DeviceIndex)."""
+    """Known devices with kind, group, tag and capability indexes (implements the rules' DeviceIndex)."""
 
     def __init__(self) -> None:
         self._devices: dict[str, DeviceRecord] = {}
         self._groups: dict[str, set[str]] = {}
         self._caps: dict[str, set[str]] = {}
+        self._kinds: dict[str, set[str]] = {}
+        self._tags: dict[str, set[str]] = {}
+        self._order: list[str] | None = None          # every DID, sorted (rebuilt when one is added)
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -136,22 +149,28 @@ class Registry:
         return self._devices.get(did)
 
     def _unindex(self, rec: DeviceRecord) -> None:
-        for g in rec.groups:
-            self._groups.get(g, set()).discard(rec.did)
-        for c in rec.capabilities | rec.announced_capabilities:
-            self._caps.get(c, set()).discard(rec.did)
+        for index, names in ((self._groups, rec.groups), (self._tags, rec.tags), (self._kinds, (rec.kind,)),
+                             (self._caps, rec.capabilities | rec.announced_capabilities)):
+            for name in names:
+                members = index.get(name)
+                if members is not None:
+                    members.discard(rec.did)
+                    if not members:
+                        del index[name]
 
     def _index(self, rec: DeviceRecord) -> None:
-        for g in rec.groups:
-            self._groups.setdefault(g, set()).add(rec.did)
-        for c in rec.capabilities | rec.announced_capabilities:
-            self._caps.setdefault(c, set()).add(rec.did)
+        for index, names in ((self._groups, rec.groups), (self._tags, rec.tags), (self._kinds, (rec.kind,)),
+                             (self._caps, rec.capabilities | rec.announced_capabilities)):
+            for name in names:
+                index.setdefault(name, set()).add(rec.did)
 
     def put(self, rec: DeviceRecord) -> DeviceRecord:
         """Insert or replace a record (used when loading from the store)."""
         old = self._devices.get(rec.did)
         if old is not None:
             self._unindex(old)
+        else:
+            self._order = None
         self._devices[rec.did] = rec
         self._index(rec)
         return rec
@@ -167,7 +186,8 @@ class Registry:
         rec = DeviceRecord(did=did, first_seen=now) if old is None else DeviceRecord(
             did=did, first_seen=old.first_seen, kind=old.kind, name=old.name, attributes=dict(old.attributes),
             announced_capabilities=old.announced_capabilities, revoked_credentials=old.revoked_credentials,
-            lock=old.lock, notified_at=old.notified_at, persisted=old.persisted, token=old.token)
+            lock=old.lock, notified_at=old.notified_at, persisted=old.persisted, token=old.token,
+            tags=old.tags, properties=old.properties, properties_at=old.properties_at)
         rec.kind = str(subject.get("kind") or subject.get("deviceType") or rec.kind)
         rec.name = str(subject.get("name") or rec.name)
         rec.groups = frozenset(_str_list(subject.get("groups")))
@@ -177,6 +197,7 @@ class Registry:
         rec.heartbeat_ttl = heartbeat_ttl
         rec.status = tuple(dict(e) for e in status)
         rec.fingerprint = session.fingerprint if session is not None else None
+        rec.valid_until = session.valid_until if session is not None else None
         if capabilities is not None:
             rec.announced_capabilities = frozenset(_str_list(list(capabilities)))
         if attributes:
@@ -201,6 +222,16 @@ class Registry:
             rec.announced_capabilities = frozenset(_str_list(list(capabilities)))
         if attributes:
             rec.attributes.update(attributes)
+        self._index(rec)
+        return rec
+
+    def set_tags(self, did: str, tags: Iterable[str]) -> DeviceRecord | None:
+        """Replace ``did``'s operator tags (indexes follow)."""
+        rec = self._devices.get(did)
+        if rec is None:
+            return None
+        self._unindex(rec)
+        rec.tags = frozenset(tags)
         self._index(rec)
         return rec
 
@@ -251,19 +282,42 @@ class Registry:
         return rec.view()
 
     def sharing_group(self, did: str, prefix: str) -> Iterable[str]:
-        """Devices sharing at least one group (starting with ``prefix``) with ``did``."""
+        """Devices sharing at least one group or tag (starting with ``prefix``) with ``did``: an
+        operator tag counts as a group, so tagging a device moves it without a new credential."""
         rec = self._devices.get(did)
         if rec is None:
             return ()
         out: set[str] = set()
-        for g in rec.groups:
+        for g in rec.groups | rec.tags:
             if g.startswith(prefix):
-                out |= self._groups.get(g, set())
+                out |= self.members(g)
         return out
+
+    def members(self, group: str) -> set[str]:
+        """Devices in credential group ``group`` or tagged ``group``."""
+        return self._groups.get(group, set()) | self._tags.get(group, set())
+
+    def with_kind(self, kind: str) -> set[str]:
+        """Devices of ``kind``."""
+        return set(self._kinds.get(kind, set()))
+
+    def with_tag(self, tag: str) -> set[str]:
+        """Devices tagged ``tag`` by an operator."""
+        return set(self._tags.get(tag, set()))
+
+    def dids(self) -> list[str]:
+        """Every known DID, sorted (cached until a device is added)."""
+        if self._order is None:
+            self._order = sorted(self._devices)
+        return self._order
 
     def with_capability(self, capability: str) -> Iterable[str]:
         """Devices holding ``capability`` (from credential or announcement)."""
         return set(self._caps.get(capability, set()))
+
+
+def _epoch(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _str_list(value: Any) -> list[str]:

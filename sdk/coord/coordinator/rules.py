@@ -10,7 +10,7 @@ A rule (TOML, in the coordinator config or a rules file)::
     "event.width" = { gte = 320 }
     [rules.target]
     select = "group"                  # "sender" | "group" | "capability"
-    group_prefix = "room:"            # group: devices sharing a group starting with this
+    group_prefix = "room:"            # group: devices sharing a group (or operator tag) starting with this
     [rules.target.where]              # conditions on each candidate target device
     "device.kind" = "phone"
     [rules.config]                    # flat dotted keys; "{event.x}" / "{sender.x}" templates
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "exists", "prefix")
 SELECTS = ("sender", "group", "capability")
-DEVICE_FIELDS = ("did", "kind", "groups", "capabilities", "attributes", "name")
+DEVICE_FIELDS = ("did", "kind", "groups", "tags", "capabilities", "attributes", "name")
 _TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_\-]+)+)\}")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _RULE_KEYS = {"name", "event", "when", "target", "config", "unset", "description"}

@@ -9,11 +9,12 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdk.coord import properties as reported_properties
 from sdk.coord import protocol
 from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
@@ -624,6 +625,14 @@ class Device:
         if self.capabilities is not None:
             body["capabilities"] = self.capabilities
         await self.client.publish(protocol.device_events(self._token), body, type=protocol.ANNOUNCE, qos=1)
+
+    async def report_properties(self, properties: Mapping[str, Any]) -> None:
+        """Update this device's reported properties on the coordinator (``None`` deletes a key).
+
+        Checked here first (a bounded strict JSON object, see :mod:`sdk.coord.properties`):
+        raises :class:`~sdk.coord.properties.InvalidProperties` before anything is sent."""
+        body = {"properties": reported_properties.check(dict(properties))}
+        await self.client.publish(protocol.device_events(self._token), body, type=protocol.PROPERTIES, qos=1)
 
     # ------------------------------------------------------------------ configs
     def _parse_config(self, msg: Message) -> ConfigVersion | None:
