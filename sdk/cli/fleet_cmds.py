@@ -71,6 +71,7 @@ USAGE_REASONS = {"invalid_option", "no_connection", "unknown_profile", "invalid_
 _FULL_DID = re.compile(r"^did:[a-z0-9]+:[A-Za-z0-9._:%-]{16,}$")
 _DID_KEY = re.compile(r"^did:key:z[1-9A-HJ-NP-Za-km-z]{46,}$")
 MAX_LIMIT = 1000
+MAX_AUDIT = 500
 MAX_CALL_TIMEOUT = 60.0
 PAGE_CAP = 10_000          # --all stops after this many pages (a cursor loop cannot run forever)
 
@@ -822,7 +823,7 @@ fleet_app.command("deny")(_decision("enroll.deny", "denied"))
 
 @fleet_app.command("audit")
 def fleet_audit(
-    limit: int = typer.Option(50, "--limit", help="Newest entries to show (1..1000)"),
+    limit: int = typer.Option(50, "--limit", help=f"Newest entries to show (1..{MAX_AUDIT})"),
     operator: str | None = typer.Option(None, "--operator", help="Only this operator DID"),
     op_filter: str | None = typer.Option(None, "--op", help="Only this operation (e.g. device.revoke)"),
     profile: str | None = ProfileOpt, broker: str | None = BrokerOpt, keystore: Path | None = KeystoreOpt,
@@ -834,8 +835,8 @@ def fleet_audit(
     from rich.table import Table
 
     def prepare() -> dict[str, Any]:
-        if not 1 <= limit <= MAX_LIMIT:
-            raise _usage(f"--limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        if not 1 <= limit <= MAX_AUDIT:
+            raise _usage(f"--limit must be between 1 and {MAX_AUDIT}, got {limit}")
         p: dict[str, Any] = {"limit": limit}
         if operator:
             p["operator"] = operator
@@ -849,12 +850,16 @@ def fleet_audit(
     def render(result: dict[str, Any]) -> None:
         table = Table(title=f"audit ({len(result.get('entries', []))})", title_justify="left", box=None,
                       pad_edge=False, header_style="bold")
-        for col in ("at", "operator", "op", "outcome", "params"):
-            table.add_column(col, overflow="fold")
+        table.add_column("at", no_wrap=True)
+        table.add_column("operator", no_wrap=True)
+        table.add_column("op", no_wrap=True)
+        table.add_column("outcome", no_wrap=True)
+        table.add_column("params", overflow="fold")
         for e in result.get("entries", []):
             at = e.get("at")
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if isinstance(at, (int, float)) else at
-            table.add_row(_esc(when or ""), _esc(short_did(str(e.get("operator", "")))), _esc(e.get("op", "")),
+            when = time.strftime("%m-%d %H:%M:%S", time.localtime(at)) if isinstance(at, (int, float)) else at
+            operator_did = str(e.get("operator", ""))
+            table.add_row(_esc(when or ""), _esc(short_did(operator_did)[:13]), _esc(e.get("op", "")),
                           _esc(e.get("outcome", "")), _esc(e.get("params", e.get("summary", ""))))
         _console().print(table)
 

@@ -89,7 +89,7 @@ def test_ls_flags_become_the_where() -> None:
     (["revoke", DID, "--reason", " "], "--reason is empty"),
     (["token", "--kind", "phone", "--approve", "maybe"], "--approve must be auto or manual"),
     (["token", "--kind", "phone", "--uses", "0"], "--uses must be between"),
-    (["audit", "--limit", "5000"], "--limit must be between 1 and 1000"),
+    (["audit", "--limit", "5000"], "--limit must be between 1 and 500"),
 ])
 def test_bad_arguments_are_usage_errors_before_connecting(args: list[str], needle: str,
                                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -287,6 +287,8 @@ async def test_operator_runbook_end_to_end(fleet: Fleet, tmp_path: Path) -> None
     revoked = await fleet.cli("revoke", phone.did, "--reason", "stolen")
     assert revoked["did"] == phone.did and revoked["published"] is True
     await until(lambda: phone.state == "revoked", 5, what="the phone is cut off")
+    after = await fleet.cli("show", phone.did)
+    assert after["presence"] == "revoked" and after["credential"]["status"] == "revoked"
 
     audit = await fleet.cli("audit", "--op", "device.revoke")
     outcomes = sorted(e["outcome"] for e in audit["entries"])
