@@ -437,6 +437,13 @@ def vc_issue(
     status_url: str = typer.Option(None, "--status-url", help="Status list credential URL"),
     status_index: int = typer.Option(None, "--status-index", help="Index in that status list"),
     status_purpose: str = typer.Option("revocation", "--status-purpose", help="revocation | suspension"),
+    valid_for: str = typer.Option(
+        "30d", "--valid-for", help="DeviceCredential validity when --valid-until is not given: seconds or 30d/12h/90m"
+    ),
+    no_status: bool = typer.Option(
+        False, "--no-status", help="DeviceCredential without a status entry (cannot be revoked)"
+    ),
+    no_expiry: bool = typer.Option(False, "--no-expiry", help="DeviceCredential without a validity end"),
     fmt: str = FormatOpt,
     out: Path = OutOpt,
     keystore: Path = KeystoreOpt,
@@ -444,11 +451,32 @@ def vc_issue(
     key_name: str = KeyNameOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Sign a credential with your key (the issuer)."""
+    """Sign a credential with your key (the issuer).
+
+    A DeviceCredential gets, unless told otherwise, a validity period (--valid-for, default 30
+    days) and a revocation entry in the issuer's status list over MQTT, at an index recorded in
+    the ledger next to the keystore (<keystore>.status-ledger.json) from the range the
+    coordinator leaves to offline issuance, so the two never hand out the same index.
+    """
     with _guard(as_json):
+        import secrets
+        from datetime import timedelta
+
         from sdk.identity.credentials import V1_CONTEXT, V2_CONTEXT, issue_credential
         from sdk.identity.datetimes import format_datetime, parse_datetime
+        from sdk.identity.status_ledger import StatusLedger, ledger_path
         from sdk.identity.status_list import status_entry
+        from sdk.messaging.status import status_list_url
+
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+        try:
+            number, unit = (valid_for[:-1], units[valid_for[-1]]) if valid_for[-1:] in units else (valid_for, 1)
+            valid_seconds = float(number) * unit
+        except ValueError:
+            valid_seconds = -1.0
+        if not 1 <= valid_seconds <= 10 * 365 * 86400:
+            raise CliFailure("invalid_input", f"--valid-for must be 1s..10 years (seconds or 30d/12h/90m), "
+                             f"got {valid_for!r}")
 
         _check_format(fmt)
         if input_file is not None:
@@ -471,15 +499,40 @@ def vc_issue(
                 credential[end] = format_datetime(parse_datetime(valid_until))
         if cred_id:
             credential["id"] = cred_id
+        kinds = credential.get("type")
+        device = isinstance(kinds, list) and "DeviceCredential" in kinds
+        if device and not no_expiry and not any(k in credential for k in ("validUntil", "expirationDate")):
+            start_key = "issuanceDate" if "issuanceDate" in credential else "validFrom"
+            start = parse_datetime(credential[start_key]) if start_key in credential else None
+            if start is None:
+                credential[start_key] = format_datetime(None)
+                start = parse_datetime(credential[start_key])
+            end_key = "expirationDate" if start_key == "issuanceDate" else "validUntil"
+            credential[end_key] = format_datetime(start + timedelta(seconds=valid_seconds))
         entry = None
-        if status_url is not None or status_index is not None:
+        if no_status and (status_url is not None or status_index is not None):
+            raise CliFailure("invalid_input", "--no-status excludes --status-url and --status-index")
+        key = _open_key(keystore, passphrase, key_name)
+        own_url = status_list_url(key.did)
+        summary: dict[str, Any] = {"format": fmt, "issuer": key.did}
+        if (device and not no_status and (status_url is None or status_url == own_url)) or (
+                status_url == own_url and status_index is not None):
+            # this issuer's list over MQTT: the index comes from (or is checked against) the ledger
+            subject_id = credential.get("credentialSubject", {})
+            subject_id = subject_id.get("id") if isinstance(subject_id, dict) else None
+            if device and not isinstance(credential.get("id"), str):
+                credential["id"] = f"urn:uuid:{secrets.token_hex(16)}"
+            ledger = StatusLedger(ledger_path(_keystore_path(keystore)))
+            index = ledger.allocate(key.did, subject=str(subject_id), credential_id=credential.get("id"),
+                                    index=status_index)
+            entry = status_entry(own_url, index, purpose=status_purpose)
+            summary.update(status_index=index, ledger=str(ledger.path))
+        elif status_url is not None or status_index is not None:
             if status_url is None or status_index is None:
                 raise CliFailure("invalid_input", "--status-url and --status-index go together")
             entry = status_entry(status_url, status_index, purpose=status_purpose)
-        key = _open_key(keystore, passphrase, key_name)
         signed = issue_credential(credential, key, proof_format=fmt, credential_status=entry)
-        _emit_artifact(signed, out, as_json=as_json, what="credential",
-                       summary={"format": fmt, "issuer": key.did})
+        _emit_artifact(signed, out, as_json=as_json, what="credential", summary=summary)
 
 
 @vc_app.command("verify")

@@ -121,7 +121,7 @@ def test_corrupt_keystore(cli, issuer):
 def test_vc_issue_and_verify(cli, issuer, holder, fmt):
     out = cli.tmp / f"cred-{fmt}"
     issued = ok_json(cli("vc", "issue", "-s", holder, "-t", "DeviceCredential", "-c", "gpu=true",
-                         "--format", fmt, "-o", out, "--json"))
+                         "--format", fmt, "-o", out, "--no-status", "--json"))
     assert issued["issuer"] == issuer and out.exists()
     checked = ok_json(cli("vc", "verify", out, "--any-issuer", "--json"))
     assert checked["verified"] and checked["issuer"] == issuer and checked["subject"] == holder
@@ -168,7 +168,7 @@ def test_vc_verify_expiry_with_now(cli, holder):
 
 def test_vc_verify_trust_policy(cli, issuer, holder):
     out = cli.tmp / "c.json"
-    ok_json(cli("vc", "issue", "-s", holder, "-t", "DeviceCredential", "-o", out, "--json"))
+    ok_json(cli("vc", "issue", "-s", holder, "-t", "DeviceCredential", "-o", out, "--no-status", "--json"))
     assert ok_json(cli("vc", "verify", out, "--trust", f"{issuer}=DeviceCredential", "--json"))["verified"]
     failed(cli("vc", "verify", out, "--trust", f"{issuer}=InferenceAccessCredential"), "untrusted_issuer")
     policy = cli.tmp / "trust.json"
@@ -223,7 +223,7 @@ def test_status_list_jwt_and_foreign_key(cli, issuer, holder):
 @pytest.mark.parametrize("fmt", ["eddsa-jcs-2022", "jwt"])
 def test_vp_create_and_verify(cli, issuer, holder, fmt):
     c1, c2, vp = cli.tmp / "c1.json", cli.tmp / "c2.jwt", cli.tmp / f"vp-{fmt}"
-    ok_json(cli("vc", "issue", "-s", holder, "-t", "DeviceCredential", "-o", c1, "--json"))
+    ok_json(cli("vc", "issue", "-s", holder, "-t", "DeviceCredential", "-o", c1, "--no-status", "--json"))
     ok_json(cli("vc", "issue", "-s", holder, "-t", "InferenceAccessCredential", "--format", "jwt",
                 "-o", c2, "--json"))
     created = ok_json(cli("vp", "create", c1, c2, "--challenge", "n-1", "--domain", "mesh.local",
