@@ -322,7 +322,7 @@ def nodes(
     table = nodes_table(rows, title=title, wide=True)
     if wide:
         console = Console(emoji=False, width=max(console.width, WIDE_COLUMNS))
-    elif Measurement.get(console, console.options, table).maximum > console.width:
+    elif Measurement.get(console, console.options.update_width(10_000), table).maximum > console.width:
         table = nodes_table(rows, title=title)  # every column would not fit: the short table
     console.print(table)
 
