@@ -39,7 +39,9 @@ from sdk.coord.coordinator.auth import (
     device_credential,
     present,
 )
+from sdk.coord.coordinator.commands_ops import register_command_ops
 from sdk.coord.coordinator.config import CoordinatorConfig, IssuerConfig
+from sdk.coord.coordinator.desired_ops import drop_pinned, register_desired_ops
 from sdk.coord.coordinator.errors import (
     AdmissionError,
     CoordinationError,
@@ -208,6 +210,10 @@ class Coordinator:
         if issuer is not None:
             self.enrollment = register_enrollment(self, issuer_config)
         # -- end credential lifecycle
+        # -- desired state and direct commands (desired_ops.py, commands_ops.py)
+        register_desired_ops(self)
+        register_command_ops(self)
+        # -- end desired state and direct commands
         self._token = protocol.token(self.did)
         presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
@@ -681,6 +687,7 @@ class Coordinator:
             for did in action.targets:
                 changes, rules = merged.get(did, ({}, ()))
                 merged[did] = ({**changes, **action.changes}, (*rules, action.rule))
+        merged = drop_pinned(self.store, merged)        # keys an operator set stay as set
         try:
             versions = self.store.commit(merged, event_id=event_id,
                                          event=(msg.sender, event.type, event.fields),
@@ -705,12 +712,19 @@ class Coordinator:
         if not merged:
             self._ack(msg.sender, event_id, protocol.ACK_PROCESSED)
             return
+        self.metrics.event_work(time.perf_counter() - t0)        # rules + durable commit
+        await self.push_desired(event_id, versions)
+        self._ack(msg.sender, event_id, protocol.ACK_PROCESSED)
+
+    async def push_desired(self, event_id: str, versions: list[ConfigVersion]) -> None:
+        """Push newly committed versions (rule-made or an operator's): count them into convergence,
+        then run every target's pump at once (each version signed for its device)."""
+        if not versions:
+            return
         self.metrics.start(event_id, {c.did: c.version for c in versions})
         self._dirty = True
-        self.metrics.event_work(time.perf_counter() - t0)        # rules + durable commit
         self._emit("committed", event_id=event_id, versions={c.did: c.version for c in versions})
         await asyncio.gather(*(self._pump(c.did, c) for c in versions))
-        self._ack(msg.sender, event_id, protocol.ACK_PROCESSED)
 
     def _ack(self, did: str, event_id: str, status: str, reason: str | None = None) -> None:
         """Tell ``did`` its event is durably handled, so it drops it from its outbox."""

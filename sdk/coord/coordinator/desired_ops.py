@@ -12,15 +12,14 @@ rules own it again.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from sdk.coord.coordinator import queries
 from sdk.coord.coordinator.errors import InvalidValue
 from sdk.coord.coordinator.operations import OperatorRequest
-from sdk.coord.coordinator.registry import REVOKED, DeviceRecord
 from sdk.coord.coordinator.values import check_json, strict_dumps
 from sdk.coord.errors import OperatorError
 
@@ -32,10 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS = 256
 MAX_KEY = 128
-MAX_NAME = 256
 #: the reply lists each target's new version up to this many devices (the count is always exact)
 MAX_REPLY_VERSIONS = 1000
-TARGET_KINDS = ("did", "group", "tag", "where")
 
 Merged = dict[str, tuple[dict[str, Any], tuple[str, ...]]]
 
@@ -80,44 +77,8 @@ def check_keys(keys: Any) -> list[str]:
 
 
 def resolve_target(coordinator: Coordinator, target: Any) -> list[str]:
-    """The DIDs a target names, sorted: ``{did}`` (``not_found`` if unknown), ``{group}``, ``{tag}``
-    (revoked devices left out) or ``{where}`` (a fleet query)."""
-    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGET_KINDS:
-        raise _invalid(f"target: one of {{{' | '.join(TARGET_KINDS)}: ...}} is required")
-    kind, value = next(iter(target.items()))
-    if kind == "where":
-        return _where(coordinator, value)
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
-        raise _invalid(f"target.{kind}: a string of 1-{MAX_NAME} characters is required")
-    if kind == "did":
-        if value not in coordinator.registry:
-            raise OperatorError(f"no device {value}", reason="not_found")
-        return [value]
-    if kind == "group":
-        return _where(coordinator, {"group": value})
-    return _where(coordinator, {"tag": value})
-
-
-def _tags(rec: DeviceRecord) -> Any:
-    return getattr(rec, "tags", ())
-
-
-def _where(coordinator: Coordinator, where: Any) -> list[str]:
-    try:
-        queries: Any = importlib.import_module("sdk.coord.coordinator.queries")
-    except ImportError:             # no fleet queries in this build: groups and tags only
-        queries = None
-    if queries is not None and hasattr(queries, "select"):
-        dids: list[str] = queries.select(coordinator, where)
-        if not (isinstance(where, dict) and "presence" in where):
-            dids = [d for d in dids if (r := coordinator.registry.get(d)) is not None and r.state != REVOKED]
-        return sorted(dids)
-    if not isinstance(where, dict) or not set(where) <= {"group", "tag"} or not where:
-        raise _invalid("target.where: this coordinator selects by group or tag only")
-    group, tag = where.get("group"), where.get("tag")
-    return sorted(r.did for r in coordinator.registry if r.state != REVOKED
-                  and (group is None or group in r.groups or group in _tags(r))
-                  and (tag is None or tag in _tags(r)))
+    """The DIDs a target names, sorted (see :func:`sdk.coord.coordinator.queries.resolve_target`)."""
+    return sorted(queries.resolve_target(coordinator, target))
 
 
 def drop_pinned(store: Store, merged: Mapping[str, tuple[dict[str, Any], tuple[str, ...]]]) -> Merged:
