@@ -79,6 +79,7 @@ async def test_dispatch_roles_and_audit(fleet: Fleet) -> None:
         return {"operator": req.operator, "params": dict(req.params), "roles": sorted(req.roles)}
 
     coord.operations.register("test.echo", "write", echo)
+    coord.operations.register("test.unjson", "read", lambda req: {"x": float("nan")})
     writer = await fleet.operator("write")
     reader = await fleet.operator("read")
     assert await writer.call("test.echo", {"x": 1}) == {"operator": writer.did, "params": {"x": 1},
@@ -92,10 +93,14 @@ async def test_dispatch_roles_and_audit(fleet: Fleet) -> None:
     with pytest.raises(OperatorError) as err:
         await writer.call("test.echo", {"deep": [[[[[[[[[[1]]]]]]]]]]})
     assert err.value.reason == "invalid_params"
+    with pytest.raises(OperatorError) as err:
+        await writer.call("test.unjson")
+    assert err.value.reason == "handler_error"
     rows = _audit(coord)
     assert [(r["operator"], r["op"], r["outcome"]) for r in reversed(rows)] == [
         (writer.did, "test.echo", "ok"), (reader.did, "test.echo", "forbidden"),
-        (writer.did, "no.such.op", "unknown_op"), (writer.did, "test.echo", "invalid_params")]
+        (writer.did, "no.such.op", "unknown_op"), (writer.did, "test.echo", "invalid_params"),
+        (writer.did, "test.unjson", "handler_error")]
     assert rows[-1]["params"] == '{"x":1}'
 
 
@@ -214,7 +219,18 @@ def _expected(records: list[DeviceRecord], coord: Coordinator, pred: Any) -> lis
 async def test_query_over_1000_devices_filters_and_paging(fleet: Fleet) -> None:
     coord = await fleet.start()
     records = _populate(coord, 1000, now=time.time())
+    for _ in range(2):                                   # and a few real, admitted devices
+        key = Key.generate()
+        cred = coord.issue_device_credential(key.did, kind="tablet", groups=["room:3"], capabilities=["gpu"])
+        device = Device(key, cred, broker=fleet.url, coordinator=coord.did)
+        await device.connect()
+        fleet.stack.push_async_callback(device.aclose)
+        rec = coord.registry.get(key.did)
+        assert rec is not None and rec.state == ONLINE
+        records.append(rec)
     reader = await fleet.operator("read")
+    tablets = (await reader.query({"kind": "tablet", "presence": "online", "credential": "valid"}))["devices"]
+    assert sorted(d["did"] for d in tablets) == sorted(r.did for r in records[-2:])
     cases: list[tuple[dict[str, Any], Any]] = [
         ({}, lambda r, d, v, s: True),
         ({"kind": "phone"}, lambda r, d, v, s: r.kind == "phone"),
@@ -254,7 +270,7 @@ async def test_query_over_1000_devices_filters_and_paging(fleet: Fleet) -> None:
             break
     assert seen == _expected(records, coord, lambda r, d, v, s: r.kind == "phone") and len(seen) > 128 * 2
     big = await reader.query({}, limit=1000)        # a page stays within one envelope: shorter, cursor set
-    assert 0 < len(big["devices"]) < 1000 and big["total"] == 1000 and big["next_cursor"] is not None
+    assert 0 < len(big["devices"]) < 1000 and big["total"] == 1002 and big["next_cursor"] is not None
     row = (await reader.query({"did_prefix": "did:example:dev00011"}))["devices"][0]
     assert set(row) == {"did", "kind", "name", "groups", "tags", "state", "desired_version", "reported_version",
                         "converged", "valid_until", "last_seen"}

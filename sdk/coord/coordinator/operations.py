@@ -235,6 +235,11 @@ class OperatorAccess:
             out = operation.handler(OperatorRequest(self.coordinator, msg.sender, roles, op, params))
             if inspect.isawaitable(out):
                 out = await out
+            try:
+                strict_dumps(out)
+            except InvalidValue as exc:
+                raise OperatorError(f"{op} produced a result that is not JSON: {exc}",
+                                    reason="handler_error") from exc
         except OperatorError as exc:
             self.record(msg.sender, op, params, exc.reason)
             log.warning("operator %s: %s refused: %s: %s", msg.sender, op, exc.reason, exc)
