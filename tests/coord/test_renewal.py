@@ -100,13 +100,14 @@ async def test_renewal_before_expiry_never_loses_admission(site: Site, tmp_path:
         watcher.cancel()
     assert lapses == []
     assert not [i for w, i in site.events if w == "session_ended"]
-    assert phone.credential is not first and _until(phone.credential) > _until(first)
+    renewed = phone.credential
+    assert isinstance(renewed, dict) and renewed is not first and _until(renewed) > _until(first)
     # the same status index: revocation by DID still covers the renewed credential
-    assert phone.credential["credentialStatus"] == first["credentialStatus"]
-    assert load_credential(path) == phone.credential
+    assert renewed["credentialStatus"] == first["credentialStatus"]
+    assert load_credential(path) == renewed
     rec = coord.registry.get(key.did)
     assert rec is not None and rec.admitted and rec.session is not None
-    assert rec.session.valid_until == pytest.approx(_until(phone.credential))
+    assert rec.session.valid_until == pytest.approx(_until(renewed))
     await phone.publish_event(screen_available(640, 480))   # still fully admitted
     await until(lambda: any(w == "event" and i["did"] == key.did for w, i in site.events))
 
