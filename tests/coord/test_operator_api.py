@@ -20,7 +20,7 @@ from sdk.coord.coordinator.registry import EXPIRED, OFFLINE, ONLINE, REVOKED, De
 from sdk.coord.coordinator.store import Store
 from sdk.coord.device import Device
 from sdk.coord.errors import OperatorError
-from sdk.coord.operator import OperatorClient
+from sdk.coord.operator import OperatorClient, SyncOperatorClient
 from sdk.coord.properties import InvalidProperties
 from sdk.identity import Key, TrustPolicy
 from tests.fixtures.waiting import until
@@ -358,6 +358,23 @@ async def test_device_show_properties_and_history(fleet: Fleet) -> None:
     with pytest.raises(OperatorError) as err:
         await reader.show("did:example:nobody")
     assert err.value.reason == "not_found"
+    # the blocking client, from a thread (the broker may share this loop)
+    sync = await asyncio.to_thread(SyncOperatorClient, fleet.url, reader.key, reader.credential,
+                                   coordinator=coord.did)
+    try:
+        assert (await asyncio.to_thread(sync.show, key.did))["properties"] == rec.properties
+        with pytest.raises(OperatorError) as err:
+            await asyncio.to_thread(sync.tag, key.did, add=["x"])
+        assert err.value.reason == "forbidden"
+    finally:
+        await asyncio.to_thread(sync.close)
+    # properties are the coordinator's record of the device: they survive a restart
+    await device.aclose()
+    await coord.stop()
+    fleet.coordinator = None
+    coord = await fleet.start()
+    restored = coord.registry.get(key.did)
+    assert restored is not None and restored.properties == {"battery.low": True, "fw": "1.3"}
 
 
 async def test_tags_change_queries_and_rule_targeting(fleet: Fleet) -> None:
