@@ -153,6 +153,14 @@ async def test_sniffer_sees_what_is_not_encrypted(autoglm_broker, autoglm_sniffe
     assert "app/open" in autoglm_sniffer.topics()
 
 
+async def test_the_issuer_publishes_its_status_list_on_the_tests_broker(autoglm_issuer, autoglm_sniffer):
+    from sdk.messaging.status import status_list_topic
+
+    await autoglm_issuer.publish()
+    msg = await autoglm_sniffer.wait_for_topic(status_list_topic(autoglm_issuer.did))
+    assert autoglm_issuer.status_url.encode() in msg.readable()
+
+
 @pytest.mark.autoglm_broker("mosquitto")
 async def test_the_marker_picks_mosquitto(autoglm_broker):
     assert autoglm_broker.kind == "mosquitto"
@@ -183,12 +191,27 @@ def test_every_fixture_in_an_app_test_session(pytester: pytest.Pytester, request
                                 "-rA")
     outcomes = result.parseoutcomes()
     marker_skipped = 0 if mosquitto_installed() else 1
-    assert outcomes.get("passed", 0) == 9 - marker_skipped, result.stdout.str()
+    assert outcomes.get("passed", 0) == 10 - marker_skipped, result.stdout.str()
     assert outcomes.get("failed") == 1 and outcomes.get("errors", outcomes.get("error")) == 1, result.stdout.str()
     result.stdout.fnmatch_lines(["*FAILED test_app.py::test_waiting_for_nothing_fails*"])
     result.stdout.fnmatch_lines(["*AssertionError: no matching message within 0.3s*"])
     result.stdout.fnmatch_lines(["*ERROR test_app.py::test_an_unknown_kind_is_a_usage_error*"])
     result.stdout.fnmatch_lines(["*broker kind must be one of ('embedded', 'mosquitto'), not 'rabbitmq'*"])
+
+
+def test_strict_asyncio_mode(pytester: pytest.Pytester, request: pytest.FixtureRequest) -> None:
+    pytester.makeini("[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_strict='''
+import pytest
+from sdk.inference import GenerationRequest
+
+@pytest.mark.asyncio
+async def test_engine_and_broker(autoglm_broker, autoglm_fake_engine):
+    result = await autoglm_fake_engine.generate(GenerationRequest(prompt="x"))
+    assert result.text == "Echo: x" and autoglm_broker.kind == "embedded"
+''')
+    result = pytester.runpytest(*_plugin_args(request.config), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 def test_the_fixtures_and_option_are_listed(pytester: pytest.Pytester, request: pytest.FixtureRequest) -> None:
