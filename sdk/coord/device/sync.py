@@ -6,7 +6,7 @@ callbacks and command handlers run on that thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from sdk.coord.device.client import Credential, Device
@@ -55,6 +55,10 @@ class SyncDevice:
     def wait_version(self, version: int, timeout: float | None = None) -> None:
         """Blocking :meth:`Device.wait_version`."""
         self._call(self.device.wait_version(version, timeout), None)
+
+    def report_properties(self, properties: Mapping[str, Any]) -> None:
+        """Blocking :meth:`Device.report_properties`."""
+        self._call(self.device.report_properties(properties))
 
     def register_command(self, name: str, handler: CommandHandler) -> None:
         """:meth:`Device.register_command`; the handler runs on the device's loop thread."""
