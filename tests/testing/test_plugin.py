@@ -3,11 +3,17 @@ every fixture, in a pytest session of its own (``pytester``), on each broker kin
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
 from sdk.testing.brokers import mosquitto_installed
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "TESTING.md"
 
 pytest_plugins = ["pytester"]
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
@@ -224,3 +230,25 @@ def test_the_fixtures_and_option_are_listed(pytester: pytest.Pytester, request: 
     helptext.stdout.fnmatch_lines(["*--autoglm-broker*"])
     markers = pytester.runpytest(*_plugin_args(request.config), "--markers")
     markers.stdout.fnmatch_lines(["*autoglm_broker(kind)*"])
+
+
+def _guide_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_guides_examples_run(pytester: pytest.Pytester, request: pytest.FixtureRequest) -> None:
+    tests = [b for b in _guide_blocks() if "def test_" in b]
+    assert len(tests) >= 5
+    pytester.makeini(INI)
+    pytester.makepyfile(**{f"test_guide_{i}": block for i, block in enumerate(tests)})
+    result = pytester.runpytest(*_plugin_args(request.config), "-p", "no:cacheprovider")
+    count = sum(len(re.findall(r"^async def test_", b, re.M)) for b in tests)
+    skipped = 0 if mosquitto_installed() else 1
+    result.assert_outcomes(passed=count - skipped, skipped=skipped)
+
+
+def test_the_guides_example_without_pytest_runs() -> None:
+    (script,) = [b for b in _guide_blocks() if "asyncio.run(main())" in b]
+    out = subprocess.run([sys.executable, "-c", script], cwd=GUIDE.parent.parent, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
