@@ -166,12 +166,16 @@ async def test_flood_costs_no_verification_beyond_the_limiter(fleet: Fleet) -> N
     stranger = Key.generate()
     flood = await fleet.operator(key=stranger, credential=operator_credential(Key.generate(), stranger.did))
     before = coord.operators.authorizer.verifications
+    t0 = time.monotonic()
     results = await asyncio.gather(*(flood.call("test.ping") for _ in range(40)), return_exceptions=True)
-    reasons = sorted({r.reason for r in results if isinstance(r, OperatorError)})
+    elapsed = time.monotonic() - t0
     assert len(results) == 40 and all(isinstance(r, OperatorError) for r in results)
-    assert reasons == ["busy", "not_authorized"]
+    reasons = [r.reason for r in results if isinstance(r, OperatorError)]
+    refused, busy = reasons.count("not_authorized"), reasons.count("busy")
+    assert refused + busy == 40 and busy > 0
     spent = coord.operators.authorizer.verifications - before
-    assert spent <= 12                               # the limiter's burst (10), never 40
+    assert spent == refused                          # a request the limiter refuses costs no verification
+    assert refused <= 10 + 2 * elapsed + 1           # the limiter's burst and rate (10, 2/s), never 40
     # an authorized operator is verified once, then not throttled while its grant is cached
     assert await good.call("test.ping") == "pong"
     answers = await asyncio.gather(*(good.call("test.ping") for _ in range(30)))
