@@ -16,7 +16,7 @@ from sdk.coord.coordinator import Coordinator, operator_credential
 from sdk.coord.coordinator.config import IssuerConfig
 from sdk.coord.coordinator.enrollment import token_hash
 from sdk.coord.device import Device
-from sdk.coord.device.enrollment import EnrollmentError, enroll
+from sdk.coord.device.enrollment import EnrollmentError
 from sdk.coord.errors import OperatorError
 from sdk.coord.operator import OperatorClient
 from sdk.identity import V2_CONTEXT, Key, TrustPolicy, issue_credential, load_credential
@@ -60,7 +60,7 @@ class Site:
 
     async def enroll(self, key: Key, **kwargs: Any) -> dict[str, Any]:
         kwargs.setdefault("trust", TrustPolicy({self.issuer.did: {"DeviceCredential"}}))
-        return await enroll(key, broker=self.url, coordinator=self.coord_key.did, **kwargs)
+        return await Device.enroll(key, broker=self.url, coordinator=self.coord_key.did, **kwargs)
 
     async def device(self, key: Key, credential: dict[str, Any], **kwargs: Any) -> Device:
         dev = Device(key, credential, broker=self.url, coordinator=self.coord_key.did, **kwargs)

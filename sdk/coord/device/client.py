@@ -18,7 +18,7 @@ from sdk.coord import properties as reported_properties
 from sdk.coord import protocol
 from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
-from sdk.coord.device.enrollment import Renewal
+from sdk.coord.device.enrollment import Renewal, enroll
 from sdk.coord.device.outbox import MAX_OUTBOX, Outbox
 from sdk.coord.device.state import STUCK, DeviceState, allowed
 from sdk.coord.device.state_file import StateFile
@@ -73,6 +73,9 @@ class Device:
     ``renew_after`` (e.g. 2/3) renews the credential at that fraction of its validity through the
     coordinator and re-authenticates with it while admitted; ``credential_file`` keeps it on disk.
     """
+
+    #: ``await Device.enroll(key, broker=, coordinator=, token= | manufacturer_credential=)`` -> credential
+    enroll = staticmethod(enroll)          # -- enrollment (enrollment.py)
 
     def __init__(
         self,
