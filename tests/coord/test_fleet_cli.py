@@ -304,3 +304,36 @@ async def test_errors_from_the_coordinator_have_reasons_and_hints(fleet: Fleet) 
     assert silent["reason"] == "timeout" and "is the coordinator running" in silent["hint"]
     text = await asyncio.to_thread(runner.invoke, app, ["fleet", "show", DID, "--broker", fleet.url])
     assert text.exit_code == 1 and text.output.startswith("error: not_found:") and "hint: " in text.output
+
+
+@pytest.mark.broker
+@pytest.mark.mosquitto
+@pytest.mark.timeout(120)
+async def test_fleet_over_mosquitto_secure_mode_with_tls_flags(mosquitto_secure: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The secure default (TLS client certificates, %u ACL): --ca/--cert/--key-file reach the coordinator."""
+    from sdk.identity import TrustPolicy
+    from sdk.messaging.transport import TLSConfig
+    from tests.fixtures.brokers import SECURE_ADMIN
+
+    m = mosquitto_secure
+    setup = init_setup(tmp_path, monkeypatch, broker=m.url)
+    issuer = setup.issuer()
+    coord_cert = m.issue_client_cert(SECURE_ADMIN.did, tmp_path / "certs")
+    coord = Coordinator(SECURE_ADMIN, broker=m.url, data_dir=tmp_path / "data", issuer=issuer,
+                        trust=TrustPolicy({issuer.did: {"OperatorCredential"}}),
+                        tls=TLSConfig(ca_file=str(m.pki.ca), cert_file=str(coord_cert.cert),
+                                      key_file=str(coord_cert.key)))
+    await coord.start()
+    try:
+        operator = json.loads((setup.directory / "operator-vc.json").read_text())["credentialSubject"]["id"]
+        cert = m.issue_client_cert(operator, tmp_path / "certs")
+        tls = ["--ca", str(m.pki.ca), "--cert", str(cert.cert), "--key-file", str(cert.key)]
+        args = ["fleet", "ls", "--json", "--coordinator", SECURE_ADMIN.did, "--request-timeout", "5"]
+        result = await asyncio.to_thread(runner.invoke, app, [*args, *tls])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["result"]["total"] == 0
+        bare = await asyncio.to_thread(runner.invoke, app, args)          # no client certificate: refused
+        assert bare.exit_code == 1 and error_of(bare)["reason"] in ("connect_failed", "connect_timeout")
+    finally:
+        await coord.stop()
