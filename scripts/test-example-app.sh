@@ -6,7 +6,7 @@
 #   scripts/test-example-app.sh [pytest args...]     e.g. --autoglm-broker=mosquitto
 #
 # Environment:
-#   PYTHON                     interpreter to build with and base the venv on (default: python3)
+#   PYTHON (or PY)             interpreter to build with and base the venv on (default: python3)
 #   AUTOGLM_EXAMPLE_VENV       "system" (default): a venv with --system-site-packages, reusing the
 #                              dependencies already installed for PYTHON (CI); "plain": an empty
 #                              venv that installs the wheel's [testing] dependencies from the index
@@ -14,7 +14,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-${PY:-python3}}"
 MODE="${AUTOGLM_EXAMPLE_VENV:-system}"
 case "$MODE" in system|plain) ;; *) echo "AUTOGLM_EXAMPLE_VENV must be system or plain, not '$MODE'" >&2; exit 2;; esac
 
