@@ -252,3 +252,26 @@ def test_the_guides_example_without_pytest_runs() -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=GUIDE.parent.parent, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_without_pytest_asyncio_only_the_async_fixtures_fail_with_the_extra_to_install(tmp_path: Path) -> None:
+    (tmp_path / "test_x.py").write_text(
+        "def test_broker(autoglm_broker):\n    pass\n\n"
+        "def test_engine(autoglm_fake_engine):\n    assert autoglm_fake_engine.metadata['name'] == 'fake-model'\n")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pytest_asyncio':\n"
+        "            raise ImportError('pytest-asyncio is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import pytest\n"
+        "sys.exit(pytest.main(['-p', 'sdk.testing.plugin', '-p', 'no:cacheprovider', '-q', 'test_x.py']))\n"
+    )
+    root = str(GUIDE.parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         check=False, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": root,
+                                           "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "1 passed, 1 error" in out.stdout, out.stdout
+    assert "autoglm_broker needs pytest-asyncio: pip install 'open-autoglm-sdk[testing]'" in out.stdout
