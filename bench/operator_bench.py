@@ -56,9 +56,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def machine() -> str:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, python "
-            f"{platform.python_version()}, load average {load:.1f} at start").replace("  ", " ")
+    return (f"{platform.machine()} {model}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+            f"load average {load:.1f} at start").replace("  ", " ")
 
 
 def register_records(coord: Coordinator, n: int) -> None:
