@@ -17,7 +17,7 @@ from sdk.coord.device import SyncDevice
 from sdk.errors import MessagingError
 from sdk.identity import Key
 from sdk.messaging.client import SecureClient
-from sdk.messaging.errors import RequestTimeout
+from sdk.messaging.errors import RemoteError, RequestTimeout
 from tests.coord.test_coordinator import Mesh, mesh, until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -159,6 +159,17 @@ async def test_device_answers_calls_only_from_its_coordinator(mesh: Mesh, operat
     # the coordinator's call still goes through
     assert await operator.call("device.call", {"did": phone.did, "method": "unlock"}) == {"result": None}
     assert ran == [{}]
+
+
+async def test_device_refuses_a_plain_call_even_from_its_coordinator(mesh: Mesh, operator: Operator) -> None:
+    phone = await mesh.device("phone")
+    ran: list[Any] = []
+    phone.register_command("unlock", ran.append)
+    assert mesh.coordinator is not None
+    with pytest.raises(RemoteError) as info:
+        await mesh.coordinator.client.request(protocol.device_commands(phone.token), {"method": "unlock"},
+                                              type=protocol.CALL, expect_from=phone.did, timeout=5.0)
+    assert info.value.reason == "not_encrypted" and ran == []
 
 
 async def test_sync_device_registers_commands(mesh: Mesh, operator: Operator) -> None:
