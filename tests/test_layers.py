@@ -27,6 +27,8 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 PACKAGES = ("sdk.identity", "sdk.messaging", "sdk.coord", "sdk.inference", "sdk.mesh", "sdk.cli", "brokers",
             "sdk.testing")
 SHARED = ("sdk", "sdk.errors")
+#: Modules outside a layer's package that belong to it (``python -m sdk`` is the CLI's entry point).
+MEMBERS = {"sdk.__main__": "sdk.cli"}
 
 BROKER_STACKS = ("paho", "amqtt", "brokers")
 HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "typer", "rich")
@@ -150,6 +152,8 @@ def _imported_names(path: Path) -> set[str]:
 
 
 def _package_of(module: str) -> str | None:
+    if module in MEMBERS:
+        return MEMBERS[module]
     for package in PACKAGES:
         if module == package or module.startswith(package + "."):
             return package
