@@ -13,7 +13,6 @@ routers the way a real issuer's does. ``trust`` trusts this issuer for all those
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -114,15 +113,13 @@ class TestIssuer:
 
     def operator(self, subject: KeyOrDid, *, roles: Iterable[str] = ("read",), name: str | None = None,
                  valid_for: float = 90 * 86400) -> dict[str, Any]:
-        """An ``OperatorCredential`` with ``roles`` (``read`` / ``write`` / ``admin``)."""
-        auth = importlib.import_module("sdk.coord.coordinator.auth")
-        issue = getattr(auth, "operator_credential", None)
-        if issue is None:
-            raise NotImplementedError("this SDK's coordinator has no operator credentials")
+        """An ``OperatorCredential`` with ``roles`` (``read`` / ``write`` / ``admin``, cumulative)."""
+        from sdk.coord.coordinator.auth import operator_credential
+
         did = _did(subject)
         index, entry = self._entry()
-        return self._record(did, index, issue(self.key, did, roles=roles, name=name, valid_for=valid_for,
-                                              status=entry))
+        return self._record(did, index, operator_credential(self.key, did, roles=roles, name=name,
+                                                            valid_for=valid_for, status=entry))
 
     def access(self, subject: KeyOrDid, *, models: Iterable[str] = ("*",), max_tokens: int | None = None,
                valid_until: str | None = None) -> Any:
