@@ -524,6 +524,13 @@ def _kv_lines(console: Any, title: str, value: Any) -> None:
         console.print(f"  {_esc(json.dumps(value, default=str))}")
 
 
+def _short_source(rule: Any) -> str:
+    """``operator:did:key:z6Mk...`` → ``operator:z6Mk…`` (rule names stay as they are)."""
+    text = str(rule)
+    prefix, _, did = text.partition(":")
+    return f"{prefix}:{short_did(did)}" if prefix == "operator" and did.startswith("did:") else text
+
+
 def render_device(d: dict[str, Any]) -> None:
     """``fleet show``: identity, presence, credential, desired/reported/delta, recent history."""
     from rich.table import Table
@@ -537,8 +544,9 @@ def render_device(d: dict[str, Any]) -> None:
                          f"({d.get('report_status') or '-'})")]
     cred = d.get("credential") or {}
     if cred:
-        rows.append(("credential", f"{cred.get('status', '?')}, valid until "
-                                   f"{_ago(cred.get('valid_until')) or cred.get('valid_until')}"))
+        until = cred.get("valid_until")
+        ends = f", expires {_ago(until)}" if isinstance(until, (int, float)) else (f", until {until}" if until else "")
+        rows.append(("credential", f"{cred.get('status', '?')}{ends}"))
         rows.append(("issuer", cred.get("issuer")))
     for k, v in rows:
         console.print(f"{k:>13}: {_esc(v if v not in (None, '') else '-')}")
@@ -552,7 +560,8 @@ def render_device(d: dict[str, Any]) -> None:
         for col in ("ver", "source", "changes", "created"):
             table.add_column(col, overflow="fold")
         for h in history:
-            table.add_row(str(h.get("version", "")), _esc(h.get("source") or ",".join(h.get("rules", []))),
+            made_by = [_short_source(r) for r in h.get("rules") or []] or [str(h.get("source") or "")]
+            table.add_row(str(h.get("version", "")), _esc(",".join(made_by)),
                           _esc(json.dumps(h.get("changes", {}), default=str)), _esc(_ago(h.get("created"))))
         console.print(table)
 
@@ -743,7 +752,7 @@ def fleet_token(
     ca: Path | None = CaOpt, cert: Path | None = CertOpt, key_file: Path | None = KeyFileOpt,
     request_timeout: float = RequestTimeoutOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Make an enrollment token a device presents with Device.enroll(...)."""
+    """Make a one-time enrollment token (a device presents it to get its DeviceCredential)."""
     def prepare() -> dict[str, Any]:
         if approve not in APPROVE_MODES:
             raise _usage(f"--approve must be auto or manual, got {approve!r}")
@@ -796,7 +805,7 @@ def fleet_pending(
     _run(opts, as_json, "enroll.pending", _call("enroll.pending", {}, request_timeout), render)
 
 
-def _decision(op_name: str, verb: str) -> Callable[..., None]:
+def _decision(op_name: str, verb: str, doc: str) -> Callable[..., None]:
     def command(
         request: str = typer.Argument(..., help="Request id (from fleet pending) or the device's DID"),
         profile: str | None = ProfileOpt, broker: str | None = BrokerOpt, keystore: Path | None = KeystoreOpt,
@@ -804,8 +813,7 @@ def _decision(op_name: str, verb: str) -> Callable[..., None]:
         ca: Path | None = CaOpt, cert: Path | None = CertOpt, key_file: Path | None = KeyFileOpt,
         request_timeout: float = RequestTimeoutOpt, as_json: bool = JsonOpt,
     ) -> None:
-        params: dict[str, Any] = {"did": request} if request.startswith("did:") else \
-            {"id": int(request) if request.isdigit() else request}
+        params: dict[str, Any] = {"did": request} if request.startswith("did:") else {"id": request}
         opts = _opts(profile, broker, keystore, credential, coordinator, ca, cert, key_file, request_timeout)
 
         def render(result: dict[str, Any]) -> None:
@@ -813,12 +821,13 @@ def _decision(op_name: str, verb: str) -> Callable[..., None]:
 
         _run(opts, as_json, op_name, _call(op_name, params, request_timeout), render)
 
-    command.__doc__ = f"{verb.capitalize()} a pending enrollment request."
+    command.__doc__ = doc
     return command
 
 
-fleet_app.command("approve")(_decision("enroll.approve", "approved"))
-fleet_app.command("deny")(_decision("enroll.deny", "denied"))
+fleet_app.command("approve")(_decision("enroll.approve", "approved",
+                                       "Approve a pending enrollment: the device receives its credential."))
+fleet_app.command("deny")(_decision("enroll.deny", "denied", "Deny a pending enrollment request."))
 
 
 @fleet_app.command("audit")

@@ -307,3 +307,10 @@ def test_json_formatter_keeps_extra_fields() -> None:
     record.device = "did:key:z6Mk"
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "hello world" and line["level"] == "WARNING" and line["device"] == "did:key:z6Mk"
+
+
+def test_devices_json_errors_are_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["devices", "--data-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False and doc["reason"] == "no_state" and "no coordinator state" in doc["error"]["message"]

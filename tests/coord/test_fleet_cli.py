@@ -290,6 +290,26 @@ async def test_operator_runbook_end_to_end(fleet: Fleet, tmp_path: Path) -> None
     after = await fleet.cli("show", phone.did)
     assert after["presence"] == "revoked" and after["credential"]["status"] == "revoked"
 
+    # a manual token: the enrollment waits until an admin approves it
+    manual = await fleet.cli("token", "--kind", "display", "--group", "room:living", "--approve", "manual")
+    display_key = Key.generate()
+    enrolling = asyncio.ensure_future(enroll(display_key, broker=fleet.url, coordinator=fleet.coord.did,
+                                             token=manual["token"], wait=60))
+    pending: list[Any] = []
+
+    async def listed() -> bool:
+        pending[:] = (await fleet.cli("pending"))["requests"]
+        return bool(pending)
+
+    while not await listed():
+        assert not enrolling.done(), enrolling.exception()
+    assert [r["did"] for r in pending] == [display_key.did]
+    approved = await fleet.cli("approve", pending[0]["id"])
+    assert approved["did"] == display_key.did and approved["approved"] is True
+    issued = await asyncio.wait_for(enrolling, 30)
+    assert issued["credentialSubject"]["id"] == display_key.did
+    assert (await fleet.cli("pending"))["requests"] == []
+
     audit = await fleet.cli("audit", "--op", "device.revoke")
     outcomes = sorted(e["outcome"] for e in audit["entries"])
     assert outcomes == ["forbidden", "ok"], audit
