@@ -178,14 +178,14 @@ def describe(exc: BaseException) -> Problem:
     return Problem("unexpected_error", message, hint_for("unexpected_error"))
 
 
+_state: dict[str, bool] = {"debug": False}
+
+
 def debug_enabled() -> bool:
     """True when ``--debug`` was given or ``AUTOGLM_DEBUG`` is set to a true value."""
     if _state["debug"]:
         return True
     return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-_state: dict[str, bool] = {"debug": False}
 
 
 def set_debug(on: bool) -> None:
