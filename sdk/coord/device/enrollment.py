@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdk.coord import protocol
+from sdk.coord.errors import AdmissionError, NotAdmitted
 from sdk.coord.handshake import DEVICE_CREDENTIAL, present
 from sdk.errors import CoordinationError
 from sdk.identity import Key, TrustPolicy, verify_credential
@@ -204,6 +205,7 @@ class Renewal:
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._current: asyncio.Task[None] | None = None
+        self._unproven = False          # renewed, not yet presented to the coordinator
 
     def due(self) -> float | None:
         """When the current credential should be renewed (epoch seconds), or None."""
@@ -237,24 +239,32 @@ class Renewal:
         self._current = asyncio.current_task()
         delay = 1.0
         while True:
-            due = self.due()
             validity = _validity(self.device.credential)
+            due = self.due()
             if due is None or validity is None:
                 return
-            wait = due - time.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if not self._unproven:
+                wait = due - time.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             if not self.device.admitted:
-                await self.device.wait_admitted(None)          # NotAdmitted (revoked, closed) ends it
+                try:
+                    await self.device.wait_admitted(None)
+                except NotAdmitted:                             # revoked or closed: nothing to renew
+                    return
                 continue
             try:
-                await self.renew_once()
+                if self._unproven:
+                    await self._reauthenticate()
+                else:
+                    await self.renew_once()
                 delay = 1.0
             except (EnrollmentError, CoordinationError, MessagingError) as exc:
                 self.last_error = getattr(exc, "reason", "error")
-                if self.last_error in ("not_issuer", "revoked"):
-                    log.warning("device %s: credential not renewable (%s)", self.device.did, self.last_error)
-                    return
+                if self.last_error in ("not_issuer", "revoked", "not_admitted"):
+                    log.warning("device %s: credential not renewed (%s)", self.device.did, self.last_error)
+                    if self.last_error != "not_admitted":
+                        return
                 left = validity[1] - time.time()
                 delay = min(delay * 2, max(0.5, left / 4))
                 log.warning("device %s: renewal failed (%s); retrying in %.1fs (%.0fs of validity left)",
@@ -273,11 +283,24 @@ class Renewal:
         if self.credential_file is not None:
             await asyncio.to_thread(write_credential, self.credential_file, credential)
         dev.update_credential(credential)
-        await dev.authenticate()                # admitted with the new one before the old expires
-        self.renewed += 1
-        self.last_error = None
+        self._unproven = True
         log.info("device %s: credential renewed (valid until %s)", dev.did, credential.get("validUntil"))
+        await self._reauthenticate()
         return credential
+
+    async def _reauthenticate(self) -> None:
+        """Present the renewed credential while the current session goes on: a failure that is not
+        final (timeout, busy) leaves the device admitted with the old one, and is retried."""
+        dev = self.device
+        try:
+            await dev._handshake(True)  # noqa: SLF001 - the session stays up while this runs
+        except AdmissionError as exc:
+            if exc.reason in ("revoked", "expired"):
+                dev._refused(exc)  # noqa: SLF001 - final answers change the device's state
+            raise
+        self._unproven = False
+        self.renewed += 1                       # renewed and admitted with it
+        self.last_error = None
 
 
 __all__ = ["DEFAULT_RENEW_AFTER", "EnrollmentError", "Renewal", "check_issued", "enroll", "rotate_key",
