@@ -18,7 +18,6 @@ from sdk.coord import properties as reported_properties
 from sdk.coord import protocol
 from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
-from sdk.coord.device.enrollment import Renewal
 from sdk.coord.device.enrollment import Renewal, enroll
 from sdk.coord.device.outbox import MAX_OUTBOX, Outbox
 from sdk.coord.device.state import STUCK, DeviceState, allowed
