@@ -5,8 +5,9 @@ The mesh's errors map to HTTP: ``no_node`` → 503, ``not_permitted`` → 403, `
 ``timeout`` → 504, a node's ``invalid_request`` / ``prompt_too_long`` → 400.
 
 A model no live node serves is 503 ``no_node_available`` (retry later: its nodes may come back),
-except while some node is live and no node has advertised that model since the gateway started:
-that is the usual 404 ``model_not_found``. ``/health`` is 503 ``{"status": "unavailable",
+except while some node is live and the gateway has never seen that model advertised (it notes the
+live nodes' models on every listing, request and health check): that is the usual 404
+``model_not_found``. ``/health`` is 503 ``{"status": "unavailable",
 "nodes": 0}`` while no node is live, and ``ok`` with the node count otherwise. API keys are
 required as for ``autoglm serve`` (``--api-key`` and ``$AUTOGLM_API_KEYS``).
 """
