@@ -74,6 +74,7 @@ def test_missing_torch_names_the_inference_extra(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", [
     ["serve"],
+    ["coordinator", "--config", str(ROOT / "examples" / "coordinator.toml")],
     ["gateway", "--broker", CLOSED_BROKER, "--node-trust", "did:key:z6MkvRKZb5n7RXzdPYEGvXyGHfkB3iztGnLmPjBgZSmbnX8r"],
 ])
 def test_bad_log_level_is_a_usage_error_before_loading(tmp_path: Path, command: list[str]) -> None:
@@ -88,6 +89,7 @@ def test_bad_log_level_is_a_usage_error_before_loading(tmp_path: Path, command: 
     ["gateway", "--broker", "localhost:1883",
      "--node-trust", "did:key:z6MkvRKZb5n7RXzdPYEGvXyGHfkB3iztGnLmPjBgZSmbnX8r"],
     ["serve", "--broker", "127.0.0.1:1883"],
+    ["coordinator", "--config", str(ROOT / "examples" / "coordinator.toml"), "--broker", "localhost:1883"],
 ])
 def test_broker_url_without_a_scheme_is_a_usage_error(tmp_path: Path, command: list[str]) -> None:
     started = time.monotonic()
