@@ -3,8 +3,9 @@
 Installed with ``pip install 'open-autoglm-sdk[testing]'`` and loaded by pytest through the
 ``pytest11`` entry point (or ``-p sdk.testing.plugin``). Fixtures (each function-scoped):
 
-    autoglm_broker        a running broker (embedded amqtt; Mosquitto with --autoglm-broker=mosquitto
-                          or @pytest.mark.autoglm_broker("mosquitto")): .url .kind .restart() .credentials(key)
+    autoglm_broker        a running broker (embedded amqtt; Mosquitto with --autoglm-broker=mosquitto,
+                          @pytest.mark.autoglm_broker("mosquitto"), or parametrized indirectly):
+                          .url .kind .restart() .credentials(key)
     autoglm_issuer        a TestIssuer: device/coordinator/operator/access/node credentials, revoke(), trust
     autoglm_coordinator   await autoglm_coordinator(rules=[...]) -> a started Coordinator
     autoglm_device        await autoglm_device(kind=, groups=, on_config=) -> a connected, admitted Device
@@ -55,9 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def broker_kind(request: pytest.FixtureRequest) -> str:
-    """The broker kind for this test: the marker, else --autoglm-broker, else the ini value."""
+    """The broker kind for this test: an indirect parameter, the marker, --autoglm-broker, the ini value."""
     marker = request.node.get_closest_marker("autoglm_broker")
-    if marker is not None:
+    if hasattr(request, "param"):
+        kind = request.param
+    elif marker is not None:
         kind = marker.args[0] if marker.args else marker.kwargs.get("kind", "embedded")
     else:
         kind = request.config.getoption("--autoglm-broker") or request.config.getini("autoglm_broker")

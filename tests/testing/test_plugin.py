@@ -169,6 +169,11 @@ async def test_the_marker_picks_mosquitto(autoglm_broker):
     assert autoglm_broker.kind == "mosquitto"
 
 
+@pytest.mark.parametrize("autoglm_broker", ["embedded", "mosquitto"], indirect=True)
+async def test_indirect_parameters_pick_the_kind(autoglm_broker, request):
+    assert autoglm_broker.kind == request.node.callspec.params["autoglm_broker"]
+
+
 async def test_waiting_for_nothing_fails(autoglm_sniffer):
     await autoglm_sniffer.wait_for_topic("never/published", timeout=0.3)
 
@@ -194,7 +199,7 @@ def test_every_fixture_in_an_app_test_session(pytester: pytest.Pytester, request
                                 "-rA")
     outcomes = result.parseoutcomes()
     marker_skipped = 0 if mosquitto_installed() else 1
-    assert outcomes.get("passed", 0) == 10 - marker_skipped, result.stdout.str()
+    assert outcomes.get("passed", 0) == 12 - 2 * marker_skipped, result.stdout.str()
     assert outcomes.get("failed") == 1 and outcomes.get("errors", outcomes.get("error")) == 1, result.stdout.str()
     result.stdout.fnmatch_lines(["*FAILED test_app.py::test_waiting_for_nothing_fails*"])
     result.stdout.fnmatch_lines(["*AssertionError: no matching message within 0.3s*"])
