@@ -71,9 +71,11 @@ HINTS: dict[str, str] = {
     "wrong_passphrase": "check --passphrase or $AUTOGLM_PASSPHRASE",
     "no_passphrase": "pass --passphrase or set $AUTOGLM_PASSPHRASE",
     "unknown_key": "list the keystore's keys with `autoglm id show`",
-    "untrusted_issuer": "trust the issuer with --trust ISSUER=Type1,Type2 or --trust-file FILE",
+    "untrusted_issuer": "the issuer is not in the trust policy: add it (vc/vp verify: --trust ISSUER=Types "
+                        "or --trust-file FILE)",
     "issuer_not_checked": "give --trust ISSUER=Types, --trust-file FILE, or --any-issuer to accept any issuer",
-    "status_unavailable": "pass the status list with --status-list FILE (or skip the check with --no-status)",
+    "status_unavailable": "the credential's status list was not available: give it to the command "
+                          "(vc/vp verify: --status-list FILE; --no-status skips the check)",
     "invalid_broker_url": "use mqtt://HOST:PORT or mqtts://HOST:PORT",
     "invalid_log_level": "use one of: debug, info, warning, error, critical",
     "connection_refused": "is the broker (or server) running, and is the URL right?",
