@@ -120,8 +120,11 @@ class InitResult:
 
 
 def client_url(broker: str) -> str:
-    """The URL clients use for a config's broker (``embedded://H:P`` → ``mqtt://H:P``)."""
-    return "mqtt://" + broker[len("embedded://"):] if broker.startswith("embedded://") else broker
+    """The URL clients use for a config's broker: ``embedded://H:P`` → ``mqtt://H:P?protocol=3.1.1``
+    (the embedded broker speaks MQTT 3.1.1; naming it saves the MQTT 5 probe on every connect)."""
+    if broker.startswith("embedded://"):
+        return "mqtt://" + broker[len("embedded://"):].rstrip("/") + "?protocol=3.1.1"
+    return broker
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -322,10 +322,10 @@ class ConnOptions:
             raise _usage("--request-timeout must be between 0 and 600 seconds")
         flags = {"broker": self.broker, "keystore": self.keystore, "credential": self.credential,
                  "coordinator": self.coordinator, "ca": self.ca, "cert": self.cert, "key_file": self.key_file}
+        from sdk.cli import options
+
         conn = resolve(flags, profile=self.profile)
-        if "://" not in conn.broker:
-            raise failure("invalid_option", f"broker {conn.broker!r} is not a URL",
-                               "e.g. mqtt://127.0.0.1:1883 or mqtts://broker.example:8883")
+        options.broker_url(conn.broker)
         return conn
 
 

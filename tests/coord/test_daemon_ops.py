@@ -59,7 +59,7 @@ class Setup:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://127.0.0.1:{self.port}?protocol=3.1.1"     # as the profile names it
 
     @property
     def coordinator(self) -> str:

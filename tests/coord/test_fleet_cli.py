@@ -147,6 +147,13 @@ def test_no_settings_is_a_usage_error_with_a_hint(monkeypatch: pytest.MonkeyPatc
     assert bad.exit_code == 2 and "error: unknown_profile:" in bad.output
 
 
+def test_a_broker_that_is_not_a_url_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _clean_env(monkeypatch, tmp_path)
+    result = invoke("fleet", "ls", "--broker", "localhost:1883", "--coordinator", DID, "--keystore", "k",
+                    "--credential", "c")
+    assert result.exit_code == 2 and "error: invalid_broker_url:" in result.output
+
+
 def test_a_malformed_profile_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _clean_env(monkeypatch, tmp_path)
     (tmp_path / "cfg").mkdir()
