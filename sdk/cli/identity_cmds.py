@@ -395,8 +395,10 @@ def id_show(
             dids = {n: k.did for n, k in store.keys.items()}
             default, unlocked = store.default_name, True
         else:
-            dids = Keystore.peek(path)
-            default = json.loads(path.read_text(encoding="utf-8")).get("default", "default")
+            from sdk.identity.hazmat import json as strict_json
+
+            dids = Keystore.peek(path)  # checked the file: size, JSON, public section
+            default = strict_json.loads(path.read_text(encoding="utf-8")).get("default", "default")
             unlocked = False
         selected = name or default
         if selected not in dids:
