@@ -1,7 +1,8 @@
 """`autoglm` commands for the identity layer: ``id``, ``vc``, ``vp`` and ``status-list``.
 
-Readable output by default, ``--json`` for scripts; on failure a non-zero exit and one line
-``error: <reason>: <message>`` on stderr (with ``--json``: ``{"ok": false, ...}`` on stdout).
+Readable output by default, ``--json`` for scripts; failures go through :mod:`sdk.cli.errors`
+(exit 1, ``error: <reason>: <message>`` and a ``hint:`` on stderr; with ``--json``: ``{"ok": false,
+"reason": ..., "error": {...}}`` on stdout).
 SDK modules are imported inside the commands so ``autoglm --help`` stays fast.
 """
 
