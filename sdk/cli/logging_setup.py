@@ -19,6 +19,8 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _MARK = "_autoglm_cli_handler"
+#: libraries that log every connection at INFO: shown from WARNING unless the level is debug
+CHATTY = ("amqtt", "transitions")
 
 # attributes every LogRecord has; anything else on a record came from ``extra=``
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -43,6 +45,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def parse_level(level: str) -> int:
     """``"info"`` → ``logging.INFO``; anything else raises ``ValueError`` naming the choices."""
     name = level.strip().lower() if isinstance(level, str) else ""
@@ -61,7 +78,7 @@ def setup_logging(*, level: str = "info", fmt: str = "text", file: Path | None =
         file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(file, encoding="utf-8")
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -71,6 +88,8 @@ def setup_logging(*, level: str = "info", fmt: str = "text", file: Path | None =
     setattr(handler, _MARK, True)
     root.addHandler(handler)
     root.setLevel(numeric)
+    for name in CHATTY:                      # the embedded broker's per-connection chatter
+        logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
     return handler
 
 

@@ -314,3 +314,27 @@ def test_devices_json_errors_are_json(tmp_path: Path) -> None:
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert doc["ok"] is False and doc["reason"] == "no_state" and "no coordinator state" in doc["error"]["message"]
+
+
+def test_text_logs_to_a_file_without_the_brokers_connection_chatter(tmp_path: Path) -> None:
+    import logging
+
+    from sdk.cli.logging_setup import setup_logging
+
+    root = logging.getLogger()
+    level = root.level
+    handler = setup_logging(level="info", fmt="text", file=tmp_path / "logs" / "c.log")
+    try:
+        logging.getLogger("sdk.coord.test").info("device %s admitted", "did:key:z6Mk")
+        logging.getLogger("amqtt.broker").info("client connected")         # chatter: dropped at info
+        logging.getLogger("amqtt.broker").warning("listener failed")
+        handler.flush()
+        text = (tmp_path / "logs" / "c.log").read_text(encoding="utf-8")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(level)
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    assert "INFO sdk.coord.test: device did:key:z6Mk admitted" in text
+    assert "listener failed" in text and "client connected" not in text
