@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -26,6 +30,7 @@ from sdk.coord.operator import OperatorClient
 from sdk.identity import Key, TrustPolicy, load_credential
 from sdk.identity.keystore import KdfParams, Keystore
 from sdk.identity.status_ledger import OFFLINE_RANGE, StatusLedger, ledger_path
+from sdk.messaging.errors import MessagingError
 from sdk.messaging.status import status_list_url
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
@@ -224,3 +229,38 @@ async def test_cli_issued_credential_admitted_and_revoked_within_a_second(shop: 
     with pytest.raises(AdmissionError) as info:
         await again.connect()
     assert info.value.reason == "revoked"
+
+
+async def test_autoglm_coordinator_with_issuer_admits_and_revokes_a_cli_credential(shop: Shop) -> None:
+    key = Key.generate()
+    credential = shop.issue(key.did)
+    env = {**os.environ, "H3_ISSUER_PASSPHRASE": PASS}
+    proc = subprocess.Popen([sys.executable, "-c", "from sdk.cli import main; main()", "coordinator",
+                             "--config", str(shop.config())], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        phone = None
+        for _ in range(150):                                   # the daemon may still be starting
+            dev = Device(key, credential, broker=shop.url, coordinator=shop.coord_key.did, auth_timeout=2)
+            try:
+                await dev.connect()
+                phone = dev
+                break
+            except (AdmissionError, MessagingError):
+                await dev.aclose()
+                await asyncio.sleep(0.1)
+        assert phone is not None and phone.admitted
+        shop.stack.push_async_callback(phone.aclose)
+        admin = await shop.admin("admin")
+        result = await admin.revoke(key.did, reason="stolen")
+        assert result["revoked"] == [int(credential["credentialStatus"]["statusListIndex"])]
+        deadline = time.monotonic() + 1.0
+        while phone.state is not DeviceState.REVOKED and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert phone.state is DeviceState.REVOKED
+    finally:
+        proc.send_signal(signal.SIGINT)           # the embedded broker runs in this loop: do not block it
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
