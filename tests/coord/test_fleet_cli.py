@@ -316,6 +316,16 @@ async def test_operator_runbook_end_to_end(fleet: Fleet, tmp_path: Path) -> None
     issued = await asyncio.wait_for(enrolling, 30)
     assert issued["credentialSubject"]["id"] == display_key.did
     assert (await fleet.cli("pending"))["requests"] == []
+    display = Device(display_key, issued, broker=fleet.url, coordinator=fleet.coord.did)
+    await display.connect()
+    fleet.stack.push_async_callback(display.aclose)
+    await display.wait_admitted(15)
+
+    first = await fleet.cli("ls", "--limit", "1")                         # paging
+    assert first["total"] == 2 and len(first["devices"]) == 1 and first["next_cursor"]
+    everything = await fleet.cli("ls", "--limit", "1", "--all")
+    assert sorted(d["did"] for d in everything["devices"]) == sorted([phone.did, display.did])
+    assert everything["next_cursor"] is None
 
     audit = await fleet.cli("audit", "--op", "device.revoke")
     outcomes = sorted(e["outcome"] for e in audit["entries"])
