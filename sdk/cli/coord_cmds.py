@@ -179,6 +179,9 @@ def coordinator_init(
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", passphrase_env):
             raise CliError("invalid_option", f"--passphrase-env {passphrase_env!r} is not a variable name",
                            usage=True)
+        if broker.strip() == "embedded":
+            raise CliError("invalid_broker_url", "--broker embedded has no fixed port for operators and devices",
+                           hint="give embedded://127.0.0.1:1883 (or another HOST:PORT)", usage=True)
         if _embedded_address(broker) is None:
             options.broker_url(broker)
         result = init_directory(directory, broker=broker, passphrase=os.environ.get(passphrase_env),

@@ -72,6 +72,7 @@ _FULL_DID = re.compile(r"^did:[a-z0-9]+:[A-Za-z0-9._:%-]{16,}$")
 _DID_KEY = re.compile(r"^did:key:z[1-9A-HJ-NP-Za-km-z]{46,}$")
 MAX_LIMIT = 1000
 MAX_AUDIT = 500
+SHOW_VERSIONS = 20         # set/unset print this many new versions (--json: all)
 MAX_CALL_TIMEOUT = 60.0
 PAGE_CAP = 10_000          # --all stops after this many pages (a cursor loop cannot run forever)
 
@@ -600,8 +601,11 @@ def _render_count(verb: str) -> Callable[[Any], None]:
     def render(result: dict[str, Any]) -> None:
         console = _console()
         console.print(f"{verb} {result.get('count', 0)} device(s)")
-        for did, version in sorted((result.get("versions") or {}).items()):
+        versions = sorted((result.get("versions") or {}).items())
+        for did, version in versions[:SHOW_VERSIONS]:
             console.print(f"  {_esc(did)} -> version {version}")
+        if len(versions) > SHOW_VERSIONS:
+            console.print(f"  ... and {len(versions) - SHOW_VERSIONS} more (--json lists them all)")
     return render
 
 

@@ -198,6 +198,15 @@ def test_init_writes_a_config_that_loads(tmp_path: Path, monkeypatch: pytest.Mon
     assert again.exit_code == 1 and "error: already_initialized:" in again.output and "--force" in again.output
 
 
+def test_init_needs_a_broker_address_operators_can_reach(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOGLM_CONFIG_DIR", str(tmp_path / "cfg"))
+    for broker, reason in (("embedded", "invalid_broker_url"), ("localhost:1883", "invalid_broker_url"),
+                           ("embedded://127.0.0.1:99999", "invalid_broker_url")):
+        result = invoke("coordinator", "init", str(tmp_path / "d"), "--broker", broker)
+        assert result.exit_code == 2 and f"error: {reason}:" in result.output, result.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_init_without_a_passphrase_generates_one_and_prints_it_once(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOGLM_CONFIG_DIR", str(tmp_path / "cfg"))
