@@ -29,10 +29,14 @@
   append-only journal next to ``state_file``, until the coordinator acknowledges it
   (``coord.event_ack``); unacknowledged events are re-sent in order after every (re)admission
   and every heartbeat TTL, and the coordinator applies each id once.
+* Credential lifecycle (:mod:`sdk.coord.device.enrollment`): :meth:`Device.enroll` obtains a
+  DeviceCredential with a one-time token or a manufacturer credential; ``renew_after=`` renews it
+  before expiry without losing admission; :meth:`Device.rotate_key` moves it to a new key.
 """
 
 from sdk.coord.device.client import Admission, ConfigCallback, CredentialProvider, Device
 from sdk.coord.device.configs import Config
+from sdk.coord.device.enrollment import EnrollmentError, enroll, rotate_key
 from sdk.coord.device.outbox import MAX_OUTBOX, Outbox
 from sdk.coord.device.state import DeviceState
 from sdk.coord.device.sync import SyncDevice
@@ -49,5 +53,5 @@ REVOKED = DeviceState.REVOKED
 __all__ = [
     "Admission", "Config", "ConfigCallback", "CredentialProvider", "Device", "DeviceState", "Outbox",
     "SyncDevice", "MAX_OUTBOX", "CLOSED", "CONNECTING", "AUTHENTICATING", "ADMITTED", "WAITING",
-    "REAUTHENTICATING", "EXPIRED", "REVOKED",
+    "REAUTHENTICATING", "EXPIRED", "REVOKED", "EnrollmentError", "enroll", "rotate_key",
 ]

@@ -171,6 +171,9 @@ class Device:
         # -- credential renewal (enrollment.py): at renew_after of the validity, written to credential_file
         self.renewal: Renewal | None = None if renew_after is None else Renewal(
             self, renew_after=renew_after, credential_file=credential_file)
+        self._broker = broker                      # for rotate_key(): the same broker and transport
+        self._rotation_options = {k: v for k, v in transport_options.items()
+                                  if k not in ("username", "password", "will", "on_reject")}
         # -- end credential renewal
         #: direct-command handlers, answering the coordinator's ``coord.call`` requests
         self.commands = Commands()
@@ -302,6 +305,18 @@ class Device:
         self.credential = credential
         if self._state is S.EXPIRED:
             self._schedule_reauth("credential updated")
+
+    # -- key rotation (enrollment.py)
+    async def rotate_key(self, new_key: Key, *, credential_file: str | Path | None = None) -> dict[str, Any]:
+        """Hand this device's credential to ``new_key`` (this key proves it): returns the new DID's
+        credential; the coordinator revokes this DID, so go on with a new Device for ``new_key``."""
+        from sdk.coord.device.enrollment import rotate_key
+
+        trust = TrustPolicy({_issuer_of(self.credential): {"DeviceCredential"}})
+        return await rotate_key(self.key, new_key, broker=self._broker, coordinator=self.coordinator,
+                                trust=trust, credential_file=credential_file, timeout=self.auth_timeout,
+                                **self._rotation_options)
+    # -- end key rotation
 
     async def _fresh_credential(self) -> bool:
         """Ask ``credential_provider`` for a credential other than the current one; True if one came."""
