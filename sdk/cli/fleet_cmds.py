@@ -3,8 +3,9 @@
 Each command is one signed, authorized and audited ``coord.operate`` request (see
 docs/OPERATIONS.md). Connection settings come from flags, then ``AUTOGLM_*`` variables, then a
 profile (:mod:`sdk.cli.profiles`). ``--json`` prints ``{"ok": true, "result": ...}``, or on failure
-``{"ok": false, "reason", "error", "hint"}``; without it failures are ``error: <reason>: <message>``
-plus a ``hint:`` line on stderr. Exit code 2 for usage mistakes, 1 for runtime failures.
+``{"ok": false, "reason", "error": {"reason", "message", "hint"}}`` (:mod:`sdk.cli.errors`); without
+it failures are ``error: <reason>: <message>`` plus a ``hint:`` line on stderr. Exit code 2 for
+usage mistakes, 1 for runtime failures.
 """
 
 from __future__ import annotations
@@ -317,16 +318,18 @@ class ConnOptions:
     request_timeout: float = 10.0
 
     def resolve(self) -> Connection:
+        """Flags, then the environment, then the profile; checked before anything connects."""
+        from sdk.cli import options
         from sdk.cli.profiles import resolve
 
         if not 0 < self.request_timeout <= 600:
             raise _usage("--request-timeout must be between 0 and 600 seconds")
         flags = {"broker": self.broker, "keystore": self.keystore, "credential": self.credential,
                  "coordinator": self.coordinator, "ca": self.ca, "cert": self.cert, "key_file": self.key_file}
-        from sdk.cli import options
-
         conn = resolve(flags, profile=self.profile)
         options.broker_url(conn.broker)
+        if (conn.cert is None) != (conn.key_file is None):
+            raise _usage("--cert and --key-file go together (the TLS client certificate and its key)")
         return conn
 
 
@@ -341,8 +344,6 @@ def transport_options(conn: Connection, key: Any) -> dict[str, Any]:
     if conn.ca or conn.cert or conn.key_file:
         from sdk.messaging.transport import TLSConfig
 
-        if (conn.cert is None) != (conn.key_file is None):
-            raise _usage("--cert and --key-file go together")
         options["tls"] = TLSConfig(ca_file=str(conn.ca) if conn.ca else None,
                                    cert_file=str(conn.cert) if conn.cert else None,
                                    key_file=str(conn.key_file) if conn.key_file else None)

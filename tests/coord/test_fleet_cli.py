@@ -152,6 +152,9 @@ def test_a_broker_that_is_not_a_url_is_a_usage_error(monkeypatch: pytest.MonkeyP
     result = invoke("fleet", "ls", "--broker", "localhost:1883", "--coordinator", DID, "--keystore", "k",
                     "--credential", "c")
     assert result.exit_code == 2 and "error: invalid_broker_url:" in result.output
+    half = invoke("fleet", "ls", "--broker", "mqtts://h:8883", "--coordinator", DID, "--keystore", "k",
+                  "--credential", "c", "--cert", "client.pem")
+    assert half.exit_code == 2 and "--cert and --key-file go together" in half.output
 
 
 def test_a_malformed_profile_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
