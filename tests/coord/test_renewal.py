@@ -110,6 +110,29 @@ async def test_renewal_before_expiry_never_loses_admission(site: Site, tmp_path:
     assert rec.session.valid_until == pytest.approx(_until(renewed))
     await phone.publish_event(screen_available(640, 480))   # still fully admitted
     await until(lambda: any(w == "event" and i["did"] == key.did for w, i in site.events))
+    # revoking the DID covers the renewed credential (same index)
+    admin = await site.admin()
+    result = await admin.revoke(key.did, reason="decommissioned")
+    assert result["revoked"] == [int(first["credentialStatus"]["statusListIndex"])]
+    await until(lambda: phone.state is DeviceState.REVOKED, timeout=1.0, what="revoked notice")
+
+
+async def test_renewal_refused_for_another_issuers_credential(site: Site) -> None:
+    from sdk.coord.coordinator.auth import device_credential
+
+    other_issuer = Key.generate()
+    coord = Coordinator(site.coord_key, broker=site.url, data_dir=site.data_dir,
+                        trust=TrustPolicy({other_issuer.did: {"DeviceCredential"}}), issuer=site.issuer)
+    await coord.start()
+    site.coordinator = coord
+    key = Key.generate()
+    foreign = device_credential(other_issuer, key.did, kind="phone", valid_for=600)
+    phone = await site.device(key, foreign, renew_after=0.5,
+                              trust=TrustPolicy({site.issuer.did: {"CoordinatorCredential"}}))
+    assert phone.admitted and phone.renewal is not None
+    with pytest.raises(EnrollmentError) as info:
+        await phone.renewal.renew_once()
+    assert info.value.reason == "not_issuer" and phone.admitted
 
 
 async def test_renewal_refused_for_an_unadmitted_device(site: Site) -> None:
