@@ -110,6 +110,10 @@ def coordinator(
         embedded = None
         coord_url = url
         if embedded_at is not None:
+            from sdk.coord.coordinator.lock import DataDirLock
+
+            with DataDirLock(cfg.data_dir):   # a second daemon hears "locked", not "port in use"
+                pass
             from brokers.embedded import EmbeddedBroker
 
             embedded = EmbeddedBroker(host=embedded_at[0], port=embedded_at[1])  # own-topics ACL

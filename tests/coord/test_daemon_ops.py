@@ -206,11 +206,7 @@ def test_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 async def test_second_daemon_on_the_same_data_dir_is_refused(setup: Setup, daemon: Daemon,
                                                             tmp_path: Path) -> None:
-    # a second daemon needs its own broker port, so that only the data directory is shared
-    text = setup.config.read_text(encoding="utf-8").replace(f":{setup.port}", f":{free_port()}")
-    second_config = setup.directory / "second.toml"
-    second_config.write_text(text, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "sdk", "coordinator", "-c", str(second_config)],
+    proc = subprocess.run([sys.executable, "-m", "sdk", "coordinator", "-c", str(setup.config)],
                           cwd=setup.directory, env=cli_env(setup.config_dir), capture_output=True,
                           timeout=60)
     stderr = proc.stderr.decode()
@@ -218,6 +214,19 @@ async def test_second_daemon_on_the_same_data_dir_is_refused(setup: Setup, daemo
     assert "error: locked:" in stderr and f"process {daemon.proc.pid}" in stderr, stderr
     assert f"kill {daemon.proc.pid}" in stderr and "Traceback" not in stderr
     assert daemon.proc.poll() is None                       # the first one keeps running
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+async def test_coordinator_start_takes_the_lock_before_the_store(setup: Setup, daemon: Daemon) -> None:
+    from sdk.coord.coordinator import Coordinator, load_config
+
+    second = Coordinator.from_config(load_config(setup.config), broker=setup.url)
+    with pytest.raises(CoordinationError) as info:
+        await second.start()
+    assert info.value.reason == "locked" and f"process {daemon.proc.pid}" in str(info.value)
+    assert second.store is None and not second.started         # refused before the store opened
+    assert DataDirLock(setup.directory / "data").holder() == daemon.proc.pid
 
 
 # -- SIGHUP: reload and validate rules ---------------------------------------------------------
