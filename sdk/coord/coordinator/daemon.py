@@ -716,15 +716,20 @@ class Coordinator:
         await self.push_desired(event_id, versions)
         self._ack(msg.sender, event_id, protocol.ACK_PROCESSED)
 
-    async def push_desired(self, event_id: str, versions: list[ConfigVersion]) -> None:
+    async def push_desired(self, event_id: str, versions: list[ConfigVersion], *, wait: bool = True) -> None:
         """Push newly committed versions (rule-made or an operator's): count them into convergence,
-        then run every target's pump at once (each version signed for its device)."""
+        then run every target's pump at once (each version signed for its device); ``wait=False``
+        returns once the pumps are started."""
         if not versions:
             return
         self.metrics.start(event_id, {c.did: c.version for c in versions})
         self._dirty = True
         self._emit("committed", event_id=event_id, versions={c.did: c.version for c in versions})
-        await asyncio.gather(*(self._pump(c.did, c) for c in versions))
+        pumps = asyncio.gather(*(self._pump(c.did, c) for c in versions))
+        if wait:
+            await pumps
+        else:
+            self._spawn(pumps)
 
     def _ack(self, did: str, event_id: str, status: str, reason: str | None = None) -> None:
         """Tell ``did`` its event is durably handled, so it drops it from its outbox."""

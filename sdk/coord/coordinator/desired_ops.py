@@ -98,7 +98,7 @@ def drop_pinned(store: Store, merged: Mapping[str, tuple[dict[str, Any], tuple[s
 async def apply_operator_changes(coordinator: Coordinator, operator: str, op: str,
                                  changes_by_device: Mapping[str, Mapping[str, Any]], *,
                                  unpin: Mapping[str, list[str]] | None = None) -> dict[str, int]:
-    """Commit an operator's changes (one transaction, with pins) and push them; ``{did: version}``."""
+    """Commit an operator's changes (one transaction, with pins) and start their push; ``{did: version}``."""
     from sdk.coord.coordinator.daemon import MAX_CONFIG_BYTES
 
     store = coordinator.store
@@ -111,7 +111,8 @@ async def apply_operator_changes(coordinator: Coordinator, operator: str, op: st
     except InvalidValue as exc:
         raise _invalid(f"changes: {exc}") from exc
     log.info("operator %s: %s committed %d version(s) (%s)", operator, op, len(versions), event_id)
-    await coordinator.push_desired(event_id, versions)
+    # answered once durable: a set to thousands of devices must not outlast the operator's timeout
+    await coordinator.push_desired(event_id, versions, wait=False)
     return {c.did: c.version for c in versions}
 
 
