@@ -27,7 +27,6 @@ from sdk.cli.profiles import ProfileError, resolve, save_profile
 from sdk.coord.coordinator import Coordinator, load_config
 from sdk.coord.coordinator.auth import operator_credential
 from sdk.coord.device import Device
-from sdk.coord.device.enrollment import enroll
 from sdk.identity import Key
 from sdk.identity.keystore import Keystore
 from tests.coord.test_daemon_ops import PASSPHRASE, Setup, init_setup
@@ -244,7 +243,7 @@ class Fleet:
 
     async def enrolled_device(self, token: str, **kwargs: Any) -> Device:
         key = Key.generate()
-        credential = await enroll(key, broker=self.url, coordinator=self.coord.did, token=token)
+        credential = await Device.enroll(key, broker=self.url, coordinator=self.coord.did, token=token)
         dev = Device(key, credential, broker=self.url, coordinator=self.coord.did, **kwargs)
         await dev.connect()
         self.stack.push_async_callback(dev.aclose)
@@ -312,7 +311,7 @@ async def test_operator_runbook_end_to_end(fleet: Fleet, tmp_path: Path) -> None
     # a manual token: the enrollment waits until an admin approves it
     manual = await fleet.cli("token", "--kind", "display", "--group", "room:living", "--approve", "manual")
     display_key = Key.generate()
-    enrolling = asyncio.ensure_future(enroll(display_key, broker=fleet.url, coordinator=fleet.coord.did,
+    enrolling = asyncio.ensure_future(Device.enroll(display_key, broker=fleet.url, coordinator=fleet.coord.did,
                                              token=manual["token"], wait=60))
     pending: list[Any] = []
 
