@@ -68,3 +68,18 @@ def test_a_wrong_command_would_be_caught() -> None:
         parse(["fleet", "revoke", "did:key:z6Mk"])                     # --reason is required
     with pytest.raises(_click.UsageError):
         parse(["fleet", "rm", "x"])
+
+
+def test_the_device_snippet_names_real_api() -> None:
+    """The Python block compiles (as a coroutine body) and the names it uses exist."""
+    import inspect
+
+    from sdk.coord.device import Device
+
+    (block,) = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+    body = "\n".join("    " + line for line in block.splitlines())
+    compile(f"async def _snippet():\n{body}\n", "OPERATIONS.md", "exec")
+    assert "from sdk.coord.device import Device" in block
+    params = inspect.signature(Device.enroll).parameters
+    assert {"broker", "coordinator", "token", "credential_file"} <= set(params)
+    assert callable(Device.register_command) and hasattr(Device, "__aenter__")
