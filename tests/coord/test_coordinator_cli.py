@@ -47,7 +47,7 @@ async def test_devices_lists_state_and_metrics(mesh: Mesh) -> None:  # noqa: F81
     coord._write_status()                                  # noqa: SLF001 - the sweeper does this every second
     result = runner.invoke(app, ["devices", "--data-dir", str(mesh.data_dir), "--json"])
     assert result.exit_code == 0, result.output
-    status = json.loads(result.output)
+    status = json.loads(result.stdout)
     rows = {d["did"]: d for d in status["devices"]}
     assert rows[phone.did]["desired_version"] == 1 and rows[phone.did]["reported_version"] == 1
     assert rows[display.did]["kind"] == "display" and rows[display.did]["state"] == "online"

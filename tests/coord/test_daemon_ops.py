@@ -81,7 +81,7 @@ def init_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, broker: str |
     result = runner.invoke(app, ["coordinator", "init", str(tmp_path / "fleet"), "--json",
                                  "--broker", broker or f"embedded://127.0.0.1:{port}"])
     assert result.exit_code == 0, result.output
-    return Setup(tmp_path / "fleet", config_dir, port, json.loads(result.output))
+    return Setup(tmp_path / "fleet", config_dir, port, json.loads(result.stdout))
 
 
 @dataclass
