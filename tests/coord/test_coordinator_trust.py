@@ -151,7 +151,7 @@ async def test_session_ends_when_credential_expires(mesh: Mesh) -> None:  # noqa
     key = Key.generate()
     # validFrom is a minute back: this credential is valid for two to three more seconds
     mesh.credentials[key.did] = coord.issue_device_credential(key.did, kind="phone", valid_for=63)
-    dev = await mesh.device("phone", key=key)
+    dev = await mesh.device("phone", key=key, renew_after=None)        # no renewal: it expires
     assert dev.admitted
     info = await mesh.wait_for("session_ended", lambda i: i["did"] == key.did, timeout=10)
     assert info["reason"] == "credential_expired"

@@ -93,7 +93,7 @@ async def test_expired_credential_is_renewed_from_the_provider(mesh: Mesh) -> No
         return fresh[-1]
 
     mesh.credentials[key.did] = short
-    phone = await mesh.device("phone", key=key, credential_provider=provider)
+    phone = await mesh.device("phone", key=key, credential_provider=provider, renew_after=None)
     assert phone.admitted and phone.credential is short
     await mesh.wait_for("session_ended", lambda i: i["did"] == phone.did, timeout=15)
     await until(lambda: _admissions(mesh, phone.did) == 2 and phone.admitted, timeout=15)
@@ -105,7 +105,7 @@ async def test_expired_credential_without_a_fresh_one_says_so(mesh: Mesh) -> Non
     coord = await mesh.start_coordinator()
     key = Key.generate()
     mesh.credentials[key.did] = coord.issue_device_credential(key.did, kind="phone", valid_for=63)
-    phone = await mesh.device("phone", key=key)
+    phone = await mesh.device("phone", key=key, renew_after=None)      # no renewal: it expires
     await until(lambda: phone.state is DeviceState.EXPIRED, timeout=15)
     assert phone.state_reason == "expired" and not phone.admitted
     with pytest.raises(NotAdmitted) as info:

@@ -80,8 +80,8 @@ async def test_renewal_before_expiry_never_loses_admission(site: Site, tmp_path:
     key, first = await site.enrolled("phone", valid_for=6)
     assert _until(first) - time.time() <= 6.5
     path = tmp_path / "phone-vc.json"
-    phone = await site.device(key, first, renew_after=2 / 3, credential_file=path)
-    assert phone.renewal is not None
+    phone = await site.device(key, first, credential_file=path)      # renewal is on by default (2/3)
+    assert phone.renewal is not None and phone.renewal.renew_after == pytest.approx(2 / 3)
     lapses: list[tuple[float, str]] = []
 
     async def watch() -> None:                       # every 5 ms: was the device ever not admitted?
@@ -174,3 +174,24 @@ async def test_key_rotation_moves_the_credential_and_revokes_the_old_did(site: S
     with pytest.raises(EnrollmentError) as info:
         await rotate_key(old_key, Key.generate(), broker=site.url, coordinator=site.coord_key.did)
     assert info.value.reason == "revoked"
+
+
+async def test_renewal_stops_once_when_the_coordinator_cannot_renew(site: Site) -> None:
+    from sdk.coord.coordinator.auth import coordinator_credential, device_credential
+
+    issuer = Key.generate()
+    coord = Coordinator(site.coord_key, broker=site.url, data_dir=site.data_dir,          # no issuer key
+                        trust=TrustPolicy({issuer.did: {"DeviceCredential"}}),
+                        credential=coordinator_credential(issuer, site.coord_key.did))
+    await coord.start()
+    site.coordinator = coord
+    key = Key.generate()
+    cred = device_credential(issuer, key.did, kind="phone", valid_for=90)   # from a minute back: due now
+    phone = await site.device(key, cred)
+    assert phone.renewal is not None
+    await until(lambda: phone.renewal is not None and phone.renewal.last_error is not None, timeout=10,
+                what="the renewal attempt")
+    assert phone.renewal.last_error == "unknown_command"
+    await until(lambda: phone.renewal is not None and (phone.renewal._task is None or phone.renewal._task.done()),
+                what="renewal stopped")
+    assert phone.admitted and phone.credential is cred

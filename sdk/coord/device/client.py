@@ -18,7 +18,7 @@ from sdk.coord import properties as reported_properties
 from sdk.coord import protocol
 from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
-from sdk.coord.device.enrollment import Renewal, enroll
+from sdk.coord.device.enrollment import DEFAULT_RENEW_AFTER, Renewal, enroll
 from sdk.coord.device.outbox import MAX_OUTBOX, Outbox
 from sdk.coord.device.state import STUCK, DeviceState, allowed
 from sdk.coord.device.state_file import StateFile
@@ -70,8 +70,10 @@ class Device:
     current one expired (or refuses it as expired); :meth:`update_credential` hands one over
     at any time. ``state_file`` keeps the last handled config version; the outbox journal lives
     next to it (``outbox_file`` to choose), ``durability`` as :class:`~sdk.coord.device.Outbox`.
-    ``renew_after`` (e.g. 2/3) renews the credential at that fraction of its validity through the
-    coordinator and re-authenticates with it while admitted; ``credential_file`` keeps it on disk.
+    ``renew_after`` (default 2/3) renews a credential that has a ``validUntil`` at that fraction
+    of its validity through the coordinator and re-authenticates with it while admitted (a
+    coordinator that did not issue it, or has no issuer, says so once and renewal stops);
+    ``None`` turns renewal off; ``credential_file`` keeps the renewed credential on disk.
     """
 
     #: ``await Device.enroll(key, broker=, coordinator=, token= | manufacturer_credential=)`` -> credential
@@ -97,7 +99,7 @@ class Device:
         auth_timeout: float = 5.0,
         client_config: ClientConfig | None = None,
         max_outbox: int = MAX_OUTBOX,
-        renew_after: float | None = None,
+        renew_after: float | None = DEFAULT_RENEW_AFTER,
         credential_file: str | Path | None = None,
         **transport_options: Any,
     ) -> None:

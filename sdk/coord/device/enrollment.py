@@ -261,9 +261,9 @@ class Renewal:
                 delay = 1.0
             except (EnrollmentError, CoordinationError, MessagingError) as exc:
                 self.last_error = getattr(exc, "reason", "error")
-                if self.last_error in ("not_issuer", "revoked", "not_admitted"):
+                if self.last_error in ("not_issuer", "unknown_command", "revoked", "not_admitted"):
                     log.warning("device %s: credential not renewed (%s)", self.device.did, self.last_error)
-                    if self.last_error != "not_admitted":
+                    if self.last_error != "not_admitted":     # final: this coordinator cannot renew it
                         return
                 left = validity[1] - time.time()
                 delay = min(delay * 2, max(0.5, left / 4))
