@@ -35,10 +35,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sdk demo
 
-# the suite, then (when present) the example app project against the installed wheel
+# the suite; it includes tests/test_example_app.py, which runs the example app project
+# (examples/app-tests) against the installed wheel (scripts/test-example-app.sh)
 test: $(STAMP)
 	$(PY) -m pytest
-	if [ -f scripts/test-example-app.sh ]; then PY='$(PY)' bash scripts/test-example-app.sh; fi
 
 # every CPU benchmark (tens of minutes), or some: make bench BENCH="security identity"
 bench: $(STAMP)
