@@ -15,6 +15,10 @@ config document (on top of the signed envelopes of docs/PROTOCOL.md).
                                                                  reason}
                                                 coord.event_ack {event_id, reason?,
                                                                  status: processed|duplicate|rejected}
+    device → coordinator  dev/{device}/events   coord.properties {properties}  (reported properties)
+    operator → coordinator dev/{coord}/cmd      coord.operate (request, encrypted) {op, params}
+    device → coordinator  dev/{coord}/cmd       coord.enroll / coord.renew / coord.rotate (requests)
+    coordinator → device  dev/{device}/cmd      coord.call (request, encrypted) {method, args}
     coordinator           dev/{coord}/presence  coord.presence  {state, boot} (retained)
     issuer/coordinator    status/{issuer}       coord.status_list  status list credential (retained)
 """
