@@ -21,13 +21,17 @@ Contract (what the envelope / secure client layer builds on):
   queue read with ``async for msg in transport.messages()`` (reading pauses, no message lost,
   while that queue is full). A handler/callback has the signature
   ``on_message(topic: str, payload: bytes, *, retain: bool, qos: int)`` and may be sync or async.
-* Reconnect is automatic with exponential backoff; subscriptions are restored (skipped when the
+* Reconnect is automatic with jittered exponential backoff (:func:`backoff_delay`: ``full``
+  jitter by default, ``decorrelated`` or ``none``; base ``backoff_min``, cap ``backoff_max``), so
+  a broker restart does not make every client retry in lock-step; subscriptions are restored (skipped when the
   broker reports a persistent session present) and then every ``on_connect`` hook runs, so
   upper layers can re-announce presence. A callable password is called with the client id before
   every CONNECT (fresh DID proofs for the embedded broker).
 * ``persistent=True`` asks for a session that outlives the connection (MQTT 5: clean start off
   plus ``session_expiry`` seconds; 3.1.1: clean session off) with a stable client id, so QoS 1
   messages survive client reconnects and broker restarts (if the broker persists sessions).
+* Timers are O(1) per client per interval: one shared ticker per event loop runs every
+  connection's keepalive bookkeeping once a second (no task or timer per connection).
 * TCP_NODELAY is set on every socket (paho does not; without it a round trip costs 40+ ms).
 * Errors are subclasses of ``sdk.messaging.errors.TransportError`` with stable ``reason`` codes.
 
@@ -45,10 +49,12 @@ import collections
 import contextlib
 import inspect
 import logging
+import random
 import secrets
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
@@ -78,6 +84,7 @@ log = logging.getLogger(__name__)
 Protocol = Literal["auto", "5", "3.1.1"]
 Password = str | bytes | Callable[[str], str | bytes] | None
 MessageCallback = Callable[..., Any]
+Jitter = Literal["full", "decorrelated", "none"]
 ConnectHook = Callable[[bool], Awaitable[None] | None]
 
 #: (host, port) → the protocol that broker accepted, so "auto" probes each broker once per process.
@@ -86,6 +93,95 @@ _READ_BATCH = 256
 _CORK: int | None = getattr(socket, "TCP_CORK", None)
 _UNSUPPORTED_PROTOCOL = 0x84  # MQTT 5 reason code; paho maps the 3.1.1 CONNACK code 1 onto it
 _AUTH_CODES = {0x86: "bad_credentials", 0x87: "not_authorized", 0x8C: "not_authorized"}
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, jitter: Jitter = "full",
+                  previous: float | None = None, rng: Callable[[], float] = random.random) -> float:
+    """The delay before retry number ``attempt`` (0 = the first retry).
+
+    Bounds: ``none`` is ``min(cap, base * 2**attempt)``; ``full`` is uniform in
+    ``[0, min(cap, base * 2**attempt)]``; ``decorrelated`` is uniform in
+    ``[base, min(cap, 3 * previous)]`` (``previous`` the last delay, ``base`` at first) and
+    never above ``cap``. ``rng`` returns floats in ``[0, 1)``.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    if not 0 < base <= cap:
+        raise ValueError("backoff needs 0 < base <= cap")
+    if jitter == "decorrelated":
+        prev = base if previous is None else max(base, previous)
+        high = min(cap, prev * 3)
+        return base + (high - base) * rng()
+    ceiling = cap if attempt >= 64 else min(cap, base * 2 ** attempt)
+    if jitter == "none":
+        return ceiling
+    if jitter == "full":
+        return ceiling * rng()
+    raise ValueError(f"jitter must be 'full', 'decorrelated' or 'none', not {jitter!r}")
+
+
+class Backoff:
+    """Successive :func:`backoff_delay` values for one retry loop; :meth:`reset` after a success."""
+
+    __slots__ = ("attempt", "base", "cap", "jitter", "previous", "rng")
+
+    def __init__(self, base: float, cap: float, jitter: Jitter = "full", *,
+                 rng: Callable[[], float] = random.random) -> None:
+        backoff_delay(0, base=base, cap=cap, jitter=jitter, rng=rng)  # validates the settings
+        self.base, self.cap, self.jitter, self.rng = base, cap, jitter, rng
+        self.attempt = 0
+        self.previous: float | None = None
+
+    def next(self) -> float:
+        """The next delay (and count the attempt)."""
+        delay = backoff_delay(self.attempt, base=self.base, cap=self.cap, jitter=self.jitter,
+                              previous=self.previous, rng=self.rng)
+        self.attempt += 1
+        self.previous = delay
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+        self.previous = None
+
+
+class _Ticker:
+    """One timer per event loop that runs ``tick()`` of every registered connection each second."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._members: weakref.WeakSet[MqttTransport] = weakref.WeakSet()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, transport: MqttTransport) -> None:
+        self._members.add(transport)
+        if self._handle is None:
+            self._handle = self._loop.call_later(self.INTERVAL, self._run)
+
+    def discard(self, transport: MqttTransport) -> None:
+        self._members.discard(transport)
+
+    def _run(self) -> None:
+        self._handle = None
+        for transport in list(self._members):
+            try:
+                transport._tick()  # noqa: SLF001 - the ticker is part of the transport
+            except Exception:
+                log.exception("keepalive tick for %s failed", transport.client_id)
+        if len(self._members) and not self._loop.is_closed():
+            self._handle = self._loop.call_later(self.INTERVAL, self._run)
+
+
+_TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = weakref.WeakKeyDictionary()
+
+
+def _ticker(loop: asyncio.AbstractEventLoop) -> _Ticker:
+    ticker = _TICKERS.get(loop)
+    if ticker is None:
+        ticker = _TICKERS[loop] = _Ticker(loop)
+    return ticker
 
 
 @dataclass(frozen=True)
@@ -124,8 +220,9 @@ class TransportConfig:
     session_expiry: int = 3600
     will: Will | None = None
     reconnect: bool = True
-    backoff_min: float = 0.05
-    backoff_max: float = 10.0
+    backoff_min: float = 0.05  # reconnect backoff base (seconds)
+    backoff_max: float = 10.0  # reconnect backoff cap (seconds)
+    backoff_jitter: Jitter = "full"
     connect_timeout: float = 10.0
     probe_timeout: float = 1.0
     publish_timeout: float | None = 60.0
@@ -140,6 +237,12 @@ class TransportConfig:
             raise ValueError(f"bad port {self.port}")
         if self.max_pending < 1 or self.max_inflight < 0 or self.incoming_limit < 1:
             raise ValueError("max_pending and incoming_limit must be positive, max_inflight >= 0")
+        if not 0 < self.backoff_min <= self.backoff_max:
+            raise ValueError("reconnect backoff needs 0 < backoff_min <= backoff_max")
+        if self.backoff_jitter not in ("full", "decorrelated", "none"):
+            raise ValueError(f"backoff_jitter must be 'full', 'decorrelated' or 'none', not {self.backoff_jitter!r}")
+        if not self.connect_timeout > 0:
+            raise ValueError("connect_timeout must be positive")
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> TransportConfig:
@@ -256,7 +359,6 @@ class MqttTransport:
         self._closing = False
         self._running = False
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._misc_task: asyncio.Task[None] | None = None
         self._pub_futs: dict[int, asyncio.Future[None]] = {}
         self._qos0_pending = 0
         self._sub_futs: dict[int, asyncio.Future[list[int]]] = {}
@@ -274,6 +376,8 @@ class MqttTransport:
         self._received = 0  # PUBLISH packets received
         self._loop_thread: int | None = None
         self.reconnects = 0
+        #: the backoff delays slept before reconnect attempts (the last 64)
+        self.reconnect_delays: collections.deque[float] = collections.deque(maxlen=64)
         self.session_present = False
 
     # ------------------------------------------------------------------ public API
@@ -318,7 +422,7 @@ class MqttTransport:
             self._running = False
             self._teardown_client()
             raise
-        self._misc_task = self._loop.create_task(self._misc_loop())
+        _ticker(self._loop).add(self)
         await self._after_connect(session_present)
 
     async def aclose(self) -> None:
@@ -326,12 +430,14 @@ class MqttTransport:
         if not self._running:
             return
         self._closing = True
-        for task in (self._reconnect_task, self._misc_task):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._reconnect_task = self._misc_task = None
+        if self._loop is not None:
+            _ticker(self._loop).discard(self)
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._reconnect_task = None
         client = self._client
         if client is not None and self._connected.is_set():
             closed = self._loop.create_future() if self._loop else None
@@ -603,27 +709,28 @@ class MqttTransport:
                 log.exception("on_connect hook %r raised", hook)
 
     async def _reconnect_loop(self) -> None:
-        delay = self.config.backoff_min
+        cfg = self.config
+        backoff = Backoff(cfg.backoff_min, cfg.backoff_max, cfg.backoff_jitter)
         while not self._closing and not self._connected.is_set():
             try:
                 session_present = await self._connect_once(first=False)
             except ConnectFailed as exc:
-                log.info("reconnect to %s failed (%s); retrying in %.2fs", self.config.url, exc.reason, delay)
+                delay = backoff.next()
+                self.reconnect_delays.append(delay)
+                log.info("reconnect to %s failed (%s); retrying in %.2fs", cfg.url, exc.reason, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.backoff_max)
                 continue
             self.reconnects += 1
-            delay = self.config.backoff_min
-            log.info("reconnected to %s (session present: %s)", self.config.url, session_present)
+            backoff.reset()
+            log.info("reconnected to %s (session present: %s)", cfg.url, session_present)
             # if the link drops again during this, _on_disconnect sees this task still running:
             # the while condition then takes over
             await self._after_connect(session_present)
 
-    async def _misc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if self._client is not None and self._sock is not None:
-                self._client.loop_misc()
+    def _tick(self) -> None:
+        """Keepalive and retry bookkeeping, once a second (called by the loop's shared ticker)."""
+        if self._client is not None and self._sock is not None:
+            self._client.loop_misc()
 
     async def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> list[int]:
         assert self._client is not None and self._loop is not None
@@ -881,6 +988,9 @@ class MqttTransport:
 
 
 __all__ = [
+    "Backoff",
+    "Jitter",
+    "backoff_delay",
     "MqttTransport",
     "TransportConfig",
     "TLSConfig",
