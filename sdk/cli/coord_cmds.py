@@ -322,3 +322,5 @@ def register(app: typer.Typer) -> None:
     app.command("devices")(devices)
     app.command("demo")(demo)
     fleet_cmds.register(app)
+    from sdk.cli import rollout_cmds  # autoglm rollout
+    rollout_cmds.register(app)
