@@ -306,9 +306,9 @@ def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: in
     out.append(Text.from_markup(
         f"λ {_num(lam)}/s" + (f" (e halves in {_num(0.6931 / lam)} s)" if isinstance(lam, (int, float))
                               and not isinstance(lam, bool) and lam > 0 else "")
-        + f"   convergence p50 {_num(m.get('convergence_p50'))} s  p95 {_num(m.get('convergence_p95'))} s"
-        + f"   cost ratio {_num(m.get('cost_ratio'))}"
-        + f"   cpu {_num(m.get('cpu_seconds'))} s  sent {_bytes(m.get('bytes_sent'))}"))
+        + f"   convergence p50 {_num(m.get('convergence_p50'))} s  p95 {_num(m.get('convergence_p95'))} s"))
+    out.append(Text.from_markup(f"cost ratio {_num(m.get('cost_ratio'))}   coordinator cpu "
+                                f"{_num(m.get('cpu_seconds'))} s   sent {_bytes(m.get('bytes_sent'))}"))
     curve = doc.get("curve") or []
     for line in braille_chart(curve, width=chart_width, height=chart_height,
                               label="e(t): fraction of the target set not yet converged"):

@@ -1,0 +1,268 @@
+"""`autoglm rollout`: argument parsing, the terminal chart, the PNG writer, status rendering, and the
+path start → status → abort against a real coordinator on both brokers."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sdk.cli import app
+from sdk.cli.charts import LINE, braille_chart, frame_for, line_chart_png
+from sdk.cli.errors import CliError
+from sdk.cli.rollout_cmds import (
+    build_start,
+    parse_canary,
+    parse_duration,
+    parse_health,
+    parse_ratio,
+    parse_steps,
+    rollouts_table,
+    status_lines,
+    write_plot,
+)
+
+runner = CliRunner()
+DID = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK"
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+
+def test_canary_steps_durations_ratios_health() -> None:
+    assert parse_canary("10%") == {"percent": 10} and parse_canary("2.5%") == {"percent": 2.5}
+    assert parse_canary("5") == {"count": 5}
+    assert parse_steps("25,50,100") == [25, 50, 100] and parse_steps("10%, 33.3%,100%") == [10, 33.3, 100]
+    assert parse_duration("30s", "--bake") == 30 and parse_duration("1h30m", "--bake") == 5400
+    assert parse_duration("250ms", "--bake") == 0.25 and parse_duration("90", "--bake") == 90
+    assert parse_ratio("0.95", "--min-applied") == 0.95 and parse_ratio("5%", "--max-failed") == 0.05
+    assert parse_health("app.crashes<=0") == {"property": "app.crashes", "op": "le", "value": 0}
+    assert parse_health("battery >= 0.2") == {"property": "battery", "op": "ge", "value": 0.2}
+    assert parse_health("app.state=ok") == {"property": "app.state", "op": "eq", "value": "ok"}
+    assert parse_health("errors<3") == {"property": "errors", "op": "lt", "value": 3}
+
+
+def test_start_params_follow_the_contract() -> None:
+    params = build_start(args=["group:phones", "ui.layout=v4", "level=3"], where=None, unset=["ui.old"],
+                         name="ui v4", canary="10%", steps="25,50,100", factor=None, cap=None, bake="30s",
+                         min_applied="95%", max_failed="0.05", stage_timeout="10m",
+                         health=["app.crashes<=0"], smoke="smoke", smoke_args='{"deep": true}', smoke_timeout=5)
+    assert params == {
+        "target": {"group": "phones"}, "name": "ui v4",
+        "change": {"set": {"ui.layout": "v4", "level": 3}, "unset": ["ui.old"]},
+        "stages": {"canary": {"percent": 10}, "growth": {"steps": [25, 50, 100]}},
+        "bake": 30.0,
+        "gates": {"min_applied": 0.95, "max_failed": 0.05, "timeout": 600.0,
+                  "health": [{"property": "app.crashes", "op": "le", "value": 0}],
+                  "smoke": {"method": "smoke", "args": {"deep": True}, "timeout": 5}},
+    }
+    exp = build_start(args=["a=1"], where='{"kind": "phone"}', unset=None, name=None, canary="3", steps=None,
+                      factor=2.0, cap=50, bake="0", min_applied=None, max_failed=None, stage_timeout=None,
+                      health=None, smoke=None, smoke_args=None, smoke_timeout=10)
+    assert exp["target"] == {"where": {"kind": "phone"}} and exp["gates"] == {}
+    assert exp["stages"] == {"canary": {"count": 3}, "growth": {"factor": 2.0, "cap": 50}}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["start", "group:g", "a=1", "--canary", "0"], "--canary wants a device count"),
+    (["start", "group:g", "a=1", "--canary", "150%"], "--canary percentage must be above 0 and below 100"),
+    (["start", "group:g", "a=1", "--canary", "ten"], "--canary wants a device count"),
+    (["start", "group:g", "a=1", "--canary", "x%"], "is not a percentage"),
+    (["start", "group:g", "a=1", "--steps", "50,25,100"], "--steps must increase"),
+    (["start", "group:g", "a=1", "--steps", "25,50"], "--steps must end at 100"),
+    (["start", "group:g", "a=1", "--steps", "25,abc,100"], "'abc' is not a number"),
+    (["start", "group:g", "a=1", "--steps", "0,100"], "is not between 0 and 100"),
+    (["start", "group:g", "a=1", "--steps", "50,100", "--factor", "2"], "not both"),
+    (["start", "group:g", "a=1", "--factor", "1"], "--factor must be above 1"),
+    (["start", "group:g", "a=1", "--factor", "2", "--cap", "120"], "--cap is the largest stage"),
+    (["start", "group:g", "a=1", "--cap", "50"], "--cap goes with --factor"),
+    (["start", "group:g", "a=1", "--bake", "soon"], "--bake wants a duration"),
+    (["start", "group:g", "a=1", "--stage-timeout", "0s"], "--stage-timeout must be above 0"),
+    (["start", "group:g", "a=1", "--min-applied", "1.5"], "--min-applied must be between 0 and 1"),
+    (["start", "group:g", "a=1", "--max-failed", "lots"], "--max-failed wants a fraction"),
+    (["start", "group:g", "a=1", "--health", "app.crashes"], "has no comparison"),
+    (["start", "group:g", "a=1", "--health", "app.crashes<=few"], "<= needs a number"),
+    (["start", "group:g", "a=1", "--health", "<=3"], "is not a property name"),
+    (["start", "group:g", "a=1", "--health", "x<="], "no value after <="),
+    (["start", "group:g", "a=1", "--smoke-args", "{}"], "--smoke-args goes with --smoke"),
+    (["start", "group:g", "a=1", "--smoke", "smoke", "--smoke-args", "[1]"], "--smoke-args must be a JSON object"),
+    (["start", "group:g", "a=1", "--smoke", "smoke", "--smoke-timeout", "90"], "--smoke-timeout must be"),
+    (["start", "group:g"], "no change"),
+    (["start", "group:g", "a=1", "--unset", "a"], "is both set and unset"),
+    (["start", "group:g", "ui.layout"], "expected KEY=VALUE"),
+    (["start", "tag:", "a=1"], "tag: needs a name"),
+    (["ls", "--state", "sleeping"], "--state must be one of"),
+    (["status", "r1", "--interval", "0"], "--interval must be between"),
+    (["status", "r1", "--plot", "/nonexistent-dir/x.png"], "not a file in an existing directory"),
+    (["abort", " "], "is not a roll-out id"),
+])
+def test_bad_arguments_are_one_line_usage_errors(args: list[str], needle: str, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    monkeypatch.setenv("AUTOGLM_CONFIG_DIR", str(tmp_path))          # no profile: nothing to connect to
+    result = invoke("rollout", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("error: invalid_option:") and needle in lines[0], result.output
+    assert len(lines) <= 2 and all(x.startswith("hint: ") for x in lines[1:]), result.output
+    as_json = invoke("rollout", *args, "--json")
+    assert as_json.exit_code == 2
+    doc = json.loads(as_json.stdout)
+    assert doc["ok"] is False and doc["reason"] == "invalid_option" and needle in doc["error"]["message"]
+
+
+def test_no_connection_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AUTOGLM_CONFIG_DIR", str(tmp_path))
+    for var in ("AUTOGLM_BROKER", "AUTOGLM_OPERATOR_KEYSTORE", "AUTOGLM_OPERATOR_CREDENTIAL",
+                "AUTOGLM_COORDINATOR", "AUTOGLM_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    result = invoke("rollout", "status", "r1", "--json")
+    assert result.exit_code == 2 and json.loads(result.stdout)["reason"] == "no_connection"
+
+
+# -- the terminal chart -------------------------------------------------------------------------
+
+
+def _dots(line: str) -> str:
+    return "".join(ch for ch in line if 0x2800 <= ord(ch) <= 0x28FF)
+
+
+def test_braille_chart_draws_a_falling_curve_with_axes() -> None:
+    points = [(t, math.exp(-0.2 * t)) for t in range(0, 41)]
+    lines = braille_chart(points, width=20, height=5, label="e(t)")
+    assert lines[0] == "e(t)" and len(lines) == 1 + 5 + 2
+    rows = [_dots(x) for x in lines[1:6]]
+    assert all(len(r) == 20 for r in rows)
+    assert lines[1].startswith("1.0 ┤") and lines[5].startswith("0.0 ┤") and "└" + "─" * 20 in lines[6]
+    assert lines[7].split() == ["0.0s", "40s"]
+    top, bottom = rows[0], rows[-1]
+    assert ord(top[0]) & 0x01, "the curve starts at e = 1 (top-left dot)"
+    assert ord(bottom[-1]) & 0x80 or ord(bottom[-1]) & 0x40, "and ends near 0 (bottom row, last cell)"
+    assert top[-1] == chr(0x2800), "nothing at the top right"
+    for r in rows:                                # monotone: each row's lit cells are one run, left to right
+        lit = [i for i, ch in enumerate(r) if ch != chr(0x2800)]
+        assert lit == list(range(lit[0], lit[-1] + 1)) if lit else True
+    assert braille_chart([]) == ["e(t): (no data)"]
+    assert braille_chart([(0, float("nan")), ("x", 1)]) == ["e(t): (no data)"]  # type: ignore[list-item]
+
+
+# -- the PNG writer ----------------------------------------------------------------------------
+
+
+def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and RGB rows of a PNG this writer produced (truecolour, 8-bit, filter 0)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    width, height, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, colour, comp, filt, interlace) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    stride = 1 + 3 * width
+    assert len(raw) == height * stride
+    rows = [raw[r * stride:(r + 1) * stride] for r in range(height)]
+    assert all(row[0] == 0 for row in rows)
+    return width, height, [row[1:] for row in rows]
+
+
+def pixel(rows: list[bytes], x: int, y: int) -> tuple[int, int, int]:
+    r, g, b = rows[y][3 * x:3 * x + 3]
+    return (r, g, b)
+
+
+def test_png_decodes_and_lights_the_curve(tmp_path: Path) -> None:
+    points = [(0.0, 1.0), (10.0, 0.5), (20.0, 0.25), (40.0, 0.0)]
+    data = line_chart_png(points, width=320, height=160)
+    width, height, rows = decode_png(data)
+    assert (width, height) == (320, 160)
+    frame = frame_for(points, width=320, height=160)
+    for x, y in points:
+        assert pixel(rows, *frame.pixel(x, y)) == LINE, (x, y)
+    mid = frame.pixel(15.0, 0.375)                  # on the straight segment between two points
+    assert pixel(rows, *mid) == LINE
+    assert pixel(rows, *frame.pixel(40.0, 1.0)) != LINE      # top right: nothing drawn there
+    assert pixel(rows, *frame.pixel(0.0, 0.0)) == (0, 0, 0)   # the axes meet at the origin
+    assert sum(pixel(rows, x, y) == LINE for y in range(height) for x in range(width)) > 250
+    with pytest.raises(ValueError):
+        line_chart_png(points, width=10, height=10)
+    doc = {"id": "r1", "curve": [list(p) for p in points]}
+    assert write_plot(doc, tmp_path / "c.png") == 4
+    assert decode_png((tmp_path / "c.png").read_bytes())[:2] == (480, 240)
+    with pytest.raises(CliError) as info:
+        write_plot({"id": "r1", "curve": []}, tmp_path / "none.png")
+    assert info.value.reason == "no_curve" and not (tmp_path / "none.png").exists()
+
+
+# -- status rendering --------------------------------------------------------------------------
+
+
+STATUS = {
+    "id": "ro-3f2a", "name": "ui v4", "state": "running", "stage": 1, "reason": None,
+    "stages": [
+        {"index": 0, "size": 10, "members": 10, "applied": 10, "failed": 0, "pending": 0,
+         "gates": {"min_applied": {"ok": True, "value": 1.0, "limit": 0.95},
+                   "max_failed": {"ok": True, "value": 0.0, "limit": 0.05},
+                   "smoke": {"ok": True, "value": 10, "limit": 10}},
+         "started": 1000.0, "passed": 1003.0, "promoted": 1005.0},
+        {"index": 1, "size": 25, "members": 25, "applied": 12, "failed": 1, "pending": 12,
+         "gates": {"min_applied": {"ok": None, "value": 0.48, "limit": 0.95},
+                   "max_failed": {"ok": True, "value": 0.04, "limit": 0.05}},
+         "started": 1005.0, "passed": None, "promoted": None},
+        {"index": 2, "size": 50, "members": 0, "applied": 0, "failed": 0, "pending": 0, "gates": {}},
+        {"index": 3, "size": 100, "members": 0, "applied": 0, "failed": 0, "pending": 0, "gates": {}},
+    ],
+    "metrics": {"convergence_p50": 1.2, "convergence_p95": 2.9, "lambda": 0.35, "cpu_seconds": 0.42,
+                "bytes_sent": 51234, "cost_ratio": 0.0031},
+    "curve": [[t, math.exp(-0.35 * t)] for t in range(0, 12)],
+}
+
+
+def render(items: list[Any], width: int = 100) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, emoji=False, highlight=False, color_system=None)
+    for item in items:
+        console.print(item)
+    return out.getvalue()
+
+
+def test_status_shows_stage_counts_gates_lambda_cost_and_chart() -> None:
+    text = render(status_lines(STATUS))
+    assert "rollout ro-3f2a ui v4  running  stage 2/4" in text
+    assert "✓ min_applied 1/0.95" in text and "… min_applied 0.48/0.95" in text and "promoted" in text
+    assert "λ 0.35/s (e halves in 1.98 s)" in text and "cost ratio 0.0031" in text and "51.2 kB" in text
+    assert "p50 1.2 s  p95 2.9 s" in text
+    assert "e(t): fraction of the target set not yet converged" in text
+    assert sum(1 for ch in text if 0x2801 <= ord(ch) <= 0x28FF) > 10         # the chart has dots
+    stage_rows = [x for x in text.splitlines() if x.lstrip().startswith(("0 canary", "▶ 1", "2 ", "3 "))]
+    assert len(stage_rows) == 4, text
+    aborted = dict(STATUS, state="rolled_back", reason="stage 0: max_failed 0.3 > 0.05", curve=[])
+    text = render(status_lines(aborted))
+    assert "rolled_back" in text and "reason: stage 0: max_failed 0.3 > 0.05" in text and "(no data)" in text
+    assert "▶" not in text
+    assert max(len(x) for x in render(status_lines(STATUS), width=80).splitlines()) <= 80
+
+
+def test_ls_table() -> None:
+    rows = [{"id": "ro-1", "name": "ui v4", "state": "completed", "stage": 3, "stages": [10, 25, 50, 100],
+             "counts": {"members": 100, "applied": 100, "failed": 0}, "created": 1_000_000.0}]
+    text = render([rollouts_table(rows, now=1_000_090.0)])
+    assert "roll-outs (1)" in text and "ro-1" in text and "4/4" in text and "100/0/100" in text
+    assert "1m ago" in text
