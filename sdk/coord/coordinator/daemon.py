@@ -66,6 +66,7 @@ from sdk.coord.coordinator.registry import (
 )
 from sdk.coord.coordinator.rules import RuleSet
 from sdk.coord.coordinator.store import ConfigVersion, Store
+from sdk.coord.coordinator.store import delta as store_delta
 from sdk.coord.coordinator.values import MAX_INT, check_json, finite, integer, strict_dumps
 from sdk.coord.events import Event, InvalidEvent
 from sdk.errors import AutoGLMError
@@ -232,6 +233,13 @@ class Coordinator:
         self._deadlines: list[tuple[float, str, str]] = []     # (valid_until, did, session id)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
+        # -- status snapshot: one cached JSON row per device, rendered again only when it changed
+        self._status_rows: dict[str, tuple[str, str]] = {}          # did -> (kind, JSON row)
+        self._status_store: dict[str, dict[str, Any]] = {}          # did -> desired/reported fields
+        self._status_order: list[str] | None = None                 # DIDs by (kind, did)
+        self._status_cost = 0.0                                     # seconds the last write took
+        self._challenges_swept = 0.0
+        # -- end status snapshot
         self.started = False
         self._lock = DataDirLock(self.data_dir)       # one daemon per data directory (lock.py)
 
@@ -603,7 +611,7 @@ class Coordinator:
             self._notify(msg.sender, protocol.NOTICE_REVOKED if reason == REVOKED else protocol.NOTICE_REAUTH,
                          reason)
             return None
-        rec.last_seen = time.time()
+        self.registry.touch(rec.did)
         return rec
 
     def _reject(self, msg: Message, reason: str) -> None:
@@ -802,7 +810,7 @@ class Coordinator:
             self._end_session(rec, "credential_expired")
         if msg.type == protocol.HEARTBEAT:
             if rec.admitted:
-                rec.last_seen = time.time()
+                self.registry.touch(rec.did)
             elif rec.state != REVOKED and not msg.retained:
                 self._notify(msg.sender, protocol.NOTICE_REAUTH, "not_admitted")
         elif msg.type == protocol.PRESENCE and body.get("state") == "offline" and rec.admitted \
@@ -910,7 +918,7 @@ class Coordinator:
             except IdentityError as exc:
                 log.warning("status list %s rejected: %s", url, exc)
                 return
-        for rec in self.registry:
+        for rec in self.registry.with_status_list(url):      # indexed by list URL: no fleet scan
             if rec.state == REVOKED:
                 continue
             entries = [e for e in rec.status if e.get("statusListCredential") == url]
@@ -1028,55 +1036,96 @@ class Coordinator:
                 with contextlib.suppress(MessagingError):
                     await self._publish_status_list()
             now = time.monotonic()
-            if self._dirty and now - last_write >= 1.0:
+            # on change, at most once a second, and never more than 5 % of the loop's time
+            if self._dirty and now - last_write >= max(1.0, 20 * self._status_cost):
                 last_write = now
                 self._write_status()
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Expire devices whose heartbeat TTL lapsed; returns their DIDs."""
         expired = []
-        for rec in self.registry.expired(now):
+        lapsed = self.registry.expired(now)        # only the deadlines that came due (a heap)
+        for rec in lapsed:
             self.registry.set_state(rec.did, EXPIRED)
             expired.append(rec.did)
             log.info("device %s expired (no heartbeat for %.1fs)", rec.did, rec.heartbeat_ttl)
             self._emit("expired", did=rec.did)
         if expired and self.store is not None:
             try:
-                self.store.save_devices(r.to_row() for r in self.registry if r.did in expired)
+                self.store.save_devices(r.to_row() for r in lapsed)
             except CoordinationError as exc:
                 log.error("expiry of %d device(s) not persisted: %s", len(expired), exc)
             self._dirty = True
         self._expire_due(now)
-        self.challenges.sweep()
-        counts: dict[str, int] = {}
-        for rec in self.registry:
-            counts[rec.state] = counts.get(rec.state, 0) + 1
+        tick = time.monotonic()
+        if tick - self._challenges_swept >= 10.0:       # bounded by its limit meanwhile
+            self._challenges_swept = tick
+            self.challenges.sweep()
+        counts = self.registry.counts()              # kept on every transition
         for state in (ONLINE, OFFLINE, EXPIRED, REVOKED):
             self.metrics.devices.labels(state).set(counts.get(state, 0))
         return expired
 
     def status(self) -> dict[str, Any]:
-        """Devices (with desired/reported versions and delta) and adaptation metrics."""
+        """Devices (with desired/reported versions and delta) and adaptation metrics, computed afresh
+        (``status.json`` holds the same, rendered incrementally)."""
         devices = []
         for rec in sorted(self.registry, key=lambda r: (r.kind, r.did)):
             row = rec.to_row()
             if self.store is not None:
-                rep = self.store.reported(rec.did)
-                row.update(desired_version=self.store.latest_version(rec.did), reported_version=rep.version,
-                           report_status=rep.status, delta=self.store.delta(rec.did))
+                row.update(self._store_fields(rec.did))
             devices.append(row)
         return {"coordinator": self.did, "boot": self.boot, "broker": self.broker, "updated": time.time(),
                 "devices": devices, "metrics": self.metrics.summary()}
 
+    def _store_fields(self, did: str) -> dict[str, Any]:
+        assert self.store is not None
+        rep = self.store.reported(did)
+        desired = self.store.desired(did)
+        return {"desired_version": self.store.latest_version(did), "reported_version": rep.version,
+                "report_status": rep.status, "delta": store_delta(desired, rep.state)}
+
+    def status_json(self) -> str:
+        """:meth:`status` as compact JSON, re-rendering only the devices that changed since the last
+        call (registry and store both report what changed); the rest is joined from cache."""
+        changed = self.registry.drain_changed()
+        touched = self.store.drain_touched() if self.store is not None else set()
+        for did in changed | touched:
+            rec = self.registry.get(did)
+            if rec is None:
+                self._status_rows.pop(did, None)
+                self._status_store.pop(did, None)
+                self._status_order = None
+                continue
+            row = rec.to_row()
+            if self.store is not None:
+                if did in touched or did not in self._status_store:
+                    self._status_store[did] = self._store_fields(did)
+                row.update(self._status_store[did])
+            old = self._status_rows.get(did)
+            if old is None or old[0] != rec.kind:
+                self._status_order = None
+            self._status_rows[did] = (rec.kind, json.dumps(row, default=str, separators=(",", ":")))
+        if self._status_order is None:
+            rows = self._status_rows
+            self._status_order = sorted(rows, key=lambda d: (rows[d][0], d))
+        head = json.dumps({"coordinator": self.did, "boot": self.boot, "broker": self.broker,
+                           "updated": time.time()}, separators=(",", ":"))
+        metrics = json.dumps(self.metrics.summary(), default=str, separators=(",", ":"))
+        devices = ",".join(self._status_rows[d][1] for d in self._status_order)
+        return f'{head[:-1]},"devices":[{devices}],"metrics":{metrics}}}'
+
     def _write_status(self) -> None:
         self._dirty = False
+        t0 = time.perf_counter()
         try:
             path = self.data_dir / "status.json"
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.status(), indent=1, default=str))
+            tmp.write_text(self.status_json())
             os.replace(tmp, path)
         except (OSError, CoordinationError) as exc:
             log.warning("could not write status snapshot: %s", exc)
+        self._status_cost = time.perf_counter() - t0
 
 
 def _presence_order(msg: Message) -> tuple[Hashable, Any] | None:

@@ -7,6 +7,12 @@ from their DeviceCredential), add capabilities and attributes by announcement, a
 their heartbeat TTL lapses or their credential does. A revoked record stays revoked: its revoked
 credentials are remembered and never admitted again.
 
+Fleet-wide questions are answered from indexes kept up to date on every change, never by a scan:
+devices per state (:meth:`Registry.counts`), heartbeat deadlines (a heap, lazily invalidated:
+:meth:`Registry.expired` pops only what is due), records per status-list URL
+(:meth:`Registry.with_status_list`) and the DIDs changed since the status snapshot was last
+rendered (:meth:`Registry.drain_changed`).
+
 Operators add *tags* (kept in the store's ``tags`` table); rules see them as ``device.tags`` and a
 rule's ``group_prefix`` matches a credential group or a tag. Devices report *properties* (a small
 JSON object, kept in the ``properties`` table) that fleet queries can filter on.
@@ -15,6 +21,7 @@ JSON object, kept in the ``properties`` table) that fleet queries can filter on.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -133,7 +140,14 @@ class Registry:
         self._caps: dict[str, set[str]] = {}
         self._kinds: dict[str, set[str]] = {}
         self._tags: dict[str, set[str]] = {}
+        self._status_lists: dict[str, set[str]] = {}  # statusListCredential URL -> DIDs
         self._order: list[str] | None = None          # every DID, sorted (rebuilt when one is added)
+        self._counts: dict[str, int] = {ONLINE: 0, OFFLINE: 0, EXPIRED: 0, REVOKED: 0}
+        # heartbeat deadlines of online devices: (last_seen + heartbeat_ttl, did); at most one live
+        # entry per DID (the one equal to _due[did]); a popped entry that is not yet due is re-pushed
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._changed: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -150,7 +164,8 @@ class Registry:
 
     def _unindex(self, rec: DeviceRecord) -> None:
         for index, names in ((self._groups, rec.groups), (self._tags, rec.tags), (self._kinds, (rec.kind,)),
-                             (self._caps, rec.capabilities | rec.announced_capabilities)):
+                             (self._caps, rec.capabilities | rec.announced_capabilities),
+                             (self._status_lists, _list_urls(rec))):
             for name in names:
                 members = index.get(name)
                 if members is not None:
@@ -160,9 +175,28 @@ class Registry:
 
     def _index(self, rec: DeviceRecord) -> None:
         for index, names in ((self._groups, rec.groups), (self._tags, rec.tags), (self._kinds, (rec.kind,)),
-                             (self._caps, rec.capabilities | rec.announced_capabilities)):
+                             (self._caps, rec.capabilities | rec.announced_capabilities),
+                             (self._status_lists, _list_urls(rec))):
             for name in names:
                 index.setdefault(name, set()).add(rec.did)
+        self._changed.add(rec.did)
+
+    def _moved(self, rec: DeviceRecord, old: str | None) -> None:
+        """Keep the state counters and the heartbeat heap in step with ``rec.state``."""
+        if old is not None:
+            self._counts[old] = self._counts.get(old, 0) - 1
+        self._counts[rec.state] = self._counts.get(rec.state, 0) + 1
+        if rec.state == ONLINE:
+            self._watch(rec)
+        self._changed.add(rec.did)
+
+    def _watch(self, rec: DeviceRecord) -> None:
+        """Make sure an entry no later than ``rec``'s heartbeat deadline is in the heap."""
+        deadline = rec.last_seen + rec.heartbeat_ttl
+        queued = self._due.get(rec.did)
+        if queued is None or deadline < queued:
+            self._due[rec.did] = deadline
+            heapq.heappush(self._heap, (deadline, rec.did))
 
     def put(self, rec: DeviceRecord) -> DeviceRecord:
         """Insert or replace a record (used when loading from the store)."""
@@ -173,6 +207,7 @@ class Registry:
             self._order = None
         self._devices[rec.did] = rec
         self._index(rec)
+        self._moved(rec, None if old is None else old.state)
         return rec
 
     def admission(self, did: str, subject: Mapping[str, Any], *, credential_id: str | None = None,
@@ -240,6 +275,9 @@ class Registry:
         rec = self._devices.get(did)
         if rec is not None:
             rec.last_seen = time.time() if now is None else now
+            self._changed.add(did)
+            if rec.state == ONLINE:
+                self._watch(rec)      # only pushes when the deadline moved earlier (a clock step)
 
     def set_state(self, did: str, state: str) -> DeviceRecord | None:
         """Move a device to ONLINE/OFFLINE/EXPIRED/REVOKED; leaving ONLINE ends its session.
@@ -251,9 +289,10 @@ class Registry:
             return None
         if rec.state == REVOKED and state != REVOKED:
             return rec
-        rec.state = state
+        old, rec.state = rec.state, state
         if state != ONLINE:
             rec.session = None
+        self._moved(rec, old)
         return rec
 
     def revoke(self, did: str, fingerprints: Iterable[str]) -> DeviceRecord | None:
@@ -264,14 +303,53 @@ class Registry:
         return rec
 
     def expired(self, now: float | None = None) -> list[DeviceRecord]:
-        """Online devices whose heartbeat TTL has lapsed (not yet marked)."""
+        """Online devices whose heartbeat TTL has lapsed (not yet marked).
+
+        Work is proportional to the deadlines that came due, not to the fleet: a due entry whose
+        device was seen since is pushed again at its new deadline; entries of devices no longer
+        online are dropped."""
         now = time.time() if now is None else now
-        return [r for r in self._devices.values()
-                if r.state == ONLINE and now - r.last_seen > r.heartbeat_ttl]
+        out: list[DeviceRecord] = []
+        later: list[DeviceRecord] = []
+        heap, due = self._heap, self._due
+        while heap and heap[0][0] <= now:
+            deadline, did = heapq.heappop(heap)
+            if due.get(did) != deadline:
+                continue                               # superseded by an earlier entry
+            del due[did]
+            rec = self._devices.get(did)
+            if rec is None or rec.state != ONLINE:
+                continue
+            if now - rec.last_seen > rec.heartbeat_ttl:
+                out.append(rec)
+            else:
+                later.append(rec)
+        for rec in later:
+            self._watch(rec)
+        for rec in out:                                # still online until the caller marks it
+            self._watch(rec)
+        return out
 
     def online(self) -> list[DeviceRecord]:
         """Currently admitted devices."""
         return [r for r in self._devices.values() if r.state == ONLINE]
+
+    def counts(self) -> dict[str, int]:
+        """Devices per state, kept on every transition (equal to a recount)."""
+        return dict(self._counts)
+
+    def with_status_list(self, url: str) -> list[DeviceRecord]:
+        """Records whose credential has a ``credentialStatus`` entry on the list at ``url``."""
+        return [self._devices[did] for did in self._status_lists.get(url, ())]
+
+    def changed(self, did: str) -> None:
+        """Note that ``did``'s status row must be rendered again (a change the registry cannot see)."""
+        self._changed.add(did)
+
+    def drain_changed(self) -> set[str]:
+        """DIDs changed since the last call (records put, moved, touched, tagged or announced)."""
+        out, self._changed = self._changed, set()
+        return out
 
     # -- DeviceIndex for the rules engine
     def view(self, did: str) -> dict[str, Any] | None:
@@ -314,6 +392,10 @@ class Registry:
     def with_capability(self, capability: str) -> Iterable[str]:
         """Devices holding ``capability`` (from credential or announcement)."""
         return set(self._caps.get(capability, set()))
+
+
+def _list_urls(rec: DeviceRecord) -> set[str]:
+    return {url for e in rec.status if isinstance(url := e.get("statusListCredential"), str)}
 
 
 def _epoch(value: Any) -> float | None:

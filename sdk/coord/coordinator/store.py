@@ -156,6 +156,7 @@ class Store:
             log.warning("%s; moved to %s, starting with an empty store", exc, self.moved_aside)
             self._db, self.created = self._open(durability)
         self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._touched: set[str] = set()      # DIDs whose desired or reported state changed
         try:
             for did, version, state in self._db.execute(
                     "SELECT d.did, d.version, d.state FROM desired d JOIN "
@@ -316,6 +317,12 @@ class Store:
                 return []
             for c in out:
                 self._latest[c.did] = (c.version, c.state)
+                self._touched.add(c.did)
+        return out
+
+    def drain_touched(self) -> set[str]:
+        """DIDs whose desired or reported state changed since the last call (status snapshots)."""
+        out, self._touched = self._touched, set()
         return out
 
     def latest_version(self, did: str) -> int:
@@ -349,6 +356,7 @@ class Store:
             "VALUES (?,?,?,?,?,?,?)",
             (did, version, "{}", _dumps(cv.state), None, _dumps([reason]), now)))
         self._latest[did] = (version, cv.state)
+        self._touched.add(did)
         return cv
 
     # ------------------------------------------------------------------ issuer state
@@ -456,6 +464,7 @@ class Store:
 
         if batch:
             self._tx(write)
+            self._touched.update(r[0] for r in batch)
 
     def reported(self, did: str) -> Reported:
         """The last reported state of ``did``."""

@@ -1,0 +1,178 @@
+"""In-process coordinator scale harness: the coordinator's own per-fleet costs, no broker.
+
+    python3 bench/coord_scale.py [--sizes 1000,5000,10000] [--json out.json] [--profile out.prof]
+
+Drives a real :class:`~sdk.coord.coordinator.Coordinator` (real SQLite store, real registry,
+rules and metrics) without connecting it: the presentation check is replaced by a precomputed
+result (its cost does not depend on the fleet) and configs are not published. For each fleet
+size it reports
+
+- admission: the coordinator's work per ``present`` (validate, persist, index, schedule), for
+  the first and the last tenth of the fleet;
+- sweep: one pass of the per-second loop (heartbeat expiry, credential expiry, state gauges)
+  and one ``status.json`` write, with every device online;
+- heartbeat, status-list update (a list no device uses, and one a tenth of the fleet uses),
+  one report, and one event fanned out to every device (rules, commit, convergence start and
+  every target's report, signing excluded; signing a config is timed apart).
+
+``--profile`` writes a cProfile of the largest size's admissions and sweeps (read it with
+``python3 -m pstats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdk.coord import protocol
+from sdk.coord.coordinator import Coordinator, daemon, parse_rules
+from sdk.coord.coordinator.store import ConfigVersion
+from sdk.coord.events import screen_available
+from sdk.coord.handshake import Admitted
+from sdk.identity import Key, TrustPolicy
+from sdk.messaging.envelope import Signer
+
+RULES = [{
+    "name": "all", "event": "screen_available",
+    "target": {"select": "capability", "capability": "display"},
+    "config": {"ui.layout": "companion", "ui.width": "{event.width}"},
+}]
+LISTS = 10
+
+
+def _did(i: int) -> str:
+    return f"did:example:dev{i:07d}"
+
+
+def _list_url(i: int) -> str:
+    return f"https://issuer.example/status/{i % LISTS}"
+
+
+def _admitted(i: int, valid_until: str) -> Admitted:
+    did = _did(i)
+    credential = {"id": f"urn:uuid:cred-{i}", "validUntil": valid_until,
+                  "credentialStatus": {"type": "BitstringStatusListEntry", "statusPurpose": "revocation",
+                                       "statusListIndex": str(i), "statusListCredential": _list_url(i)}}
+    subject = {"id": did, "kind": "display" if i % 2 else "phone", "groups": [f"room:{i % 100}"],
+               "capabilities": ["display"]}
+    return Admitted(did, credential, subject, "did:example:issuer", credential["id"])
+
+
+def _us(seconds: float) -> float:
+    return round(seconds * 1e6, 1)
+
+
+async def measure(n: int, prof: cProfile.Profile | None) -> dict[str, Any]:
+    tmp = tempfile.TemporaryDirectory(prefix="coord-scale-")
+    issuer, key = Key.generate(), Key.generate()
+    coord = Coordinator(key, broker="mqtt://127.0.0.1:1", data_dir=Path(tmp.name), trust=TrustPolicy({}),
+                        issuer=issuer, rules=parse_rules(RULES), heartbeat_ttl=600)
+    coord.store = coord._open_store()
+    admitted = {_did(i): _admitted(i, "2099-01-01T00:00:00Z") for i in range(n)}
+    daemon.check_presentation = lambda vp, **kw: admitted[kw["expected_holder"]]   # type: ignore[assignment]
+    out: dict[str, Any] = {"devices": n}
+    if prof is not None:
+        prof.enable()
+    times = []
+    for i in range(n):
+        did = _did(i)
+        msg = SimpleNamespace(sender=did, body={"challenge": coord.challenges.issue(did), "vp": {},
+                                                "last_version": 0})
+        t0 = time.perf_counter()
+        coord._present(msg)      # type: ignore[arg-type]
+        times.append(time.perf_counter() - t0)
+    tenth = max(1, n // 10)
+    out["admission_us"] = {"first_tenth": _us(statistics.fmean(times[:tenth])),
+                           "last_tenth": _us(statistics.fmean(times[-tenth:]))}
+    sweeps, writes = [], []
+    for _ in range(5):
+        coord._dirty = True
+        t0 = time.perf_counter()
+        coord.sweep()
+        sweeps.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        coord._write_status()
+        writes.append(time.perf_counter() - t0)
+    out["sweep_ms"] = round(statistics.median(sweeps) * 1000, 3)
+    out["status_write_ms"] = round(statistics.median(writes) * 1000, 3)
+    out["status_bytes"] = (Path(tmp.name) / "status.json").stat().st_size
+    if prof is not None:
+        prof.disable()
+    rec = coord.registry.get(_did(n // 2))
+    assert rec is not None
+    hb = SimpleNamespace(sender=rec.did, topic=protocol.device_presence(rec.token), type=protocol.HEARTBEAT,
+                         body={}, retained=False)
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        coord._on_presence(hb)       # type: ignore[arg-type]
+    out["heartbeat_us"] = _us((time.perf_counter() - t0) / 1000)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        coord._on_status_list("https://issuer.example/status/unused", {})
+    out["status_list_unused_us"] = _us((time.perf_counter() - t0) / 20)
+    coord.checker.check = lambda *a, **kw: None        # type: ignore[method-assign]  # nothing revoked
+    t0 = time.perf_counter()
+    coord._on_status_list(_list_url(0), {})
+    out["status_list_tenth_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    # one event to every device: rules, commit, convergence bookkeeping and every report
+    event = screen_available(1920, 1080)
+    t0 = time.perf_counter()
+    actions = coord.rules.evaluate(event, _did(1), coord.registry)
+    merged = {did: (dict(a.changes), (a.rule,)) for a in actions for did in a.targets}
+    t1 = time.perf_counter()
+    versions = coord.store.commit(merged, event_id="ev-0000001", event=(_did(1), event.type, event.fields))
+    t2 = time.perf_counter()
+    coord.metrics.start("ev-0000001", {c.did: c.version for c in versions})
+    coord._reports = [(c.did, c.version, "applied", None, 1.0) for c in versions]
+    coord._flush_reports()
+    t3 = time.perf_counter()
+    assert not coord.metrics.pending, "event did not converge"
+    out["fanout"] = {"targets": len(versions), "rules_ms": round((t1 - t0) * 1000, 3),
+                     "commit_ms": round((t2 - t1) * 1000, 3), "reports_ms": round((t3 - t2) * 1000, 3),
+                     "per_target_us": _us((t3 - t0) / max(1, len(versions)))}
+    signer = Signer(key)
+    cv: ConfigVersion = versions[0]
+    t0 = time.perf_counter()
+    for c in versions[:500]:
+        signer.seal(protocol.device_config(protocol.token(c.did)), cv.to_body(), type=protocol.CONFIG)
+    out["sign_config_us"] = _us((time.perf_counter() - t0) / min(500, len(versions)))
+    coord.store.close()
+    tmp.cleanup()
+    return out
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result: dict[str, Any] = {"machine": f"{platform.machine()} python {platform.python_version()}",
+                              "sizes": []}
+    for n in sizes:
+        prof = cProfile.Profile() if args.profile and n == max(sizes) else None
+        row = await measure(n, prof)
+        print(json.dumps(row), flush=True)
+        result["sizes"].append(row)
+        if prof is not None:
+            prof.dump_stats(args.profile)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,5000,10000")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path)
+    ns = parser.parse_args()
+    res = asyncio.run(main(ns))
+    if ns.json:
+        ns.json.write_text(json.dumps(res, indent=1))
