@@ -6,14 +6,25 @@ rises with every advertisement, so the table ignores stale or out-of-order copie
 message delivered late, a replay by the broker) and notices a node that restarted. A node id
 belongs to the DID that holds it while that node is live: another DID's advert for it is
 ignored whatever its epoch (it may claim the id only after a death notice or staleness).
+
+Besides load, an advert may carry the node's hardware, its measured :class:`Capacity`
+(``sdk.mesh.capacity``) and a :class:`PrefixSummary` of the prompt prefixes it holds
+(``sdk.mesh.prefixes``); each is validated strictly (types, finite bounded numbers, sizes) and a
+malformed one rejects the whole advert.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from sdk.mesh.capacity import AdvertFieldError, Capacity, parse_hardware
+from sdk.mesh.prefixes import PrefixSummary
+
+_MAX_COUNT = 2**31
 
 
 @dataclass(frozen=True)
@@ -46,9 +57,11 @@ class NodeAdvert:
     load: NodeLoad = field(default_factory=NodeLoad)
     online: bool = True
     interval_s: float = 2.0
+    capacity: Capacity | None = None
+    prefixes: PrefixSummary | None = None
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "node": self.node_id,
             "did": self.did,
             "epoch": self.epoch,
@@ -66,6 +79,11 @@ class NodeAdvert:
             "online": self.online,
             "interval_s": self.interval_s,
         }
+        if self.capacity is not None:
+            body["capacity"] = self.capacity.to_body()
+        if self.prefixes is not None:
+            body["prefixes"] = self.prefixes.to_body()
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> NodeAdvert:
@@ -74,6 +92,8 @@ class NodeAdvert:
             raise ValueError("advertisement body must be an object")
         try:
             load = body.get("load") or {}
+            if not isinstance(load, dict):
+                raise AdvertFieldError("load", "must be an object")
             return cls(
                 node_id=str(body["node"]),
                 did=str(body["did"]),
@@ -81,19 +101,37 @@ class NodeAdvert:
                 seq=int(body["seq"]),
                 models=tuple(str(m) for m in body.get("models", ())),
                 metadata=dict(body.get("metadata") or {}),
-                hardware=dict(body.get("hardware") or {}),
+                hardware=parse_hardware(body.get("hardware") or None),
                 load=NodeLoad(
-                    queue_depth=int(load.get("queue_depth", 0)),
-                    active_streams=int(load.get("active_streams", 0)),
-                    max_batch_size=int(load.get("max_batch_size", 1)),
-                    tokens_per_s=float(load.get("tokens_per_s", 0.0)),
-                    free_cache_tokens=int(load.get("free_cache_tokens", 0)),
+                    queue_depth=_count(load, "queue_depth", 0),
+                    active_streams=_count(load, "active_streams", 0),
+                    max_batch_size=_count(load, "max_batch_size", 1),
+                    tokens_per_s=_number(load, "tokens_per_s"),
+                    free_cache_tokens=_count(load, "free_cache_tokens", 0),
                 ),
                 online=bool(body.get("online", True)),
                 interval_s=float(body.get("interval_s", 2.0)),
+                capacity=Capacity.from_body(body.get("capacity")),
+                prefixes=PrefixSummary.from_body(body.get("prefixes")),
             )
+        except AdvertFieldError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed advertisement: {exc}") from exc
+
+
+def _count(load: Mapping[str, Any], name: str, default: int) -> int:
+    value = load.get(name, default)
+    if type(value) is not int or not 0 <= value <= _MAX_COUNT:
+        raise AdvertFieldError(f"load.{name}", f"must be an integer in [0, 2^31], got {value!r}")
+    return value
+
+
+def _number(load: Mapping[str, Any], name: str) -> float:
+    value = load.get(name, 0.0)
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise AdvertFieldError(f"load.{name}", f"must be a finite non-negative number, got {value!r}")
+    return float(value)
 
 
 @dataclass

@@ -12,6 +12,11 @@ rate-limited before any credential work (every request counts, refused or not) a
 most ``max_streams_per_peer`` generations at once. The node follows its issuers' status lists
 live: a revocation refuses the peer's next request. A requester's ``cancel`` (or a dropped
 router) cancels the engine request and frees its slot.
+
+Adverts also carry the node's hardware, its capacity (declared in :class:`NodeConfig`, or
+measured by a short calibration at start with ``calibrate=True``, then refreshed from finished
+requests) and, with a mesh ``prefix_key``, a bounded summary of the prompt prefixes it served
+(``sdk.mesh.prefixes``), so routers can estimate its speed and keep conversations on it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from sdk.errors import InferenceError
 from sdk.identity import Key
 from sdk.mesh import topics as mesh_topics
 from sdk.mesh.adverts import NodeAdvert, NodeLoad
+from sdk.mesh.capacity import Capacity, LiveCapacity, calibrate, detect_hardware
 from sdk.mesh.credentials import AccessPolicy
+from sdk.mesh.prefixes import DEFAULT_BLOCK, PrefixHasher, PrefixIndex, continuation, prompt_bytes
 from sdk.mesh.protocol import ADVERT, Refusal, chunk_body, parse_request
 from sdk.mesh.ratelimit import PeerBuckets, PeerStreams, RateLimit
 from sdk.messaging import topics
@@ -57,6 +64,13 @@ class NodeConfig:
     rate_limit: RateLimit = RateLimit()
     max_streams_per_peer: int = 8  # generations one peer DID may have running or queued at once
     hardware: Mapping[str, Any] | None = None
+    capacity: Capacity | None = None  # declared figures (advertised as "declared", never overwritten)
+    calibrate: bool = False  # measure the engine at start (bounded by calibration_s) when none is declared
+    calibration_s: float = 2.0
+    prefix_key: bytes | None = None  # the mesh's prefix key: without one no prefix summary is advertised
+    prefix_block: int = DEFAULT_BLOCK
+    prefix_capacity: int = 4096  # prefix hashes remembered (LRU)
+    prefix_advertise: int = 512  # most recent hashes in each advert
 
     def __post_init__(self) -> None:
         if not self.advert_interval > 0:
@@ -65,6 +79,8 @@ class NodeConfig:
             raise ValueError("max_streams_per_peer must be a positive integer")
         if self.node_id is not None:
             topics.validate_id(self.node_id, what="node id")
+        if not 0 < self.calibration_s <= 30:
+            raise ValueError("calibration_s must be in (0, 30]")
 
 
 class MeshNode:
@@ -98,7 +114,11 @@ class MeshNode:
         meta = dict(engine.metadata)
         self.model = config.model_name or str(meta.get("name") or "model")
         self.metadata = meta
-        self.hardware = dict(config.hardware) if config.hardware is not None else _hardware(meta)
+        self.hardware = dict(config.hardware) if config.hardware is not None else detect_hardware(meta)
+        declared = dataclasses.replace(config.capacity, source="declared") if config.capacity is not None else None
+        self.capacity = LiveCapacity(declared)
+        self.prefixes = PrefixIndex(PrefixHasher(config.prefix_key, block=config.prefix_block),
+                                    capacity=config.prefix_capacity, advertise=config.prefix_advertise)
         self.epoch = round(time.time(), 3)
         self.advert_topic = mesh_topics.inference_ad(self.node_id)
         self.request_topic = mesh_topics.inference_requests(self.node_id)
@@ -133,6 +153,8 @@ class MeshNode:
 
     async def start(self) -> None:
         """Connect, serve requests, publish the first advert and keep advertising."""
+        if self.config.calibrate and self.capacity.capacity is None:
+            self.capacity.capacity = await calibrate(self.engine, budget_s=self.config.calibration_s)
         await self.client.connect()
         if not await self.access.status.attach(self.client):
             log.warning("mesh node %s cannot follow status lists: revocations arrive only on recheck",
@@ -192,6 +214,8 @@ class MeshNode:
             node_id=self.node_id, did=self.did, epoch=self.epoch, seq=seq, models=(self.model,),
             metadata=self.metadata if online else {}, hardware=self.hardware if online else {},
             load=self.load() if online else NodeLoad(), online=online, interval_s=self.config.advert_interval,
+            capacity=self.capacity.capacity if online else None,
+            prefixes=self.prefixes.summary() if online else None,
         )
 
     async def advertise(self, *, online: bool = True) -> NodeAdvert:
@@ -272,6 +296,11 @@ class MeshNode:
         except InferenceError as exc:
             self.refusals[exc.reason] += 1
             raise Refusal(str(exc), reason=exc.reason) from None
+        base = prompt_bytes(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
+        chain = self.prefixes.hasher.chain(base)
+        self.prefixes.lookup(chain)
+        self.prefixes.add(chain)
+        replies: list[str] = []
         req = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=prompt_ids)
         detok, pending = None, ""
         if held and not req.stop:
@@ -287,9 +316,13 @@ class MeshNode:
                     pending = ""
                     if chunk.finish_reason is not None:
                         text += detok.flush()
+                replies.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    self.capacity.observe(chunk.usage, streams=self.active)
                 yield chunk_body(chunk, prompt_ids=prompt_ids if first and send_prompt else None, text=text)
                 first = False
             self.served += 1
+            self.prefixes.add(self.prefixes.hasher.chain(continuation(base, "".join(replies))))
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             log.info("request from a peer cancelled on %s", self.node_id)
@@ -305,7 +338,8 @@ class MeshNode:
         """Node counters plus the engine's live figures."""
         return {"node_id": self.node_id, "model": self.model, "served": self.served, "active": self.active,
                 "cancelled": self.cancelled, "peers_streaming": len(self._streams),
-                "refusals": dict(self.refusals), "engine": dict(self.engine.stats())}
+                "refusals": dict(self.refusals), "prefix_hit_rate": self.prefixes.hit_rate,
+                "prefix_lookups": self.prefixes.lookups, "engine": dict(self.engine.stats())}
 
 
 def _held_detokenizer(tokenizer: Any, ids: list[int], held: int) -> tuple[Any, str]:
@@ -316,13 +350,6 @@ def _held_detokenizer(tokenizer: Any, ids: list[int], held: int) -> tuple[Any, s
     detok = IncrementalDetokenizer(tokenizer, ids[:-held])
     pending = "".join(detok.push(t) for t in ids[-held:])  # usually "" (an incomplete character)
     return detok, pending
-
-
-def _hardware(meta: Mapping[str, Any]) -> dict[str, Any]:
-    found = meta.get("device")
-    device: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-    return {"device": device.get("type", "cpu"), "name": device.get("name"), "count": device.get("count", 1),
-            "memory_bytes": device.get("memory_bytes"), "dtype": meta.get("dtype")}
 
 
 __all__ = ["MeshNode", "NodeConfig", "WILL_SEQ"]

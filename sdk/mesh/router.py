@@ -14,6 +14,12 @@ and load, the router's own in-flight count, observed errors and time to first to
 best is asked. If it dies (its death advert / MQTT will arrives) or stalls past a timeout, the
 stream continues on the next node from the prompt's token ids plus the tokens already received,
 so the caller sees one uninterrupted stream. Leaving the stream early cancels the node's work.
+Nodes that advertise their capacity are chosen by the estimated time to completion
+(``sdk.mesh.capacity.estimate``: queue, streams, prefill of the uncached prompt, decode rate);
+a node holding the longest matching prompt prefix (its advertised summary, or where this router
+sent the conversation before) keeps the request while its estimate is within
+``affinity_slack`` of the best. A routing policy (``sdk.mesh.routing_policy``) from a trusted
+operator can send a share of a model's traffic to the nodes of one version (gray release).
 The router is also a ``GenerationBackend`` (``stream``/``generate``/``models``/``stats``), so the
 OpenAI HTTP app serves it unchanged (see ``sdk.mesh.gateway``).
 """
@@ -33,6 +39,7 @@ from sdk.identity import Key, TrustPolicy
 from sdk.inference.types import GenerationRequest, GenerationResult, TokenChunk, Usage
 from sdk.mesh import topics as mesh_topics
 from sdk.mesh.adverts import AdvertTable, NodeAdvert
+from sdk.mesh.capacity import Estimate, estimate
 from sdk.mesh.credentials import NodePolicy
 from sdk.mesh.errors import (
     BUSY_REASONS,
@@ -45,8 +52,10 @@ from sdk.mesh.errors import (
     NoNodeTrust,
     NotPermitted,
 )
+from sdk.mesh.prefixes import DEFAULT_BLOCK, AffinityMap, PrefixHasher, continuation, prompt_bytes
 from sdk.mesh.protocol import ADVERT, GENERATE, Chunk, parse_chunk, request_body
 from sdk.mesh.ranking import NodeFigures, RankedNode, RankingWeights, rank_nodes
+from sdk.mesh.routing_policy import ALL_POLICIES, PolicyBook, policy_requirement, policy_version
 from sdk.messaging import topics
 from sdk.messaging.client import ClientConfig, SecureClient
 from sdk.messaging.envelope import Message
@@ -69,10 +78,31 @@ class RouterConfig:
     max_attempts: int = 4  # nodes tried for one request (first choice + failovers)
     weights: RankingWeights = RankingWeights()
     stale_after: float = 3.0  # adverts older than this many intervals are ignored
+    affinity: bool = True  # keep a request on the node holding its longest prompt prefix
+    affinity_slack: float = 0.5  # ... while that node's estimate is within (1 + slack) x the best
+    prefix_key: bytes | None = None  # the mesh's prefix key (as the nodes'): match their summaries
+    prefix_block: int = DEFAULT_BLOCK
+    seed: int | None = None  # the gray-release RNG for requests without a request_id
 
     def __post_init__(self) -> None:
         if not (self.first_token_timeout > 0 and self.stall_timeout > 0 and self.max_attempts >= 1):
             raise ValueError("timeouts must be > 0 and max_attempts >= 1")
+        if not 0 <= self.affinity_slack <= 100:
+            raise ValueError("affinity_slack must be in [0, 100]")
+
+
+#: The request ``autoglm nodes`` estimates for (prompt tokens, new tokens).
+NOMINAL_REQUEST = (256, 128)
+_BYTES_PER_TOKEN = 4  # prefix blocks are bytes; the router has no tokenizer
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What the choice of node needs to know about one request."""
+
+    chain: tuple[bytes, ...] = ()
+    prompt_tokens: int = NOMINAL_REQUEST[0]
+    max_new_tokens: int = NOMINAL_REQUEST[1]
 
 
 @dataclass
@@ -133,6 +163,15 @@ class NodeView:
     advert: NodeAdvert
     rank: RankedNode
     figures: NodeFigures
+    estimate: Estimate | None = None  # for the request being routed (a nominal one when listing)
+    prefix_blocks: int = 0  # leading prompt blocks this node holds
+
+    @property
+    def cost(self) -> float:
+        """Estimated seconds to completion, inflated by the node's observed error rate."""
+        if self.estimate is None:
+            return float("inf")
+        return self.estimate.total_s * (1.0 + 4.0 * self.figures.error_rate)
 
 
 @dataclass
@@ -164,6 +203,7 @@ class Mesh:
         client_config: ClientConfig | None = None,
         resolver: Any = None,
         default_model: str | None = None,
+        policy_trust: TrustPolicy | None = None,
         **transport_options: Any,
     ) -> None:
         if isinstance(node_policy, TrustPolicy):
@@ -186,8 +226,15 @@ class Mesh:
         self._observed: dict[str, _Observed] = {}
         self._watchers: dict[str, set[_Watch]] = {}
         self._changed = asyncio.Event()
+        self.hasher = PrefixHasher(config.prefix_key, block=config.prefix_block)
+        self.affinity = AffinityMap()
+        self.policy_trust = policy_trust
+        self.policies = PolicyBook(seed=config.seed)
+        self.by_version: Counter[str] = Counter()  # first choices per model version (gray release)
         self.counters: dict[str, int] = {"requests": 0, "completed": 0, "failovers": 0, "errors": 0,
-                                         "adverts": 0, "adverts_rejected": 0, "nodes_revoked": 0}
+                                         "adverts": 0, "adverts_rejected": 0, "nodes_revoked": 0,
+                                         "affinity_kept": 0, "policies": 0, "policies_rejected": 0,
+                                         "policies_ignored": 0, "policy_fallbacks": 0}
         self.failures: Counter[str] = Counter()  # per node attempt that did not finish, by reason
         if node_policy is not None:
             node_policy.status.add_listener(self._on_status_list)
@@ -211,6 +258,11 @@ class Mesh:
             require=self.node_policy.requirement if self.node_policy is not None else None,
             retained=Retained.STATE, order=_advert_version,
         )
+        if self.policy_trust is not None:
+            options = {"status": self.node_policy.status.checker} if self.node_policy is not None else {}
+            await self.client.subscribe(ALL_POLICIES, self._on_policy, qos=1,
+                                        require=policy_requirement(self.policy_trust, verify_options=options),
+                                        retained=Retained.STATE, order=policy_version)
 
     async def aclose(self) -> None:
         """Disconnect (streams in progress fail)."""
@@ -221,6 +273,19 @@ class Mesh:
     def _on_reject(self, topic: str, exc: RejectedMessage) -> None:
         if topics.matches(mesh_topics.ALL_INFERENCE_ADS, topic):
             self.counters["adverts_rejected"] += 1
+        elif topics.matches(ALL_POLICIES, topic):
+            self.counters["policies_rejected"] += 1
+            log.warning("rejected routing policy on %r: %s", topic, exc)
+
+    def _on_policy(self, msg: Message) -> None:
+        """A verified routing policy from a permitted operator (newest ``seq`` per model wins)."""
+        before = self.policies.rejected
+        if self.policies.offer(msg):
+            self.counters["policies"] += 1
+        elif self.policies.rejected > before:
+            self.counters["policies_rejected"] += 1
+        else:
+            self.counters["policies_ignored"] += 1
 
     def _on_advert(self, msg: Message) -> None:
         """A verified advert: signer, topic and credential checked, newer than the sender's last."""
@@ -256,6 +321,7 @@ class Mesh:
         if mark:
             self.table.mark_dead(node_id)
         self._admitted.pop(node_id, None)
+        self.affinity.forget(node_id)
         for watch in self._watchers.get(node_id, ()):
             watch.kill()
 
@@ -308,12 +374,47 @@ class Mesh:
             latency_s=obs.ttft_s,
         )
 
-    def ranked(self, model: str | None = None, *, exclude: frozenset[str] | set[str] = frozenset()) -> list[NodeView]:
-        """Live nodes (for ``model``) best first, with the score's parts."""
-        adverts = {a.node_id: a for a in self.table.live(model) if a.node_id not in exclude}
+    def _prefix_blocks(self, advert: NodeAdvert, route: _Route) -> int:
+        """Leading blocks of the request's prompt the node holds (its summary, or this router's record)."""
+        if not route.chain:
+            return 0
+        held = self.affinity.depth(route.chain, advert.node_id)
+        summary = advert.prefixes
+        if summary is not None and self.hasher.keyed and summary.block == self.hasher.block:
+            held = max(held, summary.depth(route.chain))
+        return held
+
+    def _estimate(self, advert: NodeAdvert, route: _Route, blocks: int) -> Estimate | None:
+        if advert.capacity is None:
+            return None
+        obs = self._observed.get(advert.node_id)
+        cached = min(blocks * self.hasher.block // _BYTES_PER_TOKEN, route.prompt_tokens)
+        return estimate(advert.capacity, queue_depth=advert.load.queue_depth,
+                        active_streams=advert.load.active_streams, inflight=obs.inflight if obs else 0,
+                        prompt_tokens=route.prompt_tokens, cached_tokens=cached, max_new_tokens=route.max_new_tokens)
+
+    def ranked(self, model: str | None = None, *, exclude: frozenset[str] | set[str] = frozenset(),
+               nodes: list[NodeAdvert] | None = None, route: _Route | None = None) -> list[NodeView]:
+        """Live nodes (for ``model``) best first, with the score's parts; by estimated time to
+        completion when every one advertises its capacity, else by the composite score."""
+        route = route or _Route()
+        pool = nodes if nodes is not None else self.table.live(model)
+        adverts = {a.node_id: a for a in pool if a.node_id not in exclude}
         figures = {nid: self._figures(a) for nid, a in adverts.items()}
         ranks = rank_nodes(list(figures.values()), self.config.weights)
-        return [NodeView(adverts[r.node_id], r, figures[r.node_id]) for r in ranks]
+        views = []
+        for r in ranks:
+            advert = adverts[r.node_id]
+            blocks = self._prefix_blocks(advert, route)
+            views.append(NodeView(advert, r, figures[r.node_id], self._estimate(advert, route, blocks), blocks))
+        if views and all(v.estimate is not None for v in views):
+            views.sort(key=lambda v: (v.cost, -v.rank.score, v.advert.node_id))
+        return views
+
+    def _route(self, req: GenerationRequest) -> _Route:
+        data = prompt_bytes(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
+        tokens = len(req.prompt_token_ids) if req.prompt_token_ids is not None else max(len(data) // _BYTES_PER_TOKEN, 1)
+        return _Route(tuple(self.hasher.chain(data)), tokens, req.max_new_tokens)
 
     def _model_for(self, req: GenerationRequest, model: str | None) -> str:
         model = model or getattr(req, "model", None) or self.default_model
@@ -354,11 +455,17 @@ class Mesh:
         tried: set[str] = set()
         failures: list[tuple[str, str, str]] = []  # (node, reason, message)
         version: str | None = None
+        route = self._route(req)
+        split = self.policies.versions_for(name, req.request_id)
+        texts: list[str] = []
         for _ in range(self.config.max_attempts):
-            node = self._choose(name, tried, version)
+            node = self._choose(name, tried, version, route, split if not tried else None)
             if node is None:
                 break
+            if not tried:
+                self.by_version[str(node.metadata.get("version") or "")] += 1
             tried.add(node.node_id)
+            self.affinity.record(route.chain, node.node_id)
             version = version or str(node.metadata.get("version") or "") or None
             if progress.generated:
                 if progress.prompt_ids is None:  # the node never sent the prompt's ids: cannot resume
@@ -379,10 +486,14 @@ class Mesh:
             chunks = self._attempt(node, body, progress, result)
             try:
                 async for chunk in chunks:
+                    texts.append(chunk.text)
                     yield chunk
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]  # the caller left: cancel on the node
             if result.done:
+                if route.chain and req.prompt_token_ids is None:
+                    base = prompt_bytes(prompt=req.prompt, messages=req.messages)
+                    self.affinity.record(self.hasher.chain(continuation(base, "".join(texts))), node.node_id)
                 return
             reason, message = result.failure
             failures.append((node.node_id, reason, message))
@@ -473,21 +584,43 @@ class Mesh:
         if reason == "node_lost":
             self._drop(node.node_id)
 
-    def _choose(self, model: str, tried: set[str], version: str | None) -> NodeAdvert | None:
+    def _choose(self, model: str, tried: set[str], version: str | None, route: _Route | None = None,
+                split: tuple[str | None, frozenset[str]] | None = None) -> NodeAdvert | None:
         while True:
-            node = self._best(model, tried, version)
+            node = self._best(model, tried, version, route or _Route(), split)
             if node is None or self._still_trusted(node):
                 return node
 
-    def _best(self, model: str, tried: set[str], version: str | None) -> NodeAdvert | None:
+    def _best(self, model: str, tried: set[str], version: str | None, route: _Route,
+              split: tuple[str | None, frozenset[str]] | None) -> NodeAdvert | None:
         live = [a for a in self.table.live(model) if a.node_id not in tried]
+        if split is not None:  # gray release: this request's share of the model's versions
+            chosen, listed = split
+            group = [a for a in live if (_version(a) == chosen if chosen is not None else _version(a) not in listed)]
+            if not group and live:
+                self.counters["policy_fallbacks"] += 1
+                log.info("no live node of the policy's version %r for %r: routing on load", chosen, model)
+            live = group or live
+        if version is not None:  # a resumed stream continues on the same weights where possible
+            live = [a for a in live if _version(a) == version] or live
         if len(live) == 1:  # nothing to rank (the common single-node path: no z-scores per request)
             return live[0]
-        ranked = self.ranked(model, exclude=tried)
-        if version is not None:  # a resumed stream continues on the same weights where possible
-            same = [v for v in ranked if str(v.advert.metadata.get("version") or "") == version]
-            ranked = same or ranked
-        return ranked[0].advert if ranked else None
+        ranked = self.ranked(model, nodes=live, route=route)
+        if not ranked:
+            return None
+        best = ranked[0]
+        if self.config.affinity and route.chain:
+            holder = _affine(ranked)
+            if holder is not None and holder is not best and self._keeps(holder, best):
+                self.counters["affinity_kept"] += 1
+                return holder.advert
+        return best.advert
+
+    def _keeps(self, holder: NodeView, best: NodeView) -> bool:
+        """Whether the node holding the prefix stays the choice against the best by load and speed."""
+        if holder.estimate is not None and best.estimate is not None:
+            return holder.cost <= best.cost * (1.0 + self.config.affinity_slack) + 0.05
+        return holder.figures.load < 1.0 and holder.figures.error_rate < 0.5
 
     def _still_trusted(self, node: NodeAdvert) -> bool:
         """The node's credential grant still holds (a cache hit; it lapses when the credential
@@ -527,6 +660,18 @@ class Mesh:
             "active_streams": sum(a.load.active_streams for a in live),
             "tokens_per_s": sum(a.load.tokens_per_s for a in live),
         }
+
+
+def _version(advert: NodeAdvert) -> str:
+    return str(advert.metadata.get("version") or "")
+
+
+def _affine(ranked: list[NodeView]) -> NodeView | None:
+    """The one node holding strictly more of the prompt's prefix than every other (None: a tie)."""
+    top = max(ranked, key=lambda v: v.prefix_blocks)
+    if top.prefix_blocks == 0 or sum(1 for v in ranked if v.prefix_blocks == top.prefix_blocks) > 1:
+        return None
+    return top
 
 
 def _as_request(request: GenerationRequest | None, fields: dict[str, Any]) -> GenerationRequest:
