@@ -1,0 +1,200 @@
+"""Fleet-scale bookkeeping: every index the coordinator keeps instead of scanning the fleet must
+equal the scan it replaces, after random sequences of transitions."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from sdk.cli import app
+from sdk.coord import protocol
+from sdk.coord.coordinator import Coordinator
+from sdk.coord.coordinator.registry import EXPIRED, OFFLINE, ONLINE, REVOKED, Registry, Session
+from sdk.identity import Key, StatusList, TrustPolicy, status_entry
+
+STATES = (ONLINE, OFFLINE, EXPIRED, REVOKED)
+URLS = [f"https://issuer.example/status/{i}" for i in range(4)]
+
+
+def _did(i: int) -> str:
+    return f"did:example:dev{i:04d}"
+
+
+def _admit(reg: Registry, rng: random.Random, i: int, now: float) -> None:
+    urls = rng.sample(URLS, rng.randint(0, 2))
+    session = Session(f"s{rng.random()}", {}, f"fp{i}-{rng.randint(0, 3)}")
+    reg.put(reg.admission(_did(i), {"kind": rng.choice(["phone", "display"]), "groups": [f"room:{i % 3}"],
+                                    "capabilities": ["display"]},
+                          session=session, heartbeat_ttl=rng.choice([1.0, 5.0, 30.0]), now=now,
+                          status=[status_entry(u, i) for u in urls], issuer="did:example:issuer"))
+
+
+def _random_step(reg: Registry, rng: random.Random, n: int, now: float) -> None:
+    i = rng.randrange(n)
+    did = _did(i)
+    op = rng.random()
+    if op < 0.35 or did not in reg:
+        _admit(reg, rng, i, now)
+    elif op < 0.55:
+        reg.touch(did, now)
+    elif op < 0.75:
+        reg.set_state(did, rng.choice((OFFLINE, EXPIRED)))
+    elif op < 0.8:
+        reg.revoke(did, [f"fp{i}-0"])
+    elif op < 0.9:
+        reg.set_tags(did, rng.sample(["a", "b", "room:9"], rng.randint(0, 2)))
+    else:
+        reg.announce(did, capabilities=rng.sample(["cam", "mic"], rng.randint(0, 2)),
+                     attributes={"x": rng.randint(0, 5)})
+
+
+def test_state_counters_equal_a_recount() -> None:
+    rng, reg = random.Random(1), Registry()
+    for step in range(3000):
+        _random_step(reg, rng, 200, now=1000.0 + step)
+        if step % 50 == 0:
+            recount = {s: sum(1 for r in reg if r.state == s) for s in STATES}
+            assert reg.counts() == recount
+    assert sum(reg.counts().values()) == len(reg)
+
+
+def test_deadline_heap_expires_exactly_the_lapsed_devices() -> None:
+    rng, reg = random.Random(2), Registry()
+    now = 1000.0
+    for _ in range(200):
+        for _ in range(30):
+            now += rng.random() * 0.2
+            _random_step(reg, rng, 150, now)
+        probe = now + rng.choice([0.0, 0.5, 2.0, 10.0, 40.0])
+        expected = {r.did for r in reg if r.state == ONLINE and probe - r.last_seen > r.heartbeat_ttl}
+        got = reg.expired(probe)
+        assert {r.did for r in got} == expected
+        assert len(got) == len(expected)             # each lapsed device once
+        assert {r.did for r in reg.expired(probe)} == expected     # a query: asking again answers the same
+        for rec in got[: len(got) // 2]:             # the sweep marks some of them, not all
+            reg.set_state(rec.did, EXPIRED)
+    # the heap holds at most one live entry per online device, plus stale ones dropped lazily
+    live = sum(1 for r in reg if r.state == ONLINE)
+    assert live <= len(reg._due) <= len(reg)
+
+
+def test_a_device_seen_again_is_not_expired_and_a_clock_step_back_is_honoured() -> None:
+    reg = Registry()
+    reg.put(reg.admission(_did(1), {}, session=Session("s", {}, "fp"), heartbeat_ttl=10, now=100.0))
+    reg.touch(_did(1), 105.0)
+    assert reg.expired(112.0) == []                  # due at 110 by the first entry, seen at 105
+    assert [r.did for r in reg.expired(115.5)] == [_did(1)]
+    reg.touch(_did(1), 50.0)                         # the clock stepped back: earlier deadline
+    assert [r.did for r in reg.expired(60.5)] == [_did(1)]
+
+
+def test_status_list_index_finds_exactly_the_records_on_a_list() -> None:
+    rng, reg = random.Random(3), Registry()
+    for step in range(2000):
+        _random_step(reg, rng, 120, now=float(step))
+        if step % 100 == 0:
+            for url in [*URLS, "https://issuer.example/status/none"]:
+                scan = {r.did for r in reg if any(e.get("statusListCredential") == url for e in r.status)}
+                assert {r.did for r in reg.with_status_list(url)} == scan
+
+
+@pytest.fixture
+def coord(tmp_path: Path) -> Iterator[Coordinator]:
+    c = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir=tmp_path, trust=TrustPolicy({}),
+                    issuer=Key.generate(), heartbeat_ttl=600)
+    c.store = c._open_store()  # not connected: no broker needed
+    yield c
+    c.store.close()
+
+
+async def test_a_status_list_update_revokes_exactly_the_listed_devices(coord: Coordinator) -> None:
+    assert coord.issuer is not None
+    own = protocol.status_list_url(coord.issuer.did)
+    reg = coord.registry
+    for i in range(40):
+        url = own if i % 2 == 0 else URLS[0]         # the odd ones sit on another list, same indexes
+        reg.put(reg.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, f"fp{i}"),
+                              status=[status_entry(url, i)], issuer=coord.issuer.did))
+    revoked = {4, 5, 10, 11, 30}
+    coord._status_list = StatusList(coord.status_list_size)
+    for index in revoked:
+        coord._status_list.set(index)
+    coord._resign_status_list()  # accepted by the status source: listeners run now
+    got = {r.did for r in reg if r.state == REVOKED}
+    assert got == {_did(i) for i in revoked if i % 2 == 0}
+    assert all(r.state == ONLINE for r in reg if r.did not in got)
+    ended = coord.metrics.registry.get_sample_value("autoglm_coord_sessions_ended_total", {"reason": "revoked"})
+    assert ended == len(got)
+
+
+def _without_clock(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if k != "updated"}
+
+
+async def test_incremental_status_matches_a_full_recomputation(coord: Coordinator) -> None:
+    assert coord.store is not None
+    rng, reg = random.Random(4), coord.registry
+    versions: dict[str, int] = {}
+    for step in range(600):
+        now = 1000.0 + step
+        op = rng.random()
+        if op < 0.6 or not len(reg):
+            _random_step(reg, rng, 60, now)
+        elif op < 0.75:          # a rule (or an operator) commits new desired versions
+            dids = rng.sample(reg.dids(), min(len(reg), rng.randint(1, 5)))
+            for cv in coord.store.commit({d: ({"k": rng.randint(0, 9)}, ("r",)) for d in dids}):
+                versions[cv.did] = cv.version
+        elif op < 0.9 and versions:                  # devices report
+            did = rng.choice(sorted(versions))
+            coord.store.record_reports([(did, versions[did], rng.choice(["applied", "failed"]), None, 1.0)])
+        elif op < 0.95:                              # a device ahead of the store
+            did = rng.choice(reg.dids())
+            versions[did] = coord.store.latest_version(did) + rng.randint(1, 3)
+            coord.store.advance(did, versions[did])
+        else:
+            reg.changed(rng.choice(reg.dids()))
+        if step % 7 == 0:
+            assert _without_clock(json.loads(coord.status_json())) == _without_clock(coord.status())
+    assert len(json.loads(coord.status_json())["devices"]) == len(reg)
+
+
+async def test_devices_cli_reads_the_written_snapshot(coord: Coordinator, tmp_path: Path) -> None:
+    assert coord.store is not None
+    reg = coord.registry
+    for i in range(5):
+        reg.put(reg.admission(_did(i), {"kind": "display" if i else "phone"}, session=Session(f"s{i}", {}, "f")))
+    coord.store.commit({_did(0): ({"ui.layout": "companion"}, ("r",))})
+    coord.store.record_reports([(_did(0), 1, "applied", None, 2.0)])
+    coord._write_status()  # the sweeper does this on change
+    reg.set_state(_did(3), OFFLINE)
+    coord._write_status()  # only the changed row re-rendered
+    runner = CliRunner()
+    result = runner.invoke(app, ["devices", "--data-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {d["did"]: d for d in json.loads(result.stdout)["devices"]}
+    assert rows[_did(0)]["desired_version"] == 1 and rows[_did(0)]["reported_version"] == 1
+    assert rows[_did(0)]["delta"] == {} and rows[_did(3)]["state"] == OFFLINE
+    assert [d["did"] for d in json.loads(result.stdout)["devices"]][:2] == [_did(1), _did(2)]  # by kind
+    table = runner.invoke(app, ["devices", "--data-dir", str(tmp_path)])
+    assert table.exit_code == 0 and "phone" in table.output and "display" in table.output
+
+
+def test_sweep_expires_persists_and_sets_the_gauges(coord: Coordinator) -> None:
+    assert coord.store is not None
+    reg = coord.registry
+    for i in range(30):
+        reg.put(reg.admission(_did(i), {}, session=Session(f"s{i}", {}, "f"), heartbeat_ttl=5.0 + i, now=100.0))
+    reg.set_state(_did(0), OFFLINE)
+    expired = coord.sweep(now=120.5)                 # ttl < 20.5 lapsed: devices 1..15
+    assert sorted(expired) == [_did(i) for i in range(1, 16)]
+    saved = {r["did"]: r["state"] for r in coord.store.load_devices()}
+    assert all(saved[d] == EXPIRED for d in expired)
+    gauge = {s: coord.metrics.registry.get_sample_value("autoglm_coord_devices", {"state": s}) for s in STATES}
+    assert gauge == {ONLINE: 14, EXPIRED: 15, OFFLINE: 1, REVOKED: 0}
+    assert coord.sweep(now=120.5) == []
