@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sdk.errors import MeshError
+
 log = logging.getLogger(__name__)
 
 #: Bounds on advertised figures (a rate above this is not a measurement).
@@ -33,8 +35,11 @@ _HARDWARE_KEYS = frozenset({"device", "name", "count", "memory_bytes", "dtype"})
 _SOURCES = frozenset({"calibration", "live", "declared"})
 
 
-class AdvertFieldError(ValueError):
-    """An advertised field is malformed; ``field`` names it (the advert is rejected)."""
+class AdvertFieldError(MeshError, ValueError):
+    """An advertised (or routing-policy) field is malformed; ``field`` names it, and the whole
+    message is rejected (reason ``malformed_advert``)."""
+
+    reason = "malformed_advert"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
