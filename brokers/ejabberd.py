@@ -180,11 +180,10 @@ class _Postgres:
             self.proc_started = False
 
 
-#: mod_mqtt's tables (ejabberd's sql/pg.sql, the MQTT part)
+#: mod_mqtt's table (ejabberd's sql/pg.sql, the MQTT part; the default single-host schema)
 _MQTT_SCHEMA = """
 CREATE TABLE mqtt_pub (
     username text NOT NULL,
-    server_host text NOT NULL,
     resource text NOT NULL,
     topic text NOT NULL,
     qos smallint NOT NULL,
@@ -196,7 +195,7 @@ CREATE TABLE mqtt_pub (
     user_properties bytea NOT NULL,
     expiry bigint NOT NULL
 );
-CREATE UNIQUE INDEX i_mqtt_topic_server ON mqtt_pub (topic, server_host);
+CREATE UNIQUE INDEX i_mqtt_topic ON mqtt_pub (topic);
 """
 
 

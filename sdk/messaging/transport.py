@@ -30,6 +30,11 @@ Contract (what the envelope / secure client layer builds on):
 * ``persistent=True`` asks for a session that outlives the connection (MQTT 5: clean start off
   plus ``session_expiry`` seconds; 3.1.1: clean session off) with a stable client id, so QoS 1
   messages survive client reconnects and broker restarts (if the broker persists sessions).
+* Broker failover: ``target`` may be a list of URLs or one comma-separated string (the nodes
+  of a clustered broker; the first URL's options apply to all, and all use the same scheme).
+  ``connect()`` tries each in turn; on loss of the connection the transport moves to the next URL
+  (round-robin) with the jittered backoff below, and re-subscribes (a clean session on another
+  node). :attr:`MqttTransport.broker_url` is the URL in use.
 * Timers are O(1) per client per interval: one shared ticker per event loop runs every
   connection's keepalive bookkeeping once a second (no task or timer per connection).
 * TCP_NODELAY is set on every socket (paho does not; without it a round trip costs 40+ ms).
@@ -55,7 +60,7 @@ import socket
 import ssl
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -172,6 +177,54 @@ class _Ticker:
                 log.exception("keepalive tick for %s failed", transport.client_id)
         if len(self._members) and not self._loop.is_closed():
             self._handle = self._loop.call_later(self.INTERVAL, self._run)
+
+
+# ---------------------------------------------------------------- broker failover (URL list)
+
+
+def split_broker_urls(target: str | Sequence[str]) -> list[str]:
+    """``"mqtt://a:1883,mqtt://b:1883"`` or a sequence of URLs -> the list of URLs (blanks dropped)."""
+    items = target.split(",") if isinstance(target, str) else list(target)
+    if not all(isinstance(u, str) for u in items):
+        raise TypeError("broker URLs must be str")
+    urls = [u.strip() for u in items if u.strip()]
+    if not urls:
+        raise ValueError("no broker URL given")
+    return urls
+
+
+class BrokerRotation:
+    """The broker endpoints of one transport and which one is in use; ``advance()`` moves on."""
+
+    __slots__ = ("endpoints", "index", "switches")
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        endpoints: list[tuple[str, int, TLSConfig | None]] = []
+        for url in urls:
+            cfg = TransportConfig.from_url(url)
+            endpoints.append((cfg.host, cfg.port, cfg.tls))
+        if len({tls is None for _, _, tls in endpoints}) > 1:
+            raise ValueError("broker URLs mix mqtt:// and mqtts:// (one scheme for every node)")
+        self.endpoints = endpoints
+        self.index = 0
+        self.switches = 0  # how many times the transport moved to another broker
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"{'mqtts' if tls else 'mqtt'}://{host}:{port}" for host, port, tls in self.endpoints]
+
+    def advance(self, config: TransportConfig) -> TransportConfig:
+        """``config`` pointed at the next endpoint (round-robin)."""
+        self.index = (self.index + 1) % len(self.endpoints)
+        self.switches += 1
+        host, port, tls = self.endpoints[self.index]
+        return replace(config, host=host, port=port, tls=tls if tls is None else config.tls)
+
+
+# ---------------------------------------------------------------- end of broker failover
 
 
 _TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = weakref.WeakKeyDictionary()
@@ -332,18 +385,23 @@ class MqttTransport:
 
     def __init__(
         self,
-        target: str | TransportConfig,
+        target: str | Sequence[str] | TransportConfig,
         /,
         *,
         on_message: MessageCallback | None = None,
         **overrides: Any,
     ) -> None:
+        # broker failover: several URLs (a list or "url1,url2") share the first URL's options
+        urls = [] if isinstance(target, TransportConfig) else split_broker_urls(target)
+        self._rotation: BrokerRotation | None = BrokerRotation(urls) if len(urls) > 1 else None
+        if urls:
+            target = urls[0]
         if isinstance(target, str):
             cfg = TransportConfig.from_url(target, **overrides)
         elif isinstance(target, TransportConfig):
             cfg = replace(target, **overrides) if overrides else target
         else:
-            raise TypeError("target must be a broker URL or a TransportConfig")
+            raise TypeError("target must be a broker URL, a list of them or a TransportConfig")
         if cfg.client_id is None:
             cfg = replace(cfg, client_id="autoglm-" + secrets.token_hex(8))
         self.config: TransportConfig = cfg
@@ -387,6 +445,45 @@ class MqttTransport:
         return self.config.client_id or ""
 
     @property
+    def broker_url(self) -> str:
+        """The URL of the broker in use (or tried next while reconnecting), without credentials."""
+        return self.config.url
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """Every broker this transport may use, in rotation order."""
+        return self._rotation.urls if self._rotation is not None else [self.config.url]
+
+    @property
+    def broker_switches(self) -> int:
+        """How many times the transport moved to another broker of its list."""
+        return self._rotation.switches if self._rotation is not None else 0
+
+    def _next_broker(self) -> bool:
+        """Point the config at the next broker of the list; False with a single broker."""
+        if self._rotation is None:
+            return False
+        cfg = self.config
+        if cfg.protocol == "auto" and self._broker_key() in _NEGOTIATED:
+            cfg = replace(cfg, protocol=self._protocol)  # the nodes of one cluster speak alike
+        self.config = self._rotation.advance(cfg)
+        return True
+
+    async def _connect_first(self) -> bool:
+        """The first CONNECT: each broker of the list once (an unreachable one is skipped)."""
+        tries = len(self._rotation) if self._rotation is not None else 1
+        for attempt in range(tries):
+            try:
+                return await self._connect_once(first=True)
+            except ConnectFailed as exc:
+                if attempt + 1 >= tries or exc.reason in ("bad_credentials", "not_authorized"):
+                    raise
+                log.warning("broker %s unreachable (%s); trying the next", self.config.url, exc.reason)
+                self._teardown_client()
+                self._next_broker()
+        raise AssertionError("unreachable")
+
+    @property
     def protocol(self) -> Literal["5", "3.1.1"]:
         """The MQTT version in use (after connect: what the broker accepted)."""
         return self._protocol
@@ -417,7 +514,7 @@ class MqttTransport:
         self._running = True
         self._queue_wakeup = asyncio.Event()
         try:
-            session_present = await self._connect_once(first=True)
+            session_present = await self._connect_first()
         except BaseException:
             self._running = False
             self._teardown_client()
@@ -711,18 +808,23 @@ class MqttTransport:
     async def _reconnect_loop(self) -> None:
         cfg = self.config
         backoff = Backoff(cfg.backoff_min, cfg.backoff_max, cfg.backoff_jitter)
+        if self._next_broker():  # failover: the node just lost is the last one to retry
+            log.info("connection lost; failing over to %s", self.config.url)
         while not self._closing and not self._connected.is_set():
             try:
                 session_present = await self._connect_once(first=False)
             except ConnectFailed as exc:
                 delay = backoff.next()
                 self.reconnect_delays.append(delay)
-                log.info("reconnect to %s failed (%s); retrying in %.2fs", cfg.url, exc.reason, delay)
+                failed = self.config.url
+                self._next_broker()
+                log.info("reconnect to %s failed (%s); retrying %s in %.2fs", failed, exc.reason,
+                         self.config.url, delay)
                 await asyncio.sleep(delay)
                 continue
             self.reconnects += 1
             backoff.reset()
-            log.info("reconnected to %s (session present: %s)", cfg.url, session_present)
+            log.info("reconnected to %s (session present: %s)", self.config.url, session_present)
             # if the link drops again during this, _on_disconnect sees this task still running:
             # the while condition then takes over
             await self._after_connect(session_present)
@@ -999,4 +1101,6 @@ __all__ = [
     "Protocol",
     "MessageCallback",
     "ConnectHook",
+    "BrokerRotation",
+    "split_broker_urls",
 ]

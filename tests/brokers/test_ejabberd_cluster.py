@@ -1,0 +1,164 @@
+"""The SDK on a real two-node ejabberd cluster: DID admission through extauth, the %u topic ACL,
+coordination across nodes, and broker failover after kill -9 of a node."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from brokers.ejabberd import EjabberdCluster, ejabberd_username
+from sdk.identity import Key, TrustPolicy
+from sdk.messaging.broker_auth import make_connect_password
+from sdk.messaging.errors import ConnectFailed, PublishFailed, SubscribeFailed
+from sdk.messaging.topics import ROOT, client_token
+from sdk.messaging.transport import MqttTransport
+from tests.fixtures.brokers import CLUSTER_ADMIN
+from tests.fixtures.waiting import until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.broker]
+
+RULES = Path(__file__).resolve().parents[2] / "examples" / "rules.toml"
+
+
+def _transport(cluster: EjabberdCluster, url: str, key: Key, **kw: Any) -> MqttTransport:
+    return MqttTransport(url, reconnect=False, **cluster.credentials(key), **kw)
+
+
+async def test_did_connect_is_admitted_on_every_node_and_bad_or_replayed_proofs_are_refused(
+        ejabberd_cluster: EjabberdCluster) -> None:
+    c = ejabberd_cluster
+    key = Key.generate()
+    for url in c.urls:
+        async with _transport(c, url, key) as t:
+            assert t.connected
+    # a proof signed by another key than the one the username names
+    other = Key.generate()
+    forged = MqttTransport(c.urls[0], reconnect=False, client_id="forged-1", username=ejabberd_username(key.did),
+                           password=make_connect_password(other, "forged-1"))
+    with pytest.raises(ConnectFailed) as exc:
+        await forged.connect()
+    assert exc.value.reason == "not_authorized"
+    assert (ejabberd_username(key.did), "wrong_username") in c.verifier.rejections
+    # garbage, then a stale proof
+    for password, reason in (("not.a.proof", "malformed_proof"),
+                             (make_connect_password(key, "stale-1", now=1_000_000.0), "stale_proof")):
+        t = MqttTransport(c.urls[1], reconnect=False, client_id="stale-1", username=ejabberd_username(key.did),
+                          password=password)
+        with pytest.raises(ConnectFailed):
+            await t.connect()
+        assert (ejabberd_username(key.did), reason) in c.verifier.rejections
+    # one proof, used on node 1, is refused on node 2 (one replay guard for the cluster)
+    proof = make_connect_password(key, "replay-1")
+    async with MqttTransport(c.urls[0], reconnect=False, client_id="replay-1",
+                             username=ejabberd_username(key.did), password=proof):
+        pass
+    again = MqttTransport(c.urls[1], reconnect=False, client_id="replay-1",
+                          username=ejabberd_username(key.did), password=proof)
+    with pytest.raises(ConnectFailed) as exc:
+        await again.connect()
+    assert exc.value.reason == "not_authorized"
+    assert c.verifier.rejections[-1] == (ejabberd_username(key.did), "replayed_proof")
+
+
+async def test_a_device_cannot_publish_or_read_another_devices_topics(ejabberd_cluster: EjabberdCluster) -> None:
+    c = ejabberd_cluster
+    alice, bob = Key.generate(), Key.generate()
+    a, b = client_token(alice.did), client_token(bob.did)
+    seen: list[tuple[str, bytes]] = []
+    async with _transport(c, c.urls[0], alice) as ta, _transport(c, c.urls[1], bob) as tb:
+        await tb.subscribe(f"{ROOT}/dev/+/events", qos=1, handler=lambda t, p, **_: seen.append((t, p)))
+        await ta.publish(f"{ROOT}/dev/{a}/events", b"alice event", qos=1)
+        await until(lambda: (f"{ROOT}/dev/{a}/events", b"alice event") in seen, timeout=5)
+        for topic in (f"{ROOT}/dev/{b}/events", f"{ROOT}/dev/{b}/presence", f"{ROOT}/dev/{b}/config",
+                      f"{ROOT}/dev/{a}/config", f"{ROOT}/status/{b}"):
+            with pytest.raises(PublishFailed):
+                await ta.publish(topic, b"forged", qos=1)
+        await ta.publish(f"{ROOT}/dev/{b}/cmd", b"to bob's inbox", qos=1)  # inboxes take anyone's writes
+        for topic_filter in (f"{ROOT}/dev/{b}/cmd", f"{ROOT}/reply/{b}", f"{ROOT}/#", f"{ROOT}/dev/+/cmd"):
+            with pytest.raises(SubscribeFailed):
+                await ta.subscribe(topic_filter, qos=1)
+        await ta.publish(f"{ROOT}/dev/{a}/events", b"marker", qos=1)
+        await until(lambda: (f"{ROOT}/dev/{a}/events", b"marker") in seen, timeout=5)
+    assert all(t == f"{ROOT}/dev/{a}/events" for t, _ in seen)
+
+
+async def _coordination(c: EjabberdCluster, tmp_path: Path, *, coordinator_urls: str,
+                        device_urls: list[str], on_config: dict[int, list[Any]]) -> tuple[Any, list[Any]]:
+    from sdk.coord.coordinator import Coordinator, load_rules
+    from sdk.coord.device import Device
+
+    coord = Coordinator(CLUSTER_ADMIN, broker=coordinator_urls, data_dir=tmp_path, trust=TrustPolicy({}),
+                        issuer=Key.generate(), rules=load_rules(RULES), **c.credentials(CLUSTER_ADMIN))
+    await coord.start()
+    devices: list[Any] = []
+    try:
+        for i, url in enumerate(device_urls):
+            key = Key.generate()
+            kind = "display" if i == 0 else "phone"
+            cred = coord.issue_device_credential(key.did, kind=kind, groups=["room:living"])
+            got = on_config.setdefault(i, [])
+            dev = Device(key, cred, broker=url, coordinator=CLUSTER_ADMIN.did, on_config=got.append,
+                         **c.credentials(key))
+            await dev.connect()
+            devices.append(dev)
+    except BaseException:
+        for dev in devices:
+            await dev.aclose()
+        await coord.stop()
+        raise
+    return coord, devices
+
+
+async def test_event_from_a_device_reaches_another_through_the_coordinator_across_nodes(
+        ejabberd_cluster: EjabberdCluster, tmp_path: Path) -> None:
+    """A (display) and B (phone) on node 2, the coordinator on node 1: A's event becomes B's config."""
+    c = ejabberd_cluster
+    configs: dict[int, list[Any]] = {}
+    coord, (display, phone) = await _coordination(c, tmp_path, coordinator_urls=c.urls[0],
+                                                  device_urls=[c.urls[1], c.urls[1]], on_config=configs)
+    try:
+        assert phone.client.transport.broker_url == c.urls[1]
+        await display.screen_available(800, 600)
+        await until(lambda: any(x.state.get("ui.companion.resolution") == "800x600" for x in configs[1]),
+                    timeout=10)
+    finally:
+        for dev in (display, phone):
+            await dev.aclose()
+        await coord.stop()
+
+
+async def test_kill_9_of_a_node_while_configs_are_pushed_every_device_ends_on_the_latest(
+        ejabberd_cluster: EjabberdCluster, tmp_path: Path) -> None:
+    """Coordinator and half the phones start on node 1, the rest on node 2, all with both URLs;
+    node 1 dies mid-way: every phone ends on the config of the last event, versions strictly
+    increasing (none applied twice)."""
+    c = ejabberd_cluster
+    both, reverse = c.url, ",".join(reversed(c.urls))
+    configs: dict[int, list[Any]] = {}
+    coord, devices = await _coordination(c, tmp_path, coordinator_urls=both,
+                                         device_urls=[both, both, both, reverse, reverse], on_config=configs)
+    display = devices[0]
+    try:
+        last = ""
+        for n in range(8):
+            width = 640 + 10 * n
+            last = f"{width}x480"
+            if n == 3:
+                c.kill(0)
+            await display.screen_available(width, 480)
+        for i in range(1, len(devices)):
+            await until(lambda i=i: bool(configs[i]) and
+                        configs[i][-1].state.get("ui.companion.resolution") == last, timeout=20)
+            versions = [x.version for x in configs[i]]
+            assert versions == sorted(set(versions)), versions
+        for dev in devices:
+            assert dev.client.transport.broker_url == c.urls[1]
+        assert coord.client.transport.broker_url == c.urls[1]
+    finally:
+        for dev in devices:
+            await dev.aclose()
+        await coord.stop()
+        await asyncio.to_thread(c.restart, 0)  # it rejoins the cluster from its spool
