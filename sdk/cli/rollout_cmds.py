@@ -281,6 +281,10 @@ def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: in
                                        f"[{_state_style(state)}]{_esc(state)}[/]  {where}")]
     if doc.get("reason"):
         out.append(Text.from_markup(f"reason: {_esc(doc['reason'])}"))
+    back = doc.get("rollback")
+    if isinstance(back, dict):
+        out.append(Text.from_markup(f"rollback: {_esc(back.get('restored', 0))} of {_esc(back.get('devices', 0))} "
+                                    f"device(s) restored, {_esc(back.get('failed', 0))} failed"))
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("#", "size", "progress", "applied", "failed", "pending"):
         table.add_column(col, no_wrap=True, justify="left" if col == "progress" else "right")
@@ -343,8 +347,9 @@ def rollouts_table(rollouts: list[dict[str, Any]], now: float | None = None) -> 
         stages = r.get("stages") or []
         stage = r.get("stage")
         where = f"{stage + 1}/{len(stages)}" if isinstance(stage, int) and stages else "-"
-        c = r.get("counts") or {}
-        counts = f"{c.get('applied', 0)}/{c.get('failed', 0)}/{c.get('members', c.get('targets', 0))}"
+        c = {k: v for k, v in (r.get("counts") or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
+        took = sum(c.get(k, 0) for k in ("applied", "restoring", "restored", "restore_failed"))
+        counts = f"{took}/{c.get('failed', 0)}/{sum(c.values())}"
         state = str(r.get("state", ""))
         table.add_row(_esc(r.get("id", "")), _esc(r.get("name") or ""),
                       f"[{_state_style(state)}]{_esc(state)}[/]", where, counts, _esc(_ago(r.get("created"), now)))
@@ -448,7 +453,7 @@ def rollout_ls(
     ca: Path | None = CaOpt, cert: Path | None = CertOpt, key_file: Path | None = KeyFileOpt,
     request_timeout: float = RequestTimeoutOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """List roll-outs, newest first."""
+    """List roll-outs, oldest first."""
     def params() -> dict[str, Any]:
         if state is not None and state not in STATES:
             raise _usage(f"--state must be one of {', '.join(STATES)}, got {state!r}")

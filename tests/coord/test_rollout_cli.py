@@ -253,16 +253,18 @@ def test_status_shows_stage_counts_gates_lambda_cost_and_chart() -> None:
     assert sum(1 for ch in text if 0x2801 <= ord(ch) <= 0x28FF) > 10         # the chart has dots
     stage_rows = [x for x in text.splitlines() if x.lstrip().startswith(("0 canary", "▶ 1", "2 ", "3 "))]
     assert len(stage_rows) == 4, text
-    aborted = dict(STATUS, state="rolled_back", reason="stage 0: max_failed 0.3 > 0.05", curve=[])
+    aborted = dict(STATUS, state="rolled_back", reason="stage 0: max_failed 0.3 > 0.05", curve=[],
+                   rollback={"devices": 10, "restored": 9, "failed": 1})
     text = render(status_lines(aborted))
     assert "rolled_back" in text and "reason: stage 0: max_failed 0.3 > 0.05" in text and "(no data)" in text
+    assert "rollback: 9 of 10 device(s) restored, 1 failed" in text
     assert "▶" not in text
     assert max(len(x) for x in render(status_lines(STATUS), width=80).splitlines()) <= 80
 
 
 def test_ls_table() -> None:
     rows = [{"id": "ro-1", "name": "ui v4", "state": "completed", "stage": 3, "stages": [10, 25, 50, 100],
-             "counts": {"members": 100, "applied": 100, "failed": 0}, "created": 1_000_000.0}]
+             "counts": {"applied": 97, "failed": 2, "restored": 1}, "created": 1_000_000.0}]
     text = render([rollouts_table(rows, now=1_000_090.0)])
-    assert "roll-outs (1)" in text and "ro-1" in text and "4/4" in text and "100/0/100" in text
+    assert "roll-outs (1)" in text and "ro-1" in text and "4/4" in text and "98/2/100" in text
     assert "1m ago" in text
