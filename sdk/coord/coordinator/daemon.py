@@ -215,6 +215,11 @@ class Coordinator:
         register_desired_ops(self)
         register_command_ops(self)
         # -- end desired state and direct commands
+        # -- roll-outs (rollout_ops.py, rollouts.py): staged changes behind health gates
+        from sdk.coord.coordinator.rollout_ops import register_rollout_ops
+
+        self.rollouts = register_rollout_ops(self)
+        # -- end roll-outs
         self._token = protocol.token(self.did)
         presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
@@ -357,6 +362,7 @@ class Coordinator:
         self.client.transport.add_on_connect(self._on_reconnect)
         await self._announce()
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
+        self.rollouts.start()           # roll-outs: resumed from the store, gate tick started (rollouts.py)
         if self.metrics_port:
             from prometheus_client import start_http_server
             self._http = start_http_server(self.metrics_port, addr="127.0.0.1",
@@ -420,6 +426,7 @@ class Coordinator:
                 self._http[0].server_close()
         self._write_status()
         await self.client.aclose()
+        self.rollouts.flush()           # roll-outs' counters and curves
         self.operators.flush()          # queued operator audit rows
         if self.store is not None:
             with contextlib.suppress(CoordinationError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,19 @@ class CoordinatorMetrics:
         self.auth = Counter("autoglm_coord_auth", "Authentication attempts", ["result"], registry=r)
         self.devices = Gauge("autoglm_coord_devices", "Devices by state", ["state"], registry=r)
         self.error_rate_gauge = Gauge("autoglm_coord_error_rate", "Failed / all config reports", registry=r)
+        # -- roll-outs: by state, the newest one's decay rate and cost, per-device convergence (rollouts.py)
+        self.rollouts = Gauge("autoglm_coord_rollouts", "Roll-outs by state", ["state"], registry=r)
+        self.rollout_decay_rate = Gauge("autoglm_coord_rollout_decay_rate",
+                                        "Error decay rate lambda of the newest roll-out, per second", registry=r)
+        self.rollout_cost_ratio = Gauge("autoglm_coord_rollout_cost_ratio",
+                                        "Newest roll-out: CPU seconds per converged device over mean convergence time",
+                                        registry=r)
+        self.rollout_convergence = Histogram("autoglm_coord_rollout_convergence_seconds",
+                                             "Roll-out stage commit -> device applied", buckets=_LAT_BUCKETS,
+                                             registry=r)
+        #: the roll-outs' summary in status output (set by the roll-out engine)
+        self.rollout_summary: Callable[[], dict[str, Any]] | None = None
+        # -- end roll-outs
         self._recent: deque[float] = deque(maxlen=self.window)
         self._bytes: deque[int] = deque(maxlen=self.window)
         self._apply: deque[float] = deque(maxlen=self.window)
@@ -150,7 +164,7 @@ class CoordinatorMetrics:
                 return None
             return values[min(len(values) - 1, int(q * len(values)))]
 
-        return {
+        out = {
             "convergence_ms": {
                 "count": len(conv),
                 "last": round(self._recent[-1] * 1000, 3) if self._recent else None,
@@ -166,6 +180,9 @@ class CoordinatorMetrics:
                 "decision_ms_mean": _ms(statistics.fmean(self._work)) if self._work else None,
             },
         }
+        if self.rollout_summary is not None:        # -- roll-outs
+            out["rollouts"] = self.rollout_summary()
+        return out
 
     def prometheus(self) -> bytes:
         """The text exposition format of every metric."""

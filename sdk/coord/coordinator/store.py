@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 #: 2: + meta, issued and revoked (the issuer's status-list state)
 #: 3: + audit (operator operations), tags (operator-assigned), properties (device-reported),
 #:    pins (operator-set desired keys), enroll_tokens and enroll_requests (enrollment)
-SCHEMA_VERSION = 3
+#: 4: + rollouts and rollout_members (staged roll-outs)
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -79,6 +80,11 @@ CREATE TABLE IF NOT EXISTS enroll_requests (
     id TEXT PRIMARY KEY, did TEXT NOT NULL, kind TEXT NOT NULL, groups TEXT NOT NULL, via TEXT NOT NULL,
     state TEXT NOT NULL, at REAL NOT NULL, credential TEXT);
 CREATE INDEX IF NOT EXISTS enroll_requests_by_did ON enroll_requests(did);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, state TEXT NOT NULL, doc TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rollout_members (
+    rollout TEXT NOT NULL, did TEXT NOT NULL, rank INTEGER NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (rollout, did));
 """
 
 
@@ -750,5 +756,93 @@ class Store:
             index.setdefault(did, {})[key] = who
         return versions
     # -- end pins
+    # -- roll-outs: one row per roll-out (its state document) and per target device (its membership)
+    def save_rollout(self, rollout_id: str, state: str, doc: Mapping[str, Any], *, created: float,
+                     members: Iterable[tuple[str, int, Mapping[str, Any]]] = ()) -> None:
+        """Upsert a roll-out's state document and ``(did, rank, doc)`` member rows (one transaction)."""
+        now = time.time()
+        text = _dumps(dict(doc))
+        rows = [(rollout_id, did, rank, _dumps(dict(m))) for did, rank, m in members]
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO rollouts(id, state, doc, created, updated) VALUES (?,?,?,?,?) "
+                       "ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc, "
+                       "updated = excluded.updated", (rollout_id, state, text, created, now))
+            self._write_members(db, rows)
+
+        self._tx(write)
+
+    @staticmethod
+    def _write_members(db: sqlite3.Connection, rows: list[tuple[str, str, int, str]]) -> None:
+        db.executemany("INSERT INTO rollout_members(rollout, did, rank, doc) VALUES (?,?,?,?) "
+                       "ON CONFLICT(rollout, did) DO UPDATE SET rank = excluded.rank, doc = excluded.doc", rows)
+
+    def save_rollout_members(self, rollout_id: str, members: Iterable[tuple[str, int, Mapping[str, Any]]]) -> None:
+        """Upsert ``(did, rank, doc)`` member rows of a roll-out (one transaction)."""
+        rows = [(rollout_id, did, rank, _dumps(dict(m))) for did, rank, m in members]
+        if rows:
+            self._tx(lambda db: self._write_members(db, rows))
+
+    def load_rollouts(self, *, rollout_id: str | None = None) -> list[dict[str, Any]]:
+        """Roll-outs, oldest first: ``{id, state, doc, created, updated}``."""
+        sql, args = "SELECT id, state, doc, created, updated FROM rollouts", []
+        if rollout_id is not None:
+            sql, args = sql + " WHERE id = ?", [rollout_id]
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY created, id", args).fetchall()
+        return [{"id": i, "state": st, "doc": json.loads(d), "created": c, "updated": u} for i, st, d, c, u in rows]
+
+    def load_rollout_members(self, rollout_id: str) -> list[tuple[str, int, dict[str, Any]]]:
+        """A roll-out's ``(did, rank, doc)`` member rows, by rank."""
+        with self._lock:
+            rows = self._db.execute("SELECT did, rank, doc FROM rollout_members WHERE rollout = ? ORDER BY rank",
+                                    (rollout_id,)).fetchall()
+        return [(did, int(rank), json.loads(doc)) for did, rank, doc in rows]
+
+    def report_status(self, did: str, version: int) -> str | None:
+        """What ``did`` reported for ``version`` (applied/failed), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT status FROM reports WHERE did = ? AND version = ?",
+                                   (did, version)).fetchone()
+        return None if row is None else str(row[0])
+
+    def commit_rollout(self, changes_by_device: Mapping[str, Mapping[str, Any]], *, operator: str, event_id: str,
+                       op: str, pin: Mapping[str, Iterable[str]], unpin: Mapping[str, Iterable[str]],
+                       rollout_id: str, state: str, doc: Mapping[str, Any], created: float,
+                       members: Iterable[tuple[str, int, Mapping[str, Any]]],
+                       now: float | None = None, max_bytes: int | None = None) -> list[ConfigVersion]:
+        """Commit a roll-out step: one version per device (recorded as ``operator:<did>``, event
+        ``event_id`` processed once: a repeat commits nothing and returns ``[]``), the ``pin`` and
+        ``unpin`` keys, the roll-out's state document and member rows, in one transaction."""
+        now = time.time() if now is None else now
+        pin_rows = [(did, k, operator, now) for did, keys in pin.items() for k in keys]
+        unpin_rows = [(did, k) for did, keys in unpin.items() for k in keys]
+        rows = [(rollout_id, did, rank, _dumps(dict(m))) for did, rank, m in members]
+        text = _dumps(dict(doc))
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO rollouts(id, state, doc, created, updated) VALUES (?,?,?,?,?) "
+                       "ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc, "
+                       "updated = excluded.updated", (rollout_id, state, text, created, now))
+            db.executemany("DELETE FROM pins WHERE did = ? AND key = ?", unpin_rows)
+            db.executemany("INSERT INTO pins(did, key, operator, at) VALUES (?,?,?,?) ON CONFLICT(did, key) "
+                           "DO UPDATE SET operator = excluded.operator, at = excluded.at", pin_rows)
+            self._write_members(db, rows)
+
+        versions = self.commit({did: (dict(ch), (f"operator:{operator}",)) for did, ch in changes_by_device.items()},
+                               event_id=event_id, event=(operator, op, {"targets": len(changes_by_device)}),
+                               now=now, max_bytes=max_bytes, also=write)
+        if versions:
+            index = self._pin_index()
+            for did, key in unpin_rows:
+                keys = index.get(did)
+                if keys is not None:
+                    keys.pop(key, None)
+                    if not keys:
+                        del index[did]
+            for did, key, who, _ in pin_rows:
+                index.setdefault(did, {})[key] = who
+        return versions
+    # -- end roll-outs
 
 __all__ = ["ConfigVersion", "Reported", "Store", "SCHEMA_VERSION", "merge", "delta"]

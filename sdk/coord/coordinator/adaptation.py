@@ -1,0 +1,157 @@
+"""Adaptation metrics of a push or a roll-out: the e(t) curve, convergence percentiles, λ, cost.
+
+``e(t)`` is the part of the targeted devices not yet converged (not reported applied, or failed)
+``t`` seconds after the change was committed. The error decay rate is λ = −d/dt ln e(t); it is
+fitted by least squares as the negative slope of ln e over the convergence window: the points
+of the curve with ``0 < e < 1`` (while the first reports arrive up to the last one before all
+converged). Resource cost is the coordinator's CPU seconds (``time.process_time`` deltas over the
+window) and the config bytes sent, per converged device; ``cost_ratio`` divides the CPU seconds
+per converged device by the mean convergence time (CPU seconds per device per second of waiting).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: points kept in an exported curve
+MAX_CURVE_POINTS = 200
+
+
+def fit_lambda(points: Iterable[tuple[float, float]]) -> float | None:
+    """λ from ``(t, e)`` points: minus the least-squares slope of ln e on t, over points with
+    ``0 < e < 1`` (with ``e = 1`` points only the last before the decay starts); None when fewer
+    than two points remain or every t is the same."""
+    usable = [(t, e) for t, e in points if 0.0 < e <= 1.0 and math.isfinite(t)]
+    # the plateau at e = 1 before the first report is not decay: keep only its last point
+    start = 0
+    for i, (_, e) in enumerate(usable):
+        if e < 1.0:
+            start = max(0, i - 1)
+            break
+    else:
+        return None
+    window = usable[start:]
+    if len(window) < 2:
+        return None
+    ts = [t for t, _ in window]
+    ys = [math.log(e) for _, e in window]
+    n = len(window)
+    mt, my = sum(ts) / n, sum(ys) / n
+    sxx = sum((t - mt) ** 2 for t in ts)
+    if sxx <= 0:
+        return None
+    sxy = sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=True))
+    return -sxy / sxx
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of ``values`` by nearest rank; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def downsample(points: Sequence[tuple[float, float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
+    """At most ``limit`` points of a curve, evenly spread, first and last kept."""
+    if len(points) <= limit:
+        return [[round(t, 6), round(e, 6)] for t, e in points]
+    step = (len(points) - 1) / (limit - 1)
+    picked = [points[round(i * step)] for i in range(limit)]
+    return [[round(t, 6), round(e, 6)] for t, e in picked]
+
+
+@dataclass
+class Convergence:
+    """The convergence of one push: ``targets`` devices committed at ``started`` (wall clock)."""
+
+    targets: int
+    started: float = field(default_factory=time.time)
+    cpu_start: float = field(default_factory=time.process_time)
+    bytes_sent: int = 0
+    converged: int = 0               # reported applied
+    failed: int = 0
+    times: list[float] = field(default_factory=list)           # per converged device: seconds
+    points: list[tuple[float, float]] = field(default_factory=list)
+    cpu_seconds: float | None = None                            # set when the push is done
+    done: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.points and self.targets:
+            self.points.append((0.0, 1.0))
+
+    @property
+    def error(self) -> float:
+        """e: the part of the targets not converged (1 with no targets reported yet)."""
+        return 1.0 if not self.targets else (self.targets - self.converged) / self.targets
+
+    def settled(self) -> bool:
+        """Every target reported (applied or failed)."""
+        return self.converged + self.failed >= self.targets
+
+    def observe(self, status: str, *, at: float | None = None) -> None:
+        """Count one target's report (``applied`` converges it; anything else is a failure)."""
+        at = time.time() if at is None else at
+        if status == "applied":
+            self.converged += 1
+            self.times.append(max(0.0, at - self.started))
+        else:
+            self.failed += 1
+        self.points.append((max(0.0, at - self.started), self.error))
+        if self.settled() and self.done is None:
+            self.done = at
+            self.cpu_seconds = time.process_time() - self.cpu_start
+
+    def cpu(self) -> float:
+        """CPU seconds over the window (so far, while not done)."""
+        return self.cpu_seconds if self.cpu_seconds is not None else time.process_time() - self.cpu_start
+
+    def to_doc(self) -> dict[str, Any]:
+        """A JSON document that :meth:`from_doc` reads back (curve downsampled)."""
+        return {"targets": self.targets, "started": self.started, "bytes_sent": self.bytes_sent,
+                "converged": self.converged, "failed": self.failed, "times": self.times[-10_000:],
+                "points": downsample(self.points, 1000), "cpu_seconds": self.cpu(), "done": self.done}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Convergence:
+        c = cls(int(doc.get("targets", 0)), started=float(doc.get("started", time.time())),
+                bytes_sent=int(doc.get("bytes_sent", 0)), converged=int(doc.get("converged", 0)),
+                failed=int(doc.get("failed", 0)), times=[float(t) for t in doc.get("times", [])],
+                points=[(float(t), float(e)) for t, e in doc.get("points", [])])
+        cpu = float(doc.get("cpu_seconds") or 0.0)
+        c.cpu_start = time.process_time() - cpu       # CPU after a restart adds to what was spent
+        c.done = doc.get("done")
+        if c.done is not None:
+            c.cpu_seconds = cpu
+        return c
+
+
+def summarize(pushes: Sequence[Convergence]) -> dict[str, Any]:
+    """Metrics over several pushes (the stages of a roll-out): convergence p50/p95 across targets,
+    λ (the mean of each push's fit), CPU seconds, bytes sent and the cost ratio."""
+    times = [t for p in pushes for t in p.times]
+    lambdas = [lam for p in pushes if (lam := fit_lambda(p.points)) is not None]
+    converged = sum(p.converged for p in pushes)
+    cpu = sum(p.cpu() for p in pushes)
+    sent = sum(p.bytes_sent for p in pushes)
+    mean_time = sum(times) / len(times) if times else None
+    cost_ratio = None
+    if converged and mean_time:
+        cost_ratio = (cpu / converged) / mean_time
+    return {
+        "convergence_p50": percentile(times, 0.5),
+        "convergence_p95": percentile(times, 0.95),
+        "lambda": sum(lambdas) / len(lambdas) if lambdas else None,
+        "cpu_seconds": round(cpu, 6),
+        "bytes_sent": sent,
+        "cpu_per_device": cpu / converged if converged else None,
+        "bytes_per_device": sent / converged if converged else None,
+        "cost_ratio": cost_ratio,
+    }
+
+
+__all__ = ["Convergence", "MAX_CURVE_POINTS", "downsample", "fit_lambda", "percentile", "summarize"]
