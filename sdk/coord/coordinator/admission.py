@@ -5,6 +5,13 @@ coordinator signs its own presentation for a hello only while a global budget al
 devices, which proved a credential before, are not charged), each sender gets a small burst of
 handshake requests, and a hello without a nonce costs no presentation at all (the coordinator
 then proves itself in the ``present`` reply, after the device has).
+
+Under a storm (every device of a fleet re-connecting at once) :class:`AdmissionControl` bounds
+the handshakes in flight: a ``hello`` takes a slot until its ``present`` is handled (or the slot
+times out); beyond ``max_inflight`` a hello is refused ``busy`` with a retry-after hint estimated
+from the recent admission rate, so the work queued behind the coordinator stays bounded and every
+refused device comes back later (nobody is dropped). A resumed admission (the single-use
+``next_challenge``) needs no hello and no slot: one round trip, no presentation signed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,96 @@ class TokenBucket:
         return True
 
 
+class AdmissionControl:
+    """At most ``max_inflight`` handshakes between ``hello`` and ``present``; counters for operators.
+
+    ``begin(did)`` takes a slot (False when full: answer ``busy`` with :meth:`retry_after`);
+    ``finish(did)`` releases it when the present was handled, admitted or not. A slot not
+    finished within ``slot_ttl`` seconds (the device went away) is released on the next call.
+    Every operation is O(1) amortised.
+    """
+
+    def __init__(self, max_inflight: int = 256, *, slot_ttl: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_inflight < 1 or slot_ttl <= 0:
+            raise ValueError("max_inflight must be >= 1 and slot_ttl > 0")
+        self.max_inflight = max_inflight
+        self.slot_ttl = slot_ttl
+        self._clock = clock
+        self._slots: OrderedDict[str, float] = OrderedDict()     # did -> deadline, oldest first
+        self._rate = 0.0            # admissions finished per second (exponentially weighted)
+        self._rate_at = clock()
+        self._window = 0
+        #: the most handshakes in flight at once
+        self.peak = 0
+        #: hellos refused busy
+        self.busy = 0
+        #: handshakes finished (present handled after a hello)
+        self.finished = 0
+        #: slots released because their present never came
+        self.expired = 0
+        #: admissions by resumption ticket (no hello, no slot)
+        self.resumed = 0
+        #: presentations the coordinator signed for handshakes
+        self.signed = 0
+
+    @property
+    def inflight(self) -> int:
+        self._expire(self._clock())
+        return len(self._slots)
+
+    def begin(self, did: str) -> bool:
+        """Take a slot for ``did`` (one per DID: a repeated hello renews it); False when full."""
+        now = self._clock()
+        self._expire(now)
+        if did in self._slots:
+            self._slots.move_to_end(did)
+        elif len(self._slots) >= self.max_inflight:
+            self.busy += 1
+            return False
+        self._slots[did] = now + self.slot_ttl
+        self.peak = max(self.peak, len(self._slots))
+        return True
+
+    def finish(self, did: str) -> bool:
+        """Release ``did``'s slot; False when it held none (a resumed or unsolicited present)."""
+        if self._slots.pop(did, None) is None:
+            return False
+        self.finished += 1
+        self._count_completion()
+        return True
+
+    def retry_after(self) -> float:
+        """Seconds until the handshakes in flight should have drained, at the recent rate."""
+        self._count_completion(0)
+        rate = self._rate if self._rate > 0 else 50.0
+        return min(30.0, max(0.05, (len(self._slots) + 1) / rate))
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters, for status output and benchmarks."""
+        return {"inflight": self.inflight, "max_inflight": self.max_inflight, "peak": self.peak,
+                "busy": self.busy, "finished": self.finished, "expired": self.expired,
+                "resumed": self.resumed, "signed": self.signed}
+
+    def _count_completion(self, n: int = 1) -> None:
+        self._window += n
+        now = self._clock()
+        elapsed = now - self._rate_at
+        if elapsed >= 0.5:
+            current = self._window / elapsed
+            self._rate = current if self._rate == 0 else 0.7 * self._rate + 0.3 * current
+            self._window = 0
+            self._rate_at = now
+
+    def _expire(self, now: float) -> None:
+        while self._slots:
+            did, deadline = next(iter(self._slots.items()))
+            if deadline > now:
+                return
+            del self._slots[did]
+            self.expired += 1
+
+
 class SenderLimiter:
     """One :class:`TokenBucket` per sender, at most ``max_senders`` tracked (least recent dropped)."""
 
@@ -65,4 +162,4 @@ class SenderLimiter:
         return bucket.take()
 
 
-__all__ = ["TokenBucket", "SenderLimiter"]
+__all__ = ["AdmissionControl", "TokenBucket", "SenderLimiter"]

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord import protocol
-from sdk.coord.coordinator.admission import SenderLimiter, TokenBucket
+from sdk.coord.backpressure import busy_message
+from sdk.coord.coordinator.admission import AdmissionControl, SenderLimiter, TokenBucket
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
     RESUME_TTL,
@@ -162,6 +163,7 @@ class Coordinator:
         fresh: bool = False,
         hello_rate: float = 500.0,
         hello_burst: int = 1000,
+        max_admissions: int = 256,
         **transport_options: Any,
     ) -> None:
         self.key = key
@@ -189,6 +191,9 @@ class Coordinator:
         self.hello_budget = TokenBucket(hello_rate, hello_burst)
         #: handshake requests (hello, present) per sender never admitted
         self.request_limiter = SenderLimiter(rate=2.0, burst=10)
+        # -- admission under storms: handshakes in flight are bounded, beyond it hellos get busy
+        self.admission = AdmissionControl(max_admissions)
+        # -- end admission under storms
         # verified, ordered lists from trusted issuers: an old list re-delivered never wins
         self.status_source = MqttStatusListSource(self.trust)
         self.checker = StatusChecker(self.status_source)
@@ -501,15 +506,29 @@ class Coordinator:
         rec = self.registry.get(msg.sender)
         known = rec is not None and rec.state != REVOKED
         reply: dict[str, Any] = {"boot": self.boot, "heartbeat_ttl": self.heartbeat_ttl}
+        if nonce is not None and not known and not self.hello_budget.take():
+            raise AdmissionError(busy_message(1.0), reason="busy")
+        if not self.admission.begin(msg.sender):       # bounded handshakes in flight: come back later
+            raise AdmissionError(busy_message(self.admission.retry_after()), reason="busy")
         if nonce is not None:
-            if not known and not self.hello_budget.take():
-                raise AdmissionError("coordinator busy; retry shortly", reason="busy")
             reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=msg.sender)
+            self.admission.signed += 1
         reply["challenge"] = self.challenges.issue(msg.sender)
         return reply
 
     def _present(self, msg: Message) -> dict[str, Any]:
-        """Admit a device: validate everything first, then commit record and session at once."""
+        """Admit a device (its handshake slot, if it took one with a hello, is released after)."""
+        try:
+            reply = self._admit(msg)
+        except BaseException:
+            self.admission.finish(msg.sender)
+            raise
+        if not self.admission.finish(msg.sender):
+            self.admission.resumed += 1         # by resumption ticket: no hello came first
+        return reply
+
+    def _admit(self, msg: Message) -> dict[str, Any]:
+        """Validate everything first, then commit record and session at once."""
         assert self.store is not None
         body = msg.body if isinstance(msg.body, dict) else {}
         try:
@@ -569,6 +588,7 @@ class Coordinator:
             reply["valid_until"] = valid_until
         if nonce is not None:       # resumed, or a nonce-less hello: prove ourselves in the reply
             reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=did)
+            self.admission.signed += 1
         return reply
 
     def _store_behind(self, did: str, reported: int, latest: int) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from sdk.coord import properties as reported_properties
 from sdk.coord import protocol
+from sdk.coord.backpressure import busy_delay
 from sdk.coord.device.commands import CommandHandler, Commands, H
 from sdk.coord.device.configs import Config
 from sdk.coord.device.enrollment import DEFAULT_RENEW_AFTER, Renewal, enroll
@@ -33,6 +34,7 @@ from sdk.messaging.envelope import Message, Signer, new_id
 from sdk.messaging.errors import MessagingError, RejectedMessage, RemoteError, RequestTimeout
 from sdk.messaging.policy import Retained
 from sdk.messaging.status import MqttStatusListSource
+from sdk.messaging.transport import Backoff, backoff_delay
 from sdk.messaging.will import presigned_will
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ CredentialProvider = Callable[[], Credential | Awaitable[Credential | None] | No
 
 _TRANSIENT = ("timeout", "busy", "status_unavailable")   # worth another try at connect()
 _CONNECT_ATTEMPTS = 3
+_BUSY_ATTEMPTS = 100              # busy refusals connect() waits out (each after the coordinator's hint)
 _CONFIG_KEY = "config"            # the one state key of the config topic (per sender: the coordinator)
 _MAX_REJECTED = 64
 _WILL_TTL = 365 * 86400
@@ -169,6 +172,8 @@ class Device:
         self._worker: asyncio.Task[None] | None = None
         self._coordinator_boot: str | None = None
         self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
+        #: authentications retried after a busy coordinator
+        self.busy_retries = 0
         self._last_delivered: Config | None = None
         # -- credential renewal (enrollment.py): at renew_after of the validity, written to credential_file
         self.renewal: Renewal | None = None if renew_after is None else Renewal(
@@ -267,19 +272,29 @@ class Device:
         if not authenticate:
             self._set_state(S.WAITING, "not authenticated yet")
             return
-        attempt = 0
+        attempt = busy = 0
         while True:
             try:
                 await self.authenticate()
                 return
             except AdmissionError as exc:
-                attempt += 1
                 if exc.reason == "expired" and await self._fresh_credential():
+                    attempt += 1
                     continue
+                # -- back-pressure: a busy coordinator says when to come back; wait around that
+                if exc.reason == "busy" and busy < _BUSY_ATTEMPTS:
+                    busy += 1
+                    self.busy_retries += 1
+                    delay = busy_delay(str(exc), fallback=0.1 * 2 ** min(busy, 5))
+                    log.info("coordinator busy; authenticating again in %.2fs", delay)
+                    await asyncio.sleep(delay)
+                    continue
+                # -- end back-pressure
+                attempt += 1
                 if exc.reason not in _TRANSIENT or attempt >= _CONNECT_ATTEMPTS:
                     raise
                 log.info("authentication attempt %d failed (%s); retrying", attempt, exc.reason)
-                await asyncio.sleep(0.1 * 2 ** (attempt - 1))
+                await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=2.0))
 
     async def aclose(self) -> None:
         """Say offline (retained), stop tasks and disconnect."""
@@ -369,8 +384,10 @@ class Device:
     async def _handshake(self, resume: bool) -> Admission:
         ticket, self._ticket = self._ticket, None
         if resume and ticket is not None and ticket[1] == self._coordinator_boot:
+            # the ticket came from the coordinator this device authenticated in this boot, and the
+            # reply is signed by its key: no new coordinator presentation needed (none signed)
             try:
-                return await self._present(ticket[0], nonce=secrets.token_urlsafe(16))
+                return await self._present(ticket[0])
             except AdmissionError as exc:
                 if exc.reason not in ("wrong_challenge", "timeout"):
                     raise
@@ -453,8 +470,9 @@ class Device:
             self._reauth = asyncio.ensure_future(self._reauth_loop(expired=reason == "expired"))
 
     async def _reauth_loop(self, *, expired: bool) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 5.0)       # jittered: a fleet re-authenticating does not retry in step
         while self._state is S.REAUTHENTICATING:
+            delay: float | None = None
             if expired:     # the admitted credential expired: present another or stop
                 expired = False
                 if self.credential is self._presented and not await self._fresh_credential():
@@ -471,11 +489,13 @@ class Device:
                     if not await self._fresh_credential():
                         return                  # EXPIRED until update_credential()
                     self._set_state(S.REAUTHENTICATING, "fresh credential")
-                log.info("re-authentication failed (%s), retrying in %.2fs", exc.reason, delay)
+                if exc.reason == "busy":
+                    self.busy_retries += 1
+                    delay = busy_delay(str(exc), fallback=backoff.next())
+                log.info("re-authentication failed (%s), retrying", exc.reason)
             except MessagingError as exc:
                 log.info("re-authentication interrupted (%s), retrying", exc.reason)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff.next() if delay is None else delay)
 
     def _on_reconnect(self, session_present: bool) -> None:
         if self._state in (S.CLOSED, S.REVOKED):

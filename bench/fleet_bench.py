@@ -1,0 +1,449 @@
+"""Fleet benchmark: many simulated devices across processes, the coordinator in its own process.
+
+    python3 bench/fleet_bench.py [--sizes 1000 5000 10000] [--workers 4] [--json bench/results/fleet.json]
+
+Mosquitto (loopback, open mode) is the broker. Each device is a real :class:`~sdk.coord.device.Device`:
+its own key, credential and MQTT connection, its own signature checks; ``--workers`` processes
+hold them. The coordinator runs in a process of its own, so its CPU seconds and RSS (read from
+``/proc/PID``) measure the coordinator and not the simulator. The fleet grows in steps to each
+size; per step: admission time and rate, coordinator CPU per admitted device, one event → every
+device applied, coordinator convergence, coordinator RSS. Then the broker restarts with the whole
+fleet connected: time until every device is admitted again, and converged on a new event (none
+lost). The machine's load average is recorded with every figure (other work skews them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROOM = "room:fleet"
+RULES = [{
+    "name": "fleet", "event": "screen_available", "when": {"sender.kind": "display"},
+    "target": {"select": "group", "group_prefix": "room:", "where": {"device.kind": "phone"}},
+    "config": {"ui.companion.width": "{event.width}", "ui.companion.height": "{event.height}"},
+}]
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ---------------------------------------------------------------------------------- coordinator process
+def coordinator_main(args: argparse.Namespace) -> None:
+    """The coordinator in its own process: stats on request (one JSON line per ``stats`` line on stdin)."""
+    from sdk.coord.coordinator import Coordinator, parse_rules
+    from sdk.identity import Key, TrustPolicy
+
+    logging.basicConfig(level=logging.ERROR)
+    raise_nofile()
+    issuer, ckey = Key.from_seed(bytes.fromhex(args.issuer_seed)), Key.from_seed(bytes.fromhex(args.coord_seed))
+
+    async def run() -> None:
+        coord = Coordinator(ckey, broker=args.broker, data_dir=args.data, trust=TrustPolicy({}), issuer=issuer,
+                            rules=parse_rules(RULES), heartbeat_ttl=600, max_admissions=args.max_admissions,
+                            # a persistent session: requests sent while it reconnects wait in the broker
+                            persistent=True, client_id="fleet-bench-coordinator")
+        admitted = [0]
+        converged: list[dict[str, Any]] = []
+
+        def listen(what: str, info: dict[str, Any]) -> None:
+            if what == "admitted":
+                admitted[0] += 1
+            elif what == "converged":
+                converged.append({"targets": info["targets"], "seconds": info["seconds"],
+                                  "failures": info.get("failures"), "at": time.monotonic()})
+
+        coord.add_listener(listen)
+        await coord.start()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def stats() -> str:
+            return json.dumps({"admitted": admitted[0], "registry": len(coord.registry),
+                               "admission": coord.admission.snapshot(), "converged": converged[-5:]})
+
+        async def snapshot() -> str:
+            return stats()
+
+        def reader() -> None:
+            for line in sys.stdin:
+                if line.strip() == "stats":
+                    print(asyncio.run_coroutine_threadsafe(snapshot(), loop).result(), flush=True)
+                elif line.strip() == "stop":
+                    break
+            loop.call_soon_threadsafe(finish)
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        threading.Thread(target=reader, daemon=True).start()
+        print(json.dumps({"ready": True, "did": coord.did}), flush=True)
+        await done
+        await coord.stop()
+
+    asyncio.run(run())
+
+
+class CoordinatorProcess:
+    def __init__(self, broker: str, data: str, issuer_seed: bytes, coord_seed: bytes, max_admissions: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--coordinator", "--broker", broker, "--data", data,
+             "--issuer-seed", issuer_seed.hex(), "--coord-seed", coord_seed.hex(),
+             "--max-admissions", str(max_admissions)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        first = json.loads(self._line())
+        self.did: str = first["did"]
+        self.pid = self.proc.pid
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"coordinator process exited ({self.proc.poll()})")
+        return line
+
+    def stats(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# ---------------------------------------------------------------------------------- device worker processes
+def worker_main(index: int, broker: str, coordinator: str, issuer_seed: bytes, conn: Connection,
+                display: bool, concurrency: int) -> None:
+    """Hold devices of one process; answer the controller's commands over ``conn``."""
+    logging.basicConfig(level=logging.ERROR)
+    raise_nofile()
+    asyncio.run(_worker(index, broker, coordinator, issuer_seed, conn, display, concurrency))
+
+
+async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes, conn: Connection,
+                  display: bool, concurrency: int) -> None:
+    from sdk.coord.coordinator.auth import device_credential
+    from sdk.coord.device import Device, DeviceState
+    from sdk.coord.events import screen_available
+    from sdk.identity import Key
+
+    issuer = Key.from_seed(issuer_seed)
+    loop = asyncio.get_running_loop()
+    devices: list[Device] = []
+    applied: dict[str, tuple[int, float]] = {}
+    failures: list[str] = []
+
+    def make(kind: str) -> Device:
+        key = Key.generate()
+        cred = device_credential(issuer, key.did, kind=kind, groups=[ROOM])
+
+        def on_config(cfg: Any, did: str = key.did) -> None:
+            applied[did] = (cfg.version, time.monotonic())
+
+        return Device(key, cred, broker=broker, coordinator=coordinator, heartbeat_ttl=600, auth_timeout=60,
+                      renew_after=None, on_config=on_config if kind == "phone" else None)
+
+    src = make("display") if display else None
+    if src is not None:
+        await src.connect()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def connect(dev: Device) -> float | None:
+        async with sem:
+            try:
+                await dev.connect()
+                return time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - counted and reported, the rest go on
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                return None
+
+    while True:
+        cmd, arg = await loop.run_in_executor(None, conn.recv)
+        if cmd == "prepare":            # keys and credentials made before the clock starts
+            batch = [make("phone") for _ in range(arg)]
+            conn.send(len(batch))
+        elif cmd == "connect":
+            t0 = time.monotonic()
+            done = await asyncio.gather(*(connect(d) for d in batch))
+            devices.extend(batch)
+            ok = [t for t in done if t is not None]
+            conn.send({"ok": len(ok), "failed": len(done) - len(ok), "first": t0,
+                       "last": max(ok) if ok else t0, "errors": failures[-3:],
+                       "busy_retries": sum(d.busy_retries for d in batch)})
+        elif cmd == "event":
+            assert src is not None
+            t0 = time.monotonic()
+            await src.publish_event(screen_available(arg, 1080))
+            conn.send(t0)
+        elif cmd == "state":
+            admitted = sum(1 for d in devices if d.state is DeviceState.ADMITTED)
+            at_version = [t for did, (v, t) in applied.items() if v >= arg]
+            conn.send({"devices": len(devices), "admitted": admitted, "at_version": len(at_version),
+                       "last_applied": max(at_version) if at_version else None,
+                       "display_admitted": src is None or src.state is DeviceState.ADMITTED})
+        elif cmd == "close":
+            await asyncio.gather(*(d.aclose() for d in devices), return_exceptions=True)
+            if src is not None:
+                await src.aclose()
+            conn.send(True)
+            return
+
+
+class Fleet:
+    """The controller's handle on the worker processes."""
+
+    def __init__(self, workers: int, broker: str, coordinator: str, issuer_seed: bytes, concurrency: int) -> None:
+        ctx = mp.get_context("fork")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for i in range(workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(i, broker, coordinator, issuer_seed, child, i == 0,
+                                                      concurrency), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.size = 0
+
+    def ask(self, cmd: str, arg: Any = None, *, only: int | None = None) -> list[Any]:
+        conns = self.conns if only is None else [self.conns[only]]
+        for c in conns:
+            c.send((cmd, arg))
+        return [c.recv() for c in conns]
+
+    def grow(self, n: int) -> dict[str, Any]:
+        share = [n // len(self.conns) + (1 if i < n % len(self.conns) else 0) for i in range(len(self.conns))]
+        for c, k in zip(self.conns, share, strict=True):
+            c.send(("prepare", k))
+        for c in self.conns:
+            c.recv()
+        replies = self.ask("connect")
+        self.size += sum(r["ok"] for r in replies)
+        return {"ok": sum(r["ok"] for r in replies), "failed": sum(r["failed"] for r in replies),
+                "seconds": max(r["last"] for r in replies) - min(r["first"] for r in replies),
+                "busy_retries": sum(r["busy_retries"] for r in replies),
+                "errors": [e for r in replies for e in r["errors"]][:5]}
+
+    def wait(self, version: int, timeout: float) -> tuple[int, int, float | None]:
+        """Poll until every device applied ``version`` (or the timeout): (applied, admitted, last time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.ask("state", version)
+            applied = sum(s["at_version"] for s in states)
+            admitted = sum(s["admitted"] for s in states)
+            last = [s["last_applied"] for s in states if s["last_applied"] is not None]
+            if applied >= self.size or time.monotonic() > deadline:
+                return applied, admitted, max(last) if last else None
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.send(("close", None))
+        for c, p in zip(self.conns, self.procs, strict=True):
+            if c.poll(60):
+                c.recv()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+def wait_until(check: Any, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def converged_after(coord: CoordinatorProcess, t0: float, targets: int, timeout: float) -> dict[str, Any] | None:
+    found: list[dict[str, Any]] = []
+
+    def check() -> bool:
+        found[:] = [c for c in coord.stats()["converged"] if c["at"] >= t0 and c["targets"] >= targets]
+        return bool(found)
+
+    return found[0] if wait_until(check, timeout, 0.2) else None
+
+
+# ---------------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from brokers.mosquitto import MosquittoBroker, MosquittoConfig
+
+    raise_nofile()
+    out: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus python {platform.python_version()}",
+        "workers": args.workers, "max_admissions": args.max_admissions, "load_at_start": load(), "steps": []}
+    broker = MosquittoBroker(MosquittoConfig.open_for_tests(persistence=True))
+    broker.start()
+    tmp = tempfile.TemporaryDirectory(prefix="fleet-bench-")
+    issuer_seed, coord_seed = os.urandom(32), os.urandom(32)
+    coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions)
+    fleet: Fleet | None = None
+    try:
+        time.sleep(1.0)
+        idle_rss = proc_rss_mb(coord.pid)
+        out["coordinator_idle_rss_mb"] = round(idle_rss, 1)
+        fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency)
+        wait_until(lambda: all(s["display_admitted"] for s in fleet.ask("state", 0)), 60)
+        version = 0
+        for size in args.sizes:
+            add = size - fleet.size
+            if add <= 0:
+                continue
+            cpu0 = proc_cpu(coord.pid)
+            grown = fleet.grow(add)
+            cpu = proc_cpu(coord.pid) - cpu0
+            step: dict[str, Any] = {
+                "devices": fleet.size, "added": add, "admitted": grown["ok"], "failed": grown["failed"],
+                "admission_s": round(grown["seconds"], 2),
+                "admission_rate_per_s": round(grown["ok"] / grown["seconds"], 1) if grown["seconds"] else None,
+                "coordinator_cpu_ms_per_device": round(cpu * 1000 / max(1, grown["ok"]), 3),
+                "busy_retries": grown["busy_retries"], "errors": grown["errors"], "load_admission": load()}
+            print(f"{fleet.size:>6} devices: +{add} admitted in {grown['seconds']:.1f} s "
+                  f"({step['admission_rate_per_s']}/s, coordinator {step['coordinator_cpu_ms_per_device']} ms CPU "
+                  f"per device, {grown['busy_retries']} busy retries, {grown['failed']} failed; load {load()})",
+                  flush=True)
+            # one event -> every device applied; the coordinator's convergence
+            version += 1
+            cpu0 = proc_cpu(coord.pid)
+            (t0,) = fleet.ask("event", 1000 + version, only=0)
+            applied, _, last = fleet.wait(version, args.timeout)
+            conv = converged_after(coord, t0, fleet.size, args.timeout)
+            step.update({
+                "event_applied": applied,
+                "event_all_applied_s": round(last - t0, 3) if last is not None and applied >= fleet.size else None,
+                "coordinator_converged_s": round(conv["seconds"], 3) if conv else None,
+                "coordinator_cpu_ms_per_device_fanout": round((proc_cpu(coord.pid) - cpu0) * 1000 / fleet.size, 3),
+                "load_fanout": load()})
+            stats = coord.stats()
+            rss = proc_rss_mb(coord.pid)
+            step.update({"coordinator_rss_mb": round(rss, 1),
+                         "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
+                         "coordinator_cpu_s_total": round(proc_cpu(coord.pid), 2),
+                         "coordinator_admission": stats["admission"], "registry": stats["registry"]})
+            print(f"        event -> {applied}/{fleet.size} applied in {step['event_all_applied_s']} s; "
+                  f"coordinator converged in {step['coordinator_converged_s']} s; RSS {rss:.0f} MB "
+                  f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle); load {load()}", flush=True)
+            out["steps"].append(step)
+        # reconnect storm: the broker restarts under the whole fleet
+        if args.storm and fleet.size:
+            before = coord.stats()
+            cpu0 = proc_cpu(coord.pid)
+            t0 = time.monotonic()
+            broker.restart()
+            t_up = time.monotonic()
+            target = before["admitted"] + fleet.size + 1      # every phone and the display
+            ok = wait_until(lambda: coord.stats()["admitted"] >= target, args.timeout, 0.25)
+            t_admitted = time.monotonic()
+            after = coord.stats()
+            states = fleet.ask("state", version)
+            admitted_now = sum(s["admitted"] for s in states)
+            version += 1
+            (te,) = fleet.ask("event", 1000 + version, only=0)
+            applied, _, last = fleet.wait(version, args.timeout)
+            conv = converged_after(coord, te, fleet.size, args.timeout)
+            t_conv = time.monotonic()
+            storm = {
+                "devices": fleet.size, "broker_restart_s": round(t_up - t0, 2),
+                "all_readmitted": ok, "readmitted": after["admitted"] - before["admitted"],
+                "readmitted_s": round(t_admitted - t0, 2), "devices_admitted_after": admitted_now,
+                "by_ticket": after["admission"]["resumed"] - before["admission"]["resumed"],
+                "presentations_signed": after["admission"]["signed"] - before["admission"]["signed"],
+                "busy": after["admission"]["busy"] - before["admission"]["busy"],
+                "peak_inflight": after["admission"]["peak"],
+                "event_applied_after": applied, "lost": fleet.size - applied,
+                "readmitted_and_converged_s": round(t_conv - t0, 2),
+                "event_all_applied_s": round(last - te, 3) if last is not None and applied >= fleet.size else None,
+                "coordinator_converged_s": round(conv["seconds"], 3) if conv else None,
+                "coordinator_cpu_ms_per_device": round((proc_cpu(coord.pid) - cpu0) * 1000 / fleet.size, 3),
+                "load": load()}
+            out["storm"] = storm
+            print(f"storm: broker restart with {fleet.size} devices -> {storm['readmitted']} re-admitted "
+                  f"({storm['by_ticket']} by ticket, {storm['presentations_signed']} presentations signed) in "
+                  f"{storm['readmitted_s']} s; converged on a new event {storm['readmitted_and_converged_s']} s "
+                  f"after the restart; lost {storm['lost']}; load {load()}", flush=True)
+    finally:
+        if fleet is not None:
+            fleet.close()
+        coord.stop()
+        broker.cleanup()
+        tmp.cleanup()
+    out["load_at_end"] = load()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 5000, 10000])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=100, help="connects in flight per worker")
+    parser.add_argument("--max-admissions", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--no-storm", dest="storm", action="store_false")
+    parser.add_argument("--json", type=Path, default=None)
+    # the coordinator process (started by the benchmark itself)
+    parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--broker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--issuer-seed", help=argparse.SUPPRESS)
+    parser.add_argument("--coord-seed", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.coordinator:
+        coordinator_main(args)
+        return
+    logging.basicConfig(level=logging.ERROR)
+    out = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
