@@ -254,7 +254,10 @@ def _gate_text(name: str, gate: Any) -> str:
     ok = gate.get("ok")
     mark = "[green]✓[/green]" if ok is True else "[red]✗[/red]" if ok is False else "[yellow]…[/yellow]"
     value, limit = gate.get("value"), gate.get("limit")
-    detail = _num(value) if limit is None else f"{_num(value)}/{_num(limit)}"
+    if isinstance(value, dict):              # smoke: {"passed": n, "failed": m} (its limit is the method)
+        detail = " ".join(f"{_num(v)} {k}" for k, v in value.items())
+    else:
+        detail = _num(value) if limit is None else f"{_num(value)}/{_num(limit)}"
     return f"{mark} {_esc(name)} {_esc(detail)}"
 
 
@@ -286,25 +289,29 @@ def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: in
         out.append(Text.from_markup(f"rollback: {_esc(back.get('restored', 0))} of {_esc(back.get('devices', 0))} "
                                     f"device(s) restored, {_esc(back.get('failed', 0))} failed"))
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("#", "size", "progress", "applied", "failed", "pending"):
+    for col in ("#", "devices", "of", "progress", "applied", "failed", "pending"):
         table.add_column(col, no_wrap=True, justify="left" if col == "progress" else "right")
-    table.add_column("gates", overflow="fold")
+    gate_lines: list[Any] = []
     for i, s in enumerate(stages):
         if not isinstance(s, dict):
             continue
         index = s.get("index", i)
-        size = int(s.get("size") or 0)
+        size = int(s.get("size") or 0)              # cumulative: the target devices once this stage is in
+        members = int(s.get("members") if s.get("members") is not None else size)
         applied = int(s.get("applied") or 0)
         label = f"{index}" + (" canary" if index == 0 else "")
         mark = "▶ " if index == stage and state in ("running", "paused") else ""
+        table.add_row(mark + label, str(members), str(size),
+                      ProgressBar(total=max(members, 1), completed=min(applied, members), width=12),
+                      str(applied), str(s.get("failed") or 0), str(s.get("pending") or 0))
         gates = s.get("gates") or {}
-        gate_cells = "  ".join(_gate_text(k, gates[k]) for k in gates) or "-"
-        if s.get("promoted"):
-            gate_cells += "  [green]promoted[/green]"
-        table.add_row(mark + label, str(size), ProgressBar(total=max(size, 1), completed=min(applied, size), width=12),
-                      str(applied), str(s.get("failed") or 0), str(s.get("pending") or 0),
-                      Text.from_markup(gate_cells))
+        if gates:
+            cells = "  ".join(_gate_text(k, gates[k]) for k in gates)
+            if s.get("promoted"):
+                cells += "  [green]promoted[/green]"
+            gate_lines.append(Text.from_markup(f"  gates {index}: {cells}"))
     out.append(table)
+    out.extend(gate_lines)
     m = doc.get("metrics") or {}
     lam = m.get("lambda")
     out.append(Text.from_markup(

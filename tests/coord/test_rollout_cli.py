@@ -216,16 +216,18 @@ STATUS = {
     "id": "ro-3f2a", "name": "ui v4", "state": "running", "stage": 1, "reason": None,
     "stages": [
         {"index": 0, "size": 10, "members": 10, "applied": 10, "failed": 0, "pending": 0,
-         "gates": {"min_applied": {"ok": True, "value": 1.0, "limit": 0.95},
-                   "max_failed": {"ok": True, "value": 0.0, "limit": 0.05},
-                   "smoke": {"ok": True, "value": 10, "limit": 10}},
+         "gates": {"health:app.crashes": {"ok": True, "value": 0, "limit": "le 0", "unknown": 0},
+                   "applied": {"ok": True, "value": 1.0, "limit": 0.95},
+                   "failed": {"ok": True, "value": 0.0, "limit": 0.05},
+                   "smoke": {"ok": True, "value": {"passed": 10, "failed": 0}, "limit": "smoke"}},
          "started": 1000.0, "passed": 1003.0, "promoted": 1005.0},
-        {"index": 1, "size": 25, "members": 25, "applied": 12, "failed": 1, "pending": 12,
-         "gates": {"min_applied": {"ok": None, "value": 0.48, "limit": 0.95},
-                   "max_failed": {"ok": True, "value": 0.04, "limit": 0.05}},
+        {"index": 1, "size": 25, "members": 15, "applied": 7, "failed": 1, "pending": 7,
+         "gates": {"applied": {"ok": False, "value": 0.48, "limit": 0.95},
+                   "failed": {"ok": True, "value": 0.04, "limit": 0.05},
+                   "timeout": {"ok": True, "value": 12.5, "limit": 600}},
          "started": 1005.0, "passed": None, "promoted": None},
-        {"index": 2, "size": 50, "members": 0, "applied": 0, "failed": 0, "pending": 0, "gates": {}},
-        {"index": 3, "size": 100, "members": 0, "applied": 0, "failed": 0, "pending": 0, "gates": {}},
+        {"index": 2, "size": 50, "members": 25, "applied": 0, "failed": 0, "pending": 0, "gates": {}},
+        {"index": 3, "size": 100, "members": 50, "applied": 0, "failed": 0, "pending": 0, "gates": {}},
     ],
     "metrics": {"convergence_p50": 1.2, "convergence_p95": 2.9, "lambda": 0.35, "cpu_seconds": 0.42,
                 "bytes_sent": 51234, "cost_ratio": 0.0031},
@@ -244,9 +246,11 @@ def render(items: list[Any], width: int = 100) -> str:
 
 
 def test_status_shows_stage_counts_gates_lambda_cost_and_chart() -> None:
-    text = render(status_lines(STATUS))
+    text = render(status_lines(STATUS), width=120)
     assert "rollout ro-3f2a ui v4  running  stage 2/4" in text
-    assert "✓ min_applied 1/0.95" in text and "… min_applied 0.48/0.95" in text and "promoted" in text
+    assert "gates 0: ✓ health:app.crashes 0/le 0  ✓ applied 1/0.95  ✓ failed 0/0.05  ✓ smoke 10 passed 0 failed" \
+        "  promoted" in text, text
+    assert "gates 1: ✗ applied 0.48/0.95  ✓ failed 0.04/0.05  ✓ timeout 12.5/600" in text
     assert "λ 0.35/s (e halves in 1.98 s)" in text and "cost ratio 0.0031" in text and "51.2 kB" in text
     assert "p50 1.2 s  p95 2.9 s" in text
     assert "e(t): fraction of the target set not yet converged" in text
