@@ -198,16 +198,18 @@ class Member:
     done: float = 0.0
     smoke: str | None = None       # None, "running", "ok", "failed: <reason>"
     restore: int = 0               # the restoring version (0: none)
+    outcome: str | None = None     # what the device reported for the change: applied or failed
 
     def to_doc(self) -> dict[str, Any]:
         return {"stage": self.stage, "status": self.status, "version": self.version, "previous": self.previous,
-                "committed": self.committed, "done": self.done, "smoke": self.smoke, "restore": self.restore}
+                "committed": self.committed, "done": self.done, "smoke": self.smoke, "restore": self.restore,
+                "outcome": self.outcome}
 
     @classmethod
     def from_doc(cls, did: str, rank: int, doc: Mapping[str, Any]) -> Member:
         return cls(did, rank, int(doc["stage"]), str(doc.get("status", "waiting")), int(doc.get("version", 0)),
                    doc.get("previous"), float(doc.get("committed", 0.0)), float(doc.get("done", 0.0)),
-                   doc.get("smoke"), int(doc.get("restore", 0)))
+                   doc.get("smoke"), int(doc.get("restore", 0)), doc.get("outcome"))
 
     @property
     def took_change(self) -> bool:
@@ -391,7 +393,7 @@ class RolloutEngine:
             if r.restore_push is not None:
                 r.restore_push.observe(status, at=at)
         else:
-            m.status = "applied" if applied else "failed"
+            m.status = m.outcome = "applied" if applied else "failed"
             m.done = at
             push = r.pushes[m.stage]
             if push is not None:
@@ -575,8 +577,8 @@ class RolloutEngine:
         members = r.by_stage[stage]
         n = len(members) or 1
         g = r.spec.gates
-        applied = [m for m in members if m.status in ("applied", "restoring", "restored", "restore_failed")]
-        failed = sum(1 for m in members if m.status == "failed")
+        applied = [m for m in members if m.outcome == "applied"]
+        failed = sum(1 for m in members if m.outcome == "failed")
         out: dict[str, dict[str, Any]] = {}
         unhealthy = 0
         if g.health:
@@ -721,8 +723,8 @@ class RolloutEngine:
         for i, size in enumerate(r.sizes):
             members = r.by_stage[i]
             counts = r.counts(i)
-            applied = sum(counts.get(s, 0) for s in ("applied", "restoring", "restored", "restore_failed"))
-            failed = counts.get("failed", 0)
+            applied = sum(1 for m in members if m.outcome == "applied")
+            failed = sum(1 for m in members if m.outcome == "failed")
             committed = r.started[i] is not None
             stages.append({
                 "index": i, "size": size, "members": len(members), "applied": applied, "failed": failed,
