@@ -162,3 +162,50 @@ async def test_kill_9_of_a_node_while_configs_are_pushed_every_device_ends_on_th
             await dev.aclose()
         await coord.stop()
         await asyncio.to_thread(c.restart, 0)  # it rejoins the cluster from its spool
+
+
+async def test_mesh_generation_across_nodes_survives_the_loss_of_the_serving_nodes_broker(
+        ejabberd_cluster: EjabberdCluster) -> None:
+    """A mesh node on broker node 1, the router (peer) on node 2; then node 1 dies mid-request: the
+    mesh node fails over to node 2 and the request completes; a new one runs too."""
+    from sdk.mesh import AccessPolicy, Mesh, MeshNode, NodeConfig, NodePolicy
+    from sdk.messaging import SecureClient
+    from sdk.testing import FakeEngine, TestIssuer
+
+    c = ejabberd_cluster
+    issuer = TestIssuer()
+    node_key, peer_key = Key.generate(), Key.generate()
+    node = MeshNode(FakeEngine(token_delay=0.01), c.url, key=node_key, access=AccessPolicy(issuer.trust),
+                    credential=issuer.node(node_key, models=["fake-model"]),
+                    config=NodeConfig(advert_interval=0.3), **c.credentials(node_key))
+    mesh = Mesh(",".join(reversed(c.urls)), peer_key, credentials=[issuer.access(peer_key)],
+                node_policy=NodePolicy(issuer.trust), **c.credentials(peer_key))
+    publishers = [SecureClient(url, issuer.key, **c.credentials(issuer.key)) for url in c.urls]
+    try:
+        for client in publishers:  # retained state is per ejabberd node (see docs/BROKERS.md)
+            await client.connect()
+            await issuer.publish(client)
+        await node.start()
+        await mesh.start()
+        await mesh.wait_for_nodes(1, model="fake-model")
+        assert node.client.transport.broker_url == c.urls[0]
+        assert mesh.client.transport.broker_url == c.urls[1]
+        result = await mesh.generate(prompt="across", max_new_tokens=16, model="fake-model")
+        assert result.text == "Echo: across"
+
+        long_prompt = "x" * 20
+        pending = asyncio.ensure_future(mesh.generate(prompt=long_prompt, max_new_tokens=60, model="fake-model"))
+        await asyncio.sleep(0.1)
+        c.kill(0)
+        result = await asyncio.wait_for(pending, 30)
+        assert result.text == f"Echo: {long_prompt}"[:60]
+        await until(lambda: node.client.transport.connected and node.client.transport.broker_url == c.urls[1],
+                    timeout=15)
+        result = await mesh.generate(prompt="after", max_new_tokens=16, model="fake-model")
+        assert result.text == "Echo: after"
+    finally:
+        await mesh.aclose()
+        await node.aclose()
+        for client in publishers:
+            await client.aclose()
+        await asyncio.to_thread(c.restart, 0)
