@@ -272,3 +272,125 @@ def test_ls_table() -> None:
     text = render([rollouts_table(rows, now=1_000_090.0)])
     assert "roll-outs (1)" in text and "ro-1" in text and "4/4" in text and "98/2/100" in text
     assert "1m ago" in text
+
+
+# -- end to end on both brokers ----------------------------------------------------------------
+
+
+class Rollouts:
+    """An init'ed coordinator running in this process, ten phones in one group, the CLI pointed at it."""
+
+    def __init__(self, coord: Any, url: str) -> None:
+        self.coord = coord
+        self.url = url
+        self.configs: dict[str, list[Any]] = {}
+        self.devices: list[Any] = []
+
+    async def cli(self, *args: str, code: int = 0, as_json: bool = True) -> Any:
+        """``autoglm rollout ARGS [--json]`` in a worker thread (the CLI runs its own event loop)."""
+        import asyncio
+
+        argv = ["rollout", *args, "--broker", self.url, *(["--json"] if as_json else [])]
+        result = await asyncio.to_thread(runner.invoke, app, argv)
+        assert result.exit_code == code, result.output
+        if not as_json:
+            return result
+        doc = json.loads(result.stdout)
+        return doc["result"] if code == 0 else dict(doc["error"], reason=doc["reason"])
+
+    async def status_until(self, rid: str, check: Any, what: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll ``rollout status ID --json`` until ``check(doc)`` holds; the last document."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            doc: dict[str, Any] = await self.cli("status", rid)
+            if check(doc):
+                return doc
+            assert loop.time() < deadline, f"{what} did not happen within {timeout}s: {doc}"
+            await asyncio.sleep(0.1)
+
+    async def phones(self, n: int, group: str) -> None:
+        from sdk.coord.device import Device
+        from sdk.identity import Key
+
+        for _ in range(n):
+            key = Key.generate()
+            self.configs[key.did] = []
+            cred = self.coord.issue_device_credential(key.did, kind="phone", groups=[group])
+            dev = Device(key, cred, broker=self.url, coordinator=self.coord.did,
+                         on_config=self.configs[key.did].append)
+            await dev.connect()
+            self.devices.append(dev)
+        for dev in self.devices:
+            await dev.wait_admitted(15)
+
+
+@pytest.fixture
+async def rollouts(broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from sdk.coord.coordinator import Coordinator, load_config
+    from tests.coord.test_daemon_ops import init_setup
+
+    setup = init_setup(tmp_path, monkeypatch, broker=broker.url)
+    coord = Coordinator.from_config(load_config(setup.config), broker=broker.url)
+    await coord.start()
+    env = Rollouts(coord, broker.url)
+    try:
+        yield env
+    finally:
+        for dev in env.devices:
+            await dev.aclose()
+        await coord.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(180)
+async def test_start_status_pause_resume_abort_from_the_cli(rollouts: Rollouts, tmp_path: Path) -> None:
+    from sdk.coord.coordinator.rollouts import rank_key
+    from tests.fixtures.waiting import until
+
+    env = rollouts
+    await env.phones(10, "room:ro")
+    started = await env.cli("start", "group:room:ro", "ui.layout=v4", "--name", "layout v4", "--canary", "2",
+                            "--steps", "50,100", "--bake", "1h", "--min-applied", "100%", "--max-failed", "0",
+                            "--stage-timeout", "2m")
+    assert started["stages"] == [2, 5, 10] and started["state"] == "running"
+    rid = started["id"]
+    canary = sorted(env.configs, key=lambda d: rank_key(rid, d))[:2]
+
+    doc = await env.status_until(rid, lambda d: d["stages"][0]["passed"] is not None, "the canary's gates pass")
+    assert doc["state"] == "running" and doc["stage"] == 0 and doc["stages"][0]["applied"] == 2
+    assert {k: v["ok"] for k, v in doc["stages"][0]["gates"].items()} == {"applied": True, "failed": True,
+                                                                           "timeout": True}
+    for did, configs in env.configs.items():       # baking: only the canary has the change
+        assert [c.state for c in configs] == ([{"ui.layout": "v4"}] if did in canary else []), did
+
+    listed = await env.cli("ls", "--state", "running")
+    assert [(r["id"], r["name"], r["stages"]) for r in listed["rollouts"]] == [(rid, "layout v4", [2, 5, 10])]
+    text = await env.cli("status", rid, "--plot", str(tmp_path / "curve.png"), as_json=False)
+    assert f"rollout {rid} layout v4  running  stage 1/3" in text.stdout
+    assert "gates 0: ✓ applied 1/1  ✓ failed 0/0" in text.stdout and "e(t)" in text.stdout
+    width, height, _ = decode_png((tmp_path / "curve.png").read_bytes())
+    assert (width, height) == (480, 240)
+
+    assert (await env.cli("pause", rid))["state"] == "paused"
+    assert (await env.cli("resume", rid))["state"] == "running"
+    aborted = await env.cli("abort", rid)
+    assert aborted["state"] in ("aborted", "rolled_back") and aborted["reason"].startswith("aborted by")
+
+    doc = await env.status_until(rid, lambda d: d["state"] == "rolled_back", "the canary is restored")
+    for did in canary:                    # a new, higher version takes the key away again
+        await until(lambda did=did: len(env.configs[did]) == 2, 15, what="restore applied")  # type: ignore[misc]
+        first, second = env.configs[did]
+        assert second.version > first.version and second.state == {}
+    assert all(env.configs[d] == [] for d in env.configs if d not in canary)
+    assert doc["rollback"] == {"devices": 2, "restored": 2, "failed": 0}
+
+    again = await env.cli("resume", rid, code=1)
+    assert again["reason"] == "invalid_state" and "autoglm rollout status" in again["hint"]
+    missing = await env.cli("status", "ro-nope", code=1)
+    assert missing["reason"] == "not_found" and "autoglm rollout ls" in missing["hint"]
+    plain = await env.cli("status", "ro-nope", code=1, as_json=False)
+    lines = plain.output.splitlines()
+    assert lines[0].startswith("error: not_found:") and lines[1].startswith("hint: ") and len(lines) == 2
