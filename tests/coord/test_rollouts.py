@@ -209,6 +209,8 @@ async def test_healthy_rollout_completes_stage_by_stage(mesh: Mesh) -> None:
     assert doc["curve"][0] == [0.0, 1.0] and doc["curve"][-1][1] == 0.0
     text = mesh.coordinator.metrics.prometheus().decode()  # type: ignore[union-attr]
     assert 'autoglm_coord_rollouts{state="completed"} 1.0' in text
+    summary = mesh.coordinator.metrics.summary()["rollouts"]  # type: ignore[union-attr]
+    assert summary["by_state"] == {"completed": 1} and summary["active"] == []    # in status.json too
 
 
 @pytest.mark.broker

@@ -371,6 +371,8 @@ class RolloutEngine:
                 await self.tick()
             except (CoordinationError, OperatorError) as exc:
                 log.error("roll-out tick failed: %s", exc)
+            except Exception:       # one bad evaluation must not stop every roll-out
+                log.exception("roll-out tick failed")
 
     # ------------------------------------------------------------------ reports
     def _on_event(self, what: str, info: dict[str, Any]) -> None:
