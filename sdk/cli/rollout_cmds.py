@@ -297,7 +297,7 @@ def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: in
             continue
         index = s.get("index", i)
         size = int(s.get("size") or 0)              # cumulative: the target devices once this stage is in
-        members = int(s.get("members") if s.get("members") is not None else size)
+        members = int(s.get("members") or 0) if s.get("members") is not None else size
         applied = int(s.get("applied") or 0)
         label = f"{index}" + (" canary" if index == 0 else "")
         mark = "▶ " if index == stage and state in ("running", "paused") else ""
