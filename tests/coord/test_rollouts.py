@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sdk.coord.coordinator.adaptation import Convergence, fit_lambda, percentile, summarize
+from sdk.coord.coordinator.adaptation import Convergence, PushMetrics, fit_lambda, percentile, summarize
 from sdk.coord.coordinator.auth import operator_credential
 from sdk.coord.coordinator.daemon import Coordinator
 from sdk.coord.coordinator.rollouts import RolloutEngine, rank_key, stage_sizes
@@ -46,6 +46,22 @@ def test_lambda_fits_a_known_rate() -> None:
     assert summary["lambda"] == pytest.approx(lam)
     assert summary["convergence_p50"] == pytest.approx(-math.log(0.5) / 0.7, rel=0.01)
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_push_metrics_follow_commits_and_reports() -> None:
+    pushes = PushMetrics(keep=2)
+    pushes.on_event("committed", {"event_id": "e1", "versions": {"did:a": 1, "did:b": 3}})
+    pushes.on_event("report", {"did": "did:a", "version": 1, "status": "applied"})
+    pushes.on_event("report", {"did": "did:b", "version": 2, "status": "applied"})     # not the pushed one
+    assert pushes.summary()["open"] == 1 and pushes.last() is None
+    pushes.on_event("report", {"did": "did:b", "version": 3, "status": "failed"})
+    summary = pushes.summary()
+    assert summary["open"] == 0 and summary["settled"] == 1
+    assert summary["last"]["event_id"] == "e1" and summary["last"]["failed"] == 1
+    for i in range(3):
+        pushes.on_event("committed", {"event_id": f"x{i}", "versions": {"did:c": i + 1}})
+        pushes.on_event("report", {"did": "did:c", "version": i + 1, "status": "applied"})
+    assert [e for e, _ in pushes.settled] == ["x1", "x2"]
 
 
 def test_stage_sizes() -> None:
@@ -211,6 +227,9 @@ async def test_healthy_rollout_completes_stage_by_stage(mesh: Mesh) -> None:
     assert 'autoglm_coord_rollouts{state="completed"} 1.0' in text
     summary = mesh.coordinator.metrics.summary()["rollouts"]  # type: ignore[union-attr]
     assert summary["by_state"] == {"completed": 1} and summary["active"] == []    # in status.json too
+    pushes = summary["pushes"]                       # every push's adaptation metrics: one per stage here
+    assert pushes["settled"] == 5 and pushes["open"] == 0 and pushes["last"]["targets"] == 4
+    assert pushes["last"]["convergence_p95"] > 0
 
 
 @pytest.mark.broker

@@ -154,4 +154,64 @@ def summarize(pushes: Sequence[Convergence]) -> dict[str, Any]:
     }
 
 
-__all__ = ["Convergence", "MAX_CURVE_POINTS", "downsample", "fit_lambda", "percentile", "summarize"]
+class PushMetrics:
+    """e(t), convergence, λ and CPU of every push (rule-made, operator or roll-out stage), fed by
+    the coordinator's ``committed`` and ``report`` events; the newest ``keep`` settled pushes are
+    kept, at most ``max_open`` unsettled ones (the oldest is dropped beyond it)."""
+
+    def __init__(self, *, keep: int = 100, max_open: int = 1000) -> None:
+        self.keep = keep
+        self.max_open = max_open
+        self.open: dict[str, Convergence] = {}
+        self.settled: list[tuple[str, Convergence]] = []
+        self._targets: dict[tuple[str, int], str] = {}
+        self._members: dict[str, list[tuple[str, int]]] = {}
+
+    def on_event(self, what: str, info: dict[str, Any]) -> None:
+        """A coordinator listener: ``committed`` opens a push, ``report`` counts a target."""
+        if what == "committed":
+            event_id, versions = str(info.get("event_id")), dict(info.get("versions") or {})
+            if not versions or event_id in self.open:
+                return
+            if len(self.open) >= self.max_open:
+                self._drop(next(iter(self.open)))
+            self.open[event_id] = Convergence(len(versions))
+            keys = [(did, int(v)) for did, v in versions.items()]
+            self._members[event_id] = keys
+            for key in keys:
+                self._targets[key] = event_id
+        elif what == "report":
+            found = self._targets.pop((str(info.get("did")), int(info.get("version", 0))), None)
+            conv = self.open.get(found) if found is not None else None
+            if found is None or conv is None:
+                return
+            conv.observe(str(info.get("status")))
+            if conv.settled():
+                self._drop(found)
+                self.settled.append((found, conv))
+                del self.settled[:-self.keep]
+
+    def _drop(self, event_id: str) -> None:
+        self.open.pop(event_id, None)
+        for key in self._members.pop(event_id, []):
+            if self._targets.get(key) == event_id:
+                del self._targets[key]
+
+    def last(self) -> tuple[str, Convergence] | None:
+        """The newest settled push."""
+        return self.settled[-1] if self.settled else None
+
+    def summary(self) -> dict[str, Any]:
+        """Pushes open and settled; the newest settled one's metrics; λ p50 over the settled ones."""
+        lambdas = [lam for _, c in self.settled if (lam := fit_lambda(c.points)) is not None]
+        out: dict[str, Any] = {"open": len(self.open), "settled": len(self.settled),
+                               "lambda_p50": percentile(lambdas, 0.5), "last": None}
+        last = self.last()
+        if last is not None:
+            event_id, conv = last
+            out["last"] = {"event_id": event_id, "targets": conv.targets, "failed": conv.failed,
+                           **summarize([conv])}
+        return out
+
+
+__all__ = ["Convergence", "MAX_CURVE_POINTS", "PushMetrics", "downsample", "fit_lambda", "percentile", "summarize"]

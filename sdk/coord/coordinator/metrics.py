@@ -78,6 +78,8 @@ class CoordinatorMetrics:
         self.rollout_convergence = Histogram("autoglm_coord_rollout_convergence_seconds",
                                              "Roll-out stage commit -> device applied", buckets=_LAT_BUCKETS,
                                              registry=r)
+        self.push_decay_rate = Gauge("autoglm_coord_push_decay_rate",
+                                     "Error decay rate lambda of the newest settled push, per second", registry=r)
         #: the roll-outs' summary in status output (set by the roll-out engine)
         self.rollout_summary: Callable[[], dict[str, Any]] | None = None
         # -- end roll-outs

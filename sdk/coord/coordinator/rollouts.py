@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sdk.coord.coordinator.adaptation import Convergence, downsample, summarize
+from sdk.coord.coordinator.adaptation import Convergence, PushMetrics, downsample, summarize
 from sdk.coord.coordinator.errors import InvalidValue
 from sdk.coord.coordinator.values import strict_dumps
 from sdk.coord.errors import CoordinationError, OperatorError
@@ -304,6 +304,8 @@ class RolloutEngine:
         #: gate evaluations done (a positive signal for "the engine looked again")
         self.ticks = 0
         self._listening = False
+        #: the adaptation metrics of every push (not only roll-outs')
+        self.pushes = PushMetrics()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -311,6 +313,7 @@ class RolloutEngine:
         if not self._listening:
             self._listening = True
             self.coordinator.add_listener(self._on_event)
+            self.coordinator.add_listener(self.pushes.on_event)
             self.coordinator.metrics.rollout_summary = self.overview
         self.rollouts.clear()
         self._by_did.clear()
@@ -638,6 +641,10 @@ class RolloutEngine:
             summary = summarize([p for p in newest.pushes if p is not None])
             metrics.rollout_decay_rate.set(summary["lambda"] or 0.0)
             metrics.rollout_cost_ratio.set(summary["cost_ratio"] or 0.0)
+        last = self.pushes.last()
+        if last is not None:
+            lam = summarize([last[1]])["lambda"]
+            metrics.push_decay_rate.set(lam or 0.0)
 
     async def _evaluate(self, r: Rollout, now: float) -> None:
         stage = r.stage
@@ -754,7 +761,7 @@ class RolloutEngine:
                 metrics = summarize([p for p in r.pushes if p is not None])
                 active.append({"id": r.id, "name": r.spec.name, "state": r.state, "stage": r.stage,
                                "stages": len(r.sizes), "counts": r.counts(), "lambda": metrics["lambda"]})
-        return {"by_state": by_state, "active": active}
+        return {"by_state": by_state, "active": active, "pushes": self.pushes.summary()}
 
     async def aclose(self) -> None:
         """Cancel running smoke calls and persist pending changes."""
