@@ -79,7 +79,7 @@ class RouterConfig:
     weights: RankingWeights = RankingWeights()
     stale_after: float = 3.0  # adverts older than this many intervals are ignored
     affinity: bool = True  # keep a request on the node holding its longest prompt prefix
-    affinity_slack: float = 0.5  # ... while that node's estimate is within (1 + slack) x the best
+    affinity_slack: float = 1.0  # ... while that node's estimate is within (1 + slack) x the best
     prefix_key: bytes | None = None  # the mesh's prefix key (as the nodes'): match their summaries
     prefix_block: int = DEFAULT_BLOCK
     seed: int | None = None  # the gray-release RNG for requests without a request_id
@@ -465,7 +465,6 @@ class Mesh:
             if not tried:
                 self.by_version[str(node.metadata.get("version") or "")] += 1
             tried.add(node.node_id)
-            self.affinity.record(route.chain, node.node_id)
             version = version or str(node.metadata.get("version") or "") or None
             if progress.generated:
                 if progress.prompt_ids is None:  # the node never sent the prompt's ids: cannot resume
@@ -491,9 +490,11 @@ class Mesh:
             finally:
                 await chunks.aclose()  # type: ignore[attr-defined]  # the caller left: cancel on the node
             if result.done:
-                if route.chain and req.prompt_token_ids is None:
+                if req.prompt_token_ids is None:  # the node now holds the prompt and the reply
                     base = prompt_bytes(prompt=req.prompt, messages=req.messages)
                     self.affinity.record(self.hasher.chain(continuation(base, "".join(texts))), node.node_id)
+                else:
+                    self.affinity.record(route.chain, node.node_id)
                 return
             reason, message = result.failure
             failures.append((node.node_id, reason, message))
