@@ -73,7 +73,7 @@ def find_postgres() -> str | None:
     return PG_BIN if os.access(os.path.join(PG_BIN, "pg_ctl"), os.X_OK) else None
 
 
-def credentials(key: Key) -> dict[str, object]:
+def credentials(key: Key) -> dict[str, Any]:
     """``username``/``password`` keyword arguments for MqttTransport, Device or Coordinator."""
     return {"username": ejabberd_username(key.did), "password": did_password(key)}
 
@@ -238,7 +238,7 @@ class EjabberdCluster:
         return ",".join(self.urls)
 
     @staticmethod
-    def credentials(key: Key) -> dict[str, object]:
+    def credentials(key: Key) -> dict[str, Any]:
         return credentials(key)
 
     def start(self) -> None:
