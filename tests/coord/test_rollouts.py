@@ -298,7 +298,7 @@ async def test_coordinator_crash_mid_stage_resumes(mesh: Mesh) -> None:
 async def test_offline_device_catches_up_to_its_stage(mesh: Mesh, tmp_path: Path) -> None:
     await mesh.start_coordinator(rules=None)
     op = await _operator(mesh)
-    _, got = await _fleet(mesh, 5)
+    _, got = await _fleet(mesh, 7)                          # stages of 2, 2 and 4 devices with the late one
     late_key = Key.generate()
     late_seen: list[Any] = []
     late = await mesh.device("phone", room="room:ro", key=late_key, record=late_seen,
@@ -309,14 +309,15 @@ async def test_offline_device_catches_up_to_its_stage(mesh: Mesh, tmp_path: Path
     await until(lambda: not coord.registry.get(late_key.did).admitted, what="offline")  # type: ignore[union-attr]
     out = await op.call("rollout.start", {
         "target": {"group": "room:ro"}, "change": {"set": {KEY: "v8"}},
-        "stages": {"canary": {"count": 2}, "growth": {"steps": [50, 100]}}, "bake": 0.1,
+        "stages": {"canary": {"count": 2}, "growth": {"steps": [50, 100]}}, "bake": 3.0,
         "gates": {"min_applied": 0.5, "max_failed": 0.0}})
+    assert out["stages"] == [2, 4, 8]
     rollout_id = out["id"]
     r = _engine(mesh).get(rollout_id)
     stage = r.members[late_key.did].stage
     await until(lambda: r.stage >= stage and r.passed[stage] is not None, timeout=30, what="its stage passed")
-    await op.call("rollout.pause", {"id": rollout_id})
-    assert r.stage == stage                                  # paused right at its stage
+    await op.call("rollout.pause", {"id": rollout_id})     # while its stage bakes
+    assert r.stage == stage and r.state == "paused"
     back = await mesh.device("phone", room="room:ro", key=late_key, record=late_seen,
                              state_file=tmp_path / "late.json")
     await back.wait_version(1, 15)
