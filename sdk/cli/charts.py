@@ -65,7 +65,9 @@ def _fmt_seconds(value: float) -> str:
         return f"{value / 3600:.1f}h"
     if value >= 120:
         return f"{value / 60:.0f}m"
-    return f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
+    if value >= 10:
+        return f"{value:.0f}s"
+    return f"{value:.1f}s" if value >= 1 or value == 0 else f"{value:.2g}s"
 
 
 def braille_chart(points: Sequence[Sequence[float]], *, width: int = 40, height: int = 6,

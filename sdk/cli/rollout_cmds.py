@@ -499,7 +499,7 @@ def rollout_status(
 
     rid = _early(as_json, check)
     opts = _conn(profile, broker, keystore, credential, coordinator, ca, cert, key_file, request_timeout)
-    live = watch and not as_json
+    live = watch and not as_json and _console().is_terminal     # elsewhere: the final document only
 
     async def body(op: Any) -> Any:
         doc = await call(op, "rollout.status", {"id": rid}, request_timeout)
