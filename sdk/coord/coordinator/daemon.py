@@ -68,7 +68,6 @@ from sdk.coord.coordinator.registry import (
 from sdk.coord.coordinator.rules import RuleSet
 from sdk.coord.coordinator.store import ConfigVersion, Store
 from sdk.coord.coordinator.store import delta as store_delta
-from sdk.coord.coordinator.store import delta as store_delta
 from sdk.coord.coordinator.values import MAX_INT, check_json, finite, integer, strict_dumps
 from sdk.coord.events import Event, InvalidEvent
 from sdk.errors import AutoGLMError

@@ -363,7 +363,6 @@ class Store:
             (did, version, "{}", _dumps(cv.state), None, _dumps([reason]), now)))
         self._latest[did] = (version, cv.state)
         self._touched.add(did)
-        self._touched.add(did)
         return cv
 
     # ------------------------------------------------------------------ issuer state
