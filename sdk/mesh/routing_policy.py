@@ -144,9 +144,11 @@ def policy_version(msg: Message) -> tuple[str, int] | None:
 
 
 async def publish_policy(client: Any, policy: RoutingPolicy, *, credentials: list[Any] | None = None) -> None:
-    """Sign and publish ``policy`` retained (no expiry) through a connected ``SecureClient``."""
+    """Sign and publish ``policy`` retained (no expiry) through a connected ``SecureClient``;
+    ``credentials`` default to the client's own (its ``MeshPolicyCredential``)."""
+    creds = credentials if credentials is not None else list(getattr(client, "credentials", ()) or ()) or None
     await client.publish(policy_topic(policy.model), policy.to_body(), type=POLICY, retain=True, ttl=None,
-                         credentials=credentials)
+                         credentials=creds)
 
 
 class PolicyBook:
