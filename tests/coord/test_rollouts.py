@@ -16,6 +16,7 @@ import pytest
 from sdk.coord.coordinator.adaptation import Convergence, PushMetrics, fit_lambda, percentile, summarize
 from sdk.coord.coordinator.auth import operator_credential
 from sdk.coord.coordinator.daemon import Coordinator
+from sdk.coord.coordinator.errors import StoreError
 from sdk.coord.coordinator.rollouts import RolloutEngine, rank_key, stage_sizes
 from sdk.coord.coordinator.store import SCHEMA_VERSION, Store
 from sdk.coord.device import Device
@@ -423,3 +424,15 @@ async def test_bad_requests_are_refused(mesh: Mesh) -> None:
     with pytest.raises(OperatorError) as info:
         await op.call("rollout.status", {"id": "ro-nope"})
     assert info.value.reason == "not_found"
+
+    coord = mesh.coordinator
+    assert coord is not None and coord.store is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:      # the disk fails under the stage's commit
+        raise StoreError("state store write failed: disk I/O error")
+
+    coord.store.commit_rollout = broken                 # type: ignore[method-assign]
+    with pytest.raises(OperatorError) as info:
+        await op.call("rollout.start", base)
+    assert info.value.reason == "store_error"
+    assert await op.call("rollout.ls") == {"rollouts": []}    # nothing half-started is left

@@ -291,6 +291,26 @@ class Rollout:
         return out
 
 
+Snapshot = tuple[dict[str, Any], dict[str, dict[str, Any]]]
+
+
+def snapshot(r: Rollout) -> Snapshot:
+    """``r``'s in-memory state, to put back when a commit fails (nothing was written then)."""
+    fields = {"state": r.state, "stage": r.stage, "reason": r.reason, "started": list(r.started),
+              "passed": list(r.passed), "promoted": list(r.promoted), "pushes": list(r.pushes),
+              "restore_push": r.restore_push}
+    return fields, {did: m.to_doc() for did, m in r.members.items()}
+
+
+def put_back(r: Rollout, saved: Snapshot) -> None:
+    fields, members = saved
+    for name, value in fields.items():
+        setattr(r, name, value)
+    for did, doc in members.items():
+        m = r.members[did]
+        m.__dict__.update(Member.from_doc(did, m.rank, doc).__dict__)
+
+
 class RolloutEngine:
     """The roll-outs of one coordinator: persisted state, the gate tick, reports, rollback."""
 
@@ -434,7 +454,12 @@ class RolloutEngine:
         self.rollouts[rollout_id] = r
         self._track(r)
         log.info("roll-out %s by %s: %d device(s) in stages %s", rollout_id, operator, len(ordered), sizes)
-        await self._start_stage(r, 0, all_members=True)
+        try:
+            await self._start_stage(r, 0, all_members=True)
+        except (OperatorError, CoordinationError):
+            self._untrack(r)
+            del self.rollouts[rollout_id]
+            raise
         return r
 
     def pause(self, r: Rollout) -> None:
@@ -480,6 +505,7 @@ class RolloutEngine:
         unpin: dict[str, list[str]] = {}
         touched: list[Member] = []
         now = time.time()
+        saved = snapshot(r)
         for m in r.members.values():
             if not m.took_change or m.status in ("restoring", "restored", "restore_failed"):
                 continue
@@ -512,7 +538,11 @@ class RolloutEngine:
                                             pin=pin, unpin=unpin, rollout_id=r.id, state=r.state, doc=r.to_doc(),
                                             created=r.created, members=rows, now=now, max_bytes=MAX_CONFIG_BYTES)
         except InvalidValue as exc:
+            put_back(r, saved)
             raise OperatorError(f"rollback of {r.id}: {exc}", reason="invalid_params") from exc
+        except CoordinationError:
+            put_back(r, saved)
+            raise
         for cv in versions:
             r.members[cv.did].restore = cv.version
         r.dirty.clear()
@@ -536,6 +566,7 @@ class RolloutEngine:
         now = time.time()
         members = r.by_stage[stage]
         changes: dict[str, dict[str, Any]] = {}
+        saved = snapshot(r)
         for m in members:
             desired, pinned = store.desired(m.did), store.pinned(m.did)
             m.previous = {"values": {k: desired.get(k) for k in keys}, "pinned": sorted(pinned & set(keys))}
@@ -556,7 +587,11 @@ class RolloutEngine:
                 rollout_id=r.id, state=r.state, doc=r.to_doc(), created=r.created, members=rows, now=now,
                 max_bytes=MAX_CONFIG_BYTES)
         except InvalidValue as exc:
+            put_back(r, saved)
             raise OperatorError(f"change: {exc}", reason="invalid_params") from exc
+        except CoordinationError:
+            put_back(r, saved)
+            raise
         for cv in versions:
             r.members[cv.did].version = cv.version
         r.saved = time.monotonic()
