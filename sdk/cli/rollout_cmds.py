@@ -269,6 +269,7 @@ def _state_style(state: str) -> str:
 def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: int = 6) -> list[Any]:
     """What ``rollout status`` prints: a header, one row per stage (progress, counts, gates),
     the metrics line and the e(t) chart — a list of Rich renderables."""
+    from rich.columns import Columns
     from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
@@ -291,7 +292,9 @@ def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: in
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("#", "devices", "of", "progress", "applied", "failed", "pending"):
         table.add_column(col, no_wrap=True, justify="left" if col == "progress" else "right")
-    gate_lines: list[Any] = []
+    gate_lines = Table.grid(padding=(0, 1))           # wrapped lines stay under their stage's gates
+    gate_lines.add_column(no_wrap=True)
+    gate_lines.add_column()
     for i, s in enumerate(stages):
         if not isinstance(s, dict):
             continue
@@ -306,12 +309,13 @@ def status_lines(doc: dict[str, Any], *, chart_width: int = 48, chart_height: in
                       str(applied), str(s.get("failed") or 0), str(s.get("pending") or 0))
         gates = s.get("gates") or {}
         if gates:
-            cells = "  ".join(_gate_text(k, gates[k]) for k in gates)
+            items = [Text.from_markup(_gate_text(k, gates[k])) for k in gates]
             if s.get("promoted"):
-                cells += "  [green]promoted[/green]"
-            gate_lines.append(Text.from_markup(f"  gates {index}: {cells}"))
+                items.append(Text.from_markup("[green]promoted[/green]"))
+            gate_lines.add_row(f"  gates {index}:", Columns(items, padding=(0, 2)))
     out.append(table)
-    out.extend(gate_lines)
+    if gate_lines.row_count:
+        out.append(gate_lines)
     m = doc.get("metrics") or {}
     lam = m.get("lambda")
     out.append(Text.from_markup(
