@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "inference": "inference_bench.py",
     "http": "http_bench.py",
     "mesh": "mesh_bench.py",
+    "rollout": "rollout_bench.py",
 }
 #: benchmarks whose ``--json`` is a flag (JSON on stdout) rather than a path: run with their table only
 TABLE_ONLY = {"mqtt_raw", "messaging"}
