@@ -410,6 +410,14 @@ def _by_id(op_name: str, ident: str, timeout: float) -> Body:
 # -- commands ---------------------------------------------------------------------------------
 
 
+def render_started(result: dict[str, Any], *, hint: bool = True) -> None:
+    sizes = result.get("stages") or []
+    typer.echo(f"rollout {result.get('id')} {result.get('state', 'running')}: "
+               f"{len(sizes)} stage(s) of {', '.join(str(s) for s in sizes)} device(s)")
+    if hint:
+        typer.echo(f"follow it: autoglm rollout status {result.get('id')} --watch", err=True)
+
+
 @rollout_app.command("start")
 def rollout_start(
     args: list[str] = typer.Argument(..., help="TARGET (DID, group:NAME, tag:NAME; omit with --where) "
@@ -429,6 +437,7 @@ def rollout_start(
     smoke: str | None = typer.Option(None, "--smoke", help="Gate: METHOD each canary runs after applying"),
     smoke_args: str | None = typer.Option(None, "--smoke-args", help="Smoke arguments as a JSON object"),
     smoke_timeout: float = typer.Option(10.0, "--smoke-timeout", help="Seconds a smoke call may take"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Then follow it as rollout status --watch does"),
     profile: str | None = ProfileOpt, broker: str | None = BrokerOpt, keystore: Path | None = KeystoreOpt,
     credential: Path | None = CredentialOpt, coordinator: str | None = CoordinatorOpt,
     ca: Path | None = CaOpt, cert: Path | None = CertOpt, key_file: Path | None = KeyFileOpt,
@@ -445,13 +454,21 @@ def rollout_start(
         target = dict(params["target"])
         if "did" in target:
             target["did"] = await resolve_did(op, target["did"], request_timeout)
-        return await call(op, "rollout.start", {**params, "target": target}, request_timeout)
+        started = await call(op, "rollout.start", {**params, "target": target}, request_timeout)
+        if not watch:
+            return started
+        if not as_json:
+            render_started(started, hint=False)
+        doc = await call(op, "rollout.status", {"id": started["id"]}, request_timeout)
+        return await _follow(op, started["id"], doc, 1.0, request_timeout, live=live)
+
+    live = watch and not as_json and _console().is_terminal
 
     def render(result: dict[str, Any]) -> None:
-        sizes = result.get("stages") or []
-        typer.echo(f"rollout {result.get('id')} {result.get('state', 'running')}: "
-                   f"{len(sizes)} stage(s) of {', '.join(str(s) for s in sizes)} device(s)")
-        typer.echo(f"follow it: autoglm rollout status {result.get('id')} --watch", err=True)
+        if not watch:
+            render_started(result)
+        elif not live:
+            render_status(result)
 
     _run(opts, as_json, "rollout.start", body, render)
 

@@ -394,3 +394,14 @@ async def test_start_status_pause_resume_abort_from_the_cli(rollouts: Rollouts, 
     plain = await env.cli("status", "ro-nope", code=1, as_json=False)
     lines = plain.output.splitlines()
     assert lines[0].startswith("error: not_found:") and lines[1].startswith("hint: ") and len(lines) == 2
+
+    watched = await env.cli("status", rid, "--watch", as_json=False)      # already final: one view
+    assert watched.stdout.count(f"rollout {rid} layout v4  rolled_back") == 1
+
+    done = await env.cli("start", "group:room:ro", "ui.layout=v5", "--canary", "20%", "--max-failed", "0",
+                         "--watch")                                       # follows it to the end
+    assert done["state"] == "completed" and done["counts"] == {"applied": 10}
+    assert [s["size"] for s in done["stages"]] == [2, 10] and all(s["promoted"] for s in done["stages"])
+    for did in env.configs:
+        await until(lambda did=did: any(c.state == {"ui.layout": "v5"} for c in env.configs[did]), 15,
+                    what="v5 applied")  # type: ignore[misc]
