@@ -198,3 +198,22 @@ def test_sweep_expires_persists_and_sets_the_gauges(coord: Coordinator) -> None:
     gauge = {s: coord.metrics.registry.get_sample_value("autoglm_coord_devices", {"state": s}) for s in STATES}
     assert gauge == {ONLINE: 14, EXPIRED: 15, OFFLINE: 1, REVOKED: 0}
     assert coord.sweep(now=120.5) == []
+
+
+async def test_credential_deadlines_stay_bounded_and_exact_under_re_admissions(coord: Coordinator) -> None:
+    reg, rng = coord.registry, random.Random(5)
+    live: dict[str, float] = {}
+    for _ in range(40):                          # forty reconnect storms of 50 devices
+        for i in range(50):
+            valid_until = 10_000.0 + rng.random() * 100
+            session = Session(f"s{rng.random()}", {}, f"fp{i}", valid_until)
+            reg.put(reg.admission(_did(i), {}, session=session, now=1.0))
+            coord._schedule_expiry(_did(i), session)
+            live[_did(i)] = valid_until
+        queued = {(did, sid) for _, did, sid in coord._deadlines}
+        assert all((r.did, r.session.id) in queued for r in reg if r.session is not None)
+    assert len(coord._deadlines) <= 2 * len(reg) + 64 + 1
+    ended = coord._expire_due(now=10_050.0)
+    assert sorted(ended) == sorted(d for d, t in live.items() if t <= 10_050.0)
+    assert all(reg.get(d).state == EXPIRED for d in ended)          # type: ignore[union-attr]
+    assert sum(1 for r in reg if r.state == ONLINE) == len(live) - len(ended)

@@ -907,7 +907,14 @@ class Coordinator:
     def _schedule_expiry(self, did: str, session: Session) -> None:
         assert session.valid_until is not None
         heapq.heappush(self._deadlines, (session.valid_until, did, session.id))
-        if self._deadlines[0][2] == session.id:
+        if len(self._deadlines) > 2 * len(self.registry) + 64:
+            # replaced sessions leave their deadlines behind (re-admissions): rebuild from the live
+            # ones once they are half the heap, amortized O(1) per admission
+            self._deadlines = [(r.session.valid_until, r.did, r.session.id) for r in self.registry
+                               if r.session is not None and r.session.valid_until is not None]
+            heapq.heapify(self._deadlines)
+            self._arm_expiry()
+        elif self._deadlines[0][2] == session.id:
             self._arm_expiry()
 
     def _arm_expiry(self) -> None:
