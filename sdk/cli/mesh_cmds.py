@@ -108,7 +108,8 @@ def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = No
 
     policy = AccessPolicy(TrustPolicy({did: {ACCESS_CREDENTIAL} for did in trust}), status=status)
     config = NodeConfig(node_id=node_id, advert_interval=advert_interval,
-                        rate_limit=RateLimit(rate=peer_rate, burst=peer_burst))
+                        rate_limit=RateLimit(rate=peer_rate, burst=peer_burst), calibrate=True,
+                        prefix_key=prefix_key_from_env())
 
     @contextlib.asynccontextmanager
     async def attach(engine: Any) -> AsyncIterator[Any]:
@@ -117,6 +118,25 @@ def node_attachment(broker: str, key: Any, *, trust: list[str], status: Any = No
             yield node
 
     return attach
+
+
+#: The mesh's shared prefix secret (nodes and routers): keys the prefix hashes nodes advertise.
+PREFIX_SECRET_ENV = "AUTOGLM_PREFIX_SECRET"
+
+
+def prefix_key_from_env() -> bytes | None:
+    """The mesh prefix key derived from ``$AUTOGLM_PREFIX_SECRET`` (None when unset)."""
+    import os
+
+    from sdk.mesh import derive_prefix_key
+
+    secret = os.environ.get(PREFIX_SECRET_ENV)
+    if not secret:
+        return None
+    try:
+        return derive_prefix_key(secret)
+    except ValueError as exc:
+        raise typer.BadParameter(f"${PREFIX_SECRET_ENV}: {exc}") from None
 
 
 def _serve_with_mesh(**kwargs: Any) -> None:
@@ -190,6 +210,9 @@ def gateway(
     max_concurrent: Annotated[int, typer.Option(min=1, help="HTTP generations in flight.")] = 64,
     api_key: Annotated[list[str] | None, typer.Option(help=inference_cmds.API_KEY_HELP)] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")] = "info",
+    policy_trust: Annotated[list[str] | None, typer.Option(
+        "--policy-trust", help="Issuer DID trusted for MeshPolicyCredential: follow the routing policies "
+                               "(gray release) its holders publish (repeatable).")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (same as `autoglm serve`) backed by the mesh.
 
@@ -203,14 +226,23 @@ def gateway(
     policy = _node_policy(node_trust, required=True)
     level = setup_logging(log_level)
     keys = api_keys(api_key)
+    prefix_key = prefix_key_from_env()
+    trust_policy = None
+    if policy_trust:
+        from sdk.identity import TrustPolicy
+        from sdk.mesh import POLICY_CREDENTIAL
+
+        trust_policy = TrustPolicy({did: {POLICY_CREDENTIAL} for did in policy_trust})
 
     async def main() -> None:
         key = _load_key(keystore, key_name)
         creds = [_read_credential(p) for p in credential or []]
         await run_gateway(broker, key, credentials=creds, node_policy=policy,
                           host=host, port=port, default_model=model,
-                          config=RouterConfig(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout),
-                          api_keys=keys or None, max_concurrent=max_concurrent, log_level=level)
+                          config=RouterConfig(first_token_timeout=first_token_timeout, stall_timeout=stall_timeout,
+                                              prefix_key=prefix_key),
+                          api_keys=keys or None, max_concurrent=max_concurrent, log_level=level,
+                          policy_trust=trust_policy)
 
     _run_or_exit(main())
 
@@ -237,6 +269,9 @@ async def collect_nodes(broker: str, key: Any, *, model: str | None = None, wait
                 "active_streams": a.load.active_streams, "max_batch_size": a.load.max_batch_size,
                 "free_cache_tokens": a.load.free_cache_tokens, "uptime_s": round(view.figures.uptime_s, 1),
                 "hardware": dict(a.hardware),
+                "capacity": a.capacity.to_body() if a.capacity is not None else None,
+                "estimate": ({k: round(v, 4) for k, v in view.estimate.parts().items()}
+                             if view.estimate is not None else None),
             })
         return rows
 
@@ -245,7 +280,8 @@ async def collect_nodes(broker: str, key: Any, *, model: str | None = None, wait
 NODE_COLUMNS: tuple[tuple[str, bool, bool], ...] = (
     ("#", True, True), ("node", False, True), ("models", False, True), ("score", True, True),
     ("throughput", True, False), ("stability", True, False), ("load", True, False), ("latency", True, False),
-    ("tok/s", True, True), ("q/act", True, True), ("device", False, False), ("uptime", True, True),
+    ("tok/s", True, True), ("q/act", True, True), ("eta", True, True), ("wait", True, False),
+    ("prefill", True, False), ("decode", True, False), ("device", False, False), ("uptime", True, True),
 )
 
 
@@ -267,7 +303,7 @@ def nodes_table(rows: list[dict[str, Any]], *, title: str, wide: bool = False) -
             short = not wide and name in ("node", "models")
             table.add_column(name, justify="right" if right else "left", no_wrap=True,
                              min_width=max(len(name), _MIN_WIDTHS.get(name, 0)),
-                             overflow="ellipsis" if short else "fold", max_width=20 if short else None)
+                             overflow="ellipsis" if short else "fold", max_width=17 if short else None)
     for r in rows:
         p = r["parts"]
         hw = r["hardware"]
@@ -278,8 +314,15 @@ def nodes_table(rows: list[dict[str, Any]], *, title: str, wide: bool = False) -
             "q/act": f"{r['queue_depth']}/{r['active_streams']}",
             "device": f"{hw.get('device', '?')} {hw.get('name') or ''}".strip(), "uptime": f"{r['uptime_s']:.0f}s",
         }
+        est = r.get("estimate")
+        for name, part in (("eta", "total"), ("wait", "wait"), ("prefill", "prefill"), ("decode", "decode")):
+            cells[name] = _seconds(est[part]) if est else "-"
         table.add_row(*(cells[name] for name, _, narrow in NODE_COLUMNS if narrow or wide))
     return table
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.1f}s"
 
 
 def nodes(
@@ -293,7 +336,9 @@ def nodes(
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output (errors too).")] = False,
 ) -> None:
-    """Show the mesh's ranked nodes (top 10) with their composite score (with --node-trust only
+    """Show the mesh's ranked nodes (top 10) with their composite score and, for nodes advertising
+    their capacity, the estimated time to complete a 256-token prompt + 128 new tokens (eta) and
+    its parts (queue wait, prefill, decode) (with --node-trust only
     the nodes those issuers credentialed; without, every well-signed advert). Every column when the
     terminal is wide enough, else a short table (fits 80 columns); --wide: every column, always."""
     from rich.console import Console
@@ -327,12 +372,97 @@ def nodes(
     console.print(table)
 
 
+# ------------------------------------------------------------------ routing policy (gray release)
+
+policy_app = typer.Typer(help="Gray release: send a share of a model's traffic to nodes of one version "
+                              "(a signed, retained routing policy the routers follow).", no_args_is_help=True)
+PolicyCredentialOpt = Annotated[Path, typer.Option("--credential", help="Your MeshPolicyCredential (JSON or VC-JWT).")]
+SeqOpt = Annotated[int | None, typer.Option("--seq", min=1, help="Policy sequence (default: the time in ms; "
+                                                                    "routers keep the highest).")]
+
+
+def parse_weights(values: list[str]) -> dict[str, float]:
+    """``["2=10%", "3=5"]`` -> ``{"2": 10.0, "3": 5.0}``; ``BadParameter`` when malformed."""
+    out: dict[str, float] = {}
+    for value in values:
+        version, sep, pct = value.partition("=")
+        try:
+            number = float(pct.strip().removesuffix("%"))
+        except ValueError:
+            number = -1.0
+        if not sep or not version or not 0 <= number <= 100:
+            raise typer.BadParameter(f"{value!r}: give VERSION=PERCENT, e.g. 2=10%", param_hint="--version")
+        out[version] = number
+    return out
+
+
+def _publish_policy(broker: str, keystore: Path | None, key_name: str | None, credential: Path, model: str,
+                    weights: dict[str, float], seq: int | None, as_json: bool) -> None:
+    import time
+
+    from sdk.cli.inference_cmds import _run_or_exit
+    from sdk.mesh import RoutingPolicy, publish_policy
+    from sdk.messaging import SecureClient
+
+    broker = _broker(broker)
+    try:
+        policy = RoutingPolicy(model, seq or int(time.time() * 1000), weights)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--version") from None
+
+    async def main() -> None:
+        key = _load_key(keystore, key_name)
+        client = SecureClient(broker, key, credentials=[_read_credential(credential)])
+        await client.connect()
+        try:
+            await publish_policy(client, policy)
+        finally:
+            await client.aclose()
+
+    _run_or_exit(main(), as_json=as_json)
+    doc = {"ok": True, "policy": policy.to_body()}
+    typer.echo(json.dumps(doc) if as_json else f"routing policy {policy.seq} for {model}: "
+               + (", ".join(f"{v}={p:g}%" for v, p in sorted(weights.items())) or "load only"))
+
+
+@policy_app.command("set")
+def policy_set(
+    model: Annotated[str, typer.Argument(help="Model name as the nodes advertise it.")],
+    version: Annotated[list[str], typer.Option("--version", help="VERSION=PERCENT of the model's requests "
+                                                                 "(repeatable; the rest go to unlisted versions).")],
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh.")],
+    credential: PolicyCredentialOpt,
+    keystore: KeystoreOpt = None,
+    key_name: KeyNameOpt = None,
+    seq: SeqOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output (errors too).")] = False,
+) -> None:
+    """Send VERSION's share of MODEL's traffic to its nodes, e.g. --version 2=10%."""
+    _publish_policy(broker, keystore, key_name, credential, model, parse_weights(version), seq, as_json)
+
+
+@policy_app.command("clear")
+def policy_clear(
+    model: Annotated[str, typer.Argument(help="Model name as the nodes advertise it.")],
+    broker: Annotated[str, typer.Option("--broker", help="MQTT broker URL of the mesh.")],
+    credential: PolicyCredentialOpt,
+    keystore: KeystoreOpt = None,
+    key_name: KeyNameOpt = None,
+    seq: SeqOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output (errors too).")] = False,
+) -> None:
+    """Route MODEL on load alone again (a newer, empty policy)."""
+    _publish_policy(broker, keystore, key_name, credential, model, {}, seq, as_json)
+
+
 def register(app: typer.Typer) -> None:
     """Attach this module's commands and groups to the root app (``serve`` gains the mesh options)."""
     app.registered_commands = [c for c in app.registered_commands if c.name != "serve"]
     app.command("serve")(_extended_serve())
     app.command("gateway")(gateway)
     app.command("nodes")(nodes)
+    app.add_typer(policy_app, name="nodes-policy")
 
 
-__all__ = ["register", "gateway", "nodes", "nodes_table", "node_attachment", "collect_nodes", "NODE_COLUMNS"]
+__all__ = ["register", "gateway", "nodes", "nodes_table", "node_attachment", "collect_nodes", "NODE_COLUMNS",
+           "parse_weights", "prefix_key_from_env", "policy_app"]

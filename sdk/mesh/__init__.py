@@ -12,6 +12,7 @@ Routers import no torch: ``sdk.inference`` types only; the node uses the engine 
 """
 
 from sdk.mesh.adverts import AdvertTable, NodeAdvert, NodeLoad
+from sdk.mesh.capacity import AdvertFieldError, Capacity, Estimate
 from sdk.mesh.credentials import (
     ACCESS_CREDENTIAL,
     NODE_CREDENTIAL,
@@ -34,10 +35,12 @@ from sdk.mesh.errors import (
     NotPermitted,
 )
 from sdk.mesh.node import MeshNode, NodeConfig
+from sdk.mesh.prefixes import derive_prefix_key
 from sdk.mesh.ranking import NodeFigures, RankedNode, RankingWeights, rank_nodes
 from sdk.mesh.ratelimit import PeerBuckets, PeerStreams, RateLimit
 from sdk.mesh.revocation import LiveStatus
 from sdk.mesh.router import Mesh, NodeView, RouterConfig
+from sdk.mesh.routing_policy import POLICY_CREDENTIAL, RoutingPolicy, issue_policy_credential, publish_policy
 
 __all__ = [
     "Mesh",
@@ -73,4 +76,12 @@ __all__ = [
     "MeshTimeout",
     "NodeRequestError",
     "NoNodeTrust",
+    "AdvertFieldError",
+    "Capacity",
+    "Estimate",
+    "derive_prefix_key",
+    "POLICY_CREDENTIAL",
+    "RoutingPolicy",
+    "issue_policy_credential",
+    "publish_policy",
 ]

@@ -114,14 +114,16 @@ async def run_gateway(
     api_keys: Collection[str] | None = None,
     max_concurrent: int = 64,
     log_level: str = "info",
+    policy_trust: Any = None,
 ) -> None:
     """Join the mesh as a permitted peer and serve the OpenAI API until SIGINT/SIGTERM
-    (``node_policy``: which nodes to use, see :class:`~sdk.mesh.Mesh`; ``api_keys``: see
+    (``node_policy``: which nodes to use, ``policy_trust``: whose routing policies to follow, see
+    :class:`~sdk.mesh.Mesh`; ``api_keys``: see
     :func:`sdk.inference.server.api_keys_from`)."""
     from sdk.inference.server import HTTPServer
 
     async with Mesh(broker, key, credentials=credentials, node_policy=node_policy, config=config,
-                    default_model=default_model) as mesh:
+                    default_model=default_model, policy_trust=policy_trust) as mesh:
         app = create_gateway_app(mesh, max_concurrent=max_concurrent, api_keys=api_keys)
         server = HTTPServer(app, host=host, port=port, log_level=log_level, handle_signals=True)
         await server.start()

@@ -212,3 +212,33 @@ async def test_a_malformed_advert_is_rejected_and_its_node_gets_no_traffic(kind:
 def test_router_config_checks_affinity_slack() -> None:
     with pytest.raises(ValueError):
         RouterConfig(affinity_slack=-1)
+
+
+def test_nodes_table_shows_the_estimate_within_80_columns() -> None:
+    from rich.console import Console
+
+    from sdk.cli.mesh_cmds import nodes_table
+
+    row = {"rank": 10, "node": "node-with-a-rather-long-identifier-0", "models": ["SmolLM2-135M-Instruct"],
+           "score": -11.23, "parts": {"throughput": 1.0, "stability": 1.0, "load": 1.0, "latency": 1.0},
+           "tokens_per_s": 12345.5, "queue_depth": 10, "active_streams": 12, "uptime_s": 9999, "hardware": GPU_HW,
+           "estimate": {"total": 123.3, "wait": 0.2, "prefill": 0.012, "decode": 12.0, "ttft": 0.3}}
+    console = Console(width=80, record=True)
+    console.print(nodes_table([row, {**row, "estimate": None}], title="nodes"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "123.3s" in text and "eta" in text
+    console = Console(width=200, record=True)
+    console.print(nodes_table([row], title="nodes", wide=True))
+    wide = console.export_text()
+    assert "200ms" in wide and "12ms" in wide and "prefill" in wide and "NVIDIA H200" in wide
+
+
+def test_policy_weights_parse() -> None:
+    import typer
+
+    from sdk.cli.mesh_cmds import parse_weights
+
+    assert parse_weights(["2=10%", "3=2.5"]) == {"2": 10.0, "3": 2.5}
+    for bad in ("2", "=10", "2=ten", "2=101%"):
+        with pytest.raises(typer.BadParameter):
+            parse_weights([bad])
