@@ -402,6 +402,7 @@ async def test_start_status_pause_resume_abort_from_the_cli(rollouts: Rollouts, 
                          "--watch")                                       # follows it to the end
     assert done["state"] == "completed" and done["counts"] == {"applied": 10}
     assert [s["size"] for s in done["stages"]] == [2, 10] and all(s["promoted"] for s in done["stages"])
-    for did in env.configs:
-        await until(lambda did=did: any(c.state == {"ui.layout": "v5"} for c in env.configs[did]), 15,
-                    what="v5 applied")  # type: ignore[misc]
+    def all_on_v5() -> bool:
+        return all(any(c.state == {"ui.layout": "v5"} for c in cs) for cs in env.configs.values())
+
+    await until(all_on_v5, 15, what="v5 applied on every device")
