@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -96,6 +97,33 @@ def topic_acl(admins: Sequence[str] = ()) -> dict[str, Any]:
         "access_publish": publish,
         "access_subscribe": subscribe,
     }
+
+
+def _listens(pid: int | None, port: int) -> bool:
+    """Whether process ``pid`` holds the listening TCP socket on ``port`` (Linux /proc)."""
+    if pid is None:
+        return False
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return True
+    return False
+
+
+def _raise_nofile() -> None:
+    """One file descriptor per MQTT connection: lift the soft limit (often 1024) to the hard one."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _chown(path: Path) -> None:
@@ -253,8 +281,17 @@ class EjabberdCluster:
                 self._postgres = _Postgres(self.dir / "pg", free_port())
                 self._postgres.start()
             for node in self.members:
-                self._prepare(node)
-                self._launch(node)
+                for attempt in range(3):
+                    self._prepare(node)
+                    try:
+                        self._launch(node)
+                        break
+                    except BrokerStartError as exc:
+                        if "address already in use" not in str(exc) or attempt == 2:
+                            raise
+                        log.info("port %d of %s was taken meanwhile; trying another", node.port, node.name)
+                        self._kill_group(node)
+                        node.port = free_port()
             for node in self.members[1:]:
                 self.join(node)
         except BaseException:
@@ -375,18 +412,34 @@ class EjabberdCluster:
     def _launch(self, node: EjabberdNode) -> None:
         with contextlib.suppress(FileNotFoundError):
             (node.dir / "ejabberd.pid").unlink()
+        log_file = node.dir / "logs" / "ejabberd.log"
+        seen = log_file.stat().st_size if log_file.exists() else 0  # a restart appends
         out = open(node.dir / "console.log", "ab")  # noqa: SIM115 - the child holds it
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+        entry = pwd.getpwnam(USER)
+        env.update(HOME=entry.pw_dir, USER=USER, LOGNAME=USER)
+        # started as the ejabberd user directly, not through ejabberdctl's su: su's pam_limits
+        # would set the open-files limit back to 1024 (about 1,000 clients a node)
         node.proc = subprocess.Popen(node.ctl_args("foreground"), stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                                     cwd=node.dir / "spool", user=entry.pw_uid, group=entry.pw_gid,
+                                     extra_groups=[], preexec_fn=_raise_nofile)
         out.close()
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline:
             if node.proc.poll() is not None:
                 raise BrokerStartError(f"{node.name} exited ({node.proc.returncode}): {self._tail(node)}")
-            if wait_for_port("127.0.0.1", node.port, 0.2):
+            text = ""
+            with contextlib.suppress(OSError), open(log_file, "rb") as f:
+                f.seek(seen)
+                text = f.read().decode("utf-8", "replace")
+            if "Failed to start" in text or "address already in use" in text:
+                raise BrokerStartError(f"{node.name} failed to start: {text[-1500:]}")
+            # the port alone proves nothing: another process may hold it
+            if _listens(node.beam_pid(), node.port) and wait_for_port("127.0.0.1", node.port, 0.2):
                 return
-        raise BrokerStartError(f"{node.name} did not listen on {node.port} within 30 s: {self._tail(node)}")
+            time.sleep(0.05)
+        raise BrokerStartError(f"{node.name} did not start within 30 s: {self._tail(node)}")
 
     @staticmethod
     def _kill_group(node: EjabberdNode) -> None:
