@@ -3,6 +3,7 @@
     from brokers.embedded import EmbeddedBroker          # in-process, 127.0.0.1, DID holders only
     from brokers.mosquitto import MosquittoBroker, MosquittoConfig   # secure by default (TLS client certs)
     from brokers.certs import CertificateAuthority, make_test_pki
+    from brokers.ejabberd import EjabberdCluster         # a clustered ejabberd on 127.0.0.1 (tests, benches)
 
 Names are imported lazily so ``import brokers`` does not pull in amqtt. See docs/BROKERS.md.
 """
@@ -22,6 +23,8 @@ _LAZY = {
     "find_mosquitto": "brokers.mosquitto",
     "free_port": "brokers.mosquitto",
     "secure_acl": "brokers.mosquitto",
+    "EjabberdCluster": "brokers.ejabberd",
+    "find_ejabberd": "brokers.ejabberd",
     "make_test_pki": "brokers.certs",
     "PKIFiles": "brokers.certs",
     "CertFiles": "brokers.certs",
