@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -96,13 +97,18 @@ NOMINAL_REQUEST = (256, 128)
 _BYTES_PER_TOKEN = 4  # prefix blocks are bytes; the router has no tokenizer
 
 
-@dataclass(frozen=True)
 class _Route:
-    """What the choice of node needs to know about one request."""
+    """What the choice of node needs to know about one request (the prefix chain is hashed only
+    when several nodes are candidates)."""
 
-    chain: tuple[bytes, ...] = ()
-    prompt_tokens: int = NOMINAL_REQUEST[0]
-    max_new_tokens: int = NOMINAL_REQUEST[1]
+    def __init__(self, hasher: PrefixHasher | None = None, data: bytes = b"", *,
+                 prompt_tokens: int = NOMINAL_REQUEST[0], max_new_tokens: int = NOMINAL_REQUEST[1]) -> None:
+        self._hasher, self._data = hasher, data
+        self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
+
+    @functools.cached_property
+    def chain(self) -> tuple[bytes, ...]:
+        return tuple(self._hasher.chain(self._data)) if self._hasher is not None else ()
 
 
 @dataclass
@@ -414,7 +420,7 @@ class Mesh:
     def _route(self, req: GenerationRequest) -> _Route:
         data = prompt_bytes(prompt=req.prompt, messages=req.messages, prompt_token_ids=req.prompt_token_ids)
         tokens = len(req.prompt_token_ids) if req.prompt_token_ids is not None else max(len(data) // _BYTES_PER_TOKEN, 1)
-        return _Route(tuple(self.hasher.chain(data)), tokens, req.max_new_tokens)
+        return _Route(self.hasher, data, prompt_tokens=tokens, max_new_tokens=req.max_new_tokens)
 
     def _model_for(self, req: GenerationRequest, model: str | None) -> str:
         model = model or getattr(req, "model", None) or self.default_model
