@@ -175,7 +175,7 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
     issuer = Key.from_seed(issuer_seed)
     loop = asyncio.get_running_loop()
     devices: list[Device] = []
-    applied: dict[str, tuple[int, float]] = {}
+    applied: dict[str, tuple[str, float]] = {}      # did -> (the width in its last config, when)
     failures: list[str] = []
 
     def make(kind: str) -> Device:
@@ -183,7 +183,7 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
         cred = device_credential(issuer, key.did, kind=kind, groups=[ROOM])
 
         def on_config(cfg: Any, did: str = key.did) -> None:
-            applied[did] = (cfg.version, time.monotonic())
+            applied[did] = (str(cfg.state.get("ui.companion.width")), time.monotonic())
 
         return Device(key, cred, broker=broker, coordinator=coordinator, heartbeat_ttl=600, auth_timeout=60,
                       renew_after=None, on_config=on_config if kind == "phone" else None)
@@ -222,7 +222,7 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
             conn.send(t0)
         elif cmd == "state":
             admitted = sum(1 for d in devices if d.state is DeviceState.ADMITTED)
-            at_version = [t for did, (v, t) in applied.items() if v >= arg]
+            at_version = [t for w, t in applied.values() if w == str(arg)]
             conn.send({"devices": len(devices), "admitted": admitted, "at_version": len(at_version),
                        "last_applied": max(at_version) if at_version else None,
                        "display_admitted": src is None or src.state is DeviceState.ADMITTED})
@@ -269,11 +269,12 @@ class Fleet:
                 "busy_retries": sum(r["busy_retries"] for r in replies),
                 "errors": [e for r in replies for e in r["errors"]][:5]}
 
-    def wait(self, version: int, timeout: float) -> tuple[int, int, float | None]:
-        """Poll until every device applied ``version`` (or the timeout): (applied, admitted, last time)."""
+    def wait(self, width: int, timeout: float) -> tuple[int, int, float | None]:
+        """Poll until every device applied the config of the event with ``width`` (or the timeout):
+        (applied, admitted, when the last one applied)."""
         deadline = time.monotonic() + timeout
         while True:
-            states = self.ask("state", version)
+            states = self.ask("state", width)
             applied = sum(s["at_version"] for s in states)
             admitted = sum(s["admitted"] for s in states)
             last = [s["last_applied"] for s in states if s["last_applied"] is not None]
@@ -345,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "admission_rate_per_s": round(grown["ok"] / grown["seconds"], 1) if grown["seconds"] else None,
                 "coordinator_cpu_ms_per_device": round(cpu * 1000 / max(1, grown["ok"]), 3),
                 "busy_retries": grown["busy_retries"], "errors": grown["errors"], "load_admission": load()}
-            print(f"{fleet.size:>6} devices: +{add} admitted in {grown['seconds']:.1f} s "
+            print(f"{fleet.size} devices: +{add} admitted in {grown['seconds']:.1f} s "
                   f"({step['admission_rate_per_s']}/s, coordinator {step['coordinator_cpu_ms_per_device']} ms CPU "
                   f"per device, {grown['busy_retries']} busy retries, {grown['failed']} failed; load {load()})",
                   flush=True)
@@ -353,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             version += 1
             cpu0 = proc_cpu(coord.pid)
             (t0,) = fleet.ask("event", 1000 + version, only=0)
-            applied, _, last = fleet.wait(version, args.timeout)
+            applied, _, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
             step.update({
                 "event_applied": applied,
@@ -382,11 +383,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ok = wait_until(lambda: coord.stats()["admitted"] >= target, args.timeout, 0.25)
             t_admitted = time.monotonic()
             after = coord.stats()
-            states = fleet.ask("state", version)
+            states = fleet.ask("state", 0)
             admitted_now = sum(s["admitted"] for s in states)
             version += 1
             (te,) = fleet.ask("event", 1000 + version, only=0)
-            applied, _, last = fleet.wait(version, args.timeout)
+            applied, _, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, te, fleet.size, args.timeout)
             t_conv = time.monotonic()
             storm = {

@@ -57,8 +57,17 @@ def test_retry_after_follows_the_admission_rate() -> None:
     for i in range(50):                      # 50 admissions in one second
         clock.now += 0.02
         ac.finish(f"did:{i}")
-    hint = ac.retry_after()
-    assert 0.5 < hint < 2.0                  # about (50 in flight + 1) / 50 per second
+    assert ac.rate() == pytest.approx(51, rel=0.05)
+    assert all(ac.begin(f"did:more{i}") for i in range(50))     # full again
+    for i in range(50):                      # 50 refused: the later ones are sent further out
+        assert not ac.begin(f"did:late{i}")
+    assert 0.9 < ac.retry_after() < 1.1      # about 50 refused / 50 a second
+    clock.now += 60                          # an idle minute: old rate, refusals and slots are gone
+    assert ac.rate() is None and ac.retry_after() == 0.05 and ac.inflight == 0
+    assert all(ac.begin(f"did:burst{i}") for i in range(50))
+    for i in range(50):
+        ac.finish(f"did:burst{i}")           # a burst: the rate is high, the hint short
+    assert ac.rate() == pytest.approx(50 / 0.05) and ac.retry_after() == 0.05
     with pytest.raises(ValueError):
         AdmissionControl(0)
 

@@ -17,7 +17,7 @@ refused device comes back later (nobody is dropped). A resumed admission (the si
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 
@@ -55,17 +55,20 @@ class AdmissionControl:
     Every operation is O(1) amortised.
     """
 
-    def __init__(self, max_inflight: int = 256, *, slot_ttl: float = 10.0,
+    #: the admission rate behind a retry-after hint is measured over this many seconds
+    RATE_WINDOW = 2.0
+
+    def __init__(self, max_inflight: int = 256, *, slot_ttl: float = 10.0, max_hint: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_inflight < 1 or slot_ttl <= 0:
-            raise ValueError("max_inflight must be >= 1 and slot_ttl > 0")
+        if max_inflight < 1 or slot_ttl <= 0 or max_hint <= 0:
+            raise ValueError("max_inflight must be >= 1, slot_ttl and max_hint > 0")
         self.max_inflight = max_inflight
         self.slot_ttl = slot_ttl
+        self.max_hint = max_hint
         self._clock = clock
         self._slots: OrderedDict[str, float] = OrderedDict()     # did -> deadline, oldest first
-        self._rate = 0.0            # admissions finished per second (exponentially weighted)
-        self._rate_at = clock()
-        self._window = 0
+        self._done_at: deque[float] = deque(maxlen=8192)        # when recent handshakes finished
+        self._busy_at: deque[float] = deque(maxlen=8192)        # when recent hellos were refused
         #: the most handshakes in flight at once
         self.peak = 0
         #: hellos refused busy
@@ -92,6 +95,7 @@ class AdmissionControl:
             self._slots.move_to_end(did)
         elif len(self._slots) >= self.max_inflight:
             self.busy += 1
+            self._busy_at.append(now)
             return False
         self._slots[did] = now + self.slot_ttl
         self.peak = max(self.peak, len(self._slots))
@@ -102,30 +106,34 @@ class AdmissionControl:
         if self._slots.pop(did, None) is None:
             return False
         self.finished += 1
-        self._count_completion()
+        self._done_at.append(self._clock())
         return True
 
+    def rate(self) -> float | None:
+        """Handshakes finished per second over the last :attr:`RATE_WINDOW` (None: too few)."""
+        now = self._clock()
+        done = self._done_at
+        self._trim(done, now)
+        if len(done) < 4:
+            return None
+        return len(done) / max(now - done[0], 0.05)
+
     def retry_after(self) -> float:
-        """Seconds until the handshakes in flight should have drained, at the recent rate."""
-        self._count_completion(0)
-        rate = self._rate if self._rate > 0 else 50.0
-        return min(30.0, max(0.05, (len(self._slots) + 1) / rate))
+        """When a refused device should come back: the devices refused lately, queued behind each
+        other at the recent admission rate (0.05 s to ``max_hint``; 100/s while none is measured)."""
+        rate = self.rate() or 100.0
+        self._trim(self._busy_at, self._clock())
+        return min(self.max_hint, max(0.05, len(self._busy_at) / rate))
+
+    def _trim(self, times: deque[float], now: float) -> None:
+        while times and times[0] < now - self.RATE_WINDOW:
+            times.popleft()
 
     def snapshot(self) -> dict[str, int]:
         """The counters, for status output and benchmarks."""
         return {"inflight": self.inflight, "max_inflight": self.max_inflight, "peak": self.peak,
                 "busy": self.busy, "finished": self.finished, "expired": self.expired,
                 "resumed": self.resumed, "signed": self.signed}
-
-    def _count_completion(self, n: int = 1) -> None:
-        self._window += n
-        now = self._clock()
-        elapsed = now - self._rate_at
-        if elapsed >= 0.5:
-            current = self._window / elapsed
-            self._rate = current if self._rate == 0 else 0.7 * self._rate + 0.3 * current
-            self._window = 0
-            self._rate_at = now
 
     def _expire(self, now: float) -> None:
         while self._slots:
