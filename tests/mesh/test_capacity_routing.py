@@ -242,3 +242,22 @@ def test_policy_weights_parse() -> None:
     for bad in ("2", "=10", "2=ten", "2=101%"):
         with pytest.raises(typer.BadParameter):
             parse_weights([bad])
+
+
+def test_live_figures_refresh_measured_capacity_but_never_declared() -> None:
+    from sdk.inference.types import Usage
+    from sdk.mesh.capacity import LiveCapacity
+
+    live = LiveCapacity(CPU)
+    live.observe(Usage(prompt_tokens=300, completion_tokens=20, time_to_first_token_s=0.5, tokens_per_s=30.0),
+                 streams=1)
+    assert live.capacity is not None and live.capacity.source == "live"
+    assert live.capacity.decode_1 == pytest.approx(0.8 * 20 + 0.2 * 30)
+    assert live.capacity.prefill_1 == pytest.approx(0.8 * 400 + 0.2 * 600)
+    live.observe(Usage(prompt_tokens=10, completion_tokens=20, time_to_first_token_s=0.1, tokens_per_s=10.0),
+                 streams=4)
+    assert live.capacity.decode_full == pytest.approx(0.8 * 60 + 0.2 * 40)
+    declared = LiveCapacity(Capacity(**{**CPU.to_body(), "source": "declared"}))
+    declared.observe(Usage(prompt_tokens=300, completion_tokens=20, time_to_first_token_s=0.5, tokens_per_s=1e6),
+                     streams=1)
+    assert declared.capacity is not None and declared.capacity.decode_1 == 20.0
