@@ -26,6 +26,7 @@ BENCHES: dict[str, str] = {
     "mqtt_raw": "mqtt_raw_bench.py",
     "messaging": "messaging_bench.py",
     "coord": "coord_bench.py",
+    "fleet": "fleet_bench.py",
     "inference": "inference_bench.py",
     "http": "http_bench.py",
     "mesh": "mesh_bench.py",
