@@ -85,7 +85,12 @@ def test_busy_hint_round_trip_and_jitter() -> None:
 async def test_storm_after_broker_restart(restartable_broker: Any, tmp_path: Path) -> None:
     """N devices connect at once against a small in-flight bound (busy → retried, none lost), get a
     config, then the broker restarts: all re-admitted by resumption ticket and converged again."""
-    n = 200 if restartable_broker.kind == "mosquitto" else 80      # amqtt is slower per connection
+    if restartable_broker.kind == "embedded":
+        # amqtt's Broker._run_broadcast iterates its sessions while clients (re)connect and drops
+        # that broadcast (RuntimeError: dictionary changed size during iteration): under a storm
+        # it loses messages, so this runs on Mosquitto
+        pytest.skip("amqtt drops broadcasts while sessions change (a reconnect storm loses messages)")
+    n = 200
     bound = 8
     issuer, ckey = Key.generate(), Key.generate()
     coord = Coordinator(ckey, broker=restartable_broker.url, data_dir=tmp_path / "coord", trust=TrustPolicy({}),
@@ -140,3 +145,26 @@ async def test_storm_after_broker_restart(restartable_broker: Any, tmp_path: Pat
         await display.publish_event(screen_available(1024, 768))       # converged after the storm
         await until(lambda: all(applied.get(d.did) == 2 for d in phones), timeout=60, what="second config")
         await until(lambda: any(c.get("targets") == n for c in converged), timeout=30, what="converged")
+
+
+async def test_connect_storm_is_bounded(broker: Any, tmp_path: Path) -> None:
+    """Everyone at once against a bound of 4: refused hellos come back, all admitted, none lost."""
+    n, bound = 40, 4
+    issuer, ckey = Key.generate(), Key.generate()
+    coord = Coordinator(ckey, broker=broker.url, data_dir=tmp_path / "coord", trust=TrustPolicy({}),
+                        issuer=issuer, heartbeat_ttl=600, max_admissions=bound)
+    async with AsyncExitStack() as stack:
+        await coord.start()
+        stack.push_async_callback(coord.stop)
+        devices = []
+        for _ in range(n):
+            key = Key.generate()
+            dev = Device(key, coord.issue_device_credential(key.did, kind="phone"), broker=broker.url,
+                         coordinator=ckey.did, heartbeat_ttl=600, auth_timeout=30, renew_after=None)
+            stack.push_async_callback(dev.aclose)
+            devices.append(dev)
+        await asyncio.gather(*(d.connect() for d in devices))
+        ac = coord.admission
+        assert all(d.state is DeviceState.ADMITTED for d in devices)
+        assert ac.finished == n and ac.inflight == 0 and ac.peak <= bound
+        assert ac.busy > 0 and sum(d.busy_retries for d in devices) == ac.busy
