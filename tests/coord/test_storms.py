@@ -49,6 +49,16 @@ def test_admission_control_bounds_and_releases() -> None:
     assert ac.snapshot()["peak"] == 3
 
 
+def test_fresh_dids_cannot_take_every_slot() -> None:
+    ac = AdmissionControl(8, unknown_share=0.5)
+    assert all(ac.begin(f"did:flood{i}", known=False) for i in range(4))
+    assert not ac.begin("did:flood-more", known=False)          # the unknown half is full
+    assert all(ac.begin(f"did:fleet{i}") for i in range(4))     # the fleet's own devices get in
+    assert not ac.begin("did:fleet-more")
+    ac.finish("did:flood0")
+    assert ac.begin("did:flood-more", known=False)
+
+
 def test_retry_after_follows_the_admission_rate() -> None:
     clock = Clock()
     ac = AdmissionControl(100, clock=clock)
@@ -107,9 +117,12 @@ async def test_storm_after_broker_restart(restartable_broker: Any, tmp_path: Pat
         def make(kind: str) -> Device:
             key = Key.generate()
             cred = coord.issue_device_credential(key.did, kind=kind, groups=["room:storm"])
+
+            def on_config(cfg: Any, did: str = key.did) -> None:
+                applied[did] = cfg.version
+
             dev = Device(key, cred, broker=restartable_broker.url, coordinator=ckey.did, heartbeat_ttl=600,
-                         auth_timeout=30, renew_after=None,
-                         on_config=lambda cfg, d=key.did: applied.__setitem__(d, cfg.version))
+                         auth_timeout=30, renew_after=None, on_config=on_config)
             stack.push_async_callback(dev.aclose)
             return dev
 

@@ -59,9 +59,11 @@ class AdmissionControl:
     RATE_WINDOW = 2.0
 
     def __init__(self, max_inflight: int = 256, *, slot_ttl: float = 10.0, max_hint: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if max_inflight < 1 or slot_ttl <= 0 or max_hint <= 0:
-            raise ValueError("max_inflight must be >= 1, slot_ttl and max_hint > 0")
+                 unknown_share: float = 0.75, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_inflight < 1 or slot_ttl <= 0 or max_hint <= 0 or not 0 < unknown_share <= 1:
+            raise ValueError("max_inflight must be >= 1, slot_ttl and max_hint > 0, 0 < unknown_share <= 1")
+        self._unknown: set[str] = set()         # slot holders never admitted before
+        self._unknown_cap = max(1, int(max_inflight * unknown_share))
         self.max_inflight = max_inflight
         self.slot_ttl = slot_ttl
         self.max_hint = max_hint
@@ -87,16 +89,21 @@ class AdmissionControl:
         self._expire(self._clock())
         return len(self._slots)
 
-    def begin(self, did: str) -> bool:
-        """Take a slot for ``did`` (one per DID: a repeated hello renews it); False when full."""
+    def begin(self, did: str, *, known: bool = True) -> bool:
+        """Take a slot for ``did`` (one per DID: a repeated hello renews it); False when full.
+
+        Senders never admitted (``known=False``) share at most ``unknown_share`` of the slots, so
+        a flood of fresh DIDs cannot keep the fleet's own devices out."""
         now = self._clock()
         self._expire(now)
         if did in self._slots:
             self._slots.move_to_end(did)
-        elif len(self._slots) >= self.max_inflight:
+        elif len(self._slots) >= self.max_inflight or (not known and len(self._unknown) >= self._unknown_cap):
             self.busy += 1
             self._busy_at.append(now)
             return False
+        elif not known:
+            self._unknown.add(did)
         self._slots[did] = now + self.slot_ttl
         self.peak = max(self.peak, len(self._slots))
         return True
@@ -105,6 +112,7 @@ class AdmissionControl:
         """Release ``did``'s slot; False when it held none (a resumed or unsolicited present)."""
         if self._slots.pop(did, None) is None:
             return False
+        self._unknown.discard(did)
         self.finished += 1
         self._done_at.append(self._clock())
         return True
@@ -141,6 +149,7 @@ class AdmissionControl:
             if deadline > now:
                 return
             del self._slots[did]
+            self._unknown.discard(did)
             self.expired += 1
 
 

@@ -508,7 +508,7 @@ class Coordinator:
         reply: dict[str, Any] = {"boot": self.boot, "heartbeat_ttl": self.heartbeat_ttl}
         if nonce is not None and not known and not self.hello_budget.take():
             raise AdmissionError(busy_message(1.0), reason="busy")
-        if not self.admission.begin(msg.sender):       # bounded handshakes in flight: come back later
+        if not self.admission.begin(msg.sender, known=known):   # bounded in flight: come back later
             raise AdmissionError(busy_message(self.admission.retry_after()), reason="busy")
         if nonce is not None:
             reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=msg.sender)
