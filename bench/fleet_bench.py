@@ -79,7 +79,9 @@ def coordinator_main(args: argparse.Namespace) -> None:
         coord = Coordinator(ckey, broker=args.broker, data_dir=args.data, trust=TrustPolicy({}), issuer=issuer,
                             rules=parse_rules(RULES), heartbeat_ttl=600, max_admissions=args.max_admissions,
                             # a persistent session: requests sent while it reconnects wait in the broker
-                            persistent=True, client_id="fleet-bench-coordinator")
+                            persistent=True, client_id="fleet-bench-coordinator",
+                            # a fan-out past max_pending waits for room instead of failing queue_full
+                            queue_wait=args.queue_wait)
         admitted = [0]
         converged: list[dict[str, Any]] = []
 
@@ -123,11 +125,12 @@ def coordinator_main(args: argparse.Namespace) -> None:
 
 
 class CoordinatorProcess:
-    def __init__(self, broker: str, data: str, issuer_seed: bytes, coord_seed: bytes, max_admissions: int) -> None:
+    def __init__(self, broker: str, data: str, issuer_seed: bytes, coord_seed: bytes, max_admissions: int,
+                 queue_wait: float) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--coordinator", "--broker", broker, "--data", data,
              "--issuer-seed", issuer_seed.hex(), "--coord-seed", coord_seed.hex(),
-             "--max-admissions", str(max_admissions)],
+             "--max-admissions", str(max_admissions), "--queue-wait", str(queue_wait)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         first = json.loads(self._line())
         self.did: str = first["did"]
@@ -319,12 +322,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile()
     out: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus python {platform.python_version()}",
-        "workers": args.workers, "max_admissions": args.max_admissions, "load_at_start": load(), "steps": []}
+        "workers": args.workers, "max_admissions": args.max_admissions, "queue_wait": args.queue_wait, "load_at_start": load(), "steps": []}
     broker = MosquittoBroker(MosquittoConfig.open_for_tests(persistence=True))
     broker.start()
     tmp = tempfile.TemporaryDirectory(prefix="fleet-bench-")
     issuer_seed, coord_seed = os.urandom(32), os.urandom(32)
-    coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions)
+    coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions,
+                               args.queue_wait)
     fleet: Fleet | None = None
     try:
         time.sleep(1.0)
@@ -425,6 +429,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=100, help="connects in flight per worker")
     parser.add_argument("--max-admissions", type=int, default=256)
+    parser.add_argument("--queue-wait", type=float, default=60.0,
+                        help="coordinator: seconds a publish waits for room in its send queue (0: fail at once)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-storm", dest="storm", action="store_false")
     parser.add_argument("--json", type=Path, default=None)

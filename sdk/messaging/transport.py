@@ -15,7 +15,8 @@ Contract (what the envelope / secure client layer builds on):
   the message (PUBACK for QoS 1, PUBCOMP for QoS 2) or, for QoS 0, once it is queued on the
   socket. While the connection is down QoS 1/2 publishes wait in paho's session state and are
   sent after reconnect; QoS 0 publishes raise :class:`NotConnected`. More than ``max_pending``
-  unacknowledged publishes raise :class:`SendQueueFull` (reason ``queue_full``) at once.
+  unacknowledged publishes raise :class:`SendQueueFull` (reason ``queue_full``) at once, or with
+  ``queue_wait`` > 0 wait (first come, first served) up to that many seconds for room first.
 * ``await subscribe(filter, qos=..., handler=None)`` awaits the SUBACK. Messages are delivered
   to the subscription's ``handler`` if it matches, else to ``on_message``, else to the bounded
   queue read with ``async for msg in transport.messages()`` (reading pauses, no message lost,
@@ -280,6 +281,7 @@ class TransportConfig:
     probe_timeout: float = 1.0
     publish_timeout: float | None = 60.0
     max_pending: int = 10_000
+    queue_wait: float = 0.0  # seconds a publish waits for room under max_pending (0: raise at once)
     max_inflight: int = 0  # 0: as many as the broker's MQTT 5 Receive Maximum allows (no cap on 3.1.1)
     incoming_limit: int = 10_000
 
@@ -294,8 +296,8 @@ class TransportConfig:
             raise ValueError("reconnect backoff needs 0 < backoff_min <= backoff_max")
         if self.backoff_jitter not in ("full", "decorrelated", "none"):
             raise ValueError(f"backoff_jitter must be 'full', 'decorrelated' or 'none', not {self.backoff_jitter!r}")
-        if not self.connect_timeout > 0:
-            raise ValueError("connect_timeout must be positive")
+        if not self.connect_timeout > 0 or not self.queue_wait >= 0:
+            raise ValueError("connect_timeout must be positive and queue_wait >= 0")
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> TransportConfig:
@@ -418,6 +420,7 @@ class MqttTransport:
         self._running = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self._pub_futs: dict[int, asyncio.Future[None]] = {}
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._qos0_pending = 0
         self._sub_futs: dict[int, asyncio.Future[list[int]]] = {}
         self._subs: dict[str, _Sub] = {}
@@ -568,8 +571,10 @@ class MqttTransport:
         if client is None or not self._running:
             raise NotConnected("transport is not connected")
         if self.pending >= self.config.max_pending:
-            log.warning("send queue full (%d pending) publishing to %s", self.pending, topic)
-            raise SendQueueFull(f"{self.pending} publishes await acknowledgement (max_pending)")
+            await self._wait_for_room(topic)
+            client = self._client
+            if client is None or not self._running:
+                raise NotConnected("transport is not connected")
         if qos == 0 and not self._connected.is_set():
             raise NotConnected("not connected (QoS 0 messages are not queued offline)")
         if isinstance(payload, str):
@@ -608,6 +613,37 @@ class MqttTransport:
             # the (cancelled) future stays in _pub_futs until paho reports the ack: the message
             # is still queued in the session and still counts against max_pending
             raise PublishTimeout(f"no acknowledgement for {topic!r} within {wait}s") from None
+
+    async def _wait_for_room(self, topic: str) -> None:
+        """Wait (FIFO) until fewer than ``max_pending`` publishes are outstanding, or raise."""
+        cfg = self.config
+        assert self._loop is not None
+        deadline = self._loop.time() + cfg.queue_wait
+        while self.pending >= cfg.max_pending:
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                log.warning("send queue full (%d pending) publishing to %s", self.pending, topic)
+                raise SendQueueFull(f"{self.pending} publishes await acknowledgement (max_pending)")
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._room_waiters.append(fut)
+            try:
+                async with asyncio.timeout(remaining):
+                    await fut
+            except TimeoutError:
+                pass
+            finally:
+                if not fut.done():
+                    fut.cancel()
+
+    def _release_room(self) -> None:
+        """Wake as many waiting publishes as there is room for."""
+        room = self.config.max_pending - self.pending
+        waiters = self._room_waiters
+        while room > 0 and waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                room -= 1
 
     async def subscribe(
         self,
@@ -873,6 +909,7 @@ class MqttTransport:
                     fut.exception()  # mark retrieved: nobody may be awaiting it
             futs.clear()
         self._qos0_pending = 0
+        self._release_room()
 
     # ------------------------------------------------------------------ socket plumbing
 
@@ -1049,6 +1086,8 @@ class MqttTransport:
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
         fut = self._pub_futs.pop(mid, None)
+        if self._room_waiters:
+            self._loop.call_soon(self._release_room)  # type: ignore[union-attr]
         if fut is None:
             if self._qos0_pending > 0:
                 self._qos0_pending -= 1
