@@ -756,6 +756,7 @@ class Store:
             index.setdefault(did, {})[key] = who
         return versions
     # -- end pins
+
     # -- roll-outs: one row per roll-out (its state document) and per target device (its membership)
     def save_rollout(self, rollout_id: str, state: str, doc: Mapping[str, Any], *, created: float,
                      members: Iterable[tuple[str, int, Mapping[str, Any]]] = ()) -> None:
