@@ -68,3 +68,28 @@ def test_issuer_must_be_a_table_and_key_must_load(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(CoordinationError) as bad:
         load_issuer_key(bad_key)
     assert bad.value.reason == "invalid_config_file"
+
+
+def test_broker_list_is_failover_urls() -> None:
+    cfg = parse_config({"coordinator": {"broker": ["mqtts://a:8883", "mqtts://b:8883"]}})
+    assert cfg.broker == "mqtts://a:8883,mqtts://b:8883"
+    from sdk.messaging.transport import MqttTransport
+
+    transport = MqttTransport(cfg.broker)
+    assert list(transport.broker_urls) == ["mqtts://a:8883", "mqtts://b:8883"]
+
+
+@pytest.mark.parametrize("broker", [[], ["embedded"], ["mqtt://a:1", 5], ["mqtt://a:1,mqtt://b:2"]])
+def test_bad_broker_lists_are_refused(broker: Any) -> None:
+    with pytest.raises(ConfigFileError, match="coordinator.broker"):
+        parse_config({"coordinator": {"broker": broker}})
+
+
+def test_coordinator_send_queue_waits_for_room() -> None:
+    from sdk.coord.coordinator import Coordinator
+    from sdk.identity import TrustPolicy
+
+    issuer = Key.generate()
+    coord = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir="/nonexistent-unused",
+                        trust=TrustPolicy({}), issuer=issuer)
+    assert coord.client.transport.config.queue_wait > 0          # a big fan-out never fails queue_full

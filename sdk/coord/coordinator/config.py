@@ -1,7 +1,9 @@
 """The coordinator's TOML configuration, loaded into frozen dataclasses.
 
     [coordinator]
-    broker = "mqtt://127.0.0.1:1883"   # or mqtts://..., or "embedded" to start an in-process broker
+    broker = "mqtt://127.0.0.1:1883"   # or mqtts://..., or "embedded" to start an in-process broker,
+                                         # "embedded://HOST:PORT" on a fixed port, or a list of URLs
+                                         # (broker failover: ["mqtts://a:8883", "mqtts://b:8883"])
     data_dir = "./coordinator-data"      # SQLite state (WAL) and the status list
     heartbeat_ttl = 30                   # seconds without a heartbeat before a device expires
     durability = "normal"                # "full" = fsync every commit (survives power loss)
@@ -185,6 +187,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
         raise _err(f"unknown key(s) in [identity]: {sorted(set(ident) - _ID_KEYS)}")
 
     broker = coord.get("broker", "embedded")
+    if isinstance(broker, list):         # broker failover: the transport takes "url1,url2"
+        if not broker or not all(isinstance(u, str) and u.startswith(("mqtt://", "mqtts://"))
+                                 and "," not in u for u in broker):
+            raise _err(f"coordinator.broker as a list must hold mqtt:// or mqtts:// URLs, got {broker!r}")
+        broker = ",".join(broker)
     if not isinstance(broker, str) or not (broker == "embedded" or "://" in broker):
         raise _err(f"coordinator.broker must be a URL (mqtt://host:port) or \"embedded\", got {broker!r}")
     durability = coord.get("durability", "normal")

@@ -231,6 +231,9 @@ class Coordinator:
                                    ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
         options.setdefault("will", Will(presence, will, qos=1, retain=True))
+        # a fan-out past the send queue's max_pending waits for room (FIFO) instead of failing
+        # queue_full, so a config to more devices than the queue holds still reaches every one
+        options.setdefault("queue_wait", 30.0)
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
         self._reports: list[tuple[str, int, str, str | None, float | None]] = []
         self._listeners: list[Listener] = []
