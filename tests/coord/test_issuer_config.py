@@ -81,7 +81,7 @@ def test_broker_list_is_failover_urls() -> None:
 
 @pytest.mark.parametrize("broker", [[], ["embedded"], ["mqtt://a:1", 5], ["mqtt://a:1,mqtt://b:2"]])
 def test_bad_broker_lists_are_refused(broker: Any) -> None:
-    with pytest.raises(ConfigFileError, match="coordinator.broker"):
+    with pytest.raises(ConfigFileError, match=r"coordinator\.broker"):
         parse_config({"coordinator": {"broker": broker}})
 
 
