@@ -65,6 +65,7 @@ from sdk.coord.coordinator.registry import (
     Registry,
     Session,
 )
+from sdk.coord.coordinator.rule_rollouts import start_rule_rollouts
 from sdk.coord.coordinator.rules import RuleSet
 from sdk.coord.coordinator.store import ConfigVersion, Store
 from sdk.coord.coordinator.store import delta as store_delta
@@ -720,6 +721,11 @@ class Coordinator:
             self._ack(msg.sender, event_id, protocol.ACK_REJECTED, exc.reason)   # no point re-sending it
             return
         actions = self.rules.evaluate(event, msg.sender, self.registry)
+        # -- rule roll-outs (rule_rollouts.py): rules with [rules.rollout] start a staged roll-out
+        if not await start_rule_rollouts(self, msg.sender, event_id, actions):
+            return                              # not acknowledged: the device sends it again
+        actions = [a for a in actions if a.rollout is None]
+        # -- end rule roll-outs
         merged: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
         for action in actions:
             for did in action.targets:

@@ -580,10 +580,12 @@ class RolloutEngine:
         r.pushes[stage] = push
         event_id = f"rollout:{r.id}:{stage}"
         rows = [(m.did, m.rank, m.to_doc()) for m in (r.members.values() if all_members else members)]
+        by_rule = r.operator.startswith("rule:")        # a rule's roll-out (rule_rollouts.py) pins nothing
         try:
             versions = store.commit_rollout(
                 changes, operator=r.operator, event_id=event_id, op="rollout.start",
-                pin={did: list(spec.set) for did in changes}, unpin={did: list(spec.unset) for did in changes},
+                pin={did: list(spec.set) for did in changes if not by_rule},
+                unpin={did: list(spec.unset) for did in changes if not by_rule},
                 rollout_id=r.id, state=r.state, doc=r.to_doc(), created=r.created, members=rows, now=now,
                 max_bytes=MAX_CONFIG_BYTES)
         except InvalidValue as exc:

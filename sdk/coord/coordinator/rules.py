@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sdk.coord.coordinator.errors import RuleError
+from sdk.coord.coordinator.rollouts import Gates
 from sdk.coord.events import _EVENT_TYPE_RE, EVENT_SCHEMAS, Event
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ SELECTS = ("sender", "group", "capability")
 DEVICE_FIELDS = ("did", "kind", "groups", "tags", "capabilities", "attributes", "name")
 _TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_\-]+)+)\}")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-_RULE_KEYS = {"name", "event", "when", "target", "config", "unset", "description"}
+_RULE_KEYS = {"name", "event", "when", "target", "config", "unset", "description", "rollout"}
+_ROLLOUT_KEYS = ("canary", "steps", "factor", "cap", "bake", "min_applied", "max_failed", "timeout", "health",
+                 "smoke")
 _TARGET_KEYS = {"select", "group_prefix", "capability", "include_sender", "where"}
 _MISSING = object()
 
@@ -110,6 +113,16 @@ class Target:
 
 
 @dataclass(frozen=True)
+class RolloutPlan:
+    """A rule's ``[rules.rollout]``: its changes go out in stages behind these gates."""
+
+    canary: dict[str, float]
+    growth: dict[str, Any]
+    bake: float
+    gates: Gates
+
+
+@dataclass(frozen=True)
 class Rule:
     """One validated rule."""
 
@@ -120,15 +133,18 @@ class Rule:
     config: dict[str, Any]
     unset: tuple[str, ...] = ()
     description: str = ""
+    rollout: RolloutPlan | None = None
 
 
 @dataclass(frozen=True)
 class Action:
-    """The result of a matched rule: these devices get these changes (``None`` = unset key)."""
+    """The result of a matched rule: these devices get these changes (``None`` = unset key);
+    with ``rollout``, staged instead of committed to every target at once."""
 
     rule: str
     targets: tuple[str, ...]
     changes: dict[str, Any] = field(default_factory=dict)
+    rollout: RolloutPlan | None = None
 
 
 def lookup(ctx: Mapping[str, Any], path: str) -> Any:
@@ -196,7 +212,7 @@ class RuleSet:
             changes = {k: render(v, ctx, rule=rule.name) for k, v in rule.config.items()}
             for key in rule.unset:
                 changes[key] = None
-            actions.append(Action(rule.name, tuple(targets), changes))
+            actions.append(Action(rule.name, tuple(targets), changes, rule.rollout))
         return actions
 
 
@@ -317,6 +333,36 @@ def _check_templates(where: str, value: Any, event_type: str) -> None:
             _check_templates(where, v, event_type)
 
 
+def _rollout(where: str, raw: Any) -> RolloutPlan | None:
+    """``[rules.rollout]``: the stage and gate settings of ``rollout.start``, flattened."""
+    from sdk.coord.coordinator.rollout_ops import _gates, _number, _stages
+    from sdk.coord.errors import OperatorError
+
+    if raw is None:
+        return None
+    where = f"{where} rollout"
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a table")
+    unknown = set(raw) - set(_ROLLOUT_KEYS)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {sorted(unknown)} (allowed: {sorted(_ROLLOUT_KEYS)})")
+    if "steps" in raw and ("factor" in raw or "cap" in raw):
+        raise _fail(where, "give 'steps' or 'factor' (+ 'cap'), not both")
+    growth = ({"steps": raw["steps"]} if "steps" in raw
+              else {k: raw[k] for k in ("factor", "cap") if k in raw})
+    try:
+        canary, out_growth = _stages({"canary": raw.get("canary", {"percent": 10}), "growth": growth})
+        bake = _number(raw.get("bake", 0), "bake", low=0, high=7 * 86400.0)
+        gates = _gates({k: raw[k] for k in ("min_applied", "max_failed", "timeout", "health", "smoke")
+                        if k in raw})
+    except OperatorError as exc:
+        message = str(exc)
+        for prefix in ("stages.growth.", "stages.", "gates."):
+            message = message.replace(prefix, "")
+        raise _fail(where, message) from exc
+    return RolloutPlan(canary, out_growth, bake, gates)
+
+
 def parse_rule(raw: Any, index: int = 0) -> Rule:
     """Validate one rule table; raises :class:`RuleError` naming the rule and key."""
     label = f"rule #{index + 1}"
@@ -377,7 +423,8 @@ def parse_rule(raw: Any, index: int = 0) -> Rule:
     if overlap:
         raise _fail(where, f"keys both set and unset: {sorted(overlap)}")
     desc = raw.get("description", "")
-    return Rule(name, event_type, when, target, config, tuple(unset), str(desc))
+    rollout = _rollout(where, raw.get("rollout"))
+    return Rule(name, event_type, when, target, config, tuple(unset), str(desc), rollout)
 
 
 def parse_rules(raw: Any) -> RuleSet:
@@ -411,6 +458,7 @@ __all__ = [
     "Action",
     "Condition",
     "DeviceIndex",
+    "RolloutPlan",
     "Rule",
     "RuleSet",
     "Target",
