@@ -1040,6 +1040,15 @@ class Coordinator:
                                 capabilities: Iterable[str] = (), name: str | None = None,
                                 valid_for: float = 365 * 86400) -> dict[str, Any]:
         """Issue a revocable DeviceCredential with the coordinator's issuer key."""
+        entry = self.status_entry_for(did)
+        assert self.issuer is not None
+        return device_credential(self.issuer, did, kind=kind, groups=groups, capabilities=capabilities,
+                                 name=name, status=entry, valid_for=valid_for)
+
+    def status_entry_for(self, did: str) -> dict[str, Any]:
+        """A fresh entry in the issuer's status list, recorded against ``did``: put it in any other
+        credential issued to that DID with the issuer key (an ``InferenceAccessCredential`` for the
+        mesh, say) and :meth:`revoke` / ``device.revoke`` of the DID revokes that credential too."""
         if self.issuer is None:
             raise CoordinationError("this coordinator has no issuer key", reason="not_issuer")
         if self.store is None:
@@ -1049,9 +1058,7 @@ class Coordinator:
         index = self.store.allocate_coordinator_index(did, reserved=OFFLINE_RANGE)
         if index >= self.status_list_size:
             raise CoordinationError("the status list is full", reason="status_list_full")
-        entry = status_entry(protocol.status_list_url(self.issuer.did), index)
-        return device_credential(self.issuer, did, kind=kind, groups=groups, capabilities=capabilities,
-                                 name=name, status=entry, valid_for=valid_for)
+        return dict(status_entry(protocol.status_list_url(self.issuer.did), index))
 
     async def revoke(self, did: str, *, indexes: Iterable[int] = ()) -> None:
         """Revoke every credential this coordinator issued to ``did`` (and ``indexes`` of its list, e.g.
