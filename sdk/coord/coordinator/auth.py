@@ -40,11 +40,18 @@ def device_credential(issuer: Key, device_did: str, *, kind: str, groups: Iterab
                       valid_from: datetime | None = None,
                       credential_type: str = DEVICE_CREDENTIAL) -> dict[str, Any]:
     """Issue a DeviceCredential (eddsa-jcs-2022) for ``device_did``: kind, groups, capabilities."""
+    subject: dict[str, Any] = {"id": device_did, "kind": kind, "groups": sorted(groups),
+                               "capabilities": sorted(capabilities)}
+    return _issue(issuer, credential_type, subject, name=name, status=status, valid_for=valid_for,
+                  valid_from=valid_from)
+
+
+def _issue(issuer: Key, credential_type: str, subject: dict[str, Any], *, name: str | None,
+           status: Mapping[str, Any] | None, valid_for: float, valid_from: datetime | None) -> dict[str, Any]:
+    """Sign a VC 2.0 credential of ``credential_type`` about ``subject`` (valid from a minute back)."""
     from sdk.identity import issue_credential
 
     start = valid_from or datetime.now(UTC) - timedelta(seconds=60)
-    subject: dict[str, Any] = {"id": device_did, "kind": kind, "groups": sorted(groups),
-                               "capabilities": sorted(capabilities)}
     if name:
         subject["name"] = name
     doc: dict[str, Any] = {
@@ -75,30 +82,12 @@ def operator_credential(issuer: Key, operator_did: str, *, roles: Iterable[str] 
                         status: Mapping[str, Any] | None = None,
                         valid_from: datetime | None = None) -> dict[str, Any]:
     """Issue an OperatorCredential: ``roles`` from ``read`` / ``write`` / ``admin`` (cumulative)."""
-    from sdk.identity import issue_credential
-
     roles = sorted(set(roles))
     unknown = [r for r in roles if r not in ROLES]
     if unknown or not roles:
         raise ValueError(f"roles must be a non-empty subset of {ROLES}, got {roles}")
-    start = valid_from or datetime.now(UTC) - timedelta(seconds=60)
-    subject: dict[str, Any] = {"id": operator_did, "roles": roles}
-    if name:
-        subject["name"] = name
-    doc: dict[str, Any] = {
-        "@context": [V2_CONTEXT],
-        "id": f"urn:uuid:{secrets.token_hex(16)}",
-        "type": ["VerifiableCredential", OPERATOR_CREDENTIAL],
-        "issuer": issuer.did,
-        "validFrom": _iso(start),
-        "validUntil": _iso(start + timedelta(seconds=valid_for)),
-        "credentialSubject": subject,
-    }
-    if status is not None:
-        doc["credentialStatus"] = dict(status)
-    signed = issue_credential(doc, issuer)
-    assert isinstance(signed, dict)
-    return signed
+    return _issue(issuer, OPERATOR_CREDENTIAL, {"id": operator_did, "roles": roles}, name=name, status=status,
+                  valid_for=valid_for, valid_from=valid_from)
 
 
 class Challenges:
