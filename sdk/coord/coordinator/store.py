@@ -745,6 +745,12 @@ class Store:
         versions = self.commit({did: (dict(ch), source) for did, ch in changes_by_device.items()},
                                event_id=event_id, event=(operator, op, fields), now=now,
                                max_bytes=max_bytes, also=write_pins)
+        self._update_pin_index(unpin_rows, pin_rows)
+        return versions
+
+    def _update_pin_index(self, unpin_rows: Iterable[tuple[str, str]],
+                          pin_rows: Iterable[tuple[str, str, str, float]]) -> None:
+        """Apply committed pin and unpin rows to the in-memory pin index."""
         index = self._pin_index()
         for did, key in unpin_rows:
             keys = index.get(did)
@@ -754,7 +760,6 @@ class Store:
                     del index[did]
         for did, key, who, _ in pin_rows:
             index.setdefault(did, {})[key] = who
-        return versions
     # -- end pins
 
     # -- roll-outs: one row per roll-out (its state document) and per target device (its membership)
@@ -834,15 +839,7 @@ class Store:
                                event_id=event_id, event=(operator, op, {"targets": len(changes_by_device)}),
                                now=now, max_bytes=max_bytes, also=write)
         if versions:
-            index = self._pin_index()
-            for did, key in unpin_rows:
-                keys = index.get(did)
-                if keys is not None:
-                    keys.pop(key, None)
-                    if not keys:
-                        del index[did]
-            for did, key, who, _ in pin_rows:
-                index.setdefault(did, {})[key] = who
+            self._update_pin_index(unpin_rows, pin_rows)
         return versions
     # -- end roll-outs
 
