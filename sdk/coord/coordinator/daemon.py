@@ -162,6 +162,7 @@ class Coordinator:
         metrics_port: int = 0,
         client_config: ClientConfig | None = None,
         fresh: bool = False,
+        store_url: str | None = None,
         hello_rate: float = 500.0,
         hello_burst: int = 1000,
         max_admissions: int = 256,
@@ -184,6 +185,11 @@ class Coordinator:
         self.sweep_interval = finite(sweep_interval, what="sweep_interval", minimum=0.001, maximum=3600)
         self.metrics_port = metrics_port
         self.fresh = fresh
+        # -- shared store ([store] url; else DATA_DIR/coordinator.db) and the HA runner's hook
+        self.store_url = store_url
+        #: applied to the store right after it opens, before anything is read or written (ha.py fences it)
+        self.store_hook: Callable[[Store], Store] | None = None
+        # -- end shared store
         self.boot = secrets.token_hex(8)
         self.registry = Registry()
         self.metrics = CoordinatorMetrics()
@@ -279,6 +285,7 @@ class Coordinator:
             issuer = load_issuer_key(config.issuer)
         kwargs.setdefault("issuer_config", config.issuer)
         # -- end [issuer]
+        kwargs.setdefault("store_url", getattr(config, "store_url", None))   # [store] url
         trust = TrustPolicy({t.issuer: set(t.types) for t in config.trust})
         return cls(key, broker=broker or config.broker, data_dir=config.data_dir, trust=trust,
                    rules=config.rules, credential=credential, issuer=issuer,
@@ -382,6 +389,13 @@ class Coordinator:
 
     def _open_store(self) -> Store:
         """Open the store; refuse one that is corrupt, or missing while other state says it existed."""
+        # -- shared store: the data directory's files say nothing about it (no evidence check)
+        if self.store_url is not None:
+            from sdk.coord.coordinator.store import open_store
+
+            shared = open_store(self.store_url, durability=self.durability, fresh=self.fresh)
+            return shared if self.store_hook is None else self.store_hook(shared)
+        # -- end shared store
         path = self.data_dir / "coordinator.db"
         store = Store(path, durability=self.durability, fresh=self.fresh)
         if store.created and not self.fresh:
