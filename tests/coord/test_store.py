@@ -172,3 +172,65 @@ def test_advance_raises_the_version_floor(tmp_path: Path) -> None:
     (nxt,) = store.commit({"did:a": ({"j": 2}, ("r",))})
     assert nxt.version == 6 and nxt.state == {"k": 1, "j": 2}
     store.close()
+
+
+def test_origin_is_recorded_per_device_and_in_history(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.errors import InvalidValue
+
+    store = Store(tmp_path / "s.db")
+    origin = {"policy": "model", "model": "smollm2", "model_version": "1", "prompt_hash": "sha256:ab"}
+    store.commit({"did:a": ({"k": 1}, ("r",)), "did:b": ({"k": 2}, ("r",))}, origins={"did:a": origin})
+    store.commit({"did:a": ({"k": 3}, ("r",))})
+    assert [h["origin"] for h in store.history("did:a")] == [None, origin]
+    assert store.history("did:b")[0]["origin"] is None
+    with pytest.raises(InvalidValue):
+        store.commit({"did:a": ({"k": 4}, ("r",))}, origins={"did:a": "model"})  # type: ignore[dict-item]
+    with pytest.raises(InvalidValue):
+        store.commit({"did:a": ({"k": 4}, ("r",))}, origins={"did:a": {"score": float("nan")}})
+    assert store.latest_version("did:a") == 2
+    store.close()
+    assert Store(tmp_path / "s.db").history("did:a", limit=1)[0]["origin"] is None
+
+
+def test_schema_4_store_migrates_to_5_keeping_its_data(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.store import SCHEMA_VERSION
+
+    store = Store(tmp_path / "s.db")
+    store.commit({"did:a": ({"k": 1}, ("r",))}, event_id="e1", event=("did:s", "t", {}))
+    store.close()
+    db = sqlite3.connect(tmp_path / "s.db")                  # what a schema-4 coordinator left
+    db.execute("DROP TABLE lease")
+    db.execute("ALTER TABLE desired DROP COLUMN origin")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "s.db")
+    assert store.schema_version == SCHEMA_VERSION == 5 and not store.created
+    assert store.latest_version("did:a") == 1 and store.event_processed("did:s", "e1")
+    assert store.history("did:a")[0]["origin"] is None and store.lease() is None
+    store.commit({"did:a": ({"k": 2}, ("r",))}, origins={"did:a": {"policy": "rules"}})
+    assert store.history("did:a")[0]["origin"] == {"policy": "rules"}
+    assert store.acquire_lease("c1", 5) == 1
+    store.close()
+
+
+def test_open_store_and_the_store_section(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.config import parse_config
+    from sdk.coord.coordinator.errors import ConfigFileError, StoreError
+    from sdk.coord.coordinator.store import open_store
+
+    store = open_store(f"sqlite://{tmp_path}/a.db")
+    assert isinstance(store, Store) and store.path == tmp_path / "a.db"
+    store.close()
+    store = open_store(tmp_path / "b.db", durability="full")
+    assert store.path == tmp_path / "b.db" and store.created
+    store.close()
+    for bad in ("mysql://h/db", "sqlite:"):
+        with pytest.raises(StoreError):
+            open_store(bad)
+    assert parse_config({}).store_url is None
+    assert parse_config({"store": {"url": "postgresql://c@h:5/db"}}).store_url == "postgresql://c@h:5/db"
+    assert parse_config({"store": {"url": "s.db"}}, base_dir=tmp_path).store_url == str(tmp_path / "s.db")
+    for table in ({"url": "mysql://h/db"}, {"url": ""}, {"url": 5}, {"dsn": "x"}, "postgresql://h"):
+        with pytest.raises(ConfigFileError):
+            parse_config({"store": table})

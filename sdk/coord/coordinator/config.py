@@ -28,6 +28,9 @@
 
     rules_file = "rules.toml"            # and/or inline [[rules]] tables
 
+    [store]                              # optional: where the state lives (default: SQLite in data_dir)
+    url = "postgresql://coord@db:5432/autoglm"   # or a path, or "sqlite:///abs/path.db"
+
 Relative paths are resolved against the config file's directory.
 """
 
@@ -48,7 +51,7 @@ from sdk.coord.coordinator.rules import RuleSet, parse_rules
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_TTL = 30.0
-_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer"}
+_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer", "store"}
 _COORD_KEYS = {"broker", "data_dir", "heartbeat_ttl", "durability", "metrics_port", "sweep_interval",
                "name"}
 _ID_KEYS = {"keystore", "passphrase_env", "key", "credential"}
@@ -136,6 +139,29 @@ def _parse_issuer(table: Any, *, default_passphrase_env: str,
 # -- end [issuer]
 
 
+# -- [store]
+_STORE_SCHEMES = ("postgresql://", "postgres://", "sqlite:")
+
+
+def _parse_store(table: Any, *, path: Callable[[Any, str], Path | None]) -> str | None:
+    """``[store] url``: a PostgreSQL or SQLite URL as written, or a path resolved like other paths."""
+    if not isinstance(table, dict):
+        raise _err("[store] must be a table")
+    if set(table) - {"url"}:
+        raise _err(f"unknown key(s) in [store]: {sorted(set(table) - {'url'})} (allowed: ['url'])")
+    url = table.get("url")
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.strip():
+        raise _err("store.url must be a postgresql:// URL, a sqlite:/// URL or a path")
+    if url.startswith(_STORE_SCHEMES):
+        return url
+    if "://" in url:
+        raise _err(f"store.url has an unknown scheme: {url.split('://', 1)[0]!r} (postgresql or sqlite)")
+    return str(path(url, "store.url"))
+# -- end [store]
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything the coordinator daemon needs to start."""
@@ -154,6 +180,7 @@ class CoordinatorConfig:
     trust: tuple[TrustedIssuer, ...] = ()
     rules: RuleSet = field(default_factory=RuleSet)
     issuer: IssuerConfig | None = None
+    store_url: str | None = None        # [store] url; None = the SQLite file in data_dir
 
 
 def _err(msg: str) -> ConfigFileError:
@@ -256,6 +283,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
         trust=tuple(trust),
         rules=rules,
         issuer=issuer,
+        store_url=None if "store" not in data else _parse_store(data["store"], path=path),
     )
 
 

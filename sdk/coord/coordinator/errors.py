@@ -48,6 +48,18 @@ class StoreVersionError(StoreError):
     reason = "store_too_new"
 
 
+class LeaseLost(StoreError):
+    """A fenced write found the coordinator lease held by another token: nothing was written."""
+
+    reason = "lease_lost"
+
+
+class StoreUnavailable(StoreError):
+    """The state store's server cannot be reached (connection lost); the next call reconnects."""
+
+    reason = "store_unavailable"
+
+
 class InvalidValue(CoordinationError):
     """A number or JSON value is not finite, out of range, or cannot be serialised and signed."""
 
@@ -69,6 +81,8 @@ __all__ = [
     "StoreMissing",
     "StoreBehind",
     "StoreVersionError",
+    "LeaseLost",
+    "StoreUnavailable",
     "InvalidValue",
     "RuleOutputError",
     "AdmissionError",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord.coordinator.errors import InvalidValue, StoreCorrupt, StoreError, StoreVersionError
+from sdk.coord.coordinator.store_lease import Connection, LeaseMixin, LeaseState
 from sdk.coord.coordinator.values import strict_dumps
 from sdk.coord.protocol import ConfigVersion
 
@@ -34,14 +35,15 @@ log = logging.getLogger(__name__)
 #: 3: + audit (operator operations), tags (operator-assigned), properties (device-reported),
 #:    pins (operator-set desired keys), enroll_tokens and enroll_requests (enrollment)
 #: 4: + rollouts and rollout_members (staged roll-outs)
-SCHEMA_VERSION = 4
+#: 5: + lease (the coordinator lease and its fencing token), desired.origin (how a version was made)
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     did TEXT PRIMARY KEY, record TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS desired (
     did TEXT NOT NULL, version INTEGER NOT NULL, changes TEXT NOT NULL, state TEXT NOT NULL,
-    event_id TEXT, rules TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (did, version));
+    event_id TEXT, rules TEXT NOT NULL, created REAL NOT NULL, origin TEXT, PRIMARY KEY (did, version));
 CREATE TABLE IF NOT EXISTS reported (
     did TEXT PRIMARY KEY, version INTEGER NOT NULL, state TEXT NOT NULL, status TEXT NOT NULL,
     reason TEXT, at REAL NOT NULL);
@@ -85,11 +87,27 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS rollout_members (
     rollout TEXT NOT NULL, did TEXT NOT NULL, rank INTEGER NOT NULL, doc TEXT NOT NULL,
     PRIMARY KEY (rollout, did));
+CREATE TABLE IF NOT EXISTS lease (
+    name TEXT PRIMARY KEY, holder TEXT, token INTEGER NOT NULL, expires REAL);
 """
+
+#: columns added to existing tables after their first schema: (table, column, declaration)
+_ADDED_COLUMNS = (("desired", "origin", "TEXT"),)
+
 
 
 def _dumps(value: Any, *, sort_keys: bool = True) -> str:
     return strict_dumps(value, sort_keys=sort_keys)
+
+
+def _origin(origins: Mapping[str, Mapping[str, Any]] | None, did: str) -> str | None:
+    """The strict-JSON text of ``did``'s origin document (None when not given)."""
+    if origins is None or origins.get(did) is None:
+        return None
+    origin = origins[did]
+    if not isinstance(origin, Mapping):
+        raise InvalidValue(f"origin for {did} must be a JSON object, not {type(origin).__name__}")
+    return _dumps(dict(origin))
 
 
 def _move_aside(path: Path) -> Path:
@@ -133,12 +151,15 @@ def delta(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-class Store:
+class Store(LeaseMixin):
     """The coordinator's state store. One writer (the daemon); safe to read from other threads.
 
     ``created`` is True when this open found no store (a new, empty file): the daemon uses it to
-    tell a first start from a store that went missing.
+    tell a first start from a store that went missing. Several coordinators sharing one store
+    take its lease (:meth:`acquire_lease`) and fence their writes on its token (:meth:`fence`).
     """
+
+    _db: Any
 
     def __init__(self, path: str | Path, *, durability: str = "normal", fresh: bool = False) -> None:
         if durability not in ("normal", "full"):
@@ -161,17 +182,26 @@ class Store:
             self.moved_aside = _move_aside(self.path)
             log.warning("%s; moved to %s, starting with an empty store", exc, self.moved_aside)
             self._db, self.created = self._open(durability)
-        self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
         self._touched: set[str] = set()      # DIDs whose desired or reported state changed
         try:
-            for did, version, state in self._db.execute(
-                    "SELECT d.did, d.version, d.state FROM desired d JOIN "
-                    "(SELECT did, MAX(version) v FROM desired GROUP BY did) m "
-                    "ON d.did = m.did AND d.version = m.v"):
-                self._latest[did] = (version, json.loads(state))
+            self.reload()
         except (sqlite3.Error, ValueError) as exc:
             self._db.close()
             raise StoreCorrupt(f"state store {self.path} holds unreadable desired state: {exc}") from exc
+
+    def reload(self) -> None:
+        """Reload the in-memory caches (latest versions, pins) from the store: another process
+        sharing it may have written since this one opened it (the daemon calls it on taking the lease)."""
+        latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT d.did, d.version, d.state FROM desired d JOIN "
+                "(SELECT did, MAX(version) v FROM desired GROUP BY did) m "
+                "ON d.did = m.did AND d.version = m.v").fetchall()
+            for did, version, state in rows:
+                latest[did] = (int(version), json.loads(state))
+            self._latest = latest
+            self._pins = None
 
     def _open(self, durability: str) -> tuple[sqlite3.Connection, bool]:
         existed = self.path.exists()
@@ -210,6 +240,9 @@ class Store:
         try:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(stmt)
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             if version == 1 and db.execute("SELECT 1 FROM processed LIMIT 1").fetchone() is None:
                 # a store written before event dedup: its recorded events count as processed
                 db.execute("INSERT OR IGNORE INTO processed(sender, event_id, at) "
@@ -242,11 +275,18 @@ class Store:
             except sqlite3.Error as exc:  # pragma: no cover - close on a broken db
                 log.warning("closing state store: %s", exc)
 
-    def _tx(self, fn: Any) -> Any:
+    def _read_one(self, sql: str, params: tuple[Any, ...]) -> Any:
+        with self._lock:
+            return self._db.execute(sql, params).fetchone()
+
+    def _tx(self, fn: Callable[[Any], Any], *, fenced: bool = True) -> Any:
+        """Run ``fn(db)`` in one write transaction (first checking the fence, when set)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
+                    if fenced:
+                        self._check_fence(self._db)
                     out = fn(self._db)
                 except BaseException:
                     self._db.execute("ROLLBACK")
@@ -276,7 +316,8 @@ class Store:
     def commit(self, changes_by_device: Mapping[str, tuple[dict[str, Any], tuple[str, ...]]], *,
                event_id: str | None = None, event: tuple[str, str, Mapping[str, Any]] | None = None,
                now: float | None = None, max_bytes: int | None = None,
-               also: Callable[[sqlite3.Connection], Any] | None = None) -> list[ConfigVersion]:
+               also: Callable[[Connection], Any] | None = None,
+               origins: Mapping[str, Mapping[str, Any]] | None = None) -> list[ConfigVersion]:
         """Commit one new desired version per device, atomically; returns the new versions.
 
         ``event`` = ``(sender, type, fields)`` records the triggering event in the same transaction
@@ -284,6 +325,8 @@ class Store:
         returns ``[]`` (each event is applied exactly once, across restarts). A version that is not
         strict JSON, or whose config document exceeds ``max_bytes``, raises :class:`InvalidValue`
         before anything is written. ``also(db)`` runs inside the same transaction (operator pins).
+        ``origins`` gives, per DID, a JSON object saying how its version was made (a policy, a
+        model and its version, a prompt hash); :meth:`history` returns it.
         """
         now = time.time() if now is None else now
         out: list[ConfigVersion] = []
@@ -293,7 +336,7 @@ class Store:
                                      event_id, tuple(rules), now))
         # strict JSON before the transaction: a value that cannot be signed commits nothing
         rows = [(c.did, c.version, _dumps(c.changes), _dumps(c.state), c.event_id, _dumps(list(c.rules)),
-                 c.created) for c in out]
+                 c.created, _origin(origins, c.did)) for c in out]
         if max_bytes is not None:
             for c, row in zip(out, rows, strict=True):
                 size = len(row[2].encode()) + len(row[3].encode()) + len(row[5].encode()) + 256
@@ -301,17 +344,17 @@ class Store:
                     raise InvalidValue(f"config v{c.version} for {c.did} is {size} bytes (limit {max_bytes})")
         event_row = None if event is None else (event_id, event[0], event[1], _dumps(dict(event[2])), now,
                                                 _dumps(sorted(changes_by_device)))
-        def write(db: sqlite3.Connection) -> bool:
+        def write(db: Connection) -> bool:
             if event is not None:
                 if event_id is not None and db.execute(
-                        "INSERT OR IGNORE INTO processed(sender, event_id, at) VALUES (?,?,?)",
+                        "INSERT INTO processed(sender, event_id, at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                         (event[0], event_id, now)).rowcount == 0:
                     return False
                 assert event_row is not None
-                db.execute("INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
-                           "VALUES (?,?,?,?,?,?)", event_row)
-            db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
-                           "VALUES (?,?,?,?,?,?,?)", rows)
+                db.execute("INSERT INTO events(event_id, sender, type, fields, received, targets) "
+                           "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING", event_row)
+            db.executemany("INSERT INTO desired(did, version, changes, state, event_id, rules, created, origin) "
+                           "VALUES (?,?,?,?,?,?,?,?)", rows)
             if also is not None:
                 also(db)
             return True
@@ -370,7 +413,7 @@ class Store:
         """Hand out the next status-list index to ``did`` (one transaction; never handed out twice)."""
         now = time.time() if now is None else now
 
-        def write(db: sqlite3.Connection) -> int:
+        def write(db: Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
             top = db.execute("SELECT MAX(idx) FROM issued").fetchone()[0]
             index = max(int(row[0]) if row else 0, -1 if top is None else int(top) + 1)
@@ -392,7 +435,8 @@ class Store:
         now = time.time() if now is None else now
         rows = [(int(i), now) for i in indexes]
         if rows:
-            self._tx(lambda db: db.executemany("INSERT OR IGNORE INTO revoked(idx, at) VALUES (?,?)", rows))
+            self._tx(lambda db: db.executemany("INSERT INTO revoked(idx, at) VALUES (?,?) ON CONFLICT DO NOTHING",
+                                               rows))
 
     def revoked_indexes(self) -> list[int]:
         """Every revoked status-list index."""
@@ -425,9 +469,9 @@ class Store:
         if next_index < 0 or any(i < 0 for i, *_ in issued) or any(i < 0 for i, _ in revoked):
             raise InvalidValue("malformed issuer state: negative status index")
 
-        def write(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR IGNORE INTO issued(idx, did, at) VALUES (?,?,?)", issued)
-            db.executemany("INSERT OR IGNORE INTO revoked(idx, at) VALUES (?,?)", revoked)
+        def write(db: Connection) -> None:
+            db.executemany("INSERT INTO issued(idx, did, at) VALUES (?,?,?) ON CONFLICT DO NOTHING", issued)
+            db.executemany("INSERT INTO revoked(idx, at) VALUES (?,?) ON CONFLICT DO NOTHING", revoked)
             row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
             top = max([next_index, int(row[0]) if row else 0, *(i + 1 for i, *_ in issued)])
             db.execute("INSERT INTO meta(key, value) VALUES ('next_status_index', ?) "
@@ -449,10 +493,12 @@ class Store:
         now = time.time() if now is None else now
         batch = list(reports)
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Connection) -> None:
             for did, version, status, reason, apply_ms in batch:
-                db.execute("INSERT OR REPLACE INTO reports(did, version, status, reason, apply_ms, at) "
-                           "VALUES (?,?,?,?,?,?)", (did, version, status, reason, apply_ms, now))
+                db.execute("INSERT INTO reports(did, version, status, reason, apply_ms, at) VALUES (?,?,?,?,?,?) "
+                           "ON CONFLICT(did, version) DO UPDATE SET status = excluded.status, "
+                           "reason = excluded.reason, apply_ms = excluded.apply_ms, at = excluded.at",
+                           (did, version, status, reason, apply_ms, now))
                 if status == "applied":
                     row = db.execute("SELECT state FROM desired WHERE did = ? AND version = ?",
                                      (did, version)).fetchone()
@@ -460,7 +506,7 @@ class Store:
                     db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
                                "VALUES (?,?,?,?,?,?) ON CONFLICT(did) DO UPDATE SET "
                                "version=excluded.version, state=excluded.state, status=excluded.status, "
-                               "reason=excluded.reason, at=excluded.at WHERE excluded.version >= version",
+                               "reason=excluded.reason, at=excluded.at WHERE excluded.version >= reported.version",
                                (did, version, state, status, reason, now))
                 else:
                     db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
@@ -504,8 +550,8 @@ class Store:
         """Record a received event and who it targeted."""
         now = time.time() if now is None else now
         self._tx(lambda db: db.execute(
-            "INSERT OR IGNORE INTO events(event_id, sender, type, fields, received, targets) "
-            "VALUES (?,?,?,?,?,?)",
+            "INSERT INTO events(event_id, sender, type, fields, received, targets) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             (event_id, sender, event_type, _dumps(dict(fields)), now, _dumps(sorted(targets)))))
 
     def event_processed(self, sender: str, event_id: str) -> bool:
@@ -567,9 +613,9 @@ class Store:
         add = [(did, t) for did, (added, _) in changes.items() for t in added]
         remove = [(did, t) for did, (_, removed) in changes.items() for t in removed]
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Connection) -> None:
             db.executemany("DELETE FROM tags WHERE did = ? AND tag = ?", remove)
-            db.executemany("INSERT OR IGNORE INTO tags(did, tag) VALUES (?,?)", add)
+            db.executemany("INSERT INTO tags(did, tag) VALUES (?,?) ON CONFLICT DO NOTHING", add)
 
         if add or remove:
             self._tx(write)
@@ -597,10 +643,11 @@ class Store:
         """``did``'s newest desired versions, newest first: version, changes, rules, source, created."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT version, changes, event_id, rules, created FROM desired WHERE did = ? "
+                "SELECT version, changes, event_id, rules, created, origin FROM desired WHERE did = ? "
                 "ORDER BY version DESC LIMIT ?", (did, int(limit))).fetchall()
         return [{"version": v, "changes": json.loads(ch), "rules": json.loads(ru), "source": ev,
-                 "created": cr} for v, ch, ev, ru, cr in rows]
+                 "created": cr, "origin": None if og is None else json.loads(og)}
+                for v, ch, ev, ru, cr, og in rows]
     # -- end operator state
 
     # -- enrollment (tokens, requests, the coordinator's status indexes, revocation reasons)
@@ -608,7 +655,7 @@ class Store:
         """Like :meth:`allocate_status_index`, skipping ``reserved`` (the offline-issuance range)."""
         now = time.time() if now is None else now
 
-        def write(db: sqlite3.Connection) -> int:
+        def write(db: Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key = 'next_status_index'").fetchone()
             top = db.execute("SELECT MAX(idx) FROM issued").fetchone()[0]
             index = max(int(row[0]) if row else 0, -1 if top is None else int(top) + 1)
@@ -635,7 +682,7 @@ class Store:
         """Spend one use of a token in one transaction: ``("ok", row)``, or ``("unknown"|"used"|"expired", row)``."""
         now = time.time() if now is None else now
 
-        def write(db: sqlite3.Connection) -> tuple[str, dict[str, Any] | None]:
+        def write(db: Connection) -> tuple[str, dict[str, Any] | None]:
             row = db.execute("SELECT kind, groups, uses, used, expires, approve, valid_for, operator "
                              "FROM enroll_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
             if row is None:
@@ -735,7 +782,7 @@ class Store:
         unpin_rows = [(did, k) for did, ch in changes_by_device.items() for k, v in ch.items() if v is None]
         unpin_rows += [(did, k) for did, keys in (unpin or {}).items() for k in keys]
 
-        def write_pins(db: sqlite3.Connection) -> None:
+        def write_pins(db: Connection) -> None:
             db.executemany("DELETE FROM pins WHERE did = ? AND key = ?", unpin_rows)
             db.executemany("INSERT INTO pins(did, key, operator, at) VALUES (?,?,?,?) ON CONFLICT(did, key) "
                            "DO UPDATE SET operator = excluded.operator, at = excluded.at", pin_rows)
@@ -770,7 +817,7 @@ class Store:
         text = _dumps(dict(doc))
         rows = [(rollout_id, did, rank, _dumps(dict(m))) for did, rank, m in members]
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Connection) -> None:
             db.execute("INSERT INTO rollouts(id, state, doc, created, updated) VALUES (?,?,?,?,?) "
                        "ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc, "
                        "updated = excluded.updated", (rollout_id, state, text, created, now))
@@ -779,7 +826,7 @@ class Store:
         self._tx(write)
 
     @staticmethod
-    def _write_members(db: sqlite3.Connection, rows: list[tuple[str, str, int, str]]) -> None:
+    def _write_members(db: Connection, rows: list[tuple[str, str, int, str]]) -> None:
         db.executemany("INSERT INTO rollout_members(rollout, did, rank, doc) VALUES (?,?,?,?) "
                        "ON CONFLICT(rollout, did) DO UPDATE SET rank = excluded.rank, doc = excluded.doc", rows)
 
@@ -826,7 +873,7 @@ class Store:
         rows = [(rollout_id, did, rank, _dumps(dict(m))) for did, rank, m in members]
         text = _dumps(dict(doc))
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Connection) -> None:
             db.execute("INSERT INTO rollouts(id, state, doc, created, updated) VALUES (?,?,?,?,?) "
                        "ON CONFLICT(id) DO UPDATE SET state = excluded.state, doc = excluded.doc, "
                        "updated = excluded.updated", (rollout_id, state, text, created, now))
@@ -843,4 +890,30 @@ class Store:
         return versions
     # -- end roll-outs
 
-__all__ = ["ConfigVersion", "Reported", "Store", "SCHEMA_VERSION", "merge", "delta"]
+
+_PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(url_or_path: str | Path, *, durability: str = "normal", fresh: bool = False) -> Store:
+    """Open the state store a ``[store] url`` names: a path or ``sqlite:///abs/path`` opens the
+    SQLite store; ``postgresql://user@host:port/db`` the PostgreSQL one (the ``postgres`` extra).
+    Both have the same methods and guarantees."""
+    text = str(url_or_path)
+    if text.startswith(_PG_SCHEMES):
+        try:
+            from sdk.coord.coordinator.store_postgres import PostgresStore
+        except ImportError as exc:
+            raise StoreError(f"a PostgreSQL store needs psycopg (pip install 'open-autoglm-sdk[postgres]'): "
+                             f"{exc}") from exc
+        return PostgresStore(text, durability=durability, fresh=fresh)
+    if text.startswith("sqlite:"):
+        path = text.removeprefix("sqlite:").removeprefix("//")
+        if not path:
+            raise StoreError(f"store URL {text!r} names no file (sqlite:///path/to/coordinator.db)")
+        return Store(path, durability=durability, fresh=fresh)
+    if "://" in text:
+        raise StoreError(f"unknown store URL scheme in {text!r} (a path, sqlite:///path or postgresql://...)")
+    return Store(url_or_path, durability=durability, fresh=fresh)
+
+
+__all__ = ["ConfigVersion", "LeaseState", "Reported", "Store", "SCHEMA_VERSION", "delta", "merge", "open_store"]
