@@ -55,6 +55,7 @@ from sdk.coord.coordinator.errors import (
 from sdk.coord.coordinator.fleet_ops import handle_properties, load_operator_state, register_fleet_ops
 from sdk.coord.coordinator.lock import DataDirLock
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
+from sdk.coord.coordinator.model_policy import ConfigAdvisor, ModelPolicy
 from sdk.coord.coordinator.operations import OPERATOR_CREDENTIAL, Operations, OperatorAccess
 from sdk.coord.coordinator.registry import (
     EXPIRED,
@@ -166,6 +167,7 @@ class Coordinator:
         hello_rate: float = 500.0,
         hello_burst: int = 1000,
         max_admissions: int = 256,
+        advisor: ConfigAdvisor | None = None,
         **transport_options: Any,
     ) -> None:
         self.key = key
@@ -232,6 +234,10 @@ class Coordinator:
 
         self.rollouts = register_rollout_ops(self)
         # -- end roll-outs
+        # -- model-made configs (model_policy.py): rules with policy = "model" ask ``advisor``
+        self.model_policy = ModelPolicy(advisor)
+        self.model_policy.bind_metrics(self.metrics.registry)
+        # -- end model-made configs
         self._token = protocol.token(self.did)
         presence = protocol.device_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
@@ -740,16 +746,28 @@ class Coordinator:
             return                              # not acknowledged: the device sends it again
         actions = [a for a in actions if a.rollout is None]
         # -- end rule roll-outs
+        # -- model-made configs (model_policy.py): decided off the event path, committed when advised
+        if self.model_policy.defer(self, msg, event, event_id, actions, t0):
+            return
+        # -- end model-made configs
+        await self.commit_actions(msg, event, event_id, actions, t0)
+
+    async def commit_actions(self, msg: Message, event: Event, event_id: str, actions: list[Any], t0: float,
+                            *, origins: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Merge the actions per device, commit them with the event in one transaction, push, ack;
+        ``origins`` (per DID) records how model-policy versions were made."""
+        assert self.store is not None
         merged: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
         for action in actions:
             for did in action.targets:
                 changes, rules = merged.get(did, ({}, ()))
                 merged[did] = ({**changes, **action.changes}, (*rules, action.rule))
         merged = drop_pinned(self.store, merged)        # keys an operator set stay as set
+        kept = {d: o for d, o in (origins or {}).items() if d in merged}
         try:
             versions = self.store.commit(merged, event_id=event_id,
                                          event=(msg.sender, event.type, event.fields),
-                                         max_bytes=MAX_CONFIG_BYTES)
+                                         max_bytes=MAX_CONFIG_BYTES, origins=kept or None)
         except InvalidValue as exc:            # the rules' output can never be signed: refuse the event
             err = RuleOutputError(f"event {event_id} ({event.type}) from {msg.sender}: rule(s) "
                                   f"{sorted({r for _, rs in merged.values() for r in rs})} produced a config "

@@ -17,6 +17,9 @@ A rule (TOML, in the coordinator config or a rules file)::
     "ui.layout" = "companion"
     "ui.companion.resolution" = "{event.width}x{event.height}"
 
+``policy = "model"`` with a ``[rules.model]`` table hands the config to a model, ``[rules.config]``
+being the fallback (see :mod:`sdk.coord.coordinator.model_policy`).
+
 Everything is validated at load, and errors name the rule and the offending key.
 """
 
@@ -29,11 +32,14 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sdk.coord.coordinator.errors import RuleError
 from sdk.coord.coordinator.rollouts import Gates
 from sdk.coord.events import _EVENT_TYPE_RE, EVENT_SCHEMAS, Event
+
+if TYPE_CHECKING:
+    from sdk.coord.coordinator.model_policy import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,8 @@ SELECTS = ("sender", "group", "capability")
 DEVICE_FIELDS = ("did", "kind", "groups", "tags", "capabilities", "attributes", "name")
 _TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_\-]+)+)\}")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-_RULE_KEYS = {"name", "event", "when", "target", "config", "unset", "description", "rollout"}
+_RULE_KEYS = {"name", "event", "when", "target", "config", "unset", "description", "rollout", "policy", "model"}
+POLICIES = ("declarative", "model")
 _ROLLOUT_KEYS = ("canary", "steps", "factor", "cap", "bake", "min_applied", "max_failed", "timeout", "health",
                  "smoke")
 _TARGET_KEYS = {"select", "group_prefix", "capability", "include_sender", "where"}
@@ -134,17 +141,21 @@ class Rule:
     unset: tuple[str, ...] = ()
     description: str = ""
     rollout: RolloutPlan | None = None
+    model: ModelSpec | None = None      # policy = "model": the model decides, ``config`` is the fallback
 
 
 @dataclass(frozen=True)
 class Action:
     """The result of a matched rule: these devices get these changes (``None`` = unset key);
-    with ``rollout``, staged instead of committed to every target at once."""
+    with ``rollout``, staged instead of committed to every target at once; with ``model``, the
+    changes are the fallback of a decision the model makes per target (``context``: event, sender)."""
 
     rule: str
     targets: tuple[str, ...]
     changes: dict[str, Any] = field(default_factory=dict)
     rollout: RolloutPlan | None = None
+    model: ModelSpec | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
 
 
 def lookup(ctx: Mapping[str, Any], path: str) -> Any:
@@ -212,7 +223,8 @@ class RuleSet:
             changes = {k: render(v, ctx, rule=rule.name) for k, v in rule.config.items()}
             for key in rule.unset:
                 changes[key] = None
-            actions.append(Action(rule.name, tuple(targets), changes, rule.rollout))
+            actions.append(Action(rule.name, tuple(targets), changes, rule.rollout, rule.model,
+                                  ctx if rule.model is not None else {}))
         return actions
 
 
@@ -424,7 +436,27 @@ def parse_rule(raw: Any, index: int = 0) -> Rule:
         raise _fail(where, f"keys both set and unset: {sorted(overlap)}")
     desc = raw.get("description", "")
     rollout = _rollout(where, raw.get("rollout"))
-    return Rule(name, event_type, when, target, config, tuple(unset), str(desc), rollout)
+    model = _model(where, raw, event_type, config, rollout)
+    return Rule(name, event_type, when, target, config, tuple(unset), str(desc), rollout, model)
+
+
+def _model(where: str, raw: Mapping[str, Any], event_type: str, config: Mapping[str, Any],
+           rollout: RolloutPlan | None) -> ModelSpec | None:
+    """``policy = "model"`` and its ``[rules.model]`` table (model_policy.py)."""
+    policy = raw.get("policy", "declarative")
+    if policy not in POLICIES:
+        raise _fail(where, f"'policy' must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy != "model":
+        if "model" in raw:
+            raise _fail(where, "[rules.model] needs policy = \"model\" (before the rule's tables)")
+        return None
+    if not config:
+        raise _fail(where, "policy = \"model\" needs [rules.config]: the fallback when the model fails")
+    if rollout is not None:
+        raise _fail(where, "policy = \"model\" cannot be combined with [rules.rollout]")
+    from sdk.coord.coordinator.model_policy import parse_model_spec
+
+    return parse_model_spec(where, raw.get("model"), event_type=event_type, config=config)
 
 
 def parse_rules(raw: Any) -> RuleSet:
@@ -463,6 +495,7 @@ __all__ = [
     "RuleSet",
     "Target",
     "OPS",
+    "POLICIES",
     "SELECTS",
     "load_rules",
     "parse_rule",
