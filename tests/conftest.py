@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.identity",
     "tests.fixtures.brokers",
     "tests.fixtures.model",
+    "tests.fixtures.postgres",
 ]
