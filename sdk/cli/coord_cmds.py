@@ -106,6 +106,15 @@ def coordinator(
     if embedded_at is None:
         url = options.broker_url(url, option="--broker" if broker else "coordinator.broker")
 
+    # -- high availability ([ha] enabled): an HA runner instead of one coordinator (ha.py)
+    if cfg.ha.enabled:
+        if embedded_at is not None:
+            raise CliError("ha_needs_broker", "[ha] enabled needs an external broker, not an embedded one",
+                           hint="set coordinator.broker to the brokers' mqtt(s):// URLs", usage=True)
+        _run_ha(cfg, config, url, fresh=fresh)
+        return
+    # -- end high availability
+
     async def main() -> None:
         embedded = None
         coord_url = url
@@ -157,6 +166,97 @@ def coordinator(
             pid = DataDirLock(cfg.data_dir).holder()
             raise CliError("locked", str(exc), hint=LOCK_HINT.format(pid=pid if pid else "<pid>")) from exc
         raise
+
+
+# -- high availability: the HA runner and `autoglm coordinator status`
+def _run_ha(cfg: Any, config: Path, url: str, *, fresh: bool) -> None:
+    """Run an :class:`~sdk.coord.coordinator.ha.HACoordinator` until SIGTERM/SIGINT."""
+    import asyncio
+    import contextlib
+    import os
+    import signal
+
+    from sdk.coord.coordinator import Coordinator
+    from sdk.coord.coordinator.ha import HACoordinator
+
+    rules = [cfg.rules]          # a SIGHUP reload holds for later promotions too
+
+    def build() -> Any:
+        coord = Coordinator.from_config(cfg, broker=url, fresh=fresh)
+        coord.rules = rules[0]
+        return coord
+
+    class _Reloader:
+        started = True
+
+        def reload_rules(self, new: Any) -> None:
+            rules[0] = new
+            if ha.coordinator is not None:
+                ha.coordinator.reload_rules(new)
+
+    ha = HACoordinator(build, store_url=cfg.store_url, data_dir=cfg.data_dir, instance=cfg.ha.instance,
+                       lease_ttl=cfg.ha.lease_ttl, metrics_port=cfg.metrics_port, durability=cfg.durability)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: _reload_rules(_Reloader(), config))
+        await ha.start()
+        log.info("coordinator instance %s (%s) on %s, store %s (pid %d)", ha.instance, ha.holder, url,
+                 cfg.store_url, os.getpid(), extra={"event": "started", "holder": ha.holder, "pid": os.getpid()})
+        typer.echo(f"coordinator instance {ha.instance} on {url} (data: {cfg.data_dir}; lease in {cfg.store_url})")
+        try:
+            await stop.wait()
+        finally:
+            await ha.stop()
+            log.info("coordinator instance stopped", extra={"event": "stopped"})
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    config: Path = typer.Option(..., "--config", "-c", help="Coordinator TOML file"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON output"),
+) -> None:
+    """This instance's role (active / standby), and the lease: holder, fencing token, expiry."""
+    import time
+
+    from sdk.cli.errors import guard
+    from sdk.coord.coordinator import load_config
+    from sdk.coord.coordinator.ha import read_status
+
+    with guard(as_json=as_json):
+        cfg = load_config(config)
+        info: dict[str, Any] = read_status(cfg.data_dir) or {"role": "single", "instance": None}
+        if cfg.store_url is not None:
+            from sdk.coord.coordinator.store import open_store
+
+            store = open_store(cfg.store_url)
+            try:
+                lease = store.lease()
+            finally:
+                store.close()
+            info["lease"] = None if lease is None else {
+                "holder": lease.holder, "token": lease.token, "expires": lease.expires,
+                "expires_in": None if lease.expires is None else round(lease.expires - time.time(), 3)}
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **info}, indent=2, default=str))
+        return
+    lease_info = info.get("lease") or {}
+    typer.echo(f"role     {info.get('role')}" + (f" (instance {info['instance']}, pid {info.get('pid')})"
+                                                  if info.get("instance") else ""))
+    if lease_info:
+        typer.echo(f"lease    held by {lease_info.get('holder') or '-'}, token {lease_info.get('token')}, "
+                   f"expires in {lease_info.get('expires_in')} s")
+    if info.get("failovers") is not None:
+        typer.echo(f"counters promotions {info.get('promotions')}, failovers {info.get('failovers')}")
+# -- end high availability
 
 
 @coordinator_app.command("init")

@@ -31,6 +31,11 @@
     [store]                              # optional: where the state lives (default: SQLite in data_dir)
     url = "postgresql://coord@db:5432/autoglm"   # or a path, or "sqlite:///abs/path.db"
 
+    [ha]                                 # optional: hot standby (needs a shared [store] url)
+    enabled = true                       # run as one of several instances; one active at a time
+    lease_ttl = 3.0                      # seconds; the active renews every ttl/3, standbys poll every ttl/5
+    instance = "coord-a"                 # this instance's name (default: HOST-PID)
+
 Relative paths are resolved against the config file's directory.
 """
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +57,7 @@ from sdk.coord.coordinator.rules import RuleSet, parse_rules
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_TTL = 30.0
-_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer", "store"}
+_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer", "store", "ha"}
 _COORD_KEYS = {"broker", "data_dir", "heartbeat_ttl", "durability", "metrics_port", "sweep_interval",
                "name"}
 _ID_KEYS = {"keystore", "passphrase_env", "key", "credential"}
@@ -162,6 +168,41 @@ def _parse_store(table: Any, *, path: Callable[[Any, str], Path | None]) -> str 
 # -- end [store]
 
 
+# -- [ha]
+_HA_KEYS = {"enabled", "lease_ttl", "instance"}
+_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class HAConfig:
+    """The ``[ha]`` section: this instance's part in a hot-standby group (sdk.coord.coordinator.ha)."""
+
+    enabled: bool = False
+    lease_ttl: float = 3.0
+    instance: str | None = None
+
+
+def _parse_ha(table: Any, *, store_url: str | None, broker: str) -> HAConfig:
+    if not isinstance(table, dict):
+        raise _err("[ha] must be a table")
+    if set(table) - _HA_KEYS:
+        raise _err(f"unknown key(s) in [ha]: {sorted(set(table) - _HA_KEYS)} (allowed: {sorted(_HA_KEYS)})")
+    enabled = table.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise _err(f"ha.enabled must be true or false, got {enabled!r}")
+    ttl = _number(table, "lease_ttl", 3.0, where="ha", minimum=0.5, maximum=600.0)
+    instance = table.get("instance")
+    if instance is not None and (not isinstance(instance, str) or not _INSTANCE.fullmatch(instance)):
+        raise _err(f"ha.instance must be 1-64 letters, digits, '.', '_' or '-', got {instance!r}")
+    if enabled and store_url is None:
+        raise _err("[ha] enabled needs a [store] url that every instance shares (postgresql://...)")
+    if enabled and not broker.startswith(("mqtt://", "mqtts://")):
+        raise _err("[ha] enabled needs an external broker (coordinator.broker = mqtt(s):// URLs), "
+                   f"not {broker!r}")
+    return HAConfig(enabled=enabled, lease_ttl=ttl, instance=instance)
+# -- end [ha]
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything the coordinator daemon needs to start."""
@@ -181,6 +222,7 @@ class CoordinatorConfig:
     rules: RuleSet = field(default_factory=RuleSet)
     issuer: IssuerConfig | None = None
     store_url: str | None = None        # [store] url; None = the SQLite file in data_dir
+    ha: HAConfig = field(default_factory=HAConfig)     # [ha]
 
 
 def _err(msg: str) -> ConfigFileError:
@@ -267,6 +309,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
     passphrase_env = str(ident.get("passphrase_env", "AUTOGLM_PASSPHRASE"))
     issuer = None if "issuer" not in data else _parse_issuer(
         data["issuer"], default_passphrase_env=passphrase_env, path=path)
+    store_url = None if "store" not in data else _parse_store(data["store"], path=path)
     return CoordinatorConfig(
         broker=broker,
         data_dir=path(coord.get("data_dir", "coordinator-data"), "coordinator.data_dir") or base,
@@ -283,7 +326,8 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
         trust=tuple(trust),
         rules=rules,
         issuer=issuer,
-        store_url=None if "store" not in data else _parse_store(data["store"], path=path),
+        store_url=store_url,
+        ha=_parse_ha(data.get("ha", {}), store_url=store_url, broker=broker),
     )
 
 
@@ -303,5 +347,5 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     return parse_config(data, base_dir=p.resolve().parent)
 
 
-__all__ = ["CoordinatorConfig", "IssuerConfig", "TrustedIssuer", "DEFAULT_HEARTBEAT_TTL", "load_config",
+__all__ = ["CoordinatorConfig", "HAConfig", "IssuerConfig", "TrustedIssuer", "DEFAULT_HEARTBEAT_TTL", "load_config",
            "parse_config", "parse_duration"]
