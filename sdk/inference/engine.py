@@ -81,6 +81,8 @@ class Engine:
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
         self._by_request: dict[str, Sequence] = {}
         self._closed = False
+        self._grammar: Any = None  # structured output: GrammarCompiler, made with the first constraint
+        self._grammar_lock = asyncio.Lock()
         if metadata is not None:
             self._metadata = _with_serving(metadata, _serving(self))
         else:
@@ -151,10 +153,10 @@ class Engine:
                 raise InvalidRequest(f"prompt_token_ids must be integers in [0, {self._vocab})",
                                      field="prompt_token_ids")
         elif request.messages is not None:
+            from .tools import render_chat
+
             try:
-                text = self.tokenizer.apply_chat_template(
-                    request.messages, tokenize=False, add_generation_prompt=True
-                )
+                text = render_chat(self.tokenizer, request.messages, request.tools)
             except Exception as exc:
                 raise InvalidRequest(f"cannot apply the chat template: {exc}", field="messages") from exc
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -199,6 +201,8 @@ class Engine:
 
             raise EngineClosed("the engine is closed")
         seq = self._prepare(request, asyncio.get_running_loop())
+        if request.response_format is not None:
+            seq.matcher = await self._matcher(request)
         self._scheduler.submit(seq)
         self._by_request[seq.request_id] = seq
         finished = False
@@ -230,6 +234,38 @@ class Engine:
         return GenerationResult(
             text="".join(texts), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage
         )
+
+    # ------------------------------------------------------------------ structured output
+    async def grammar_compiler(self) -> Any:
+        """The engine's :class:`~sdk.inference.structured.GrammarCompiler` (made on first use);
+        ``StructuredOutputUnavailable`` without the grammar library."""
+        async with self._grammar_lock:
+            if self._grammar is None:
+                from .structured import GrammarCompiler
+
+                self._grammar = await asyncio.to_thread(
+                    GrammarCompiler, self.tokenizer, vocab_size=self._vocab, eos_ids=sorted(self._eos))
+                self._scheduler.mask_filler = self._grammar.filler()
+        return self._grammar
+
+    async def _matcher(self, request: GenerationRequest) -> Any:
+        """The grammar state for ``request``'s ``response_format`` (compiled off the event loop)."""
+        from .constraints import constraint_from
+
+        constraint = constraint_from(request.response_format)
+        if constraint is None:
+            return None
+        spec = (request.response_format or {}).get("json_schema")
+        strict = bool(spec.get("strict")) if isinstance(spec, dict) else False
+        compiler = await self.grammar_compiler()
+        if compiler.cached(constraint, strict=strict):
+            matcher = compiler.matcher(constraint, strict=strict)
+        else:
+            matcher = await asyncio.to_thread(compiler.matcher, constraint, strict=strict)
+        done = request.generated_prefix or 0
+        if done and not matcher.accept_all(list(request.prompt_token_ids or [])[-done:]):
+            raise InvalidRequest("the resumed output does not match response_format", field="generated_prefix")
+        return matcher
 
     def cancel(self, request_id: str) -> bool:
         """End a running or waiting request; its stream ends with ``finish_reason="cancelled"``."""

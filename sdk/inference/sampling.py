@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "make_generator", "sample_rows"]
+__all__ = ["SamplingParams", "apply_token_bitmask", "make_generator", "sample_rows"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,36 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return torch.multinomial(probs, 1, generator=gen)[0]
 
 
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [rows, vocab] with each token whose bit in ``bitmask`` [rows, words] is 0 at -inf."""
+    dev = logits.device
+    bits = _BITS.get(dev)
+    if bits is None:
+        bits = _BITS[dev] = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=dev)
+    words = bitmask.to(dev, non_blocking=True)
+    allowed = (words.unsqueeze(-1) & bits).ne(0).view(words.shape[0], -1)
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+
+
 def sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    *, masks: tuple[list[int], torch.Tensor] | None = None,
 ) -> list[int]:
-    """Pick one token per row of ``logits`` [rows, vocab]; one host sync for the whole batch."""
+    """Pick one token per row of ``logits`` [rows, vocab]; one host sync for the whole batch.
+
+    ``masks`` = (row indices, bitmask [len(rows), words]) restricts those rows to the tokens
+    their grammar allows (constrained decoding); other rows sample as usual.
+    """
+    if masks is not None and masks[0]:
+        rows, bitmask = masks
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        logits = logits.index_copy(0, index, apply_token_bitmask(logits.index_select(0, index), bitmask))
     picks = torch.argmax(logits, dim=-1)
     if not all(p.greedy for p in params):
         picks = picks.clone()

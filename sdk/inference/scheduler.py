@@ -58,6 +58,7 @@ class Sequence:
     cached_tokens: int = 0
     first_token_at: float | None = None
     done: bool = False
+    matcher: Any = None  # structured output: the sequence's grammar (sdk.inference.structured.Matcher)
 
     @property
     def decoding(self) -> bool:
@@ -103,6 +104,7 @@ class Scheduler:
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self.completed = 0
         self.generated_tokens = 0
+        self.mask_filler: Any = None  # structured output: fills grammar bitmasks (set with the first one)
 
     # ------------------------------------------------------------------ called from any thread
     def start(self) -> None:
@@ -241,7 +243,9 @@ class Scheduler:
                 done.append((seq, row))
         if done:
             rows = logits[[row for _, row in done]]
-            tokens = sample_rows(rows, [seq.params for seq, _ in done], [seq.generator for seq, _ in done])
+            masks = self._masks(self._start_masks([seq for seq, _ in done]))
+            tokens = sample_rows(rows, [seq.params for seq, _ in done], [seq.generator for seq, _ in done],
+                                 masks=masks)
             for (seq, _), token in zip(done, tokens, strict=True):
                 self._accept(seq, token)
 
@@ -249,15 +253,30 @@ class Scheduler:
         batch = [s for s in self._slots if s is not None and s.decoding]
         if not batch:
             return
+        pending = self._start_masks(batch)  # grammar masks fill on the CPU while the model runs
         logits = self.decoder(batch) if self.decoder is not None else None
         if logits is None:
             inputs = [[s.next_input()] for s in batch]
             logits = self._forward([s.slot for s in batch], inputs, [s.pos for s in batch])
-        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
+        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch],
+                             masks=self._masks(pending))
         for seq, tok in zip(batch, tokens, strict=True):
             seq.pos += 1
             self._accept(seq, tok)
 
+    # ------------------------------------------------------------------ structured output
+    def _start_masks(self, batch: list[Sequence]) -> tuple[list[int], Any] | None:
+        """Start filling the bitmasks of the constrained rows of ``batch`` (None: none is)."""
+        rows = [i for i, s in enumerate(batch) if s.matcher is not None]
+        if not rows or self.mask_filler is None:
+            return None
+        return rows, self.mask_filler.start([batch[i].matcher for i in rows])
+
+    @staticmethod
+    def _masks(pending: tuple[list[int], Any] | None) -> tuple[list[int], torch.Tensor] | None:
+        return None if pending is None else (pending[0], pending[1].result())
+
+    # ------------------------------------------------------------------ model
     def _forward(self, slots: list[int], tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Run the model on new tokens of some slots; return each row's last-token logits [B, vocab].
 
@@ -311,8 +330,17 @@ class Scheduler:
         if token in seq.eos_ids:
             self._finish(seq, "stop", "", final_ids=[token], flush=True)
             return
+        if seq.matcher is not None and not seq.matcher.accept(token):  # cannot happen under its mask
+            log.error("grammar of %s refused token %d: %s", seq.request_id, token, seq.matcher.error)
+            seq.done = True
+            self._emit(seq, InferenceError(f"the grammar refused token {token}"))
+            self._slots[seq.slot] = None
+            seq.slot = -1
+            return
         text, stopped = seq.stop.feed(seq.detok.push(token))
-        if stopped:
+        if seq.matcher is not None and seq.matcher.finished and not stopped:
+            self._finish(seq, "stop", text, final_ids=[token], flush=True)
+        elif stopped:
             self._finish(seq, "stop", text, final_ids=[token])
         elif len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq, "length", text, final_ids=[token], flush=True)

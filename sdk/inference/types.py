@@ -68,6 +68,13 @@ class GenerationRequest:
 
     ``temperature`` 0 means greedy. ``top_k`` 0 and ``top_p`` 1.0 disable those filters. ``stop``
     strings end the output before the match (the match is not emitted).
+
+    ``response_format`` (OpenAI's: ``{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}`` or ``{"type": "json_object"}``) constrains the output to the schema; the
+    sequence ends (``"stop"``) when the value is complete. ``tools`` (OpenAI function tools) are
+    shown to the model through the chat template (``messages`` only). ``generated_prefix`` is how
+    many trailing ``prompt_token_ids`` are output already generated under ``response_format``
+    (a resumed generation): the grammar is advanced over them first.
     """
 
     prompt: str | None = None
@@ -81,6 +88,9 @@ class GenerationRequest:
     seed: int | None = None
     request_id: str | None = None
     model: str | None = None  # the model asked for: the mesh router routes on it; an engine ignores it
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    generated_prefix: int = 0
 
     def validate(self) -> GenerationRequest:
         """Check every field (types, ranges, finite numbers, lengths); return ``self``.
@@ -121,6 +131,21 @@ def _check_request(r: GenerationRequest) -> None:
         _check_int("seed", r.seed, *_SEED_RANGE)
     _check_name("request_id", r.request_id)
     _check_name("model", r.model)
+    _check_constraint(r)
+
+
+def _check_constraint(r: GenerationRequest) -> None:
+    from .constraints import check_response_format, check_tools  # plain Python, no grammar library
+
+    check_response_format(r.response_format)
+    check_tools(r.tools)
+    if r.tools is not None and r.messages is None:
+        raise InvalidRequest("tools need messages (they are shown through the chat template)", field="tools")
+    if r.generated_prefix:
+        _check_int("generated_prefix", r.generated_prefix, 0, MAX_PROMPT_TOKENS)
+        if r.response_format is None or r.prompt_token_ids is None or r.generated_prefix >= len(r.prompt_token_ids):
+            raise InvalidRequest("generated_prefix needs response_format and prompt_token_ids longer than it",
+                                 field="generated_prefix")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
