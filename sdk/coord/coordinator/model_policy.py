@@ -82,13 +82,15 @@ class Advice:
 
 
 class ConfigAdvisor(Protocol):
-    """Asks a model for a completion constrained to ``schema`` (a JSON Schema), within ``timeout`` s.
+    """Asks a model for a completion constrained to ``schema`` (a JSON Schema), within ``timeout`` s
+    (at most ``max_tokens`` new tokens, sampled at ``temperature``).
 
-    Raises on failure: ``TimeoutError`` (or an error whose ``reason`` is ``timeout``) counts as
-    ``model_timeout``, anything else as ``model_unavailable``. The answer is validated by the caller.
+    Raises on failure: ``TimeoutError`` (or an error whose ``reason`` mentions ``timeout``) counts
+    as ``model_timeout``, anything else as ``model_unavailable``. The caller validates the answer.
     """
 
-    async def advise(self, prompt: str, schema: dict[str, Any], *, timeout: float) -> Advice: ...
+    async def advise(self, prompt: str, schema: dict[str, Any], *, timeout: float, max_tokens: int = 256,
+                     temperature: float = 0.0) -> Advice: ...
 
 
 class ModelPolicyError(CoordinationError):
@@ -149,9 +151,6 @@ def parse_model_spec(where: str, raw: Any, *, event_type: str, config: Mapping[s
     for m in _PLACEHOLDER_RE.finditer(prompt):
         if m.group(1) != "habits":
             _check_path(f"{where} prompt {m.group(0)}", m.group(1), ("event", "sender", "device"), event_type)
-    stray = _PLACEHOLDER_RE.sub("", prompt)
-    if "{" in stray and "}" in stray[stray.index("{"):]:
-        raise _fail(where, "malformed placeholder in 'prompt' (use {event.x}, {sender.x}, {device.x}, {habits})")
     keys_raw = raw.get("keys")
     if keys_raw is None:
         keys = frozenset(config)
@@ -509,7 +508,8 @@ class ModelPolicy:
             self.calls += 1
             assert self.advisor is not None
             try:
-                advice = await self.advisor.advise(prompt, spec.schema, timeout=remaining)
+                advice = await self.advisor.advise(prompt, spec.schema, timeout=remaining,
+                                                   max_tokens=spec.max_tokens, temperature=spec.temperature)
             except TimeoutError as exc:
                 return ModelPolicyError(f"the model did not answer in time: {exc}", reason="model_timeout")
             except AutoGLMError as exc:
