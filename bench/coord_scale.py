@@ -102,7 +102,7 @@ async def measure(n: int, prof: cProfile.Profile | None) -> dict[str, Any]:
         msg = SimpleNamespace(sender=did, body={"challenge": coord.challenges.issue(did), "vp": {},
                                                 "last_version": 0})
         t0 = clock()
-        coord._present(msg)      # type: ignore[arg-type]
+        await coord._present(msg)      # type: ignore[arg-type]
         times.append(clock() - t0)
     tenth = max(1, n // 10)
     out["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -73,6 +73,10 @@ def coordinator_main(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.ERROR)
     raise_nofile()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(args.tracemalloc)
     issuer, ckey = Key.from_seed(bytes.fromhex(args.issuer_seed)), Key.from_seed(bytes.fromhex(args.coord_seed))
 
     async def run() -> None:
@@ -104,10 +108,25 @@ def coordinator_main(args: argparse.Namespace) -> None:
         async def snapshot() -> str:
             return stats()
 
+        baseline: list[Any] = []
+
+        async def memory() -> str:
+            """Python allocations grown since the first call, grouped by where they were made."""
+            import gc
+            import tracemalloc
+
+            gc.collect()
+            snap = tracemalloc.take_snapshot()
+            if not baseline:
+                baseline.append(snap)
+            return json.dumps({"registry": len(coord.registry), **memory_breakdown(snap, baseline[0])})
+
         def reader() -> None:
             for line in sys.stdin:
                 if line.strip() == "stats":
                     print(asyncio.run_coroutine_threadsafe(snapshot(), loop).result(), flush=True)
+                elif line.strip() == "memory":
+                    print(asyncio.run_coroutine_threadsafe(memory(), loop).result(), flush=True)
                 elif line.strip() == "stop":
                     break
             loop.call_soon_threadsafe(finish)
@@ -124,13 +143,51 @@ def coordinator_main(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+def _site(tb: Any) -> str:
+    """Where an allocation belongs: the innermost frame in the project's own code (the allocation
+    itself when it is there, else the project call that led to it), with the allocating frame."""
+    frames = list(reversed(tb))             # tracemalloc lists the oldest first: innermost first here
+    alloc = frames[0]
+    own = next((f for f in frames if f"{os.sep}sdk{os.sep}" in f.filename), None)
+
+    def name(f: Any) -> str:
+        path = f.filename
+        for root in (str(ROOT) + os.sep, sys.prefix + os.sep):
+            if path.startswith(root):
+                path = path[len(root):]
+        return f"{path}:{f.lineno}"
+
+    if own is None or own is alloc:
+        return name(alloc)
+    return f"{name(own)} -> {name(alloc)}"
+
+
+def memory_breakdown(snap: Any, base: Any, limit: int = 40) -> dict[str, Any]:
+    """Growth of ``snap`` over ``base`` by allocation site (see :func:`_site`), largest first."""
+    import tracemalloc
+
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    snap, base = snap.filter_traces(keep), base.filter_traces(keep)
+    sites: dict[str, list[int]] = {}
+    for diff in snap.compare_to(base, "traceback"):
+        site = _site(diff.traceback)
+        entry = sites.setdefault(site, [0, 0])
+        entry[0] += diff.size_diff
+        entry[1] += diff.count_diff
+    total = sum(v[0] for v in sites.values())
+    top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:limit]
+    return {"traced_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 2), "grown_mb": round(total / 2**20, 2),
+            "sites": [{"site": k, "kb": round(v[0] / 1024, 1), "blocks": v[1]} for k, v in top]}
+
+
 class CoordinatorProcess:
     def __init__(self, broker: str, data: str, issuer_seed: bytes, coord_seed: bytes, max_admissions: int,
-                 queue_wait: float) -> None:
+                 queue_wait: float, tracemalloc_frames: int = 0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--coordinator", "--broker", broker, "--data", data,
              "--issuer-seed", issuer_seed.hex(), "--coord-seed", coord_seed.hex(),
-             "--max-admissions", str(max_admissions), "--queue-wait", str(queue_wait)],
+             "--max-admissions", str(max_admissions), "--queue-wait", str(queue_wait),
+             "--tracemalloc", str(tracemalloc_frames)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         first = json.loads(self._line())
         self.did: str = first["did"]
@@ -146,6 +203,13 @@ class CoordinatorProcess:
     def stats(self) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def memory(self) -> dict[str, Any]:
+        """The coordinator's Python allocations grown since its first ``memory`` call (``--tracemalloc``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("memory\n")
         self.proc.stdin.flush()
         return json.loads(self._line())
 
@@ -328,7 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory(prefix="fleet-bench-")
     issuer_seed, coord_seed = os.urandom(32), os.urandom(32)
     coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions,
-                               args.queue_wait)
+                               args.queue_wait, args.tracemalloc)
     fleet: Fleet | None = None
     try:
         time.sleep(1.0)
@@ -336,6 +400,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["coordinator_idle_rss_mb"] = round(idle_rss, 1)
         fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency)
         wait_until(lambda: all(s["display_admitted"] for s in fleet.ask("state", 0)), 60)
+        if args.tracemalloc:
+            coord.memory()              # the baseline: one device (the display) admitted
+            out["memory"] = []
         version = 0
         for size in args.sizes:
             add = size - fleet.size
@@ -372,6 +439,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
                          "coordinator_cpu_s_total": round(proc_cpu(coord.pid), 2),
                          "coordinator_admission": stats["admission"], "registry": stats["registry"]})
+            if args.tracemalloc:
+                mem = coord.memory()
+                mem["rss_mb"] = round(proc_rss_mb(coord.pid), 1)
+                out["memory"].append(mem)
+                print(f"        tracemalloc: {mem['grown_mb']} MB grown over {mem['registry']} devices "
+                      f"({mem['grown_mb'] * 1024 / max(1, mem['registry']):.1f} KB each); top sites:", flush=True)
+                for site in mem["sites"][:15]:
+                    print(f"          {site['kb']:>9.1f} KB {site['blocks']:>8} blocks  {site['site']}", flush=True)
             print(f"        event -> {applied}/{fleet.size} applied in {step['event_all_applied_s']} s; "
                   f"coordinator converged in {step['coordinator_converged_s']} s; RSS {rss:.0f} MB "
                   f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle); load {load()}", flush=True)
@@ -433,6 +508,8 @@ def main() -> None:
                         help="coordinator: seconds a publish waits for room in its send queue (0: fail at once)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-storm", dest="storm", action="store_false")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
     parser.add_argument("--json", type=Path, default=None)
     # the coordinator process (started by the benchmark itself)
     parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)

@@ -55,12 +55,12 @@ async def test_non_finite_heartbeat_ttl_admits_nothing(mesh: Mesh, ttl: Any) -> 
     cred = coord.issue_device_credential(key.did, kind="phone", groups=["room:x"])
     body = present_body(coord, key, cred, heartbeat_ttl=ttl)
     with pytest.raises(AdmissionError) as err:
-        coord._present(message(coord, key.did, protocol.PRESENT, body))
+        await coord._present(message(coord, key.did, protocol.PRESENT, body))
     assert err.value.reason == "malformed"
     assert coord.registry.get(key.did) is None                          # nothing half-committed
     assert all(row["did"] != key.did for row in coord.store.load_devices())   # type: ignore[union-attr]
 
-    ok = coord._present(message(coord, key.did, protocol.PRESENT, present_body(coord, key, cred,
+    ok = await coord._present(message(coord, key.did, protocol.PRESENT, present_body(coord, key, cred,
                                                                               heartbeat_ttl=0.5)))
     assert ok["heartbeat_ttl"] == 0.5
     rec = coord.registry.get(key.did)
@@ -76,7 +76,7 @@ async def test_failed_admission_write_leaves_registry_untouched(mesh: Mesh) -> N
     assert store is not None
     store.close()                                                       # every write now fails
     with pytest.raises(AdmissionError) as err:
-        coord._present(message(coord, key.did, protocol.PRESENT, present_body(coord, key, cred)))
+        await coord._present(message(coord, key.did, protocol.PRESENT, present_body(coord, key, cred)))
     assert err.value.reason == "busy"
     assert coord.registry.get(key.did) is None
     coord.store = None                                                  # already closed
@@ -207,7 +207,7 @@ async def test_revoked_stays_revoked_whatever_later_messages_say(mesh: Mesh) -> 
     coord._on_status_list(url, old_list)
     assert coord.registry.get(key.did).state == REVOKED                 # type: ignore[union-attr]
     with pytest.raises(AdmissionError) as err:
-        coord._present(message(coord, key.did, protocol.PRESENT,
+        await coord._present(message(coord, key.did, protocol.PRESENT,
                                present_body(coord, key, mesh.credentials[key.did])))
     assert err.value.reason == "revoked"
     assert coord.registry.get(key.did).state == REVOKED                 # type: ignore[union-attr]
@@ -217,7 +217,7 @@ async def test_revoked_stays_revoked_whatever_later_messages_say(mesh: Mesh) -> 
     again.checker = StatusChecker(lambda u: old_list if u == url else None)
     assert again.registry.get(key.did).state == REVOKED                 # type: ignore[union-attr]
     with pytest.raises(AdmissionError) as err:
-        again._present(message(again, key.did, protocol.PRESENT,
+        await again._present(message(again, key.did, protocol.PRESENT,
                                present_body(again, key, mesh.credentials[key.did])))
     assert err.value.reason == "revoked"
 
@@ -271,7 +271,7 @@ async def test_nonce_less_hello_then_present_proves_the_coordinator(mesh: Mesh) 
     challenge = hello["challenge"]
     body = {"challenge": challenge, "vp": present(cred, key, challenge=challenge, domain=coord.did),
             "last_version": 0, "nonce": "device-nonce-1"}
-    reply = coord._present(message(coord, key.did, protocol.PRESENT, body))
+    reply = await coord._present(message(coord, key.did, protocol.PRESENT, body))
     admitted = check_presentation(reply["vp"], challenge="device-nonce-1", domain=key.did,
                                   trust=TrustPolicy({mesh.issuer.did: {COORDINATOR_CREDENTIAL}}),
                                   credential_type=COORDINATOR_CREDENTIAL, expected_holder=coord.did)
@@ -337,7 +337,7 @@ async def test_revocations_survive_a_deleted_issuer_state_file(mesh: Mesh) -> No
     assert cred["credentialStatus"]["statusListIndex"] != first_index    # an index is never handed out twice
     coord.registry._devices.pop(key.did)
     with pytest.raises(AdmissionError) as err:
-        coord._present(message(coord, key.did, protocol.PRESENT,
+        await coord._present(message(coord, key.did, protocol.PRESENT,
                                present_body(coord, key, mesh.credentials[key.did])))
     assert err.value.reason == "revoked"                                # the status list still says so
 

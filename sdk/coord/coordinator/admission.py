@@ -16,9 +16,15 @@ refused device comes back later (nobody is dropped). A resumed admission (the si
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+Row = TypeVar("Row")
 
 
 class TokenBucket:
@@ -178,5 +184,79 @@ class SenderLimiter:
             self._buckets.move_to_end(sender)
         return bucket.take()
 
+    def forget(self, sender: str) -> None:
+        """Drop ``sender``'s bucket (it was admitted: known devices are not rate limited here)."""
+        self._buckets.pop(sender, None)
 
-__all__ = ["AdmissionControl", "TokenBucket", "SenderLimiter"]
+
+class WriteBatch(Generic[Row]):
+    """Rows written together: ``await batch.write(row)`` returns once ``row`` is durable.
+
+    Rows added in the same event-loop turn (at most ``max_rows``) go to ``flush(rows)`` in one
+    call, meant to be one transaction, run on the next turn: an admission arriving with a
+    thousand others costs one commit, not a thousand, and waits for nothing else. Every waiter
+    of a batch shares one future; a failed flush raises its error in each of them, so none of
+    them goes on as if written. A waiter that is cancelled leaves the batch intact.
+    """
+
+    def __init__(self, flush: Callable[[list[Row]], None], *, max_rows: int = 1024) -> None:
+        if max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        self._flush = flush
+        self.max_rows = max_rows
+        self._rows: list[Row] = []
+        self._done: asyncio.Future[None] | None = None
+        self._handle: asyncio.Handle | None = None
+        #: batches flushed, rows written, the largest batch
+        self.batches = 0
+        self.rows = 0
+        self.largest = 0
+
+    def __len__(self) -> int:
+        """Rows waiting for the next flush."""
+        return len(self._rows)
+
+    async def write(self, row: Row) -> None:
+        """Add ``row`` to the open batch and wait until the batch is flushed (raises its error)."""
+        if self._done is None:
+            loop = asyncio.get_running_loop()
+            self._done = loop.create_future()
+            self._handle = loop.call_soon(self.flush)
+        done = self._done
+        self._rows.append(row)
+        if len(self._rows) >= self.max_rows:
+            self.flush()
+        await asyncio.shield(done)
+
+    def flush(self) -> None:
+        """Write the open batch now (the loop does it on the next turn)."""
+        rows, done, self._rows, self._done = self._rows, self._done, [], None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if done is None:
+            return
+        try:
+            self._flush(rows)
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+            log.error("batch of %d row(s) not written: %s", len(rows), exc)
+            done.set_exception(exc)
+            return
+        self.batches += 1
+        self.rows += len(rows)
+        self.largest = max(self.largest, len(rows))
+        done.set_result(None)
+
+    def discard(self) -> int:
+        """Drop the open batch unwritten (the process is going down): its waiters are cancelled,
+        so none of them answers as if written."""
+        rows, done, self._rows, self._done = self._rows, self._done, [], None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if done is not None:
+            done.cancel()
+        return len(rows)
+
+
+__all__ = ["AdmissionControl", "TokenBucket", "SenderLimiter", "WriteBatch"]

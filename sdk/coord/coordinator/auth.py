@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sdk.coord.backpressure import busy_message
 from sdk.coord.coordinator.errors import AdmissionError
 from sdk.coord.coordinator.operations import OPERATOR_CREDENTIAL, ROLES
 from sdk.coord.handshake import (
@@ -91,33 +93,84 @@ def operator_credential(issuer: Key, operator_did: str, *, roles: Iterable[str] 
 
 
 class Challenges:
-    """Fresh, single-use challenges with a short lifetime."""
+    """Fresh, single-use challenges with a short lifetime, at most ``limit`` open at once.
+
+    Challenges are kept per lifetime (a hello's 30 s, a resumption ticket's 10 minutes), each in
+    the order issued, so expiry pops only what is due. At the limit the oldest resumption tickets
+    (``ttl`` longer than the default) make room first: a device whose ticket is gone falls back to
+    a full handshake. When only live handshake challenges are left (a flood of hellos), a new one
+    is refused with :class:`AdmissionError` ``busy``, and the challenges already handed out stay
+    valid. ``evicted`` and ``refused`` count both cases.
+    """
 
     def __init__(self, ttl: float = CHALLENGE_TTL, limit: int = 100_000) -> None:
+        if ttl <= 0 or limit < 1:
+            raise ValueError("ttl must be positive and limit at least 1")
         self.ttl = ttl
         self.limit = limit
-        self._open: dict[str, tuple[str, float]] = {}
+        #: lifetime -> challenge -> (DID, deadline), oldest first (one lifetime: deadlines ascending)
+        self._open: dict[float, OrderedDict[str, tuple[str, float]]] = {}
+        self._count = 0
+        #: tickets dropped to make room; challenges refused because only live handshakes were open
+        self.evicted = 0
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return self._count
 
     def issue(self, did: str, *, ttl: float | None = None) -> str:
-        """A new challenge for ``did`` (valid ``ttl`` seconds, default the instance's)."""
-        if len(self._open) >= self.limit:
-            self.sweep()
-            while len(self._open) >= self.limit:      # still full (a flood): the oldest go first
-                del self._open[next(iter(self._open))]
+        """A new challenge for ``did`` (valid ``ttl`` seconds, default the instance's); raises
+        :class:`AdmissionError` ``busy`` when ``limit`` challenges are open and none can go."""
+        ttl = self.ttl if ttl is None else ttl
+        now = time.monotonic()
+        if self._count >= self.limit:
+            self.sweep(now)
+            if self._count >= self.limit and not self._evict_ticket():
+                self.refused += 1
+                log.warning("challenge for %s refused: %d handshakes open (the limit)", did, self._count)
+                raise AdmissionError(busy_message(self.ttl / 10), reason="busy")
         value = secrets.token_urlsafe(18)
-        self._open[value] = (did, time.monotonic() + (self.ttl if ttl is None else ttl))
+        bucket = self._open.get(ttl)
+        if bucket is None:
+            bucket = self._open[ttl] = OrderedDict()
+        bucket[value] = (did, now + ttl)
+        self._count += 1
         return value
 
     def consume(self, challenge: Any, did: str) -> None:
         """Accept ``challenge`` once, from the DID it was issued to; raise wrong_challenge."""
-        entry = self._open.pop(challenge, None) if isinstance(challenge, str) else None
+        entry = None
+        if isinstance(challenge, str):
+            for bucket in self._open.values():
+                entry = bucket.pop(challenge, None)
+                if entry is not None:
+                    self._count -= 1
+                    break
         if entry is None or entry[0] != did or entry[1] < time.monotonic():
             raise AdmissionError("unknown, reused or expired challenge", reason="wrong_challenge")
 
-    def sweep(self) -> None:
-        """Drop expired challenges."""
-        now = time.monotonic()
-        self._open = {k: v for k, v in self._open.items() if v[1] >= now}
+    def sweep(self, now: float | None = None) -> int:
+        """Drop expired challenges (work proportional to those dropped); returns how many."""
+        now = time.monotonic() if now is None else now
+        dropped = 0
+        for bucket in self._open.values():
+            while bucket:
+                value, (_did, deadline) = next(iter(bucket.items()))
+                if deadline >= now:
+                    break
+                del bucket[value]
+                dropped += 1
+        self._count -= dropped
+        return dropped
+
+    def _evict_ticket(self) -> bool:
+        """Drop the oldest challenge of the longest lifetime above the default (a resumption ticket)."""
+        for ttl in sorted((t for t, b in self._open.items() if b and t > self.ttl), reverse=True):
+            self._open[ttl].popitem(last=False)
+            self._count -= 1
+            self.evicted += 1
+            return True
+        return False
 
 
 __all__ = [

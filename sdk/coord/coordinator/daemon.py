@@ -30,7 +30,7 @@ from typing import Any
 
 from sdk.coord import protocol
 from sdk.coord.backpressure import busy_message
-from sdk.coord.coordinator.admission import AdmissionControl, SenderLimiter, TokenBucket
+from sdk.coord.coordinator.admission import AdmissionControl, SenderLimiter, TokenBucket, WriteBatch
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
     RESUME_TTL,
@@ -202,6 +202,8 @@ class Coordinator:
         self.request_limiter = SenderLimiter(rate=2.0, burst=10)
         # -- admission under storms: handshakes in flight are bounded, beyond it hellos get busy
         self.admission = AdmissionControl(max_admissions)
+        #: admitted devices' records, one transaction per event-loop turn, written before any reply
+        self.device_writes: WriteBatch[dict[str, Any]] = WriteBatch(self._save_device_rows)
         # -- end admission under storms
         # verified, ordered lists from trusted issuers: an old list re-delivered never wins
         self.status_source = MqttStatusListSource(self.trust)
@@ -455,6 +457,7 @@ class Coordinator:
                 self._http[0].server_close()
         self._write_status()
         await self.client.aclose()
+        self.device_writes.discard()    # admissions not yet written were never answered either
         self.rollouts.flush()           # roll-outs' counters and curves
         self.operators.flush()          # queued operator audit rows
         if self.store is not None:
@@ -502,7 +505,7 @@ class Coordinator:
             if msg.type == protocol.HELLO:
                 return self._hello(msg)
             if msg.type == protocol.PRESENT:
-                return self._present(msg)
+                return await self._present(msg)
             handler = self.commands.get(msg.type)
             if handler is not None:
                 reply = handler(msg)
@@ -540,10 +543,10 @@ class Coordinator:
         reply["challenge"] = self.challenges.issue(msg.sender)
         return reply
 
-    def _present(self, msg: Message) -> dict[str, Any]:
+    async def _present(self, msg: Message) -> dict[str, Any]:
         """Admit a device (its handshake slot, if it took one with a hello, is released after)."""
         try:
-            reply = self._admit(msg)
+            reply = await self._admit(msg)
         except BaseException:
             self.admission.finish(msg.sender)
             raise
@@ -551,8 +554,9 @@ class Coordinator:
             self.admission.resumed += 1         # by resumption ticket: no hello came first
         return reply
 
-    def _admit(self, msg: Message) -> dict[str, Any]:
-        """Validate everything first, then commit record and session at once."""
+    async def _admit(self, msg: Message) -> dict[str, Any]:
+        """Validate everything first, then commit record and session at once (the record is written
+        with the other admissions of this loop turn, in one transaction, before the reply)."""
         assert self.store is not None
         body = msg.body if isinstance(msg.body, dict) else {}
         try:
@@ -587,15 +591,24 @@ class Coordinator:
                                       issuer=admitted.issuer, session=session, heartbeat_ttl=ttl,
                                       status=_status_entries(credential), capabilities=caps,
                                       attributes=attrs)
-        latest = self.store.latest_version(did)
         try:
-            self._persist(rec, force=old is None)       # durable first: a failed write admits no one
+            stable = self._stable(rec)
+            if old is None or rec.persisted != stable:  # durable first: a failed write admits no one
+                await self.device_writes.write(rec.to_row())
+                rec.persisted = stable
+            latest = self.store.latest_version(did)
             if last > latest:
                 latest = self._store_behind(did, last, latest)
         except CoordinationError as exc:
             raise AdmissionError(f"admission not recorded: {exc}", reason="busy") from exc
+        old = self.registry.get(did)                    # as it is now, after the write
+        if old is not None and fp in old.revoked_credentials:     # revoked while the row was written
+            with contextlib.suppress(CoordinationError):
+                self._persist(old, force=True)
+            raise AdmissionError("this credential was revoked", reason="revoked")
         if old is not None and old.session is not None:
             old.session.sent = None                     # the previous session's pump stops
+        self.request_limiter.forget(did)                # admitted: no longer limited as unknown
         self.registry.put(rec)
         session.sent = min(last, latest)
         if valid_until is not None:
@@ -606,8 +619,11 @@ class Coordinator:
         if latest > last:
             asyncio.get_running_loop().call_soon(lambda: self._spawn(self._pump(did)))
         reply = {"session": session.id, "boot": self.boot, "heartbeat_ttl": ttl,
-                 "pending": max(0, latest - last),
-                 "next_challenge": self.challenges.issue(did, ttl=RESUME_TTL)}
+                 "pending": max(0, latest - last)}
+        try:
+            reply["next_challenge"] = self.challenges.issue(did, ttl=RESUME_TTL)
+        except AdmissionError as exc:                   # challenges at their limit: no ticket this time
+            log.info("no resumption ticket for %s: %s", did, exc)
         if valid_until is not None:
             reply["valid_until"] = valid_until
         if nonce is not None:       # resumed, or a nonce-less hello: prove ourselves in the reply
@@ -629,9 +645,14 @@ class Coordinator:
 
     @staticmethod
     def _stable(rec: DeviceRecord) -> str:
+        """A digest of the record without its liveness fields (kept to skip saves that change nothing)."""
         row = rec.to_row()
         row.pop("last_seen", None)
-        return json.dumps(row, sort_keys=True, default=str)
+        return hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+    def _save_device_rows(self, rows: list[dict[str, Any]]) -> None:
+        assert self.store is not None
+        self.store.save_devices(rows)
 
     def _persist(self, rec: DeviceRecord, *, force: bool = False) -> None:
         """Save a device record unless only its liveness fields changed since the last save."""

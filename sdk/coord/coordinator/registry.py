@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,10 +36,26 @@ EXPIRED = "expired"
 REVOKED = "revoked"
 
 
-@dataclass
+#: the parts of a verified credential a session keeps (decisions after admission need no more:
+#: expiry, renewal period and name, types); proof, context and claims are dropped once verified
+_KEPT = ("id", "type", "issuer", "validFrom", "validUntil", "expirationDate")
+
+
+def compact_credential(credential: Mapping[str, Any]) -> dict[str, Any]:
+    """What a session keeps of a verified ``credential``: :data:`_KEPT` and the subject's name."""
+    out = {k: _shared(v) for k in _KEPT if (v := credential.get(k)) is not None}
+    subject = credential.get("credentialSubject")
+    name = subject.get("name") if isinstance(subject, dict) else None
+    if isinstance(name, str):
+        out["credentialSubject"] = {"name": name}
+    return out
+
+
+@dataclass(slots=True)
 class Session:
     """One admission of a device: ends when the device goes offline, expires, is revoked or
-    re-authenticates (a newer session replaces it)."""
+    re-authenticates (a newer session replaces it). Only :func:`compact_credential` of the
+    credential is kept."""
 
     id: str
     credential: dict[str, Any]
@@ -46,14 +63,18 @@ class Session:
     valid_until: float | None = None     # the credential's validUntil (epoch seconds)
     sent: int | None = None              # newest config version pushed; None = pump paused
 
+    def __post_init__(self) -> None:
+        self.credential = compact_credential(self.credential)
+
     def expired(self, now: float | None = None) -> bool:
         """True once the credential behind this session is past its validUntil."""
         return self.valid_until is not None and (time.time() if now is None else now) >= self.valid_until
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceRecord:
-    """One device as the coordinator knows it."""
+    """One device as the coordinator knows it (slotted; kinds, group and capability sets shared
+    between records through :func:`shared_names`)."""
 
     did: str
     kind: str = "device"
@@ -78,13 +99,25 @@ class DeviceRecord:
     properties_at: float = field(default=0.0, compare=False)
     # live, not persisted
     token: str = field(default="", repr=False, compare=False)   # topic id
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+    pump_lock: asyncio.Lock | None = field(default=None, repr=False, compare=False)
     notified_at: float = field(default=0.0, repr=False, compare=False)
-    persisted: str | None = field(default=None, repr=False, compare=False)
+    persisted: str | None = field(default=None, repr=False, compare=False)    # digest of the last save
 
     def __post_init__(self) -> None:
         if not self.token:
             self.token = protocol.token(self.did)
+        self.kind = _shared(self.kind)
+        self.groups = shared_names(self.groups)
+        self.capabilities = shared_names(self.capabilities)
+        self.announced_capabilities = shared_names(self.announced_capabilities)
+        self.tags = shared_names(self.tags)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """The lock of this device's config pump (made on first use: most devices never wait)."""
+        if self.pump_lock is None:
+            self.pump_lock = asyncio.Lock()
+        return self.pump_lock
 
     @property
     def admitted(self) -> bool:
@@ -221,20 +254,20 @@ class Registry:
         rec = DeviceRecord(did=did, first_seen=now) if old is None else DeviceRecord(
             did=did, first_seen=old.first_seen, kind=old.kind, name=old.name, attributes=dict(old.attributes),
             announced_capabilities=old.announced_capabilities, revoked_credentials=old.revoked_credentials,
-            lock=old.lock, notified_at=old.notified_at, persisted=old.persisted, token=old.token,
+            pump_lock=old.pump_lock, notified_at=old.notified_at, persisted=old.persisted, token=old.token,
             tags=old.tags, properties=old.properties, properties_at=old.properties_at)
-        rec.kind = str(subject.get("kind") or subject.get("deviceType") or rec.kind)
+        rec.kind = _shared(str(subject.get("kind") or subject.get("deviceType") or rec.kind))
         rec.name = str(subject.get("name") or rec.name)
-        rec.groups = frozenset(_str_list(subject.get("groups")))
-        rec.capabilities = frozenset(_str_list(subject.get("capabilities")))
+        rec.groups = shared_names(_str_list(subject.get("groups")))
+        rec.capabilities = shared_names(_str_list(subject.get("capabilities")))
         rec.credential_id, rec.issuer = credential_id, issuer
         rec.state, rec.session, rec.last_seen = ONLINE, session, now
         rec.heartbeat_ttl = heartbeat_ttl
-        rec.status = tuple(dict(e) for e in status)
+        rec.status = tuple({k: _shared(v) for k, v in e.items()} for e in status)
         rec.fingerprint = session.fingerprint if session is not None else None
         rec.valid_until = session.valid_until if session is not None else None
         if capabilities is not None:
-            rec.announced_capabilities = frozenset(_str_list(list(capabilities)))
+            rec.announced_capabilities = shared_names(_str_list(list(capabilities)))
         if attributes:
             rec.attributes.update(attributes)
         return rec
@@ -254,7 +287,7 @@ class Registry:
             return None
         self._unindex(rec)
         if capabilities is not None:
-            rec.announced_capabilities = frozenset(_str_list(list(capabilities)))
+            rec.announced_capabilities = shared_names(_str_list(list(capabilities)))
         if attributes:
             rec.attributes.update(attributes)
         self._index(rec)
@@ -266,7 +299,7 @@ class Registry:
         if rec is None:
             return None
         self._unindex(rec)
-        rec.tags = frozenset(tags)
+        rec.tags = shared_names(tags)
         self._index(rec)
         return rec
 
@@ -394,6 +427,31 @@ class Registry:
         return set(self._caps.get(capability, set()))
 
 
+#: one frozenset object per distinct set of names (a fleet has few: its groups, kinds, capability sets)
+_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+_MAX_SHARED = 65_536
+
+
+def shared_names(names: Iterable[str]) -> frozenset[str]:
+    """``frozenset(names)``, the same object for every equal set (strings interned), so 10,000
+    records in one group hold one set, not 10,000 copies. Past :data:`_MAX_SHARED` distinct sets
+    (names that are unique per device) new sets are not remembered."""
+    key = names if isinstance(names, frozenset) else frozenset(names)
+    if not key:
+        return frozenset()
+    hit = _NAME_SETS.get(key)
+    if hit is None:
+        hit = frozenset(sys.intern(str(n)) for n in key)
+        if len(_NAME_SETS) < _MAX_SHARED:
+            _NAME_SETS[hit] = hit
+    return hit
+
+
+def _shared(value: Any) -> Any:
+    """Short strings interned (kinds, status-list URLs, purposes, dates repeat across the fleet)."""
+    return sys.intern(value) if isinstance(value, str) and len(value) <= 256 else value
+
+
 def _list_urls(rec: DeviceRecord) -> set[str]:
     return {url for e in rec.status if isinstance(url := e.get("statusListCredential"), str)}
 
@@ -412,4 +470,5 @@ def _str_list(value: Any) -> list[str]:
     return []
 
 
-__all__ = ["DeviceRecord", "Session", "Registry", "ONLINE", "OFFLINE", "EXPIRED", "REVOKED"]
+__all__ = ["DeviceRecord", "Session", "Registry", "compact_credential", "shared_names", "ONLINE", "OFFLINE",
+           "EXPIRED", "REVOKED"]
