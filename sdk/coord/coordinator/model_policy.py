@@ -81,6 +81,17 @@ class Advice:
     model_version: str = ""
 
 
+class AdviceLike(Protocol):
+    """What an advisor returns (an :class:`Advice`, or its own type with these fields)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+
+
 class ConfigAdvisor(Protocol):
     """Asks a model for a completion constrained to ``schema`` (a JSON Schema), within ``timeout`` s
     (at most ``max_tokens`` new tokens, sampled at ``temperature``).
@@ -90,7 +101,7 @@ class ConfigAdvisor(Protocol):
     """
 
     async def advise(self, prompt: str, schema: dict[str, Any], *, timeout: float, max_tokens: int = 256,
-                     temperature: float = 0.0) -> Advice: ...
+                     temperature: float = 0.0) -> AdviceLike: ...
 
 
 class ModelPolicyError(CoordinationError):
@@ -557,6 +568,6 @@ def _declarative(action: Action) -> Action:
     return RuleAction(action.rule, action.targets, dict(action.changes)) if action.model is not None else action
 
 
-__all__ = ["REASONS", "Advice", "AdviceCache", "ConfigAdvisor", "Habit", "ModelPolicy", "ModelPolicyError",
+__all__ = ["REASONS", "Advice", "AdviceCache", "AdviceLike", "ConfigAdvisor", "Habit", "ModelPolicy", "ModelPolicyError",
            "ModelSpec", "format_habits", "habit_summary", "parse_model_spec", "prompt_hash", "render_prompt",
            "validate_answer"]

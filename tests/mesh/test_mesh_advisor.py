@@ -1,0 +1,92 @@
+"""The coordinator as a mesh peer: its own key and InferenceAccessCredential ask a node (FakeEngine)
+over a real broker for a constrained config; the answer is validated, committed and recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdk.coord.coordinator import Coordinator
+from sdk.coord.coordinator.rules import parse_rules
+from sdk.coord.device import Device
+from sdk.coord.events import screen_available
+from sdk.identity import Key, TrustPolicy
+from sdk.inference.types import GenerationRequest
+from sdk.mesh import (
+    ACCESS_CREDENTIAL,
+    NODE_CREDENTIAL,
+    AccessPolicy,
+    MeshNode,
+    NodeConfig,
+    NodePolicy,
+    issue_access_credential,
+    issue_node_credential,
+)
+from sdk.mesh.advisor import MeshAdvisor, response_format
+from sdk.mesh.protocol import parse_request
+from sdk.testing.fake_engine import FakeEngine
+from tests.coord.test_model_policy import SCHEMA, model_rule
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+MODEL = "layout-model"
+
+
+async def test_coordinator_asks_the_mesh_with_its_own_credential(broker: Any, tmp_path: Path) -> None:
+    access_issuer, node_issuer, issuer = Key.generate(), Key.generate(), Key.generate()
+    coord_key, node_key = Key.generate(), Key.generate()
+    engine = FakeEngine(model=MODEL, version="2024-11", reply='{"ui.layout": "compact"}')
+    node_vc = issue_node_credential(node_issuer, node_key.did, models=[MODEL], node_ids=["layout-node"])
+    access = AccessPolicy(TrustPolicy({access_issuer.did: {ACCESS_CREDENTIAL}}))
+    access_vc = issue_access_credential(access_issuer, coord_key.did, models=[MODEL], max_tokens=256)
+    async with AsyncExitStack() as stack:
+        node = MeshNode(engine, broker.url, key=node_key, access=access, credential=node_vc,
+                        config=NodeConfig(node_id="layout-node", advert_interval=1.0), **broker.credentials(node_key))
+        await node.start()
+        stack.push_async_callback(node.aclose)
+        advisor = MeshAdvisor.connect(broker.url, coord_key, credential=access_vc, model=MODEL,
+                                      node_policy=NodePolicy(TrustPolicy({node_issuer.did: {NODE_CREDENTIAL}})),
+                                      **broker.credentials(coord_key))
+        await advisor.start()
+        stack.push_async_callback(advisor.aclose)
+        await advisor.backend.wait_for_nodes(1, model=MODEL, timeout=10)
+        coord = Coordinator(coord_key, broker=broker.url, data_dir=tmp_path / "coord", trust=TrustPolicy({}),
+                            issuer=issuer, rules=parse_rules([model_rule()]), advisor=advisor,
+                            **broker.credentials(coord_key))
+        await coord.start()
+        stack.push_async_callback(coord.stop)
+        devices = {}
+        got: list[Any] = []
+        for kind in ("display", "phone"):
+            key = Key.generate()
+            cred = coord.issue_device_credential(key.did, kind=kind, groups=["room:living"])
+            dev = Device(key, cred, broker=broker.url, coordinator=coord_key.did, attributes={"input": ["touch"]},
+                         on_config=got.append if kind == "phone" else None, **broker.credentials(key))
+            await dev.connect()
+            stack.push_async_callback(dev.aclose)
+            devices[kind] = dev
+        await devices["display"].publish_event(screen_available(800, 600))
+        await devices["phone"].wait_version(1, 15)
+        layout = got[-1].state["ui.layout"]
+        assert layout in SCHEMA["properties"]["ui.layout"]["enum"]
+        assert coord.store is not None
+        origin = coord.store.history(devices["phone"].did, limit=1)[0]["origin"]
+        assert origin["policy"] == "model", origin
+        assert origin["model"] == MODEL and origin["model_version"] == "2024-11" and origin["cached"] is False
+        assert node.served == 1 and advisor.calls == 1
+        (req,) = engine.requests                 # what the node's engine was asked
+        assert req.prompt_token_ids is not None
+        assert "Screen 800x600" in engine.tokenizer.decode(req.prompt_token_ids)
+        if _mesh_carries_constraints():
+            assert getattr(req, "response_format", None) == response_format(SCHEMA)
+
+
+def _mesh_carries_constraints() -> bool:
+    """Whether the mesh request protocol carries ``response_format`` to the node's engine."""
+    if "response_format" not in {f.name for f in dataclasses.fields(GenerationRequest)}:
+        return False
+    _, fields, _ = parse_request({"model": MODEL, "prompt": "x", "response_format": response_format(SCHEMA)})
+    return fields.get("response_format") is not None
