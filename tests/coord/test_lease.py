@@ -8,37 +8,16 @@ import math
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from sdk.coord.coordinator.errors import InvalidValue, LeaseLost, StoreError
-from sdk.coord.coordinator.store import Store, open_store
-
-Opener = Callable[[], Store]
+from tests.fixtures.postgres import StoreOpener
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
-    """Opens Store objects on one fresh store (a SQLite file, or a new PostgreSQL database)."""
-    if request.param == "sqlite":
-        url = str(tmp_path / "coordinator.db")
-    else:
-        url = request.getfixturevalue("postgres").fresh_url()
-    opened: list[Store] = []
-
-    def open_one() -> Store:
-        opened.append(open_store(url))
-        return opened[-1]
-
-    yield open_one
-    for store in opened:
-        store.close()
-
-
-def test_acquire_renew_release(opener: Opener) -> None:
-    a, b = opener(), opener()
+def test_acquire_renew_release(store_opener: StoreOpener) -> None:
+    a, b = store_opener(), store_opener()
     assert a.lease() is None
     assert a.acquire_lease("A", 10, now=100.0) == 1
     assert a.acquire_lease("A", 10, now=105.0) == 1                 # the holder renews: same token
@@ -57,8 +36,8 @@ def test_acquire_renew_release(opener: Opener) -> None:
     assert a.acquire_lease("A", 10) == 3                             # free: taken, the counter goes on
 
 
-def test_tokens_strictly_increase_across_expiry_and_reopen(opener: Opener) -> None:
-    a, b = opener(), opener()
+def test_tokens_strictly_increase_across_expiry_and_reopen(store_opener: StoreOpener) -> None:
+    a, b = store_opener(), store_opener()
     tokens, now = [], 1000.0
     for i in range(10):
         store, holder = (a, "A") if i % 2 == 0 else (b, "B")
@@ -68,18 +47,18 @@ def test_tokens_strictly_increase_across_expiry_and_reopen(opener: Opener) -> No
         now += 6                                                     # let it expire
     assert tokens == sorted(set(tokens)) and tokens == list(range(1, 11))
     a.close()
-    again = opener()                                                 # the counter is in the store
+    again = store_opener()                                           # the counter is in the store
     assert again.acquire_lease("C", 5, now=now) == 11
 
 
-def test_fenced_writer_refused_after_takeover_writes_nothing(opener: Opener) -> None:
-    a = opener()
+def test_fenced_writer_refused_after_takeover_writes_nothing(store_opener: StoreOpener) -> None:
+    a = store_opener()
     token = a.acquire_lease("A", 5, now=100.0)
     assert token == 1
     a.fence(token, holder="A")
     (v1,) = a.commit({"did:x": ({"k": 1}, ("r",))}, event_id="e1", now=101.0)
     assert v1.version == 1
-    b = opener()                                                     # a standby, opened while A writes
+    b = store_opener()                                               # a standby, opened while A writes
     (v2,) = a.commit({"did:x": ({"k": 2}, ("r",))}, event_id="e2", now=102.0)
     assert a.commit({"did:x": ({"k": 3}, ("r",))}, event_id="e3", now=104.9)[0].version == 3
     assert b.acquire_lease("B", 5, now=106.0) == 2                   # A's lease expired: takeover
@@ -95,7 +74,7 @@ def test_fenced_writer_refused_after_takeover_writes_nothing(opener: Opener) -> 
         with pytest.raises(LeaseLost):
             write()
     assert a.latest_version("did:x") == 3                           # the refused commit left no trace
-    fresh = opener()
+    fresh = store_opener()
     assert fresh.latest_version("did:x") == 3 and not fresh.event_processed("did:sensor", "e4")
     assert fresh.reported("did:x").version == 0 and fresh.get_meta("k") is None
     assert fresh.issued_indexes("did:x") == [] and fresh.load_devices() == []
@@ -108,8 +87,8 @@ def test_fenced_writer_refused_after_takeover_writes_nothing(opener: Opener) -> 
     del v2
 
 
-def test_expired_lease_not_taken_still_lets_its_holder_write(opener: Opener) -> None:
-    a = opener()
+def test_expired_lease_not_taken_still_lets_its_holder_write(store_opener: StoreOpener) -> None:
+    a = store_opener()
     assert a.acquire_lease("A", 1, now=100.0) == 1
     a.fence(1, holder="A")
     (v1,) = a.commit({"did:x": ({"k": 1}, ("r",))}, now=500.0)      # long expired, nobody took over
@@ -117,8 +96,8 @@ def test_expired_lease_not_taken_still_lets_its_holder_write(opener: Opener) -> 
     assert a.acquire_lease("A", 1, now=501.0) == 1                   # and its holder keeps its token
 
 
-def test_fence_before_any_lease_refuses_writes(opener: Opener) -> None:
-    a = opener()
+def test_fence_before_any_lease_refuses_writes(store_opener: StoreOpener) -> None:
+    a = store_opener()
     a.fence(7, holder="A")
     with pytest.raises(LeaseLost):
         a.commit({"did:x": ({"k": 1}, ("r",))})
@@ -126,8 +105,8 @@ def test_fence_before_any_lease_refuses_writes(opener: Opener) -> None:
 
 
 @pytest.mark.parametrize("ttl", [0, -1.0, math.nan, math.inf, True, "5"])
-def test_bad_ttl_or_holder_is_a_typed_error(opener: Opener, ttl: object) -> None:
-    a = opener()
+def test_bad_ttl_or_holder_is_a_typed_error(store_opener: StoreOpener, ttl: object) -> None:
+    a = store_opener()
     with pytest.raises(InvalidValue):
         a.acquire_lease("A", ttl)  # type: ignore[arg-type]
     with pytest.raises(InvalidValue):
@@ -154,10 +133,10 @@ _CONTENDER = textwrap.dedent("""
 """)
 
 
-def test_processes_contending_never_share_a_token(tmp_path: Path) -> None:
-    """Four processes take a 2 ms lease in a loop on one SQLite file: each token has one holder."""
-    url = str(tmp_path / "coordinator.db")
-    open_store(url).close()
+def test_processes_contending_never_share_a_token(store_opener: StoreOpener, tmp_path: Path) -> None:
+    """Four processes take a 2 ms lease in a loop on one store: each token has exactly one holder."""
+    url = store_opener.url()
+    store_opener().close()
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, url, f"P{i}", str(go)], stdout=subprocess.PIPE,
                               text=True, cwd=Path(__file__).resolve().parents[2]) for i in range(4)]
@@ -170,7 +149,5 @@ def test_processes_contending_never_share_a_token(tmp_path: Path) -> None:
             holders.setdefault(token, set()).add(f"P{i}")
     assert holders and all(len(h) == 1 for h in holders.values()), holders
     assert len({next(iter(h)) for h in holders.values()}) >= 2       # the lease did change hands
-    store = open_store(url)
-    state = store.lease()
+    state = store_opener().lease()
     assert state is not None and state.token == max(holders)         # no token lost or reused
-    store.close()

@@ -1,4 +1,5 @@
-"""SQLite WAL state store: versions, catch-up queries, reports, delta, reopen after close."""
+"""The state store on both backends (SQLite WAL, PostgreSQL): versions, catch-up queries, reports,
+delta, reopen after close, typed errors; the SQLite file's own checks and migrations."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from sdk.coord.coordinator.store import Store, delta, merge
+from tests.fixtures.postgres import StoreOpener
 
 
-def test_versions_state_and_catch_up(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+def test_versions_state_and_catch_up(store_opener: StoreOpener) -> None:
+    store = store_opener()
     (v1,) = store.commit({"did:a": ({"ui.layout": "companion", "w": 800}, ("r1",))}, event_id="e1")
     (v2,) = store.commit({"did:a": ({"w": None, "h": 600}, ("r2",))}, event_id="e2")
     assert (v1.version, v2.version) == (1, 2)
@@ -30,24 +32,23 @@ def test_versions_state_and_catch_up(tmp_path: Path) -> None:
     store.close()
 
 
-def test_reopen_keeps_committed_versions(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+def test_reopen_keeps_committed_versions(store_opener: StoreOpener) -> None:
+    store = store_opener()
     store.commit({f"did:{i}": ({"k": i}, ("r",)) for i in range(50)}, event_id="e")
     store.save_devices([{"did": "did:0", "kind": "phone"}])
     # no close(): simulate a crash; a second connection sees everything committed
-    again = Store(tmp_path / "state.db")
+    again = store_opener()
     assert again.latest_version("did:7") == 1 and again.desired("did:7") == {"k": 7}
     assert again.load_devices() == [{"did": "did:0", "kind": "phone"}]
     (nxt,) = again.commit({"did:7": ({"k": 8}, ("r",))})
     assert nxt.version == 2
-    mode = sqlite3.connect(tmp_path / "state.db").execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
-    store.close()
-    again.close()
+    if store_opener.backend == "sqlite":
+        mode = sqlite3.connect(store_opener.url()).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
 
 
-def test_failed_report_and_counts(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_failed_report_and_counts(store_opener: StoreOpener) -> None:
+    store = store_opener()
     store.commit({"did:b": ({"x": 1}, ("r",))})
     store.record_report("did:b", 1, "failed", reason="unsupported")
     rep = store.reported("did:b")
@@ -61,8 +62,8 @@ def test_merge_and_delta_helpers() -> None:
     assert delta({"a": 1, "b": 2}, {"a": 1, "z": 0}) == {"b": 2, "z": None}
 
 
-def test_event_dedup_is_per_sender_and_survives_reopen(tmp_path: Path) -> None:
-    store = Store(tmp_path / "state.db")
+def test_event_dedup_is_per_sender_and_survives_reopen(store_opener: StoreOpener) -> None:
+    store = store_opener()
     ev = ("did:display", "screen_available", {"width": 800, "height": 600})
     (v1,) = store.commit({"did:phone": ({"w": 800}, ("r",))}, event_id="e-0001", event=ev)
     assert v1.version == 1 and store.event_processed("did:display", "e-0001")
@@ -71,7 +72,7 @@ def test_event_dedup_is_per_sender_and_survives_reopen(tmp_path: Path) -> None:
     assert store.latest_version("did:phone") == 1
     store.close()
 
-    store = Store(tmp_path / "state.db")                              # a restarted coordinator
+    store = store_opener()                                            # a restarted coordinator
     assert store.event_processed("did:display", "e-0001")
     assert store.commit({"did:phone": ({"w": 800}, ("r",))}, event_id="e-0001", event=ev) == []
     assert [c.version for c in store.versions_since("did:phone", 0)] == [1]
@@ -103,15 +104,19 @@ def test_schema_version_and_legacy_store_migrates(tmp_path: Path) -> None:
     store.close()
 
 
-def test_store_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
+def test_store_from_a_newer_schema_is_refused(store_opener: StoreOpener) -> None:
     from sdk.coord.coordinator.errors import StoreVersionError
 
-    Store(tmp_path / "s.db").close()
-    db = sqlite3.connect(tmp_path / "s.db")
-    db.execute("PRAGMA user_version = 99")
-    db.close()
+    store = store_opener()
+    assert store.created and store_opener().created is False
+    if store_opener.backend == "sqlite":
+        db = sqlite3.connect(store_opener.url())
+        db.execute("PRAGMA user_version = 99")
+        db.close()
+    else:
+        store._db.execute("UPDATE schema_info SET version = 99")
     with pytest.raises(StoreVersionError) as err:
-        Store(tmp_path / "s.db")
+        store_opener()
     assert err.value.reason == "store_too_new"
 
 
@@ -131,10 +136,10 @@ def test_corrupt_or_empty_file_is_refused_unless_fresh(tmp_path: Path, content: 
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), {"x": [float("-inf")]}])
-def test_unsignable_values_commit_nothing(tmp_path: Path, bad: object) -> None:
+def test_unsignable_values_commit_nothing(store_opener: StoreOpener, bad: object) -> None:
     from sdk.coord.coordinator.errors import InvalidValue
 
-    store = Store(tmp_path / "s.db")
+    store = store_opener()
     ev = ("did:display", "custom", {"x": 1})
     with pytest.raises(InvalidValue):
         store.commit({"did:phone": ({"k": bad}, ("r",))}, event_id="e-0001", event=ev)
@@ -145,16 +150,15 @@ def test_unsignable_values_commit_nothing(tmp_path: Path, bad: object) -> None:
         store.save_devices([{"did": "did:phone", "heartbeat_ttl": float("nan")}])
     (v1,) = store.commit({"did:phone": ({"k": 1}, ("r",))}, event_id="e-0001", event=ev)
     assert v1.version == 1                                   # nothing was blocked
-    store.close()
-    assert Store(tmp_path / "s.db").versions_since("did:phone", 0)[0].state == {"k": 1}
+    assert store_opener().versions_since("did:phone", 0)[0].state == {"k": 1}
 
 
-def test_issuer_state_is_transactional_and_survives_reopen(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_issuer_state_is_transactional_and_survives_reopen(store_opener: StoreOpener) -> None:
+    store = store_opener()
     assert [store.allocate_status_index(d) for d in ("did:a", "did:b", "did:a")] == [0, 1, 2]
     store.revoke_indexes(store.issued_indexes("did:a"))
     store.close()
-    store = Store(tmp_path / "s.db")
+    store = store_opener()
     assert store.revoked_indexes() == [0, 2] and store.issued_indexes("did:b") == [1]
     assert store.allocate_status_index("did:c") == 3          # never handed out twice
     store.import_issuer_state({"next_index": 10, "by_did": {"did:z": [7]}, "revoked": [7]}, marker="m")
@@ -163,8 +167,8 @@ def test_issuer_state_is_transactional_and_survives_reopen(tmp_path: Path) -> No
     store.close()
 
 
-def test_advance_raises_the_version_floor(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_advance_raises_the_version_floor(store_opener: StoreOpener) -> None:
+    store = store_opener()
     store.commit({"did:a": ({"k": 1}, ("r",))})
     assert store.advance("did:a", 1) is None                   # not behind
     floor = store.advance("did:a", 5)
@@ -174,10 +178,10 @@ def test_advance_raises_the_version_floor(tmp_path: Path) -> None:
     store.close()
 
 
-def test_origin_is_recorded_per_device_and_in_history(tmp_path: Path) -> None:
+def test_origin_is_recorded_per_device_and_in_history(store_opener: StoreOpener) -> None:
     from sdk.coord.coordinator.errors import InvalidValue
 
-    store = Store(tmp_path / "s.db")
+    store = store_opener()
     origin = {"policy": "model", "model": "smollm2", "model_version": "1", "prompt_hash": "sha256:ab"}
     store.commit({"did:a": ({"k": 1}, ("r",)), "did:b": ({"k": 2}, ("r",))}, origins={"did:a": origin})
     store.commit({"did:a": ({"k": 3}, ("r",))})
@@ -188,8 +192,7 @@ def test_origin_is_recorded_per_device_and_in_history(tmp_path: Path) -> None:
     with pytest.raises(InvalidValue):
         store.commit({"did:a": ({"k": 4}, ("r",))}, origins={"did:a": {"score": float("nan")}})
     assert store.latest_version("did:a") == 2
-    store.close()
-    assert Store(tmp_path / "s.db").history("did:a", limit=1)[0]["origin"] is None
+    assert store_opener().history("did:a", limit=2)[1]["origin"] == origin
 
 
 def test_schema_4_store_migrates_to_5_keeping_its_data(tmp_path: Path) -> None:

@@ -160,11 +160,13 @@ class Store(LeaseMixin):
     """
 
     _db: Any
+    _BEGIN = "BEGIN IMMEDIATE"       # SQLite: take the write lock at the start (across processes)
 
     def __init__(self, path: str | Path, *, durability: str = "normal", fresh: bool = False) -> None:
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.path = Path(path)
+        self.location = str(self.path)      # what log lines and errors name the store by
         self._lock = threading.RLock()
         self.moved_aside: Path | None = None
         try:
@@ -275,6 +277,9 @@ class Store(LeaseMixin):
             except sqlite3.Error as exc:  # pragma: no cover - close on a broken db
                 log.warning("closing state store: %s", exc)
 
+    def _rollback(self) -> None:
+        self._db.execute("ROLLBACK")
+
     def _read_one(self, sql: str, params: tuple[Any, ...]) -> Any:
         with self._lock:
             return self._db.execute(sql, params).fetchone()
@@ -283,13 +288,13 @@ class Store(LeaseMixin):
         """Run ``fn(db)`` in one write transaction (first checking the fence, when set)."""
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(self._BEGIN)
                 try:
                     if fenced:
                         self._check_fence(self._db)
                     out = fn(self._db)
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
                 self._db.execute("COMMIT")
                 return out
