@@ -52,12 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord.coordinator.errors import ConfigFileError
+from sdk.coord.coordinator.model_policy import ModelSettings, parse_model_settings
 from sdk.coord.coordinator.rules import RuleSet, parse_rules
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_TTL = 30.0
-_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer", "store", "ha"}
+_TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer", "store", "ha", "model"}
 _COORD_KEYS = {"broker", "data_dir", "heartbeat_ttl", "durability", "metrics_port", "sweep_interval",
                "name"}
 _ID_KEYS = {"keystore", "passphrase_env", "key", "credential"}
@@ -222,6 +223,7 @@ class CoordinatorConfig:
     rules: RuleSet = field(default_factory=RuleSet)
     issuer: IssuerConfig | None = None
     store_url: str | None = None        # [store] url; None = the SQLite file in data_dir
+    model: ModelSettings | None = None  # [model]: the inference mesh for policy = "model" rules
     ha: HAConfig = field(default_factory=HAConfig)     # [ha]
 
 
@@ -327,6 +329,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
         rules=rules,
         issuer=issuer,
         store_url=store_url,
+        model=None if "model" not in data else parse_model_settings(data["model"], path=path),   # [model]
         ha=_parse_ha(data.get("ha", {}), store_url=store_url, broker=broker),
     )
 

@@ -38,8 +38,9 @@ import math
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sdk.coord.coordinator.errors import InvalidValue
@@ -213,6 +214,61 @@ def parse_model_spec(where: str, raw: Any, *, event_type: str, config: Mapping[s
     )
 
 
+# ---------------------------------------------------------------- the config's [model] section
+_SETTINGS_KEYS = {"broker", "name", "credential", "node_issuers", "max_pending", "max_calls"}
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The coordinator config's ``[model]``: how the coordinator reaches the inference mesh.
+
+    ``credential``: the coordinator's ``InferenceAccessCredential`` (a JSON file); ``node_issuers``:
+    DIDs trusted to issue ``InferenceNodeCredential``; ``broker``: None = the coordinator's.
+    """
+
+    credential: Path
+    node_issuers: tuple[str, ...]
+    name: str | None = None
+    broker: str | None = None
+    max_pending: int = 64
+    max_calls: int = 4
+
+
+def parse_model_settings(table: Any, *, path: Callable[[Any, str], Path | None]) -> ModelSettings:
+    """Validate ``[model]`` (``path`` resolves file names against the config's directory)."""
+    from sdk.coord.coordinator.errors import ConfigFileError
+
+    def bad(message: str) -> ConfigFileError:
+        log.warning("coordinator config rejected: %s", message)
+        return ConfigFileError(message)
+
+    if not isinstance(table, dict):
+        raise bad("[model] must be a table")
+    unknown = set(table) - _SETTINGS_KEYS
+    if unknown:
+        raise bad(f"unknown key(s) in [model]: {sorted(unknown)} (allowed: {sorted(_SETTINGS_KEYS)})")
+    credential = path(table.get("credential"), "model.credential")
+    if credential is None:
+        raise bad("[model] needs 'credential': the coordinator's InferenceAccessCredential file")
+    issuers = table.get("node_issuers")
+    if not isinstance(issuers, list) or not issuers or not all(isinstance(d, str) and d.startswith("did:")
+                                                               for d in issuers):
+        raise bad("model.node_issuers must be a non-empty list of DIDs (issuers of InferenceNodeCredential)")
+    name = table.get("name")
+    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 256):
+        raise bad("model.name must be a model name")
+    broker = table.get("broker")
+    if broker is not None and (not isinstance(broker, str) or not broker.startswith(("mqtt://", "mqtts://"))):
+        raise bad(f"model.broker must be an mqtt:// or mqtts:// URL, got {broker!r}")
+    counts = {}
+    for key, default, high in (("max_pending", 64, 4096), ("max_calls", 4, 64)):
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise bad(f"model.{key} must be an integer from 1 to {high}, got {value!r}")
+        counts[key] = value
+    return ModelSettings(credential=credential, node_issuers=tuple(issuers), name=name, broker=broker, **counts)
+
+
 # ---------------------------------------------------------------- prompt and habits
 @dataclass(frozen=True)
 class Habit:
@@ -376,6 +432,13 @@ class ModelPolicy:
         self._chains: dict[str, asyncio.Task[Any]] = {}
         self._inflight: dict[tuple[str, str, str], asyncio.Task[_Decision]] = {}
         self._counter: Any = None
+
+    def limit(self, *, max_pending: int, max_calls: int) -> None:
+        """Resize the queue of pending events and the advisor calls run at once (``[model]``)."""
+        if max_pending < 1 or max_calls < 1:
+            raise ValueError("max_pending and max_calls must be >= 1")
+        self.max_pending = max_pending
+        self._calls = asyncio.Semaphore(max_calls)
 
     @property
     def pending(self) -> int:
@@ -569,5 +632,5 @@ def _declarative(action: Action) -> Action:
 
 
 __all__ = ["REASONS", "Advice", "AdviceCache", "AdviceLike", "ConfigAdvisor", "Habit", "ModelPolicy", "ModelPolicyError",
-           "ModelSpec", "format_habits", "habit_summary", "parse_model_spec", "prompt_hash", "render_prompt",
+           "ModelSettings", "ModelSpec", "format_habits", "habit_summary", "parse_model_settings", "parse_model_spec", "prompt_hash", "render_prompt",
            "validate_answer"]
