@@ -33,9 +33,13 @@ class EngineConfig:
     """How to load the model and size the engine.
 
     ``max_sequence_length`` bounds prompt + output of one request (None: the model's context
-    length, at most 8192; above the model's context is ``InvalidConfig``). ``kv_cache_tokens`` (None: from
-    ``gpu_memory_utilization`` on CUDA, ``max_batch_size * max_sequence_length`` on CPU) bounds the
-    slots' KV cache; ``max_queue_size`` bounds requests waiting for a slot (then ``EngineOverloaded``).
+    length, at most 8192; above the model's context is ``InvalidConfig``). The KV cache is paged
+    (blocks of ``kv_block_size`` tokens) and grows with the load up to a budget: ``kv_memory``
+    bytes, else ``kv_cache_tokens`` tokens, else on CUDA what ``gpu_memory_utilization`` leaves,
+    on CPU ``max_batch_size * max_sequence_length`` tokens (at most a quarter of RAM). After
+    ``kv_idle_shrink_s`` seconds idle it shrinks back to the prefix cache (``prefix_cache_tokens``).
+    ``max_batch_size`` sequences run at once; ``max_queue_size`` bounds requests waiting to be
+    admitted (then ``EngineOverloaded``).
     """
 
     model_path: str | None = None
@@ -50,6 +54,9 @@ class EngineConfig:
     prefix_cache_tokens: int = 8192
     cuda_graphs: bool = False
     warmup: bool = True
+    kv_memory: int | None = None
+    kv_block_size: int = 16
+    kv_idle_shrink_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_sequence_length is not None and self.max_sequence_length < 2:
@@ -60,6 +67,10 @@ class EngineConfig:
             raise ValueError("prefill_chunk_size must be >= 1 and prefix_cache_tokens >= 0")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if (self.kv_memory is not None and self.kv_memory <= 0) or not 1 <= self.kv_block_size <= 1024:
+            raise ValueError("kv_memory must be positive and kv_block_size in [1, 1024]")
+        if not self.kv_idle_shrink_s >= 0:
+            raise ValueError("kv_idle_shrink_s must be >= 0")
 
 
 @dataclass(frozen=True)
