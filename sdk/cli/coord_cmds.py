@@ -128,6 +128,7 @@ def coordinator(
             embedded = EmbeddedBroker(host=embedded_at[0], port=embedded_at[1])  # own-topics ACL
             coord_url = embedded.url
         coord = Coordinator.from_config(cfg, broker=coord_url, fresh=fresh)
+        advisor = None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,6 +144,7 @@ def coordinator(
                 log.info("embedded broker on %s", coord_url)
             await coord.start()
             started = True
+            advisor = await _start_advisor(cfg, coord, coord_url)      # [model]: policy = "model" rules
             log.info("coordinator %s serving on %s (data %s, pid %d)", coord.did, coord_url, cfg.data_dir,
                      os.getpid(), extra={"event": "started", "did": coord.did, "broker": coord_url,
                                           "pid": os.getpid()})
@@ -151,6 +153,9 @@ def coordinator(
         finally:
             if started:
                 await coord.stop()
+            if advisor is not None:
+                with contextlib.suppress(Exception):
+                    await advisor.aclose()
             if embedded is not None:
                 await embedded.stop()
             log.info("coordinator stopped", extra={"event": "stopped"})
@@ -166,6 +171,38 @@ def coordinator(
             pid = DataDirLock(cfg.data_dir).holder()
             raise CliError("locked", str(exc), hint=LOCK_HINT.format(pid=pid if pid else "<pid>")) from exc
         raise
+
+
+# -- model-made configs: the coordinator as a mesh peer ([model])
+async def _start_advisor(cfg: Any, coord: Any, broker_url: str) -> Any:
+    """With ``[model]``: connect a :class:`~sdk.mesh.advisor.MeshAdvisor` with the coordinator's key
+    and access credential and hand it to the coordinator; unreachable, the rules use their fallback."""
+    settings = getattr(cfg, "model", None)
+    if settings is None:
+        return None
+    from sdk.errors import AutoGLMError
+    from sdk.identity import load_credential
+    from sdk.mesh import NodePolicy
+    from sdk.mesh.advisor import MeshAdvisor
+    from sdk.messaging.broker_auth import did_credentials
+
+    try:
+        credential = load_credential(settings.credential)
+        options: dict[str, Any] = dict(did_credentials(coord.key))       # the broker knows it by its DID
+        advisor = MeshAdvisor.connect(settings.broker or broker_url, coord.key, credential=credential,
+                                      node_policy=NodePolicy.trusting(*settings.node_issuers), model=settings.name,
+                                      **options)
+        await advisor.start()
+    except (AutoGLMError, OSError) as exc:
+        log.error("model advisor not started (%s); policy = \"model\" rules commit their fallback config", exc,
+                  extra={"event": "model_advisor_failed", "reason": getattr(exc, "reason", "model_unavailable")})
+        return None
+    coord.model_policy.limit(max_pending=settings.max_pending, max_calls=settings.max_calls)
+    coord.model_policy.advisor = advisor
+    log.info("model advisor on %s (model %s)", settings.broker or broker_url, settings.name or "any",
+             extra={"event": "model_advisor_started"})
+    return advisor
+# -- end model-made configs
 
 
 # -- high availability: the HA runner and `autoglm coordinator status`
