@@ -237,3 +237,65 @@ def test_open_store_and_the_store_section(tmp_path: Path) -> None:
     for table in ({"url": "mysql://h/db"}, {"url": ""}, {"url": 5}, {"dsn": "x"}, "postgresql://h"):
         with pytest.raises(ConfigFileError):
             parse_config({"store": table})
+
+
+def test_operator_rollout_and_enrollment_state(store_opener: StoreOpener) -> None:
+    from sdk.coord.coordinator.errors import InvalidValue, StoreError
+
+    store = store_opener()
+    assert store.is_empty()
+    store.save_devices([{"did": "did:a", "kind": "phone"}, {"did": "did:b", "kind": "tv"}])
+    store.save_devices([{"did": "did:a", "kind": "tablet"}])
+    assert sorted(d["kind"] for d in store.load_devices()) == ["tablet", "tv"] and not store.is_empty()
+    store.add_audit([(1.0, "did:op", "desired.set", "{}", "ok"), (2.0, "did:op2", "tags", "{}", "denied")])
+    assert [a["op"] for a in store.audit()] == ["tags", "desired.set"]
+    assert [a["operator"] for a in store.audit(operator="did:op")] == ["did:op"]
+    assert store.audit(before=store.audit()[0]["id"])[0]["op"] == "desired.set"
+    store.update_tags({"did:a": (["blue", "x"], []), "did:b": (["blue"], [])})
+    store.update_tags({"did:a": (["blue"], ["x"])})
+    assert store.load_tags() == {"did:a": {"blue"}, "did:b": {"blue"}}
+    store.save_properties("did:a", {"screen": [800, 600]}, now=5.0)
+    assert store.load_properties() == {"did:a": ({"screen": [800, 600]}, 5.0)}
+    versions = store.commit_operator({"did:a": {"k": 1, "j": None}}, operator="did:op", event_id="o1",
+                                     op="desired.set", now=10.0)
+    assert [v.version for v in versions] == [1] and store.pins("did:a") == {"k": "did:op"}
+    assert store.commit_operator({"did:a": {"k": 1}}, operator="did:op", event_id="o1", op="desired.set") == []
+    store.record_event("ev1", "did:s", "changed", {"x": 1}, ["did:a"], now=11.0)
+    store.record_event("ev1", "did:s", "changed", {"x": 2}, ["did:a"], now=12.0)   # recorded once
+    store.mark_converged("ev1", failures=1, now=13.0)
+    (event,) = [e for e in store.events() if e["event_id"] == "ev1"]
+    assert (event["fields"], event["converged"], event["failures"]) == ({"x": 1}, 13.0, 1)
+    store.record_reports([("did:a", 1, "applied", None, 2.5), ("did:a", 1, "applied", None, 3.0)])
+    assert store.reported_versions() == {"did:a": 1} and store.report_status("did:a", 1) == "applied"
+    assert store.report_counts() == {"applied": 1}
+
+    doc = {"stage": 0}
+    store.save_rollout("r1", "running", doc, created=1.0, members=[("did:a", 0, {"s": 0}), ("did:b", 1, {"s": 0})])
+    store.save_rollout_members("r1", [("did:b", 1, {"s": 1})])
+    out = store.commit_rollout({"did:b": {"m": 2}}, operator="did:op", event_id="r1-0", op="rollout.step",
+                               pin={"did:b": ["m"]}, unpin={"did:a": ["k"]}, rollout_id="r1", state="done",
+                               doc={"stage": 1}, created=1.0, members=[("did:b", 1, {"s": 2})])
+    assert [(v.did, v.version) for v in out] == [("did:b", 1)]
+    assert store.load_rollouts()[0]["state"] == "done" and store.load_rollout_members("r1")[1][2] == {"s": 2}
+    assert store.pins("did:a") == {} and store.pinned("did:b") == frozenset({"m"})
+
+    assert store.allocate_coordinator_index("did:a", reserved=range(0, 8)) == 8
+    assert store.allocate_status_index("did:b") == 9
+    store.record_revocation("did:a", reason="lost", operator="did:op", indexes=[8], now=20.0)
+    assert store.revocation("did:a") == {"reason": "lost", "operator": "did:op", "at": 20.0, "indexes": [8]}
+    store.add_enroll_token("h1", kind="device", groups=["g"], uses=1, expires=100.0, approve="auto",
+                           valid_for=60.0, operator=None, now=1.0)
+    assert store.use_enroll_token("h1", now=2.0)[0] == "ok" and store.use_enroll_token("h1", now=3.0)[0] == "used"
+    assert store.use_enroll_token("nope")[0] == "unknown"
+    with pytest.raises(StoreError):                          # the same token twice: a typed error
+        store.add_enroll_token("h1", kind="device", groups=[], uses=1, expires=1.0, approve="auto",
+                               valid_for=1.0, operator=None)
+    store.add_enroll_request("q1", did="did:c", kind="device", groups=["g"], via="token", state="pending")
+    store.set_enroll_request("q1", state="issued", credential={"vc": 1})
+    assert store.enroll_requests(did="did:c")[0]["credential"] == {"vc": 1}
+    with pytest.raises(InvalidValue):
+        store.import_issuer_state({"next_index": -1}, marker="m")
+
+    again = store_opener()                                   # a second process opening it later
+    assert again.pins("did:b") == {"m": "did:op"} and again.latest_version("did:b") == 1
+    assert again.desired("did:a") == {"k": 1} and again.pending() == [("did:b", 1, 0)]
