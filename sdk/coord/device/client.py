@@ -819,7 +819,9 @@ class Device:
             return
         body = msg.body if isinstance(msg.body, dict) else {}
         if body.get("state") == "offline":
-            if self._state is S.ADMITTED:
+            # a coordinator that stood down late (its will, after a standby took over) says nothing
+            # about the one that admitted this device: only an offline note of that boot counts
+            if self._state is S.ADMITTED and body.get("boot") in (None, self._coordinator_boot):
                 self._set_state(S.WAITING, "coordinator offline")
         elif body.get("state") == "online" and (
                 self._state is S.WAITING
