@@ -14,8 +14,21 @@ from typer.testing import CliRunner
 
 from sdk.cli import app
 from sdk.coord import protocol
-from sdk.coord.coordinator import Coordinator
-from sdk.coord.coordinator.registry import EXPIRED, OFFLINE, ONLINE, REVOKED, Registry, Session
+from sdk.coord.backpressure import retry_after
+from sdk.coord.coordinator import Coordinator, auth
+from sdk.coord.coordinator.auth import Challenges
+from sdk.coord.coordinator.errors import AdmissionError
+from sdk.coord.coordinator.registry import (
+    EXPIRED,
+    OFFLINE,
+    ONLINE,
+    REVOKED,
+    DeviceRecord,
+    Registry,
+    Session,
+    compact_credential,
+    shared_names,
+)
 from sdk.identity import Key, StatusList, TrustPolicy, status_entry
 
 STATES = (ONLINE, OFFLINE, EXPIRED, REVOKED)
@@ -217,3 +230,120 @@ async def test_credential_deadlines_stay_bounded_and_exact_under_re_admissions(c
     assert sorted(ended) == sorted(d for d, t in live.items() if t <= 10_050.0)
     assert all(reg.get(d).state == EXPIRED for d in ended)          # type: ignore[union-attr]
     assert sum(1 for r in reg if r.state == ONLINE) == len(live) - len(ended)
+
+
+# ---------------------------------------------------------------------------- compact records
+
+
+def test_compact_records_round_trip_through_the_store_row() -> None:
+    rng, reg = random.Random(7), Registry()
+    for step in range(400):
+        _random_step(reg, rng, 50, now=1000.0 + step)
+    for rec in reg:
+        back = DeviceRecord.from_row(json.loads(json.dumps(rec.to_row())))
+        assert back.to_row() == {**rec.to_row(), "state": back.state}     # live state is not restored
+        assert back.groups == rec.groups and back.tags == rec.tags and back.kind == rec.kind
+    with pytest.raises(AttributeError):
+        next(iter(reg)).scratch = 1            # type: ignore[attr-defined]  # slotted: no stray fields
+
+
+def test_equal_name_sets_are_one_object_and_records_share_them() -> None:
+    reg = Registry()
+    for i in range(100):
+        reg.put(reg.admission(_did(i), json.loads(json.dumps(
+            {"kind": "phone", "groups": ["room:a", "floor:1"], "capabilities": ["display"]}))))
+    recs = list(reg)
+    assert len({id(r.groups) for r in recs}) == 1 and len({id(r.capabilities) for r in recs}) == 1
+    assert len({id(r.kind) for r in recs}) == 1
+    assert shared_names(["floor:1", "room:a"]) is recs[0].groups
+    assert shared_names([]) == frozenset() and reg.members("room:a") == {_did(i) for i in range(100)}
+
+
+def test_a_session_keeps_only_what_decisions_need() -> None:
+    credential = {"@context": ["https://www.w3.org/ns/credentials/v2"], "id": "urn:uuid:1",
+                  "type": ["VerifiableCredential", "DeviceCredential"], "issuer": "did:example:i",
+                  "validFrom": "2026-01-01T00:00:00Z", "validUntil": "2027-01-01T00:00:00Z",
+                  "credentialSubject": {"id": "did:example:d", "kind": "phone", "name": "hall",
+                                        "groups": ["room:a"] * 50},
+                  "credentialStatus": {"statusListIndex": "3"}, "proof": {"proofValue": "z" * 200}}
+    kept = Session("s", credential, "fp").credential
+    assert kept == {"id": "urn:uuid:1", "type": ["VerifiableCredential", "DeviceCredential"],
+                    "issuer": "did:example:i", "validFrom": "2026-01-01T00:00:00Z",
+                    "validUntil": "2027-01-01T00:00:00Z", "credentialSubject": {"name": "hall"}}
+    assert compact_credential({"validUntil": "x"}) == {"validUntil": "x"}
+
+
+def test_the_pump_lock_is_made_on_first_use_and_kept_across_re_admission() -> None:
+    reg = Registry()
+    rec = reg.register(_did(1), {"kind": "phone"})
+    assert rec.pump_lock is None
+    lock = rec.lock
+    assert rec.lock is lock
+    again = reg.register(_did(1), {"kind": "phone"})
+    assert again.lock is lock                  # a pump of the old session still holds it
+
+
+# ---------------------------------------------------------------------------- bounded challenges
+
+
+def test_challenges_are_single_use_bound_to_their_did_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    ch = Challenges(ttl=30.0)
+    a, ticket = ch.issue("did:a"), ch.issue("did:a", ttl=600.0)
+    with pytest.raises(AdmissionError) as err:
+        ch.consume(a, "did:b")
+    assert err.value.reason == "wrong_challenge"
+    b = ch.issue("did:b")
+    ch.consume(b, "did:b")
+    with pytest.raises(AdmissionError):
+        ch.consume(b, "did:b")                 # used once
+    c = ch.issue("did:c")
+    clock[0] += 31
+    with pytest.raises(AdmissionError):
+        ch.consume(c, "did:c")                 # past its 30 s
+    ch.consume(ticket, "did:a")                # a ticket lives 600 s
+    d = ch.issue("did:d")
+    clock[0] += 31
+    assert ch.sweep() == 1 and len(ch) == 0
+    with pytest.raises(AdmissionError):
+        ch.consume(d, "did:d")
+
+
+def test_challenges_at_their_limit_evict_tickets_first_then_refuse_busy() -> None:
+    ch = Challenges(ttl=30.0, limit=10)
+    tickets = [ch.issue(f"did:t{i}", ttl=600.0) for i in range(6)]
+    hellos = [ch.issue(f"did:h{i}") for i in range(4)]
+    assert len(ch) == 10
+    more = [ch.issue(f"did:n{i}") for i in range(6)]     # each takes the oldest ticket's place
+    assert len(ch) == 10 and ch.evicted == 6 and ch.refused == 0
+    with pytest.raises(AdmissionError) as err:
+        ch.issue("did:flood")                  # only live handshakes left: refused, none dropped
+    assert err.value.reason == "busy" and retry_after(str(err.value)) is not None
+    assert ch.refused == 1 and len(ch) == 10
+    for i, value in enumerate(hellos):
+        ch.consume(value, f"did:h{i}")         # the challenges handed out stay valid
+    for i, value in enumerate(more):
+        ch.consume(value, f"did:n{i}")
+    with pytest.raises(AdmissionError):
+        ch.consume(tickets[0], "did:t0")       # an evicted ticket: a full handshake next time
+    assert len(ch) == 0
+
+
+def test_challenge_sweep_drops_exactly_the_expired_of_every_lifetime(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    ch = Challenges(ttl=30.0)
+    tickets = {ch.issue(f"did:{i}", ttl=600.0): f"did:{i}" for i in range(200)}
+    clock[0] = 10.0
+    hellos = [ch.issue(f"did:h{i}") for i in range(10)]
+    clock[0] = 45.0
+    assert ch.sweep() == 10 and len(ch) == 200
+    assert ch.sweep() == 0
+    for value in hellos:
+        with pytest.raises(AdmissionError):
+            ch.consume(value, "did:h0")
+    for value, did in tickets.items():
+        ch.consume(value, did)
+    clock[0] = 700.0
+    assert ch.sweep() == 0 and len(ch) == 0

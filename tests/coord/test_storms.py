@@ -4,18 +4,24 @@ after a broker restart (no presentation signed per device), all converged."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sdk.coord import protocol
 from sdk.coord.backpressure import busy_delay, busy_message, retry_after
 from sdk.coord.coordinator import Coordinator, parse_rules
-from sdk.coord.coordinator.admission import AdmissionControl
+from sdk.coord.coordinator.admission import AdmissionControl, WriteBatch
+from sdk.coord.coordinator.auth import device_credential, present
+from sdk.coord.coordinator.errors import AdmissionError, StoreError
 from sdk.coord.device import Device, DeviceState
 from sdk.coord.events import screen_available
 from sdk.identity import Key, TrustPolicy
+from sdk.messaging.envelope import Message
 from tests.fixtures.waiting import until
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
@@ -181,3 +187,123 @@ async def test_connect_storm_is_bounded(broker: Any, tmp_path: Path) -> None:
         assert all(d.state is DeviceState.ADMITTED for d in devices)
         assert ac.finished == n and ac.inflight == 0 and ac.peak <= bound
         assert ac.busy > 0 and sum(d.busy_retries for d in devices) == ac.busy
+
+
+# ---------------------------------------------------------------------------- batched admission writes
+
+
+@pytest.fixture
+def offline_coord(tmp_path: Path) -> Any:
+    """A coordinator with its store open and no broker: presents are handed to it directly (real
+    credentials, real presentations, real SQLite)."""
+    coord = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir=tmp_path, trust=TrustPolicy({}),
+                        issuer=Key.generate(), heartbeat_ttl=600)
+    coord.store = coord._open_store()
+    yield coord
+    if coord.store is not None:
+        coord.store.close()
+
+
+def _present_message(coord: Coordinator, key: Key, credential: Any) -> Message:
+    challenge = coord.challenges.issue(key.did)
+    body = {"challenge": challenge, "vp": present(credential, key, challenge=challenge, domain=coord.did),
+            "last_version": 0}
+    return Message(topic=protocol.device_commands(protocol.token(coord.did)), sender=key.did,
+                   kid=f"{key.did}#{key.did.removeprefix('did:key:')}", type=protocol.PRESENT,
+                   id=f"m-{time.monotonic_ns()}", body=body, issued_at=time.time())
+
+
+def _stored(path: Path) -> set[str]:
+    """DIDs in the store file, read over a connection of its own (what survives a crash now)."""
+    with sqlite3.connect(path) as db:
+        return {did for (did,) in db.execute("SELECT did FROM devices")}
+
+
+async def test_admissions_of_one_loop_turn_are_one_transaction_written_before_any_reply(
+        offline_coord: Coordinator, tmp_path: Path) -> None:
+    coord = offline_coord
+    assert coord.issuer is not None and coord.store is not None
+    keys = [Key.generate() for _ in range(40)]
+    messages = [_present_message(coord, k, device_credential(coord.issuer, k.did, kind="phone", groups=["room:a"]))
+                for k in keys]
+    transactions: list[int] = []
+    save = coord.store.save_devices
+
+    def counted(rows: Any) -> None:
+        rows = list(rows)
+        transactions.append(len(rows))
+        save(rows)
+
+    coord.store.save_devices = counted          # type: ignore[method-assign]
+    seen_at_reply: dict[str, bool] = {}
+
+    async def admit(msg: Message) -> None:
+        reply = await coord._present(msg)
+        assert reply["session"]
+        seen_at_reply[msg.sender] = msg.sender in _stored(tmp_path / "coordinator.db")
+
+    await asyncio.gather(*(admit(m) for m in messages))
+    assert transactions == [40]                                    # one commit for the 40
+    assert seen_at_reply == {k.did: True for k in keys}            # each durable before its reply
+    assert all(coord.registry.get(k.did).admitted for k in keys)   # type: ignore[union-attr]
+    assert coord.device_writes.batches == 1 and coord.device_writes.largest == 40
+
+
+async def test_a_crash_between_batch_and_flush_answers_no_one_and_loses_nothing(
+        offline_coord: Coordinator, tmp_path: Path) -> None:
+    coord = offline_coord
+    assert coord.issuer is not None and coord.store is not None
+    keys = [Key.generate() for _ in range(10)]
+    creds = {k.did: device_credential(coord.issuer, k.did, kind="phone") for k in keys}
+    tasks = [asyncio.ensure_future(coord._present(_present_message(coord, k, creds[k.did]))) for k in keys]
+    await asyncio.sleep(0)              # each present runs up to its write; the flush is the next turn's
+    assert len(coord.device_writes) == 10                         # every row waits in the batch
+    assert coord.device_writes.discard() == 10                    # the process dies before the flush
+    coord.store.close()
+    coord.store = None
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(d, asyncio.CancelledError) for d in done)   # nobody was told "admitted"
+    assert not any(coord.registry.get(k.did) for k in keys)
+    assert _stored(tmp_path / "coordinator.db") == set()         # and nothing half-written
+
+    again = Coordinator(coord.key, broker="mqtt://127.0.0.1:1", data_dir=tmp_path, trust=TrustPolicy({}),
+                        issuer=coord.issuer, heartbeat_ttl=600)
+    again.store = again._open_store()
+    try:
+        for k in keys:                                            # the devices come back: all admitted
+            await again._present(_present_message(again, k, creds[k.did]))
+        assert _stored(tmp_path / "coordinator.db") == {k.did for k in keys}
+    finally:
+        again.store.close()
+
+
+async def test_a_failed_batch_refuses_every_admission_in_it_busy(offline_coord: Coordinator) -> None:
+    coord = offline_coord
+    assert coord.issuer is not None and coord.store is not None
+    keys = [Key.generate() for _ in range(5)]
+    creds = {k.did: device_credential(coord.issuer, k.did, kind="phone") for k in keys}
+    coord.store.close()                                           # every write now fails
+    results = await asyncio.gather(*(coord._present(_present_message(coord, k, creds[k.did])) for k in keys),
+                                   return_exceptions=True)
+    assert all(isinstance(r, AdmissionError) and r.reason == "busy" for r in results)
+    assert not any(coord.registry.get(k.did) for k in keys)       # nobody admitted without a record
+    coord.store = coord._open_store()
+    for k in keys:                                                # a retry is admitted
+        assert (await coord._present(_present_message(coord, k, creds[k.did])))["session"]
+
+
+async def test_write_batch_waiters_share_one_flush_and_a_cancelled_one_leaves_it() -> None:
+    flushed: list[list[int]] = []
+    batch: WriteBatch[int] = WriteBatch(flushed.append, max_rows=3)
+    first = [asyncio.ensure_future(batch.write(i)) for i in range(5)]
+    await asyncio.sleep(0)
+    first[3].cancel()                                             # the second batch still goes
+    await asyncio.gather(*first, return_exceptions=True)
+    assert flushed == [[0, 1, 2], [3, 4]] and batch.batches == 2 and batch.rows == 5
+
+    def broken(rows: list[int]) -> None:
+        raise StoreError("disk full")
+
+    bad: WriteBatch[int] = WriteBatch(broken)
+    results = await asyncio.gather(*(bad.write(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results) and bad.batches == 0
