@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sdk.coord import protocol
 from sdk.coord.backpressure import busy_message
@@ -245,6 +246,10 @@ class Coordinator:
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
                                    ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
+        # -- a username in the broker URL is kept (an ejabberd cluster's: the DID's lowercased id)
+        if "username" not in transport_options and urlsplit(broker.split(",", 1)[0]).username:
+            options.pop("username")
+        # -- end URL username
         options.setdefault("will", Will(presence, will, qos=1, retain=True))
         # a fan-out past the send queue's max_pending waits for room (FIFO) instead of failing
         # queue_full, so a config to more devices than the queue holds still reaches every one
