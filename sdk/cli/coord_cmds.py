@@ -103,8 +103,9 @@ def coordinator(
         raise CliError(exc.reason, str(exc), usage=True) from exc
     url = broker or cfg.broker
     embedded_at = _embedded_address(url)
-    if embedded_at is None:
-        url = options.broker_url(url, option="--broker" if broker else "coordinator.broker")
+    if embedded_at is None:        # each URL of a failover list ("url1,url2") on its own
+        url = ",".join(options.broker_url(u, option="--broker" if broker else "coordinator.broker")
+                       for u in url.split(","))
 
     # -- high availability ([ha] enabled): an HA runner instead of one coordinator (ha.py)
     if cfg.ha.enabled:
@@ -419,6 +420,8 @@ def demo(
     plain: bool = typer.Option(False, "--plain", help="No live redraw (final table only)"),
     rules: Path | None = typer.Option(None, "--rules", help=r"Use these \[\[rules]] instead of the demo's"),
     step_timeout: float = typer.Option(15.0, "--step-timeout", help="Seconds each step may take"),
+    model: str = typer.Option("auto", "--model", help="The model step's engine: auto (the bundled SmolLM2 "
+                              "if installed, else the FakeEngine), fake or smollm2"),
 ) -> None:
     """Broker + coordinator + simulated devices in one process: auth, events, configs, revocation."""
     import asyncio
@@ -430,7 +433,11 @@ def demo(
     logging.basicConfig(level=logging.ERROR)
     console = Console(emoji=False)
     try:
-        kwargs: dict[str, Any] = {"step_timeout": step_timeout}
+        if model not in ("auto", "fake", "smollm2"):
+            from sdk.cli.errors import CliError
+
+            raise CliError("invalid_option", f"--model {model!r} is not auto, fake or smollm2", usage=True)
+        kwargs: dict[str, Any] = {"step_timeout": step_timeout, "model": model}
         if rules is not None:
             kwargs["rules_toml"] = rules.read_text(encoding="utf-8")
         result = asyncio.run(run_demo(console=console, keep_running=keep_running, live=not plain, **kwargs))

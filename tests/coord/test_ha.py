@@ -384,3 +384,44 @@ async def test_a_write_refused_by_the_fence_demotes_the_active_at_once(tmp_path:
     assert ha.role == "standby" and ha.coordinator is None
     assert other.latest_version(phone.did) == 1 and other.get_meta("probe") is None
     assert other.lease() is not None and other.lease().holder == "b/1"   # type: ignore[union-attr]
+
+
+async def test_instances_on_different_ejabberd_nodes_fail_over_with_the_devices_on_node_2(
+        ejabberd_cluster: Any, postgres: Any, tmp_path: Path, stack: AsyncExitStack) -> None:
+    """Instance a on node 1 (node 2 listed for broker failover), b on node 2, the devices on node 2;
+    the lease in PostgreSQL. A -> coordinator -> B through a, kill -9 of a, b takes over and serves."""
+    from brokers.ejabberd import credentials, ejabberd_username
+    from tests.fixtures.brokers import CLUSTER_ADMIN
+
+    c = ejabberd_cluster
+    group = Group(tmp_path, postgres.fresh_url(), key=CLUSTER_ADMIN, credentials=credentials)
+    stack.callback(group.stop)
+    user = ejabberd_username(CLUSTER_ADMIN.did)
+
+    def urls(*nodes: int) -> str:      # the coordinator's ejabberd username travels in the URL
+        return '", "'.join(c.urls[n].replace("mqtt://", f"mqtt://{user}@") for n in nodes)
+
+    a = group.instance("a", "x")
+    a.config.write_text(a.config.read_text().replace('broker = "x"', f'broker = ["{urls(0, 1)}"]'))
+    b = group.instance("b", "x")
+    b.config.write_text(b.config.read_text().replace('broker = "x"', f'broker = ["{urls(1, 0)}"]'))
+    group.start(a)
+    await group.wait_role(a, "active", timeout=30)
+    group.start(b)
+    await group.wait_role(b, "standby", timeout=30)
+    display = await group.device(stack, "display", c.urls[1])
+    phones: dict[str, list[Any]] = {}
+    for _ in range(3):
+        got: list[Any] = []
+        dev = await group.device(stack, "phone", c.urls[1], got)
+        phones[dev.did] = got
+    await display.publish_event(screen_available(800, 600))
+    await until(lambda: all(_resolution(g) == "800x600" for g in phones.values()), 20, what="across nodes")
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(a.proc.wait, 10)
+    await group.wait_role(b, "active", timeout=15)
+    await display.publish_event(screen_available(1024, 768))
+    await until(lambda: all(_resolution(g) == "1024x768" for g in phones.values()), 30,
+                what="every phone on the latest config from the instance on node 2")
+    _assert_applied_once(group, phones, events=2)
