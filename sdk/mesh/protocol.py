@@ -5,13 +5,21 @@ Requests go to ``autoglm/v1/inf/req/{node}`` encrypted to the node's DID (type
 signed, retained messages on ``autoglm/v1/inf/ads/{node}`` (type ``inference.advert``). Bodies:
 
     request  {"model", one of "prompt" | "messages" | "prompt_token_ids", "max_new_tokens",
-              "temperature", "top_p", "top_k", "stop", "seed", "held"}
+              "temperature", "top_p", "top_k", "stop", "seed", "held",
+              optional "response_format", "tools", "generated_prefix"}
     chunk    {"t": text, "ids": [token ids], "f": finish reason | null, "u": usage | null,
               "p": prompt token ids (first chunk only)}
     error    {"reason", "message"}  (the messaging layer's error reply)
 
 ``held`` (resume only) is how many trailing generated tokens of ``prompt_token_ids`` had no text
 emitted yet (an incomplete character), so the resuming node emits their text.
+
+``response_format`` (OpenAI's ``json_schema`` / ``json_object``) constrains the output and
+``tools`` are shown through the chat template; both are absent from unconstrained requests, so
+older nodes read the body unchanged. A resume of a constrained request carries
+``generated_prefix``: how many trailing ``prompt_token_ids`` are output the grammar is advanced
+over. Both are checked with the engine's bounds (:mod:`sdk.inference.constraints`); a node
+that cannot constrain answers ``structured_output_unavailable`` (never unconstrained text).
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ class Refusal(MessagingError):
 
 
 def request_body(req: Any, *, model: str, prompt_token_ids: list[int] | None = None, held: int = 0,
-                 max_new_tokens: int | None = None) -> dict[str, Any]:
-    """The body for a ``GenerationRequest`` (or a resume of it from ``prompt_token_ids``)."""
+                 max_new_tokens: int | None = None, generated: int = 0) -> dict[str, Any]:
+    """The body for a ``GenerationRequest`` (or a resume of it from ``prompt_token_ids``, whose
+    last ``generated`` ids are output)."""
     body: dict[str, Any] = {"model": model}
     if prompt_token_ids is not None:
         body["prompt_token_ids"] = list(prompt_token_ids)
@@ -54,6 +63,13 @@ def request_body(req: Any, *, model: str, prompt_token_ids: list[int] | None = N
     body["stop"] = list(req.stop)
     if held:
         body["held"] = held
+    if getattr(req, "response_format", None) is not None:
+        body["response_format"] = req.response_format
+        prefix = (req.generated_prefix or 0) + generated if prompt_token_ids is not None else req.generated_prefix
+        if prefix:
+            body["generated_prefix"] = prefix
+    if getattr(req, "tools", None) is not None and "messages" in body:
+        body["tools"] = list(req.tools)
     return body
 
 
@@ -73,12 +89,36 @@ def parse_request(body: Any) -> tuple[str, dict[str, Any], int]:
     if not isinstance(stop, list):
         raise Refusal("stop must be a list", reason="invalid_request")
     fields["stop"] = tuple(stop)
+    _constraint_fields(body, fields)
     held = body.get("held", 0)
     if type(held) is not int or held < 0:
         raise Refusal("held must be a non-negative integer", reason="invalid_request")
     if held and (given[0] != "prompt_token_ids" or held >= len(body["prompt_token_ids"])):
         raise Refusal("held needs prompt_token_ids longer than it", reason="invalid_request")
     return body["model"], fields, held
+
+
+def _constraint_fields(body: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Copy ``response_format`` / ``tools`` / ``generated_prefix`` into ``fields``, checked with
+    the engine's bounds; ``Refusal`` with the typed reason (``invalid_schema``...) otherwise."""
+    from sdk.inference.constraints import check_response_format, check_tools  # plain Python
+    from sdk.inference.errors import InvalidRequest
+
+    try:
+        if body.get("response_format") is not None:
+            check_response_format(body["response_format"])
+            fields["response_format"] = body["response_format"]
+        if body.get("tools") is not None:
+            check_tools(body["tools"])
+            fields["tools"] = body["tools"]
+    except InvalidRequest as exc:
+        raise Refusal(str(exc), reason=exc.reason) from None
+    prefix = body.get("generated_prefix", 0)
+    if type(prefix) is not int or prefix < 0 or (prefix and "response_format" not in fields):
+        raise Refusal("generated_prefix must be a non-negative integer, with response_format",
+                      reason="invalid_request")
+    if prefix:
+        fields["generated_prefix"] = prefix
 
 
 def chunk_body(chunk: Any, *, prompt_ids: list[int] | None = None, text: str | None = None) -> dict[str, Any]:

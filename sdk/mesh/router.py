@@ -66,7 +66,8 @@ from sdk.messaging.policy import Retained
 log = logging.getLogger(__name__)
 
 #: Node reasons that mean "this request is wrong", not "this node is wrong": no retry elsewhere.
-_REQUEST_REASONS = frozenset({"invalid_request", "prompt_too_long"})
+_REQUEST_REASONS = frozenset({"invalid_request", "prompt_too_long", "invalid_schema", "unsupported_schema",
+                              "schema_too_large"})
 _EWMA = 0.3
 
 
@@ -481,7 +482,8 @@ class Mesh:
                     yield TokenChunk(text="", token_ids=[], finish_reason="length", usage=_usage(progress, None))
                     return
                 body = request_body(req, model=name, prompt_token_ids=progress.prompt_ids + progress.generated,
-                                    held=progress.held, max_new_tokens=remaining)
+                                    held=progress.held, max_new_tokens=remaining,
+                                    generated=len(progress.generated))  # a constrained resume
                 progress.failovers += 1
                 self.counters["failovers"] += 1
                 log.info("resuming on %s after %d tokens", node.node_id, len(progress.generated))
