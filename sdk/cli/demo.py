@@ -3,8 +3,12 @@
 Scenario (every step must succeed for exit 0): start the broker and the coordinator; a
 display, a phone and a tablet authenticate (mutual DID + VP); the display announces an
 800x600 screen; the phone in the same room applies the companion-layout config (convergence
-time shown); a forged config is refused by the phone; the tablet's credential is revoked,
-it is disconnected from coordination and refused when it tries again.
+time shown); the tablet announces its input methods and a model on the inference mesh picks
+its layout (a rule with ``policy = "model"``: the bundled SmolLM2 when torch and the model are
+installed, else the FakeEngine; the coordinator asks as a mesh peer with its own access
+credential, and the version records model, version and prompt hash); a forged config is
+refused by the phone; the tablet's credential is revoked, it is disconnected from coordination
+and refused when it tries again.
 No set-up: temp dirs, generated keys and credentials. Needs no torch.
 """
 
@@ -47,7 +51,27 @@ group_prefix = "room:"
 "ui.companion.width" = "{event.width}"
 "ui.companion.height" = "{event.height}"
 "ui.companion.display" = "{sender.did}"
+
+[[rules]]
+name = "tablet-layout-by-model"
+event = "input_methods"
+policy = "model"
+[rules.when]
+"sender.kind" = "tablet"
+[rules.target]
+select = "sender"
+[rules.model]
+prompt = "A tablet with a {sender.attributes.screen} screen offers input {event.methods}. The user's habits: {habits}. Choose its layout."
+schema = { type = "object", properties = { "ui.layout" = { enum = ["compact", "companion", "standalone"] } }, required = ["ui.layout"], additionalProperties = false }
+timeout = 20.0
+max_tokens = 32
+[rules.config]
+"ui.layout" = "standalone"
 """
+#: What the demo's FakeEngine "model" answers: a layout for the input methods in the prompt.
+FAKE_CHOICE = '{"ui.layout": "compact"}'
+#: Seconds the model step may take (loading SmolLM2 on a busy CPU included).
+MODEL_STEP_TIMEOUT = 120.0
 
 
 class DemoFailed(Exception):
@@ -104,12 +128,38 @@ class _View:
         self.lines.append(line)
 
 
+async def _model_engine(model: str) -> tuple[Any, str]:
+    """The engine of the model step and a note: ``smollm2`` / ``auto`` try the bundled SmolLM2 on
+    CPU (``auto`` falls back to the FakeEngine when torch or the model is missing), ``fake`` is the
+    FakeEngine."""
+    from sdk.testing.fake_engine import FakeEngine
+
+    if model not in ("auto", "fake", "smollm2"):
+        raise ValueError(f"model must be auto, fake or smollm2, got {model!r}")
+    if model != "fake":
+        try:
+            from sdk.inference import Engine, EngineConfig
+
+            engine = await Engine.start(EngineConfig(device="cpu", dtype="float32", max_batch_size=1,
+                                                     max_sequence_length=1024, warmup=False))
+            return engine, "bundled SmolLM2"
+        except Exception as exc:  # torch missing, model missing, load failure: all mean "use the fake"
+            if model == "smollm2":
+                raise
+            log.info("demo model step uses the FakeEngine: %s", exc)
+            return FakeEngine(model="fake-layout-model", reply=FAKE_CHOICE), \
+                f"FakeEngine (no SmolLM2: {type(exc).__name__})"
+    return FakeEngine(model="fake-layout-model", reply=FAKE_CHOICE), "FakeEngine"
+
+
 async def run_demo(*, console: Console | None = None, keep_running: bool = False,
                    data_dir: Path | None = None, live: bool = True, rules_toml: str = DEMO_RULES,
-                   step_timeout: float = 15.0) -> DemoResult:
+                   step_timeout: float = 15.0, model: str = "auto") -> DemoResult:
     """Run the scenario; returns a :class:`DemoResult` (never raises for a failed step).
 
-    ``rules_toml`` replaces the demo's rules (the phone step expects an 800x600 companion layout).
+    ``rules_toml`` replaces the demo's rules (the phone step expects an 800x600 companion layout,
+    the model step a config for the tablet). ``model``: ``auto`` (SmolLM2 if installed, else the
+    FakeEngine), ``fake`` or ``smollm2``.
     """
     from brokers.embedded import OPEN_ACL, EmbeddedBroker
     from sdk.coord import protocol
@@ -122,8 +172,8 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
 
     console = console or Console(emoji=False)
     names = ["start embedded broker", "start coordinator", "authenticate devices",
-             "display announces 800x600", "phone applies companion config", "forged config refused",
-             "revoke tablet", "revoked tablet refused"]
+             "display announces 800x600", "phone applies companion config", "model picks the tablet layout",
+             "forged config refused", "revoke tablet", "revoked tablet refused"]
     steps = [Step(n) for n in names]
     view = _View(steps, console)
     result = DemoResult(ok=False, steps=steps, log=view.lines)
@@ -142,7 +192,8 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
         refresh()
         t0 = time.perf_counter()
         try:
-            s.detail = await asyncio.wait_for(fn(), step_timeout)
+            s.detail = await asyncio.wait_for(fn(), max(step_timeout, MODEL_STEP_TIMEOUT)
+                                              if fn.__name__ == "model_layout" else step_timeout)
         except Exception as exc:
             s.status, s.ms = "failed", (time.perf_counter() - t0) * 1000
             s.detail = f"{type(exc).__name__}: {exc}"
@@ -158,6 +209,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     keys = {"display": Key.generate(), "phone": Key.generate(), "tablet": Key.generate()}
     devices: dict[str, Device] = {}
     applied: list[Any] = []
+    tablet_applied: list[Any] = []
     converged: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     coordinator: Coordinator | None = None
 
@@ -208,7 +260,8 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             for name, (kind, groups) in profiles.items():
                 cred = coordinator.issue_device_credential(keys[name].did, kind=kind, groups=groups, name=name)
                 dev = Device(keys[name], cred, broker=broker.url, coordinator=ckey.did,
-                             on_config=(lambda c: applied.append(c)) if name == "phone" else None)
+                             on_config={"phone": applied.append, "tablet": tablet_applied.append}.get(name),
+                             attributes={"screen": "10-inch"} if name == "tablet" else None)
                 await dev.connect(authenticate=False)
                 cleanup.append(dev.aclose)
                 t0 = time.perf_counter()
@@ -233,6 +286,52 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             steps[4].ms = result.convergence_ms
             return (f"phone config v{cfg.version}: layout=companion resolution=800x600; "
                     f"convergence {result.convergence_ms:.2f} ms (event → all targets applied)")
+
+        async def model_layout() -> str:
+            from sdk.coord.events import input_methods
+            from sdk.mesh import (
+                ACCESS_CREDENTIAL,
+                AccessPolicy,
+                MeshNode,
+                NodeConfig,
+                NodePolicy,
+                issue_access_credential,
+                issue_node_credential,
+            )
+            from sdk.mesh.advisor import MeshAdvisor
+
+            assert coordinator is not None and coordinator.store is not None
+            engine, which = await _model_engine(model)
+            cleanup.append(engine.aclose)
+            name = str(engine.metadata.get("name") or "model")
+            node_key = Key.generate()
+            node = MeshNode(engine, broker.url, key=node_key, access=AccessPolicy(TrustPolicy({issuer.did: {
+                ACCESS_CREDENTIAL}})), credential=issue_node_credential(issuer, node_key.did, models=[name],
+                                                                        node_ids=["demo-node"]),
+                config=NodeConfig(node_id="demo-node", model_name=name, advert_interval=1.0))
+            await node.start()
+            cleanup.append(node.aclose)
+            access = issue_access_credential(issuer, ckey.did, models=[name])     # the coordinator, a mesh peer
+            advisor = MeshAdvisor.connect(broker.url, ckey, credential=access, model=name,
+                                          node_policy=NodePolicy.trusting(issuer.did))
+            await advisor.start()
+            cleanup.append(advisor.aclose)
+            await advisor.backend.wait_for_nodes(1, model=name, timeout=step_timeout)
+            coordinator.model_policy.advisor = advisor
+            tablet = devices["tablet"]
+            t0 = time.perf_counter()
+            await tablet.publish_event(input_methods(["touch", "pen"]))
+            await tablet.wait_version(1, MODEL_STEP_TIMEOUT)
+            ms = (time.perf_counter() - t0) * 1000
+            steps[5].ms = ms
+            layout = tablet_applied[-1].state.get("ui.layout")
+            origin = coordinator.store.history(tablet.did, limit=1)[0].get("origin") or {}
+            if origin.get("policy") == "model":
+                return (f"tablet layout={layout} chosen by {origin['model']} {origin['model_version']} "
+                        f"({which}, over the mesh; prompt {origin['prompt_hash'][:19]}…) in {ms:.0f} ms")
+            if origin.get("policy") == "fallback":
+                return f"tablet layout={layout}: fallback config ({origin.get('reason')}; {which}) in {ms:.0f} ms"
+            raise RuntimeError(f"the tablet's config records no model origin: {origin}")
 
         async def forged() -> str:
             mallory = Key.generate()
@@ -261,7 +360,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             if tablet.state != REVOKED:
                 raise RuntimeError("tablet was not disconnected from coordination")
             ms = (time.perf_counter() - t0) * 1000
-            steps[6].ms = ms
+            steps[7].ms = ms
             return f"status list updated and published; tablet disconnected in {ms:.1f} ms"
 
         async def refused() -> str:
@@ -275,7 +374,7 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
             raise RuntimeError("a revoked tablet was admitted")
 
         for i, fn in enumerate([start_broker, start_coordinator, authenticate, announce, phone_applies,
-                                forged, revoke, refused]):
+                                model_layout, forged, revoke, refused]):
             await step(i, fn)
         result.ok = True
         if keep_running:
@@ -296,4 +395,4 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     return result
 
 
-__all__ = ["run_demo", "DemoResult", "DemoFailed", "Step", "DEMO_RULES"]
+__all__ = ["run_demo", "DemoResult", "DemoFailed", "Step", "DEMO_RULES", "FAKE_CHOICE"]

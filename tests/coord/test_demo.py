@@ -21,14 +21,36 @@ def test_demo_command_exits_0_without_torch() -> None:
     assert "all steps succeeded" in proc.stdout
     assert "revoked tablet refused" in proc.stdout
     assert "did:key:z6Mk" in proc.stdout  # DIDs print verbatim (Rich emoji codes like :key: are off)
+    assert "model picks the tablet" in proc.stdout and "FakeEngine" in proc.stdout   # no torch: the fake
 
 
 async def test_demo_reports_every_step() -> None:
-    result = await run_demo(live=False)
+    result = await run_demo(live=False, model="fake")
     assert result.ok and result.failed_step is None
     assert [s.status for s in result.steps] == ["ok"] * len(result.steps)
     assert result.convergence_ms is not None and result.convergence_ms > 0
     assert len(result.auth_ms) == 3
+    model_step = result.steps[5]
+    assert model_step.name == "model picks the tablet layout"
+    assert model_step.detail.startswith("tablet layout=compact chosen by fake-layout-model 1 (FakeEngine")
+    assert "prompt sha256:" in model_step.detail
+
+
+async def test_demo_model_step_falls_back_when_the_model_answers_badly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sdk.cli.demo.FAKE_CHOICE", "the compact one, surely")
+    result = await run_demo(live=False, model="fake")
+    assert result.ok, result.error
+    assert result.steps[5].detail.startswith("tablet layout=standalone: fallback config (model_invalid_json")
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+async def test_demo_model_step_with_smollm2() -> None:
+    pytest.importorskip("torch")
+    result = await run_demo(live=False, model="smollm2")
+    assert result.ok, result.error
+    detail = result.steps[5].detail
+    assert "bundled SmolLM2" in detail and ("chosen by SmolLM2" in detail or "fallback config" in detail), detail
 
 
 async def test_demo_names_the_failed_step() -> None:
@@ -37,7 +59,7 @@ async def test_demo_names_the_failed_step() -> None:
     assert not result.ok
     assert result.failed_step == "phone applies companion config"
     statuses = [s.status for s in result.steps]
-    assert statuses[:4] == ["ok"] * 4 and statuses[4] == "failed" and statuses[5:] == ["pending"] * 3
+    assert statuses[:4] == ["ok"] * 4 and statuses[4] == "failed" and statuses[5:] == ["pending"] * 4
 
 
 def test_demo_command_exits_nonzero_naming_the_step(tmp_path) -> None:
