@@ -209,3 +209,53 @@ async def test_mesh_generation_across_nodes_survives_the_loss_of_the_serving_nod
         for client in publishers:
             await client.aclose()
         await asyncio.to_thread(c.restart, 0)
+
+
+async def test_a_fresh_subscriber_on_node_2_gets_the_status_list_by_request_and_later_revocations_live(
+        ejabberd_cluster: EjabberdCluster) -> None:
+    """The issuer publishes on node 1; its retained list does not reach a subscription made on node 2
+    (docs/BROKERS.md). The verifier there asks for it (STATUS_GET on the issuer's inbox) on its first
+    lookup and has it at once; a revocation published afterwards takes effect there live; a second
+    fresh verifier that never asks gets the list from the publisher's periodic re-publication."""
+    from sdk.identity import StatusList, create_status_list_credential
+    from sdk.messaging import SecureClient
+    from sdk.messaging.status import MqttStatusListSource, StatusListPublisher, status_list_url
+
+    c = ejabberd_cluster
+    issuer, verifier, other = Key.generate(), Key.generate(), Key.generate()
+    url = status_list_url(issuer.did)
+    inbox = f"{ROOT}/dev/{client_token(issuer.did)}/cmd"
+    bits = StatusList()
+
+    def signed() -> dict[str, Any]:
+        cred = create_status_list_credential(issuer, url, status_list=bits)
+        assert isinstance(cred, dict)
+        return cred
+
+    trust = TrustPolicy({issuer.did: ["DeviceCredential"]})
+    async with SecureClient(c.urls[0], issuer, **c.credentials(issuer)) as pub, \
+            SecureClient(c.urls[1], verifier, **c.credentials(verifier)) as client, \
+            SecureClient(c.urls[1], other, **c.credentials(other)) as client2:
+        publisher = StatusListPublisher(pub, interval=1.5)
+        await publisher.put(signed())
+        await publisher.serve(inbox)
+        source = MqttStatusListSource(trust)
+        assert await source.attach(client)
+        source.ask_when_missing(client, lambda u: inbox if u == url else None)
+        assert source.verified(url) is None            # the retained copy did not cross nodes: ask
+        await until(lambda: source.verified(url) is not None, timeout=5)
+        assert publisher.answered == 1 and not source.verified(url).bits.get(5)  # type: ignore[union-attr]
+        bits.set(5)                                     # a revocation, published live on node 1
+        await publisher.put(signed())
+        await until(lambda: source.verified(url).bits.get(5), timeout=5)  # type: ignore[union-attr]
+        # a verifier that does not ask gets the list within one re-publication interval
+        quiet = MqttStatusListSource(trust)
+        assert await quiet.attach(client2)
+        publisher.start()
+        try:
+            await until(lambda: quiet.verified(url) is not None and quiet.verified(url).bits.get(5),  # type: ignore[union-attr]
+                        timeout=10)
+            assert publisher.republished >= 1
+        finally:
+            await publisher.aclose()
+            await pub.transport.publish(f"{ROOT}/status/{client_token(issuer.did)}", b"", qos=1, retain=True)

@@ -90,7 +90,13 @@ from sdk.messaging.client import ClientConfig, SecureClient
 from sdk.messaging.envelope import DEFAULT_MAX_BYTES, Message, Signer
 from sdk.messaging.errors import MessagingError, RejectedMessage
 from sdk.messaging.policy import Retained
-from sdk.messaging.status import MqttStatusListSource, publish_status_list
+from sdk.messaging.status import (
+    REPUBLISH_INTERVAL,
+    STATUS_GET,
+    MqttStatusListSource,
+    publish_status_list,
+    republish_delay,
+)
 from sdk.messaging.transport import Will
 
 log = logging.getLogger(__name__)
@@ -165,6 +171,7 @@ class Coordinator:
         client_config: ClientConfig | None = None,
         fresh: bool = False,
         store_url: str | None = None,
+        status_republish: float = REPUBLISH_INTERVAL,
         hello_rate: float = 500.0,
         hello_burst: int = 1000,
         max_admissions: int = 256,
@@ -263,6 +270,13 @@ class Coordinator:
         self._status_credential: dict[str, Any] | None = None
         self._status_list: StatusList | None = None
         self._status_signed = 0.0
+        # -- status list re-published every status_republish s (jittered; 0 = never) and served on
+        # request (STATUS_GET on the command topic): a clustered broker may not deliver a retained
+        # list to subscribers on other nodes
+        self.status_republish = finite(status_republish, what="status_republish", minimum=0, maximum=86400)
+        self._status_republish_at = time.monotonic() + republish_delay(self.status_republish)
+        self.register_command(STATUS_GET, self._status_get)
+        # -- end status list re-publication
         self._deadlines: list[tuple[float, str, str]] = []     # (valid_until, did, session id)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
@@ -1090,6 +1104,14 @@ class Coordinator:
         if not self.status_source.put(url, cred):
             log.error("own status list %s not taken by the status source", url)
 
+    def _status_get(self, msg: Message) -> dict[str, Any]:
+        """A ``STATUS_GET`` request: the issuer's current status list, if that is the one asked for."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        cred = self._status_credential
+        if cred is None or body.get("url") != cred.get("id"):
+            raise MessagingError(f"no status list {body.get('url')!r} published here", reason="unknown_status_list")
+        return cred
+
     async def _publish_status_list(self) -> None:
         assert self._status_credential is not None
         await publish_status_list(self.client, self._status_credential)
@@ -1141,6 +1163,11 @@ class Coordinator:
             self.sweep()
             if self._status_list is not None and time.monotonic() - self._status_signed > STATUS_REFRESH:
                 self._resign_status_list()             # re-signed well before its validUntil
+                with contextlib.suppress(MessagingError):
+                    await self._publish_status_list()
+            elif self._status_credential is not None and self.status_republish \
+                    and time.monotonic() >= self._status_republish_at:
+                self._status_republish_at = time.monotonic() + republish_delay(self.status_republish)
                 with contextlib.suppress(MessagingError):
                     await self._publish_status_list()
             now = time.monotonic()
