@@ -345,3 +345,22 @@ async def test_full_queue_commits_the_fallback_at_once(mesh: Mesh) -> None:
     await phone.wait_version(1, 10)
     origin = _origin(mesh, phone.did)
     assert origin is not None and origin["policy"] == "model"
+
+
+def test_example_model_rule() -> None:
+    from pathlib import Path
+
+    from sdk.coord.coordinator import load_rules
+    from sdk.coord.coordinator.registry import Registry
+    from sdk.coord.events import input_methods
+
+    rules = load_rules(Path(__file__).resolve().parents[2] / "examples" / "rules.toml")
+    reg = Registry()
+    reg.register("did:tablet", {"kind": "tablet", "groups": ["room:living"]})
+    (action,) = rules.evaluate(input_methods(["touch", "pen"]), "did:tablet", reg)
+    assert action.rule == "tablet-layout-by-model" and action.targets == ("did:tablet",)
+    assert action.model is not None and action.model.keys == {"ui.layout"}
+    assert action.changes == {"ui.layout": "standalone"}                      # the fallback
+    assert render_prompt(action.model.prompt, {**action.context, "device": {}}, "none") == (
+        "A tablet with a unknown screen offers input [\"touch\",\"pen\"]. The user's habits: none. "
+        "Choose its layout.")

@@ -128,7 +128,7 @@ def test_malformed_rules_file_rejected_at_config_load(tmp_path: Path) -> None:
 
 def test_example_coordinator_config_loads() -> None:
     cfg = load_config(EXAMPLES / "coordinator.toml")
-    assert cfg.heartbeat_ttl == 30 and len(cfg.rules) == 3
+    assert cfg.heartbeat_ttl == 30 and len(cfg.rules) == 4
     assert cfg.trust[0].types[0] == "DeviceCredential"
     assert cfg.data_dir == EXAMPLES / "coordinator-data"
 
