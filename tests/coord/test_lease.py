@@ -129,6 +129,7 @@ _CONTENDER = textwrap.dedent("""
         token = store.acquire_lease(holder, 0.002)
         if token is not None:
             got.append(token)
+            time.sleep(0.003)                  # past the ttl: another process may take it over
     print(json.dumps(got))
 """)
 
