@@ -1,0 +1,185 @@
+"""Coordinator failover: two ``autoglm coordinator`` processes with ``[ha] enabled`` (lease in
+PostgreSQL, one loopback Mosquitto), N devices in this process; kill -9 of the active, R rounds.
+
+    python3 bench/ha_bench.py [--devices 100] [--rounds 3] [--lease-ttl 3] [--json out.json]
+
+Per round, from the kill -9 (wall clock; the lease timing dominates, so CPU load from other
+processes moves these figures little):
+
+* ``promoted_s``: the standby holds the lease and serves (its ``ha.json`` ``since``);
+* ``first_config_s``: an event published by the display right after the kill (queued in its outbox,
+  re-sent once re-admitted) is applied on the first phone: the first config pushed by the new active;
+* ``all_configs_s``: that config applied on every phone;
+* ``all_readmitted_s``: every device admitted again by the new active (its new ``boot``).
+
+The killed instance is restarted (it comes back as the standby) before the next round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from brokers.mosquitto import MosquittoBroker, MosquittoConfig  # noqa: E402
+from brokers.postgres import PostgresServer  # noqa: E402
+from sdk.coord.coordinator.auth import coordinator_credential, device_credential  # noqa: E402
+from sdk.coord.coordinator.ha import read_status  # noqa: E402
+from sdk.coord.device import Device  # noqa: E402
+from sdk.coord.events import screen_available  # noqa: E402
+from sdk.identity import Key  # noqa: E402
+
+RULES = ROOT / "examples" / "rules.toml"
+
+
+class Instance:
+    def __init__(self, name: str, tmp: Path, *, broker: str, store: str, key: Key, vc: Path, issuer: Key,
+                 ttl: float) -> None:
+        self.name, self.data = name, tmp / name
+        self.data.mkdir(parents=True)
+        self.config = self.data / "coordinator.toml"
+        self.config.write_text(
+            f'rules_file = "{RULES}"\n[coordinator]\nbroker = "{broker}"\ndata_dir = "{self.data}"\n'
+            f'heartbeat_ttl = 600\n[identity]\nkey = "{key.private_key_multibase}"\ncredential = "{vc}"\n'
+            f'[[trust]]\nissuer = "{issuer.did}"\ntypes = ["DeviceCredential"]\n[store]\nurl = "{store}"\n'
+            f'[ha]\nenabled = true\nlease_ttl = {ttl}\ninstance = "{name}"\n')
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        (self.data / "ha.json").unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdk", "coordinator", "-c", str(self.config),
+                                      "--log-file", str(self.data / "coordinator.log")], cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def status(self) -> dict[str, Any]:
+        return read_status(self.data) or {}
+
+    @property
+    def role(self) -> str | None:
+        return self.status().get("role") if self.proc is not None and self.proc.poll() is None else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+async def wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.005)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="ha-bench-"))
+    pg = PostgresServer().start()
+    mq = MosquittoBroker(MosquittoConfig.open_for_tests())
+    mq.start()
+    key, issuer = Key.generate(), Key.generate()
+    vc = tmp / "coordinator-vc.json"
+    vc.write_text(json.dumps(coordinator_credential(issuer, key.did)))
+    store = pg.fresh_url()
+    insts = [Instance(n, tmp, broker=mq.url, store=store, key=key, vc=vc, issuer=issuer, ttl=args.lease_ttl)
+             for n in ("a", "b")]
+    devices: list[Device] = []
+    rounds: list[dict[str, float]] = []
+    try:
+        insts[0].start()
+        await wait(lambda: insts[0].role == "active", 30, "a active")
+        insts[1].start()
+        await wait(lambda: insts[1].role == "standby", 30, "b standby")
+        applied: dict[str, dict[str, float]] = {}      # resolution -> did -> wall time applied
+
+        def recorder(did: str) -> Any:
+            def on_config(cfg: Any) -> None:
+                res = cfg.state.get("ui.companion.resolution")
+                applied.setdefault(res, {}).setdefault(did, time.time())
+            return on_config
+
+        sem = asyncio.Semaphore(16)
+
+        async def make(kind: str) -> Device:
+            dkey = Key.generate()
+            cred = device_credential(issuer, dkey.did, kind=kind, groups=["room:bench"])
+            dev = Device(dkey, cred, broker=mq.url, coordinator=key.did, heartbeat_ttl=600, auth_timeout=5,
+                         on_config=recorder(dkey.did) if kind == "phone" else None)
+            async with sem:
+                await dev.connect()
+            devices.append(dev)
+            return dev
+
+        display = await make("display")
+        phones = await asyncio.gather(*(make("phone") for _ in range(args.devices)))
+        await display.publish_event(screen_available(640, 480))
+        await wait(lambda: len(applied.get("640x480", {})) == len(phones), 60, "warm-up config")
+        for r in range(args.rounds):
+            active = next(i for i in insts if i.role == "active")
+            standby = next(i for i in insts if i is not active)
+            res = f"{800 + r}x600"
+            assert active.proc is not None
+            t_kill = time.time()
+            active.proc.send_signal(signal.SIGKILL)
+            active.proc.wait(10)
+            await display.publish_event(screen_available(800 + r, 600))
+            await wait(lambda s=standby: s.role == "active", 30, "takeover")
+            boot = standby.status()["boot"]
+            promoted = standby.status()["since"] - t_kill
+            await wait(lambda res=res: len(applied.get(res, {})) == len(phones), 60, "configs after failover")
+            await wait(lambda b=boot: all(d.admission is not None and d.admission.boot == b for d in devices),
+                       60, "re-admitted")
+            t_all = time.time()
+            times = sorted(applied[res].values())
+            rounds.append({"promoted_s": round(promoted, 3), "first_config_s": round(times[0] - t_kill, 3),
+                           "all_configs_s": round(times[-1] - t_kill, 3), "all_readmitted_s": round(t_all - t_kill, 3)})
+            print(f"round {r + 1}: {rounds[-1]}", flush=True)
+            active.start()                       # the old active comes back as the standby
+            await wait(lambda a=active: a.role == "standby", 30, "old active standby")
+    finally:
+        for dev in devices:
+            await dev.aclose()
+        for inst in insts:
+            inst.stop()
+        mq.cleanup()
+        pg.cleanup()
+    summary = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]} if rounds else {}
+    return {"devices": args.devices, "rounds": rounds, "median": summary, "lease_ttl": args.lease_ttl,
+            "poll_interval": args.lease_ttl / 5, "host": platform.node(), "cpus": os.cpu_count(),
+            "python": platform.python_version()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lease-ttl", type=float, default=3.0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    out = asyncio.run(run(args))
+    print(json.dumps(out["median"]))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
