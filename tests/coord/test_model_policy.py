@@ -364,3 +364,31 @@ def test_example_model_rule() -> None:
     assert render_prompt(action.model.prompt, {**action.context, "device": {}}, "none") == (
         "A tablet with a unknown screen offers input [\"touch\",\"pen\"]. The user's habits: none. "
         "Choose its layout.")
+
+
+def test_model_settings_in_the_coordinator_config(tmp_path: Any) -> None:
+    from sdk.coord.coordinator import load_config
+    from sdk.coord.coordinator.errors import ConfigFileError
+
+    base = '[coordinator]\nbroker = "mqtt://127.0.0.1:1883"\n[model]\n'
+    good = base + ('credential = "access-vc.json"\nnode_issuers = ["did:key:z6MkNodeIssuer"]\n'
+                   'name = "SmolLM2-135M-Instruct"\nmax_pending = 8\n')
+    (tmp_path / "c.toml").write_text(good)
+    settings = load_config(tmp_path / "c.toml").model
+    assert settings is not None and settings.credential == tmp_path / "access-vc.json"
+    assert settings.node_issuers == ("did:key:z6MkNodeIssuer",) and settings.name == "SmolLM2-135M-Instruct"
+    assert settings.max_pending == 8 and settings.max_calls == 4 and settings.broker is None
+    (tmp_path / "none.toml").write_text('[coordinator]\nbroker = "mqtt://127.0.0.1:1883"\n')
+    assert load_config(tmp_path / "none.toml").model is None
+    for body, message in [
+        ('node_issuers = ["did:key:z6Mk"]\n', "needs 'credential'"),
+        ('credential = "a.json"\n', "node_issuers must be a non-empty list of DIDs"),
+        ('credential = "a.json"\nnode_issuers = ["issuer"]\n', "node_issuers must be a non-empty list of DIDs"),
+        ('credential = "a.json"\nnode_issuers = ["did:key:z6Mk"]\nbroker = "http://x"\n', "model.broker"),
+        ('credential = "a.json"\nnode_issuers = ["did:key:z6Mk"]\nmax_calls = 0\n', "model.max_calls"),
+        ('credential = "a.json"\nnode_issuers = ["did:key:z6Mk"]\nmodle = "x"\n', "unknown key(s) in [model]"),
+    ]:
+        (tmp_path / "bad.toml").write_text(base + body)
+        with pytest.raises(ConfigFileError) as info:
+            load_config(tmp_path / "bad.toml")
+        assert message in str(info.value) and info.value.reason == "invalid_config_file"

@@ -4,6 +4,7 @@ over a real broker for a constrained config; the answer is validated, committed 
 from __future__ import annotations
 
 import dataclasses
+import json
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,32 @@ def _mesh_carries_constraints() -> bool:
         return False
     _, fields, _ = parse_request({"model": MODEL, "prompt": "x", "response_format": response_format(SCHEMA)})
     return fields.get("response_format") is not None
+
+
+async def test_coordinator_command_wires_the_advisor_from_model_settings(broker: Any, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sdk.cli.coord_cmds import _start_advisor
+    from sdk.coord.coordinator.model_policy import ModelSettings
+
+    access_issuer, node_issuer, coord_key = Key.generate(), Key.generate(), Key.generate()
+    vc_file = tmp_path / "access-vc.json"
+    vc_file.write_text(json.dumps(issue_access_credential(access_issuer, coord_key.did, models=[MODEL])))
+    coord = Coordinator(coord_key, broker=broker.url, data_dir=tmp_path / "coord", trust=TrustPolicy({}),
+                        issuer=Key.generate(), rules=parse_rules([model_rule()]), **broker.credentials(coord_key))
+    await coord.start()
+    try:
+        missing = SimpleNamespace(model=ModelSettings(credential=tmp_path / "nope.json",
+                                                      node_issuers=(node_issuer.did,)))
+        assert await _start_advisor(missing, coord, broker.url) is None     # logged; rules use their fallback
+        assert coord.model_policy.advisor is None
+        settings = ModelSettings(credential=vc_file, node_issuers=(node_issuer.did,), name=MODEL, max_pending=3)
+        advisor = await _start_advisor(SimpleNamespace(model=settings), coord, broker.url)
+        try:
+            assert isinstance(advisor, MeshAdvisor) and coord.model_policy.advisor is advisor
+            assert coord.model_policy.max_pending == 3 and advisor.model == MODEL
+            assert advisor.backend.did == coord.did                 # the coordinator's own key on the mesh
+        finally:
+            await advisor.aclose()
+    finally:
+        await coord.stop()
