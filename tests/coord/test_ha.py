@@ -244,6 +244,21 @@ async def test_one_instance_is_active_the_other_standby_and_the_active_serves(
     assert f"autoglm_coordinator_lease_token {float(a.status()['token'])}" in text
     assert "autoglm_coordinator_failovers_total 0.0" in text
     assert "autoglm_coord_configs_total" in text          # the serving coordinator's own metrics
+    # a graceful stop releases the lease (it does not wait to expire) and b takes over
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(a.proc.wait, 15) == 0
+    assert a.has("ha_demoted", reason="stopped")
+    store = open_store(group.store_url)
+    try:
+        lease = store.lease()
+        assert lease is not None and lease.holder in (None, b.status().get("holder"))
+        assert lease.holder is not None or (lease.expires is not None and lease.expires <= time.time())
+    finally:
+        store.close()
+    await group.wait_role(b, "active")
+    await display.publish_event(screen_available(1024, 768))
+    await until(lambda: _resolution(got) == "1024x768", 15, what="served by b")
 
 
 async def test_kill_9_of_the_active_mid_push_the_standby_completes_it_and_the_old_one_stays_standby(
