@@ -421,7 +421,7 @@ def demo(
     rules: Path | None = typer.Option(None, "--rules", help=r"Use these \[\[rules]] instead of the demo's"),
     step_timeout: float = typer.Option(15.0, "--step-timeout", help="Seconds each step may take"),
     model: str = typer.Option("auto", "--model", help="The model step's engine: auto (the bundled SmolLM2 "
-                              "if installed, else the FakeEngine), fake or smollm2"),
+                              "if installed, else a stand-in engine), fake (the stand-in) or smollm2"),
 ) -> None:
     """Broker + coordinator + simulated devices in one process: auth, events, configs, revocation."""
     import asyncio

@@ -5,7 +5,7 @@ display, a phone and a tablet authenticate (mutual DID + VP); the display announ
 800x600 screen; the phone in the same room applies the companion-layout config (convergence
 time shown); the tablet announces its input methods and a model on the inference mesh picks
 its layout (a rule with ``policy = "model"``: the bundled SmolLM2 when torch and the model are
-installed, else the FakeEngine; the coordinator asks as a mesh peer with its own access
+installed, else a stand-in engine; the coordinator asks as a mesh peer with its own access
 credential, and the version records model, version and prompt hash); a forged config is
 refused by the phone; the tablet's credential is revoked, it is disconnected from coordination
 and refused when it tries again.
@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ max_tokens = 32
 [rules.config]
 "ui.layout" = "standalone"
 """
-#: What the demo's FakeEngine "model" answers: a layout for the input methods in the prompt.
+#: What the demo's stand-in "model" answers (no model installed).
 FAKE_CHOICE = '{"ui.layout": "compact"}'
 #: Seconds the model step may take (loading SmolLM2 on a busy CPU included).
 MODEL_STEP_TIMEOUT = 120.0
@@ -128,12 +128,45 @@ class _View:
         self.lines.append(line)
 
 
+class StandInEngine:
+    """The model step's engine where no model is installed: answers every prompt with ``reply``
+    in one chunk. The engine interface a mesh node needs, in miniature (``metadata``, ``encode``,
+    ``stream``, ``stats``); ``sdk.testing.FakeEngine`` is the full one, for test suites."""
+
+    tokenizer = None
+
+    def __init__(self, reply: str, *, name: str = "stand-in-layout-model") -> None:
+        self.reply = reply
+        self.metadata: dict[str, Any] = {"name": name, "version": "1", "framework": "none", "dtype": "none",
+                                         "device": {"type": "cpu", "name": "stand-in", "count": 1}}
+
+    def encode(self, request: Any) -> list[int]:
+        """Code points of the prompt (its messages' contents), as token ids."""
+        text = request.prompt or "".join(str(m.get("content", "")) for m in request.messages or ())
+        return [ord(c) for c in text[:4096]] or [32]
+
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        """The whole reply as one finished chunk."""
+        from sdk.inference.types import TokenChunk, Usage
+
+        ids = [ord(c) for c in self.reply]
+        yield TokenChunk(text=self.reply, token_ids=ids, finish_reason="stop",
+                         usage=Usage(prompt_tokens=len(request.prompt_token_ids or ()), completion_tokens=len(ids),
+                                     time_to_first_token_s=0.0, tokens_per_s=0.0))
+
+    def stats(self) -> dict[str, Any]:
+        """Idle load figures."""
+        return {"queue_depth": 0, "active_streams": 0, "max_batch_size": 1, "tokens_per_s": 0.0,
+                "free_cache_tokens": 4096}
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
 async def _model_engine(model: str) -> tuple[Any, str]:
     """The engine of the model step and a note: ``smollm2`` / ``auto`` try the bundled SmolLM2 on
-    CPU (``auto`` falls back to the FakeEngine when torch or the model is missing), ``fake`` is the
-    FakeEngine."""
-    from sdk.testing.fake_engine import FakeEngine
-
+    CPU (``auto`` takes the :class:`StandInEngine` when torch or the model is missing), ``fake``
+    is the stand-in."""
     if model not in ("auto", "fake", "smollm2"):
         raise ValueError(f"model must be auto, fake or smollm2, got {model!r}")
     if model != "fake":
@@ -146,10 +179,9 @@ async def _model_engine(model: str) -> tuple[Any, str]:
         except Exception as exc:  # torch missing, model missing, load failure: all mean "use the fake"
             if model == "smollm2":
                 raise
-            log.info("demo model step uses the FakeEngine: %s", exc)
-            return FakeEngine(model="fake-layout-model", reply=FAKE_CHOICE), \
-                f"FakeEngine (no SmolLM2: {type(exc).__name__})"
-    return FakeEngine(model="fake-layout-model", reply=FAKE_CHOICE), "FakeEngine"
+            log.info("demo model step uses the stand-in engine: %s", exc)
+            return StandInEngine(FAKE_CHOICE), f"stand-in engine, no SmolLM2: {type(exc).__name__}"
+    return StandInEngine(FAKE_CHOICE), "stand-in engine"
 
 
 async def run_demo(*, console: Console | None = None, keep_running: bool = False,
@@ -158,8 +190,8 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     """Run the scenario; returns a :class:`DemoResult` (never raises for a failed step).
 
     ``rules_toml`` replaces the demo's rules (the phone step expects an 800x600 companion layout,
-    the model step a config for the tablet). ``model``: ``auto`` (SmolLM2 if installed, else the
-    FakeEngine), ``fake`` or ``smollm2``.
+    the model step a config for the tablet). ``model``: ``auto`` (SmolLM2 if installed, else a
+    stand-in engine), ``fake`` (the stand-in) or ``smollm2``.
     """
     from brokers.embedded import OPEN_ACL, EmbeddedBroker
     from sdk.coord import protocol
@@ -395,4 +427,4 @@ async def run_demo(*, console: Console | None = None, keep_running: bool = False
     return result
 
 
-__all__ = ["run_demo", "DemoResult", "DemoFailed", "Step", "DEMO_RULES", "FAKE_CHOICE"]
+__all__ = ["run_demo", "DemoResult", "DemoFailed", "Step", "StandInEngine", "DEMO_RULES", "FAKE_CHOICE"]

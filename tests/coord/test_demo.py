@@ -21,7 +21,7 @@ def test_demo_command_exits_0_without_torch() -> None:
     assert "all steps succeeded" in proc.stdout
     assert "revoked tablet refused" in proc.stdout
     assert "did:key:z6Mk" in proc.stdout  # DIDs print verbatim (Rich emoji codes like :key: are off)
-    assert "model picks the tablet" in proc.stdout and "FakeEngine" in proc.stdout   # no torch: the fake
+    assert "model picks the tablet" in proc.stdout and "stand-in engine" in proc.stdout   # no torch: the stand-in
 
 
 async def test_demo_reports_every_step() -> None:
@@ -32,7 +32,7 @@ async def test_demo_reports_every_step() -> None:
     assert len(result.auth_ms) == 3
     model_step = result.steps[5]
     assert model_step.name == "model picks the tablet layout"
-    assert model_step.detail.startswith("tablet layout=compact chosen by fake-layout-model 1 (FakeEngine")
+    assert model_step.detail.startswith("tablet layout=compact chosen by stand-in-layout-model 1 (stand-in engine")
     assert "prompt sha256:" in model_step.detail
 
 
