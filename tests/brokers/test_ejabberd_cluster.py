@@ -259,3 +259,39 @@ async def test_a_fresh_subscriber_on_node_2_gets_the_status_list_by_request_and_
         finally:
             await publisher.aclose()
             await pub.transport.publish(f"{ROOT}/status/{client_token(issuer.did)}", b"", qos=1, retain=True)
+
+
+async def test_the_coordinator_serves_and_re_publishes_its_issuers_status_list_across_nodes(
+        ejabberd_cluster: EjabberdCluster, tmp_path: Path) -> None:
+    """The coordinator (with an issuer key) on node 1: a verifier on node 2 asks it for the list on
+    its command topic; an unknown list is refused with a reason; the list is re-published live."""
+    from sdk.coord.coordinator import Coordinator
+    from sdk.messaging import SecureClient
+    from sdk.messaging.errors import MessagingError
+    from sdk.messaging.status import STATUS_GET, MqttStatusListSource, status_list_url
+
+    c = ejabberd_cluster
+    issuer, verifier = Key.generate(), Key.generate()
+    coord = Coordinator(CLUSTER_ADMIN, broker=c.urls[0], data_dir=tmp_path, trust=TrustPolicy({}), issuer=issuer,
+                        status_republish=1.0, **c.credentials(CLUSTER_ADMIN))
+    await coord.start()
+    url = status_list_url(issuer.did)
+    inbox = f"{ROOT}/dev/{client_token(CLUSTER_ADMIN.did)}/cmd"
+    try:
+        async with SecureClient(c.urls[1], verifier, **c.credentials(verifier)) as client:
+            source = MqttStatusListSource(TrustPolicy({issuer.did: ["DeviceCredential"]}))
+            taken: list[str] = []
+            source.add_listener(lambda u, cred: taken.append(u))
+            assert await source.attach(client)
+            assert await source.request(client, url, topic=inbox)
+            assert source.verified(url) is not None and taken == [url]
+            with pytest.raises(MessagingError) as exc:
+                await client.request(inbox, {"url": status_list_url(verifier.did)}, type=STATUS_GET, timeout=5)
+            assert exc.value.reason == "unknown_status_list"
+        live: list[bool] = []
+        async with _transport(c, c.urls[1], Key.generate()) as raw:
+            await raw.subscribe(f"{ROOT}/status/{client_token(issuer.did)}", qos=1,
+                                handler=lambda t, p, *, retain, qos: live.append(retain))
+            await until(lambda: live.count(False) >= 2, timeout=10)       # re-published, live, across nodes
+    finally:
+        await coord.stop()
