@@ -269,8 +269,8 @@ class MeshNode:
 
             try:
                 req = GenerationRequest(**fields, request_id=f"mesh-{uuid.uuid4().hex}").validate()
-            except (TypeError, ValueError, InvalidRequest) as exc:
-                raise Refusal(str(exc), reason="invalid_request") from None
+            except (TypeError, ValueError, InvalidRequest) as exc:  # a bad schema keeps its reason (invalid_schema...)
+                raise Refusal(str(exc), reason=getattr(exc, "reason", "invalid_request")) from None
             if not self._streams.acquire(msg.sender):  # the gate's check, now exact (no await since)
                 raise Refusal(f"{msg.sender} already has {self.config.max_streams_per_peer} streams",
                               reason="too_many_streams")
@@ -301,7 +301,7 @@ class MeshNode:
         self.prefixes.lookup(chain)
         self.prefixes.add(chain)
         replies: list[str] = []
-        req = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=prompt_ids)
+        req = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=prompt_ids, tools=None)  # tools: in the ids
         detok, pending = None, ""
         if held and not req.stop:
             detok, pending = _held_detokenizer(self.engine.tokenizer, prompt_ids, held)

@@ -9,14 +9,18 @@ each other exactly. The reply is ``reply(prompt_text)`` (default :func:`echo`) c
 ``max_new_tokens`` characters (``finish_reason="length"``) or before a ``stop`` string; the last
 chunk carries :class:`~sdk.inference.Usage`. A request whose token ids are an earlier prompt plus
 the start of its reply (a mesh router resuming on another node) continues that reply. Leaving the stream early, :meth:`FakeEngine.cancel`
-or :meth:`FakeEngine.aclose` cancel a request. ``MeshNode``, ``Mesh`` and the HTTP app accept it
+or :meth:`FakeEngine.aclose` cancel a request. A request with ``response_format`` (``json_schema``
+or ``json_object``) is answered with :func:`minimal_instance` of its schema as compact JSON
+(deterministic; ``{}`` for ``json_object``), checked with the real engine's schema bounds. ``MeshNode``, ``Mesh`` and the HTTP app accept it
 wherever they accept an engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -48,6 +52,90 @@ def _constant(text: str) -> Reply:
         return text
 
     return reply
+
+
+_FORMATS = {"date": "1970-01-01", "date-time": "1970-01-01T00:00:00Z", "time": "00:00:00Z",
+            "email": "a@example.com", "uri": "https://example.com", "uuid": "00000000-0000-0000-0000-000000000000",
+            "ipv4": "127.0.0.1", "hostname": "example.com"}
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    node = root
+    for part in ref.lstrip("#").split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _number(schema: Mapping[str, Any], integer: bool) -> int | float:
+    """0 moved into the schema's bounds (the low end first), a multiple of ``multipleOf``."""
+    num = (int, float)
+    low, high = schema.get("minimum"), schema.get("maximum")
+    xlow, xhigh = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    top = high if isinstance(high, num) else xhigh if isinstance(xhigh, num) else None
+    value: float = 0
+    if isinstance(low, num):
+        value = max(value, low)
+    if isinstance(xlow, num) and value <= xlow:
+        value = math.floor(xlow) + 1 if integer else (xlow + top) / 2 if top is not None else xlow + 1
+    if isinstance(high, num) and value > high:
+        value = high
+    if isinstance(xhigh, num) and value >= xhigh:
+        value = math.ceil(xhigh) - 1 if integer else (xhigh + (low if isinstance(low, num) else xhigh - 2)) / 2
+    step = schema.get("multipleOf")
+    if isinstance(step, num) and step > 0:
+        value = math.ceil(value / step) * step
+    return math.ceil(value) if integer else float(value)
+
+
+def minimal_instance(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """A small deterministic instance of a JSON Schema: required properties only, ``minItems``
+    items, the first ``enum`` / ``const`` / ``anyOf`` / ``oneOf`` branch, numbers at 0 clamped to
+    the bounds, strings of ``minLength`` "a"s (a few ``format`` s get a sample; ``pattern`` is not
+    followed). Enough for the fake engine's structured replies; not a general generator."""
+    root = schema if root is None else root
+    if depth > 64 or not isinstance(schema, Mapping):
+        return None
+    if isinstance(schema.get("$ref"), str):
+        return minimal_instance(_pointer(root, schema["$ref"]), root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return minimal_instance(schema[key][0], root, depth + 1)
+    if isinstance(schema.get("allOf"), list):
+        merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in schema["allOf"]:
+            if isinstance(part, Mapping):
+                merged.update({k: v for k, v in part.items() if k not in ("properties", "required")})
+                merged["properties"] = {**merged.get("properties", {}), **part.get("properties", {})}
+                merged["required"] = [*merged.get("required", []), *part.get("required", [])]
+        return minimal_instance(merged, root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((t for t in kind if t != "null"), kind[0] if kind else None)
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else None
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {k: minimal_instance(props.get(k, {}), root, depth + 1) for k in schema.get("required") or ()}
+    if kind == "array":
+        prefix = schema.get("prefixItems") or []
+        count = max(int(schema.get("minItems") or 0), len(prefix) if schema.get("minItems") else 0)
+        items = [minimal_instance(p, root, depth + 1) for p in prefix[:count]]
+        return items + [minimal_instance(schema.get("items", {}), root, depth + 1)] * (count - len(items))
+    if kind == "string":
+        fmt = schema.get("format")
+        if isinstance(fmt, str) and fmt in _FORMATS:
+            return _FORMATS[fmt]
+        return "a" * int(schema.get("minLength") or 0)
+    if kind in ("integer", "number"):
+        return _number(schema, kind == "integer")
+    if kind == "boolean":
+        return False
+    return None
 
 
 class FakeTokenizer:
@@ -184,7 +272,13 @@ class FakeEngine:
         """(text, finish reason) before streaming: the reply cut by length and stop strings."""
         reply = _resumed(ids)
         if reply is None:
-            reply = self.reply(prompt_text(self.tokenizer.decode(ids)))
+            from sdk.inference.constraints import constraint_from
+
+            constraint = constraint_from(req.response_format)
+            if constraint is not None:
+                reply = json.dumps(minimal_instance(constraint.schema), separators=(",", ":"), ensure_ascii=False)
+            else:
+                reply = self.reply(prompt_text(self.tokenizer.decode(ids)))
             _remember(ids, reply)
         room = min(req.max_new_tokens, self.max_sequence_length - len(ids))
         finish = "stop"

@@ -34,6 +34,7 @@ from sdk.inference.http.schemas import (
     unsupported,
 )
 from sdk.inference.http.sse import DONE, SSEResponse, event
+from sdk.inference.http.tool_calls import ToolCallHold, ToolPlan, plan_tools
 from sdk.inference.types import GenerationRequest  # no torch
 
 log = logging.getLogger(__name__)
@@ -252,12 +253,13 @@ class _Service:
     # -- requests
 
     def build_request(
-        self, body: SamplingBody, model_id: str, *, request_id: str, **prompt: Any
+        self, body: SamplingBody, model_id: str, *, request_id: str, plan: ToolPlan | None = None, **prompt: Any
     ) -> GenerationRequest:
         """Map OpenAI sampling fields onto a validated ``GenerationRequest`` (400 if invalid)."""
         problem = unsupported(body)
         if problem is not None:
             raise bad_request(problem[1], param=problem[0], code="unsupported_parameter")
+        plan = plan or ToolPlan(response_format=body.response_format)
         max_tokens = body.max_tokens
         if isinstance(body, ChatCompletionBody) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
@@ -274,9 +276,27 @@ class _Service:
                 seed=body.seed,
                 request_id=request_id,
                 model=model_id,
+                response_format=plan.response_format,
+                tools=plan.render,
             ).validate()
         except InvalidRequest as exc:
+            if exc.reason != "invalid_request":  # a schema: invalid_schema, unsupported_schema...
+                raise APIError(400, str(exc), param=param_of_field(exc.field), code=exc.reason,
+                               reason=exc.reason) from exc
             raise bad_request(str(exc), param=param_of_field(exc.field)) from exc
+
+    def tool_plan(self, body: ChatCompletionBody) -> ToolPlan:
+        """The request's :class:`ToolPlan` (400 for bad or conflicting tools / tool_choice)."""
+        from sdk.inference.constraints import check_tools
+
+        try:
+            check_tools(body.tools)
+            return plan_tools(body.tools, body.tool_choice, body.response_format)
+        except InvalidRequest as exc:
+            raise APIError(400, str(exc), param="tools", code=exc.reason, reason=exc.reason) from exc
+        except ValueError as exc:
+            param, message = exc.args
+            raise bad_request(message, param=param, code="invalid_tool_choice") from exc
 
     async def handle(self, request: Request, *, chat: bool) -> Response:
         """Parse, admit, generate (streamed or whole) and account for one request."""
@@ -290,9 +310,11 @@ class _Service:
             body: SamplingBody = await _parse(request, ChatCompletionBody if chat else CompletionBody)
             model_id = self.resolve_model(body.model)
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            plan = ToolPlan()
             if isinstance(body, ChatCompletionBody):
                 messages = message_dicts(body.messages)
-                req = self.build_request(body, model_id, request_id=ident, messages=messages)
+                plan = self.tool_plan(body)
+                req = self.build_request(body, model_id, request_id=ident, plan=plan, messages=messages)
             else:
                 assert isinstance(body, CompletionBody)
                 text = body.prompt_text()
@@ -301,7 +323,7 @@ class _Service:
             lease = await self.admission.acquire(request)
             if body.stream:
                 response = await self._stream(request, req, body, lease, ident=ident, model_id=model_id,
-                                              chat=chat, endpoint=endpoint, start=start)
+                                              chat=chat, endpoint=endpoint, start=start, plan=plan)
                 streaming = True
                 return response
             result = await _unless_disconnected(request, self.backend.generate(req))
@@ -310,7 +332,7 @@ class _Service:
             self._count_tokens(prompt_toks, completion_toks)
             status = 200
             return JSONResponse(_whole_body(result, ident=ident, model_id=model_id, chat=chat,
-                                            created=int(time.time())))
+                                            created=int(time.time()), plan=plan))
         except ClientDisconnected:
             status = 499
             self.metrics.errors.labels("client_disconnected").inc()
@@ -352,6 +374,7 @@ class _Service:
         chat: bool,
         endpoint: str,
         start: float,
+        plan: ToolPlan,
     ) -> Response:
         """Start the backend stream, wait for its first chunk (so early errors keep their status),
         then hand the rest to an SSE response."""
@@ -396,6 +419,8 @@ class _Service:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             return frame([choice])
 
+        hold = ToolCallHold(plan)
+
         async def events() -> AsyncIterator[bytes]:
             usage: Any = None
             finish: Any = None
@@ -409,14 +434,21 @@ class _Service:
                     if not seen_token and getattr(chunk, "token_ids", None):
                         seen_token = True
                         self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
-                    if chunk.text:
-                        yield piece(chunk.text, None)
+                    text = hold.push(chunk.text) if chunk.text else ""
+                    if text:
+                        yield piece(text, None)
                     if getattr(chunk, "usage", None) is not None:
                         usage = chunk.usage
                     if getattr(chunk, "finish_reason", None) is not None:
                         finish = chunk.finish_reason
                     chunk = await anext(chunks, None)
-                yield piece(None, _finish(finish))
+                rest, calls = hold.finish()
+                if rest:
+                    yield piece(rest, None)
+                if calls:
+                    delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                    yield frame([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+                yield piece(None, "tool_calls" if calls else _finish(finish))
                 prompt_toks, completion_toks = _usage(usage)
                 self._count_tokens(prompt_toks, completion_toks)
                 if include_usage:
@@ -458,12 +490,16 @@ def _ttft(result: Any, start: float) -> float:
     return float(value) if isinstance(value, int | float) else time.perf_counter() - start
 
 
-def _whole_body(result: Any, *, ident: str, model_id: str, chat: bool, created: int) -> dict[str, Any]:
+def _whole_body(result: Any, *, ident: str, model_id: str, chat: bool, created: int,
+                plan: ToolPlan | None = None) -> dict[str, Any]:
     prompt_toks, completion_toks = _usage(getattr(result, "usage", None))
     finish = _finish(getattr(result, "finish_reason", None))
     if chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                                  "logprobs": None, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        calls = plan.tool_calls(result.text) if plan is not None else None
+        if calls:
+            message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}

@@ -12,6 +12,10 @@ from sdk.errors import AutoGLMError, InferenceError
 REASON_STATUS: Mapping[str, tuple[int, str, str | None]] = {
     "prompt_too_long": (400, "invalid_request_error", "context_length_exceeded"),
     "invalid_request": (400, "invalid_request_error", None),
+    "invalid_schema": (400, "invalid_request_error", "invalid_schema"),
+    "schema_too_large": (400, "invalid_request_error", "schema_too_large"),
+    "unsupported_schema": (400, "invalid_request_error", "unsupported_schema"),
+    "structured_output_unavailable": (501, "not_implemented", "structured_output_unavailable"),
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "overloaded": (429, "server_overloaded", "server_overloaded"),
     "queue_full": (429, "server_overloaded", "server_overloaded"),

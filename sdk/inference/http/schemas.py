@@ -1,11 +1,14 @@
 """OpenAI request bodies (pydantic) for ``/v1/completions`` and ``/v1/chat/completions``.
 
 Unknown fields are ignored, as vLLM does; fields we cannot honour (``n > 1``, ``logprobs``,
-penalties, tools...) are rejected with a clear 400 by :func:`unsupported`.
+penalties...) are rejected with a clear 400 by :func:`unsupported`. ``response_format``,
+``tools`` and ``tool_choice`` are checked by ``GenerationRequest.validate`` and
+:mod:`sdk.inference.http.tool_calls`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,6 +42,7 @@ class SamplingBody(BaseModel):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -96,6 +100,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None
 
 
 class ChatCompletionBody(SamplingBody):
@@ -106,7 +112,8 @@ class ChatCompletionBody(SamplingBody):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a reply holds at most one call
 
 
 def unsupported(body: SamplingBody) -> tuple[str, str] | None:
@@ -137,24 +144,35 @@ def unsupported(body: SamplingBody) -> tuple[str, str] | None:
     if isinstance(body, ChatCompletionBody):
         if body.logprobs or body.top_logprobs:
             return "logprobs", "logprobs are not supported"
-        if body.tools:
-            return "tools", "tool calling is not supported"
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format type 'text' is supported"
         for i, msg in enumerate(body.messages):
             if isinstance(msg.content, list) and any(p.type != "text" for p in msg.content):
                 return f"messages[{i}].content", "only text content parts are supported"
     return None
 
 
+def _call_text(call: dict[str, Any]) -> str:
+    """An earlier assistant tool call as the model writes one (``<tool_call>{...}</tool_call>``)."""
+    fn = call.get("function")
+    fn = fn if isinstance(fn, dict) else {}
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        pass
+    return "<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False) + "</tool_call>"
+
+
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as ``{"role", "content"}`` dicts for the chat template (parts joined)."""
+    """Messages as ``{"role", "content"}`` dicts for the chat template (parts joined; earlier
+    tool calls written out as the model writes them)."""
     out = []
     for msg in messages:
         if isinstance(msg.content, list):
             content = "".join(p.text or "" for p in msg.content)
         else:
             content = msg.content or ""
+        if msg.tool_calls:
+            content += "".join(_call_text(c) for c in msg.tool_calls if isinstance(c, dict))
         role = "system" if msg.role == "developer" else msg.role
         out.append({"role": role, "content": content})
     return out
