@@ -143,3 +143,16 @@ def test_a_store_that_takes_the_lease_loads_what_another_process_wrote(postgres:
     assert standby.commit({"did:a": ({"k": 3}, ("r",))})[0].version == 3
     assert standby.history("did:a")[1]["origin"] == {"policy": "model", "model": "m"}
     standby.close()
+
+
+def test_session_timeouts_and_url_parameters_win(postgres: PostgresServer) -> None:
+    url = postgres.fresh_url()
+    store = open_store(url)
+    assert store._db.execute("SHOW lock_timeout").fetchone() == ("10s",)
+    assert store._db.execute("SHOW statement_timeout").fetchone() == ("1min",)
+    store.close()
+    store = open_store(url + "?options=-c%20lock_timeout%3D1500&application_name=mine", durability="full")
+    assert store._db.execute("SHOW lock_timeout").fetchone() == ("1500ms",)
+    assert store._db.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert store._db.execute("SELECT current_setting('application_name')").fetchone() == ("mine",)
+    store.close()

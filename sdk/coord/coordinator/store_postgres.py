@@ -70,11 +70,10 @@ class PgConnection:
         if conn is not None and not conn.closed and not conn.broken:
             return conn
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout)),
-                                   application_name="autoglm-coordinator")
+            conn = psycopg.connect(autocommit=True, **self._params())
             if self.durability == "full":
                 conn.execute("SET synchronous_commit = on")
-        except psycopg.Error as exc:
+        except (psycopg.Error, ValueError) as exc:
             err = StoreUnavailable(f"state store {self.location} unreachable: {exc}".strip())
             log.error("%s", err)
             raise err from exc
@@ -82,6 +81,17 @@ class PgConnection:
             log.warning("state store %s: reconnected", self.location)
         self._conn = conn
         return conn
+
+    def _params(self) -> dict[str, Any]:
+        """The URL's connection parameters over these defaults: a dead server or peer is noticed
+        in seconds (TCP keepalives, ``tcp_user_timeout``), and no statement or lock wait hangs the
+        coordinator (``statement_timeout``, ``lock_timeout``)."""
+        params: dict[str, Any] = {
+            "connect_timeout": max(1, int(self.connect_timeout)), "application_name": "autoglm-coordinator",
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            "tcp_user_timeout": 10_000, "options": "-c statement_timeout=60s -c lock_timeout=10s"}
+        params.update(conninfo.conninfo_to_dict(self.url))
+        return params
 
     def _error(self, exc: psycopg.Error) -> StoreError:
         conn = self._conn
