@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -440,3 +441,30 @@ async def test_instances_on_different_ejabberd_nodes_fail_over_with_the_devices_
     await until(lambda: all(_resolution(g) == "1024x768" for g in phones.values()), 30,
                 what="every phone on the latest config from the instance on node 2")
     _assert_applied_once(group, phones, events=2)
+
+
+@pytest.mark.parametrize(("ha", "store", "broker", "needle"), [
+    ("enabled = true", "", "mqtt://127.0.0.1:1883", "needs a [store] url"),
+    ("enabled = true", 'url = "postgresql://x@h/db"', "embedded", "external broker"),
+    ("enabled = 1", 'url = "postgresql://x@h/db"', "mqtt://127.0.0.1:1883", "true or false"),
+    ("enabled = true\nlease_ttl = 0.1", 'url = "postgresql://x@h/db"', "mqtt://127.0.0.1:1883", "lease_ttl"),
+    ('enabled = true\ninstance = "a b"', 'url = "postgresql://x@h/db"', "mqtt://127.0.0.1:1883", "instance"),
+    ("enabled = true\nttl = 3", 'url = "postgresql://x@h/db"', "mqtt://127.0.0.1:1883", "unknown key"),
+])
+def test_a_bad_ha_section_is_refused_with_a_typed_error(ha: str, store: str, broker: str, needle: str) -> None:
+    from sdk.coord.coordinator.config import parse_config
+    from sdk.coord.coordinator.errors import ConfigFileError
+
+    text = f'[coordinator]\nbroker = "{broker}"\n[store]\n{store}\n[ha]\n{ha}\n'
+    with pytest.raises(ConfigFileError) as exc:
+        parse_config(tomllib.loads(text))
+    assert exc.value.reason == "invalid_config_file" and needle in str(exc.value)
+
+
+def test_an_ha_section_parses_with_defaults() -> None:
+    from sdk.coord.coordinator.config import parse_config
+
+    cfg = parse_config(tomllib.loads('[coordinator]\nbroker = ["mqtt://a:1883", "mqtt://b:1883"]\n'
+                                     '[store]\nurl = "postgresql://x@h/db"\n[ha]\nenabled = true\n'))
+    assert cfg.ha.enabled and cfg.ha.lease_ttl == LEASE_TTL and cfg.ha.instance is None
+    assert cfg.store_url == "postgresql://x@h/db" and not parse_config({}).ha.enabled
