@@ -147,6 +147,21 @@ def _schema_validator(schema: Mapping[str, Any]) -> Any:
     return cls(schema)
 
 
+_VALIDATORS: OrderedDict[str, Any] = OrderedDict()      # schema hash -> validator (built once; 256 kept)
+
+
+def _validator(spec: ModelSpec) -> Any:
+    """The rule's schema validator, built once per schema (building one checks the schema)."""
+    found = _VALIDATORS.get(spec.schema_hash) if spec.schema_hash else None
+    if found is None:
+        found = _schema_validator(spec.schema)
+        if spec.schema_hash:
+            _VALIDATORS[spec.schema_hash] = found
+            while len(_VALIDATORS) > 256:
+                _VALIDATORS.popitem(last=False)
+    return found
+
+
 def parse_model_spec(where: str, raw: Any, *, event_type: str, config: Mapping[str, Any]) -> ModelSpec:
     """Validate a rule's ``[rules.model]`` (``where`` names the rule); raises :class:`RuleError`."""
     from sdk.coord.coordinator.rules import _KEY_RE, _check_finite, _check_path, _fail
@@ -355,7 +370,7 @@ def validate_answer(spec: ModelSpec, text: str) -> dict[str, Any]:
     if extra:
         raise ModelPolicyError(f"the answer sets key(s) {extra} the rule does not allow",
                                reason="model_key_not_allowed")
-    errors = sorted(_schema_validator(spec.schema).iter_errors(value), key=lambda e: list(e.path))
+    errors = sorted(_validator(spec).iter_errors(value), key=lambda e: list(e.path))
     if errors:
         first = errors[0]
         where = ".".join(str(p) for p in first.path) or "(root)"
