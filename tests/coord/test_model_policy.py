@@ -392,3 +392,33 @@ def test_model_settings_in_the_coordinator_config(tmp_path: Any) -> None:
         with pytest.raises(ConfigFileError) as info:
             load_config(tmp_path / "bad.toml")
         assert message in str(info.value) and info.value.reason == "invalid_config_file"
+
+
+@pytest.mark.broker
+async def test_a_senders_later_event_commits_after_its_model_decision(mesh: Mesh) -> None:
+    from sdk.coord.events import input_methods
+
+    gate = asyncio.Event()
+
+    class Held(FakeEngine):
+        async def generate(self, request: Any) -> Any:
+            await gate.wait()
+            return await super().generate(request)
+
+    own = {"name": "own-layout", "event": "input_methods", "policy": "model", "target": {"select": "sender"},
+           "model": {"prompt": "Input {event.methods}. Choose a layout.", "schema": copy.deepcopy(SCHEMA)},
+           "config": {"ui.layout": "companion"}}
+    coord = await mesh.start_coordinator(rules=parse_rules([own, BATTERY_RULE]),
+                                         advisor=_advisor(Held(reply='{"ui.layout": "compact"}')))
+    got: list[Any] = []
+    tablet = await mesh.device("tablet", record=got)
+    await tablet.publish_event(input_methods(["touch", "pen"]))
+    await until(lambda: coord.model_policy.pending == 1, what="model decision pending")
+    await tablet.publish_event(battery("low"))          # the same sender: waits behind its first event
+    await until(lambda: coord.model_policy.pending == 2, what="second event queued behind the first")
+    assert got == []
+    gate.set()
+    await tablet.wait_version(2, 10)
+    assert [c.state for c in got] == [{"ui.layout": "compact"}, {"ui.layout": "compact", "power.mode": "saver"}]
+    assert _origin(mesh, tablet.did) is None                                  # v2: a declarative rule's
+    await until(lambda: coord.model_policy.pending == 0 and tablet.outbox == [], what="both acknowledged")

@@ -482,7 +482,8 @@ class ModelPolicy:
     def defer(self, coord: Coordinator, msg: Message, event: Event, event_id: str, actions: list[Action],
               t0: float) -> bool:
         """Take the event off the event path when a rule needs the model or the sender has an
-        event waiting for advice; True when taken (the commit and ack follow from a task)."""
+        event waiting for advice; True when taken (the commit and ack follow from a task, or, when
+        the queue is full behind a waiting event of this sender, never: the device sends it again)."""
         sender = msg.sender
         needs_model = any(a.model is not None for a in actions)
         chain = self._chains.get(sender)
@@ -491,23 +492,22 @@ class ModelPolicy:
         if (sender, event_id) in self._pending:
             log.info("event %s from %s is waiting for the model; re-send ignored", event_id, sender)
             return True
-        if needs_model and len(self._pending) >= self.max_pending:
+        plan: tuple[list[Action], dict[str, dict[str, Any]]] | None = None
+        if len(self._pending) >= self.max_pending:
+            if chain is not None:       # behind this sender's waiting event: refused, not reordered
+                log.warning("model decisions queue full (%d); event %s from %s not taken (it is sent again)",
+                            self.max_pending, event_id, sender, extra={"event": "model_config",
+                                                                       "reason": "model_busy"})
+                return True
             log.warning("model decisions queue full (%d); event %s from %s commits its fallback", self.max_pending,
                         event_id, sender, extra={"event": "model_config", "reason": "model_busy"})
-            busy = self._fallback_all(actions, "model_busy")
-            if chain is None:
-                coord._spawn(coord.commit_actions(msg, event, event_id, busy[0], t0, origins=busy[1]))  # noqa: SLF001
-                return True
-            plan: tuple[list[Action], dict[str, dict[str, Any]]] | None = busy
-        else:
-            plan = None
+            plan = self._fallback_all(actions, "model_busy")
         self._pending.add((sender, event_id))
 
         async def run() -> None:
             try:
                 if chain is not None:
-                    with contextlib.suppress(BaseException):
-                        await asyncio.shield(chain)
+                    await asyncio.wait([chain])     # its outcome is its own; a cancel of this task still ends it
                 resolved = plan if plan is not None else await self.resolve(coord, sender, actions)
                 await coord.commit_actions(msg, event, event_id, resolved[0], t0, origins=resolved[1])
             finally:
@@ -516,7 +516,7 @@ class ModelPolicy:
                     del self._chains[sender]
 
         task = coord._spawn(run())             # noqa: SLF001 - cancelled with the coordinator
-        self._chains[sender] = task
+        self._chains[sender] = task             # this sender's next event waits for this one
         return True
 
     def _fallback_all(self, actions: list[Action], reason: str
