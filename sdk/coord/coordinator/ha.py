@@ -40,11 +40,15 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sdk.coord.coordinator.errors import LeaseLost, StoreError
 from sdk.coord.coordinator.lock import DataDirLock
 from sdk.errors import AutoGLMError
+
+if TYPE_CHECKING:
+    from sdk.coord.coordinator.daemon import Coordinator
+    from sdk.coord.coordinator.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class HACoordinator:
     serving instance, else None) describe the state; ``ha.json`` in ``data_dir`` holds the same.
     """
 
-    def __init__(self, build: Callable[[], Any], *, store_url: str, data_dir: str | Path,
+    def __init__(self, build: Callable[[], Coordinator], *, store_url: str, data_dir: str | Path,
                  instance: str | None = None, lease_ttl: float = DEFAULT_LEASE_TTL,
                  poll_interval: float | None = None, metrics_port: int = 0,
                  durability: str = "normal", lease_name: str = LEASE_NAME) -> None:
@@ -116,13 +120,13 @@ class HACoordinator:
         self.token: int | None = None
         self.lease_holder: str | None = None
         self.lease_token: int | None = None
-        self.coordinator: Any = None
+        self.coordinator: Coordinator | None = None
         self.promotions = 0
         #: promotions that took the lease over from another holder
         self.failovers = 0
         self.since = time.time()
         self._listeners: list[Callable[[str, dict[str, Any]], Any]] = []
-        self._lease_store: Any = None
+        self._lease_store: Store | None = None
         self._lock = DataDirLock(self.data_dir)
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
@@ -204,6 +208,7 @@ class HACoordinator:
 
     def _try_acquire(self) -> int | None:
         store = self._lease_store
+        assert store is not None
         try:
             before = store.lease(name=self.lease_name)
             token = store.acquire_lease(self.holder, self.lease_ttl, name=self.lease_name)
@@ -278,11 +283,11 @@ class HACoordinator:
             if not self._stopping.is_set() or self.role != STOPPED:
                 self._set_role(STANDBY)
 
-    def _prepare(self, coord: Any, token: int) -> None:
+    def _prepare(self, coord: Coordinator, token: int) -> None:
         """Fence the coordinator's store with ``token`` before anything is read or written."""
-        def hook(store: Any) -> Any:
+        def hook(store: Store) -> Store:
             store.fence(token, holder=self.holder, name=self.lease_name)
-            return cast(Any, _FencedStore(store, self._on_lease_lost))
+            return cast("Store", _FencedStore(store, self._on_lease_lost))
 
         coord.store_url = self.store_url
         coord.store_hook = hook
@@ -312,6 +317,7 @@ class HACoordinator:
                 self._lost.set()
                 return
             t0 = time.monotonic()
+            assert self._lease_store is not None
             try:
                 ok = self._lease_store.renew_lease(self.holder, token, self.lease_ttl, name=self.lease_name)
             except StoreError as exc:
@@ -326,16 +332,18 @@ class HACoordinator:
             last_ok = t0
             self._write_status()
 
-    async def _step_down(self, coord: Any, reason: str, *, started: bool, token: int) -> None:
-        """Stop serving: close the broker connection first, then the coordinator; release the lease
-        when stepping down on our own (stop, failed start)."""
-        await _close_client(coord)
+    async def _step_down(self, coord: Coordinator, reason: str, *, started: bool, token: int) -> None:
+        """Stop serving. Lease lost: close the broker connection first (nothing more goes out, not
+        even "offline": the new active is online), then the coordinator. Stopping on our own: stop
+        the coordinator normally (offline presence), then release the lease for a standby."""
+        if reason == "lease_lost" or not started:
+            await _close_client(coord)
         if started or coord.store is not None:
             try:
                 await coord.stop()
             except AutoGLMError as exc:
                 log.warning("coordinator stop after %s: %s", reason, exc)
-        if reason != "lease_lost":
+        if reason != "lease_lost" and self._lease_store is not None:
             with contextlib.suppress(StoreError):
                 self._lease_store.release_lease(self.holder, token, name=self.lease_name)
         self._lock.acquire()                         # coord.stop() released the shared lock object
