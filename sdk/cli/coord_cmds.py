@@ -178,6 +178,13 @@ def coordinator(
 async def _start_advisor(cfg: Any, coord: Any, broker_url: str) -> Any:
     """With ``[model]``: connect a :class:`~sdk.mesh.advisor.MeshAdvisor` with the coordinator's key
     and access credential and hand it to the coordinator; unreachable, the rules use their fallback."""
+    advisor = await _connect_advisor(cfg, coord.key, broker_url)
+    _attach_advisor(coord, cfg, advisor)
+    return advisor
+
+
+async def _connect_advisor(cfg: Any, key: Any, broker_url: str) -> Any:
+    """The started advisor of ``[model]`` (None without it, or when it cannot start: logged)."""
     settings = getattr(cfg, "model", None)
     if settings is None:
         return None
@@ -189,8 +196,8 @@ async def _start_advisor(cfg: Any, coord: Any, broker_url: str) -> Any:
 
     try:
         credential = load_credential(settings.credential)
-        options: dict[str, Any] = dict(did_credentials(coord.key))       # the broker knows it by its DID
-        advisor = MeshAdvisor.connect(settings.broker or broker_url, coord.key, credential=credential,
+        options: dict[str, Any] = dict(did_credentials(key))       # the broker knows it by its DID
+        advisor = MeshAdvisor.connect(settings.broker or broker_url, key, credential=credential,
                                       node_policy=NodePolicy.trusting(*settings.node_issuers), model=settings.name,
                                       **options)
         await advisor.start()
@@ -198,11 +205,17 @@ async def _start_advisor(cfg: Any, coord: Any, broker_url: str) -> Any:
         log.error("model advisor not started (%s); policy = \"model\" rules commit their fallback config", exc,
                   extra={"event": "model_advisor_failed", "reason": getattr(exc, "reason", "model_unavailable")})
         return None
-    coord.model_policy.limit(max_pending=settings.max_pending, max_calls=settings.max_calls)
-    coord.model_policy.advisor = advisor
     log.info("model advisor on %s (model %s)", settings.broker or broker_url, settings.name or "any",
              extra={"event": "model_advisor_started"})
     return advisor
+
+
+def _attach_advisor(coord: Any, cfg: Any, advisor: Any) -> None:
+    """Give ``coord`` the advisor and the ``[model]`` queue bounds."""
+    if advisor is None:
+        return
+    coord.model_policy.limit(max_pending=cfg.model.max_pending, max_calls=cfg.model.max_calls)
+    coord.model_policy.advisor = advisor
 # -- end model-made configs
 
 
@@ -218,10 +231,12 @@ def _run_ha(cfg: Any, config: Path, url: str, *, fresh: bool) -> None:
     from sdk.coord.coordinator.ha import HACoordinator
 
     rules = [cfg.rules]          # a SIGHUP reload holds for later promotions too
+    advisor: list[Any] = [None]  # [model]: one mesh advisor for every promotion
 
     def build() -> Any:
         coord = Coordinator.from_config(cfg, broker=url, fresh=fresh)
         coord.rules = rules[0]
+        _attach_advisor(coord, cfg, advisor[0])
         return coord
 
     class _Reloader:
@@ -243,6 +258,10 @@ def _run_ha(cfg: Any, config: Path, url: str, *, fresh: bool) -> None:
                 loop.add_signal_handler(sig, stop.set)
         with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: _reload_rules(_Reloader(), config))
+        if cfg.model is not None:
+            from sdk.coord.coordinator.daemon import load_key
+
+            advisor[0] = await _connect_advisor(cfg, load_key(cfg), url)
         await ha.start()
         log.info("coordinator instance %s (%s) on %s, store %s (pid %d)", ha.instance, ha.holder, url,
                  cfg.store_url, os.getpid(), extra={"event": "started", "holder": ha.holder, "pid": os.getpid()})
@@ -251,6 +270,9 @@ def _run_ha(cfg: Any, config: Path, url: str, *, fresh: bool) -> None:
             await stop.wait()
         finally:
             await ha.stop()
+            if advisor[0] is not None:
+                with contextlib.suppress(Exception):
+                    await advisor[0].aclose()
             log.info("coordinator instance stopped", extra={"event": "stopped"})
 
     with contextlib.suppress(KeyboardInterrupt):
