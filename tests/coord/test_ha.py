@@ -468,3 +468,61 @@ def test_an_ha_section_parses_with_defaults() -> None:
                                      '[store]\nurl = "postgresql://x@h/db"\n[ha]\nenabled = true\n'))
     assert cfg.ha.enabled and cfg.ha.lease_ttl == LEASE_TTL and cfg.ha.instance is None
     assert cfg.store_url == "postgresql://x@h/db" and not parse_config({}).ha.enabled
+
+
+async def test_after_a_failover_devices_skip_the_stale_ticket_and_ignore_the_old_instances_offline_note(
+        tmp_path: Path, embedded_broker: Any, stack: AsyncExitStack) -> None:
+    """In one process, two instances on a shared SQLite file. The active's connection drops without
+    a DISCONNECT and it stops renewing (as kill -9 would: the broker publishes its will); the
+    standby takes over. The device goes straight to the full handshake (its ticket came from the
+    old boot: no wrong_challenge refusal at the new active), and a late offline note of the old
+    boot leaves it admitted."""
+    from sdk.coord.coordinator import Coordinator, load_rules
+    from sdk.coord.coordinator.ha import HACoordinator
+    from sdk.coord.device.state import DeviceState
+    from sdk.coord.protocol import PRESENCE, device_presence, token
+    from sdk.identity import TrustPolicy
+    from sdk.messaging import SecureClient
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    key, issuer = Key.generate(), Key.generate()
+
+    def runner(name: str) -> HACoordinator:
+        def build() -> Coordinator:
+            return Coordinator(key, broker=embedded_broker.url, data_dir=tmp_path / name, trust=TrustPolicy({}),
+                               issuer=issuer, rules=load_rules(RULES))
+        ha = HACoordinator(build, store_url=url, data_dir=tmp_path / name, instance=name, lease_ttl=1.0)
+        stack.push_async_callback(ha.stop)
+        return ha
+
+    a, b = runner("a"), runner("b")
+    await a.start()
+    await a.wait_role("active", 10)
+    await b.start()
+    await b.wait_role("standby", 10)
+    assert a.coordinator is not None
+    old_boot = a.coordinator.boot
+    dkey = Key.generate()
+    cred = a.coordinator.issue_device_credential(dkey.did, kind="phone", groups=["room:ha"])
+    dev = Device(dkey, cred, broker=embedded_broker.url, coordinator=key.did)
+    stack.push_async_callback(dev.aclose)
+    await dev.connect()
+    assert dev.admission is not None and dev.admission.boot == old_boot
+
+    assert a._task is not None                     # the crash: no renewal, no DISCONNECT
+    a._task.cancel()
+    await a.coordinator.client.transport.aclose()  # the embedded broker sees the socket drop
+    await b.wait_role("active", 10)
+    assert b.coordinator is not None
+    new_boot = b.coordinator.boot
+    await until(lambda: dev.admission is not None and dev.admission.boot == new_boot, 10, what="re-admitted")
+    auth = {s.labels["result"]: s.value for m in b.coordinator.metrics.auth.collect() for s in m.samples
+            if s.name.endswith("_total")}
+    assert auth.get("admitted") == 1 and "wrong_challenge" not in auth, auth
+
+    async with SecureClient(embedded_broker.url, key) as late:   # the old instance's offline note, late
+        handled = dev.client.stats.handled
+        await late.publish(device_presence(token(key.did)), {"state": "offline", "boot": old_boot},
+                           type=PRESENCE, qos=1)
+        await until(lambda: dev.client.stats.handled > handled, 10, what="the note handled")
+    assert dev.state is DeviceState.ADMITTED

@@ -172,6 +172,7 @@ class Device:
         self._worker: asyncio.Task[None] | None = None
         self._coordinator_boot: str | None = None
         self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
+        self._announced_boot: str | None = None          # boot of the coordinator's last "online" note
         #: authentications retried after a busy coordinator
         self.busy_retries = 0
         self._last_delivered: Config | None = None
@@ -383,7 +384,8 @@ class Device:
 
     async def _handshake(self, resume: bool) -> Admission:
         ticket, self._ticket = self._ticket, None
-        if resume and ticket is not None and ticket[1] == self._coordinator_boot:
+        if resume and ticket is not None and ticket[1] == self._coordinator_boot \
+                and self._announced_boot in (None, ticket[1]):      # a new boot never issued it
             # the ticket came from the coordinator this device authenticated in this boot, and the
             # reply is signed by its key: no new coordinator presentation needed (none signed)
             try:
@@ -823,7 +825,10 @@ class Device:
             # about the one that admitted this device: only an offline note of that boot counts
             if self._state is S.ADMITTED and body.get("boot") in (None, self._coordinator_boot):
                 self._set_state(S.WAITING, "coordinator offline")
-        elif body.get("state") == "online" and (
+            return
+        if body.get("state") == "online" and isinstance(body.get("boot"), str):
+            self._announced_boot = body["boot"]
+        if body.get("state") == "online" and (
                 self._state is S.WAITING
                 or (self._state is S.ADMITTED and body.get("boot") != self._coordinator_boot)):
             self._schedule_reauth(f"coordinator online (boot {body.get('boot')})")
