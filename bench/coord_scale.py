@@ -19,6 +19,12 @@ size it reports
 Times are CPU seconds of the process (``time.process_time``), so other load on the machine
 inflates them less than wall-clock times. ``--profile`` writes a cProfile of the largest size's admissions and sweeps (read it with
 ``python3 -m pstats``).
+
+``--memory 2000,5000`` measures the coordinator's own memory per device instead: real device keys,
+credentials and presentations (made before tracing starts), each admitted through ``_present``
+with the real presentation check, then a status write and one event to every device (configs
+signed, not sent); ``tracemalloc`` snapshots at each size are grouped by the project code that
+made what is still held. Identity-layer caches (bounded LRUs) are reported apart.
 """
 
 from __future__ import annotations
@@ -168,7 +174,95 @@ async def measure(n: int, prof: cProfile.Profile | None) -> dict[str, Any]:
     return out
 
 
+def _owner(tb: Any) -> str:
+    """The innermost frame in the project's code that is not a generic helper (JSON, base64)."""
+    generic = ("hazmat/json.py", "hazmat/b64.py", "coordinator/values.py")
+    for frame in reversed(tb):          # innermost first
+        name = frame.filename.replace("\\", "/")
+        if "/sdk/" in name and not name.endswith(generic):
+            return f"{name.split('/sdk/', 1)[1]}:{frame.lineno}"
+    return f"{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}"
+
+
+async def memory(sizes: list[int]) -> dict[str, Any]:
+    """Per-device memory of a coordinator admitting real presentations (see the module doc)."""
+    import gc
+    import tracemalloc
+
+    from sdk.coord.coordinator.auth import device_credential, present
+    from sdk.messaging.envelope import Message
+
+    tmp = tempfile.TemporaryDirectory(prefix="coord-memory-")
+    issuer = Key.generate()
+    coord = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir=Path(tmp.name), trust=TrustPolicy({}),
+                        issuer=issuer, rules=parse_rules(RULES), heartbeat_ttl=600, max_admissions=10**6,
+                        hello_burst=10**6)
+    coord.store = coord._open_store()
+
+    async def publish(topic: str, payload: bytes, **kw: Any) -> None:      # signed, not sent
+        return None
+
+    coord.client.transport.publish = publish             # type: ignore[assignment]
+    topic = protocol.device_commands(protocol.token(coord.did))
+
+    def message(key: Key, type_: str, body: Any) -> Message:
+        return Message(topic=topic, sender=key.did, kid=f"{key.did}#{key.did.removeprefix('did:key:')}", type=type_,
+                       id=f"m-{time.monotonic_ns()}", body=body, issued_at=time.time())
+
+    total = max(sizes)
+    keys = [Key.generate() for _ in range(total)]
+    creds = [device_credential(issuer, k.did, kind="display", groups=["room:1"], capabilities=["display"])
+             for k in keys]
+    tracemalloc.start(10)
+    gc.collect()
+    base = tracemalloc.take_snapshot()
+    out: dict[str, Any] = {"sizes": []}
+    done = 0
+    for n in sorted(sizes):
+        while done < n:
+            batch = []
+            for key, cred in zip(keys[done:n][:100], creds[done:n][:100], strict=True):
+                challenge = coord._hello(message(key, protocol.HELLO, {}))["challenge"]
+                vp = present(cred, key, challenge=challenge, domain=coord.did)
+                batch.append(message(key, protocol.PRESENT, {"challenge": challenge, "vp": vp, "last_version": 0}))
+            await asyncio.gather(*(coord._present(m) for m in batch))
+            done += len(batch)
+        coord._write_status()
+        versions = coord.store.commit({r.did: ({"ui.width": n}, ("all",)) for r in coord.registry},
+                                      event_id=f"ev-{n}")
+        await coord.push_desired(f"ev-{n}", versions)
+        coord._reports = [(c.did, c.version, "applied", None, 1.0) for c in versions]
+        coord._flush_reports()
+        for _ in range(3):              # the loop lets go of the last step's handles (and their futures)
+            await asyncio.sleep(0)
+        gc.collect()
+        snap = tracemalloc.take_snapshot()
+        sites: dict[str, list[int]] = {}
+        for diff in snap.compare_to(base, "traceback"):
+            entry = sites.setdefault(_owner(diff.traceback), [0, 0])
+            entry[0] += diff.size_diff
+            entry[1] += diff.count_diff
+        grown = sum(v[0] for v in sites.values())
+        identity = sum(v[0] for k, v in sites.items() if k.startswith("identity/"))
+        top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:25]
+        row = {"devices": n, "grown_kb": round(grown / 1024, 1), "bytes_per_device": round(grown / n),
+               "identity_caches_bytes_per_device": round(identity / n),
+               "sites": [{"site": k, "bytes_per_device": round(v[0] / n), "blocks_per_device": round(v[1] / n, 2)}
+                         for k, v in top]}
+        print(json.dumps({k: v for k, v in row.items() if k != "sites"}), flush=True)
+        for site in row["sites"][:18]:
+            print(f"  {site['bytes_per_device']:>6} B/device {site['blocks_per_device']:>6} blocks  {site['site']}",
+                  flush=True)
+        out["sizes"].append(row)
+    tracemalloc.stop()
+    coord.store.close()
+    tmp.cleanup()
+    return out
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.memory:
+        return await memory([int(s) for s in args.memory.split(",")])
     sizes = [int(s) for s in args.sizes.split(",")]
     result: dict[str, Any] = {"machine": f"{platform.machine()} python {platform.python_version()}",
                               "sizes": []}
@@ -187,6 +281,7 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="1000,5000,10000")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--memory", help="sizes for the per-device memory breakdown instead (e.g. 2000,5000)")
     ns = parser.parse_args()
     res = asyncio.run(main(ns))
     if ns.json:

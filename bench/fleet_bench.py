@@ -121,9 +121,28 @@ def coordinator_main(args: argparse.Namespace) -> None:
                 baseline.append(snap)
             return json.dumps({"registry": len(coord.registry), **memory_breakdown(snap, baseline[0])})
 
+        profiling: list[Any] = []
+
+        async def profile(path: str) -> str:
+            """Stop the running profile (written to its path); start one for ``path`` unless "-"."""
+            import cProfile
+
+            if profiling:
+                prof, out = profiling.pop()
+                prof.disable()
+                prof.dump_stats(out)
+            if path != "-":
+                prof = cProfile.Profile()
+                profiling.append((prof, path))
+                prof.enable()
+            return json.dumps({"profile": path})
+
         def reader() -> None:
             for line in sys.stdin:
-                if line.strip() == "stats":
+                if line.startswith("profile "):
+                    path = line.split(" ", 1)[1].strip()
+                    print(asyncio.run_coroutine_threadsafe(profile(path), loop).result(), flush=True)
+                elif line.strip() == "stats":
                     print(asyncio.run_coroutine_threadsafe(snapshot(), loop).result(), flush=True)
                 elif line.strip() == "memory":
                     print(asyncio.run_coroutine_threadsafe(memory(), loop).result(), flush=True)
@@ -143,12 +162,18 @@ def coordinator_main(args: argparse.Namespace) -> None:
     asyncio.run(run())
 
 
+#: helpers that allocate on behalf of their caller: an allocation there belongs to the caller
+_GENERIC = tuple(os.path.join("sdk", *p.split("/")) for p in (
+    "identity/hazmat/json.py", "identity/hazmat/b64.py", "coord/coordinator/values.py"))
+
+
 def _site(tb: Any) -> str:
     """Where an allocation belongs: the innermost frame in the project's own code (the allocation
     itself when it is there, else the project call that led to it), with the allocating frame."""
     frames = list(reversed(tb))             # tracemalloc lists the oldest first: innermost first here
     alloc = frames[0]
-    own = next((f for f in frames if f"{os.sep}sdk{os.sep}" in f.filename), None)
+    own = next((f for f in frames if f"{os.sep}sdk{os.sep}" in f.filename
+                and not f.filename.endswith(_GENERIC)), None)
 
     def name(f: Any) -> str:
         path = f.filename
@@ -205,6 +230,13 @@ class CoordinatorProcess:
         self.proc.stdin.write("stats\n")
         self.proc.stdin.flush()
         return json.loads(self._line())
+
+    def profile(self, path: str | None) -> None:
+        """Profile the coordinator into ``path`` from now until the next call (None: stop)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"profile {path or '-'}\n")
+        self.proc.stdin.flush()
+        self._line()
 
     def memory(self) -> dict[str, Any]:
         """The coordinator's Python allocations grown since its first ``memory`` call (``--tracemalloc``)."""
@@ -384,6 +416,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from brokers.mosquitto import MosquittoBroker, MosquittoConfig
 
     raise_nofile()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus python {platform.python_version()}",
         "workers": args.workers, "max_admissions": args.max_admissions, "queue_wait": args.queue_wait, "load_at_start": load(), "steps": []}
@@ -408,6 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             add = size - fleet.size
             if add <= 0:
                 continue
+            if args.profile:
+                coord.profile(str(args.profile / f"admission-{size}.prof"))
             cpu0 = proc_cpu(coord.pid)
             grown = fleet.grow(add)
             cpu = proc_cpu(coord.pid) - cpu0
@@ -423,10 +459,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
             # one event -> every device applied; the coordinator's convergence
             version += 1
+            if args.profile:
+                coord.profile(str(args.profile / f"fanout-{size}.prof"))
             cpu0 = proc_cpu(coord.pid)
             (t0,) = fleet.ask("event", 1000 + version, only=0)
             applied, _, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
+            if args.profile:
+                coord.profile(None)
             step.update({
                 "event_applied": applied,
                 "event_all_applied_s": round(last - t0, 3) if last is not None and applied >= fleet.size else None,
@@ -508,6 +548,8 @@ def main() -> None:
                         help="coordinator: seconds a publish waits for room in its send queue (0: fail at once)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-storm", dest="storm", action="store_false")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="cProfile the coordinator per step: DIR/admission-N.prof and DIR/fanout-N.prof")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
     parser.add_argument("--json", type=Path, default=None)

@@ -611,9 +611,10 @@ class Coordinator:
                                       status=_status_entries(credential), capabilities=caps,
                                       attributes=attrs)
         try:
-            stable = self._stable(rec)
+            row = rec.to_row()
+            stable = self._stable(rec, row)
             if old is None or rec.persisted != stable:  # durable first: a failed write admits no one
-                await self.device_writes.write(rec.to_row())
+                await self.device_writes.write(row)
                 rec.persisted = stable
             latest = self.store.latest_version(did)
             if last > latest:
@@ -663,11 +664,11 @@ class Coordinator:
         return reported
 
     @staticmethod
-    def _stable(rec: DeviceRecord) -> str:
-        """A digest of the record without its liveness fields (kept to skip saves that change nothing)."""
-        row = rec.to_row()
-        row.pop("last_seen", None)
-        return hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    def _stable(rec: DeviceRecord, row: dict[str, Any] | None = None) -> str:
+        """A digest of the record (``row``: its ``to_row()``, when made already) without its liveness
+        fields, kept to skip saves that change nothing."""
+        stable = {k: v for k, v in (rec.to_row() if row is None else row).items() if k != "last_seen"}
+        return hashlib.blake2b(json.dumps(stable, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
     def _save_device_rows(self, rows: list[dict[str, Any]]) -> None:
         assert self.store is not None

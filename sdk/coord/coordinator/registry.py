@@ -429,6 +429,7 @@ class Registry:
 
 #: one frozenset object per distinct set of names (a fleet has few: its groups, kinds, capability sets)
 _NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+_NO_NAMES: frozenset[str] = frozenset()
 _MAX_SHARED = 65_536
 
 
@@ -438,7 +439,7 @@ def shared_names(names: Iterable[str]) -> frozenset[str]:
     (names that are unique per device) new sets are not remembered."""
     key = names if isinstance(names, frozenset) else frozenset(names)
     if not key:
-        return frozenset()
+        return _NO_NAMES                     # ``frozenset()`` is a new object each time
     hit = _NAME_SETS.get(key)
     if hit is None:
         hit = frozenset(sys.intern(str(n)) for n in key)
