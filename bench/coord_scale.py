@@ -245,12 +245,12 @@ async def memory(sizes: list[int]) -> dict[str, Any]:
         grown = sum(v[0] for v in sites.values())
         identity = sum(v[0] for k, v in sites.items() if k.startswith("identity/"))
         top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:25]
+        listed = [{"site": k, "bytes_per_device": round(v[0] / n), "blocks_per_device": round(v[1] / n, 2)}
+                  for k, v in top]
         row = {"devices": n, "grown_kb": round(grown / 1024, 1), "bytes_per_device": round(grown / n),
-               "identity_caches_bytes_per_device": round(identity / n),
-               "sites": [{"site": k, "bytes_per_device": round(v[0] / n), "blocks_per_device": round(v[1] / n, 2)}
-                         for k, v in top]}
+               "identity_caches_bytes_per_device": round(identity / n), "sites": listed}
         print(json.dumps({k: v for k, v in row.items() if k != "sites"}), flush=True)
-        for site in row["sites"][:18]:
+        for site in listed[:18]:
             print(f"  {site['bytes_per_device']:>6} B/device {site['blocks_per_device']:>6} blocks  {site['site']}",
                   flush=True)
         out["sizes"].append(row)
