@@ -63,8 +63,8 @@ def check_engine_options(*, model_path: str | None, device: str, dtype: str, max
             fail("invalid_option", f"--gpu-memory-utilization {gpu_memory_utilization} is not in (0, 1]",
                  "give a fraction of GPU memory such as 0.9", usage=True)
         if not _runs_on_gpu(device):
-            _warn(f"--gpu-memory-utilization {gpu_memory_utilization} is ignored on CPU (the KV cache is "
-                  "sized from --max-batch-size x --max-sequence-length)")
+            _warn(f"--gpu-memory-utilization {gpu_memory_utilization} is ignored on CPU (the KV cache grows "
+                  "up to --kv-memory, default --max-batch-size x --max-sequence-length tokens)")
     if max_sequence_length is not None:
         from sdk.inference.limits import model_context_length
 
@@ -102,6 +102,7 @@ class ServeSettings:
     max_sequence_length: int | None = None
     max_batch_size: int = 8
     max_queue_size: int = 256
+    kv_memory: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
@@ -130,6 +131,7 @@ async def run_serve(settings: ServeSettings, *, attach: EngineAttachment | None 
         max_sequence_length=settings.max_sequence_length,
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
+        kv_memory=settings.kv_memory,
     )
     engine = await Engine.start(config)
     try:
@@ -174,6 +176,10 @@ def serve(
     max_concurrent: Annotated[int, typer.Option(min=1, help="HTTP generations in flight.")] = 64,
     api_key: Annotated[list[str] | None, typer.Option(help=API_KEY_HELP)] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")] = "info",
+    kv_memory: Annotated[
+        str | None, typer.Option(help="Most memory the paged KV cache grows to, e.g. 1GiB or 512MiB (default: "
+                                 "--gpu-memory-utilization on GPU; max-batch-size x max-sequence-length on CPU).")
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /health, /metrics).
@@ -182,6 +188,7 @@ def serve(
     level = setup_logging(log_level)
     check_engine_options(model_path=model_path, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
                          gpu_memory_utilization=gpu_memory_utilization)
+    kv_bytes = _kv_memory(kv_memory)
     settings = ServeSettings(
         model_path=model_path,
         device=device,
@@ -190,6 +197,7 @@ def serve(
         max_sequence_length=max_sequence_length,
         max_batch_size=max_batch_size,
         max_queue_size=max_queue_size,
+        kv_memory=kv_bytes,
         host=host,
         port=port,
         served_model_name=served_model_name,
@@ -198,6 +206,20 @@ def serve(
         log_level=level,
     )
     _run_or_exit(run_serve(settings))
+
+
+def _kv_memory(text: str | None) -> int | None:
+    """``--kv-memory`` in bytes (None when not given); a malformed size is a usage error."""
+    if text is None:
+        return None
+    from sdk.cli.errors import fail
+    from sdk.inference.placement import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        fail("invalid_option", f"--kv-memory: {exc}", "give a size such as 1GiB, 512MiB or a number of bytes",
+             usage=True)
 
 
 def _run_or_exit(coro: Any, *, as_json: bool = False) -> None:

@@ -1,8 +1,11 @@
 """Opt-in CUDA-graph decode step (``EngineConfig(cuda_graphs=True)``), in the spirit of gpt-fast.
 
-A decode step over slots ``0..b-1`` with fixed-size input buffers is captured once per
-(batch bucket, KV-length bucket) and replayed; idle rows write to the cache's scratch column. Any
-capture or replay failure logs a warning and returns None, and the scheduler runs the eager step.
+A one-token decode step over ``b`` rows with fixed-size input buffers (token ids, positions, the
+block each new K/V goes to, and block tables padded to a fixed number of blocks) is captured once
+per (batch bucket, block-count bucket) and replayed; idle rows write to the scratch block. The
+graphs hold the KV tensors' addresses, so when the paged pool grows or shrinks (its
+``generation`` changes) they are dropped and captured again on first use. Any capture or replay
+failure logs a warning and returns None, and the scheduler runs the eager step.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .kv_cache import SlotKVCache, StepContext, active_context
+from .kv_cache import PagedKVCache, StepContext, active_context
 
 if TYPE_CHECKING:
     from .scheduler import Sequence
@@ -55,25 +58,33 @@ def compile_pointwise_modules(model: torch.nn.Module) -> int:
 class CudaGraphDecoder:
     """Replays captured one-token decode steps; ``__call__`` returns logits rows or None (fall back)."""
 
-    def __init__(self, model: Any, cache: SlotKVCache, *, kv_bucket: int = 256) -> None:
-        self.model, self.cache, self.kv_bucket = model, cache, kv_bucket
+    def __init__(
+        self, model: Any, cache: PagedKVCache, *, max_batch_size: int, max_blocks: int, kv_bucket: int = 256,
+    ) -> None:
+        self.model, self.cache = model, cache
+        self.max_batch, self.max_blocks = max_batch_size, max_blocks
+        self.block_bucket = max(1, kv_bucket // cache.block_size)
         dev = cache.device
-        slots = cache.slots
-        self.ids = torch.zeros((slots, 1), dtype=torch.long, device=dev)
-        self.pos = torch.full((slots, 1), cache.slot_len, dtype=torch.long, device=dev)
-        self.rows = torch.arange(slots, device=dev)[:, None]
-        self.arange = torch.arange(cache.slot_len + 1, device=dev)
-        self._host = torch.zeros((2, slots, 1), dtype=torch.long).pin_memory()  # ids, positions
+        rows = max_batch_size
+        self.ids = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.write_blocks = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.write_offsets = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.tables = torch.zeros((rows, max_blocks), dtype=torch.long, device=dev)
+        self.arange = torch.arange(max_blocks * cache.block_size, device=dev)
+        self._host = torch.zeros((4, rows), dtype=torch.long).pin_memory()  # ids, pos, blocks, offsets
+        self._host_tables = torch.zeros((rows, max_blocks), dtype=torch.long).pin_memory()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
+        self.generation = cache.generation
         self.disabled = False
 
-    def _step(self, batch: int, kv_len: int) -> torch.Tensor:
+    def _step(self, batch: int, blocks: int) -> torch.Tensor:
         pos = self.pos[:batch]
-        mask = self.arange[:kv_len][None, None, None, :] <= pos[:, None, :, None]
+        mask = self.arange[: blocks * self.cache.block_size][None, None, None, :] <= pos[:, None, :, None]
         ctx = StepContext(
-            cache=self.cache, write_rows=self.rows[:batch], positions=pos, kv_len=kv_len, mask=mask,
-            row_slice=slice(0, batch),
+            cache=self.cache, write_blocks=self.write_blocks[:batch], write_offsets=self.write_offsets[:batch],
+            tables=self.tables[:batch, :blocks], mask=mask,
         )
         with active_context(ctx):
             out = self.model(
@@ -85,73 +96,89 @@ class CudaGraphDecoder:
             )
         return out.logits[:, -1, :]
 
-    def _capture(self, batch: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        saved_ids, saved_pos = self.ids.clone(), self.pos.clone()
-        self.pos.fill_(self.cache.slot_len)  # warm-up and capture runs write only the scratch column
+    def _capture(self, batch: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        saved = [t.clone() for t in (self.ids, self.pos, self.write_blocks, self.write_offsets, self.tables)]
+        # Warm-up and capture runs write only the scratch block.
+        self.pos.zero_()
+        self.write_blocks.zero_()
+        self.write_offsets.zero_()
+        self.tables.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(batch, kv_len)
+                self._step(batch, blocks)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._step(batch, kv_len)
+            out = self._step(batch, blocks)
         self.pool = graph.pool()
-        self.ids.copy_(saved_ids)
-        self.pos.copy_(saved_pos)
-        log.info("captured a CUDA graph for batch %d, kv length %d", batch, kv_len)
+        for buf, old in zip((self.ids, self.pos, self.write_blocks, self.write_offsets, self.tables), saved,
+                            strict=True):
+            buf.copy_(old)
+        log.info("captured a CUDA graph for batch %d, %d KV blocks", batch, blocks)
         return graph, out
 
+    def _check_generation(self) -> None:
+        """Drop graphs captured against KV tensors the pool has since replaced."""
+        if self.cache.generation != self.generation:
+            self.graphs.clear()
+            self.generation = self.cache.generation
+
     def warmup(self) -> int:
-        """Capture the first KV-length bucket for every batch bucket now; return graphs captured.
+        """Capture the first block-count bucket for every batch bucket now; return graphs captured.
 
         Call it before serving (``Engine.warmup`` does): a capture, and the compile of a new batch
         shape, would otherwise stall every running stream the first time that batch size occurs.
         """
-        kv_len = min(self.kv_bucket, self.cache.slot_len + 1)
+        self._check_generation()
+        blocks = min(self.block_bucket, self.max_blocks)
         batch = 1
         while not self.disabled:
             try:
-                if (batch, kv_len) not in self.graphs:
-                    self.graphs[(batch, kv_len)] = self._capture(batch, kv_len)
+                if (batch, blocks) not in self.graphs:
+                    self.graphs[(batch, blocks)] = self._capture(batch, blocks)
             except Exception:
                 log.warning("CUDA graph capture failed; using the eager decode step", exc_info=True)
                 self.disabled = True
-            if batch >= self.cache.slots:
+            if batch >= self.max_batch:
                 break
-            batch = min(batch * 2, self.cache.slots)
+            batch = min(batch * 2, self.max_batch)
         return 0 if self.disabled else len(self.graphs)
 
     def __call__(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Logits [len(seqs), vocab] for one decode step of ``seqs``, or None when graphs are off."""
-        if self.disabled:
+        if self.disabled or len(seqs) > self.max_batch:
             return None
-        top = max(s.slot for s in seqs) + 1
-        batch = 1 << (top - 1).bit_length()
-        batch = min(batch, self.cache.slots)
+        bs = self.cache.block_size
+        n = len(seqs)
+        batch = min(1 << (n - 1).bit_length(), self.max_batch)
         end = max(s.pos for s in seqs) + 1
-        kv_len = min(-(-end // self.kv_bucket) * self.kv_bucket, self.cache.slot_len + 1)
-        ids = [0] * batch
-        pos = [self.cache.slot_len] * batch
-        for s in seqs:
-            ids[s.slot] = s.next_input()
-            pos[s.slot] = s.pos
+        blocks = min(-(-end // (bs * self.block_bucket)) * self.block_bucket, self.max_blocks)
+        host, tables = self._host, self._host_tables
+        host[:, :batch].zero_()
+        tables[:batch, :blocks].zero_()
+        for row, s in enumerate(seqs):
+            host[0, row] = s.next_input()
+            host[1, row] = s.pos
+            host[2, row] = s.blocks[s.pos // bs]
+            host[3, row] = s.pos % bs
+            used = s.blocks[:blocks]
+            tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
         try:
-            self._host[0, :batch, 0] = torch.tensor(ids)
-            self._host[1, :batch, 0] = torch.tensor(pos)
-            self.ids[:batch].copy_(self._host[0, :batch], non_blocking=True)
-            self.pos[:batch].copy_(self._host[1, :batch], non_blocking=True)
-            key = (batch, kv_len)
+            self._check_generation()
+            self.ids[:batch, 0].copy_(host[0, :batch], non_blocking=True)
+            self.pos[:batch, 0].copy_(host[1, :batch], non_blocking=True)
+            self.write_blocks[:batch].copy_(host[2, :batch], non_blocking=True)
+            self.write_offsets[:batch].copy_(host[3, :batch], non_blocking=True)
+            self.tables[:batch, :blocks].copy_(tables[:batch, :blocks], non_blocking=True)
+            key = (batch, blocks)
             if key not in self.graphs:
-                self.graphs[key] = self._capture(batch, kv_len)
+                self.graphs[key] = self._capture(batch, blocks)
             graph, out = self.graphs[key]
             graph.replay()
         except Exception:
             log.warning("CUDA graph decode failed; using the eager decode step from now on", exc_info=True)
             self.disabled = True
             return None
-        slots = [s.slot for s in seqs]
-        if slots == list(range(len(slots))):
-            return out[: len(slots)]
-        return out.index_select(0, torch.tensor(slots, device=out.device))
+        return out[:n]

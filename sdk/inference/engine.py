@@ -19,9 +19,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .block_pool import BlockPool
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .errors import InvalidConfig, InvalidRequest, PromptTooLong
-from .kv_cache import PrefixCache, SlotKVCache, install_slot_attention
+from .kv_cache import PagedKVCache, install_paged_attention
 from .sampling import SamplingParams, make_generator
 from .scheduler import Scheduler, Sequence
 from .types import EngineConfig, GenerationRequest, GenerationResult, TokenChunk
@@ -38,7 +39,7 @@ class Engine:
         self, model: Any, tokenizer: Any, config: EngineConfig, *, metadata: dict[str, Any] | None = None
     ) -> None:
         """Use :meth:`start` or :meth:`from_model`; this wires the parts but starts nothing."""
-        from .placement import dtype_name, model_dims, plan_kv_cache
+        from .placement import dtype_name, model_dims, plan_paged_kv
 
         self.config = config
         self.model = model.eval()
@@ -46,36 +47,48 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         dims = model_dims(model.config)
-        per_token = SlotKVCache.bytes_per_token(
+        per_token = PagedKVCache.bytes_per_token(
             layers=dims["layers"], kv_heads=dims["kv_heads"], head_dim=dims["head_dim"], dtype=self.dtype
         )
-        budget = None if config.kv_cache_tokens is None else config.kv_cache_tokens * per_token
-        self.plan = plan_kv_cache(
+        budget = config.kv_memory
+        if budget is None and config.kv_cache_tokens is not None:
+            budget = config.kv_cache_tokens * per_token
+        self.plan = plan_paged_kv(
             model.config, self.dtype, self.device,
-            gpu_memory_utilization=config.gpu_memory_utilization,
             max_sequence_length=_sequence_length(config.max_sequence_length, dims["context_length"]),
             max_batch_size=config.max_batch_size,
+            block_size=config.kv_block_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
             budget_bytes=budget,
         )
         self.max_sequence_length = self.plan.max_sequence_length
-        install_slot_attention(model)
-        cache = SlotKVCache(
-            layers=dims["layers"], slots=self.plan.max_batch_size, slot_len=self.max_sequence_length,
-            kv_heads=dims["kv_heads"], head_dim=dims["head_dim"], dtype=self.dtype, device=self.device,
+        install_paged_attention(model)
+        cache = PagedKVCache(
+            layers=dims["layers"], kv_heads=dims["kv_heads"], head_dim=dims["head_dim"],
+            block_size=self.plan.block_size, dtype=self.dtype, device=self.device,
         )
-        prefix = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens > 0 else None
+        pool = BlockPool(
+            block_size=self.plan.block_size, max_blocks=self.plan.max_blocks, storage=cache,
+            initial_blocks=self.plan.initial_blocks, grow_blocks=self.plan.grow_blocks,
+            cache_blocks=config.prefix_cache_tokens // self.plan.block_size,
+        )
         decoder = None
         if config.cuda_graphs:
             if self.device.type == "cuda":
                 from .cuda_graphs import CudaGraphDecoder, compile_pointwise_modules
 
                 compile_pointwise_modules(model)
-                decoder = CudaGraphDecoder(model, cache)
+                decoder = CudaGraphDecoder(
+                    model, cache, max_batch_size=self.plan.max_batch_size,
+                    max_blocks=-(-self.max_sequence_length // self.plan.block_size),
+                )
             else:
                 log.warning("cuda_graphs=True ignored on %s", self.device)
         self._scheduler = Scheduler(
-            model, cache=cache, prefix_cache=prefix, max_queue_size=config.max_queue_size,
-            prefill_chunk_size=config.prefill_chunk_size, decoder=decoder,
+            model, cache=cache, pool=pool, max_batch_size=self.plan.max_batch_size,
+            max_sequence_length=self.max_sequence_length, max_queue_size=config.max_queue_size,
+            prefill_chunk_size=config.prefill_chunk_size, prefix_caching=config.prefix_cache_tokens > 0,
+            idle_shrink_s=config.kv_idle_shrink_s, min_blocks=self.plan.initial_blocks, decoder=decoder,
         )
         self._eos = _eos_ids(model, tokenizer)
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -89,9 +102,11 @@ class Engine:
             self._metadata = _metadata(self, dtype_name(self.dtype))
         self._scheduler.start()
         log.info(
-            "engine ready on %s (%s): %d slots x %d tokens, prefix cache %d tokens, cuda_graphs=%s",
-            self.device, dtype_name(self.dtype), cache.slots, cache.slot_len, config.prefix_cache_tokens,
-            decoder is not None,
+            "engine ready on %s (%s): %d streams x %d tokens, paged KV %d-token blocks, %.0f of %.0f MiB "
+            "allocated, prefix cache %d tokens, cuda_graphs=%s",
+            self.device, dtype_name(self.dtype), self.plan.max_batch_size, self.max_sequence_length,
+            self.plan.block_size, cache.nbytes / 2**20, self.plan.budget_bytes / 2**20,
+            config.prefix_cache_tokens, decoder is not None,
         )
 
     # ------------------------------------------------------------------ construction
@@ -121,7 +136,7 @@ class Engine:
         *,
         metadata: dict[str, Any] | None = None,
     ) -> Engine:
-        """Wrap a loaded transformers causal LM (its attention is routed through the slot cache)."""
+        """Wrap a loaded transformers causal LM (its attention is routed through the paged KV cache)."""
         return cls(model, tokenizer, config or EngineConfig(), metadata=metadata)
 
     async def warmup(self) -> float:
@@ -298,7 +313,7 @@ class Engine:
     def close(self) -> None:
         """Stop the worker; pending requests fail with ``EngineClosed``.
 
-        The model keeps the slot attention, which is plain SDPA outside an engine step, so the
+        The model keeps the paged attention, which is plain SDPA outside an engine step, so the
         model stays usable (``model.generate``) and other engines on it keep working.
         """
         if self._closed:
@@ -345,7 +360,7 @@ def _serving(engine: Engine) -> dict[str, Any]:
     return {
         "max_batch_size": engine.plan.max_batch_size,
         "max_sequence_length": engine.max_sequence_length,
-        "kv_cache_tokens": engine.plan.max_batch_size * engine.max_sequence_length,
+        "kv_cache_tokens": engine.plan.max_tokens,
         "prefix_cache_tokens": engine.config.prefix_cache_tokens,
         "max_queue_size": engine.config.max_queue_size,
         "continuous_batching": True,

@@ -1,17 +1,17 @@
-"""KV storage for the scheduler: a preallocated per-slot cache, the attention function that reads
-and writes it, and an LRU prefix cache of finished sequences' KV.
+"""Paged KV storage for the scheduler and the attention function that reads and writes it.
 
+Per layer, K and V live in tensors ``[capacity + 1, block_size, kv_heads, head_dim]`` (block 0 is
+scratch); a sequence owns a list of blocks (its block table, see :mod:`sdk.inference.block_pool`).
 The model runs its own projections, RoPE and MLP; only attention is swapped (through transformers'
-``AttentionInterface``) for :func:`slot_attention`, which writes each new key/value at its slot row
-and position and attends over that slot's cached prefix. Rows of one batch may sit at different
-positions, so batched slots of different lengths need no padding on the left.
+``AttentionInterface``) for :func:`paged_attention`, which writes each new key/value at its
+(block, offset), gathers every row's blocks and attends over them with SDPA. Rows of one batch
+may have different lengths (the mask hides what lies past each row's position).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,28 +24,26 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
-    "SlotKVCache",
+    "PagedKVCache",
     "StepContext",
-    "PrefixCache",
-    "install_slot_attention",
     "active_context",
+    "install_paged_attention",
+    "paged_attention",
 ]
 
-ATTN_IMPLEMENTATION = "autoglm_slots"
+ATTN_IMPLEMENTATION = "autoglm_paged"
 _LOCAL = threading.local()
 
 
 @dataclass
 class StepContext:
-    """What one forward pass needs from the cache: rows, positions, visible length and mask."""
+    """What one forward pass needs from the cache: where new K/V go, each row's blocks, the mask."""
 
-    cache: SlotKVCache
-    write_rows: torch.Tensor  # [B, 1] slot index of each batch row
-    positions: torch.Tensor  # [B, T] position of each new token
-    kv_len: int  # cached positions visible to attention (a bucketed length)
-    mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
-    row_slice: slice | None = None  # rows are slots start..stop (no gather needed)
-    rows: torch.Tensor | None = None  # [B] slot indices when not a slice
+    cache: PagedKVCache
+    write_blocks: torch.Tensor  # [B*T] block of each new token (row-major over batch, time)
+    write_offsets: torch.Tensor  # [B*T] offset inside that block
+    tables: torch.Tensor  # [B, nb] each row's blocks in order (padded with the scratch block)
+    mask: torch.Tensor  # [B, 1, T, nb * block_size] bool, True = may attend
 
 
 class active_context:
@@ -63,7 +61,7 @@ class active_context:
 
 
 @torch.compiler.disable
-def slot_attention(
+def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -73,7 +71,7 @@ def slot_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Write the new K/V into the slot cache, attend over the slot's prefix; plain SDPA otherwise."""
+    """Write the new K/V into their blocks, attend over each row's blocks; plain SDPA otherwise."""
     ctx: StepContext | None = getattr(_LOCAL, "ctx", None)
     if ctx is None:  # the model used outside the engine (e.g. model.generate in a benchmark)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -83,26 +81,23 @@ def slot_attention(
         )
     layer = cast(int, module.layer_idx)
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
-    kc[ctx.write_rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
-    vc[ctx.write_rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
-    if ctx.row_slice is not None:
-        keys, values = kc[ctx.row_slice, :, : ctx.kv_len], vc[ctx.row_slice, :, : ctx.kv_len]
-    else:
-        assert ctx.rows is not None  # set whenever row_slice is not
-        keys = kc[:, :, : ctx.kv_len].index_select(0, ctx.rows)
-        values = vc[:, :, : ctx.kv_len].index_select(0, ctx.rows)
+    batch, kv_heads, _, head_dim = key.shape
+    kc[ctx.write_blocks, ctx.write_offsets] = key.transpose(1, 2).reshape(-1, kv_heads, head_dim).to(kc.dtype)
+    vc[ctx.write_blocks, ctx.write_offsets] = value.transpose(1, 2).reshape(-1, kv_heads, head_dim).to(vc.dtype)
+    keys = kc[ctx.tables].view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    values = vc[ctx.tables].view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=ctx.mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+        query, keys, values, attn_mask=ctx.mask, scale=scaling, enable_gqa=query.shape[1] != kv_heads
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def install_slot_attention(model: Any) -> None:
-    """Register :func:`slot_attention` and switch ``model`` to it (SDPA when no engine step runs)."""
+def install_paged_attention(model: Any) -> None:
+    """Register :func:`paged_attention` and switch ``model`` to it (SDPA when no engine step runs)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:  # noqa: SLF001 - transformers' own field
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -113,116 +108,79 @@ def install_slot_attention(model: Any) -> None:
         )
 
 
-class SlotKVCache:
-    """K and V tensors [slots, kv_heads, slot_len + 1, head_dim] per layer, allocated once.
+class PagedKVCache:
+    """The block tensors of every layer; grows, shrinks and compacts when the block pool says so.
 
-    Position ``slot_len`` is a scratch column that idle rows of a fixed-shape batch write to.
+    New blocks are zeroed (a masked position must still hold a finite number: SDPA multiplies
+    its zero weight by the value). ``generation`` counts reallocations, so holders of tensor
+    addresses (captured CUDA graphs) know when to drop them.
     """
 
     def __init__(
-        self, *, layers: int, slots: int, slot_len: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        self, *, layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
-        shape = (slots, kv_heads, slot_len + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.slots, self.slot_len, self.device = slots, slot_len, device
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.block_size, self.dtype, self.device = block_size, dtype, device
+        self.k: list[torch.Tensor] = [self._empty(0) for _ in range(layers)]
+        self.v: list[torch.Tensor] = [self._empty(0) for _ in range(layers)]
+        self.capacity = 0
+        self.generation = 0
 
     @staticmethod
     def bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of K+V one cached token takes."""
         return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the first ``length`` positions of a slot: [layers, kv_heads, length, head_dim]."""
-        k = torch.stack([t[slot, :, :length] for t in self.k])
-        v = torch.stack([t[slot, :, :length] for t in self.v])
-        return k, v
-
-    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
-        """Copy the first ``length`` positions of stored K/V into a slot."""
-        for i, (kc, vc) in enumerate(zip(self.k, self.v, strict=True)):
-            kc[slot, :, :length].copy_(k[i, :, :length])
-            vc[slot, :, :length].copy_(v[i, :, :length])
-
-
-@dataclass
-class _PrefixEntry:
-    tokens: torch.Tensor  # int64 [L] on CPU
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-class PrefixCache:
-    """LRU of token sequences with their KV; a new prompt reuses the longest common prefix."""
-
-    def __init__(self, capacity_tokens: int, *, min_tokens: int = 16) -> None:
-        self.capacity_tokens = capacity_tokens
-        self.min_tokens = min_tokens
-        self._entries: OrderedDict[int, _PrefixEntry] = OrderedDict()
-        self._next_id = 0
-        self.used_tokens = 0
-        self.lookups = 0
-        self.hits = 0
-        self.lookup_tokens = 0
-        self.hit_tokens = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @staticmethod
-    def _common(a: torch.Tensor, b: torch.Tensor) -> int:
-        n = min(a.numel(), b.numel())
-        if n == 0:
-            return 0
-        diff = (a[:n] != b[:n]).nonzero()
-        return int(diff[0, 0]) if diff.numel() else n
-
-    def lookup(self, ids: list[int], *, limit: int) -> tuple[_PrefixEntry | None, int]:
-        """Best entry and how many leading tokens (at most ``limit``) it covers; counts the hit rate."""
-        self.lookups += 1
-        self.lookup_tokens += len(ids)
-        if not self._entries or limit < self.min_tokens:
-            return None, 0
-        query = torch.tensor(ids, dtype=torch.long)
-        best_key, best_n = None, 0
-        for key, entry in self._entries.items():
-            n = self._common(entry.tokens, query)
-            if n > best_n:
-                best_key, best_n = key, n
-        best_n = min(best_n, limit)
-        if best_key is None or best_n < self.min_tokens:
-            return None, 0
-        self._entries.move_to_end(best_key)
-        self.hits += 1
-        self.hit_tokens += best_n
-        return self._entries[best_key], best_n
-
-    def store(self, ids: list[int], cache: SlotKVCache, slot: int) -> None:
-        """Keep the KV of ``ids`` (already in ``slot``) unless an entry already covers it."""
-        n = len(ids)
-        if n < self.min_tokens or n > self.capacity_tokens:
-            return
-        tokens = torch.tensor(ids, dtype=torch.long)
-        for key, entry in list(self._entries.items()):
-            common = self._common(entry.tokens, tokens)
-            if common == n:  # already covered by a longer (or equal) entry
-                self._entries.move_to_end(key)
-                return
-            if common == entry.tokens.numel():  # the old entry is a prefix of the new one
-                self._drop(key)
-        while self._entries and self.used_tokens + n > self.capacity_tokens:
-            self._drop(next(iter(self._entries)))
-        k, v = cache.read(slot, n)
-        self._entries[self._next_id] = _PrefixEntry(tokens, k, v)
-        self._next_id += 1
-        self.used_tokens += n
-
-    def _drop(self, key: int) -> None:
-        entry = self._entries.pop(key)
-        self.used_tokens -= entry.tokens.numel()
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K+V one block takes across all layers."""
+        return self.block_size * self.bytes_per_token(
+            layers=self.layers, kv_heads=self.kv_heads, head_dim=self.head_dim, dtype=self.dtype)
 
     @property
-    def hit_rate(self) -> float:
-        """Share of looked-up prompt tokens served from the cache."""
-        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+    def nbytes(self) -> int:
+        """Bytes the block tensors hold now (scratch block included)."""
+        return (self.capacity + 1) * self.bytes_per_block
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        shape = (capacity + 1, self.block_size, self.kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _replace(self, build: Any, capacity: int) -> None:
+        """Rebuild every layer's tensors one layer at a time (so at most one layer is held twice)."""
+        for tensors in (self.k, self.v):
+            for i, old in enumerate(tensors):
+                tensors[i] = build(old)
+                del old
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.capacity = capacity
+        self.generation += 1
+
+    def resize(self, capacity: int) -> None:
+        """Hold blocks ``0..capacity``, keeping the contents of the blocks that stay."""
+        def build(old: torch.Tensor) -> torch.Tensor:
+            new = self._empty(capacity)
+            n = min(old.shape[0], new.shape[0])
+            new[:n].copy_(old[:n])
+            return new
+
+        self._replace(build, capacity)
+
+    def compact(self, keep: list[int], capacity: int) -> None:
+        """Move block ``keep[i]`` to ``i + 1`` and hold blocks ``0..capacity``."""
+        index = torch.tensor([0, *keep], dtype=torch.long, device=self.device)
+
+        def build(old: torch.Tensor) -> torch.Tensor:
+            new = self._empty(capacity)
+            new[: index.numel()].copy_(old.index_select(0, index))
+            return new
+
+        self._replace(build, capacity)
+
+    def copy_block(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` positions of block ``src`` into block ``dst`` in every layer."""
+        for tensors in (self.k, self.v):
+            for t in tensors:
+                t[dst, :n].copy_(t[src, :n])

@@ -1,7 +1,8 @@
 """Device and precision choice, and the KV-cache memory plan that bounds the engine.
 
 CUDA if available with bf16 (fp16 where the GPU lacks bf16), else CPU fp32; both overridable.
-:func:`plan_kv_cache` turns ``gpu_memory_utilization`` into a KV-cache budget in tokens.
+:func:`plan_kv_cache` turns ``gpu_memory_utilization`` into a KV-cache budget in tokens;
+:func:`plan_paged_kv` sizes the engine's paged KV pool (a budget it grows into on demand).
 """
 
 from __future__ import annotations
@@ -235,9 +236,121 @@ def plan_kv_cache(
     return plan
 
 
+@dataclass(frozen=True)
+class PagedKVPlan:
+    """The paged KV pool's bounds: blocks of ``block_size`` tokens, at most ``max_blocks`` of them
+    (``budget_bytes``), ``initial_blocks`` allocated at start and at least ``grow_blocks`` added
+    at a time; ``max_batch_size`` sequences run at once, each up to ``max_sequence_length``."""
+
+    block_size: int
+    bytes_per_block: int
+    max_blocks: int
+    budget_bytes: int
+    initial_blocks: int
+    grow_blocks: int
+    max_batch_size: int
+    max_sequence_length: int
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the whole budget holds."""
+        return self.max_blocks * self.block_size
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain numbers for stats and metadata."""
+        return {
+            "block_size": self.block_size,
+            "bytes_per_block": self.bytes_per_block,
+            "max_blocks": self.max_blocks,
+            "max_tokens": self.max_tokens,
+            "budget_bytes": self.budget_bytes,
+            "initial_blocks": self.initial_blocks,
+            "grow_blocks": self.grow_blocks,
+            "max_batch_size": self.max_batch_size,
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+
+#: Bytes the paged pool adds at least per growth step (and holds at start).
+KV_GROW_BYTES = 32 << 20
+
+
+def plan_paged_kv(
+    model_config: Any,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    max_sequence_length: int,
+    max_batch_size: int,
+    block_size: int = 16,
+    gpu_memory_utilization: float = 0.9,
+    budget_bytes: int | None = None,
+) -> PagedKVPlan:
+    """Size the paged KV pool. The budget is ``budget_bytes`` if given; else on CUDA what
+    ``gpu_memory_utilization`` leaves (:func:`memory_budget`); else on CPU what
+    ``max_batch_size`` full-length sequences take, at most :func:`memory_budget`'s share of RAM.
+    Memory is taken only as sequences need it. Raises :class:`InsufficientMemory` when the budget
+    cannot hold one full-length sequence."""
+    device = torch.device(device)
+    if block_size < 1 or max_sequence_length < 1 or max_batch_size < 1:
+        raise ValueError("block_size, max_sequence_length and max_batch_size must be positive")
+    per_block = kv_bytes_per_token(model_config, dtype) * block_size
+    if budget_bytes is not None:
+        budget = int(budget_bytes)
+    elif device.type == "cuda":
+        budget = memory_budget(device, gpu_memory_utilization)
+    else:
+        full = max_batch_size * -(-max_sequence_length // block_size) * per_block
+        budget = min(full, memory_budget(device))
+    max_blocks = budget // per_block
+    needed = -(-max_sequence_length // block_size)
+    if max_blocks < needed:
+        log.error("KV budget %d B holds %d blocks, fewer than one sequence of %d tokens", budget, max_blocks,
+                  max_sequence_length)
+        raise InsufficientMemory(
+            f"KV-cache budget of {budget / 2**20:.0f} MiB holds {max_blocks * block_size} tokens, fewer than "
+            f"one sequence of {max_sequence_length}; raise the KV memory (or gpu_memory_utilization) or "
+            "lower max_sequence_length"
+        )
+    grow = max(16, KV_GROW_BYTES // per_block)
+    plan = PagedKVPlan(
+        block_size=block_size, bytes_per_block=per_block, max_blocks=int(max_blocks), budget_bytes=budget,
+        initial_blocks=min(grow, int(max_blocks)), grow_blocks=grow,
+        max_batch_size=min(max_batch_size, MAX_BATCH_CUDA if device.type == "cuda" else MAX_BATCH_CPU),
+        max_sequence_length=max_sequence_length,
+    )
+    log.info("paged KV plan on %s: %s", device, plan)
+    return plan
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"1GiB"``, ``"512MiB"``, ``"2G"``, ``"1500000"`` -> bytes; ``ValueError`` otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip().replace(" ", "")
+        units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
+                 "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
+        number = raw.rstrip("bBkKmMgGtTiI")
+        unit = raw[len(number):].lower()
+        if not number or unit not in units:
+            raise ValueError(f"not a size: {text!r} (use e.g. 1GiB, 512MiB or a number of bytes)")
+        try:
+            value = int(float(number) * units[unit])
+        except (ValueError, OverflowError):
+            raise ValueError(f"not a size: {text!r} (use e.g. 1GiB, 512MiB or a number of bytes)") from None
+    if value <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return value
+
+
 __all__ = [
     "InsufficientMemory",
     "KVPlan",
+    "KV_GROW_BYTES",
+    "PagedKVPlan",
+    "parse_bytes",
+    "plan_paged_kv",
     "available_ram_bytes",
     "dtype_name",
     "dtype_size",
