@@ -120,3 +120,75 @@ async def test_coordinator_command_wires_the_advisor_from_model_settings(broker:
             await advisor.aclose()
     finally:
         await coord.stop()
+
+
+@pytest.mark.slow
+async def test_coordinator_daemon_with_model_section_makes_model_configs(broker: Any, tmp_path: Path) -> None:
+    """`autoglm coordinator` with [model], as a process: the tablet's config is the node's answer."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from sdk.coord.coordinator.auth import coordinator_credential, device_credential
+    from sdk.coord.events import input_methods
+
+    issuer, access_issuer, node_issuer = Key.generate(), Key.generate(), Key.generate()
+    ckey, node_key = Key.generate(), Key.generate()
+    engine = FakeEngine(model=MODEL, version="9", reply='{"ui.layout": "compact"}')
+    node = MeshNode(engine, broker.url, key=node_key, access=AccessPolicy(TrustPolicy({access_issuer.did: {
+        ACCESS_CREDENTIAL}})), credential=issue_node_credential(node_issuer, node_key.did, models=[MODEL],
+                                                                node_ids=["layout-node"]),
+        config=NodeConfig(node_id="layout-node", advert_interval=1.0), **broker.credentials(node_key))
+    await node.start()
+    (tmp_path / "coord-vc.json").write_text(json.dumps(coordinator_credential(issuer, ckey.did)))
+    (tmp_path / "access-vc.json").write_text(json.dumps(issue_access_credential(access_issuer, ckey.did,
+                                                                                models=[MODEL])))
+    (tmp_path / "rules.toml").write_text(
+        (Path(__file__).resolve().parents[2] / "examples" / "rules.toml").read_text(encoding="utf-8"))
+    cfg = tmp_path / "coordinator.toml"
+    cfg.write_text(f'rules_file = "rules.toml"\n[coordinator]\nbroker = "{broker.url}"\n'
+                   f'data_dir = "{tmp_path / "data"}"\n[identity]\nkey = "{ckey.private_key_multibase}"\n'
+                   f'credential = "coord-vc.json"\n[[trust]]\nissuer = "{issuer.did}"\ntypes = ["DeviceCredential"]\n'
+                   f'[model]\ncredential = "access-vc.json"\nnode_issuers = ["{node_issuer.did}"]\nname = "{MODEL}"\n')
+    proc = subprocess.Popen([sys.executable, "-c", "from sdk.cli import main; main()", "coordinator",
+                             "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    got: list[Any] = []
+    key = Key.generate()
+    cred = device_credential(issuer, key.did, kind="tablet", groups=["room:x"])
+    tablet = None
+    try:
+        for _ in range(200):                                  # the daemon may still be starting
+            tablet = Device(key, cred, broker=broker.url, coordinator=ckey.did, on_config=got.append,
+                            attributes={"screen": "10-inch"}, auth_timeout=2, **broker.credentials(key))
+            try:
+                await tablet.connect()
+                break
+            except Exception:                                # noqa: BLE001
+                await tablet.aclose()
+                tablet = None
+                await asyncio.sleep(0.1)
+        assert tablet is not None, "the daemon never admitted the tablet"
+        for attempt in range(50):                             # the advisor may still be finding the node
+            await tablet.publish_event(input_methods(["touch", "pen"]))
+            await tablet.wait_version(attempt + 1, 15)
+            if got[-1].state.get("ui.layout") != "standalone":      # not the rule's fallback
+                break
+            await asyncio.sleep(0.2)
+        assert got[-1].state["ui.layout"] in SCHEMA["properties"]["ui.layout"]["enum"], got[-1].state
+        assert got[-1].state["ui.layout"] != "standalone" and node.served >= 1
+    finally:
+        if tablet is not None:
+            await tablet.aclose()
+        proc.terminate()                    # waited for off the loop: the embedded broker runs on it
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        await node.aclose()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    from sdk.coord.coordinator.store import Store
+
+    store = Store(tmp_path / "data" / "coordinator.db")
+    try:
+        origin = store.history(key.did, limit=1)[0]["origin"]
+    finally:
+        store.close()
+    assert origin["policy"] == "model" and origin["model"] == MODEL and origin["model_version"] == "9", origin
+    assert origin["rule"] == "tablet-layout-by-model" and origin["prompt_hash"].startswith("sha256:")
