@@ -526,3 +526,32 @@ async def test_after_a_failover_devices_skip_the_stale_ticket_and_ignore_the_old
                            type=PRESENCE, qos=1)
         await until(lambda: dev.client.stats.handled > handled, 10, what="the note handled")
     assert dev.state is DeviceState.ADMITTED
+
+
+async def test_an_instance_that_cannot_start_releases_the_lease_and_tries_again(
+        tmp_path: Path, stack: AsyncExitStack) -> None:
+    """Its broker refuses connections: each promotion fails (a typed ConnectFailed, logged), the lease
+    is released at once for another instance, and the loop tries again after one lease period."""
+    from brokers.mosquitto import free_port
+    from sdk.coord.coordinator import Coordinator
+    from sdk.coord.coordinator.ha import HACoordinator
+    from sdk.identity import TrustPolicy
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+
+    def build() -> Coordinator:
+        return Coordinator(Key.generate(), broker=dead, data_dir=tmp_path / "a", trust=TrustPolicy({}),
+                           issuer=Key.generate(), connect_timeout=0.5)
+
+    ha = HACoordinator(build, store_url=url, data_dir=tmp_path / "a", instance="a", lease_ttl=1.0)
+    stack.push_async_callback(ha.stop)
+    await ha.start()
+    store = open_store(url)
+    stack.callback(store.close)
+
+    def released_twice() -> bool:
+        lease = store.lease()
+        return lease is not None and lease.token >= 2 and lease.holder is None
+    await until(released_twice, 15, what="two failed promotions, each lease released")
+    assert ha.role == "standby" and ha.promotions == 0 and ha.coordinator is None

@@ -193,17 +193,19 @@ class HACoordinator:
 
     # ------------------------------------------------------------------ the lease loop
     async def _run(self) -> None:
-        backoff = 0.0
         while not self._stopping.is_set():
             token = self._try_acquire()
             if token is None:
                 self._write_status()
-                await self._sleep(self.poll_interval + backoff)
-                backoff = 0.0
+                await self._sleep(self.poll_interval)
                 continue
-            reason = await self._serve(token)
-            if reason == "start_failed":        # give another instance the chance, then retry
-                backoff = self.lease_ttl
+            try:
+                reason = await self._serve(token)
+            except Exception:                      # the loop outlives any one promotion
+                log.exception("serving with lease token %d failed", token)
+                reason = "start_failed"
+            if reason == "start_failed":           # give another instance the chance, then retry
+                await self._sleep(self.lease_ttl)
         self._write_status(force=True)
 
     def _try_acquire(self) -> int | None:
@@ -217,7 +219,7 @@ class HACoordinator:
                 self.lease_holder = now.holder if now is not None else None
                 self.lease_token = now.token if now is not None else None
                 return None
-        except StoreError as exc:
+        except AutoGLMError as exc:
             log.warning("lease %s not polled: %s: %s", self.lease_name, exc.reason, exc)
             return None
         if before is not None and before.holder not in (None, self.holder) and before.token < token:
@@ -230,9 +232,16 @@ class HACoordinator:
         """Serve as the active instance with ``token`` until the lease is lost or stop; the reason."""
         self._lost.clear()
         self.token = token
+        try:
+            coord = self.build()
+            self._prepare(coord, token)
+        except Exception:
+            log.exception("cannot build the coordinator; lease token %d released", token,
+                          extra={"event": "ha_start_failed", "token": token})
+            self._release(token)
+            self.token = None
+            return "start_failed"
         renewer = asyncio.ensure_future(self._renew_loop(token))
-        coord = self.build()
-        self._prepare(coord, token)
         reason = "stopped"
         try:
             starting = asyncio.ensure_future(coord.start())
@@ -343,14 +352,20 @@ class HACoordinator:
                 await coord.stop()
             except AutoGLMError as exc:
                 log.warning("coordinator stop after %s: %s", reason, exc)
-        if reason != "lease_lost" and self._lease_store is not None:
-            with contextlib.suppress(StoreError):
-                self._lease_store.release_lease(self.holder, token, name=self.lease_name)
+        if reason != "lease_lost":
+            self._release(token)
         self._lock.acquire()                         # coord.stop() released the shared lock object
         if started:
             log.warning("coordinator %s stepped down (%s, token %d)", self.holder, reason, token,
                         extra={"event": "ha_demoted", "reason": reason, "token": token})
             self._emit("demoted", reason=reason, token=token)
+
+    def _release(self, token: int) -> None:
+        if self._lease_store is not None:
+            try:
+                self._lease_store.release_lease(self.holder, token, name=self.lease_name)
+            except StoreError as exc:              # it expires on its own
+                log.warning("lease token %d not released: %s", token, exc)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
