@@ -65,6 +65,57 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _pymalloc() -> dict[str, float]:
+    """pymalloc's arenas (MB): held from the OS, in live blocks, and free inside them."""
+    import re
+
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        try:
+            os.dup2(f.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+
+    def number(label: str) -> float:
+        m = re.search(rf"{label}\s*=\s*([\d,]+)", text)
+        return int(m.group(1).replace(",", "")) / 2**20 if m else 0.0
+
+    m = re.search(r"arenas \* (\d+) bytes/arena\s*=\s*([\d,]+)", text)
+    arenas = int(m.group(2).replace(",", "")) / 2**20 if m else 0.0
+    return {"pymalloc_arenas_mb": round(arenas, 1), "pymalloc_used_mb": round(number("# bytes in allocated blocks"), 1),
+            "pymalloc_free_mb": round(arenas - number("# bytes in allocated blocks"), 1)}
+
+
+def heap() -> dict[str, Any]:
+    """This process's allocator state: Python's live blocks and glibc's heap (``mallinfo2``) in MB:
+    in use, free inside the heap (held, not returned: fragmentation) and mmapped."""
+    import ctypes
+
+    out: dict[str, Any] = {"py_blocks": sys.getallocatedblocks(), **_pymalloc()}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return out
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+
+    if not hasattr(libc, "mallinfo2"):
+        return out
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    mb = 2**20
+    out.update({"heap_mb": round(info.arena / mb, 1), "in_use_mb": round(info.uordblks / mb, 1),
+                "free_in_heap_mb": round(info.fordblks / mb, 1), "mmapped_mb": round(info.hblkhd / mb, 1)})
+    return out
+
+
 # ---------------------------------------------------------------------------------- coordinator process
 def coordinator_main(args: argparse.Namespace) -> None:
     """The coordinator in its own process: stats on request (one JSON line per ``stats`` line on stdin)."""
@@ -103,7 +154,8 @@ def coordinator_main(args: argparse.Namespace) -> None:
 
         def stats() -> str:
             return json.dumps({"admitted": admitted[0], "registry": len(coord.registry),
-                               "admission": coord.admission.snapshot(), "converged": converged[-5:]})
+                               "admission": coord.admission.snapshot(), "converged": converged[-5:],
+                               "heap": heap()})
 
         async def snapshot() -> str:
             return stats()
@@ -475,7 +527,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "load_fanout": load()})
             stats = coord.stats()
             rss = proc_rss_mb(coord.pid)
-            step.update({"coordinator_rss_mb": round(rss, 1),
+            step.update({"coordinator_heap": stats["heap"], "coordinator_rss_mb": round(rss, 1),
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
                          "coordinator_cpu_s_total": round(proc_cpu(coord.pid), 2),
                          "coordinator_admission": stats["admission"], "registry": stats["registry"]})
@@ -489,7 +541,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"          {site['kb']:>9.1f} KB {site['blocks']:>8} blocks  {site['site']}", flush=True)
             print(f"        event -> {applied}/{fleet.size} applied in {step['event_all_applied_s']} s; "
                   f"coordinator converged in {step['coordinator_converged_s']} s; RSS {rss:.0f} MB "
-                  f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle); load {load()}", flush=True)
+                  f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle; heap {stats['heap']}); load {load()}",
+                  flush=True)
             out["steps"].append(step)
         # reconnect storm: the broker restarts under the whole fleet
         if args.storm and fleet.size:

@@ -1224,6 +1224,10 @@ class Coordinator:
     def status_json(self) -> str:
         """:meth:`status` as compact JSON, re-rendering only the devices that changed since the last
         call (registry and store both report what changed); the rest is joined from cache."""
+        return "".join(self._status_chunks())
+
+    def _status_chunks(self) -> Iterable[str]:
+        """:meth:`status_json` in pieces (the file is written from them: no fleet-sized string)."""
         changed = self.registry.drain_changed()
         touched = self.store.drain_touched() if self.store is not None else set()
         for did in changed | touched:
@@ -1248,8 +1252,13 @@ class Coordinator:
         head = json.dumps({"coordinator": self.did, "boot": self.boot, "broker": self.broker,
                            "updated": time.time()}, separators=(",", ":"))
         metrics = json.dumps(self.metrics.summary(), default=str, separators=(",", ":"))
-        devices = ",".join(self._status_rows[d][1] for d in self._status_order)
-        return f'{head[:-1]},"devices":[{devices}],"metrics":{metrics}}}'
+        yield f'{head[:-1]},"devices":['
+        rows = self._status_rows
+        for i, did in enumerate(self._status_order):
+            if i:
+                yield ","
+            yield rows[did][1]
+        yield f'],"metrics":{metrics}}}'
 
     def _write_status(self) -> None:
         self._dirty = False
@@ -1257,7 +1266,8 @@ class Coordinator:
         try:
             path = self.data_dir / "status.json"
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(self.status_json())
+            with tmp.open("w", encoding="utf-8") as f:
+                f.writelines(self._status_chunks())
             os.replace(tmp, path)
         except (OSError, CoordinationError) as exc:
             log.warning("could not write status snapshot: %s", exc)
