@@ -94,6 +94,7 @@ class Group:
     issuer: Key = field(default_factory=Key.generate)
     credentials: Any = None             # credentials(key) -> transport kwargs (ejabberd's usernames)
     instances: list[Instance] = field(default_factory=list)
+    closers: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.vc = self.tmp / "coordinator-vc.json"
@@ -138,6 +139,8 @@ class Group:
         return next(i for i in self.instances if i.role == "active")
 
     def stop(self) -> None:
+        for close in self.closers:
+            close()
         for inst in self.instances:
             if inst.proc is None or inst.proc.poll() is not None:
                 continue
@@ -161,6 +164,19 @@ class Group:
         stack.push_async_callback(dev.aclose)
         await dev.connect()
         return dev
+
+    def counter(self, sql: str) -> Any:
+        """``count()``: runs a one-number query on one open connection to the store (cheap to poll)."""
+        if self.store_url.startswith("sqlite:"):
+            import sqlite3
+
+            db: Any = sqlite3.connect(self.store_url.removeprefix("sqlite://"))
+        else:
+            import psycopg
+
+            db = psycopg.connect(self.store_url, autocommit=True)
+        self.closers.append(db.close)
+        return lambda: int(db.execute(sql).fetchone()[0])
 
     def rows(self) -> dict[str, list[tuple[int, str | None, dict[str, Any]]]]:
         """Every committed version: did -> [(version, event_id, state)], read from the shared store."""
@@ -271,7 +287,7 @@ async def test_kill_9_of_the_active_mid_push_the_standby_completes_it_and_the_ol
     await group.wait_role(b, "standby")
     display = await group.device(stack, "display", url)
     phones: dict[str, list[Any]] = {}
-    for _ in range(12):
+    for _ in range(30):
         got: list[Any] = []
         dev = await group.device(stack, "phone", url, got)
         phones[dev.did] = got
@@ -279,8 +295,12 @@ async def test_kill_9_of_the_active_mid_push_the_standby_completes_it_and_the_ol
     await until(lambda: all(_resolution(g) == "800x600" for g in phones.values()), 20, what="v1 everywhere")
 
     # kill -9 of the active as soon as the second event's commit is in the store (mid-push)
+    committed = group.counter("SELECT COUNT(*) FROM desired WHERE version = 2")
     await display.publish_event(screen_available(1024, 768))
-    await until(lambda: sum(len(v) for v in group.rows().values()) >= 2 * len(phones), 15, what="v2 committed")
+    deadline = time.monotonic() + 15
+    while committed() < len(phones):            # polled every millisecond: the kill lands mid-push
+        assert time.monotonic() < deadline, "v2 not committed"
+        await asyncio.sleep(0.001)
     assert a.proc is not None
     a.proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(a.proc.wait, 10)
