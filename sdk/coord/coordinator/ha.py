@@ -296,7 +296,7 @@ class HACoordinator:
         """Fence the coordinator's store with ``token`` before anything is read or written."""
         def hook(store: Store) -> Store:
             store.fence(token, holder=self.holder, name=self.lease_name)
-            return cast("Store", _FencedStore(store, self._on_lease_lost))
+            return cast("Store", _FencedStore(store, lambda: self._on_lease_lost(token)))
 
         coord.store_url = self.store_url
         coord.store_hook = hook
@@ -304,7 +304,9 @@ class HACoordinator:
         if self.metrics_port:
             coord.metrics_port = 0                 # served by this runner, whatever the role
 
-    def _on_lease_lost(self) -> None:
+    def _on_lease_lost(self, token: int) -> None:
+        if token != self.token:                    # a leftover of an earlier term: not this one's news
+            return
         if not self._lost.is_set():
             log.error("the store refused a write: lease token %s is no longer ours", self.token,
                       extra={"event": "ha_lease_lost", "token": self.token})
