@@ -12,7 +12,10 @@ processes moves these figures little):
 * ``all_configs_s``: that config applied on every phone;
 * ``all_readmitted_s``: every device admitted again by the new active (its new ``boot``).
 
-The killed instance is restarted (it comes back as the standby) before the next round.
+The killed instance is restarted (it comes back as the standby) before the next round. Before the
+rounds, ``idle_cpu_ms_per_s``: CPU time (user + system, from ``/proc``) each instance spends per
+second over ``--idle`` seconds with the devices connected and no events: the standby's lease
+polling against the active's renewals, heartbeats and sweeps.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ class Instance:
                 self.proc.kill()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def wait(cond: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -103,6 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
              for n in ("a", "b")]
     devices: list[Device] = []
     rounds: list[dict[str, float]] = []
+    idle: dict[str, float] = {}
     try:
         insts[0].start()
         await wait(lambda: insts[0].role == "active", 30, "a active")
@@ -132,6 +142,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         phones = await asyncio.gather(*(make("phone") for _ in range(args.devices)))
         await display.publish_event(screen_available(640, 480))
         await wait(lambda: len(applied.get("640x480", {})) == len(phones), 60, "warm-up config")
+        pids = {i.role: i.proc.pid for i in insts if i.proc is not None}
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        await asyncio.sleep(args.idle)
+        idle = {str(role): round(1000 * (cpu_seconds(pid) - before[role]) / args.idle, 2)
+                for role, pid in pids.items()}
+        print(f"idle CPU ms per s: {idle}", flush=True)
         for r in range(args.rounds):
             active = next(i for i in insts if i.role == "active")
             standby = next(i for i in insts if i is not active)
@@ -162,7 +178,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         mq.cleanup()
         pg.cleanup()
     summary = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]} if rounds else {}
-    return {"devices": args.devices, "rounds": rounds, "median": summary, "lease_ttl": args.lease_ttl,
+    return {"devices": args.devices, "rounds": rounds, "median": summary, "idle_cpu_ms_per_s": idle,
+            "lease_ttl": args.lease_ttl,
             "poll_interval": args.lease_ttl / 5, "host": platform.node(), "cpus": os.cpu_count(),
             "python": platform.python_version()}
 
@@ -172,6 +189,7 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lease-ttl", type=float, default=3.0)
+    p.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
