@@ -184,7 +184,7 @@ def coordinator_main(args: argparse.Namespace) -> None:
                 prof.disable()
                 prof.dump_stats(out)
             if path != "-":
-                prof = cProfile.Profile()
+                prof = cProfile.Profile(time.process_time)     # CPU time: other load does not count
                 profiling.append((prof, path))
                 prof.enable()
             return json.dumps({"profile": path})
@@ -484,6 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)
         idle_rss = proc_rss_mb(coord.pid)
         out["coordinator_idle_rss_mb"] = round(idle_rss, 1)
+        out["coordinator_idle_heap"] = coord.stats()["heap"]
         fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency)
         wait_until(lambda: all(s["display_admitted"] for s in fleet.ask("state", 0)), 60)
         if args.tracemalloc:

@@ -3,6 +3,7 @@ equal the scan it replaces, after random sequences of transitions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from sdk.cli import app
 from sdk.coord import protocol
 from sdk.coord.backpressure import retry_after
-from sdk.coord.coordinator import Coordinator, auth
+from sdk.coord.coordinator import Coordinator, auth, daemon
 from sdk.coord.coordinator.auth import Challenges
 from sdk.coord.coordinator.errors import AdmissionError
 from sdk.coord.coordinator.registry import (
@@ -347,3 +348,31 @@ def test_challenge_sweep_drops_exactly_the_expired_of_every_lifetime(monkeypatch
         ch.consume(value, did)
     clock[0] = 700.0
     assert ch.sweep() == 0 and len(ch) == 0
+
+
+async def test_a_fan_out_runs_a_bounded_number_of_pumps_and_reaches_every_target(
+        coord: Coordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert coord.store is not None
+    monkeypatch.setattr(daemon, "PUMP_CONCURRENCY", 8)
+    reg = coord.registry
+    for i in range(100):
+        reg.put(reg.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, "f")))
+        reg.get(_did(i)).session.sent = 0                   # type: ignore[union-attr]
+    live, peak, sent = [0], [0], []
+
+    async def broker_write(topic: str, payload: bytes, **kw: Any) -> None:   # the broker's ack, later
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        await asyncio.sleep(0.001)
+        live[0] -= 1
+        if topic.endswith(protocol.token(_did(7)) + "/config"):
+            raise RuntimeError("a bug in one pump")
+        sent.append(topic)
+
+    coord.client.transport.publish = broker_write          # type: ignore[method-assign]
+    versions = coord.store.commit({_did(i): ({"k": 1}, ("r",)) for i in range(100)})
+    with pytest.raises(RuntimeError):
+        await coord.push_desired("ev-1", versions)
+    assert peak[0] == 8                                    # never more pumps at once
+    assert len(sent) == 99                                 # the failing one does not stop the others
+    assert all(reg.get(_did(i)).session.sent == 1 for i in range(100) if i != 7)   # type: ignore[union-attr]

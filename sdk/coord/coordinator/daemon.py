@@ -115,6 +115,8 @@ MIN_TTL, MAX_TTL = 0.1, 3600.0
 _ISSUER_STATE_FILE = "issuer-state.json"
 _ISSUER_MIGRATED = "issuer_state_migrated"
 _MAX_CAPABILITIES = 256
+#: config pumps a fan-out runs at once (each waits for its device's acknowledgement from the broker)
+PUMP_CONCURRENCY = 1024
 _MAX_ATTRIBUTES_BYTES = 16 * 1024
 
 
@@ -835,18 +837,36 @@ class Coordinator:
 
     async def push_desired(self, event_id: str, versions: list[ConfigVersion], *, wait: bool = True) -> None:
         """Push newly committed versions (rule-made or an operator's): count them into convergence,
-        then run every target's pump at once (each version signed for its device); ``wait=False``
-        returns once the pumps are started."""
+        then run the targets' pumps (each version signed for its device), at most
+        :data:`PUMP_CONCURRENCY` at once; ``wait=False`` returns once the pumps are started."""
         if not versions:
             return
         self.metrics.start(event_id, {c.did: c.version for c in versions})
         self._dirty = True
         self._emit("committed", event_id=event_id, versions={c.did: c.version for c in versions})
-        pumps = asyncio.gather(*(self._pump(c.did, c) for c in versions))
+        pumps = self._pump_all(versions)
         if wait:
             await pumps
         else:
             self._spawn(pumps)
+
+    async def _pump_all(self, versions: list[ConfigVersion]) -> None:
+        """Every target's pump, :data:`PUMP_CONCURRENCY` workers taking the next target in turn (a
+        fan-out to 10,000 devices holds a thousand tasks and acknowledgement timers, not 10,000);
+        a pump that raises does not stop the others, and the first error is raised at the end."""
+        targets = iter(versions)
+        errors: list[BaseException] = []
+
+        async def worker() -> None:
+            for cv in targets:
+                try:
+                    await self._pump(cv.did, cv)
+                except Exception as exc:  # noqa: BLE001 - the other targets still get theirs
+                    errors.append(exc)
+
+        await asyncio.gather(*(worker() for _ in range(min(PUMP_CONCURRENCY, len(versions)))))
+        if errors:
+            raise errors[0]
 
     def _ack(self, did: str, event_id: str, status: str, reason: str | None = None) -> None:
         """Tell ``did`` its event is durably handled, so it drops it from its outbox."""
