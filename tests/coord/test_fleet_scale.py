@@ -369,7 +369,7 @@ async def test_a_fan_out_runs_a_bounded_number_of_pumps_and_reaches_every_target
             raise RuntimeError("a bug in one pump")
         sent.append(topic)
 
-    coord.client.transport.publish = broker_write          # type: ignore[method-assign]
+    coord.client.transport.publish = broker_write          # type: ignore[method-assign,assignment]
     versions = coord.store.commit({_did(i): ({"k": 1}, ("r",)) for i in range(100)})
     with pytest.raises(RuntimeError):
         await coord.push_desired("ev-1", versions)
