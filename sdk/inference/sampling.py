@@ -49,21 +49,29 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return torch.multinomial(probs, 1, generator=gen)[0]
 
 
-_BITS: dict[torch.device, torch.Tensor] = {}
+_BYTE_BIAS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _byte_bias(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 8]: for each byte value, 0 where its bit is set and -inf where it is not."""
+    table = _BYTE_BIAS.get((device, dtype))
+    if table is None:
+        bits = torch.tensor([[(b >> i) & 1 for i in range(8)] for b in range(256)], dtype=torch.bool)
+        table = torch.where(bits, 0.0, float("-inf")).to(device=device, dtype=dtype)
+        _BYTE_BIAS[(device, dtype)] = table
+    return table
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """``logits`` [rows, vocab] with each token whose bit in ``bitmask`` [rows, words] is 0 at -inf."""
-    dev = logits.device
-    bits = _BITS.get(dev)
-    if bits is None:
-        bits = _BITS[dev] = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=dev)
-    words = bitmask.to(dev, non_blocking=True)
-    allowed = (words.unsqueeze(-1) & bits).ne(0).view(words.shape[0], -1)
-    vocab = logits.shape[-1]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+    """``logits`` [rows, vocab] with each token whose bit in ``bitmask`` [rows, words] (int32,
+    bit ``i % 32`` of word ``i // 32``) is 0 at -inf; a new tensor. One table lookup per mask byte."""
+    rows, vocab = logits.shape
+    words = bitmask.to(logits.device, non_blocking=True).contiguous()
+    bias = torch.nn.functional.embedding(words.view(torch.uint8).int(), _byte_bias(logits.device, logits.dtype))
+    bias = bias.view(rows, -1)
+    if bias.shape[1] < vocab:  # tokens past the mask (padding of the output layer) are never allowed
+        bias = torch.nn.functional.pad(bias, (0, vocab - bias.shape[1]), value=float("-inf"))
+    return logits + bias[:, :vocab]
 
 
 def sample_rows(

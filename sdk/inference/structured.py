@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -161,7 +162,7 @@ class MaskFiller:
     model's forward pass (llguidance computes masks in native threads, without the GIL)."""
 
     def __init__(self, llg: Any, vocab_size: int) -> None:
-        self._executor = llg.LLExecutor(num_threads=2)
+        self._executor = llg.LLExecutor(num_threads=max(2, min(8, (os.cpu_count() or 2) // 2)))
         self.words = (vocab_size + 31) // 32
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoglm-grammar")
 

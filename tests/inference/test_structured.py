@@ -349,3 +349,19 @@ def test_http_tool_choice_none_and_auto_answer_text(client: openai.OpenAI, srv: 
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris","unit":"celsius"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]}
     assert httpx.post(f"{srv.api_url}/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_bitmask_applies_bit_for_bit() -> None:
+    import torch
+
+    from sdk.inference.sampling import apply_token_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab, words in ((70, 3), (64, 2), (100, 2)):  # a mask shorter than the vocabulary blocks the rest
+        logits = torch.randn(3, vocab, generator=gen)
+        mask = torch.randint(-(1 << 31), (1 << 31) - 1, (3, words), dtype=torch.int32, generator=gen)
+        out = apply_token_bitmask(logits, mask)
+        for r in range(3):
+            for t in range(vocab):
+                allowed = t < 32 * words and (int(mask[r, t // 32]) >> (t % 32)) & 1
+                assert (out[r, t] == logits[r, t]) if allowed else out[r, t] == float("-inf")
