@@ -154,8 +154,7 @@ def coordinator_main(args: argparse.Namespace) -> None:
 
         def stats() -> str:
             return json.dumps({"admitted": admitted[0], "registry": len(coord.registry),
-                               "admission": coord.admission.snapshot(), "converged": converged[-5:],
-                               "heap": heap()})
+                               "admission": coord.admission.snapshot(), "converged": converged[-5:]})
 
         async def snapshot() -> str:
             return stats()
@@ -194,6 +193,8 @@ def coordinator_main(args: argparse.Namespace) -> None:
                 if line.startswith("profile "):
                     path = line.split(" ", 1)[1].strip()
                     print(asyncio.run_coroutine_threadsafe(profile(path), loop).result(), flush=True)
+                elif line.strip() == "heap":              # walks every pymalloc pool: not polled
+                    print(json.dumps(heap()), flush=True)
                 elif line.strip() == "stats":
                     print(asyncio.run_coroutine_threadsafe(snapshot(), loop).result(), flush=True)
                 elif line.strip() == "memory":
@@ -289,6 +290,13 @@ class CoordinatorProcess:
         self.proc.stdin.write(f"profile {path or '-'}\n")
         self.proc.stdin.flush()
         self._line()
+
+    def heap(self) -> dict[str, Any]:
+        """The coordinator's allocator state (see :func:`heap`)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("heap\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
 
     def memory(self) -> dict[str, Any]:
         """The coordinator's Python allocations grown since its first ``memory`` call (``--tracemalloc``)."""
@@ -484,7 +492,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)
         idle_rss = proc_rss_mb(coord.pid)
         out["coordinator_idle_rss_mb"] = round(idle_rss, 1)
-        out["coordinator_idle_heap"] = coord.stats()["heap"]
+        out["coordinator_idle_heap"] = coord.heap()
         fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency)
         wait_until(lambda: all(s["display_admitted"] for s in fleet.ask("state", 0)), 60)
         if args.tracemalloc:
@@ -528,7 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "load_fanout": load()})
             stats = coord.stats()
             rss = proc_rss_mb(coord.pid)
-            step.update({"coordinator_heap": stats["heap"], "coordinator_rss_mb": round(rss, 1),
+            step.update({"coordinator_heap": coord.heap(), "coordinator_rss_mb": round(rss, 1),
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
                          "coordinator_cpu_s_total": round(proc_cpu(coord.pid), 2),
                          "coordinator_admission": stats["admission"], "registry": stats["registry"]})
@@ -542,7 +550,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"          {site['kb']:>9.1f} KB {site['blocks']:>8} blocks  {site['site']}", flush=True)
             print(f"        event -> {applied}/{fleet.size} applied in {step['event_all_applied_s']} s; "
                   f"coordinator converged in {step['coordinator_converged_s']} s; RSS {rss:.0f} MB "
-                  f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle; heap {stats['heap']}); load {load()}",
+                  f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle; heap {step['coordinator_heap']}); load {load()}",
                   flush=True)
             out["steps"].append(step)
         # reconnect storm: the broker restarts under the whole fleet
