@@ -43,7 +43,12 @@ _KEPT = ("id", "type", "issuer", "validFrom", "validUntil", "expirationDate")
 
 def compact_credential(credential: Mapping[str, Any]) -> dict[str, Any]:
     """What a session keeps of a verified ``credential``: :data:`_KEPT` and the subject's name."""
-    out = {k: _shared(v) for k in _KEPT if (v := credential.get(k)) is not None}
+    out = {k: v for k in _KEPT if (v := credential.get(k)) is not None}
+    if isinstance(out.get("type"), list):
+        out["type"] = [_shared(t) for t in out["type"]]
+    out["issuer"] = _shared(out.get("issuer"))
+    if out["issuer"] is None:
+        del out["issuer"]
     subject = credential.get("credentialSubject")
     name = subject.get("name") if isinstance(subject, dict) else None
     if isinstance(name, str):
@@ -263,7 +268,7 @@ class Registry:
         rec.credential_id, rec.issuer = credential_id, issuer
         rec.state, rec.session, rec.last_seen = ONLINE, session, now
         rec.heartbeat_ttl = heartbeat_ttl
-        rec.status = tuple({k: _shared(v) for k, v in e.items()} for e in status)
+        rec.status = tuple({k: v if k == "statusListIndex" else _shared(v) for k, v in e.items()} for e in status)
         rec.fingerprint = session.fingerprint if session is not None else None
         rec.valid_until = session.valid_until if session is not None else None
         if capabilities is not None:
@@ -449,7 +454,8 @@ def shared_names(names: Iterable[str]) -> frozenset[str]:
 
 
 def _shared(value: Any) -> Any:
-    """Short strings interned (kinds, status-list URLs, purposes, dates repeat across the fleet)."""
+    """Short strings interned: only values that repeat across the fleet (kinds, types, issuers,
+    status-list URLs and purposes); interning a value unique to one device would only cost."""
     return sys.intern(value) if isinstance(value, str) and len(value) <= 256 else value
 
 
