@@ -131,6 +131,10 @@ class CudaGraphDecoder:
         Call it before serving (``Engine.warmup`` does): a capture, and the compile of a new batch
         shape, would otherwise stall every running stream the first time that batch size occurs.
         """
+        with torch.inference_mode():  # the scheduler makes and writes the KV tensors in inference mode
+            return self._warmup()
+
+    def _warmup(self) -> int:
         self._check_generation()
         blocks = min(self.block_bucket, self.max_blocks)
         batch = 1

@@ -231,12 +231,13 @@ class Scheduler:
                     break
                 cancels, self._cancels = self._cancels, set()
             if shrink:
-                self._shrink()
+                with torch.inference_mode():
+                    self._shrink()
                 continue
             try:
-                self._apply_cancels(cancels)
-                self._admit()
-                with torch.inference_mode():
+                with torch.inference_mode():  # KV tensors are made and written in inference mode only
+                    self._apply_cancels(cancels)
+                    self._admit()
                     self._prefill()
                     self._decode()
             except Exception as exc:  # a failed step fails its sequences, not the engine
@@ -294,8 +295,12 @@ class Scheduler:
             reserve = 0 if target % bs else 1  # room for the first sampled token's KV
             fresh = self.pool.allocate(needed) if self.pool.available() >= needed + reserve else None
             if copied:  # the cached block that continues the match: copy its first positions
-                if fresh is not None:
-                    self.cache.copy_block(partial, fresh[0], copied)
+                try:
+                    if fresh is not None:
+                        self.cache.copy_block(partial, fresh[0], copied)
+                except Exception:  # the cache is an optimisation: prefill those tokens instead
+                    log.exception("could not copy a cached KV block")
+                    copied = 0
                 self.pool.free([partial])
             if fresh is None:
                 self.pool.free(blocks)

@@ -267,6 +267,24 @@ async def test_idle_engine_shrinks_its_pool_and_keeps_working(
 
 
 @pytestmark_model
+async def test_a_partial_block_is_reused_after_the_pool_grew_during_decode(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch, smollm2: Any, references: dict[str, list[int]]
+) -> None:
+    from sdk.inference import placement
+
+    monkeypatch.setattr(placement, "KV_GROW_BYTES", 1)  # 16 blocks at start: decode has to grow the pool
+    engine = make_engine(max_batch_size=4, kv_block_size=4)
+    results = await asyncio.gather(*(engine.generate(greedy(p, 20)) for p in PROMPTS[1:]))
+    assert engine.stats()["kv_peak_blocks"] > 16
+    ids = engine.encode(greedy(PROMPTS[1]))
+    follow = [*ids, *results[0].token_ids[:3]]  # 22 tokens: 5 cached blocks + 1 token of the 6th
+    again = await engine.generate(GenerationRequest(prompt_token_ids=follow, max_new_tokens=6, temperature=0))
+    assert again.usage.cached_prompt_tokens == len(follow) - 1 and (len(follow) - 1) % 4 != 0
+    assert again.token_ids == results[0].token_ids[3:9]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytestmark_model
 def test_a_budget_below_one_sequence_is_insufficient_memory(make_engine: Any) -> None:
     with pytest.raises(InsufficientMemory) as err:
         make_engine(max_batch_size=1, kv_memory=4096)
