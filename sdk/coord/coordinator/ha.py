@@ -134,6 +134,7 @@ class HACoordinator:
         self._http: Any = None
         self._metrics: Any = None
         self._status_written = 0.0
+        self._took_over = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -222,7 +223,9 @@ class HACoordinator:
         except AutoGLMError as exc:
             log.warning("lease %s not polled: %s: %s", self.lease_name, exc.reason, exc)
             return None
-        if before is not None and before.holder not in (None, self.holder) and before.token < token:
+        self._took_over = before is not None and before.holder not in (None, self.holder) \
+            and before.token < token
+        if self._took_over:
             self.failovers += 1
             self._gauge("failovers")
         self.lease_holder, self.lease_token = self.holder, token
@@ -270,7 +273,7 @@ class HACoordinator:
             self.promotions += 1
             self._set_role(ACTIVE)
             log.warning("coordinator %s active with lease token %d (%s)", self.holder, token,
-                        "failover" if self.failovers else "first holder",
+                        "took it over" if self._took_over else "it was free",
                         extra={"event": "ha_promoted", "token": token, "holder": self.holder})
             self._emit("promoted", token=token, failovers=self.failovers, boot=coord.boot)
             lost = asyncio.ensure_future(self._lost.wait())
@@ -352,8 +355,11 @@ class HACoordinator:
         if started or coord.store is not None:
             try:
                 await coord.stop()
-            except AutoGLMError as exc:
+            except AutoGLMError as exc:            # e.g. a refused final write: close what is left
                 log.warning("coordinator stop after %s: %s", reason, exc)
+                if coord.store is not None:
+                    with contextlib.suppress(Exception):
+                        coord.store.close()
         if reason != "lease_lost":
             self._release(token)
         self._lock.acquire()                         # coord.stop() released the shared lock object
