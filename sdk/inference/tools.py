@@ -19,6 +19,15 @@ __all__ = ["template_renders_tools", "render_chat", "tools_system_prompt", "tool
            "parse_tool_call", "openai_tool_calls"]
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_MAX_CALL_CHARS = 1 << 20
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique (a duplicate makes the text not a call)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
 
 
 def template_renders_tools(tokenizer: Any) -> bool:
@@ -76,11 +85,11 @@ def parse_tool_call(text: str, tools: Sequence[Mapping[str, Any]]) -> dict[str, 
         body = body[len(_OPEN):end if end >= 0 else len(body)].strip()
     if not body.startswith("{"):
         return None
+    if len(body) > _MAX_CALL_CHARS:
+        return None
     try:
-        from sdk.identity.hazmat.json import loads  # bounded parser for model output
-
-        call = loads(body)
-    except Exception:  # noqa: BLE001 - not a call: the text stays content
+        call = json.loads(body, object_pairs_hook=_unique)
+    except (ValueError, RecursionError):  # not a call: the text stays content
         return None
     names = {t["function"]["name"] for t in tools}
     if not isinstance(call, dict) or call.get("name") not in names or not isinstance(call.get("arguments"), dict):

@@ -287,6 +287,9 @@ def test_http_response_format_json_schema(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=160, temperature=0,
                                        response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    done = client.completions.create(model=MODEL, prompt="A record as JSON:", max_tokens=160, temperature=0,
+                                     extra_body={"response_format": _format(SCHEMAS["choice"])})
+    assert done.choices[0].finish_reason == "stop" and json.loads(done.choices[0].text) in ("yes", "no", "maybe")
 
 
 def test_http_bad_schema_is_400_with_reason(client: openai.OpenAI) -> None:
