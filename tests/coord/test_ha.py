@@ -575,3 +575,28 @@ async def test_an_instance_that_cannot_start_releases_the_lease_and_tries_again(
         return lease is not None and lease.token >= 2 and lease.holder is None
     await until(released_twice, 15, what="two failed promotions, each lease released")
     assert ha.role == "standby" and ha.promotions == 0 and ha.coordinator is None
+
+
+@pytest.mark.postgres
+def test_an_active_paused_inside_a_transaction_does_not_block_the_takeover(postgres: Any) -> None:
+    """The active holds the lease row locked by an open write transaction when it stops (SIGSTOP,
+    a stall); once its lease expired the standby still takes it at once: the server ends a
+    session idle in a transaction after 1 s, releasing the lock (else the standby's FOR UPDATE
+    would wait for it as long as the pause lasts)."""
+    url = postgres.fresh_url()
+    active, standby = open_store(url), open_store(url)
+    try:
+        token = active.acquire_lease("a/1", 1.0)
+        active.fence(token, holder="a/1")
+        active._db.execute("BEGIN")             # the first statement of a fenced write, then nothing
+        active._check_fence(active._db)
+        time.sleep(1.2)                          # the pause: the lease expires, the session idles
+        assert standby.acquire_lease("b/1", 3.0) == token + 1   # not a lock_timeout StoreError after 10 s
+        from sdk.coord.coordinator.errors import StoreError
+
+        with pytest.raises(StoreError):          # its transaction is gone: nothing it writes lands
+            active.set_meta("late", "x")
+        assert standby.get_meta("late") is None
+    finally:
+        active.close()
+        standby.close()

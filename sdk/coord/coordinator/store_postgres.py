@@ -85,11 +85,15 @@ class PgConnection:
     def _params(self) -> dict[str, Any]:
         """The URL's connection parameters over these defaults: a dead server or peer is noticed
         in seconds (TCP keepalives, ``tcp_user_timeout``), and no statement or lock wait hangs the
-        coordinator (``statement_timeout``, ``lock_timeout``)."""
+        coordinator (``statement_timeout``, ``lock_timeout``), nor a paused one the others
+        (``idle_in_transaction_session_timeout``)."""
         params: dict[str, Any] = {
             "connect_timeout": max(1, int(self.connect_timeout)), "application_name": "autoglm-coordinator",
             "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-            "tcp_user_timeout": 10_000, "options": "-c statement_timeout=60s -c lock_timeout=10s"}
+            "tcp_user_timeout": 10_000, "options": "-c statement_timeout=60s -c lock_timeout=10s"
+            # a process paused or hung inside a transaction (SIGSTOP, GC stall) would hold its locks, the
+            # lease row's included, and block a standby's takeover: the server ends such a session
+            " -c idle_in_transaction_session_timeout=1s"}
         params.update(conninfo.conninfo_to_dict(self.url))
         return params
 
