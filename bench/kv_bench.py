@@ -204,10 +204,13 @@ def bench_prefix(loaded: Any, chats: int, turns: int, new_tokens: int) -> dict[s
         prompt += result.usage.prompt_tokens
 
     try:
+        cpu0, t0 = time.process_time(), time.perf_counter()
         for t in range(turns):
             asyncio.run(_gather(turn(i, t) for i in range(chats)))
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
         stats = engine.stats()
         out = {"chats": chats, "turns": turns, "prompt_tokens": prompt, "cached_prompt_tokens": cached,
+               "seconds": round(wall, 2), "cpu_s": round(cpu, 2),
                "hit_rate": round(stats["prefix_cache_hit_rate"], 4),
                "ttft_median_s": round(statistics.median(ttft), 3),
                "engine": {k: v for k, v in stats.items() if k.startswith(("kv_", "prefix_cache"))}}
