@@ -204,10 +204,10 @@ def offline_coord(tmp_path: Path) -> Any:
         coord.store.close()
 
 
-def _present_message(coord: Coordinator, key: Key, credential: Any) -> Message:
+def _present_message(coord: Coordinator, key: Key, credential: Any, **extra: Any) -> Message:
     challenge = coord.challenges.issue(key.did)
     body = {"challenge": challenge, "vp": present(credential, key, challenge=challenge, domain=coord.did),
-            "last_version": 0}
+            "last_version": 0, **extra}
     return Message(topic=protocol.device_commands(protocol.token(coord.did)), sender=key.did,
                    kid=f"{key.did}#{key.did.removeprefix('did:key:')}", type=protocol.PRESENT,
                    id=f"m-{time.monotonic_ns()}", body=body, issued_at=time.time())
@@ -307,3 +307,23 @@ async def test_write_batch_waiters_share_one_flush_and_a_cancelled_one_leaves_it
     bad: WriteBatch[int] = WriteBatch(broken)
     results = await asyncio.gather(*(bad.write(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, StoreError) for r in results) and bad.batches == 0
+
+
+async def test_a_credential_revoked_while_its_row_is_written_is_refused_and_stays_revoked(
+        offline_coord: Coordinator, tmp_path: Path) -> None:
+    coord = offline_coord
+    assert coord.issuer is not None and coord.store is not None
+    key = Key.generate()
+    cred = device_credential(coord.issuer, key.did, kind="phone")
+    await coord._present(_present_message(coord, key, cred))       # admitted once
+    pending = asyncio.ensure_future(coord._present(_present_message(coord, key, cred, capabilities=["cam"])))
+    await asyncio.sleep(0)              # the re-admission waits for its batch to be written
+    assert len(coord.device_writes) == 1
+    coord.registry.revoke(key.did, [cred["id"]])                   # a status-list update lands meanwhile
+    with pytest.raises(AdmissionError) as err:
+        await pending
+    assert err.value.reason == "revoked"
+    assert coord.registry.get(key.did).state == "revoked"          # type: ignore[union-attr]
+    with sqlite3.connect(tmp_path / "coordinator.db") as db:
+        (record,) = db.execute("SELECT record FROM devices WHERE did = ?", (key.did,)).fetchone()
+    assert '"state":"revoked"' in record                           # the batch's row did not win
