@@ -68,11 +68,10 @@ class CudaGraphDecoder:
         rows = max_batch_size
         self.ids = torch.zeros((rows, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((rows, 1), dtype=torch.long, device=dev)
-        self.write_blocks = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.write_offsets = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.write_index = torch.zeros(rows, dtype=torch.long, device=dev)
         self.tables = torch.zeros((rows, max_blocks), dtype=torch.long, device=dev)
         self.arange = torch.arange(max_blocks * cache.block_size, device=dev)
-        self._host = torch.zeros((4, rows), dtype=torch.long).pin_memory()  # ids, pos, blocks, offsets
+        self._host = torch.zeros((3, rows), dtype=torch.long).pin_memory()  # ids, positions, write index
         self._host_tables = torch.zeros((rows, max_blocks), dtype=torch.long).pin_memory()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
@@ -83,8 +82,8 @@ class CudaGraphDecoder:
         pos = self.pos[:batch]
         mask = self.arange[: blocks * self.cache.block_size][None, None, None, :] <= pos[:, None, :, None]
         ctx = StepContext(
-            cache=self.cache, write_blocks=self.write_blocks[:batch], write_offsets=self.write_offsets[:batch],
-            tables=self.tables[:batch, :blocks], mask=mask,
+            cache=self.cache, write_index=self.write_index[:batch], tables=self.tables[:batch, :blocks],
+            mask=mask,
         )
         with active_context(ctx):
             out = self.model(
@@ -97,11 +96,11 @@ class CudaGraphDecoder:
         return out.logits[:, -1, :]
 
     def _capture(self, batch: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        saved = [t.clone() for t in (self.ids, self.pos, self.write_blocks, self.write_offsets, self.tables)]
+        buffers = (self.ids, self.pos, self.write_index, self.tables)
+        saved = [t.clone() for t in buffers]
         # Warm-up and capture runs write only the scratch block.
         self.pos.zero_()
-        self.write_blocks.zero_()
-        self.write_offsets.zero_()
+        self.write_index.zero_()
         self.tables.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -113,8 +112,7 @@ class CudaGraphDecoder:
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._step(batch, blocks)
         self.pool = graph.pool()
-        for buf, old in zip((self.ids, self.pos, self.write_blocks, self.write_offsets, self.tables), saved,
-                            strict=True):
+        for buf, old in zip(buffers, saved, strict=True):
             buf.copy_(old)
         log.info("captured a CUDA graph for batch %d, %d KV blocks", batch, blocks)
         return graph, out
@@ -165,16 +163,14 @@ class CudaGraphDecoder:
         for row, s in enumerate(seqs):
             host[0, row] = s.next_input()
             host[1, row] = s.pos
-            host[2, row] = s.blocks[s.pos // bs]
-            host[3, row] = s.pos % bs
+            host[2, row] = s.blocks[s.pos // bs] * bs + s.pos % bs
             used = s.blocks[:blocks]
             tables[row, : len(used)] = torch.tensor(used, dtype=torch.long)
         try:
             self._check_generation()
             self.ids[:batch, 0].copy_(host[0, :batch], non_blocking=True)
             self.pos[:batch, 0].copy_(host[1, :batch], non_blocking=True)
-            self.write_blocks[:batch].copy_(host[2, :batch], non_blocking=True)
-            self.write_offsets[:batch].copy_(host[3, :batch], non_blocking=True)
+            self.write_index[:batch].copy_(host[2, :batch], non_blocking=True)
             self.tables[:batch, :blocks].copy_(tables[:batch, :blocks], non_blocking=True)
             key = (batch, blocks)
             if key not in self.graphs:

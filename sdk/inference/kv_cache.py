@@ -40,8 +40,7 @@ class StepContext:
     """What one forward pass needs from the cache: where new K/V go, each row's blocks, the mask."""
 
     cache: PagedKVCache
-    write_blocks: torch.Tensor  # [B*T] block of each new token (row-major over batch, time)
-    write_offsets: torch.Tensor  # [B*T] offset inside that block
+    write_index: torch.Tensor  # [B*T] block * block_size + offset of each new token (row-major)
     tables: torch.Tensor  # [B, nb] each row's blocks in order (padded with the scratch block)
     mask: torch.Tensor  # [B, 1, T, nb * block_size] bool, True = may attend
 
@@ -82,10 +81,15 @@ def paged_attention(
     layer = cast(int, module.layer_idx)
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
     batch, kv_heads, _, head_dim = key.shape
-    kc[ctx.write_blocks, ctx.write_offsets] = key.transpose(1, 2).reshape(-1, kv_heads, head_dim).to(kc.dtype)
-    vc[ctx.write_blocks, ctx.write_offsets] = value.transpose(1, 2).reshape(-1, kv_heads, head_dim).to(vc.dtype)
-    keys = kc[ctx.tables].view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    values = vc[ctx.tables].view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    # index_copy_/index_select over flat views: on CPU several times faster than indexing with
+    # (block, offset) pairs or a 2-D table (docs/BENCHMARKS.md, KV cache).
+    kc.view(-1, kv_heads, head_dim).index_copy_(
+        0, ctx.write_index, key.transpose(1, 2).reshape(-1, kv_heads, head_dim).to(kc.dtype))
+    vc.view(-1, kv_heads, head_dim).index_copy_(
+        0, ctx.write_index, value.transpose(1, 2).reshape(-1, kv_heads, head_dim).to(vc.dtype))
+    flat_tables = ctx.tables.reshape(-1)
+    keys = kc.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    values = vc.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         query, keys, values, attn_mask=ctx.mask, scale=scaling, enable_gqa=query.shape[1] != kv_heads
     )

@@ -441,15 +441,13 @@ class Scheduler:
         width = max(len(t) for t in tokens)
         padded: list[int] = []
         pos_rows: list[list[int]] = []
-        write_blocks: list[int] = []
-        write_offsets: list[int] = []
+        write_index: list[int] = []
         for seq, toks in zip(seqs, tokens, strict=True):
             pad = width - len(toks)
             padded += [0] * pad + toks
             positions = range(seq.pos, seq.pos + len(toks))
             pos_rows.append([0] * pad + list(positions))
-            write_blocks += [SCRATCH_BLOCK] * pad + [seq.blocks[p // bs] for p in positions]
-            write_offsets += [0] * pad + [p % bs for p in positions]
+            write_index += [SCRATCH_BLOCK * bs] * pad + [seq.blocks[p // bs] * bs + p % bs for p in positions]
         n_blocks = max(-(-(seq.pos + len(t)) // bs) for seq, t in zip(seqs, tokens, strict=True))
         tables = [seq.blocks[:n_blocks] + [SCRATCH_BLOCK] * (n_blocks - len(seq.blocks[:n_blocks])) for seq in seqs]
         input_ids = torch.tensor(padded, dtype=torch.long, device=dev).view(len(seqs), width)
@@ -457,8 +455,7 @@ class Scheduler:
         mask = torch.arange(n_blocks * bs, device=dev)[None, None, None, :] <= positions_t[:, None, :, None]
         ctx = StepContext(
             cache=self.cache,
-            write_blocks=torch.tensor(write_blocks, dtype=torch.long, device=dev),
-            write_offsets=torch.tensor(write_offsets, dtype=torch.long, device=dev),
+            write_index=torch.tensor(write_index, dtype=torch.long, device=dev),
             tables=torch.tensor(tables, dtype=torch.long, device=dev),
             mask=mask,
         )
