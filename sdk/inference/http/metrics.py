@@ -20,7 +20,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 #: ``stats()`` keys that are running totals (engine and mesh router): exported as counters.
 COUNTER_STATS: frozenset[str] = frozenset({
-    "completed_requests", "generated_tokens", "prefix_cache_hits", "prefix_cache_lookups",  # engine
+    "completed_requests", "generated_tokens", "prefix_cache_hits", "prefix_cache_lookups", "kv_preemptions",  # engine
     "requests", "completed", "failovers", "errors", "adverts", "adverts_rejected", "nodes_revoked",  # router
 })
 
