@@ -289,3 +289,14 @@ def test_a_budget_below_one_sequence_is_insufficient_memory(make_engine: Any) ->
     with pytest.raises(InsufficientMemory) as err:
         make_engine(max_batch_size=1, kv_memory=4096)
     assert err.value.reason == "insufficient_memory"
+
+
+def test_serve_rejects_a_malformed_kv_memory_before_loading() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sdk", "serve", "--device", "cpu", "--kv-memory", "lots"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "invalid_option" in done.stderr and "--kv-memory" in done.stderr
+    assert "engine ready" not in done.stderr
