@@ -29,6 +29,7 @@ __all__ = [
     "active_context",
     "install_paged_attention",
     "paged_attention",
+    "release_free_heap",
 ]
 
 ATTN_IMPLEMENTATION = "autoglm_paged"
@@ -182,9 +183,27 @@ class PagedKVCache:
             return new
 
         self._replace(build, capacity)
+        if self.device.type == "cpu":
+            release_free_heap()
 
     def copy_block(self, src: int, dst: int, n: int) -> None:
         """Copy the first ``n`` positions of block ``src`` into block ``dst`` in every layer."""
         for tensors in (self.k, self.v):
             for t in tensors:
                 t[dst, :n].copy_(t[src, :n])
+
+
+def release_free_heap() -> bool:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``); False where unavailable.
+
+    Block tensors of a few MB each come from the C heap, which keeps freed memory for reuse, so
+    without this a shrunk pool would not lower the process's RSS.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
