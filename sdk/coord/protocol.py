@@ -19,7 +19,8 @@ config document (on top of the signed envelopes of docs/PROTOCOL.md).
     operator → coordinator dev/{coord}/cmd      coord.operate (request, encrypted) {op, params}
     device → coordinator  dev/{coord}/cmd       coord.enroll / coord.renew / coord.rotate (requests)
     coordinator → device  dev/{device}/cmd      coord.call (request, encrypted) {method, args}
-    coordinator           dev/{coord}/presence  coord.presence  {state, boot} (retained)
+    device → coordinator  dev/{coord}/cmd       coord.ticket (request) {} -> {next_challenge, ticket_ttl}
+    coordinator           dev/{coord}/presence  coord.presence  {state, boot, deployment} (retained)
     issuer/coordinator    status/{issuer}       coord.status_list  status list credential (retained)
 """
 
@@ -54,6 +55,9 @@ CALL = "coord.call"
 ENROLL = "coord.enroll"
 RENEW = "coord.renew"
 ROTATE = "coord.rotate"
+#: device → coordinator (request on the coordinator's cmd topic, admitted devices): {} -> a fresh
+#: resumption ticket {next_challenge, ticket_ttl, deployment}
+TICKET = "coord.ticket"
 #: device → coordinator (on its events topic): reported properties {properties}
 PROPERTIES = "coord.properties"
 
