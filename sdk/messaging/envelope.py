@@ -17,6 +17,7 @@ import base64
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ TYP = "autoglm-msg+jws"
 DEFAULT_MAX_BYTES = 256 * 1024
 MAX_ID_LEN = 64
 MAX_TYPE_LEN = 128
+#: sender headers a :class:`Verifier` remembers by default (a coordinator raises it to its fleet)
+HEADER_CACHE_SIZE = 16_384
 MAX_HEADER_B64 = 2048
 
 _dumps = strict_json.dumps_compact
@@ -204,7 +207,10 @@ class Verifier:
         resolver: Resolver | None = None,
         policy: VerifyPolicy = VerifyPolicy(),
         replay: ReplayCache | None = None,
+        header_cache: int = HEADER_CACHE_SIZE,
     ) -> None:
+        if header_cache <= 0:
+            raise ValueError("header_cache must be positive")
         self.policy = policy
         self.replay = replay if replay is not None else ReplayCache(window=policy.max_age + policy.clock_skew)
         self._key = key
@@ -218,19 +224,37 @@ class Verifier:
             self._resolve = resolver
         else:
             raise TypeError("resolver must be callable or have .resolve()")
-        self._headers: dict[bytes, tuple[str, str, PublicKey]] = {}
+        #: header bytes -> (kid, sender, key), least recently used first (see :meth:`resize_header_cache`)
+        self._headers: OrderedDict[bytes, tuple[str, str, PublicKey]] = OrderedDict()
+        self._header_max = header_cache
+
+    @property
+    def header_cache_size(self) -> int:
+        """How many distinct sender headers are remembered (least recently used evicted past it)."""
+        return self._header_max
+
+    def resize_header_cache(self, size: int) -> None:
+        """Remember up to ``size`` sender headers (a receiver of N senders wants a bit more than N)."""
+        if size <= 0:
+            raise ValueError("header cache size must be positive")
+        self._header_max = size
+        headers = self._headers
+        while len(headers) > size:
+            headers.popitem(last=False)
 
     def public_key(self, kid: str) -> PublicKey:
         """The sender key for ``kid`` as resolved for verification (to encrypt replies to it)."""
-        for k, _sender, pub in self._headers.values():
+        for k, _sender, pub in reversed(self._headers.values()):    # the newest first: the request's own
             if k == kid:
                 return pub
         resolved = self._resolve(kid)
         return getattr(resolved, "public_key", resolved)
 
     def _sender(self, header_b64: bytes) -> tuple[str, str, PublicKey]:
-        hit = self._headers.get(header_b64)
+        headers = self._headers
+        hit = headers.get(header_b64)
         if hit is not None:
+            headers.move_to_end(header_b64)     # most recently used last
             return hit
         if len(header_b64) > MAX_HEADER_B64:
             raise Malformed("header too long")
@@ -255,9 +279,9 @@ class Verifier:
             raise UnknownSender(f"{kid!r} is not an authentication key")
         sender = getattr(resolved, "controller", None) or kid.partition("#")[0]
         hit = (kid, sender, pub)
-        if len(self._headers) >= 10_000:
-            self._headers.clear()
-        self._headers[header_b64] = hit
+        while len(headers) >= self._header_max:
+            headers.popitem(last=False)         # the least recently used
+        headers[header_b64] = hit
         return hit
 
     def open(
@@ -366,6 +390,7 @@ __all__ = [
     "ALG",
     "TYP",
     "DEFAULT_MAX_BYTES",
+    "HEADER_CACHE_SIZE",
     "Message",
     "VerifyPolicy",
     "Signer",

@@ -256,3 +256,61 @@ def test_interop_with_an_independent_jose_library(alice: Key) -> None:
     payload = json.dumps({"id": "x1", "typ": "event", "top": TOPIC, "iat": int(NOW * 1000), "body": 5})
     token = jws.serialize_compact(header, payload, OKPKey.import_key(alice.to_jwk(private=True)), algorithms=["EdDSA"])
     assert _verifier().open(TOPIC, token.encode(), now=NOW).body == 5
+
+
+def test_header_cache_is_an_lru_of_its_configured_size() -> None:
+    keys = [Key.from_seed(bytes([i]) * 32) for i in range(4)]
+    resolved: list[str] = []
+
+    def resolve(kid: str) -> object:
+        resolved.append(kid.partition("#")[0])
+        return Key.from_seed(bytes([[k.did for k in keys].index(kid.partition("#")[0])]) * 32).public
+
+    v = Verifier(resolver=resolve, header_cache=3)
+    assert v.header_cache_size == 3
+
+    def send(key: Key, n: int) -> None:
+        _, wire = Signer(key).seal(TOPIC, n, type="t", now=NOW)
+        assert v.open(TOPIC, wire, now=NOW).sender == key.did
+
+    for i, k in enumerate(keys[:3]):
+        send(k, i)
+    send(keys[0], 10)                      # a hit: 0 becomes the most recently used
+    assert resolved == [k.did for k in keys[:3]]
+    send(keys[3], 11)                      # full: evicts 1, the least recently used (not 0, the oldest)
+    assert len(v._headers) == 3
+    send(keys[0], 12)
+    send(keys[2], 13)
+    assert resolved == [k.did for k in keys[:4]]
+    send(keys[1], 14)                      # 1 was evicted: resolved again
+    assert resolved[-1] == keys[1].did and len(resolved) == 5
+    v.resize_header_cache(1)               # shrinking keeps the most recent
+    assert len(v._headers) == 1
+    send(keys[1], 15)
+    assert len(resolved) == 5
+    with pytest.raises(ValueError):
+        Verifier(header_cache=0)
+
+
+def test_replay_cache_refuses_replays_at_its_bound(alice: Key, bob: Key) -> None:
+    cache = ReplayCache(window=100, max_entries=4)
+    for i in range(4):
+        cache.check_and_add(alice.did, f"m{i}", issued_at=100 + i, now=100 + i)
+    for i in range(4):                      # full, every remembered pair is still refused
+        with pytest.raises(errors.Replayed):
+            cache.check_and_add(alice.did, f"m{i}", issued_at=100 + i, now=104)
+    cache.check_and_add(bob.did, "m0", issued_at=104, now=104)   # same id, other sender: new; evicts m0
+    assert len(cache) == 4
+    with pytest.raises(errors.Replayed):    # the evicted pair is below the floor: still refused
+        cache.check_and_add(alice.did, "m0", issued_at=100, now=104)
+    for i in (1, 2, 3):
+        with pytest.raises(errors.Replayed):
+            cache.check_and_add(alice.did, f"m{i}", issued_at=100 + i, now=105)
+    with pytest.raises(errors.Replayed):
+        cache.check_and_add(bob.did, "m0", issued_at=104, now=105)
+    # sender and id are kept apart: ("ab", "c") and ("a", "bc") are different pairs
+    other = ReplayCache(window=100, max_entries=10)
+    other.check_and_add("ab", "c", issued_at=100, now=100)
+    other.check_and_add("a", "bc", issued_at=100, now=100)
+    other.check_and_add("a", "b\ud800", issued_at=100, now=100)   # lone surrogates do not raise
+    assert len(other) == 3
