@@ -6,11 +6,13 @@ with the device SDK; its names are re-exported here.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,6 +33,18 @@ log = logging.getLogger(__name__)
 V2_CONTEXT = "https://www.w3.org/ns/credentials/v2"
 CHALLENGE_TTL = 30.0
 RESUME_TTL = 600.0     # the next_challenge handed out with an admission
+#: an admitted device may ask for a fresh ticket (``coord.ticket``) at most this often (seconds)
+TICKET_RENEW_INTERVAL = RESUME_TTL / 4
+
+
+def _monotonic() -> float:
+    return time.monotonic()
+
+
+def ticket_digest(ticket: str) -> str:
+    """What the store keeps of a resumption ticket: its SHA-256, hex (the ticket never is)."""
+    return hashlib.sha256(ticket.encode()).hexdigest()
+
 
 def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -101,13 +115,25 @@ class Challenges:
     a full handshake. When only live handshake challenges are left (a flood of hellos), a new one
     is refused with :class:`AdmissionError` ``busy``, and the challenges already handed out stay
     valid. ``evicted`` and ``refused`` count both cases.
+
+    Resumption tickets outlive the instance that issued them: the device record keeps the digest
+    and wall-clock expiry of its latest ticket (:func:`ticket_digest`), and an instance that loads
+    the store restores them (:meth:`restore`, one per device, the latest), so a device re-admits by ticket
+    with whichever instance holds the lease. A restored ticket is single use like any other.
+    ``clock`` (monotonic seconds) is injectable for tests.
     """
 
-    def __init__(self, ttl: float = CHALLENGE_TTL, limit: int = 100_000) -> None:
+    def __init__(self, ttl: float = CHALLENGE_TTL, limit: int = 100_000, *,
+                 clock: Callable[[], float] | None = None) -> None:
         if ttl <= 0 or limit < 1:
             raise ValueError("ttl must be positive and limit at least 1")
         self.ttl = ttl
         self.limit = limit
+        self.clock: Callable[[], float] = clock or _monotonic
+        #: DID -> (ticket digest, deadline): tickets issued by an earlier instance, from the store
+        self._restored: dict[str, tuple[str, float]] = {}
+        #: restored tickets accepted
+        self.restored_used = 0
         #: lifetime -> challenge -> (DID, deadline), oldest first (one lifetime: deadlines ascending)
         self._open: dict[float, OrderedDict[str, tuple[str, float]]] = {}
         self._count = 0
@@ -122,7 +148,7 @@ class Challenges:
         """A new challenge for ``did`` (valid ``ttl`` seconds, default the instance's); raises
         :class:`AdmissionError` ``busy`` when ``limit`` challenges are open and none can go."""
         ttl = self.ttl if ttl is None else ttl
-        now = time.monotonic()
+        now = self.clock()
         if self._count >= self.limit:
             self.sweep(now)
             if self._count >= self.limit and not self._evict_ticket():
@@ -146,12 +172,36 @@ class Challenges:
                 if entry is not None:
                     self._count -= 1
                     break
-        if entry is None or entry[0] != did or entry[1] < time.monotonic():
+            if entry is None and did in self._restored and len(challenge) <= 128:
+                digest, deadline = self._restored[did]
+                if hmac.compare_digest(digest, ticket_digest(challenge)):
+                    del self._restored[did]             # single use
+                    entry = (did, deadline)
+                    self.restored_used += 1
+        if entry is None or entry[0] != did or entry[1] < self.clock():
             raise AdmissionError("unknown, reused or expired challenge", reason="wrong_challenge")
+
+    def restore(self, did: str, digest: str, expires: float, *, now: float | None = None) -> bool:
+        """Accept once, until ``expires`` (wall clock), the ticket whose digest is ``digest`` for
+        ``did`` (the latest one its record holds); False when it has expired already."""
+        remaining = expires - (time.time() if now is None else now)
+        if remaining <= 0 or not isinstance(digest, str):
+            return False
+        self._restored[did] = (digest, self.clock() + remaining)
+        return True
+
+    def forget_restored(self, did: str) -> None:
+        """Drop ``did``'s restored ticket (its record now holds a newer one, or none)."""
+        self._restored.pop(did, None)
+
+    @property
+    def restored(self) -> int:
+        """Restored tickets not used yet (expired ones included until the next sweep)."""
+        return len(self._restored)
 
     def sweep(self, now: float | None = None) -> int:
         """Drop expired challenges (work proportional to those dropped); returns how many."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         dropped = 0
         for bucket in self._open.values():
             while bucket:
@@ -179,9 +229,12 @@ __all__ = [
     "OPERATOR_CREDENTIAL",
     "Admitted",
     "Challenges",
+    "RESUME_TTL",
+    "TICKET_RENEW_INTERVAL",
     "check_presentation",
     "coordinator_credential",
     "device_credential",
     "operator_credential",
     "present",
+    "ticket_digest",
 ]

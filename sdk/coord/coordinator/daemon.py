@@ -35,11 +35,13 @@ from sdk.coord.coordinator.admission import AdmissionControl, SenderLimiter, Tok
 from sdk.coord.coordinator.auth import (
     COORDINATOR_CREDENTIAL,
     RESUME_TTL,
+    TICKET_RENEW_INTERVAL,
     Challenges,
     check_presentation,
     coordinator_credential,
     device_credential,
     present,
+    ticket_digest,
 )
 from sdk.coord.coordinator.commands_ops import register_command_ops
 from sdk.coord.coordinator.config import CoordinatorConfig, IssuerConfig
@@ -118,6 +120,7 @@ _MAX_CAPABILITIES = 256
 #: config pumps a fan-out runs at once (each waits for its device's acknowledgement from the broker)
 PUMP_CONCURRENCY = 1024
 _MAX_ATTRIBUTES_BYTES = 16 * 1024
+_DEPLOYMENT = "deployment"       # meta key: the id all instances over one store share
 
 
 def fingerprint(credential: Mapping[str, Any]) -> str:
@@ -203,6 +206,11 @@ class Coordinator:
         self.store_hook: Callable[[Store], Store] | None = None
         # -- end shared store
         self.boot = secrets.token_hex(8)
+        #: the same for every instance over one store (its ``meta`` row, made on the first start):
+        #: a resumption ticket is good with any of them, never with a coordinator on another store
+        self.deployment: str | None = None
+        #: wall clock of ticket expiry and renewal (injectable for tests; the challenges have their own)
+        self.ticket_clock: Callable[[], float] = time.time
         self.registry = Registry()
         self.metrics = CoordinatorMetrics()
         self.challenges = Challenges()
@@ -279,6 +287,7 @@ class Coordinator:
         self._status_republish_at = time.monotonic() + republish_delay(self.status_republish)
         self.register_command(STATUS_GET, self._status_get)
         # -- end status list re-publication
+        self.register_command(protocol.TICKET, self._renew_ticket)      # fresh resumption tickets
         self._deadlines: list[tuple[float, str, str]] = []     # (valid_until, did, session id)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
@@ -390,6 +399,18 @@ class Coordinator:
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("device record %r in the store is unreadable (%s); skipped", row.get("did"), exc)
         load_operator_state(self)       # operator tags and reported properties (fleet_ops.py)
+        # -- resumption tickets: the deployment id, and every device's latest ticket, from the store
+        self.deployment = self.store.get_meta(_DEPLOYMENT)
+        if self.deployment is None:
+            self.deployment = secrets.token_hex(8)
+            self.store.set_meta(_DEPLOYMENT, self.deployment)
+        now = self.ticket_clock()
+        restored = sum(1 for rec in self.registry
+                       if rec.ticket is not None and rec.state != REVOKED
+                       and self.challenges.restore(rec.did, rec.ticket[0], rec.ticket[1], now=now))
+        if restored:
+            log.info("%d resumption ticket(s) restored from the store", restored)
+        # -- end resumption tickets
         for rec in self.registry:
             rec.persisted = self._stable(rec)
         if self.issuer is not None:
@@ -489,8 +510,8 @@ class Coordinator:
 
     async def _announce(self) -> None:
         await self.client.publish(protocol.device_presence(self._token),
-                                  {"state": "online", "boot": self.boot}, type=protocol.PRESENCE,
-                                  retain=True, qos=1)
+                                  {"state": "online", "boot": self.boot, "deployment": self.deployment},
+                                  type=protocol.PRESENCE, retain=True, qos=1)
         if self.issuer is not None and self._status_credential is not None:
             await self._publish_status_list()
 
@@ -573,6 +594,7 @@ class Coordinator:
             raise
         if not self.admission.finish(msg.sender):
             self.admission.resumed += 1         # by resumption ticket: no hello came first
+            self.metrics.auth.labels("resumed").inc()
         return reply
 
     async def _admit(self, msg: Message) -> dict[str, Any]:
@@ -612,6 +634,7 @@ class Coordinator:
                                       issuer=admitted.issuer, session=session, heartbeat_ttl=ttl,
                                       status=_status_entries(credential), capabilities=caps,
                                       attributes=attrs)
+        ticket = self._issue_ticket(rec)
         try:
             row = rec.to_row()
             stable = self._stable(rec, row)
@@ -640,18 +663,53 @@ class Coordinator:
         self._emit("admitted", did=did, kind=rec.kind, last_version=last, latest=latest)
         if latest > last:
             asyncio.get_running_loop().call_soon(lambda: self._spawn(self._pump(did)))
-        reply = {"session": session.id, "boot": self.boot, "heartbeat_ttl": ttl,
-                 "pending": max(0, latest - last)}
-        try:
-            reply["next_challenge"] = self.challenges.issue(did, ttl=RESUME_TTL)
-        except AdmissionError as exc:                   # challenges at their limit: no ticket this time
-            log.info("no resumption ticket for %s: %s", did, exc)
+        reply: dict[str, Any] = {"session": session.id, "boot": self.boot, "deployment": self.deployment,
+                                 "heartbeat_ttl": ttl, "pending": max(0, latest - last)}
+        if ticket is not None:
+            reply["next_challenge"], reply["ticket_ttl"] = ticket, RESUME_TTL
         if valid_until is not None:
             reply["valid_until"] = valid_until
         if nonce is not None:       # resumed, or a nonce-less hello: prove ourselves in the reply
             reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=did)
             self.admission.signed += 1
         return reply
+
+    # -- resumption tickets: persisted (digest, expiry) with the record, renewed on request
+    def _issue_ticket(self, rec: DeviceRecord) -> str | None:
+        """A new ticket for ``rec`` (its digest and expiry set on the record, saved with it by the
+        caller before the ticket is handed out); None when the challenges are at their limit."""
+        try:
+            ticket = self.challenges.issue(rec.did, ttl=RESUME_TTL)
+        except AdmissionError as exc:                   # challenges at their limit: no ticket this time
+            log.info("no resumption ticket for %s: %s", rec.did, exc)
+            return None
+        self.challenges.forget_restored(rec.did)        # the record's older ticket is replaced
+        rec.ticket = (ticket_digest(ticket), self.ticket_clock() + RESUME_TTL)
+        return ticket
+
+    async def _renew_ticket(self, msg: Message) -> dict[str, Any]:
+        """A ``coord.ticket`` request: an admitted device's fresh resumption ticket, at most one per
+        ``TICKET_RENEW_INTERVAL`` (written with the loop turn's other records before the reply)."""
+        rec = self.registry.get(msg.sender)
+        if rec is None or not rec.admitted or (rec.session is not None and rec.session.expired()):
+            raise AdmissionError("only an admitted device gets a resumption ticket", reason="not_admitted")
+        wait = 0.0 if rec.ticket is None else rec.ticket[1] - RESUME_TTL + TICKET_RENEW_INTERVAL - self.ticket_clock()
+        if wait > 0:                                    # bounded per device
+            self.metrics.auth.labels("ticket_too_soon").inc()
+            raise AdmissionError(busy_message(wait), reason="busy")
+        previous = rec.ticket
+        ticket = self._issue_ticket(rec)
+        if ticket is None:
+            raise AdmissionError(busy_message(1.0), reason="busy")
+        try:
+            await self.device_writes.write(rec.to_row())
+        except CoordinationError as exc:
+            rec.ticket = previous
+            raise AdmissionError(f"ticket not recorded: {exc}", reason="busy") from exc
+        rec.persisted = self._stable(rec)
+        self.metrics.auth.labels("ticket_renewed").inc()
+        return {"next_challenge": ticket, "ticket_ttl": RESUME_TTL, "deployment": self.deployment}
+    # -- end resumption tickets
 
     def _store_behind(self, did: str, reported: int, latest: int) -> int:
         """A device is ahead of the store: say so loudly and continue after its version."""
@@ -1228,6 +1286,7 @@ class Coordinator:
         devices = []
         for rec in sorted(self.registry, key=lambda r: (r.kind, r.did)):
             row = rec.to_row()
+            row.pop("ticket", None)                     # resumption tickets stay in the store
             if self.store is not None:
                 row.update(self._store_fields(rec.did))
             devices.append(row)
@@ -1258,6 +1317,7 @@ class Coordinator:
                 self._status_order = None
                 continue
             row = rec.to_row()
+            row.pop("ticket", None)                     # resumption tickets stay in the store
             if self.store is not None:
                 if did in touched or did not in self._status_store:
                     self._status_store[did] = self._store_fields(did)

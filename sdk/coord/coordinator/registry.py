@@ -102,6 +102,8 @@ class DeviceRecord:
     valid_until: float | None = None                       # of the credential it was last admitted with
     properties: dict[str, Any] = field(default_factory=dict, compare=False)   # reported (properties table)
     properties_at: float = field(default=0.0, compare=False)
+    #: the latest resumption ticket handed to it: (digest, wall-clock expiry), any instance honours it
+    ticket: tuple[str, float] | None = field(default=None, compare=False)
     # live, not persisted
     token: str = field(default="", repr=False, compare=False)   # topic id
     pump_lock: asyncio.Lock | None = field(default=None, repr=False, compare=False)
@@ -149,7 +151,8 @@ class DeviceRecord:
                 "credential_capabilities": sorted(self.capabilities),
                 "announced_capabilities": sorted(self.announced_capabilities),
                 "status": [dict(e) for e in self.status], "fingerprint": self.fingerprint,
-                "revoked_credentials": sorted(self.revoked_credentials), "valid_until": self.valid_until}
+                "revoked_credentials": sorted(self.revoked_credentials), "valid_until": self.valid_until,
+                "ticket": None if self.ticket is None else {"digest": self.ticket[0], "expires": self.ticket[1]}}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], *, heartbeat_ttl: float = 30.0) -> DeviceRecord:
@@ -166,7 +169,16 @@ class DeviceRecord:
                    status=tuple(e for e in row.get("status") or () if isinstance(e, dict)),
                    fingerprint=row.get("fingerprint"),
                    revoked_credentials=frozenset(_str_list(row.get("revoked_credentials"))),
-                   tags=frozenset(_str_list(row.get("tags"))), valid_until=_epoch(row.get("valid_until")))
+                   tags=frozenset(_str_list(row.get("tags"))), valid_until=_epoch(row.get("valid_until")),
+                   ticket=_ticket(row.get("ticket")))
+
+
+def _ticket(value: Any) -> tuple[str, float] | None:
+    """A persisted ticket ``{digest, expires}``, or None when absent or malformed."""
+    if isinstance(value, dict) and isinstance(value.get("digest"), str) \
+            and isinstance(value.get("expires"), (int, float)) and not isinstance(value.get("expires"), bool):
+        return value["digest"], float(value["expires"])
+    return None
 
 
 class Registry:

@@ -51,6 +51,8 @@ _CONFIG_KEY = "config"            # the one state key of the config topic (per s
 _MAX_REJECTED = 64
 _WILL_TTL = 365 * 86400
 _EXPIRED = ("expired", "credential_expired")     # notice reasons meaning "present a fresh credential"
+_TICKET_TTL = 600.0               # a ticket's lifetime when the coordinator does not say
+_TICKET_RENEW_AT = 0.5            # renew a ticket once this share of its lifetime has passed
 
 S = DeviceState
 
@@ -171,8 +173,16 @@ class Device:
         self._heartbeat: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._coordinator_boot: str | None = None
-        self._ticket: tuple[str, str] | None = None    # (next_challenge, coordinator boot)
-        self._announced_boot: str | None = None          # boot of the coordinator's last "online" note
+        # -- resumption tickets: good with any instance of the coordinator's deployment (one store)
+        self._ticket: tuple[str, str] | None = None    # (next_challenge, deployment it came from)
+        self._announced: str | None = None               # deployment of the coordinator's last "online" note
+        self._ticket_at = 0.0                            # clock() when the ticket came (or renewal was asked)
+        self._ticket_ttl = _TICKET_TTL
+        #: monotonic seconds, injectable (tests): when a ticket is due for renewal
+        self.clock: Callable[[], float] = time.monotonic
+        #: tickets renewed while admitted (``coord.ticket``)
+        self.tickets_renewed = 0
+        # -- end resumption tickets
         #: authentications retried after a busy coordinator
         self.busy_retries = 0
         self._last_delivered: Config | None = None
@@ -384,10 +394,10 @@ class Device:
 
     async def _handshake(self, resume: bool) -> Admission:
         ticket, self._ticket = self._ticket, None
-        if resume and ticket is not None and ticket[1] == self._coordinator_boot \
-                and self._announced_boot in (None, ticket[1]):      # a new boot never issued it
-            # the ticket came from the coordinator this device authenticated in this boot, and the
-            # reply is signed by its key: no new coordinator presentation needed (none signed)
+        if resume and ticket is not None and self._announced in (None, ticket[1]):
+            # the ticket came from this coordinator deployment (any instance over its store honours
+            # it; a coordinator started on an empty store announces another deployment and is not
+            # asked), and the reply is signed by its key: no coordinator presentation needed
             try:
                 return await self._present(ticket[0])
             except AdmissionError as exc:
@@ -434,10 +444,48 @@ class Device:
                                   int(rb.get("pending", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise AdmissionError("malformed admission reply", reason="malformed") from exc
-        if isinstance(rb.get("next_challenge"), str):
-            self._ticket = (rb["next_challenge"], admission.boot)
+        self._take_ticket(rb, admission.boot)
         self._admit(admission, credential)
         return admission
+
+    def _take_ticket(self, body: Mapping[str, Any], boot: str | None) -> None:
+        """Keep the ``next_challenge`` of an admission or ticket reply (with its deployment)."""
+        ticket = body.get("next_challenge")
+        if not isinstance(ticket, str):
+            return
+        deployment = body.get("deployment")
+        key = deployment if isinstance(deployment, str) else boot
+        if key is None:
+            return
+        ttl = body.get("ticket_ttl")
+        self._ticket = (ticket, key)
+        self._ticket_at = self.clock()
+        self._ticket_ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) \
+            and 0 < ttl <= 86400 else _TICKET_TTL
+
+    def ticket_due(self) -> bool:
+        """True when the resumption ticket is past the share of its lifetime where it is renewed."""
+        return self._ticket is not None and \
+            self.clock() - self._ticket_at >= self._ticket_ttl * _TICKET_RENEW_AT
+
+    async def renew_ticket(self) -> bool:
+        """Ask the coordinator for a fresh resumption ticket (admitted only; one signed request, no
+        presentation); True when one came. Done by the heartbeat once a ticket is half-way to expiry,
+        so a broker restart long after admission still re-admits the fleet by ticket."""
+        if self._state is not S.ADMITTED:
+            return False
+        self._ticket_at = self.clock()                  # asked now: the next try is a half-life away
+        try:
+            reply = await self._request(protocol.TICKET, {})
+        except AdmissionError as exc:
+            log.info("device %s: resumption ticket not renewed (%s)", self.did, exc.reason)
+            return False
+        body = reply.body if isinstance(reply.body, dict) else {}
+        if not isinstance(body.get("next_challenge"), str):
+            return False
+        self._take_ticket(body, self.admission.boot if self.admission is not None else None)
+        self.tickets_renewed += 1
+        return True
 
     def _admit(self, admission: Admission, credential: Credential) -> None:
         self.admission = admission
@@ -534,6 +582,8 @@ class Device:
                                           type=protocol.HEARTBEAT, qos=0)
             except MessagingError as exc:
                 log.debug("heartbeat not sent: %s", exc.reason)
+            if self.ticket_due():       # -- resumption ticket: renewed well before it expires
+                self._spawn(self.renew_ticket())
             stale = time.monotonic() - ttl
             resend = False
             for entry in self._outbox.entries():     # unacknowledged for a whole TTL: send again
@@ -827,7 +877,8 @@ class Device:
                 self._set_state(S.WAITING, "coordinator offline")
             return
         if body.get("state") == "online" and isinstance(body.get("boot"), str):
-            self._announced_boot = body["boot"]
+            deployment = body.get("deployment")
+            self._announced = deployment if isinstance(deployment, str) else body["boot"]
         if body.get("state") == "online" and (
                 self._state is S.WAITING
                 or (self._state is S.ADMITTED and body.get("boot") != self._coordinator_boot)):
