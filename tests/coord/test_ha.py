@@ -206,6 +206,19 @@ async def stack() -> AsyncIterator[AsyncExitStack]:
         yield s
 
 
+def _auth_counts(port: int) -> dict[str, float]:
+    """``autoglm_coord_auth_total`` by result, scraped from an instance's metrics endpoint."""
+    from urllib.request import urlopen
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith('autoglm_coord_auth_total{result="'):
+            label, value = line.split('"')[1], line.rsplit(" ", 1)[1]
+            out[label] = float(value)
+    return out
+
+
 def _resolution(configs: list[Any]) -> str | None:
     return configs[-1].state.get("ui.companion.resolution") if configs else None
 
@@ -280,10 +293,13 @@ async def test_one_instance_is_active_the_other_standby_and_the_active_serves(
 
 async def test_kill_9_of_the_active_mid_push_the_standby_completes_it_and_the_old_one_stays_standby(
         group: Group, mosquitto_broker: Any, stack: AsyncExitStack) -> None:
+    from brokers.mosquitto import free_port
+
     url = mosquitto_broker.url
     a = group.start(group.instance("a", url))
     await group.wait_role(a, "active")
-    b = group.start(group.instance("b", url))
+    port = free_port()
+    b = group.start(group.instance("b", url, metrics_port=port))
     await group.wait_role(b, "standby")
     display = await group.device(stack, "display", url)
     phones: dict[str, list[Any]] = {}
@@ -311,6 +327,12 @@ async def test_kill_9_of_the_active_mid_push_the_standby_completes_it_and_the_ol
                 what="every phone on the latest config after the failover")
     _assert_applied_once(group, phones, events=3)
     assert b.has("ha_promoted")
+    # the devices re-admitted with b by the tickets a handed out (kept in the shared store): no
+    # hello, no presentation signed by b; one whose resumed request timed out while b was starting
+    # falls back to a full handshake (none is refused wrong_challenge)
+    auth = await asyncio.to_thread(_auth_counts, port)
+    assert auth.get("resumed", 0) >= 0.9 * (len(phones) + 1), auth
+    assert "wrong_challenge" not in auth, auth
 
     # the old active comes back: it stays standby while b holds the lease
     group.start(a)
@@ -490,13 +512,13 @@ def test_an_ha_section_parses_with_defaults() -> None:
     assert cfg.store_url == "postgresql://x@h/db" and not parse_config({}).ha.enabled
 
 
-async def test_after_a_failover_devices_skip_the_stale_ticket_and_ignore_the_old_instances_offline_note(
+async def test_after_a_failover_devices_re_admit_by_ticket_and_ignore_the_old_instances_offline_note(
         tmp_path: Path, embedded_broker: Any, stack: AsyncExitStack) -> None:
     """In one process, two instances on a shared SQLite file. The active's connection drops without
     a DISCONNECT and it stops renewing (as kill -9 would: the broker publishes its will); the
-    standby takes over. The device goes straight to the full handshake (its ticket came from the
-    old boot: no wrong_challenge refusal at the new active), and a late offline note of the old
-    boot leaves it admitted."""
+    standby takes over. The device re-admits by the ticket the old active handed out (its digest is
+    in the shared store: one round trip, no presentation signed by the new active, no
+    wrong_challenge refusal), and a late offline note of the old boot leaves it admitted."""
     from sdk.coord.coordinator import Coordinator, load_rules
     from sdk.coord.coordinator.ha import HACoordinator
     from sdk.coord.device.state import DeviceState
@@ -522,6 +544,7 @@ async def test_after_a_failover_devices_skip_the_stale_ticket_and_ignore_the_old
     await b.wait_role("standby", 10)
     assert a.coordinator is not None
     old_boot = a.coordinator.boot
+    a_deployment = a.coordinator.deployment
     dkey = Key.generate()
     cred = a.coordinator.issue_device_credential(dkey.did, kind="phone", groups=["room:ha"])
     dev = Device(dkey, cred, broker=embedded_broker.url, coordinator=key.did)
@@ -539,6 +562,9 @@ async def test_after_a_failover_devices_skip_the_stale_ticket_and_ignore_the_old
     auth = {s.labels["result"]: s.value for m in b.coordinator.metrics.auth.collect() for s in m.samples
             if s.name.endswith("_total")}
     assert auth.get("admitted") == 1 and "wrong_challenge" not in auth, auth
+    assert auth.get("resumed") == 1 and b.coordinator.challenges.restored_used == 1, auth
+    assert b.coordinator.admission.signed == 0
+    assert b.coordinator.deployment == a_deployment
 
     async with SecureClient(embedded_broker.url, key) as late:   # the old instance's offline note, late
         handled = dev.client.stats.handled
