@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -88,12 +88,83 @@ class StaticResolver:
         raise ResolutionError(f"unknown verification method {verification_method!r}")
 
 
-@functools.lru_cache(maxsize=4096)
+#: did:key verification methods whose key is remembered by default (see :func:`reserve_did_key_cache`)
+DID_KEY_CACHE_SIZE = 4096
+
+
+class _DidKeyCache:
+    """did:key verification method -> its raw 32-byte key, least recently used evicted past the bound.
+
+    An entry is a 16-byte digest of the id and the key's bytes (about 190 bytes), not the id string
+    and key objects (about 600): a hit builds the small :class:`ResolvedKey` again, a miss decodes
+    the base58 key. Only ids whose DID is the canonical encoding of their key are remembered.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._keys: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def resolve(self, verification_method: str) -> ResolvedKey:
+        did, sep, _ = verification_method.partition("#")
+        if not sep:
+            raise ResolutionError(f"a did:key verification method needs a fragment: {verification_method!r}")
+        digest = hashlib.blake2b(verification_method.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        raw = self._keys.get(digest)
+        if raw is not None:
+            with self._lock:
+                if digest in self._keys:
+                    self._keys.move_to_end(digest)
+            return ResolvedKey(verification_method, PublicKey(raw), did, ALL_PURPOSES)
+        pub = public_key_from_did_key(verification_method)
+        if pub.did == did:
+            with self._lock:
+                self._keys[digest] = bytes(pub.raw)
+                while len(self._keys) > self.size:
+                    self._keys.popitem(last=False)
+        return ResolvedKey(verification_method, pub, pub.did, ALL_PURPOSES)
+
+    def resize(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError("the did:key cache size must be positive")
+        with self._lock:
+            self.size = size
+            while len(self._keys) > size:
+                self._keys.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
+
+
+_did_keys = _DidKeyCache(DID_KEY_CACHE_SIZE)
+
+
 def _resolve_did_key(verification_method: str) -> ResolvedKey:
-    if "#" not in verification_method:
-        raise ResolutionError(f"a did:key verification method needs a fragment: {verification_method!r}")
-    pub = public_key_from_did_key(verification_method)
-    return ResolvedKey(verification_method, pub, pub.did, ALL_PURPOSES)
+    return _did_keys.resolve(verification_method)
+
+
+def did_key_cache_size() -> int:
+    """How many did:key verification methods the process remembers."""
+    return _did_keys.size
+
+
+def reserve_did_key_cache(size: int) -> int:
+    """Remember at least ``size`` did:key verification methods (never shrinks; returns the bound).
+
+    A verifier of N devices wants a little more than N (a coordinator: its fleet), so re-admitting
+    the fleet after a broker restart decodes no key again."""
+    if size > _did_keys.size:
+        _did_keys.resize(size)
+    return _did_keys.size
+
+
+def resize_did_key_cache(size: int) -> None:
+    """Set the did:key cache's bound to ``size`` exactly (least recently used dropped)."""
+    _did_keys.resize(size)
 
 
 class DidKeyResolver:
@@ -192,8 +263,10 @@ class DidWebResolver:
 class ResolverChain:
     """Registry by DID method (``"key"``, ``"web"``...) plus fallbacks, with an LRU cache.
 
-    Results are cached per verification method id (did:key forever; others up to ``max_size``
-    entries; call :meth:`clear` after key rotation).
+    Results are cached per verification method id, up to ``max_size`` entries (least recently
+    used evicted; :meth:`resize` changes it; call :meth:`clear` after key rotation). did:key ids
+    resolved by the built-in method are not kept here: the process-wide did:key cache holds them
+    compactly (:func:`reserve_did_key_cache`).
     """
 
     def __init__(
@@ -206,9 +279,25 @@ class ResolverChain:
         self._methods: dict[str, Resolver] = {"key": DidKeyResolver()}
         self._methods.update(methods or {})
         self._fallbacks = list(fallbacks)
+        if max_size <= 0:
+            raise ValueError("max_size must be positive")
         self._cache: OrderedDict[str, ResolvedKey] = OrderedDict()
         self._max = max_size
         self._lock = threading.Lock()
+
+    @property
+    def max_size(self) -> int:
+        """The cache's bound (entries)."""
+        return self._max
+
+    def resize(self, max_size: int) -> None:
+        """Keep up to ``max_size`` resolved keys (the least recently used go first)."""
+        if max_size <= 0:
+            raise ValueError("max_size must be positive")
+        with self._lock:
+            self._max = max_size
+            while len(self._cache) > max_size:
+                self._cache.popitem(last=False)
 
     def register(self, method: str, resolver: Resolver) -> None:
         """Use ``resolver`` for ``did:<method>:...`` ids."""
@@ -227,11 +316,17 @@ class ResolverChain:
     def resolve(self, verification_method: str) -> ResolvedKey:
         cached = self._cache.get(verification_method)
         if cached is not None:
+            with self._lock:
+                if verification_method in self._cache:
+                    self._cache.move_to_end(verification_method)
             return cached
         resolved = self._resolve_uncached(verification_method)
+        if isinstance(verification_method, str) and verification_method.startswith("did:key:") \
+                and isinstance(self._methods.get("key"), DidKeyResolver):
+            return resolved                 # the did:key cache has it
         with self._lock:
             self._cache[verification_method] = resolved
-            if len(self._cache) > self._max:
+            while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
         return resolved
 
@@ -287,4 +382,8 @@ __all__ = [
     "keys_from_did_document",
     "default_resolver",
     "as_resolver",
+    "DID_KEY_CACHE_SIZE",
+    "did_key_cache_size",
+    "reserve_did_key_cache",
+    "resize_did_key_cache",
 ]

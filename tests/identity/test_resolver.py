@@ -111,3 +111,77 @@ def test_static_resolver(issuer_key: Key) -> None:
         r.resolve(issuer_key.did)  # a did:key VM id needs its fragment
     with pytest.raises(Exception):
         StaticResolver({"x#1": "not-multibase"})
+
+
+@pytest.fixture
+def did_key_cache():
+    """The process-wide did:key cache, empty, restored to its bound afterwards."""
+    from sdk.identity import resolver
+
+    before = resolver.did_key_cache_size()
+    resolver._did_keys.clear()
+    yield resolver
+    resolver.resize_did_key_cache(before)
+    resolver._did_keys.clear()
+
+
+def test_did_key_cache_is_bounded_lru_and_reservable(did_key_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[str] = []
+    real = did_key_cache.public_key_from_did_key
+
+    def counting(vm: str):
+        decoded.append(vm)
+        return real(vm)
+
+    monkeypatch.setattr(did_key_cache, "public_key_from_did_key", counting)
+    keys = [Key.from_seed(bytes([i + 1]) * 32) for i in range(4)]
+    did_key_cache.resize_did_key_cache(3)
+    chain = ResolverChain()
+    for k in keys[:3]:
+        assert chain.resolve(k.verification_method).public_key == k.public
+    chain.resolve(keys[0].verification_method)              # a hit: 0 becomes the most recent
+    assert len(decoded) == 3
+    r = chain.resolve(keys[3].verification_method)          # evicts 1, the least recently used
+    assert (r.controller, r.id, r.public_key) == (keys[3].did, keys[3].verification_method, keys[3].public)
+    assert len(did_key_cache._did_keys) == 3
+    for k in (keys[0], keys[2], keys[3]):
+        hit = chain.resolve(k.verification_method)
+        assert hit.controller == k.did and hit.public_key == k.public
+    assert len(decoded) == 4
+    chain.resolve(keys[1].verification_method)
+    assert decoded[-1] == keys[1].verification_method and len(decoded) == 5
+    assert did_key_cache.reserve_did_key_cache(2) == 3      # never shrinks
+    assert did_key_cache.reserve_did_key_cache(11_000) == 11_000
+    with pytest.raises(ResolutionError):
+        chain.resolve(keys[0].did)                          # still needs its fragment
+    with pytest.raises(ResolutionError):
+        chain.resolve(f"{keys[0].did}#{keys[1].did.removeprefix('did:key:')}")   # foreign fragment
+
+
+def test_chain_cache_is_lru_with_a_configurable_bound(issuer_key: Key) -> None:
+    calls: list[str] = []
+
+    def fetch(url: str) -> dict:
+        calls.append(url)
+        host = url.removeprefix("https://").split("/", 1)[0]
+        doc = _did_web_doc(issuer_key)
+        did = f"did:web:{host}"
+        return {**doc, "id": did, "verificationMethod": [{**doc["verificationMethod"][0], "controller": did}]}
+
+    chain = ResolverChain({"web": DidWebResolver(fetch)}, max_size=2)
+    a, b, c = (f"did:web:{h}.example#key-1" for h in "abc")
+    chain.resolve(a)
+    chain.resolve(b)
+    chain.resolve(a)                     # a is now the most recent
+    chain.resolve(c)                     # evicts b
+    assert len(calls) == 3
+    chain.resolve(a)
+    assert len(calls) == 3
+    chain.resolve(b)
+    assert len(calls) == 4
+    chain.resize(1)
+    assert chain.max_size == 1
+    chain.resolve(b)
+    assert len(calls) == 4
+    with pytest.raises(ValueError):
+        ResolverChain(max_size=0)
