@@ -268,7 +268,7 @@ async def collect_nodes(broker: str, key: Any, *, model: str | None = None, wait
                 "tokens_per_s": round(a.load.tokens_per_s, 2), "queue_depth": a.load.queue_depth,
                 "active_streams": a.load.active_streams, "max_batch_size": a.load.max_batch_size,
                 "free_cache_tokens": a.load.free_cache_tokens, "uptime_s": round(view.figures.uptime_s, 1),
-                "hardware": dict(a.hardware),
+                "hardware": dict(a.hardware), "features": list(a.features),
                 "capacity": a.capacity.to_body() if a.capacity is not None else None,
                 "estimate": ({k: round(v, 4) for k, v in view.estimate.parts().items()}
                              if view.estimate is not None else None),
@@ -281,8 +281,11 @@ NODE_COLUMNS: tuple[tuple[str, bool, bool], ...] = (
     ("#", True, True), ("node", False, True), ("models", False, True), ("score", True, True),
     ("throughput", True, False), ("stability", True, False), ("load", True, False), ("latency", True, False),
     ("tok/s", True, True), ("q/act", True, True), ("eta", True, True), ("wait", True, False),
-    ("prefill", True, False), ("decode", True, False), ("device", False, False), ("uptime", True, True),
+    ("prefill", True, False), ("decode", True, False), ("device", False, False), ("feat", False, True),
+    ("uptime", True, True),
 )
+#: How the short table names the advertised features (others by their own name).
+_FEATURE_ABBREVIATIONS = {"json_schema": "S", "json_object": "J", "tools": "T"}
 
 
 #: ``nodes --wide`` prints at least this wide (the full ids and every part).
@@ -296,14 +299,16 @@ def nodes_table(rows: list[dict[str, Any]], *, title: str, wide: bool = False) -
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, expand=False, pad_edge=False,
+    legend = None if wide else "feat: " + ", ".join(f"{a} {n}" for n, a in sorted(_FEATURE_ABBREVIATIONS.items(),
+                                                                                   key=lambda i: i[1]))
+    table = Table(title=title, caption=legend, box=box.SIMPLE_HEAD, show_edge=False, expand=False, pad_edge=False,
                   collapse_padding=True)
     for name, right, narrow in NODE_COLUMNS:
         if narrow or wide:
             short = not wide and name in ("node", "models")
             table.add_column(name, justify="right" if right else "left", no_wrap=True,
                              min_width=max(len(name), _MIN_WIDTHS.get(name, 0)),
-                             overflow="ellipsis" if short else "fold", max_width=17 if short else None)
+                             overflow="ellipsis" if short else "fold", max_width=14 if short else None)
     for r in rows:
         p = r["parts"]
         hw = r["hardware"]
@@ -313,12 +318,22 @@ def nodes_table(rows: list[dict[str, Any]], *, title: str, wide: bool = False) -
             "load": f"{p['load']:+.2f}", "latency": f"{p['latency']:+.2f}", "tok/s": f"{r['tokens_per_s']:.1f}",
             "q/act": f"{r['queue_depth']}/{r['active_streams']}",
             "device": f"{hw.get('device', '?')} {hw.get('name') or ''}".strip(), "uptime": f"{r['uptime_s']:.0f}s",
+            "feat": _features(r.get("features") or [], wide),
         }
         est = r.get("estimate")
         for name, part in (("eta", "total"), ("wait", "wait"), ("prefill", "prefill"), ("decode", "decode")):
             cells[name] = _seconds(est[part]) if est else "-"
         table.add_row(*(cells[name] for name, _, narrow in NODE_COLUMNS if narrow or wide))
     return table
+
+
+def _features(names: list[str], wide: bool) -> str:
+    """``json_object,json_schema,tools`` with ``wide``; else ``JST`` (other names in full); ``-`` for none."""
+    if not names:
+        return "-"
+    if wide:
+        return ",".join(names)
+    return "".join(_FEATURE_ABBREVIATIONS.get(n, f" {n}") for n in names).strip()
 
 
 def _seconds(value: float) -> str:
@@ -338,7 +353,8 @@ def nodes(
 ) -> None:
     """Show the mesh's ranked nodes (top 10) with their composite score and, for nodes advertising
     their capacity, the estimated time to complete a 256-token prompt + 128 new tokens (eta) and
-    its parts (queue wait, prefill, decode) (with --node-trust only
+    its parts (queue wait, prefill, decode), and the request features each honours (json_object,
+    json_schema constrained output, tools: J, S, T in the short table) (with --node-trust only
     the nodes those issuers credentialed; without, every well-signed advert). Every column when the
     terminal is wide enough, else a short table (fits 80 columns); --wide: every column, always."""
     from rich.console import Console

@@ -11,20 +11,107 @@ Besides load, an advert may carry the node's hardware, its measured :class:`Capa
 (``sdk.mesh.capacity``) and a :class:`PrefixSummary` of the prompt prefixes it holds
 (``sdk.mesh.prefixes``); each is validated strictly (types, finite bounded numbers, sizes) and a
 malformed one rejects the whole advert.
+
+An advert also lists the request ``features`` the node honours (:data:`FEATURES`:
+``json_schema`` and ``json_object`` constrained output, ``tools``), found by
+:func:`engine_features` (the grammar library imported and a grammar compiled for the engine's
+tokenizer). A node that lists none (an older release, or no grammar library) gets no request
+that needs one: :func:`request_features` says what a request needs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdk.mesh.capacity import AdvertFieldError, Capacity, parse_hardware
 from sdk.mesh.prefixes import PrefixSummary
 
+log = logging.getLogger(__name__)
+
 _MAX_COUNT = 2**31
+
+#: Features a node can advertise today (names of other, newer features are accepted and kept).
+JSON_SCHEMA, JSON_OBJECT, TOOLS = "json_schema", "json_object", "tools"
+FEATURES = (JSON_OBJECT, JSON_SCHEMA, TOOLS)
+#: Bounds on an advertised ``features`` list.
+MAX_FEATURES = 32
+_FEATURE_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+
+
+def parse_features(body: Any) -> tuple[str, ...]:
+    """The advert's ``features`` list, checked: at most :data:`MAX_FEATURES` distinct short
+    lower-case names (``[a-z][a-z0-9_.-]``, up to 32 characters); sorted."""
+    if body is None:
+        return ()
+    if not isinstance(body, list):
+        raise AdvertFieldError("features", "must be a list of names")
+    if len(body) > MAX_FEATURES:
+        raise AdvertFieldError("features", f"at most {MAX_FEATURES} names, got {len(body)}")
+    for name in body:
+        if not isinstance(name, str) or not _FEATURE_NAME.fullmatch(name):
+            raise AdvertFieldError("features", f"{str(name)[:40]!r} is not a feature name ([a-z][a-z0-9_.-], "
+                                               "at most 32 characters)")
+    if len(set(body)) != len(body):
+        raise AdvertFieldError("features", "names must be distinct")
+    return tuple(sorted(body))
+
+
+def request_features(request: Any) -> frozenset[str]:
+    """The features a node must advertise to be sent ``request`` (a ``GenerationRequest``):
+    its ``response_format`` type (``json_schema`` / ``json_object``) and ``tools``."""
+    needs: set[str] = set()
+    fmt = getattr(request, "response_format", None)
+    if isinstance(fmt, Mapping) and fmt.get("type") in (JSON_SCHEMA, JSON_OBJECT):
+        needs.add(str(fmt["type"]))
+    if getattr(request, "tools", None) is not None:
+        needs.add(TOOLS)
+    return frozenset(needs)
+
+
+async def engine_features(engine: Any, *, timeout: float = 30.0) -> tuple[str, ...]:
+    """The features ``engine`` honours, to advertise.
+
+    An engine that says (a ``features`` attribute, as :class:`~sdk.testing.FakeEngine`) is taken
+    at its word. The inference engine renders ``tools`` through its chat template (plain
+    Python), and constrains output when its grammar compiler builds for its tokenizer and
+    compiles a JSON grammar within ``timeout`` seconds (the compiler is the one its first
+    constrained request would use). Anything else advertises nothing.
+    """
+    declared = getattr(engine, "features", None)
+    if declared is not None:
+        names = declared() if callable(declared) else declared
+        try:
+            return parse_features(list(names))
+        except (AdvertFieldError, TypeError) as exc:
+            log.warning("engine features %r not advertised: %s", names, exc)
+            return ()
+    if not callable(getattr(engine, "grammar_compiler", None)):
+        return ()
+    found = [TOOLS]
+    try:
+        from sdk.inference.constraints import constraint_from
+
+        async with asyncio.timeout(timeout):
+            compiler = await engine.grammar_compiler()
+            await asyncio.to_thread(compiler.matcher, constraint_from({"type": JSON_OBJECT}))
+        found += [JSON_OBJECT, JSON_SCHEMA]
+    except TimeoutError:
+        log.warning("the grammar compiler did not build in %.0fs: constrained output not advertised", timeout)
+    except Exception as exc:  # noqa: BLE001 - no grammar library (or a broken one): advertise without
+        log.warning("constrained output not advertised (%s: %s)", type(exc).__name__, exc)
+    return tuple(sorted(found))
+
+
+def supports(advert: NodeAdvert, needs: Iterable[str]) -> bool:
+    """Whether ``advert`` lists every feature in ``needs``."""
+    return set(needs) <= set(advert.features)
 
 
 @dataclass(frozen=True)
@@ -59,6 +146,7 @@ class NodeAdvert:
     interval_s: float = 2.0
     capacity: Capacity | None = None
     prefixes: PrefixSummary | None = None
+    features: tuple[str, ...] = ()
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -83,6 +171,8 @@ class NodeAdvert:
             body["capacity"] = self.capacity.to_body()
         if self.prefixes is not None:
             body["prefixes"] = self.prefixes.to_body()
+        if self.features:
+            body["features"] = list(self.features)
         return body
 
     @classmethod
@@ -113,6 +203,7 @@ class NodeAdvert:
                 interval_s=float(body.get("interval_s", 2.0)),
                 capacity=Capacity.from_body(body.get("capacity")),
                 prefixes=PrefixSummary.from_body(body.get("prefixes")),
+                features=parse_features(body.get("features")),
             )
         except AdvertFieldError:
             raise
@@ -200,4 +291,5 @@ class AdvertTable:
         return len(self._entries)
 
 
-__all__ = ["NodeLoad", "NodeAdvert", "AdvertTable"]
+__all__ = ["NodeLoad", "NodeAdvert", "AdvertTable", "FEATURES", "JSON_OBJECT", "JSON_SCHEMA", "TOOLS",
+           "MAX_FEATURES", "engine_features", "parse_features", "request_features", "supports"]

@@ -2,6 +2,8 @@
 
     MeshError (sdk.errors)
     ├── NoNode             no_node         no live node serves the model (or none is left to fail over to)
+    │   └── NoCapableNode  no_capable_node nodes serve the model, but none advertises a feature the
+    │                                      request needs (``needs``: json_schema, json_object, tools)
     ├── NotPermitted       not_permitted   every node refused the peer; ``node_reason`` says why:
     │                                      not_authorized | revoked | scope_model | scope_max_tokens
     ├── MeshOverloaded     overloaded      every node was busy (engine queue full or rate limited)
@@ -26,6 +28,17 @@ class NoNode(MeshError):
     """No live node advertises the requested model."""
 
     reason = "no_node"
+
+
+class NoCapableNode(NoNode):
+    """Live nodes serve the model but none advertises every feature in ``needs`` (constrained
+    output, tools): the request is not sent where it would be answered unconstrained."""
+
+    reason = "no_capable_node"
+
+    def __init__(self, message: str = "", *, needs: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.needs = needs
 
 
 class NotPermitted(MeshError):
@@ -67,6 +80,7 @@ __all__ = [
     "MeshError",
     "NoNodeTrust",
     "NoNode",
+    "NoCapableNode",
     "NotPermitted",
     "MeshOverloaded",
     "MeshTimeout",

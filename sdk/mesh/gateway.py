@@ -2,7 +2,12 @@
 :class:`~sdk.mesh.router.Mesh` as its backend, so OpenAI clients use the mesh unchanged.
 
 The mesh's errors map to HTTP: ``no_node`` → 503, ``not_permitted`` → 403, ``overloaded`` → 429,
-``timeout`` → 504, a node's ``invalid_request`` / ``prompt_too_long`` → 400.
+``timeout`` → 504, a node's ``invalid_request`` / ``prompt_too_long`` → 400. ``no_capable_node``
+(nodes serve the model, but none advertises the constrained output or tools the request needs)
+→ 503 with that code: the request is valid and the mesh cannot serve it *now*; it succeeds as
+soon as a node that lists the feature is live again (a rolling upgrade, a node restarting with
+the grammar library), so clients may retry, as for ``no_node_available``. A 400 would tell them
+the request itself is wrong and never to send it again.
 
 A model no live node serves is 503 ``no_node_available`` (retry later: its nodes may come back),
 except while some node is live and the gateway has never seen that model advertised (it notes the
@@ -35,6 +40,7 @@ MESH_ERROR_STATUSES: Mapping[str, tuple[int, str, str | None]] = {
     "no_node": (503, "service_unavailable", NO_NODE_CODE),
     "not_permitted": (403, "permission_error", "not_permitted"),
     "node_lost": (503, "service_unavailable", NO_NODE_CODE),
+    "no_capable_node": (503, "service_unavailable", "no_capable_node"),
 }
 
 

@@ -16,7 +16,10 @@ router) cancels the engine request and frees its slot.
 Adverts also carry the node's hardware, its capacity (declared in :class:`NodeConfig`, or
 measured by a short calibration at start with ``calibrate=True``, then refreshed from finished
 requests) and, with a mesh ``prefix_key``, a bounded summary of the prompt prefixes it served
-(``sdk.mesh.prefixes``), so routers can estimate its speed and keep conversations on it.
+(``sdk.mesh.prefixes``), so routers can estimate its speed and keep conversations on it. They
+list the request features the engine honours (``sdk.mesh.adverts.engine_features``, found at
+start, or declared in :class:`NodeConfig`), so routers send constrained requests only to nodes
+that can constrain them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 from sdk.errors import InferenceError
 from sdk.identity import Key
 from sdk.mesh import topics as mesh_topics
-from sdk.mesh.adverts import NodeAdvert, NodeLoad
+from sdk.mesh.adverts import NodeAdvert, NodeLoad, engine_features, parse_features
 from sdk.mesh.capacity import Capacity, LiveCapacity, calibrate, detect_hardware
 from sdk.mesh.credentials import AccessPolicy
 from sdk.mesh.prefixes import DEFAULT_BLOCK, PrefixHasher, PrefixIndex, continuation, prompt_bytes
@@ -71,6 +74,7 @@ class NodeConfig:
     prefix_block: int = DEFAULT_BLOCK
     prefix_capacity: int = 4096  # prefix hashes remembered (LRU)
     prefix_advertise: int = 512  # most recent hashes in each advert
+    features: tuple[str, ...] | None = None  # declared request features; None: found from the engine at start
 
     def __post_init__(self) -> None:
         if not self.advert_interval > 0:
@@ -81,6 +85,8 @@ class NodeConfig:
             topics.validate_id(self.node_id, what="node id")
         if not 0 < self.calibration_s <= 30:
             raise ValueError("calibration_s must be in (0, 30]")
+        if self.features is not None:
+            parse_features(list(self.features))  # AdvertFieldError (a ValueError) when malformed
 
 
 class MeshNode:
@@ -119,6 +125,7 @@ class MeshNode:
         self.capacity = LiveCapacity(declared)
         self.prefixes = PrefixIndex(PrefixHasher(config.prefix_key, block=config.prefix_block),
                                     capacity=config.prefix_capacity, advertise=config.prefix_advertise)
+        self.features: tuple[str, ...] = parse_features(list(config.features)) if config.features is not None else ()
         self.epoch = round(time.time(), 3)
         self.advert_topic = mesh_topics.inference_ad(self.node_id)
         self.request_topic = mesh_topics.inference_requests(self.node_id)
@@ -155,6 +162,8 @@ class MeshNode:
         """Connect, serve requests, publish the first advert and keep advertising."""
         if self.config.calibrate and self.capacity.capacity is None:
             self.capacity.capacity = await calibrate(self.engine, budget_s=self.config.calibration_s)
+        if self.config.features is None:
+            self.features = await engine_features(self.engine)
         await self.client.connect()
         if not await self.access.status.attach(self.client):
             log.warning("mesh node %s cannot follow status lists: revocations arrive only on recheck",
@@ -165,7 +174,8 @@ class MeshNode:
         await self.advertise()
         self._advert_task = asyncio.ensure_future(self._advert_loop())
         self._started = True
-        log.info("mesh node %s (%s) serving %s on %s", self.node_id, self.did, self.model, self.request_topic)
+        log.info("mesh node %s (%s) serving %s on %s (features: %s)", self.node_id, self.did, self.model,
+                 self.request_topic, ", ".join(self.features) or "none")
 
     async def aclose(self) -> None:
         """Publish a retained death advert, stop serving and disconnect (no will is sent)."""
@@ -215,7 +225,7 @@ class MeshNode:
             metadata=self.metadata if online else {}, hardware=self.hardware if online else {},
             load=self.load() if online else NodeLoad(), online=online, interval_s=self.config.advert_interval,
             capacity=self.capacity.capacity if online else None,
-            prefixes=self.prefixes.summary() if online else None,
+            prefixes=self.prefixes.summary() if online else None, features=self.features if online else (),
         )
 
     async def advertise(self, *, online: bool = True) -> NodeAdvert:

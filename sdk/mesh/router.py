@@ -20,6 +20,9 @@ a node holding the longest matching prompt prefix (its advertised summary, or wh
 sent the conversation before) keeps the request while its estimate is within
 ``affinity_slack`` of the best. A routing policy (``sdk.mesh.routing_policy``) from a trusted
 operator can send a share of a model's traffic to the nodes of one version (gray release).
+A request that needs a feature (``response_format``: ``json_schema`` / ``json_object``; ``tools``)
+goes only to nodes whose advert lists it, failovers included; when live nodes serve the model but
+none lists it, :class:`~sdk.mesh.errors.NoCapableNode` is raised at once (no node is asked).
 The router is also a ``GenerationBackend`` (``stream``/``generate``/``models``/``stats``), so the
 OpenAI HTTP app serves it unchanged (see ``sdk.mesh.gateway``).
 """
@@ -39,7 +42,7 @@ from typing import Any
 from sdk.identity import Key, TrustPolicy
 from sdk.inference.types import GenerationRequest, GenerationResult, TokenChunk, Usage
 from sdk.mesh import topics as mesh_topics
-from sdk.mesh.adverts import AdvertTable, NodeAdvert
+from sdk.mesh.adverts import AdvertTable, NodeAdvert, request_features, supports
 from sdk.mesh.capacity import Estimate, estimate
 from sdk.mesh.credentials import NodePolicy
 from sdk.mesh.errors import (
@@ -48,6 +51,7 @@ from sdk.mesh.errors import (
     MeshError,
     MeshOverloaded,
     MeshTimeout,
+    NoCapableNode,
     NodeRequestError,
     NoNode,
     NoNodeTrust,
@@ -241,7 +245,7 @@ class Mesh:
         self.counters: dict[str, int] = {"requests": 0, "completed": 0, "failovers": 0, "errors": 0,
                                          "adverts": 0, "adverts_rejected": 0, "nodes_revoked": 0,
                                          "affinity_kept": 0, "policies": 0, "policies_rejected": 0,
-                                         "policies_ignored": 0, "policy_fallbacks": 0}
+                                         "policies_ignored": 0, "policy_fallbacks": 0, "no_capable_node": 0}
         self.failures: Counter[str] = Counter()  # per node attempt that did not finish, by reason
         if node_policy is not None:
             node_policy.status.add_listener(self._on_status_list)
@@ -464,10 +468,13 @@ class Mesh:
         version: str | None = None
         route = self._route(req)
         split = self.policies.versions_for(name, req.request_id)
+        needs = request_features(req)
         texts: list[str] = []
         for _ in range(self.config.max_attempts):
-            node = self._choose(name, tried, version, route, split if not tried else None)
+            node = self._choose(name, tried, version, route, split if not tried else None, needs)
             if node is None:
+                if needs:
+                    self._no_capable(name, needs, failures, tried)
                 break
             if not tried:
                 self.by_version[str(node.metadata.get("version") or "")] += 1
@@ -594,15 +601,34 @@ class Mesh:
             self._drop(node.node_id)
 
     def _choose(self, model: str, tried: set[str], version: str | None, route: _Route | None = None,
-                split: tuple[str | None, frozenset[str]] | None = None) -> NodeAdvert | None:
+                split: tuple[str | None, frozenset[str]] | None = None,
+                needs: frozenset[str] = frozenset()) -> NodeAdvert | None:
         while True:
-            node = self._best(model, tried, version, route or _Route(), split)
+            node = self._best(model, tried, version, route or _Route(), split, needs)
             if node is None or self._still_trusted(node):
                 return node
 
+    def _no_capable(self, model: str, needs: frozenset[str], failures: list[tuple[str, str, str]],
+                    tried: set[str]) -> None:
+        """Raise :class:`NoCapableNode` when untried live nodes serve ``model`` but none lists
+        ``needs`` (unless the capable nodes' failures say more: every one busy or refusing)."""
+        without = [a.node_id for a in self.table.live(model) if a.node_id not in tried and not supports(a, needs)]
+        if not without or (failures and type(_exhausted(model, failures, tried)) is not NoNode):
+            return
+        wanted = ", ".join(sorted(needs))
+        message = (f"no live node for {model!r} advertises {wanted} ({len(without)} node(s) serve it without)"
+                   if not failures else f"no other node for {model!r} advertises {wanted} ("
+                   + "; ".join(f"{n}: {r}" for n, r, _ in failures) + ")")
+        self.counters["errors"] += 1
+        self.counters["no_capable_node"] += 1
+        log.warning("request for %r not routed: %s", model, message)
+        raise NoCapableNode(message, needs=needs)
+
     def _best(self, model: str, tried: set[str], version: str | None, route: _Route,
-              split: tuple[str | None, frozenset[str]] | None) -> NodeAdvert | None:
+              split: tuple[str | None, frozenset[str]] | None, needs: frozenset[str] = frozenset()) -> NodeAdvert | None:
         live = [a for a in self.table.live(model) if a.node_id not in tried]
+        if needs:  # constrained output / tools: only nodes that advertise them
+            live = [a for a in live if supports(a, needs)]
         if split is not None:  # gray release: this request's share of the model's versions
             chosen, listed = split
             group = [a for a in live if (_version(a) == chosen if chosen is not None else _version(a) not in listed)]

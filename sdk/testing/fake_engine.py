@@ -11,8 +11,11 @@ chunk carries :class:`~sdk.inference.Usage`. A request whose token ids are an ea
 the start of its reply (a mesh router resuming on another node) continues that reply. Leaving the stream early, :meth:`FakeEngine.cancel`
 or :meth:`FakeEngine.aclose` cancel a request. A request with ``response_format`` (``json_schema``
 or ``json_object``) is answered with :func:`minimal_instance` of its schema as compact JSON
-(deterministic; ``{}`` for ``json_object``), checked with the real engine's schema bounds. ``MeshNode``, ``Mesh`` and the HTTP app accept it
-wherever they accept an engine.
+(deterministic; ``{}`` for ``json_object``), checked with the real engine's schema bounds. ``features`` (default: all of
+``json_object``, ``json_schema``, ``tools``) is what a ``MeshNode`` over it advertises; a request
+needing one left out is refused with ``structured_output_unavailable``, as a node without the
+grammar library refuses it. ``MeshNode``, ``Mesh`` and the HTTP app accept it wherever they
+accept an engine.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: The model name a :class:`FakeEngine` serves unless told otherwise.
 FAKE_MODEL = "fake-model"
+#: The request features a :class:`FakeEngine` honours unless told otherwise (its advertised ``features``).
+FAKE_FEATURES = ("json_object", "json_schema", "tools")
 #: Token ids are code points: the vocabulary is every Unicode code point.
 VOCAB_SIZE = 0x110000
 _ROLE_OPEN, _ROLE_CLOSE, _TURN_END = "<|", "|>", "<|end|>"
@@ -203,17 +208,19 @@ class FakeEngine:
 
     ``token_delay`` (seconds) sleeps before each token (0: a bare yield to the loop), so tests can
     stop or cancel mid-stream; ``first_token_delay`` before the first one. ``requests`` records
-    every request streamed, ``cancelled`` the request ids that ended early.
+    every request streamed, ``cancelled`` the request ids that ended early. ``features``: the
+    request features it honours (and a mesh node advertises); others are refused.
     """
 
     def __init__(self, *, model: str = FAKE_MODEL, reply: Reply | str = echo, token_delay: float = 0.0,
                  first_token_delay: float = 0.0, max_sequence_length: int = 4096, max_batch_size: int = 8,
-                 version: str = "1") -> None:
+                 version: str = "1", features: Sequence[str] = FAKE_FEATURES) -> None:
         if max_sequence_length < 2 or max_batch_size < 1:
             raise ValueError("max_sequence_length must be >= 2 and max_batch_size >= 1")
         if token_delay < 0 or first_token_delay < 0:
             raise ValueError("delays must be >= 0")
         self.tokenizer = FakeTokenizer()
+        self.features: tuple[str, ...] = tuple(features)
         self.reply: Reply = _constant(reply) if isinstance(reply, str) else reply
         self.token_delay = token_delay
         self.first_token_delay = first_token_delay
@@ -299,6 +306,7 @@ class FakeEngine:
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
         ids = self.encode(request)
+        self._check_features(request)
         if len(ids) >= self.max_sequence_length:
             raise PromptTooLong(f"prompt has {len(ids)} tokens; max_sequence_length {self.max_sequence_length} "
                                 "leaves no room for output", prompt_tokens=len(ids),
@@ -341,6 +349,16 @@ class FakeEngine:
                 log.info("fake engine request %s cancelled after %d tokens", request_id, sent)
             else:
                 self.completed += 1
+
+    def _check_features(self, request: GenerationRequest) -> None:
+        """``StructuredOutputUnavailable`` for a request needing a feature this engine lacks."""
+        from sdk.inference.constraints import StructuredOutputUnavailable
+
+        kind = (request.response_format or {}).get("type")
+        missing = [name for name, wanted in ((kind, kind is not None), ("tools", request.tools is not None))
+                   if wanted and name not in self.features]
+        if missing:
+            raise StructuredOutputUnavailable(f"this engine does not honour {', '.join(map(str, missing))}")
 
     def _usage(self, ids: list[int], sent: int, started: float, first_at: float | None) -> Usage:
         now = time.monotonic()
@@ -393,4 +411,4 @@ class FakeEngine:
         await self.aclose()
 
 
-__all__ = ["FakeEngine", "FakeTokenizer", "FAKE_MODEL", "VOCAB_SIZE", "echo", "prompt_text"]
+__all__ = ["FakeEngine", "FakeTokenizer", "FAKE_MODEL", "FAKE_FEATURES", "VOCAB_SIZE", "echo", "prompt_text"]
