@@ -299,3 +299,34 @@ def test_operator_rollout_and_enrollment_state(store_opener: StoreOpener) -> Non
     again = store_opener()                                   # a second process opening it later
     assert again.pins("did:b") == {"m": "did:op"} and again.latest_version("did:b") == 1
     assert again.desired("did:a") == {"k": 1} and again.pending() == [("did:b", 1, 0)]
+
+
+def test_identical_desired_states_are_shared_and_one_change_moves_only_its_device(
+        store_opener: StoreOpener) -> None:
+    store = store_opener()
+    fleet = [f"did:s{i}" for i in range(20)]
+    store.commit({d: ({"ui.layout": "companion", "list": [1, 2]}, ("r",)) for d in fleet}, event_id="e1")
+    shared = {id(store._latest[d][1]) for d in fleet}
+    assert len(shared) == 1                                  # one object for the 20 equal states
+    with pytest.raises(TypeError):
+        store._latest[fleet[0]][1]["ui.layout"] = "x"        # the shared state is read-only
+    mine = store.desired(fleet[0])                           # a caller's own copy, nested lists too
+    mine["ui.layout"] = "mine"
+    mine["list"].append(3)
+    assert store.desired(fleet[1]) == {"ui.layout": "companion", "list": [1, 2]}
+    (one,) = store.commit({fleet[0]: ({"ui.layout": "kiosk"}, ("r",))}, event_id="e2")
+    one.state["list"] = "changed by the pump"                # a version's state is the caller's too
+    assert store.desired(fleet[0]) == {"ui.layout": "kiosk", "list": [1, 2]}
+    assert all(store.desired(d) == {"ui.layout": "companion", "list": [1, 2]} for d in fleet[1:])
+    assert store._latest[fleet[1]][1] is store._latest[fleet[19]][1]
+    store.commit({fleet[1]: ({"ui.layout": "kiosk"}, ("r",))}, event_id="e3")
+    assert store._latest[fleet[0]][1] is store._latest[fleet[1]][1]   # equal again: shared again
+    floor = store.advance(fleet[2], 9)
+    assert floor is not None and floor.state == {"ui.layout": "companion", "list": [1, 2]}
+    assert store._latest[fleet[2]][1] is store._latest[fleet[3]][1]
+    again = store_opener()                                   # loaded from the store: shared as well
+    assert again._latest[fleet[5]][1] is again._latest[fleet[6]][1]
+    assert again.desired(fleet[0]) == {"ui.layout": "kiosk", "list": [1, 2]}
+    assert again.latest_version(fleet[2]) == 9
+    store.close()
+    again.close()

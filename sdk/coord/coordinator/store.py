@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdk.coord.coordinator.errors import InvalidValue, StoreCorrupt, StoreError, StoreVersionError
+from sdk.coord.coordinator.shared_state import SharedStates, thaw
 from sdk.coord.coordinator.store_lease import Connection, LeaseMixin, LeaseState
 from sdk.coord.coordinator.values import strict_dumps
 from sdk.coord.protocol import ConfigVersion
@@ -195,13 +196,16 @@ class Store(LeaseMixin):
         """Reload the in-memory caches (latest versions, pins) from the store: another process
         sharing it may have written since this one opened it (the daemon calls it on taking the lease)."""
         latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        # -- identical desired states are one shared, read-only object (shared_state.py)
+        self._states = shared = SharedStates()
+        # -- end shared states
         with self._lock:
             rows = self._db.execute(
                 "SELECT d.did, d.version, d.state FROM desired d JOIN "
                 "(SELECT did, MAX(version) v FROM desired GROUP BY did) m "
                 "ON d.did = m.did AND d.version = m.v").fetchall()
             for did, version, state in rows:
-                latest[did] = (int(version), json.loads(state))
+                latest[did] = (int(version), shared.intern(state))
             self._latest = latest
             self._pins = None
 
@@ -369,8 +373,8 @@ class Store(LeaseMixin):
                 log.info("event %s from %s already processed; nothing committed", event_id,
                          event[0] if event else "?")
                 return []
-            for c in out:
-                self._latest[c.did] = (c.version, c.state)
+            for c, row in zip(out, rows, strict=True):
+                self._latest[c.did] = (c.version, self._states.intern(row[3]))
                 self._touched.add(c.did)
         return out
 
@@ -384,8 +388,8 @@ class Store(LeaseMixin):
         return self._latest.get(did, (0, {}))[0]
 
     def desired(self, did: str) -> dict[str, Any]:
-        """The current desired state of ``did``."""
-        return dict(self._latest.get(did, (0, {}))[1])
+        """The current desired state of ``did`` (the caller's own copy)."""
+        return thaw(self._latest.get(did, (0, {}))[1])
 
     def versions_since(self, did: str, version: int) -> list[ConfigVersion]:
         """Every committed version of ``did`` newer than ``version``, oldest first."""
@@ -409,7 +413,7 @@ class Store(LeaseMixin):
             "INSERT INTO desired(did, version, changes, state, event_id, rules, created) "
             "VALUES (?,?,?,?,?,?,?)",
             (did, version, "{}", _dumps(cv.state), None, _dumps([reason]), now)))
-        self._latest[did] = (version, cv.state)
+        self._latest[did] = (version, state)
         self._touched.add(did)
         return cv
 
