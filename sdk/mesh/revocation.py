@@ -8,6 +8,13 @@ drop cached grants and re-check at once, so a revocation takes effect on the nex
 instead of after a cache lifetime). A seed (``--status-file``: ``{url: list
 credential}``, a callable source or an existing ``StatusChecker``) answers until a live list
 arrives.
+
+A clustered broker may not deliver a retained list to a subscription made on another node, so a
+lookup of a list not held yet asks its publisher for it at once (``coord.status_get``, answered by
+a :class:`~sdk.messaging.status.StatusListPublisher` or a coordinator) instead of waiting for the
+next re-publication: by default on the issuer's own inbox ``autoglm/v1/dev/{issuer}/cmd``, or
+where ``ask`` says (``{issuer DID: topic}`` or ``url -> topic``; ``False``: never ask). That lookup
+still fails closed; the next one, once the answer is in, finds the list.
 """
 
 from __future__ import annotations
@@ -17,13 +24,27 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sdk.identity import IdentityError, StatusChecker, TrustPolicy
+from sdk.messaging import topics
 from sdk.messaging.client import SecureClient
-from sdk.messaging.status import MqttStatusListSource
+from sdk.messaging.status import MqttStatusListSource, issuer_of_status_url
 
 log = logging.getLogger(__name__)
 
 #: ``listener(status_list_url)``: called after the checker holds the new list.
 StatusListener = Callable[[str], None]
+#: where to ask for a missing list: ``{issuer DID: topic}``, ``url -> topic or None``, or False (never)
+AskFor = Mapping[str, str] | Callable[[str], str | None] | bool
+
+
+def issuer_inbox(url: str) -> str | None:
+    """The default place to ask for status list ``url``: its issuer's ``dev/{token}/cmd`` topic."""
+    token = issuer_of_status_url(url)
+    if not token:
+        return None
+    try:
+        return topics.build("dev", token, "cmd")
+    except ValueError:
+        return None
 
 
 class LiveStatus:
@@ -37,7 +58,8 @@ class LiveStatus:
     """
 
     def __init__(self, seed: StatusChecker | Callable[[str], Any] | Mapping[str, Any] | None = None, *,
-                 trust: TrustPolicy | None = None, resolver: Any = None) -> None:
+                 trust: TrustPolicy | None = None, resolver: Any = None, ask: AskFor = True) -> None:
+        self.ask = ask
         self.updates = 0  # lists taken
         self.rejected = 0  # lists pushed into a seed's checker that it refused
         self._listeners: list[StatusListener] = []
@@ -78,8 +100,23 @@ class LiveStatus:
         self._listeners.append(listener)
 
     async def attach(self, client: SecureClient) -> bool:
-        """Follow every issuer's status list on ``client``'s broker; False if the broker refused."""
+        """Follow every issuer's status list on ``client``'s broker (and ask on it for a list not
+        held yet, as ``ask`` says); False if the broker refused the subscription."""
+        topic_of = self._topic_of()
+        if topic_of is not None:
+            self.source.ask_when_missing(client, topic_of)
         return await self.source.attach(client)
+
+    def _topic_of(self) -> Callable[[str], str | None] | None:
+        ask = self.ask
+        if ask is False:
+            return None
+        if ask is True:
+            return issuer_inbox
+        if isinstance(ask, Mapping):
+            by_issuer = {topics.client_token(did): topic for did, topic in ask.items()}
+            return lambda url: by_issuer.get(issuer_of_status_url(url) or "")
+        return ask
 
     def put(self, url: str, credential: Any) -> None:
         """Take a status list from elsewhere (a local issuer, a file) as if it had arrived live."""
@@ -102,4 +139,4 @@ class LiveStatus:
                 log.exception("status listener failed for %s", url)
 
 
-__all__ = ["LiveStatus", "StatusListener"]
+__all__ = ["AskFor", "LiveStatus", "StatusListener", "issuer_inbox"]
