@@ -1,7 +1,8 @@
 """Coordinator failover: two ``autoglm coordinator`` processes with ``[ha] enabled`` (lease in
 PostgreSQL, one loopback Mosquitto), N devices in this process; kill -9 of the active, R rounds.
 
-    python3 bench/ha_bench.py [--devices 100] [--rounds 3] [--lease-ttl 3] [--json out.json]
+    python3 bench/ha_bench.py [--devices 100] [--rounds 4] [--lease-ttl 3] [--modes ticket,full]
+                              [--json out.json]
 
 Per round, from the kill -9 (wall clock; the lease timing dominates, so CPU load from other
 processes moves these figures little):
@@ -10,7 +11,15 @@ processes moves these figures little):
 * ``first_config_s``: an event published by the display right after the kill (queued in its outbox,
   re-sent once re-admitted) is applied on the first phone: the first config pushed by the new active;
 * ``all_configs_s``: that config applied on every phone;
-* ``all_readmitted_s``: every device admitted again by the new active (its new ``boot``).
+* ``all_readmitted_s``: every device admitted again by the new active (its new ``boot``);
+* ``readmission_s``: the same, counted from the promotion (what the devices' handshakes cost);
+* ``by_ticket`` / ``full``: the new active's admissions by resumption ticket and by full handshake
+  (its ``autoglm_coord_auth_total`` metrics).
+
+Rounds alternate ``--modes``: ``ticket`` (the devices keep the tickets the old active handed out,
+which the new one honours from the shared store) and ``full`` (the devices' tickets are dropped
+before the kill: every device runs the full hello + present handshake, as before tickets were kept
+in the store). The medians are given per mode.
 
 The killed instance is restarted (it comes back as the standby) before the next round. Before the
 rounds, ``idle_cpu_ms_per_s``: CPU time (user + system, from ``/proc``) each instance spends per
@@ -52,12 +61,15 @@ RULES = ROOT / "examples" / "rules.toml"
 class Instance:
     def __init__(self, name: str, tmp: Path, *, broker: str, store: str, key: Key, vc: Path, issuer: Key,
                  ttl: float) -> None:
+        from brokers.mosquitto import free_port
+
+        self.port = free_port()
         self.name, self.data = name, tmp / name
         self.data.mkdir(parents=True)
         self.config = self.data / "coordinator.toml"
         self.config.write_text(
             f'rules_file = "{RULES}"\n[coordinator]\nbroker = "{broker}"\ndata_dir = "{self.data}"\n'
-            f'heartbeat_ttl = 600\n[identity]\nkey = "{key.private_key_multibase}"\ncredential = "{vc}"\n'
+            f'heartbeat_ttl = 600\nmetrics_port = {self.port}\n[identity]\nkey = "{key.private_key_multibase}"\ncredential = "{vc}"\n'
             f'[[trust]]\nissuer = "{issuer.did}"\ntypes = ["DeviceCredential"]\n[store]\nurl = "{store}"\n'
             f'[ha]\nenabled = true\nlease_ttl = {ttl}\ninstance = "{name}"\n')
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,6 +95,15 @@ class Instance:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def auth_counts(port: int) -> dict[str, float]:
+    """``autoglm_coord_auth_total`` by result from an instance's metrics endpoint."""
+    from urllib.request import urlopen
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith('autoglm_coord_auth_total{result="')}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,7 +132,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     insts = [Instance(n, tmp, broker=mq.url, store=store, key=key, vc=vc, issuer=issuer, ttl=args.lease_ttl)
              for n in ("a", "b")]
     devices: list[Device] = []
-    rounds: list[dict[str, float]] = []
+    rounds: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
     try:
         insts[0].start()
@@ -148,7 +169,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         idle = {str(role): round(1000 * (cpu_seconds(pid) - before[role]) / args.idle, 2)
                 for role, pid in pids.items()}
         print(f"idle CPU ms per s: {idle}", flush=True)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         for r in range(args.rounds):
+            mode = modes[r % len(modes)]
+            if mode == "full":
+                for dev in devices:
+                    dev._ticket = None           # as before tickets outlived their instance
             active = next(i for i in insts if i.role == "active")
             standby = next(i for i in insts if i is not active)
             res = f"{800 + r}x600"
@@ -165,8 +191,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        60, "re-admitted")
             t_all = time.time()
             times = sorted(applied[res].values())
-            rounds.append({"promoted_s": round(promoted, 3), "first_config_s": round(times[0] - t_kill, 3),
-                           "all_configs_s": round(times[-1] - t_kill, 3), "all_readmitted_s": round(t_all - t_kill, 3)})
+            auth = await asyncio.to_thread(auth_counts, standby.port)
+            resumed = auth.get("resumed", 0.0)
+            rounds.append({"mode": mode, "promoted_s": round(promoted, 3),
+                           "first_config_s": round(times[0] - t_kill, 3),
+                           "all_configs_s": round(times[-1] - t_kill, 3), "all_readmitted_s": round(t_all - t_kill, 3),
+                           "readmission_s": round(t_all - t_kill - promoted, 3),
+                           "by_ticket": int(resumed), "full": int(auth.get("admitted", 0.0) - resumed)})
             print(f"round {r + 1}: {rounds[-1]}", flush=True)
             active.start()                       # the old active comes back as the standby
             await wait(lambda a=active: a.role == "standby", 30, "old active standby")
@@ -177,7 +208,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             inst.stop()
         mq.cleanup()
         pg.cleanup()
-    summary = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]} if rounds else {}
+    summary = {mode: {k: round(statistics.median(float(r[k]) for r in rounds if r["mode"] == mode), 3)
+                      for k in rounds[0] if k != "mode"}
+               for mode in dict.fromkeys(str(r["mode"]) for r in rounds)}
     return {"devices": args.devices, "rounds": rounds, "median": summary, "idle_cpu_ms_per_s": idle,
             "lease_ttl": args.lease_ttl,
             "poll_interval": args.lease_ttl / 5, "host": platform.node(), "cpus": os.cpu_count(),
@@ -187,7 +220,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--modes", default="ticket,full", help="round modes in turn: ticket, full")
     p.add_argument("--lease-ttl", type=float, default=3.0)
     p.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
     p.add_argument("--json", type=Path)
