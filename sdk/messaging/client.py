@@ -22,7 +22,7 @@ from sdk.identity import Key, PublicKey
 from sdk.messaging import topics
 from sdk.messaging.authz import Authorizer, CredentialRequirement
 from sdk.messaging.broker_auth import did_credentials
-from sdk.messaging.envelope import Message, Signer, Verifier, VerifyPolicy, new_id
+from sdk.messaging.envelope import HEADER_CACHE_SIZE, Message, Signer, Verifier, VerifyPolicy, new_id
 from sdk.messaging.errors import (
     Malformed,
     MessagingError,
@@ -65,6 +65,7 @@ class ClientConfig:
     max_serving: int = 1024  # concurrent requests served; beyond it requests get an error "busy"
     request_ttl: float = 60.0  # expiry of a stream request (or cancel) sent without an overall timeout
     max_state_keys: int = 100_000  # per Retained.STATE subscription: (sender, key) floors remembered
+    header_cache: int = HEADER_CACHE_SIZE  # senders' envelope headers remembered (LRU; size it to the senders)
 
 
 @dataclass
@@ -186,6 +187,7 @@ class SecureClient:
             resolver=resolver,
             policy=config.policy,
             replay=ReplayCache(window=window, max_entries=config.replay_max_entries),
+            header_cache=config.header_cache,
         )
         self.reply_topic = topics.validate_topic(reply_topic or topics.reply_topic(topics.client_token(key.did)))
         self._subs: dict[str, list[Subscription]] = {}
@@ -193,6 +195,11 @@ class SecureClient:
         self._serving: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def verifier(self) -> Verifier:
+        """The inbound envelope checker (its sender-header cache: :meth:`Verifier.resize_header_cache`)."""
+        return self._verifier
 
     # ------------------------------------------------------------------ lifecycle
 
