@@ -87,7 +87,9 @@ async def test_node_without_grammar_library_refuses_and_the_router_moves_on(
     await node_engines[1].grammar_compiler()  # this engine's grammar library was loaded before
     monkeypatch.setitem(sys.modules, "llguidance", None)  # ...and from now on it cannot be imported
     embedded_env.engines = [make_engine(max_batch_size=1), node_engines[1]]
-    bare = await embedded_env.node(0)
+    # the node claims constrained output it cannot give (found at start it would advertise only tools,
+    # and routers would not ask it: tests/mesh/test_node_features.py); its refusal is the backstop
+    bare = await embedded_env.node(0, features=("json_object", "json_schema", "tools"))
     mesh = await embedded_env.router(peer_key, [wide_vc], nodes=1)
     with pytest.raises(NoNode, match="structured_output_unavailable"):
         await mesh.generate(request())
