@@ -167,10 +167,9 @@ async def test_an_admitted_device_renews_its_ticket_so_it_resumes_past_the_first
     coord = await fleet.coordinator()
     mono, wall = Clock(time.monotonic()), Clock(time.time())
     coord.challenges.clock, coord.ticket_clock = mono, wall
-    dev_clock = Clock(0.0)
     dev = await fleet.device(coord, heartbeat_ttl=0.3)
+    dev_clock = Clock(time.monotonic())             # the ticket's renewal time was taken on this scale
     dev.clock = dev_clock
-    dev._ticket_at = 0.0
     first = dev._ticket
     assert first is not None and not dev.ticket_due()
 
@@ -178,10 +177,9 @@ async def test_an_admitted_device_renews_its_ticket_so_it_resumes_past_the_first
     assert not await dev.renew_ticket()
     assert _auth(coord).get("ticket_too_soon") == 1 and dev._ticket == first
 
-    # half-way to expiry the heartbeat asks for a fresh one
-    for clock in (mono, wall):
-        clock.now += RESUME_TTL / 2 + 1
-    dev_clock.now += RESUME_TTL / 2 + 1
+    # 50-70 % of the way to expiry (spread per ticket) the heartbeat asks for a fresh one
+    for clock in (mono, wall, dev_clock):
+        clock.now += RESUME_TTL * 0.72
     assert dev.ticket_due()
     await until(lambda: dev.tickets_renewed == 1, 10, what="the ticket renewed by the heartbeat")
     renewed = dev._ticket
@@ -191,7 +189,7 @@ async def test_an_admitted_device_renews_its_ticket_so_it_resumes_past_the_first
 
     # past the first ticket's lifetime: it is refused, the renewed one re-admits by ticket
     for clock in (mono, wall):
-        clock.now += RESUME_TTL / 2 + 1
+        clock.now += RESUME_TTL * 0.3
     with pytest.raises(AdmissionError):
         await dev._present(first[0])
     resumed = coord.admission.resumed

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
 import secrets
 import time
 from collections import deque
@@ -52,7 +53,8 @@ _MAX_REJECTED = 64
 _WILL_TTL = 365 * 86400
 _EXPIRED = ("expired", "credential_expired")     # notice reasons meaning "present a fresh credential"
 _TICKET_TTL = 600.0               # a ticket's lifetime when the coordinator does not say
-_TICKET_RENEW_AT = 0.5            # renew a ticket once this share of its lifetime has passed
+_TICKET_RENEW_AT = (0.5, 0.7)     # renew a ticket at a random share of its lifetime in this range
+_TICKET_RETRY = (0.05, 5.0)       # a renewal refused: try again after this share of it (at least 5 s)
 
 S = DeviceState
 
@@ -176,7 +178,7 @@ class Device:
         # -- resumption tickets: good with any instance of the coordinator's deployment (one store)
         self._ticket: tuple[str, str] | None = None    # (next_challenge, deployment it came from)
         self._announced: str | None = None               # deployment of the coordinator's last "online" note
-        self._ticket_at = 0.0                            # clock() when the ticket came (or renewal was asked)
+        self._ticket_renew_at = 0.0                      # clock() from which the ticket is renewed
         self._ticket_ttl = _TICKET_TTL
         #: monotonic seconds, injectable (tests): when a ticket is due for renewal
         self.clock: Callable[[], float] = time.monotonic
@@ -459,14 +461,14 @@ class Device:
             return
         ttl = body.get("ticket_ttl")
         self._ticket = (ticket, key)
-        self._ticket_at = self.clock()
         self._ticket_ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) \
             and 0 < ttl <= 86400 else _TICKET_TTL
+        # spread over part of the lifetime: a fleet admitted at once does not renew at once
+        self._ticket_renew_at = self.clock() + self._ticket_ttl * random.uniform(*_TICKET_RENEW_AT)
 
     def ticket_due(self) -> bool:
-        """True when the resumption ticket is past the share of its lifetime where it is renewed."""
-        return self._ticket is not None and \
-            self.clock() - self._ticket_at >= self._ticket_ttl * _TICKET_RENEW_AT
+        """True when the resumption ticket is due for renewal (past half its lifetime or more)."""
+        return self._ticket is not None and self.clock() >= self._ticket_renew_at
 
     async def renew_ticket(self) -> bool:
         """Ask the coordinator for a fresh resumption ticket (admitted only; one signed request, no
@@ -474,7 +476,8 @@ class Device:
         so a broker restart long after admission still re-admits the fleet by ticket."""
         if self._state is not S.ADMITTED:
             return False
-        self._ticket_at = self.clock()                  # asked now: the next try is a half-life away
+        share, least = _TICKET_RETRY                     # asked now: the next try, if this one fails
+        self._ticket_renew_at = self.clock() + max(least, self._ticket_ttl * share)
         try:
             reply = await self._request(protocol.TICKET, {})
         except AdmissionError as exc:
