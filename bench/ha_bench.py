@@ -14,7 +14,9 @@ processes moves these figures little):
 * ``all_readmitted_s``: every device admitted again by the new active (its new ``boot``);
 * ``readmission_s``: the same, counted from the promotion (what the devices' handshakes cost);
 * ``by_ticket`` / ``full``: the new active's admissions by resumption ticket and by full handshake
-  (its ``autoglm_coord_auth_total`` metrics).
+  (its ``autoglm_coord_auth_total`` metrics);
+* ``new_active_cpu_s``: CPU seconds (user + system, ``/proc``) the standby process spent from the
+  kill until every device was re-admitted: promotion (loading the store) plus the re-admissions.
 
 Rounds alternate ``--modes``: ``ticket`` (the devices keep the tickets the old active handed out,
 which the new one honours from the shared store) and ``full`` (the devices' tickets are dropped
@@ -178,7 +180,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             active = next(i for i in insts if i.role == "active")
             standby = next(i for i in insts if i is not active)
             res = f"{800 + r}x600"
-            assert active.proc is not None
+            assert active.proc is not None and standby.proc is not None
+            cpu0 = cpu_seconds(standby.proc.pid)
             t_kill = time.time()
             active.proc.send_signal(signal.SIGKILL)
             active.proc.wait(10)
@@ -190,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await wait(lambda b=boot: all(d.admission is not None and d.admission.boot == b for d in devices),
                        60, "re-admitted")
             t_all = time.time()
+            cpu = cpu_seconds(standby.proc.pid) - cpu0
             times = sorted(applied[res].values())
             auth = await asyncio.to_thread(auth_counts, standby.port)
             resumed = auth.get("resumed", 0.0)
@@ -197,7 +201,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "first_config_s": round(times[0] - t_kill, 3),
                            "all_configs_s": round(times[-1] - t_kill, 3), "all_readmitted_s": round(t_all - t_kill, 3),
                            "readmission_s": round(t_all - t_kill - promoted, 3),
-                           "by_ticket": int(resumed), "full": int(auth.get("admitted", 0.0) - resumed)})
+                           "by_ticket": int(resumed), "full": int(auth.get("admitted", 0.0) - resumed),
+                           "new_active_cpu_s": round(cpu, 3)})
             print(f"round {r + 1}: {rounds[-1]}", flush=True)
             active.start()                       # the old active comes back as the standby
             await wait(lambda a=active: a.role == "standby", 30, "old active standby")
