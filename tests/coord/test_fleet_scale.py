@@ -31,6 +31,7 @@ from sdk.coord.coordinator.registry import (
     shared_names,
 )
 from sdk.identity import Key, StatusList, TrustPolicy, status_entry
+from sdk.messaging.client import ClientConfig
 
 STATES = (ONLINE, OFFLINE, EXPIRED, REVOKED)
 URLS = [f"https://issuer.example/status/{i}" for i in range(4)]
@@ -376,3 +377,47 @@ async def test_a_fan_out_runs_a_bounded_number_of_pumps_and_reaches_every_target
     assert peak[0] == 8                                    # never more pumps at once
     assert len(sent) == 99                                 # the failing one does not stop the others
     assert all(reg.get(_did(i)).session.sent == 1 for i in range(100) if i != 7)   # type: ignore[union-attr]
+
+
+async def test_status_rows_share_equal_store_fields_and_still_match_a_recomputation(coord: Coordinator) -> None:
+    assert coord.store is not None
+    reg = coord.registry
+    for i in range(30):
+        reg.put(reg.admission(_did(i), {"kind": "display"}, session=Session(f"s{i}", {}, f"fp{i}")))
+    versions = coord.store.commit({_did(i): ({"ui.layout": "companion"}, ("r",)) for i in range(30)})
+    coord.store.record_reports([(cv.did, cv.version, "applied", None, 1.0) for cv in versions[:20]])
+    assert _without_clock(json.loads(coord.status_json())) == _without_clock(coord.status())
+    fields = coord._status_store
+    assert fields[_did(0)] is fields[_did(19)]                  # applied alike: one string
+    assert fields[_did(20)] is fields[_did(29)] and fields[_did(20)] != fields[_did(0)]
+    coord.store.commit({_did(0): ({"ui.layout": "kiosk"}, ("r",))})   # one device moves on
+    rows = {d["did"]: d for d in json.loads(coord.status_json())["devices"]}
+    assert rows[_did(0)]["desired_version"] == 2 and rows[_did(0)]["delta"] == {"ui.layout": "kiosk"}
+    assert rows[_did(1)]["desired_version"] == 1 and rows[_did(1)]["delta"] == {}
+    assert fields[_did(0)] is not fields[_did(1)]
+    assert _without_clock(json.loads(coord.status_json())) == _without_clock(coord.status())
+
+
+def test_per_sender_caches_grow_with_the_fleet_and_never_shrink(coord: Coordinator, tmp_path: Path) -> None:
+    from sdk.coord.coordinator.fleet_caches import fit_caches, fleet_cache_size
+    from sdk.identity import resolver
+
+    before = resolver.did_key_cache_size()
+    try:
+        verifier = coord.client.verifier
+        default = verifier.header_cache_size
+        assert fit_caches(coord.client, 100) == default        # a small fleet keeps the default
+        assert fleet_cache_size(20_000, default) == 22_000
+        assert fit_caches(coord.client, 20_000) == 22_000
+        assert resolver.did_key_cache_size() == 22_000
+        assert fit_caches(coord.client, 10) == 22_000          # a fleet that shrank keeps its bound
+        small = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir=tmp_path / "small",
+                            trust=TrustPolicy({}), issuer=Key.generate(),
+                            client_config=ClientConfig(qos=0, header_cache=4))
+        assert small.client.verifier.header_cache_size == 4
+        for i in range(10):
+            small.registry.put(small.registry.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, "f")))
+        small.sweep()                                          # the per-second sweep sizes them
+        assert small.client.verifier.header_cache_size == 11
+    finally:
+        resolver.resize_did_key_cache(before)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
@@ -55,6 +56,7 @@ from sdk.coord.coordinator.errors import (
     StoreCorrupt,
     StoreMissing,
 )
+from sdk.coord.coordinator.fleet_caches import fit_caches
 from sdk.coord.coordinator.fleet_ops import handle_properties, load_operator_state, register_fleet_ops
 from sdk.coord.coordinator.lock import DataDirLock
 from sdk.coord.coordinator.metrics import CoordinatorMetrics
@@ -292,8 +294,8 @@ class Coordinator:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
         # -- status snapshot: one cached JSON row per device, rendered again only when it changed
-        self._status_rows: dict[str, tuple[str, str]] = {}          # did -> (kind, JSON row)
-        self._status_store: dict[str, dict[str, Any]] = {}          # did -> desired/reported fields
+        self._status_rows: dict[str, tuple[str, str]] = {}          # did -> (kind, JSON row but its "}")
+        self._status_store: dict[str, str] = {}                     # did -> its store fields' JSON (shared)
         self._status_order: list[str] | None = None                 # DIDs by (kind, did)
         self._status_cost = 0.0                                     # seconds the last write took
         self._challenges_swept = 0.0
@@ -1276,6 +1278,7 @@ class Coordinator:
             self._challenges_swept = tick
             self.challenges.sweep()
         counts = self.registry.counts()              # kept on every transition
+        fit_caches(self.client, len(self.registry))  # per-sender caches grow with the fleet (fleet_caches.py)
         for state in (ONLINE, OFFLINE, EXPIRED, REVOKED):
             self.metrics.devices.labels(state).set(counts.get(state, 0))
         return expired
@@ -1318,27 +1321,29 @@ class Coordinator:
                 continue
             row = rec.to_row()
             row.pop("ticket", None)                     # resumption tickets stay in the store
-            if self.store is not None:
-                if did in touched or did not in self._status_store:
-                    self._status_store[did] = self._store_fields(did)
-                row.update(self._status_store[did])
+            if self.store is not None and (did in touched or did not in self._status_store):
+                # equal fields (most of a fleet: same versions, no delta) are one interned string
+                text = json.dumps(self._store_fields(did), default=str, separators=(",", ":"))
+                self._status_store[did] = sys.intern("," + text[1:-1])
             old = self._status_rows.get(did)
             if old is None or old[0] != rec.kind:
                 self._status_order = None
-            self._status_rows[did] = (rec.kind, json.dumps(row, default=str, separators=(",", ":")))
+            self._status_rows[did] = (rec.kind, json.dumps(row, default=str, separators=(",", ":"))[:-1])
         if self._status_order is None:
             rows = self._status_rows
             self._status_order = sorted(rows, key=lambda d: (rows[d][0], d))
         head = json.dumps({"coordinator": self.did, "boot": self.boot, "broker": self.broker,
                            "updated": time.time()}, separators=(",", ":"))
-        metrics = json.dumps(self.metrics.summary(), default=str, separators=(",", ":"))
+        summary = json.dumps(self.metrics.summary(), default=str, separators=(",", ":"))
         yield f'{head[:-1]},"devices":['
-        rows = self._status_rows
+        rows, fields = self._status_rows, self._status_store
         for i, did in enumerate(self._status_order):
             if i:
                 yield ","
             yield rows[did][1]
-        yield f'],"metrics":{metrics}}}'
+            yield fields.get(did, "")
+            yield "}"
+        yield f'],"metrics":{summary}}}'
 
     def _write_status(self) -> None:
         self._dirty = False
