@@ -149,6 +149,11 @@ def coordinator_main(args: argparse.Namespace) -> None:
 
         coord.add_listener(listen)
         await coord.start()
+        if args.gc_freeze:
+            import gc
+
+            gc.collect()
+            gc.freeze()         # what start() made is left out of every later collection
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -171,6 +176,19 @@ def coordinator_main(args: argparse.Namespace) -> None:
             if not baseline:
                 baseline.append(snap)
             return json.dumps({"registry": len(coord.registry), **memory_breakdown(snap, baseline[0])})
+
+        async def trim() -> str:
+            """RSS before and after a full collection, then after glibc's ``malloc_trim(0)``."""
+            import ctypes
+            import gc
+
+            pid = os.getpid()
+            before = proc_rss_mb(pid)
+            gc.collect()
+            collected = proc_rss_mb(pid)
+            ctypes.CDLL(None).malloc_trim(0)
+            return json.dumps({"rss_mb": round(before, 1), "after_gc_mb": round(collected, 1),
+                               "after_malloc_trim_mb": round(proc_rss_mb(pid), 1)})
 
         profiling: list[Any] = []
 
@@ -195,6 +213,8 @@ def coordinator_main(args: argparse.Namespace) -> None:
                     print(asyncio.run_coroutine_threadsafe(profile(path), loop).result(), flush=True)
                 elif line.strip() == "heap":              # walks every pymalloc pool: not polled
                     print(json.dumps(heap()), flush=True)
+                elif line.strip() == "trim":
+                    print(asyncio.run_coroutine_threadsafe(trim(), loop).result(), flush=True)
                 elif line.strip() == "stats":
                     print(asyncio.run_coroutine_threadsafe(snapshot(), loop).result(), flush=True)
                 elif line.strip() == "memory":
@@ -260,12 +280,12 @@ def memory_breakdown(snap: Any, base: Any, limit: int = 40) -> dict[str, Any]:
 
 class CoordinatorProcess:
     def __init__(self, broker: str, data: str, issuer_seed: bytes, coord_seed: bytes, max_admissions: int,
-                 queue_wait: float, tracemalloc_frames: int = 0) -> None:
+                 queue_wait: float, tracemalloc_frames: int = 0, gc_freeze: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--coordinator", "--broker", broker, "--data", data,
              "--issuer-seed", issuer_seed.hex(), "--coord-seed", coord_seed.hex(),
              "--max-admissions", str(max_admissions), "--queue-wait", str(queue_wait),
-             "--tracemalloc", str(tracemalloc_frames)],
+             "--tracemalloc", str(tracemalloc_frames), *(["--gc-freeze"] if gc_freeze else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         first = json.loads(self._line())
         self.did: str = first["did"]
@@ -295,6 +315,13 @@ class CoordinatorProcess:
         """The coordinator's allocator state (see :func:`heap`)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("heap\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def trim(self) -> dict[str, Any]:
+        """The coordinator's RSS before and after ``gc.collect()`` and ``malloc_trim(0)``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("trim\n")
         self.proc.stdin.flush()
         return json.loads(self._line())
 
@@ -486,7 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory(prefix="fleet-bench-")
     issuer_seed, coord_seed = os.urandom(32), os.urandom(32)
     coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions,
-                               args.queue_wait, args.tracemalloc)
+                               args.queue_wait, args.tracemalloc, args.gc_freeze)
+    out["gc_freeze"], out["trim"] = args.gc_freeze, args.trim
     fleet: Fleet | None = None
     try:
         time.sleep(1.0)
@@ -540,6 +568,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
                          "coordinator_cpu_s_total": round(proc_cpu(coord.pid), 2),
                          "coordinator_admission": stats["admission"], "registry": stats["registry"]})
+            if args.trim:
+                step["coordinator_trim"] = trimmed = coord.trim()
+                print(f"        RSS {trimmed['rss_mb']} MB, after gc.collect() {trimmed['after_gc_mb']} MB, "
+                      f"after malloc_trim(0) {trimmed['after_malloc_trim_mb']} MB", flush=True)
             if args.tracemalloc:
                 mem = coord.memory()
                 mem["rss_mb"] = round(proc_rss_mb(coord.pid), 1)
@@ -614,6 +646,9 @@ def main() -> None:
                         help="cProfile the coordinator per step: DIR/admission-N.prof and DIR/fanout-N.prof")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
+    parser.add_argument("--trim", action="store_true",
+                        help="after each step's RSS reading: the coordinator's RSS after gc.collect() and malloc_trim(0)")
+    parser.add_argument("--gc-freeze", action="store_true", help="the coordinator calls gc.freeze() after start")
     parser.add_argument("--json", type=Path, default=None)
     # the coordinator process (started by the benchmark itself)
     parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)

@@ -1336,12 +1336,12 @@ class Coordinator:
                            "updated": time.time()}, separators=(",", ":"))
         summary = json.dumps(self.metrics.summary(), default=str, separators=(",", ":"))
         yield f'{head[:-1]},"devices":['
-        rows, fields = self._status_rows, self._status_store
+        rows, parts = self._status_rows, self._status_store
         for i, did in enumerate(self._status_order):
             if i:
                 yield ","
             yield rows[did][1]
-            yield fields.get(did, "")
+            yield parts.get(did, "")
             yield "}"
         yield f'],"metrics":{summary}}}'
 
