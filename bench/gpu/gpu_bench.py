@@ -6,7 +6,10 @@
 
 Measures: device copy bandwidth; the batch-1 decode bound (weight bytes read per step / bandwidth);
 plain ``model.generate`` at batch 1 and batched; our engine at each concurrency with and without
-CUDA graphs. Every case is caught on its own (one failure does not lose the others), results are
+CUDA graphs; per engine, JSON-Schema constrained decoding at batch 1 and at the widest concurrency
+(against the same width unconstrained; needs the grammar library, else recorded as skipped) and
+the widest concurrency again from an idle, shrunk paged KV pool (the blocks grow during the timed
+run; against the slot-cache figures of the last H200 run). Every case is caught on its own (one failure does not lose the others), results are
 written to ``$OUT/gpu_bench.json`` after each case, and cases are skipped once the time budget runs out.
 """
 
@@ -35,6 +38,24 @@ TOKENIZER_DIR = ROOT / "bench" / "assets" / "smollm2-tokenizer"
 ABSENT_ON_GPU_IMAGE = ("nacl", "paho", "joserfc", "fastapi", "uvicorn", "sse_starlette", "gguf", "jsonschema",
                        "amqtt", "didkit", "openai", "typer_slim")
 T0 = time.perf_counter()
+
+#: The constrained-decoding case's schema: an enum, a bounded integer, an array of enums, a boolean,
+#: then a free string, so the grammar is exercised structurally and the output runs the full length.
+CONSTRAINED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "layout": {"enum": ["grid", "list", "carousel"]},
+        "columns": {"type": "integer", "minimum": 1, "maximum": 6},
+        "panels": {"type": "array", "items": {"enum": ["clock", "media", "map"]}, "minItems": 1, "maxItems": 3},
+        "dark_mode": {"type": "boolean"},
+        "note": {"type": "string"},
+    },
+    "required": ["layout", "columns", "panels", "dark_mode", "note"],
+    "additionalProperties": False,
+}
+CONSTRAINED_FORMAT = {"type": "json_schema", "json_schema": {"name": "layout", "schema": CONSTRAINED_SCHEMA}}
+#: 64 concurrent streams with the slot cache (before paged KV), H200, same model and shapes (INFERENCE.md).
+SLOT_CACHE_C64_TOKENS_PER_S = {"engine": 2950.0, "engine_graphs": 12532.0}
 
 
 def log(msg: str) -> None:
@@ -90,7 +111,7 @@ def load_tokenizer() -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
-    except Exception as exc:  # an older transformers may not know this tokenizer_config
+    except Exception as exc:  # noqa: BLE001 - an older transformers may not know this tokenizer_config
         log(f"AutoTokenizer failed ({exc!r}); using PreTrainedTokenizerFast")
         from transformers import PreTrainedTokenizerFast
 
@@ -214,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         try:
             value = fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - each case is caught on its own
             log(f"FAILED {name}: {exc!r}")
             results["errors"][name] = {"error": repr(exc), "traceback": traceback.format_exc()[-3000:]}
             if device.type == "cuda":
                 try:
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
-                except Exception as sync_exc:  # a broken CUDA context: later cases will fail fast too
+                except Exception as sync_exc:  # noqa: BLE001 - a broken CUDA context: later cases will fail fast too
                     log(f"CUDA unusable after {name}: {sync_exc!r}")
             save()
             return None
@@ -299,14 +320,25 @@ def main(argv: list[str] | None = None) -> int:
                 # so every (batch, KV-length) bucket the timed run meets is captured here.
                 warm_new = new if graphs else 8
                 case(f"{tag}_warmup_c{c}",
-                     lambda c=c, w=warm_new: engine_generate(engine, warm[:c], w, name=f"warm-up x{c}"), 20)
-                run = case(f"{tag}_c{c}", lambda c=c: _engine_case(engine, prompts[:c], new, graphs), 30)
+                     lambda c=c, w=warm_new, e=engine: engine_generate(e, warm[:c], w, name=f"warm-up x{c}"), 20)
+                run = case(f"{tag}_c{c}", lambda c=c, e=engine, g=graphs: _engine_case(e, prompts[:c], new, g), 30)
                 if run is not None and c == 1 and b1 is not None:
                     results["cases"][f"{tag}_c1"]["matches_generate"] = agreement(run, b1)
+            if _grammar_library():
+                for c in sorted({1, max_c}):
+                    case(f"{tag}_constrained_warmup_c{c}",
+                         lambda c=c, e=engine, g=graphs: _constrained_case(e, tok, warm[:c], 8, g), 20)
+                    case(f"{tag}_constrained_c{c}",
+                         lambda c=c, e=engine, g=graphs: _constrained_case(e, tok, prompts[:c], new, g), 30)
+            else:
+                log(f"SKIP {tag}_constrained: the grammar library (llguidance) is not installed")
+                results["skipped"].append(f"{tag}_constrained (no llguidance)")
+            case(f"{tag}_paged_cold_c{max_c}",
+                 lambda e=engine, g=graphs: _paged_cold_case(e, prompts[:max_c], new, g), 40)
         finally:
             try:
                 engine.close()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the results matter more than the close
                 log(f"closing the engine failed: {exc!r}")
 
     # ---- summary
@@ -324,6 +356,83 @@ def _engine_case(engine: Any, prompts: list[list[int]], new: int, graphs: bool) 
     name = f"engine{' +graphs' if graphs else ''}, {len(prompts)} concurrent"
     run = engine_generate(engine, prompts, new, name=name)
     run.extra["stats"] = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float))}
+    return run
+
+
+def _grammar_library() -> bool:
+    try:
+        importlib.import_module("llguidance")
+    except ImportError:
+        return False
+    return True
+
+
+def _constrained_case(engine: Any, tok: Any, prompts: list[list[int]], new: int, graphs: bool) -> Any:
+    """All ``prompts`` at once under :data:`CONSTRAINED_FORMAT` (greedy); each output is parsed as
+    JSON and checked against the schema's enums and bounds (jsonschema is absent on the GPU image)."""
+    import asyncio
+
+    from inference_bench import Run, sync
+
+    from sdk.inference.types import GenerationRequest
+
+    reqs = [GenerationRequest(prompt_token_ids=p, max_new_tokens=new, temperature=0.0,
+                              response_format=CONSTRAINED_FORMAT) for p in prompts]
+
+    async def run_all() -> list[Any]:
+        return await asyncio.gather(*(engine.generate(r) for r in reqs))
+
+    sync(engine.device)
+    started = time.perf_counter()
+    done = asyncio.run(run_all())
+    sync(engine.device)
+    seconds = time.perf_counter() - started
+    finished = [r for r in done if r.finish_reason == "stop"]
+    valid = sum(_layout_ok(r.text) for r in finished)
+    run = Run(f"engine{' +graphs' if graphs else ''}, {len(prompts)} constrained", len(prompts),
+              sum(len(r.token_ids) for r in done), seconds,
+              ttft_s=statistics.median(r.usage.time_to_first_token_s for r in done),
+              outputs=[list(r.token_ids) for r in done])
+    prefixes_ok = sum(_layout_prefix_ok(r.text) for r in done if r.finish_reason == "length")
+    run.extra.update({"finished": len(finished), "finished_valid": valid, "cut_at_length": len(done) - len(finished),
+                      "cut_prefix_valid": prefixes_ok})
+    return run
+
+
+def _layout_ok(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    props: dict[str, Any] = CONSTRAINED_SCHEMA["properties"]
+    return (isinstance(value, dict) and set(value) == set(props) and value["layout"] in props["layout"]["enum"]
+            and type(value["columns"]) is int and 1 <= value["columns"] <= 6
+            and isinstance(value["panels"], list) and 1 <= len(value["panels"]) <= 3
+            and all(p in ("clock", "media", "map") for p in value["panels"])
+            and type(value["dark_mode"]) is bool and isinstance(value["note"], str))
+
+
+def _layout_prefix_ok(text: str) -> bool:
+    """An output cut at the length limit: every field before the free ``note`` string is valid."""
+    head, sep, _ = text.partition(',"note":"')
+    return bool(sep) and _layout_ok(head + ',"note":""}')
+
+
+def _paged_cold_case(engine: Any, prompts: list[list[int]], new: int, graphs: bool) -> Any:
+    """``prompts`` at once after the paged KV pool shrank back while idle: the timed run includes
+    growing it again; the pool's figures before and after are recorded."""
+    from inference_bench import engine_generate
+
+    grown = engine.stats().get("kv_blocks", 0)
+    deadline = time.perf_counter() + engine.config.kv_idle_shrink_s + 3.0  # at its floor it never shrinks
+    while time.perf_counter() < deadline and engine.stats().get("kv_blocks", 0) >= grown > 0:
+        time.sleep(0.25)
+    before = {k: v for k, v in engine.stats().items() if k.startswith("kv_")}
+    run = engine_generate(engine, prompts, new, name=f"engine{' +graphs' if graphs else ''}, "
+                                                     f"{len(prompts)} concurrent from an idle pool")
+    after = {k: v for k, v in engine.stats().items() if k.startswith("kv_")}
+    run.extra.update({"kv_blocks_grown_from": grown, "shrank": before.get("kv_blocks", 0) < grown, "kv_before": before, "kv_after": after,
+                      "preemptions": after.get("kv_preemptions", 0) - before.get("kv_preemptions", 0)})
     return run
 
 
@@ -351,6 +460,15 @@ def summarize(results: dict[str, Any], conc: list[int]) -> None:
             plain = cases.get(f"generate_batch{c}", {}).get("tokens_per_s")
             if plain:
                 summary[f"{tag}_c{c}_vs_batched_generate"] = run["tokens_per_s"] / plain
+            constrained = cases.get(f"{tag}_constrained_c{c}")
+            if constrained:  # the target: constrained costs <= 10 % of unconstrained tokens/s
+                summary[f"{tag}_constrained_c{c}_vs_unconstrained"] = constrained["tokens_per_s"] / run["tokens_per_s"]
+        cold = cases.get(f"{tag}_paged_cold_c{max(conc)}")
+        if cold and max(conc) == 64:
+            summary[f"{tag}_paged_cold_c64_vs_slot_cache"] = cold["tokens_per_s"] / SLOT_CACHE_C64_TOKENS_PER_S[tag]
+            warm = cases.get(f"{tag}_c64")
+            if warm:
+                summary[f"{tag}_paged_c64_vs_slot_cache"] = warm["tokens_per_s"] / SLOT_CACHE_C64_TOKENS_PER_S[tag]
     g1 = results.get("generate_b1_decode_tokens_per_s")
     if g1 and bound:
         summary["generate_b1_decode_share_of_bound"] = g1 / bound
