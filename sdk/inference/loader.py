@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -284,7 +287,10 @@ def _convert_locked(source: Path, target: Path, version: str) -> Path:
             shutil.rmtree(target, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
         try:
-            _convert_gguf(source, tmp, version)
+            if _lean_import:
+                _convert_in_subprocess(source, tmp, version)
+            else:
+                _convert_gguf(source, tmp, version)
             os.rename(tmp, target)
         finally:
             if tmp.exists():
@@ -292,25 +298,94 @@ def _convert_locked(source: Path, target: Path, version: str) -> Path:
     return target
 
 
+def _convert_in_subprocess(source: Path, target: Path, version: str) -> None:
+    """Run :func:`_convert_gguf` in a fresh interpreter: this one imported transformers without
+    accelerate (see :func:`_import_transformers`), which GGUF loading needs."""
+    sdk_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (sdk_root, os.environ.get("PYTHONPATH")) if p)}
+    code = ("import sys; from pathlib import Path; from sdk.inference.loader import _convert_gguf; "
+            "_convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-c", code, str(source), str(target), version], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        log.error("converting %s in a subprocess failed: %s", source, proc.stderr[-2000:])
+        raise ModelLoadError(f"transformers could not load {source}: {tail[0]}")
+
+
 # ----------------------------------------------------------------------------------------- load
 
 
-def _load_transformers(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+#: Packages transformers imports when installed that CPU serving never uses: scipy (for an
+#: object-detection loss) and accelerate (device maps and offload; it also pulls in boto3). Hidden
+#: while the modelling code is first imported for a CPU load, they cost 48 MB of resident memory.
+UNUSED_ON_CPU = ("scipy", "accelerate")
+#: True once transformers was imported with accelerate hidden: GGUF conversion then runs in a subprocess.
+_lean_import = False
+
+
+@contextlib.contextmanager
+def hidden_modules(names: tuple[str, ...]) -> Iterator[list[str]]:
+    """Make ``names`` look uninstalled (``sys.modules[name] = None``) inside the block.
+
+    Only names not imported yet are hidden (and listed); afterwards they are importable again.
+    """
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # None in sys.modules means "not installed"
+    try:
+        yield hidden
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def _import_transformers(device: torch.device) -> tuple[Any, Any]:
+    """``AutoModelForCausalLM`` and ``AutoTokenizer``, importing the modelling code lean on CPU."""
+    global _lean_import
+    fresh = "transformers.modeling_utils" not in sys.modules
+    if device.type == "cpu" and fresh:
+        try:
+            with hidden_modules(UNUSED_ON_CPU) as hidden:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                importlib.import_module("transformers.modeling_utils")  # what pulls the packages in
+            _lean_import = _lean_import or "accelerate" in hidden
+            return AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:  # a transformers that needs one of them after all: import it plainly
+            log.warning("transformers needs %s; importing it in full: %s", ", ".join(UNUSED_ON_CPU), exc)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    return AutoModelForCausalLM, AutoTokenizer
+
+
+def release_load_memory() -> bool:
+    """Collect load-time garbage and hand the freed C heap back to the OS (glibc ``malloc_trim``).
+
+    Reading and casting the weights leaves tens of MB of freed heap that stays resident without it.
+    """
+    from sdk.inference.kv_cache import release_free_heap
+
+    gc.collect()
+    return release_free_heap()
+
+
+def _load_transformers(directory: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    model_cls, tokenizer_cls = _import_transformers(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = tokenizer_cls.from_pretrained(str(directory), local_files_only=True)
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
         if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
             kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+        model = model_cls.from_pretrained(str(directory), **kwargs)
     except OSError as exc:
         log.error("no loadable model in %s: %s", directory, exc)
         raise ModelNotFound(f"no loadable transformers model in {directory}: {exc}") from exc
     except Exception as exc:
         log.exception("transformers could not load %s", directory)
         raise ModelLoadError(f"transformers could not load {directory}: {exc}") from exc
-    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typing of .to
+    model = model.to(device).eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -343,6 +418,7 @@ def load_model(
         directory = source.path
         version = fingerprint(directory)
     model, tokenizer = _load_transformers(directory, dev, dt)
+    release_load_memory()
     if quantization is not None:
         quantization["runtime_dtype"] = dtype_name(dt)
     seconds = time.perf_counter() - started
@@ -373,8 +449,10 @@ __all__ = [
     "default_model_path",
     "ensure_converted",
     "fingerprint",
+    "hidden_modules",
     "gguf_quantization",
     "load_model",
+    "release_load_memory",
     "require_packages",
     "resolve_model_path",
 ]
