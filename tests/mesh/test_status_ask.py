@@ -75,3 +75,36 @@ def test_the_default_inbox_is_the_issuers_command_topic() -> None:
 
     assert issuer_inbox(status_list_url(issuer.did)) == f"autoglm/v1/dev/{client_token(issuer.did)}/cmd"
     assert issuer_inbox("https://example.com/status/1") is None
+
+
+@pytest.mark.cluster
+async def test_a_mesh_verifier_on_node_2_has_the_list_published_retained_on_node_1_at_once(
+        ejabberd_cluster: Any) -> None:
+    """ejabberd does not deliver node 1's retained list to a subscription made on node 2: the
+    LiveStatus there asks the issuer's inbox on its first lookup and has it one round trip later,
+    long before the publisher's next re-publication (none within this test: interval 0)."""
+    c = ejabberd_cluster
+    issuer, verifier = Key.generate(), Key.generate()
+    url = status_list_url(issuer.did)
+    bits = StatusList()
+    bits.set(2)
+    async with SecureClient(c.urls[0], issuer, **c.credentials(issuer)) as pub, \
+            SecureClient(c.urls[1], verifier, **c.credentials(verifier)) as client:
+        publisher = StatusListPublisher(pub, interval=0)
+        await publisher.put(_signed(issuer, bits))            # retained, on node 1
+        inbox = issuer_inbox(url)
+        assert inbox is not None
+        await publisher.serve(inbox)
+        try:
+            live = LiveStatus(trust=TrustPolicy({issuer.did: ["DeviceCredential"]}))
+            assert await live.attach(client)
+            with pytest.raises(StatusUnavailable):
+                live.checker.check(status_entry(url, 2), issuer=issuer.did)
+            await until(lambda: live.updates >= 1, 10, what="the list, asked for across nodes")
+            with pytest.raises(Revoked):
+                live.checker.check(status_entry(url, 2), issuer=issuer.did)
+            assert publisher.answered == 1
+        finally:
+            from sdk.messaging.status import status_list_topic
+
+            await pub.transport.publish(status_list_topic(issuer.did), b"", qos=1, retain=True)
