@@ -441,7 +441,8 @@ async def test_a_write_refused_by_the_fence_demotes_the_active_at_once(tmp_path:
                 what="the active steps down on the refused commit")
     assert ha.role == "standby" and ha.coordinator is None
     assert other.latest_version(phone.did) == 1 and other.get_meta("probe") is None
-    assert other.lease() is not None and other.lease().holder == "b/1"   # type: ignore[union-attr]
+    lease = other.lease()
+    assert lease is not None and lease.holder == "b/1"
 
 
 async def test_instances_on_different_ejabberd_nodes_fail_over_with_the_devices_on_node_2(
@@ -613,6 +614,7 @@ def test_an_active_paused_inside_a_transaction_does_not_block_the_takeover(postg
     active, standby = open_store(url), open_store(url)
     try:
         token = active.acquire_lease("a/1", 1.0)
+        assert token is not None
         active.fence(token, holder="a/1")
         active._db.execute("BEGIN")             # the first statement of a fenced write, then nothing
         active._check_fence(active._db)
