@@ -480,7 +480,7 @@ class Device:
         self._ticket_renew_at = self.clock() + max(least, self._ticket_ttl * share)
         try:
             reply = await self._request(protocol.TICKET, {})
-        except AdmissionError as exc:
+        except (AdmissionError, MessagingError) as exc:     # refused, or the broker went away
             log.info("device %s: resumption ticket not renewed (%s)", self.did, exc.reason)
             return False
         body = reply.body if isinstance(reply.body, dict) else {}
