@@ -273,6 +273,15 @@ def test_a_session_keeps_only_what_decisions_need() -> None:
                     "issuer": "did:example:i", "validFrom": "2026-01-01T00:00:00Z",
                     "validUntil": "2027-01-01T00:00:00Z", "credentialSubject": {"name": "hall"}}
     assert compact_credential({"validUntil": "x"}) == {"validUntil": "x"}
+    # parsed from two messages, equal issuer and dates are one object each (a fleet issued together)
+    one, two = (compact_credential(json.loads(json.dumps(credential))) for _ in range(2))
+    for key in ("issuer", "validFrom", "validUntil"):
+        assert one[key] is two[key]
+    assert one["id"] == two["id"]
+    reg = Registry()
+    recs = [reg.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, "f"),
+                          issuer="".join(["did:example:", "issuer"])) for i in range(2)]
+    assert recs[0].issuer is recs[1].issuer
 
 
 def test_the_pump_lock_is_made_on_first_use_and_kept_across_re_admission() -> None:

@@ -46,9 +46,9 @@ def compact_credential(credential: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k in _KEPT if (v := credential.get(k)) is not None}
     if isinstance(out.get("type"), list):
         out["type"] = [_shared(t) for t in out["type"]]
-    out["issuer"] = _shared(out.get("issuer"))
-    if out["issuer"] is None:
-        del out["issuer"]
+    for key in ("issuer", "validFrom", "validUntil", "expirationDate"):    # a fleet issued together shares them
+        if key in out:
+            out[key] = _shared(out[key])
     subject = credential.get("credentialSubject")
     name = subject.get("name") if isinstance(subject, dict) else None
     if isinstance(name, str):
@@ -277,7 +277,7 @@ class Registry:
         rec.name = str(subject.get("name") or rec.name)
         rec.groups = shared_names(_str_list(subject.get("groups")))
         rec.capabilities = shared_names(_str_list(subject.get("capabilities")))
-        rec.credential_id, rec.issuer = credential_id, issuer
+        rec.credential_id, rec.issuer = credential_id, _shared(issuer)
         rec.state, rec.session, rec.last_seen = ONLINE, session, now
         rec.heartbeat_ttl = heartbeat_ttl
         rec.status = tuple({k: v if k == "statusListIndex" else _shared(v) for k, v in e.items()} for e in status)
