@@ -391,6 +391,35 @@ def _load_transformers(directory: Path, device: torch.device, dtype: torch.dtype
     return model, tokenizer
 
 
+#: ``/proc/cpuinfo`` flags of native bf16 arithmetic (AVX512-BF16: AMD Zen 4+, Intel Cooper Lake+; AMX).
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (or the given ``/proc/cpuinfo`` text) does bf16 arithmetic natively."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool(BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
+    return False
+
+
+def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """``dtype`` resolved for ``device``; ``auto`` on a CPU with native bf16 is bf16, not fp32.
+
+    There bf16 decodes faster (half the memory traffic; 2026-12-01, EPYC with AVX512-BF16: batch 8
+    15 vs 32 ms of CPU per token, batch 1 level) and halves the weights' memory. Elsewhere as
+    :func:`~sdk.inference.placement.select_dtype`.
+    """
+    if (dtype is None or str(dtype) == "auto") and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return select_dtype(device, dtype)
+
+
 def load_model(
     model_path: str | os.PathLike[str] | None = None,
     *,
@@ -399,7 +428,8 @@ def load_model(
     max_sequence_length: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
-    """Load ``model_path`` (``None``: bundled SmolLM2) on ``device`` (auto) in ``dtype`` (auto).
+    """Load ``model_path`` (``None``: bundled SmolLM2) on ``device`` (auto) in ``dtype`` (auto:
+    :func:`choose_dtype`).
 
     ``max_sequence_length`` only goes into the metadata's context length (default: the model's).
     Raises :class:`ModelNotFound`, :class:`MissingDependency` or :class:`ModelLoadError`.
@@ -407,7 +437,7 @@ def load_model(
     started = time.perf_counter()
     source = resolve_model_path(model_path)
     dev = select_device(device)
-    dt = select_dtype(dev, dtype)
+    dt = choose_dtype(dev, dtype)
     quantization: dict[str, Any] | None = None
     if source.kind == "gguf":
         directory = ensure_converted(source.path, cache_dir=Path(cache_dir) if cache_dir else None)
@@ -446,6 +476,8 @@ __all__ = [
     "ModelNotFound",
     "ModelSource",
     "cache_root",
+    "choose_dtype",
+    "cpu_has_native_bf16",
     "default_model_path",
     "ensure_converted",
     "fingerprint",

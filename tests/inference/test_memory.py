@@ -6,6 +6,7 @@ already) and compare its greedy output with the session's fp32 model.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import json
@@ -115,3 +116,48 @@ def test_gguf_conversion_still_works_after_a_lean_cpu_load(smollm2: Any, tmp_pat
     target = Path(proc.stdout.strip().splitlines()[-1])
     assert target.parent == tmp_path and (target / "model.safetensors").is_file()
     assert (target / "tokenizer.json").read_bytes() == (smollm2.path / "tokenizer.json").read_bytes()
+
+
+_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    import torch
+
+    from sdk.inference.loader import choose_dtype, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(_CPUINFO.format(extra="avx512_bf16"))
+    assert cpu_has_native_bf16(_CPUINFO.format(extra="amx_bf16 amx_tile"))
+    assert not cpu_has_native_bf16(_CPUINFO.format(extra="avx512_vnni"))
+    assert not cpu_has_native_bf16("")
+    cpu = torch.device("cpu")
+    assert choose_dtype(cpu, "float32") is torch.float32  # explicit wins
+    assert choose_dtype(cpu, "auto") is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+
+
+@pytest.mark.model
+async def test_bf16_engine_matches_transformers_in_bf16(smollm2: Any) -> None:
+    """What ``auto`` serves on a CPU with native bf16: the engine's greedy ids equal ``generate``'s."""
+    import torch
+
+    from sdk.inference import Engine, EngineConfig, GenerationRequest
+    from sdk.inference.loader import load_model
+
+    loaded = load_model(smollm2.path, device="cpu", dtype="bfloat16", max_sequence_length=512)
+    engine = Engine.from_model(loaded.model, loaded.tokenizer,
+                               EngineConfig(max_sequence_length=512, max_batch_size=4, warmup=False),
+                               metadata=loaded.metadata)
+    prompts = [PROMPT, "Once upon a time, in a small village by the sea,", "def fibonacci(n):"]
+    try:
+        results = await asyncio.gather(*(engine.generate(GenerationRequest(prompt=p, max_new_tokens=12,
+                                                                           temperature=0.0)) for p in prompts))
+    finally:
+        await engine.aclose()
+    assert engine.metadata["dtype"] == "bfloat16"
+    for prompt, result in zip(prompts, results, strict=True):
+        ids = loaded.tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model.generate(**ids, max_new_tokens=12, do_sample=False)
+        expected = out[0, ids["input_ids"].shape[1]:].tolist()
+        assert list(result.token_ids) == expected[:len(result.token_ids)] and result.token_ids, prompt
+    assert "Paris" in results[0].text
