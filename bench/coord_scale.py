@@ -21,10 +21,13 @@ inflates them less than wall-clock times. ``--profile`` writes a cProfile of the
 ``python3 -m pstats``).
 
 ``--memory 2000,5000`` measures the coordinator's own memory per device instead: real device keys,
-credentials and presentations (made before tracing starts), each admitted through ``_present``
-with the real presentation check, then a status write and one event to every device (configs
-signed, not sent); ``tracemalloc`` snapshots at each size are grouped by the project code that
-made what is still held. Identity-layer caches (bounded LRUs) are reported apart.
+credentials and presentations (made before tracing starts), each hello and present signed by its
+device and opened by the coordinator's envelope verifier (header and replay caches), admitted
+through ``_present`` with the real presentation check (a sweep after every 100, as the daemon's
+per-second loop would), then a status write and one event to every device (configs signed, not
+sent); ``tracemalloc`` snapshots at each size are grouped by the project code that made what is
+still held. Identity- and messaging-layer caches are reported apart; at the end, the process's
+RSS, after ``gc.freeze()`` and after glibc's ``malloc_trim(0)``.
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def _owner(tb: Any) -> str:
 
 async def memory(sizes: list[int]) -> dict[str, Any]:
     """Per-device memory of a coordinator admitting real presentations (see the module doc)."""
+    import ctypes
     import gc
     import tracemalloc
 
@@ -205,9 +209,12 @@ async def memory(sizes: list[int]) -> dict[str, Any]:
     coord.client.transport.publish = publish             # type: ignore[assignment]
     topic = protocol.device_commands(protocol.token(coord.did))
 
+    verifier = coord.client.verifier
+
     def message(key: Key, type_: str, body: Any) -> Message:
-        return Message(topic=topic, sender=key.did, kid=f"{key.did}#{key.did.removeprefix('did:key:')}", type=type_,
-                       id=f"m-{time.monotonic_ns()}", body=body, issued_at=time.time())
+        """Signed by the device and opened by the coordinator's verifier (header and replay caches)."""
+        _, wire = Signer(key).seal(topic, body, type=type_)
+        return verifier.open(topic, wire)
 
     total = max(sizes)
     keys = [Key.generate() for _ in range(total)]
@@ -227,12 +234,15 @@ async def memory(sizes: list[int]) -> dict[str, Any]:
                 batch.append(message(key, protocol.PRESENT, {"challenge": challenge, "vp": vp, "last_version": 0}))
             await asyncio.gather(*(coord._present(m) for m in batch))
             done += len(batch)
+            batch.clear()                   # the messages (and their parsed bodies) are let go
+            coord.sweep()                   # once a second in the daemon: sizes the per-sender caches
         coord._write_status()
         versions = coord.store.commit({r.did: ({"ui.width": n}, ("all",)) for r in coord.registry},
                                       event_id=f"ev-{n}")
         await coord.push_desired(f"ev-{n}", versions)
         coord._reports = [(c.did, c.version, "applied", None, 1.0) for c in versions]
         coord._flush_reports()
+        del versions                    # the harness's own list of the configs pushed
         for _ in range(3):              # the loop lets go of the last step's handles (and their futures)
             await asyncio.sleep(0)
         gc.collect()
@@ -244,20 +254,37 @@ async def memory(sizes: list[int]) -> dict[str, Any]:
             entry[1] += diff.count_diff
         grown = sum(v[0] for v in sites.values())
         identity = sum(v[0] for k, v in sites.items() if k.startswith("identity/"))
+        messaging = sum(v[0] for k, v in sites.items() if k.startswith("messaging/"))
         top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:25]
         listed = [{"site": k, "bytes_per_device": round(v[0] / n), "blocks_per_device": round(v[1] / n, 2)}
                   for k, v in top]
         row = {"devices": n, "grown_kb": round(grown / 1024, 1), "bytes_per_device": round(grown / n),
-               "identity_caches_bytes_per_device": round(identity / n), "sites": listed}
+               "identity_caches_bytes_per_device": round(identity / n),
+               "messaging_caches_bytes_per_device": round(messaging / n), "rss_mb": _rss_mb(), "sites": listed}
         print(json.dumps({k: v for k, v in row.items() if k != "sites"}), flush=True)
         for site in listed[:18]:
             print(f"  {site['bytes_per_device']:>6} B/device {site['blocks_per_device']:>6} blocks  {site['site']}",
                   flush=True)
         out["sizes"].append(row)
     tracemalloc.stop()
+    gc.collect()
+    rss = {"rss_mb": _rss_mb()}
+    gc.freeze()                         # what a daemon could do after start: no effect on RSS expected
+    rss["after_gc_freeze_mb"] = _rss_mb()
+    gc.unfreeze()
+    ctypes.CDLL(None).malloc_trim(0)    # glibc hands free heap pages back
+    rss["after_malloc_trim_mb"] = _rss_mb()
+    print(json.dumps(rss), flush=True)
+    out["rss"] = rss
     coord.store.close()
     tmp.cleanup()
     return out
+
+
+def _rss_mb() -> float:
+    """This process's resident set now (MB)."""
+    with open("/proc/self/statm") as f:
+        return round(int(f.read().split()[1]) * resource.getpagesize() / 2**20, 1)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
