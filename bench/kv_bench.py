@@ -8,7 +8,7 @@
     ... --repo DIR   # run against another checkout (e.g. an older commit unpacked with git archive)
 
 ``rss`` starts ``python -m sdk serve --device cpu`` on a free port, waits for ``/health``, and reads
-``VmRSS`` / ``RssAnon`` / ``RssFile`` from ``/proc/PID/status``; with ``--burst N`` it then sends N
+``VmRSS`` / ``RssAnon`` / ``RssFile`` from ``/proc/PID/status`` (three samples, 2-4 s after ready); with ``--burst N`` it then sends N
 concurrent completions, samples the peak, waits for the engine to go idle and reads again.
 ``throughput`` sends N greedy requests at once to an in-process engine (bundled SmolLM2, fp32,
 ``max_sequence_length`` 512, batch up to 32) and reports aggregate tokens/s by wall time and the
@@ -105,10 +105,14 @@ def _bench_rss(repo: Path, burst: int, serve_args: list[str]) -> dict[str, Any]:
                 if time.monotonic() - started > 300:
                     raise
                 time.sleep(0.5)
-        time.sleep(2)
-        out: dict[str, Any] = {"command": " ".join(cmd[1:]), "idle": status_mb(proc.pid),
-                               "ready_s": round(time.monotonic() - started, 1)}
-        log(f"idle: {out['idle']}")
+        ready_s = round(time.monotonic() - started, 1)
+        samples = []
+        for _ in range(3):  # 2, 3 and 4 s after /health first answers
+            time.sleep(2 if not samples else 1)
+            samples.append(status_mb(proc.pid))
+        out: dict[str, Any] = {"command": " ".join(cmd[1:]), "idle": samples[-1],
+                               "idle_VmRSS_samples": [round(s["VmRSS"], 1) for s in samples], "ready_s": ready_s}
+        log(f"idle: {out['idle']} (VmRSS samples {out['idle_VmRSS_samples']})")
         if burst:
             peak = 0.0
             model = http_json(f"{base}/v1/models")["data"][0]["id"]
