@@ -201,6 +201,21 @@ def request_schema(context_length: int) -> dict[str, Any]:
             "seed": {"type": ["integer", "null"]},
             "request_id": {"type": ["string", "null"]},
             "model": {"type": ["string", "null"], "description": "served model name (mesh routing)"},
+            "response_format": {
+                "type": ["object", "null"],
+                "description": "OpenAI response_format: json_schema or json_object (constrained decoding)",
+                "required": ["type"],
+                "properties": {"type": {"type": "string", "enum": ["text", "json_object", "json_schema"]}},
+            },
+            "tools": {
+                "type": ["array", "null"],
+                "description": "OpenAI function tools, shown through the chat template",
+                "items": {"type": "object", "required": ["type", "function"]},
+            },
+            "generated_prefix": {
+                "type": "integer", "minimum": 0, "default": 0,
+                "description": "trailing prompt_token_ids already generated under response_format (resume)",
+            },
         },
         "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}, {"required": ["prompt_token_ids"]}],
         "additionalProperties": False,
