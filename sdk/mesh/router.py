@@ -512,6 +512,8 @@ class Mesh:
                     self.affinity.record(route.chain, node.node_id)
                 return
             reason, message = result.failure
+            if reason == "stream_gap":  # the node is alive; chunks were lost on the way: resume there too
+                tried.discard(node.node_id)
             failures.append((node.node_id, reason, message))
             self.failures[reason] += 1
             log.warning("node %s failed (%s): %s", node.node_id, reason, message)

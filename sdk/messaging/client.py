@@ -408,7 +408,9 @@ class SecureClient:
 
         Leaving early (break, exception, ``aclose()``) sends ``cancel``; the server's handler
         task is cancelled. ``first_timeout`` bounds the wait for the first message (default:
-        ``idle_timeout``), ``idle_timeout`` each gap after it, ``timeout`` the total.
+        ``idle_timeout``), ``idle_timeout`` each gap after it, ``timeout`` the total. A chunk
+        delivered twice is yielded once; a chunk lost in transit (a later ``seq`` arrives first)
+        ends the stream with ``MessagingError`` (reason ``stream_gap``) rather than skip it.
         """
         gen = self._stream(
             topic, body, type=type, encrypt_to=encrypt_to, expect=_expected(expect_from, encrypt_to),
@@ -455,8 +457,13 @@ class SecureClient:
                     raise MessagingError("client closed", reason="closed")
                 got_any = True
                 if msg.type == CHUNK:
-                    if msg.seq is not None and msg.seq != next_seq:
+                    if msg.seq is not None and msg.seq < next_seq:  # a redelivered chunk: already yielded
+                        logger.info("stream %s: chunk seq %s again (expected %s): dropped", cid, msg.seq, next_seq)
+                        continue
+                    if msg.seq is not None and msg.seq > next_seq:  # chunks lost in transit: never skip them
                         logger.warning("stream %s: chunk seq %s, expected %s", cid, msg.seq, next_seq)
+                        raise MessagingError(f"stream from {topic!r} lost chunks {next_seq}..{msg.seq - 1}",
+                                             reason="stream_gap")
                     next_seq = (msg.seq if msg.seq is not None else next_seq) + 1
                     yield msg
                 elif msg.type == END:

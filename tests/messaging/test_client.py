@@ -340,3 +340,24 @@ async def test_qos1_events_survive_restart_with_persistent_session(restartable_b
         await until(lambda: len(got) >= 21, timeout=30)
         await asyncio.sleep(0.3)
     assert sorted(got[1:]) == list(range(20))  # nothing lost, no duplicate reached the handler
+
+
+async def test_a_stream_drops_a_redelivered_chunk_and_ends_on_a_lost_one(broker, node_key: Key, user_key: Key) -> None:
+    """Chunks carry seq numbers: one delivered twice is yielded once; one lost in transit (a later
+    seq first) ends the stream with ``stream_gap`` instead of silently missing from the reply."""
+    from sdk.messaging import MessagingError
+
+    topic = mesh_topics.inference_requests("gappy")
+    async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
+        async def answer(msg: Message) -> None:
+            assert msg.reply_to is not None
+            for seq, body in ((0, "a"), (0, "a"), (1, "b"), (3, "d")):  # seq 0 twice, seq 2 lost
+                await node.publish(msg.reply_to, body, type="stream.chunk", seq=seq, correlation_id=msg.correlation_id)
+
+        await node.subscribe(topic, answer)
+        got: list[tuple[int | None, object]] = []
+        with pytest.raises(MessagingError) as caught:
+            async for m in user.stream(topic, None, idle_timeout=10):
+                got.append((m.seq, m.body))
+        assert caught.value.reason == "stream_gap"
+        assert got == [(0, "a"), (1, "b")]
