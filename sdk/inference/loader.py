@@ -355,6 +355,7 @@ def _import_transformers(device: torch.device) -> tuple[Any, Any]:
             return AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:  # a transformers that needs one of them after all: import it plainly
             log.warning("transformers needs %s; importing it in full: %s", ", ".join(UNUSED_ON_CPU), exc)
+            _lean_import = True  # its availability checks may have cached "absent" already
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM, AutoTokenizer
@@ -376,8 +377,8 @@ def _load_transformers(directory: Path, device: torch.device, dtype: torch.dtype
     try:
         tokenizer = tokenizer_cls.from_pretrained(str(directory), local_files_only=True)
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-        if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
-            kwargs["device_map"] = {"": device}
+        if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None and not _lean_import:
+            kwargs["device_map"] = {"": device}  # (after a lean CPU load transformers thinks accelerate absent)
         model = model_cls.from_pretrained(str(directory), **kwargs)
     except OSError as exc:
         log.error("no loadable model in %s: %s", directory, exc)
