@@ -1,8 +1,17 @@
 """Coordinator failover: two ``autoglm coordinator`` processes with ``[ha] enabled`` (lease in
-PostgreSQL, one loopback Mosquitto), N devices in this process; kill -9 of the active, R rounds.
+PostgreSQL), N devices in this process; kill -9 of the active, R rounds; per broker tier.
 
-    python3 bench/ha_bench.py [--devices 100] [--rounds 4] [--lease-ttl 3] [--modes ticket,full]
-                              [--json out.json]
+    python3 bench/ha_bench.py [--broker mosquitto|ejabberd|both] [--devices 100] [--rounds 4]
+                              [--lease-ttl 3] [--modes ticket,full] [--json out.json]
+
+Broker tiers (``both``, the default: one after the other in one run, the same arguments):
+
+* ``mosquitto``: one loopback Mosquitto; both instances and every device on it;
+* ``ejabberd``: two ejabberd nodes joined in a cluster (DID extauth, the %u topic ACL, the
+  coordinator DID its admin); instance ``a`` on node 1 and ``b`` on node 2 (each with the other
+  node listed second, for broker failover), the devices with both URLs, node 2 first. The first
+  kill -9 hits ``a`` (on node 1): the devices' and the display's traffic crosses the cluster to it
+  until then, and reaches ``b`` on their own node after; the next round kills ``b``, and so on.
 
 Per round, from the kill -9 (wall clock; the lease timing dominates, so CPU load from other
 processes moves these figures little):
@@ -49,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from brokers.ejabberd import EjabberdCluster, ejabberd_username  # noqa: E402
 from brokers.mosquitto import MosquittoBroker, MosquittoConfig  # noqa: E402
 from brokers.postgres import PostgresServer  # noqa: E402
 from sdk.coord.coordinator.auth import coordinator_credential, device_credential  # noqa: E402
@@ -61,7 +71,7 @@ RULES = ROOT / "examples" / "rules.toml"
 
 
 class Instance:
-    def __init__(self, name: str, tmp: Path, *, broker: str, store: str, key: Key, vc: Path, issuer: Key,
+    def __init__(self, name: str, tmp: Path, *, broker: list[str], store: str, key: Key, vc: Path, issuer: Key,
                  ttl: float) -> None:
         from brokers.mosquitto import free_port
 
@@ -70,7 +80,7 @@ class Instance:
         self.data.mkdir(parents=True)
         self.config = self.data / "coordinator.toml"
         self.config.write_text(
-            f'rules_file = "{RULES}"\n[coordinator]\nbroker = "{broker}"\ndata_dir = "{self.data}"\n'
+            f'rules_file = "{RULES}"\n[coordinator]\nbroker = {json.dumps(broker)}\ndata_dir = "{self.data}"\n'
             f'heartbeat_ttl = 600\nmetrics_port = {self.port}\n[identity]\nkey = "{key.private_key_multibase}"\ncredential = "{vc}"\n'
             f'[[trust]]\nissuer = "{issuer.did}"\ntypes = ["DeviceCredential"]\n[store]\nurl = "{store}"\n'
             f'[ha]\nenabled = true\nlease_ttl = {ttl}\ninstance = "{name}"\n')
@@ -122,17 +132,39 @@ async def wait(cond: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+class Tier:
+    """A broker tier: the URLs each instance and the devices connect to, and the devices' login."""
+
+    def __init__(self, name: str, instance_urls: list[list[str]], device_url: str,
+                 cluster: EjabberdCluster | None = None) -> None:
+        self.name, self.instance_urls, self.device_url, self.cluster = name, instance_urls, device_url, cluster
+
+    def login(self, key: Key) -> dict[str, Any]:
+        return self.cluster.credentials(key) if self.cluster is not None else {}
+
+
+def mosquitto_tier(mq: MosquittoBroker) -> Tier:
+    return Tier("mosquitto", [[mq.url], [mq.url]], mq.url)
+
+
+def ejabberd_tier(cluster: EjabberdCluster, key: Key) -> Tier:
+    """``a`` on node 1, ``b`` on node 2 (the coordinator's ejabberd username in its URLs); the
+    devices with both URLs, node 2 first."""
+    user = ejabberd_username(key.did)
+    urls = [u.replace("mqtt://", f"mqtt://{user}@") for u in cluster.urls]
+    return Tier("ejabberd", [urls, urls[::-1]], ",".join(reversed(cluster.urls)), cluster)
+
+
+async def run(args: argparse.Namespace, tier: Tier, key: Key) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ha-bench-"))
     pg = PostgresServer().start()
-    mq = MosquittoBroker(MosquittoConfig.open_for_tests())
-    mq.start()
-    key, issuer = Key.generate(), Key.generate()
+    issuer = Key.generate()
     vc = tmp / "coordinator-vc.json"
     vc.write_text(json.dumps(coordinator_credential(issuer, key.did)))
     store = pg.fresh_url()
-    insts = [Instance(n, tmp, broker=mq.url, store=store, key=key, vc=vc, issuer=issuer, ttl=args.lease_ttl)
-             for n in ("a", "b")]
+    insts = [Instance(n, tmp, broker=urls, store=store, key=key, vc=vc, issuer=issuer, ttl=args.lease_ttl)
+             for n, urls in zip(("a", "b"), tier.instance_urls, strict=True)]
+    load = [round(x, 2) for x in os.getloadavg()]
     devices: list[Device] = []
     rounds: list[dict[str, Any]] = []
     idle: dict[str, float] = {}
@@ -154,8 +186,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def make(kind: str) -> Device:
             dkey = Key.generate()
             cred = device_credential(issuer, dkey.did, kind=kind, groups=["room:bench"])
-            dev = Device(dkey, cred, broker=mq.url, coordinator=key.did, heartbeat_ttl=600, auth_timeout=5,
-                         on_config=recorder(dkey.did) if kind == "phone" else None)
+            dev = Device(dkey, cred, broker=tier.device_url, coordinator=key.did, heartbeat_ttl=600,
+                         auth_timeout=5, on_config=recorder(dkey.did) if kind == "phone" else None,
+                         **tier.login(dkey))
             async with sem:
                 await dev.connect()
             devices.append(dev)
@@ -170,7 +203,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.idle)
         idle = {str(role): round(1000 * (cpu_seconds(pid) - before[role]) / args.idle, 2)
                 for role, pid in pids.items()}
-        print(f"idle CPU ms per s: {idle}", flush=True)
+        print(f"[{tier.name}] idle CPU ms per s: {idle}", flush=True)
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         for r in range(args.rounds):
             mode = modes[r % len(modes)]
@@ -197,13 +230,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             times = sorted(applied[res].values())
             auth = await asyncio.to_thread(auth_counts, standby.port)
             resumed = auth.get("resumed", 0.0)
-            rounds.append({"mode": mode, "promoted_s": round(promoted, 3),
+            rounds.append({"mode": mode, "killed": active.name, "promoted_s": round(promoted, 3),
                            "first_config_s": round(times[0] - t_kill, 3),
                            "all_configs_s": round(times[-1] - t_kill, 3), "all_readmitted_s": round(t_all - t_kill, 3),
                            "readmission_s": round(t_all - t_kill - promoted, 3),
                            "by_ticket": int(resumed), "full": int(auth.get("admitted", 0.0) - resumed),
                            "new_active_cpu_s": round(cpu, 3)})
-            print(f"round {r + 1}: {rounds[-1]}", flush=True)
+            print(f"[{tier.name}] round {r + 1} (killed {active.name}): {rounds[-1]}", flush=True)
             active.start()                       # the old active comes back as the standby
             await wait(lambda a=active: a.role == "standby", 30, "old active standby")
     finally:
@@ -211,31 +244,63 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await dev.aclose()
         for inst in insts:
             inst.stop()
-        mq.cleanup()
         pg.cleanup()
     summary = {mode: {k: round(statistics.median(float(r[k]) for r in rounds if r["mode"] == mode), 3)
-                      for k in rounds[0] if k != "mode"}
+                      for k in rounds[0] if k not in ("mode", "killed")}
                for mode in dict.fromkeys(str(r["mode"]) for r in rounds)}
-    return {"devices": args.devices, "rounds": rounds, "median": summary, "idle_cpu_ms_per_s": idle,
-            "lease_ttl": args.lease_ttl,
+    load += [round(x, 2) for x in os.getloadavg()]
+    return {"broker": tier.name, "date": time.strftime("%Y-%m-%d", time.gmtime()), "devices": args.devices,
+            "rounds": rounds, "median": summary, "idle_cpu_ms_per_s": idle, "lease_ttl": args.lease_ttl,
+            "load_average": f"{load[0]}/{load[1]}/{load[2]} at start, {load[3]}/{load[4]}/{load[5]} at end (1/5/15 min)",
             "poll_interval": args.lease_ttl / 5, "host": platform.node(), "cpus": os.cpu_count(),
             "python": platform.python_version()}
 
 
+async def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One run per broker tier, in turn (each with its own PostgreSQL and brokers, stopped after)."""
+    out = []
+    if args.broker in ("mosquitto", "both"):
+        mq = MosquittoBroker(MosquittoConfig.open_for_tests())
+        mq.start()
+        try:
+            out.append(await run(args, mosquitto_tier(mq), Key.generate()))
+        finally:
+            mq.cleanup()
+    if args.broker in ("ejabberd", "both"):
+        key = Key.generate()                     # the coordinator DID: the cluster's one ACL admin
+        cluster = EjabberdCluster(nodes=2, admins=(key.did,))
+        await asyncio.to_thread(cluster.start)
+        try:
+            out.append(await run(args, ejabberd_tier(cluster, key), key))
+        finally:
+            await asyncio.to_thread(cluster.cleanup)
+    return out
+
+
+def write_runs(path: Path, runs: list[dict[str, Any]]) -> None:
+    """Append ``runs`` to the ``runs`` list of ``path`` (created if absent; other keys kept)."""
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    doc.setdefault("runs", []).extend(runs)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--broker", choices=("mosquitto", "ejabberd", "both"), default="both",
+                   help="broker tier(s): one Mosquitto, a two-node ejabberd cluster, or both in turn")
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--modes", default="ticket,full", help="round modes in turn: ticket, full")
     p.add_argument("--lease-ttl", type=float, default=3.0)
     p.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measurement")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, help="append the runs to this file's runs list")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    out = asyncio.run(run(args))
-    print(json.dumps(out["median"]))
+    runs = asyncio.run(run_all(args))
+    for r in runs:
+        print(r["broker"], json.dumps(r["median"]))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        write_runs(args.json, runs)
 
 
 if __name__ == "__main__":
