@@ -317,9 +317,10 @@ def _convert_in_subprocess(source: Path, target: Path, version: str) -> None:
 
 
 #: Packages transformers imports when installed that CPU serving never uses: scipy (for an
-#: object-detection loss) and accelerate (device maps and offload; it also pulls in boto3). Hidden
-#: while the modelling code is first imported for a CPU load, they cost 48 MB of resident memory.
-UNUSED_ON_CPU = ("scipy", "accelerate")
+#: object-detection loss), accelerate (device maps and offload; it also pulls in boto3) and trio
+#: (huggingface_hub's HTTP client imports it if present, for trio event loops; 4 MB). Hidden
+#: while the modelling code is first imported for a CPU load, they cost 52 MB of resident memory.
+UNUSED_ON_CPU = ("scipy", "accelerate", "trio")
 #: True once transformers was imported with accelerate hidden: GGUF conversion then runs in a subprocess.
 _lean_import = False
 

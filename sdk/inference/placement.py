@@ -271,8 +271,12 @@ class PagedKVPlan:
         }
 
 
-#: Bytes the paged pool adds at least per growth step (and holds at start).
+#: Bytes the paged pool adds at least per growth step.
 KV_GROW_BYTES = 32 << 20
+#: Bytes the paged pool holds at start and shrinks back to when idle (at most one growth step).
+#: Growth is geometric (at least half the pool each step), so a small start costs one extra
+#: reallocation of a few MB under load, not a copy of the pool per step.
+KV_INITIAL_BYTES = 8 << 20
 
 
 def plan_paged_kv(
@@ -313,9 +317,10 @@ def plan_paged_kv(
             "lower max_sequence_length"
         )
     grow = max(16, KV_GROW_BYTES // per_block)
+    initial = min(grow, max(16, KV_INITIAL_BYTES // per_block), int(max_blocks))
     plan = PagedKVPlan(
         block_size=block_size, bytes_per_block=per_block, max_blocks=int(max_blocks), budget_bytes=budget,
-        initial_blocks=min(grow, int(max_blocks)), grow_blocks=grow,
+        initial_blocks=initial, grow_blocks=grow,
         max_batch_size=min(max_batch_size, MAX_BATCH_CUDA if device.type == "cuda" else MAX_BATCH_CPU),
         max_sequence_length=max_sequence_length,
     )
@@ -348,6 +353,7 @@ __all__ = [
     "InsufficientMemory",
     "KVPlan",
     "KV_GROW_BYTES",
+    "KV_INITIAL_BYTES",
     "PagedKVPlan",
     "parse_bytes",
     "plan_paged_kv",

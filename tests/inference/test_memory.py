@@ -78,9 +78,8 @@ def _load_in_fresh_process(path: Path, dtype: str) -> dict[str, Any]:
 
 @pytest.mark.model
 def test_cpu_load_skips_unused_packages_frees_its_garbage_and_matches_transformers(smollm2: Any) -> None:
-    missing = [m for m in UNUSED_ON_CPU if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: nothing to keep out")
+    if all(importlib.util.find_spec(m) is None for m in UNUSED_ON_CPU):
+        pytest.skip(f"none of {', '.join(UNUSED_ON_CPU)} installed: nothing to keep out")
     result = _load_in_fresh_process(smollm2.path, "float32")
     assert result["modules"] == [], f"a CPU load imported {result['modules']}"
     # Without the loader's gc + malloc_trim an extra trim here hands back ~30 MB of load-time heap.
@@ -116,6 +115,48 @@ def test_gguf_conversion_still_works_after_a_lean_cpu_load(smollm2: Any, tmp_pat
     target = Path(proc.stdout.strip().splitlines()[-1])
     assert target.parent == tmp_path and (target / "model.safetensors").is_file()
     assert (target / "tokenizer.json").read_bytes() == (smollm2.path / "tokenizer.json").read_bytes()
+
+
+class _CountingStorage:
+    """Block storage that records how many blocks each reallocation copies."""
+
+    def __init__(self) -> None:
+        self.capacity = 0
+        self.copied = 0
+
+    def resize(self, capacity: int) -> None:
+        self.copied += min(self.capacity, capacity)
+        self.capacity = capacity
+
+    def compact(self, keep: list[int], capacity: int) -> None:
+        self.capacity = capacity
+
+
+def test_the_kv_pool_starts_small_and_grows_without_copying_itself_per_step() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdk.inference.block_pool import BlockPool
+    from sdk.inference.placement import KV_GROW_BYTES, KV_INITIAL_BYTES, plan_paged_kv
+
+    smollm2_135m = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                   head_dim=64, hidden_size=576, max_position_embeddings=8192)
+    plan = plan_paged_kv(smollm2_135m, torch.bfloat16, "cpu", max_sequence_length=8192, max_batch_size=8)
+    assert plan.initial_blocks * plan.bytes_per_block <= KV_INITIAL_BYTES < KV_GROW_BYTES
+    assert plan.grow_blocks * plan.bytes_per_block > KV_GROW_BYTES - plan.bytes_per_block
+    assert plan.max_blocks == 8 * 8192 // 16
+    storage = _CountingStorage()
+    pool = BlockPool(block_size=plan.block_size, max_blocks=plan.max_blocks, storage=storage,
+                     initial_blocks=plan.initial_blocks, grow_blocks=plan.grow_blocks)
+    assert storage.capacity == plan.initial_blocks
+    for _ in range(plan.max_blocks):  # one block at a time: the worst case for reallocation
+        assert pool.allocate(1) is not None
+    assert pool.capacity == plan.max_blocks
+    # Geometric growth (x1.5): every copy together is at most 3 final pools (10,177 blocks here); a
+    # fixed step of grow_blocks would copy max_blocks**2 / (2 * grow_blocks), about 92,000.
+    assert storage.copied <= 3 * plan.max_blocks, (storage.copied, pool.grows)
+    assert pool.grows <= 12
 
 
 _CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n"
