@@ -109,6 +109,7 @@ class ServeSettings:
     max_concurrent: int = 64
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     log_level: str = "info"
+    runtime: str = "transformers"
 
 
 #: Hook for the mesh layer (issue 6): ``autoglm serve --broker ... --keystore ...`` builds an
@@ -132,6 +133,7 @@ async def run_serve(settings: ServeSettings, *, attach: EngineAttachment | None 
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
         kv_memory=settings.kv_memory,
+        runtime=settings.runtime,
     )
     engine = await Engine.start(config)
     try:
@@ -180,6 +182,10 @@ def serve(
         str | None, typer.Option(help="Most memory the paged KV cache grows to, e.g. 1GiB or 512MiB (default: "
                                  "--gpu-memory-utilization on GPU; max-batch-size x max-sequence-length on CPU).")
     ] = None,
+    runtime: Annotated[
+        str, typer.Option(help="transformers, native (plain-torch Llama: less memory) or auto (native on CPU "
+                          "for a supported Llama model, transformers otherwise).")
+    ] = "transformers",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /health, /metrics).
@@ -204,6 +210,7 @@ def serve(
         max_concurrent=max_concurrent,
         api_keys=api_keys(api_key),
         log_level=level,
+        runtime=_check_choice(runtime, ("auto", "transformers", "native"), "--runtime"),
     )
     _run_or_exit(run_serve(settings))
 

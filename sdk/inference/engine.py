@@ -62,7 +62,8 @@ class Engine:
             budget_bytes=budget,
         )
         self.max_sequence_length = self.plan.max_sequence_length
-        install_paged_attention(model)
+        if not getattr(model, "native_paged", False):  # the native runtime attends through it already
+            install_paged_attention(model)
         cache = PagedKVCache(
             layers=dims["layers"], kv_heads=dims["kv_heads"], head_dim=dims["head_dim"],
             block_size=self.plan.block_size, dtype=self.dtype, device=self.device,
@@ -118,7 +119,7 @@ class Engine:
         config = config or EngineConfig()
         loaded = await asyncio.to_thread(
             load_model, config.model_path, device=config.device, dtype=config.dtype,
-            max_sequence_length=config.max_sequence_length,
+            max_sequence_length=config.max_sequence_length, runtime=config.runtime,
         )
         engine = await asyncio.to_thread(
             lambda: cls(loaded.model, loaded.tokenizer, config, metadata=_loaded_metadata(loaded, config))

@@ -60,7 +60,6 @@ class active_context:
         _LOCAL.ctx = None
 
 
-@torch.compiler.disable
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -102,7 +101,9 @@ def install_paged_attention(model: Any) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    # Excluded from torch.compile (a graph break); wrapped here, not at import, since
+    # torch.compiler.disable imports torch._dynamo (and sympy), which a native model never needs.
+    AttentionInterface.register(ATTN_IMPLEMENTATION, torch.compiler.disable(paged_attention))
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:  # noqa: SLF001 - transformers' own field
         model.set_attn_implementation(ATTN_IMPLEMENTATION)

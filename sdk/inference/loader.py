@@ -422,6 +422,29 @@ def choose_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -
     return select_dtype(device, dtype)
 
 
+def _use_native(runtime: str, directory: Path, device: torch.device) -> bool:
+    """Whether ``runtime`` (auto, transformers, native) means the native Llama runtime here."""
+    if runtime == "transformers":
+        return False
+    if runtime == "native":
+        return True
+    if runtime != "auto":
+        raise ValueError(f"runtime must be auto, transformers or native, not {runtime!r}")
+    from sdk.inference.native_llama import native_support, read_config
+
+    if device.type != "cpu":
+        log.info("runtime auto: transformers on %s (the native runtime serves CPU)", device)
+        return False
+    try:
+        why = native_support(read_config(directory))
+    except InferenceError as exc:
+        why = str(exc)
+    if why is not None:
+        log.info("runtime auto: transformers for %s (%s)", directory.name, why)
+        return False
+    return True
+
+
 def load_model(
     model_path: str | os.PathLike[str] | None = None,
     *,
@@ -429,12 +452,15 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     max_sequence_length: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    runtime: str = "transformers",
 ) -> LoadedModel:
     """Load ``model_path`` (``None``: bundled SmolLM2) on ``device`` (auto) in ``dtype`` (auto:
     :func:`choose_dtype`).
 
     ``max_sequence_length`` only goes into the metadata's context length (default: the model's).
-    Raises :class:`ModelNotFound`, :class:`MissingDependency` or :class:`ModelLoadError`.
+    ``runtime``: ``transformers``, ``native`` (:mod:`sdk.inference.native_llama`; raises
+    :class:`~sdk.inference.native_llama.UnsupportedArchitecture` for other models) or ``auto``
+    (native on CPU when the config is supported, transformers otherwise). Raises :class:`ModelNotFound`, :class:`MissingDependency` or :class:`ModelLoadError`.
     """
     started = time.perf_counter()
     source = resolve_model_path(model_path)
@@ -449,7 +475,14 @@ def load_model(
     else:
         directory = source.path
         version = fingerprint(directory)
-    model, tokenizer = _load_transformers(directory, dev, dt)
+    if _use_native(runtime, directory, dev):
+        from sdk.inference.native_llama import load_native, load_tokenizer
+
+        model, tokenizer = load_native(directory, device=dev, dtype=dt), load_tokenizer(directory)
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        model, tokenizer = _load_transformers(directory, dev, dt)
     release_load_memory()
     if quantization is not None:
         quantization["runtime_dtype"] = dtype_name(dt)

@@ -28,6 +28,10 @@ MAX_NAME_CHARS = 256  # request_id, model, message role
 _SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
 
+#: Values of ``EngineConfig.runtime`` / ``--runtime``.
+RUNTIME_CHOICES = ("auto", "transformers", "native")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to load the model and size the engine.
@@ -57,8 +61,13 @@ class EngineConfig:
     kv_memory: int | None = None
     kv_block_size: int = 16
     kv_idle_shrink_s: float = 2.0
+    #: ``transformers``, ``native`` (sdk.inference.native_llama, Llama models) or ``auto``
+    #: (native on CPU for a supported Llama config, transformers otherwise).
+    runtime: str = "transformers"
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIME_CHOICES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}")
         if self.max_sequence_length is not None and self.max_sequence_length < 2:
             raise ValueError("max_sequence_length must be at least 2")
         if self.max_batch_size < 1 or self.max_queue_size < 0:
