@@ -134,6 +134,9 @@ class StandInEngine:
     ``stream``, ``stats``); ``sdk.testing.FakeEngine`` is the full one, for test suites."""
 
     tokenizer = None
+    #: Advertised so the coordinator's constrained request is routed here: the fixed reply is
+    #: an instance of the demo rule's schema (the coordinator validates every answer anyway).
+    features = ("json_object", "json_schema")
 
     def __init__(self, reply: str, *, name: str = "stand-in-layout-model") -> None:
         self.reply = reply
