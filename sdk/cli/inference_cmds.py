@@ -109,7 +109,7 @@ class ServeSettings:
     max_concurrent: int = 64
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     log_level: str = "info"
-    runtime: str = "transformers"
+    runtime: str = "auto"
 
 
 #: Hook for the mesh layer (issue 6): ``autoglm serve --broker ... --keystore ...`` builds an
@@ -185,7 +185,7 @@ def serve(
     runtime: Annotated[
         str, typer.Option(help="transformers, native (plain-torch Llama: less memory) or auto (native on CPU "
                           "for a supported Llama model, transformers otherwise).")
-    ] = "transformers",
+    ] = "auto",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /health, /metrics).

@@ -61,9 +61,9 @@ class EngineConfig:
     kv_memory: int | None = None
     kv_block_size: int = 16
     kv_idle_shrink_s: float = 2.0
-    #: ``transformers``, ``native`` (sdk.inference.native_llama, Llama models) or ``auto``
-    #: (native on CPU for a supported Llama config, transformers otherwise).
-    runtime: str = "transformers"
+    #: ``auto`` (default), ``transformers`` or ``native`` (sdk.inference.native_llama, Llama models);
+    #: ``auto`` = native on CPU for a supported Llama config, transformers otherwise.
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIME_CHOICES:

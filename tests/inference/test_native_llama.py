@@ -131,6 +131,12 @@ def test_auto_picks_native_on_cpu_for_llama(smollm2: Any) -> None:
     assert type(loaded.model).__name__ == "NativeLlamaForCausalLM"
 
 
+def test_engines_and_serve_default_to_auto() -> None:
+    from sdk.cli.inference_cmds import ServeSettings
+
+    assert EngineConfig().runtime == "auto" and ServeSettings().runtime == "auto"
+
+
 def test_bad_runtime_value_is_refused() -> None:
     with pytest.raises(ValueError, match="runtime"):
         EngineConfig(runtime="onnx")
