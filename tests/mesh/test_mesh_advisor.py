@@ -150,8 +150,11 @@ async def test_coordinator_daemon_with_model_section_makes_model_configs(broker:
                    f'data_dir = "{tmp_path / "data"}"\n[identity]\nkey = "{ckey.private_key_multibase}"\n'
                    f'credential = "coord-vc.json"\n[[trust]]\nissuer = "{issuer.did}"\ntypes = ["DeviceCredential"]\n'
                    f'[model]\ncredential = "access-vc.json"\nnode_issuers = ["{node_issuer.did}"]\nname = "{MODEL}"\n')
+    # its log goes to a file: a pipe nobody reads fills up (a shared broker's retained lists from
+    # other tests each log a line) and blocks the daemon
+    log_file = (tmp_path / "coordinator.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-c", "from sdk.cli import main; main()", "coordinator",
-                             "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--config", str(cfg)], stdout=subprocess.DEVNULL, stderr=log_file)
     got: list[Any] = []
     key = Key.generate()
     cred = device_credential(issuer, key.did, kind="tablet", groups=["room:x"])
@@ -180,9 +183,10 @@ async def test_coordinator_daemon_with_model_section_makes_model_configs(broker:
         if tablet is not None:
             await tablet.aclose()
         proc.terminate()                    # waited for off the loop: the embedded broker runs on it
-        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        await asyncio.to_thread(proc.wait, timeout=30)
+        log_file.close()
         await node.aclose()
-    assert proc.returncode == 0, err.decode()[-2000:]
+    assert proc.returncode == 0, (tmp_path / "coordinator.log").read_text(errors="replace")[-2000:]
     from sdk.coord.coordinator.store import Store
 
     store = Store(tmp_path / "data" / "coordinator.db")
