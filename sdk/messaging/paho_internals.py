@@ -5,6 +5,17 @@ it is inside one of its own callbacks, reading exactly one packet, and changing 
 window after CONNECT. The transport uses these for latency (batched, corked writes; bounded
 reads) and correctness (the broker's Receive Maximum). If a paho release renames them, each
 function falls back to behaviour that is slower but still correct, and logs once.
+
+Property tables: paho builds an MQTT 5 ``Properties`` object for every PUBLISH and PUBACK it
+reads, and each ``Properties.__init__`` rebuilds three constant tables (``types``, ``names``,
+``properties``: two 27-entry dicts and a list); each ``unpack()`` starts with ``clear()``, which
+loops over all 27 names with ``str.replace`` + ``hasattr``. At fleet scale that is about a tenth
+of a coordinator's CPU. :func:`share_property_tables` builds the tables once from a real instance
+and makes every instance point at them, and makes ``clear()`` delete only the properties that are
+set. Nothing in paho writes to those tables after ``__init__`` (``__setattr__`` stores them as
+private variables, every other method only reads them), so sharing them changes no behaviour.
+It is applied only when the installed paho is 2.x and a freshly built original instance of every
+packet type holds exactly the shared tables; otherwise paho is left alone (and that is logged once).
 """
 
 from __future__ import annotations
@@ -12,6 +23,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+
+import paho.mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -78,5 +93,90 @@ def set_max_inflight(client: Any, limit: int) -> None:
         _missing("_max_inflight_messages")
 
 
-__all__ = ["socket_of", "forget_socket", "queued_packets", "in_callback", "packet_reader",
+# ---------------------------------------------------------------- shared Properties tables
+
+_TABLES = ("packetType", "types", "names", "properties")  # what the original __init__ sets
+#: every packet type a Properties object is built for (WILLMESSAGE is paho's own extra type)
+PROPERTY_PACKET_TYPES: tuple[int, ...] = (*range(PacketTypes.CONNECT, PacketTypes.AUTH + 1),
+                                          PacketTypes.WILLMESSAGE)
+
+
+def _original(fn: Any) -> Any:
+    return getattr(fn, "__wrapped__", fn)
+
+
+#: paho's own ``Properties.__init__`` and ``Properties.clear`` (kept for comparison and restoring)
+original_properties_init: Callable[[Any, int], None] = _original(Properties.__init__)
+original_properties_clear: Callable[[Any], None] = _original(Properties.clear)
+
+
+def _original_tables(packet_type: int) -> dict[str, Any]:
+    probe = Properties.__new__(Properties)
+    original_properties_init(probe, packet_type)
+    return dict(probe.__dict__)
+
+
+def _shared_methods() -> tuple[Callable[[Any, int], None], Callable[[Any], None]] | None:
+    """The fast __init__/clear pair, or None when this paho's Properties is not the known layout."""
+    if not paho.mqtt.__version__.startswith("2."):
+        return None
+    try:
+        first = _original_tables(PacketTypes.PUBLISH)
+        if sorted(first) != sorted(_TABLES):
+            return None
+        types, names, properties = first["types"], first["names"], first["properties"]
+        for packet_type in PROPERTY_PACKET_TYPES:
+            fresh = _original_tables(packet_type)
+            if fresh != {"packetType": packet_type, "types": types, "names": names,
+                         "properties": properties}:
+                return None
+        compressed = frozenset(name.replace(" ", "") for name in names)
+    except Exception:  # noqa: BLE001 - an unknown paho: leave it alone
+        return None
+
+    def __init__(self: Any, packetType: int) -> None:  # paho's signature
+        d = self.__dict__
+        d["packetType"] = packetType
+        d["types"] = types
+        d["names"] = names
+        d["properties"] = properties
+
+    def clear(self: Any) -> None:
+        d = self.__dict__
+        for name in [name for name in d if name in compressed]:
+            del d[name]
+
+    __init__.__wrapped__ = original_properties_init  # type: ignore[attr-defined]
+    clear.__wrapped__ = original_properties_clear  # type: ignore[attr-defined]
+    return __init__, clear
+
+
+def properties_shared() -> bool:
+    """True while paho's ``Properties`` uses the shared tables."""
+    return getattr(Properties.__init__, "__wrapped__", None) is original_properties_init
+
+
+def share_property_tables() -> bool:
+    """Make paho's ``Properties`` share its constant tables (idempotent); False if left alone."""
+    if properties_shared():
+        return True
+    methods = _shared_methods()
+    if methods is None:
+        if "Properties" not in _warned:
+            _warned.add("Properties")
+            log.warning("paho-mqtt %s: unknown Properties layout; its per-packet tables are left as "
+                        "they are (slower)", paho.mqtt.__version__)
+        return False
+    Properties.__init__, Properties.clear = methods  # type: ignore[method-assign]
+    return True
+
+
+def restore_property_tables() -> None:
+    """Put paho's own ``Properties.__init__`` and ``clear`` back."""
+    Properties.__init__ = original_properties_init  # type: ignore[method-assign]
+    Properties.clear = original_properties_clear  # type: ignore[method-assign]
+
+
+__all__ = ["PROPERTY_PACKET_TYPES", "original_properties_clear", "original_properties_init",
+           "properties_shared", "restore_property_tables", "share_property_tables", "socket_of", "forget_socket", "queued_packets", "in_callback", "packet_reader",
            "handle_read_error", "set_max_inflight"]
