@@ -86,6 +86,7 @@ from sdk.messaging.errors import (
 from sdk.messaging.topics import matches as topic_matches
 
 log = logging.getLogger(__name__)
+_paho.share_property_tables()  # paho builds a Properties per PUBLISH/PUBACK read: share its tables
 
 Protocol = Literal["auto", "5", "3.1.1"]
 Password = str | bytes | Callable[[str], str | bytes] | None
@@ -432,6 +433,8 @@ class MqttTransport:
         self._deferred: list[Callable[[], None]] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
         self._flush_scheduled = False
+        self._wrote_this_turn = False  # a packet was written at once in this loop turn
+        self._writer_sock: Any = None  # the socket add_writer() watches (EAGAIN), if any
         self._reading = False  # inside _on_readable: acks wait until the handlers' wake-ups ran
         self._quiet = True  # the last read drained the socket
         self._received = 0  # PUBLISH packets received
@@ -947,6 +950,8 @@ class MqttTransport:
         self._in_loop_or_defer(unwatch)
 
     def _unwatch(self, sock: Any) -> None:
+        if self._writer_sock is sock:
+            self._writer_sock = None
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -961,16 +966,24 @@ class MqttTransport:
         def schedule() -> None:
             if self._flush_scheduled:
                 return
-            if _paho.queued_packets(client) == 1 and not self._reading and not _paho.in_callback(client):
+            if (not self._wrote_this_turn and _paho.queued_packets(client) == 1 and not self._reading
+                    and not _paho.in_callback(client)):
                 # a lone packet on an idle connection: write it now (one loop turn less latency);
                 # never from inside a paho callback, where paho's own bookkeeping is mid-way, nor
-                # while reading: the acks of what was read go after the tasks the messages woke
+                # while reading: the acks of what was read go after the tasks the messages woke.
+                # Only the first one of a loop turn: the packets other tasks queue later in the
+                # same turn (a fan-out) leave together in the one flush below, not one write each.
+                self._wrote_this_turn = True
+                self._loop.call_soon(self._new_turn)  # type: ignore[union-attr]
                 self._flush(sock)
                 return
             self._flush_scheduled = True
             self._loop.call_soon(self._flush, sock)  # type: ignore[union-attr]
 
         self._in_loop_or_defer(schedule)
+
+    def _new_turn(self) -> None:
+        self._wrote_this_turn = False
 
     def _flush(self, sock: Any) -> None:
         self._flush_scheduled = False
@@ -990,10 +1003,18 @@ class MqttTransport:
         else:
             client.loop_write()
         if client.want_write() and _paho.socket_of(client) is sock:  # EAGAIN: wait until writable
+            self._writer_sock = sock
             self._loop.add_writer(sock, self._on_writable)  # type: ignore[union-attr]
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho calls this after every write that emptied its queue; only an EAGAIN added a writer
+        if self._writer_sock is None:
+            return
+
         def unreg() -> None:
+            if self._writer_sock is not sock:
+                return
+            self._writer_sock = None
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_writer(sock)  # type: ignore[union-attr]
 
