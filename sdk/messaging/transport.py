@@ -43,9 +43,12 @@ Contract (what the envelope / secure client layer builds on):
 
 Implementation: paho runs on the asyncio loop itself (socket callbacks drive ``add_reader`` /
 ``add_writer``, as aiomqtt does); paho callbacks only resolve futures or feed the queue. Latency:
-a lone publish is written at once; acks for what was just read are written after the tasks
-those messages woke (one corked write per read batch); the first message after a quiet spell is
-handed over before anything queued behind it is parsed (a busy socket is read in batches).
+a lone publish is written at once (the first of a loop turn: what other tasks queue later in the
+same turn leaves in one corked write after it); acks for what was just read are written after
+the tasks those messages woke (one corked write per read batch); the first message after a quiet
+spell is handed over before anything queued behind it is parsed (a busy socket is read in
+batches). paho's per-packet ``Properties`` share their constant tables
+(:func:`sdk.messaging.paho_internals.share_property_tables`).
 """
 
 from __future__ import annotations
