@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdk.identity.errors import ResolutionError
-from sdk.identity.hazmat.multibase import KEY_B58_CHARS
+from sdk.identity.hazmat.multibase import ED25519_PUB, KEY_B58_CHARS, is_canonical_b58
 from sdk.identity.keys import InvalidKey, PublicKey
 
 #: Longest did:key DID URL accepted: ``did:key:z<47>#z<47>`` (an Ed25519 one is 56 + 1 + 48).
@@ -26,9 +26,26 @@ def public_key_from_did_key(did_or_vm: str) -> PublicKey:
     if fragment and fragment != ident:
         raise ResolutionError(f"unknown verification method fragment #{fragment} for {did}")
     try:
-        return PublicKey.from_multibase(ident)
+        pub = PublicKey.from_multibase(ident)
     except InvalidKey as exc:
         raise ResolutionError(f"did:key does not hold an Ed25519 key: {exc}") from exc
+    if is_canonical_b58(ident[1:], ED25519_PUB + pub.raw):
+        with_identifiers(pub, did)
+    return pub
+
+
+def with_identifiers(pub: PublicKey, did: str) -> PublicKey:
+    """Remember ``did`` (the canonical did:key of ``pub``) as its ``did``/``multibase``/VM id.
+
+    Saves re-encoding base58 when they are read; the caller vouches that ``did`` is exactly what
+    ``pub.did`` would compute (a decoded canonical did:key, or one checked before).
+    """
+    ident = did[len("did:key:"):]
+    cached = pub.__dict__  # the cached_property slots
+    cached["multibase"] = ident
+    cached["did"] = did
+    cached["verification_method"] = f"{did}#{ident}"
+    return pub
 
 
 def did_key_document(did: str) -> dict[str, Any]:
@@ -55,4 +72,4 @@ def did_key_document(did: str) -> dict[str, Any]:
     }
 
 
-__all__ = ["public_key_from_did_key", "did_key_document", "MAX_DID_KEY_CHARS"]
+__all__ = ["public_key_from_did_key", "did_key_document", "with_identifiers", "MAX_DID_KEY_CHARS"]

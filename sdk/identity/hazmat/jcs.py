@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 # C-accelerated JSON string quoting (escapes '"', '\\' and U+0000..U+001F exactly like ES).
@@ -148,7 +149,34 @@ def _plain(value: Any) -> bool:
     return False
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False).encode
+def _not_json(value: Any) -> Any:
+    raise ValueError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _make_dumps() -> Callable[[Any], str]:
+    """The C encoder, built once (``JSONEncoder.encode`` builds one per call): sorted keys, no spaces.
+
+    No circular-reference markers: :func:`_plain` has walked the value first, and a cycle makes
+    that walk recurse until ``RecursionError``.
+    """
+    portable = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False).encode
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:  # a Python without the _json accelerator
+        return portable
+    try:
+        encode = make(None, _not_json, _quote, None, ":", ",", True, False, False)
+    except TypeError:  # another signature: use the public API
+        return portable
+    join = "".join
+
+    def dumps(value: Any) -> str:
+        return join(encode(value, 0))
+
+    probe = {"b": [1, "\n\u00e9", None, True], "a": {"\u20ac": ""}}
+    return dumps if dumps(probe) == portable(probe) else portable
+
+
+_dumps = _make_dumps()
 
 
 def canonicalize(value: Any) -> bytes:

@@ -8,7 +8,11 @@ Ed25519 signature (88 characters); a multicodec Ed25519 key is 47 characters aft
 from __future__ import annotations
 
 _ALPHABET = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_INDEX = {c: i for i, c in enumerate(_ALPHABET)}
+#: byte -> digit value, 0xff for a byte outside the alphabet (for ``bytes.translate``).
+_VALUES = bytes(_ALPHABET.index(c) if c in _ALPHABET else 0xFF for c in range(256))
+#: 0..58**2-1 -> its two base58 digits.
+_PAIRS = [chr(a) + chr(b) for a in _ALPHABET for b in _ALPHABET]
+_B58_POW10 = 58**10
 
 # multicodec varint prefixes
 ED25519_PUB = b"\xed\x01"
@@ -31,12 +35,25 @@ def b58_length_bound(n_bytes: int) -> int:
 def b58encode(data: bytes) -> str:
     """Bitcoin-alphabet base58 (leading zero bytes become '1')."""
     n = int.from_bytes(data, "big")
-    out = bytearray()
+    pairs = _PAIRS
+    parts: list[str] = []
+    add = parts.append
+    # Ten digits per division of the big number, then five two-digit table lookups on a small one.
     while n:
-        n, r = divmod(n, 58)
-        out.append(_ALPHABET[r])
+        n, r = divmod(n, _B58_POW10)
+        r, a = divmod(r, 3364)
+        r, b = divmod(r, 3364)
+        r, c = divmod(r, 3364)
+        e, d = divmod(r, 3364)
+        add(pairs[a])
+        add(pairs[b])
+        add(pairs[c])
+        add(pairs[d])
+        add(pairs[e])
+    parts.reverse()
+    digits = "".join(parts).lstrip("1")  # the top chunk's zero digits
     pad = len(data) - len(data.lstrip(b"\0"))
-    return (b"1" * pad + bytes(reversed(out))).decode("ascii")
+    return "1" * pad + digits if pad else digits
 
 
 def b58decode(text: str | bytes, *, max_len: int = MAX_B58_CHARS) -> bytes:
@@ -49,15 +66,33 @@ def b58decode(text: str | bytes, *, max_len: int = MAX_B58_CHARS) -> bytes:
         raw = text.encode("ascii", "strict") if isinstance(text, str) else text
     except UnicodeEncodeError:
         raise ValueError("non-ASCII base58") from None
+    values = raw.translate(_VALUES)
+    if b"\xff" in values:
+        bad = raw[values.index(b"\xff")]
+        raise ValueError(f"invalid base58 character {chr(bad)!r}")
+    head = len(values) % 4
     n = 0
-    for c in raw:
-        try:
-            n = n * 58 + _INDEX[c]
-        except KeyError:
-            raise ValueError(f"invalid base58 character {chr(c)!r}") from None
+    for v in values[:head]:
+        n = n * 58 + v
+    quads = iter(values[head:])
+    for a, b, c, d in zip(quads, quads, quads, quads, strict=True):
+        n = n * 11316496 + ((a * 58 + b) * 58 + c) * 58 + d  # 58**4
     body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
     pad = len(raw) - len(raw.lstrip(b"1"))
-    return b"\0" * pad + body
+    return b"\0" * pad + body if pad else body
+
+
+def is_canonical_b58(text: str, decoded: bytes) -> bool:
+    """True if ``b58encode(decoded) == text`` for ``decoded = b58decode(text)``, without encoding.
+
+    Base58 has one spelling per byte string: the leading '1's stand for the leading zero bytes
+    and the rest is the number's digits, which start with a non-zero digit. So a decoded text is
+    its own canonical encoding exactly when it has as many leading '1's as ``decoded`` has leading
+    zero bytes.
+    """
+    ones = len(text) - len(text.lstrip("1"))
+    zeros = len(decoded) - len(decoded.lstrip(b"\0"))
+    return ones == zeros
 
 
 def multibase_encode(data: bytes) -> str:
@@ -92,6 +127,6 @@ def decode_key(text: str, codec: bytes, length: int = 32) -> bytes:
 
 __all__ = [
     "b58encode", "b58decode", "multibase_encode", "multibase_decode", "encode_key", "decode_key",
-    "b58_length_bound", "ED25519_PUB", "ED25519_PRIV", "X25519_PUB", "X25519_PRIV",
+    "b58_length_bound", "is_canonical_b58", "ED25519_PUB", "ED25519_PRIV", "X25519_PUB", "X25519_PRIV",
     "MAX_B58_CHARS", "KEY_B58_CHARS",
 ]
