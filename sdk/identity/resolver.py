@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
-from sdk.identity.did_key import public_key_from_did_key, with_identifiers
+from sdk.identity.did_key import public_key_from_did_key
 from sdk.identity.errors import InvalidKey, ResolutionError
 from sdk.identity.keys import PublicKey
 
@@ -118,8 +118,7 @@ class _DidKeyCache:
             with self._lock:
                 if digest in self._keys:
                     self._keys.move_to_end(digest)
-            # The entry was stored for this id only because ``did`` is the canonical did:key of raw.
-            return ResolvedKey(verification_method, with_identifiers(PublicKey(raw), did), did, ALL_PURPOSES)
+            return ResolvedKey(verification_method, PublicKey(raw), did, ALL_PURPOSES)
         pub = public_key_from_did_key(verification_method)
         if pub.did == did:  # a decoded canonical did:key: set from the input, nothing re-encoded
             with self._lock:
