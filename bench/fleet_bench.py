@@ -436,6 +436,10 @@ class Fleet:
             self.procs.append(p)
         self.size = 0
 
+    def cpu(self) -> float:
+        """CPU seconds of every worker process (the simulated devices)."""
+        return sum(proc_cpu(p.pid) for p in self.procs)
+
     def ask(self, cmd: str, arg: Any = None, *, only: int | None = None) -> list[Any]:
         conns = self.conns if only is None else [self.conns[only]]
         for c in conns:
@@ -499,6 +503,15 @@ def converged_after(coord: CoordinatorProcess, t0: float, targets: int, timeout:
 
 
 # ---------------------------------------------------------------------------------- the run
+def broker_cpu(broker: Any) -> float:
+    """CPU seconds of the Mosquitto process (0 when it is not running)."""
+    proc = getattr(broker, "_proc", None)
+    try:
+        return proc_cpu(proc.pid) if proc is not None else 0.0
+    except OSError:
+        return 0.0
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from brokers.mosquitto import MosquittoBroker, MosquittoConfig
 
@@ -533,24 +546,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             if args.profile:
                 coord.profile(str(args.profile / f"admission-{size}.prof"))
-            cpu0 = proc_cpu(coord.pid)
+            cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             grown = fleet.grow(add)
             cpu = proc_cpu(coord.pid) - cpu0
+            sim, brk = fleet.cpu() - sim0, broker_cpu(broker) - brk0
             step: dict[str, Any] = {
                 "devices": fleet.size, "added": add, "admitted": grown["ok"], "failed": grown["failed"],
                 "admission_s": round(grown["seconds"], 2),
                 "admission_rate_per_s": round(grown["ok"] / grown["seconds"], 1) if grown["seconds"] else None,
                 "coordinator_cpu_ms_per_device": round(cpu * 1000 / max(1, grown["ok"]), 3),
+                "simulator_cpu_ms_per_device": round(sim * 1000 / max(1, grown["ok"]), 3),
+                "broker_cpu_ms_per_device": round(brk * 1000 / max(1, grown["ok"]), 3),
                 "busy_retries": grown["busy_retries"], "errors": grown["errors"], "load_admission": load()}
             print(f"{fleet.size} devices: +{add} admitted in {grown['seconds']:.1f} s "
                   f"({step['admission_rate_per_s']}/s, coordinator {step['coordinator_cpu_ms_per_device']} ms CPU "
-                  f"per device, {grown['busy_retries']} busy retries, {grown['failed']} failed; load {load()})",
+                  f"per device, simulators {step['simulator_cpu_ms_per_device']} ms, broker "
+                  f"{step['broker_cpu_ms_per_device']} ms; {grown['busy_retries']} busy retries, {grown['failed']} failed; load {load()})",
                   flush=True)
             # one event -> every device applied; the coordinator's convergence
             version += 1
             if args.profile:
                 coord.profile(str(args.profile / f"fanout-{size}.prof"))
-            cpu0 = proc_cpu(coord.pid)
+            cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             (t0,) = fleet.ask("event", 1000 + version, only=0)
             applied, _, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
@@ -561,6 +578,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "event_all_applied_s": round(last - t0, 3) if last is not None and applied >= fleet.size else None,
                 "coordinator_converged_s": round(conv["seconds"], 3) if conv else None,
                 "coordinator_cpu_ms_per_device_fanout": round((proc_cpu(coord.pid) - cpu0) * 1000 / fleet.size, 3),
+                "simulator_cpu_ms_per_device_fanout": round((fleet.cpu() - sim0) * 1000 / fleet.size, 3),
+                "broker_cpu_ms_per_device_fanout": round((broker_cpu(broker) - brk0) * 1000 / fleet.size, 3),
                 "load_fanout": load()})
             stats = coord.stats()
             rss = proc_rss_mb(coord.pid)
@@ -581,14 +600,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for site in mem["sites"][:15]:
                     print(f"          {site['kb']:>9.1f} KB {site['blocks']:>8} blocks  {site['site']}", flush=True)
             print(f"        event -> {applied}/{fleet.size} applied in {step['event_all_applied_s']} s; "
-                  f"coordinator converged in {step['coordinator_converged_s']} s; RSS {rss:.0f} MB "
+                  f"coordinator converged in {step['coordinator_converged_s']} s; CPU per device: coordinator "
+                  f"{step['coordinator_cpu_ms_per_device_fanout']} ms, simulators {step['simulator_cpu_ms_per_device_fanout']} "
+                  f"ms, broker {step['broker_cpu_ms_per_device_fanout']} ms; RSS {rss:.0f} MB "
                   f"({step['coordinator_rss_mb_per_1000']} MB per 1,000 above idle; heap {step['coordinator_heap']}); load {load()}",
                   flush=True)
             out["steps"].append(step)
         # reconnect storm: the broker restarts under the whole fleet
         if args.storm and fleet.size:
             before = coord.stats()
-            cpu0 = proc_cpu(coord.pid)
+            cpu0, sim0 = proc_cpu(coord.pid), fleet.cpu()
             t0 = time.monotonic()
             broker.restart()
             t_up = time.monotonic()
@@ -616,6 +637,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "event_all_applied_s": round(last - te, 3) if last is not None and applied >= fleet.size else None,
                 "coordinator_converged_s": round(conv["seconds"], 3) if conv else None,
                 "coordinator_cpu_ms_per_device": round((proc_cpu(coord.pid) - cpu0) * 1000 / fleet.size, 3),
+                "simulator_cpu_ms_per_device": round((fleet.cpu() - sim0) * 1000 / fleet.size, 3),
+                "broker_cpu_ms_per_device_since_restart": round(broker_cpu(broker) * 1000 / fleet.size, 3),
                 "load": load()}
             out["storm"] = storm
             print(f"storm: broker restart with {fleet.size} devices -> {storm['readmitted']} re-admitted "

@@ -65,7 +65,7 @@ class ClientConfig:
     max_serving: int = 1024  # concurrent requests served; beyond it requests get an error "busy"
     request_ttl: float = 60.0  # expiry of a stream request (or cancel) sent without an overall timeout
     max_state_keys: int = 100_000  # per Retained.STATE subscription: (sender, key) floors remembered
-    header_cache: int = HEADER_CACHE_SIZE  # senders' envelope headers remembered (LRU; size it to the senders)
+    header_cache: int = HEADER_CACHE_SIZE  # senders' envelope headers remembered (LRU of the hot senders)
 
 
 @dataclass

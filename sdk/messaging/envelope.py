@@ -49,8 +49,10 @@ TYP = "autoglm-msg+jws"
 DEFAULT_MAX_BYTES = 256 * 1024
 MAX_ID_LEN = 64
 MAX_TYPE_LEN = 128
-#: sender headers a :class:`Verifier` remembers by default (a coordinator raises it to its fleet)
-HEADER_CACHE_SIZE = 16_384
+#: sender headers a :class:`Verifier` remembers by default: the hot senders (a device's coordinator,
+#: a fleet's operators). A miss costs ~17 µs (header JSON + the did:key cache), so a fleet-sized
+#: cache (~1 KB a sender) is not worth its memory; the did:key cache holds the fleet's keys.
+HEADER_CACHE_SIZE = 2048
 MAX_HEADER_B64 = 2048
 
 _dumps = strict_json.dumps_compact

@@ -31,7 +31,6 @@ from sdk.coord.coordinator.registry import (
     shared_names,
 )
 from sdk.identity import Key, StatusList, TrustPolicy, status_entry
-from sdk.messaging.client import ClientConfig
 
 STATES = (ONLINE, OFFLINE, EXPIRED, REVOKED)
 URLS = [f"https://issuer.example/status/{i}" for i in range(4)]
@@ -407,26 +406,49 @@ async def test_status_rows_share_equal_store_fields_and_still_match_a_recomputat
     assert _without_clock(json.loads(coord.status_json())) == _without_clock(coord.status())
 
 
-def test_per_sender_caches_grow_with_the_fleet_and_never_shrink(coord: Coordinator, tmp_path: Path) -> None:
+async def test_status_rows_share_their_fleet_wide_fields(coord: Coordinator) -> None:
+    reg = coord.registry
+    for i in range(6):
+        groups = ["lobby"] if i < 4 else ["hall"]
+        reg.put(reg.admission(_did(i), {"kind": "display", "groups": groups, "name": f"d{i}"},
+                              session=Session(f"s{i}", {}, f"fp{i}")))
+    assert _without_clock(json.loads(coord.status_json())) == _without_clock(coord.status())
+    rows = coord._status_rows
+    assert rows[_did(0)][2] is rows[_did(3)][2]                 # same kind, groups, state...: one string
+    assert rows[_did(0)][2] != rows[_did(4)][2]                 # other groups: another
+    assert _did(0) in rows[_did(0)][1] and _did(0) not in rows[_did(0)][2]
+    reg.set_state(_did(1), "offline")
+    doc = json.loads(coord.status_json())
+    assert _without_clock(doc) == _without_clock(coord.status())
+    states = {d["did"]: d["state"] for d in doc["devices"]}
+    assert states[_did(1)] == "offline" and states[_did(0)] == "online"
+    assert rows[_did(1)][2] is not rows[_did(0)][2]
+
+
+def test_did_key_cache_grows_with_the_fleet_and_never_shrinks(coord: Coordinator) -> None:
     from sdk.coord.coordinator.fleet_caches import fit_caches, fleet_cache_size
     from sdk.identity import resolver
 
     before = resolver.did_key_cache_size()
     try:
-        verifier = coord.client.verifier
-        default = verifier.header_cache_size
-        assert fit_caches(coord.client, 100) == default        # a small fleet keeps the default
-        assert fleet_cache_size(20_000, default) == 22_000
-        assert fit_caches(coord.client, 20_000) == 22_000
+        resolver.resize_did_key_cache(resolver.DID_KEY_CACHE_SIZE)
+        assert fit_caches(100) == resolver.DID_KEY_CACHE_SIZE      # a small fleet keeps the default
+        assert fleet_cache_size(20_000, resolver.DID_KEY_CACHE_SIZE) == 22_000
+        assert fit_caches(20_000) == 22_000
         assert resolver.did_key_cache_size() == 22_000
-        assert fit_caches(coord.client, 10) == 22_000          # a fleet that shrank keeps its bound
-        small = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir=tmp_path / "small",
-                            trust=TrustPolicy({}), issuer=Key.generate(),
-                            client_config=ClientConfig(qos=0, header_cache=4))
-        assert small.client.verifier.header_cache_size == 4
+        assert fit_caches(10) == 22_000                            # a fleet that shrank keeps its bound
+        resolver.resize_did_key_cache(4)
+        header_bound = coord.client.verifier.header_cache_size
         for i in range(10):
-            small.registry.put(small.registry.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, "f")))
-        small.sweep()                                          # the per-second sweep sizes them
-        assert small.client.verifier.header_cache_size == 11
+            coord.registry.put(coord.registry.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, "f")))
+        coord.sweep()                                              # the per-second sweep sizes it
+        assert resolver.did_key_cache_size() == resolver.DID_KEY_CACHE_SIZE
+        resolver.resize_did_key_cache(4)
+        for i in range(10, 5000):
+            coord.registry.put(coord.registry.admission(_did(i), {"kind": "phone"}, session=Session(f"s{i}", {}, "f")))
+        coord.sweep()
+        assert resolver.did_key_cache_size() == fleet_cache_size(len(coord.registry), 1)
+        # the envelope header cache keeps its configured bound: hot senders only
+        assert coord.client.verifier.header_cache_size == header_bound
     finally:
         resolver.resize_did_key_cache(before)

@@ -294,7 +294,8 @@ class Coordinator:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
         # -- status snapshot: one cached JSON row per device, rendered again only when it changed
-        self._status_rows: dict[str, tuple[str, str]] = {}          # did -> (kind, JSON row but its "}")
+        # did -> (kind, the row's own fields as JSON but its "}", its fleet-shared fields: interned)
+        self._status_rows: dict[str, tuple[str, str, str]] = {}
         self._status_store: dict[str, str] = {}                     # did -> its store fields' JSON (shared)
         self._status_order: list[str] | None = None                 # DIDs by (kind, did)
         self._status_cost = 0.0                                     # seconds the last write took
@@ -1278,7 +1279,7 @@ class Coordinator:
             self._challenges_swept = tick
             self.challenges.sweep()
         counts = self.registry.counts()              # kept on every transition
-        fit_caches(self.client, len(self.registry))  # per-sender caches grow with the fleet (fleet_caches.py)
+        fit_caches(len(self.registry))      # the did:key cache grows with the fleet (fleet_caches.py)
         for state in (ONLINE, OFFLINE, EXPIRED, REVOKED):
             self.metrics.devices.labels(state).set(counts.get(state, 0))
         return expired
@@ -1328,7 +1329,10 @@ class Coordinator:
             old = self._status_rows.get(did)
             if old is None or old[0] != rec.kind:
                 self._status_order = None
-            self._status_rows[did] = (rec.kind, json.dumps(row, default=str, separators=(",", ":"))[:-1])
+            own_fields = {k: row.pop(k) for k in _STATUS_OWN_FIELDS if k in row}
+            shared_text = json.dumps(row, default=str, separators=(",", ":"))
+            self._status_rows[did] = (rec.kind, json.dumps(own_fields, default=str, separators=(",", ":"))[:-1],
+                                      sys.intern("," + shared_text[1:-1]) if len(shared_text) > 2 else "")
         if self._status_order is None:
             rows = self._status_rows
             self._status_order = sorted(rows, key=lambda d: (rows[d][0], d))
@@ -1340,7 +1344,9 @@ class Coordinator:
         for i, did in enumerate(self._status_order):
             if i:
                 yield ","
-            yield rows[did][1]
+            _, own, shared = rows[did]
+            yield own
+            yield shared
             yield parts.get(did, "")
             yield "}"
         yield f'],"metrics":{summary}}}'
@@ -1357,6 +1363,12 @@ class Coordinator:
         except (OSError, CoordinationError) as exc:
             log.warning("could not write status snapshot: %s", exc)
         self._status_cost = time.perf_counter() - t0
+
+
+#: a status row's fields that are the device's own; the rest (kind, groups, capabilities, issuer,
+#: state, validity...) is one JSON fragment shared by every device with the same values
+_STATUS_OWN_FIELDS = ("did", "name", "attributes", "credential_id", "last_seen", "first_seen", "status",
+                      "fingerprint")
 
 
 def _presence_order(msg: Message) -> tuple[Hashable, Any] | None:

@@ -2,11 +2,14 @@
 and the small-order point check.
 
 Ed25519 verification is a pure function of (public key, signature, message), so remembering
-triples that verified is safe; failures are never cached.
+triples that verified is safe; failures are never cached. A triple is remembered as the 32-byte
+BLAKE2b digest of ``key || signature || message`` (both fixed-length, so the split is unambiguous;
+a false hit needs a 256-bit collision), not the three byte strings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 
@@ -14,7 +17,7 @@ import nacl.bindings
 import nacl.exceptions
 
 _MAX = 8192
-_verified: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
+_verified: OrderedDict[bytes, None] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -42,7 +45,10 @@ def verify_detached(public_key: bytes, signature: bytes, message: bytes) -> bool
     """True if ``signature`` is a valid Ed25519 signature of ``message`` by ``public_key``."""
     if len(signature) != 64 or len(public_key) != 32:
         return False
-    triple = (public_key, signature, message)
+    try:
+        triple = hashlib.blake2b(public_key + signature + message, digest_size=32).digest()
+    except TypeError:
+        return False
     if triple in _verified:
         return True
     try:
