@@ -378,6 +378,7 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
     if src is not None:
         await src.connect()
     sem = asyncio.Semaphore(concurrency)
+    profiling: list[Any] = []           # [(cProfile.Profile, file)] while a "profile" is on
 
     async def connect(dev: Device) -> float | None:
         async with sem:
@@ -412,6 +413,17 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
             conn.send({"devices": len(devices), "admitted": admitted, "at_version": len(at_version),
                        "last_applied": max(at_version) if at_version else None,
                        "display_admitted": src is None or src.state is DeviceState.ADMITTED})
+        elif cmd == "profile":          # cProfile this worker until the next "profile" (arg: the file)
+            if profiling:
+                profiler, path = profiling.pop()
+                profiler.disable()
+                profiler.dump_stats(path)
+            if arg is not None:
+                import cProfile
+
+                profiling.append((cProfile.Profile(), arg))
+                profiling[0][0].enable()
+            conn.send(True)
         elif cmd == "close":
             await asyncio.gather(*(d.aclose() for d in devices), return_exceptions=True)
             if src is not None:
@@ -546,6 +558,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             if args.profile:
                 coord.profile(str(args.profile / f"admission-{size}.prof"))
+                fleet.ask("profile", str(args.profile / f"worker-admission-{size}.prof"), only=len(fleet.conns) - 1)
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             grown = fleet.grow(add)
             cpu = proc_cpu(coord.pid) - cpu0
@@ -567,12 +580,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             version += 1
             if args.profile:
                 coord.profile(str(args.profile / f"fanout-{size}.prof"))
+                fleet.ask("profile", str(args.profile / f"worker-fanout-{size}.prof"), only=len(fleet.conns) - 1)
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             (t0,) = fleet.ask("event", 1000 + version, only=0)
             applied, _, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
             if args.profile:
                 coord.profile(None)
+                fleet.ask("profile", None, only=len(fleet.conns) - 1)
             step.update({
                 "event_applied": applied,
                 "event_all_applied_s": round(last - t0, 3) if last is not None and applied >= fleet.size else None,
@@ -666,7 +681,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-storm", dest="storm", action="store_false")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                        help="cProfile the coordinator per step: DIR/admission-N.prof and DIR/fanout-N.prof")
+                        help="cProfile the coordinator per step: DIR/admission-N.prof and DIR/fanout-N.prof "
+                             "(and the last worker: DIR/worker-admission-N.prof, DIR/worker-fanout-N.prof)")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
     parser.add_argument("--trim", action="store_true",

@@ -29,6 +29,7 @@ from sdk.identity import Key, PublicKey, public_key_from_did_key
 from sdk.identity.hazmat import json as strict_json
 from sdk.identity.hazmat.b64 import b64url_decode, b64url_encode
 from sdk.identity.hazmat.keys import signing_key_bytes
+from sdk.identity.resolver import DidKeyResolver
 from sdk.messaging import sealing
 from sdk.messaging.errors import (
     BadSignature,
@@ -115,7 +116,14 @@ class VerifyPolicy:
     max_age: float = 300.0
 
 
+_did_keys = DidKeyResolver()
+
+
 def _resolve_did_key(kid: str) -> PublicKey:
+    """A did:key sender's key: verification method ids through the process's did:key cache
+    (a fleet's keys are decoded once, see :func:`sdk.identity.resolver.reserve_did_key_cache`)."""
+    if "#" in kid:
+        return _did_keys.resolve(kid).public_key
     return public_key_from_did_key(kid)
 
 

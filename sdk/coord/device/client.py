@@ -265,17 +265,20 @@ class Device:
         self._set_state(S.CONNECTING)
         try:
             await self.client.connect()
-            await self.status_source.attach(self.client)
             coordinator = {self.coordinator}
-            await self.client.subscribe(
-                self._config_topic, self._on_config_msg, senders=coordinator, retained=Retained.STATE,
-                order=self._config_order, floors={(self.coordinator, _CONFIG_KEY): self.last_version},
-                gate=self._config_gate, qos=1)
-            await self.client.subscribe(protocol.device_commands(self._token), self._on_command,
-                                        senders=coordinator, retained=Retained.MESSAGES, qos=1)
-            await self.client.subscribe(protocol.device_presence(protocol.token(self.coordinator)),
-                                        self._on_coordinator_presence, senders=coordinator,
-                                        retained=Retained.DROP, qos=1)
+            # subscribed together: the SUBSCRIBEs leave in one write and are acknowledged in one
+            # round trip (each handler is in place before its SUBSCRIBE is sent)
+            await asyncio.gather(
+                self.status_source.attach(self.client),
+                self.client.subscribe(
+                    self._config_topic, self._on_config_msg, senders=coordinator, retained=Retained.STATE,
+                    order=self._config_order, floors={(self.coordinator, _CONFIG_KEY): self.last_version},
+                    gate=self._config_gate, qos=1),
+                self.client.subscribe(protocol.device_commands(self._token), self._on_command,
+                                      senders=coordinator, retained=Retained.MESSAGES, qos=1),
+                self.client.subscribe(protocol.device_presence(protocol.token(self.coordinator)),
+                                      self._on_coordinator_presence, senders=coordinator,
+                                      retained=Retained.DROP, qos=1))
             self.client.transport.add_on_connect(self._on_reconnect)
             self._worker = asyncio.ensure_future(self._config_worker())
             await self._publish_presence("online")
