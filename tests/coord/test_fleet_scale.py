@@ -452,3 +452,22 @@ def test_did_key_cache_grows_with_the_fleet_and_never_shrinks(coord: Coordinator
         assert coord.client.verifier.header_cache_size == header_bound
     finally:
         resolver.resize_did_key_cache(before)
+
+
+def test_status_list_republication_is_off_by_default_and_configurable(tmp_path: Path) -> None:
+    from sdk.coord.coordinator.config import parse_config
+    from sdk.coord.coordinator.errors import ConfigFileError
+
+    ident = {"key": Key.generate().private_key_multibase}
+    assert parse_config({"identity": ident}).status_republish == 0.0
+    cfg = parse_config({"identity": ident, "issuer": {"key": Key.generate().private_key_multibase},
+                        "coordinator": {"status_republish": 30, "data_dir": str(tmp_path / "d")}})
+    assert cfg.status_republish == 30.0
+    coord = Coordinator.from_config(cfg, broker="mqtt://127.0.0.1:1")
+    assert coord.status_republish == 30.0
+    plain = Coordinator(Key.generate(), broker="mqtt://127.0.0.1:1", data_dir=tmp_path / "p",
+                        trust=TrustPolicy({}), issuer=Key.generate())
+    assert plain.status_republish == 0.0      # each re-publication reaches the whole fleet: opt in
+    for bad in (-1, float("nan"), True, "30"):
+        with pytest.raises(ConfigFileError, match="status_republish"):
+            parse_config({"identity": ident, "coordinator": {"status_republish": bad}})

@@ -8,6 +8,8 @@
     heartbeat_ttl = 30                   # seconds without a heartbeat before a device expires
     durability = "normal"                # "full" = fsync every commit (survives power loss)
     metrics_port = 0                     # Prometheus /metrics on 127.0.0.1 (0 = off)
+    status_republish = 0                 # re-publish the status list every N s (0 = never): for
+                                         # clustered brokers whose retained messages are per node
 
     [identity]
     keystore = "coordinator.keystore"    # encrypted keystore (autoglm id new)
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HEARTBEAT_TTL = 30.0
 _TOP_KEYS = {"coordinator", "identity", "trust", "rules", "rules_file", "issuer", "store", "ha", "model"}
 _COORD_KEYS = {"broker", "data_dir", "heartbeat_ttl", "durability", "metrics_port", "sweep_interval",
-               "name"}
+               "name", "status_republish"}
 _ID_KEYS = {"keystore", "passphrase_env", "key", "credential"}
 
 
@@ -214,6 +216,7 @@ class CoordinatorConfig:
     durability: str = "normal"
     metrics_port: int = 0
     sweep_interval: float = 1.0
+    status_republish: float = 0.0       # seconds between status list re-publications (0 = never)
     name: str = "coordinator"
     keystore: Path | None = None
     passphrase_env: str = "AUTOGLM_PASSPHRASE"
@@ -320,6 +323,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Coord
         durability=durability,
         metrics_port=port,
         sweep_interval=_number(coord, "sweep_interval", 1.0, where="coordinator", minimum=0.01),
+        status_republish=_number(coord, "status_republish", 0.0, where="coordinator", maximum=86400.0),
         name=str(coord.get("name", "coordinator")),
         keystore=path(ident.get("keystore"), "identity.keystore"),
         passphrase_env=passphrase_env,

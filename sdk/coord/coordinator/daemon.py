@@ -95,7 +95,6 @@ from sdk.messaging.envelope import DEFAULT_MAX_BYTES, Message, Signer
 from sdk.messaging.errors import MessagingError, RejectedMessage
 from sdk.messaging.policy import Retained
 from sdk.messaging.status import (
-    REPUBLISH_INTERVAL,
     STATUS_GET,
     MqttStatusListSource,
     publish_status_list,
@@ -178,7 +177,7 @@ class Coordinator:
         client_config: ClientConfig | None = None,
         fresh: bool = False,
         store_url: str | None = None,
-        status_republish: float = REPUBLISH_INTERVAL,
+        status_republish: float = 0.0,
         hello_rate: float = 500.0,
         hello_burst: int = 1000,
         max_admissions: int = 256,
@@ -282,9 +281,10 @@ class Coordinator:
         self._status_credential: dict[str, Any] | None = None
         self._status_list: StatusList | None = None
         self._status_signed = 0.0
-        # -- status list re-published every status_republish s (jittered; 0 = never) and served on
-        # request (STATUS_GET on the command topic): a clustered broker may not deliver a retained
-        # list to subscribers on other nodes
+        # -- status list re-published every status_republish s (jittered; 0 = never, the default:
+        # each re-publication is delivered to every subscribed device, O(fleet)) and served on
+        # request (STATUS_GET on the command topic, which devices missing it send): a clustered
+        # broker may not deliver a retained list to subscribers on other nodes
         self.status_republish = finite(status_republish, what="status_republish", minimum=0, maximum=86400)
         self._status_republish_at = time.monotonic() + republish_delay(self.status_republish)
         self.register_command(STATUS_GET, self._status_get)
@@ -327,6 +327,7 @@ class Coordinator:
         kwargs.setdefault("issuer_config", config.issuer)
         # -- end [issuer]
         kwargs.setdefault("store_url", getattr(config, "store_url", None))   # [store] url
+        kwargs.setdefault("status_republish", config.status_republish)
         trust = TrustPolicy({t.issuer: set(t.types) for t in config.trust})
         return cls(key, broker=broker or config.broker, data_dir=config.data_dir, trust=trust,
                    rules=config.rules, credential=credential, issuer=issuer,
