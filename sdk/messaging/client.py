@@ -191,6 +191,8 @@ class SecureClient:
         )
         self.reply_topic = topics.validate_topic(reply_topic or topics.reply_topic(topics.client_token(key.did)))
         self._subs: dict[str, list[Subscription]] = {}
+        # the wildcard filters of _subs, split once, in _subs order (rebuilt when a filter comes or goes)
+        self._wild: list[tuple[list[str], list[Subscription]]] = []
         self._pending: dict[str, _Pending] = {}
         self._serving: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -333,14 +335,36 @@ class SecureClient:
         first = topic_filter not in self._subs
         self._subs.setdefault(topic_filter, []).append(sub)
         if first:
+            self._index_filters()
             try:
                 await self.transport.subscribe(
                     topic_filter, qos=self.config.qos if qos is None else qos, handler=self._route
                 )
             except BaseException:
                 self._subs.pop(topic_filter, None)
+                self._index_filters()
                 raise
         return sub
+
+    def _index_filters(self) -> None:
+        self._wild = [(f.split("/"), group) for f, group in self._subs.items() if topics.has_wildcard(f)]
+
+    def _matching(self, topic: str) -> list[Subscription]:
+        """The subscriptions whose filter matches ``topic``, in subscription order (as
+        ``[sub for f, group in _subs.items() if topics.matches(f, topic) for sub in group]``): the
+        exact filter by one lookup, the wildcard filters pre-split, the topic split once."""
+        exact = self._subs.get(topic)
+        if not self._wild:
+            return list(exact) if exact else []
+        t_levels = topic.split("/")
+        wild = [group for f_levels, group in self._wild if topics.matches_levels(f_levels, t_levels)]
+        if exact is None:
+            return [sub for group in wild for sub in group]
+        if not wild:
+            return list(exact)
+        # both kinds match (rare): subscription order across them
+        return [sub for topic_filter, group in self._subs.items() if topics.matches(topic_filter, topic)
+                for sub in group]
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.filter)
@@ -349,6 +373,7 @@ class SecureClient:
         subs.remove(sub)
         if not subs:
             del self._subs[sub.filter]
+            self._index_filters()
             await self.transport.unsubscribe(sub.filter)
 
     # ------------------------------------------------------------------ request / stream
@@ -499,8 +524,7 @@ class SecureClient:
             subs: list[Subscription] = []
             state = False
         else:
-            subs = [sub for topic_filter, group in self._subs.items() if topics.matches(topic_filter, topic)
-                    for sub in group]
+            subs = self._matching(topic)
             if not subs:
                 self.stats.unrouted += 1
                 logger.debug("no handler for message on %r", topic)

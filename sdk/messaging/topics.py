@@ -81,6 +81,27 @@ def matches(topic_filter: str, topic: str) -> bool:
     return len(f_levels) == len(t_levels)
 
 
+def has_wildcard(topic_filter: str) -> bool:
+    """True if ``topic_filter`` contains ``+`` or ``#`` (it can match more than itself)."""
+    return "+" in topic_filter or "#" in topic_filter
+
+
+def matches_levels(f_levels: list[str], t_levels: list[str]) -> bool:
+    """:func:`matches` on filter and topic already split at ``/`` (a filter split once, at subscribe
+    time, is matched against each message's topic split once)."""
+    if t_levels[0].startswith("$") and f_levels[0] in ("+", "#"):
+        return False
+    n = len(t_levels)
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= n:
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == n
+
+
 def build(*levels: str, what: str = "id") -> str:
     """``ROOT/level/...``; each level is validated with :func:`validate_id` (no wildcards, no '/')."""
     return "/".join([ROOT, *(validate_id(level, what=what) for level in levels)])
@@ -113,6 +134,8 @@ __all__ = [
     "validate_topic",
     "validate_filter",
     "matches",
+    "matches_levels",
+    "has_wildcard",
     "build",
     "client_token",
     "reply_topic",

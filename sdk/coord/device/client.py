@@ -264,11 +264,15 @@ class Device:
             raise RuntimeError("connect() once per Device")
         self._set_state(S.CONNECTING)
         try:
-            await self.client.connect()
+            if not self.client.transport.connected:
+                await self.client.transport.connect()
             coordinator = {self.coordinator}
-            # subscribed together: the SUBSCRIBEs leave in one write and are acknowledged in one
-            # round trip (each handler is in place before its SUBSCRIBE is sent)
+            # subscribed together, the reply topic (client.connect) too, with the presence after
+            # them: the packets leave in one or two writes and are acknowledged in one round trip
+            # (each handler is in place before its SUBSCRIBE is sent). The coordinator acts on no
+            # "online" presence, so the handshake need not wait for that one apart.
             await asyncio.gather(
+                self.client.connect(),
                 self.status_source.attach(self.client),
                 self.client.subscribe(
                     self._config_topic, self._on_config_msg, senders=coordinator, retained=Retained.STATE,
@@ -278,10 +282,10 @@ class Device:
                                       senders=coordinator, retained=Retained.MESSAGES, qos=1),
                 self.client.subscribe(protocol.device_presence(protocol.token(self.coordinator)),
                                       self._on_coordinator_presence, senders=coordinator,
-                                      retained=Retained.DROP, qos=1))
+                                      retained=Retained.DROP, qos=1),
+                self._publish_presence("online"))
             self.client.transport.add_on_connect(self._on_reconnect)
             self._worker = asyncio.ensure_future(self._config_worker())
-            await self._publish_presence("online")
         except BaseException:
             await self.aclose()
             raise

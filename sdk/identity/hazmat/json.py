@@ -37,6 +37,11 @@ def _float(text: str) -> float:
     return value
 
 
+# One decoder for every call: json.loads(**hooks) would build a JSONDecoder and its scanner per document.
+_DECODER = _json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_float)
+_decode = _DECODER.decode
+
+
 def _depth_ok(text: str | bytes, max_depth: int) -> bool:
     """Cheap scan: nesting of brackets outside strings never exceeds ``max_depth``."""
     if isinstance(text, (bytes, bytearray)):
@@ -78,8 +83,12 @@ def loads(
     if max_depth is not None and not _depth_ok(text, max_depth):
         raise ValueError(f"JSON nested deeper than {max_depth}")
     try:
-        return _json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                           parse_float=_float)
+        if isinstance(text, str):  # what json.loads does before decoding, without a decoder per call
+            if text.startswith("\ufeff"):
+                raise _json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        else:
+            text = text.decode(_json.detect_encoding(text), "surrogatepass")
+        return _decode(text)
     except RecursionError as exc:  # pragma: no cover - bounded by the depth scan
         raise ValueError("JSON nested too deeply") from exc
     except UnicodeDecodeError as exc:

@@ -1,0 +1,63 @@
+"""How a device connects: its SUBSCRIBEs (reply topic included) and its "online" presence go out
+before the first acknowledgement comes back (one round trip), then the handshake admits it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sdk.coord import protocol
+from sdk.coord.device import Device
+from sdk.identity import Key
+from sdk.messaging import topics
+from sdk.messaging.transport import MqttTransport
+from tests.coord.test_coordinator import Mesh, mesh  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+
+async def test_subscribes_and_presence_leave_before_the_first_ack(mesh: Mesh, monkeypatch: Any) -> None:  # noqa: F811
+    await mesh.start_coordinator()
+    key = Key.generate()
+    cred = mesh.coordinator.issue_device_credential(key.did, kind="phone")  # type: ignore[union-attr]
+    dev = Device(key, cred, broker=mesh.url, coordinator=mesh.coord_key.did)
+    mine = dev.client.transport
+    log: list[tuple[str, str]] = []
+    send_subscribe = MqttTransport._send_subscribe
+    publish = MqttTransport.publish
+
+    async def recording_subscribe(self: MqttTransport, subs: list[tuple[str, int]], timeout: Any) -> list[int]:
+        if self is not mine:
+            return await send_subscribe(self, subs, timeout)
+        log.extend(("sub", f) for f, _ in subs)
+        codes = await send_subscribe(self, subs, timeout)
+        log.append(("suback", subs[0][0]))
+        return codes
+
+    async def recording_publish(self: MqttTransport, topic: str, payload: Any = b"", **kw: Any) -> None:
+        if self is mine:
+            log.append(("pub", topic))
+        await publish(self, topic, payload, **kw)
+        if self is mine:
+            log.append(("puback", topic))
+
+    monkeypatch.setattr(MqttTransport, "_send_subscribe", recording_subscribe)
+    monkeypatch.setattr(MqttTransport, "publish", recording_publish)
+    try:
+        await dev.connect()
+        assert dev.admitted
+        token = protocol.token(key.did)
+        first_ack = next(i for i, (what, _) in enumerate(log) if what in ("suback", "puback"))
+        before = log[:first_ack]
+        assert {f for what, f in before if what == "sub"} == {
+            dev.client.reply_topic, topics.ALL_STATUS_LISTS, protocol.device_config(token),
+            protocol.device_commands(token), protocol.device_presence(protocol.token(mesh.coord_key.did))}
+        assert ("pub", protocol.device_presence(token)) in before
+        # the handshake (hello, then present) starts only once all of them are acknowledged
+        coord_cmd = protocol.device_commands(protocol.token(mesh.coord_key.did))
+        hello = log.index(("pub", coord_cmd))
+        assert all(what in ("suback", "puback") for what, _ in log[first_ack:hello])
+        assert len([e for e in log[:hello] if e[0] == "suback"]) == 5
+    finally:
+        await dev.aclose()
