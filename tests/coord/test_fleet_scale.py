@@ -414,15 +414,36 @@ async def test_status_rows_share_their_fleet_wide_fields(coord: Coordinator) -> 
                               session=Session(f"s{i}", {}, f"fp{i}")))
     assert _without_clock(json.loads(coord.status_json())) == _without_clock(coord.status())
     rows = coord._status_rows
-    assert rows[_did(0)][2] is rows[_did(3)][2]                 # same kind, groups, state...: one string
-    assert rows[_did(0)][2] != rows[_did(4)][2]                 # other groups: another
-    assert _did(0) in rows[_did(0)][1] and _did(0) not in rows[_did(0)][2]
+    assert rows[_did(0)][1] is rows[_did(3)][1]                 # same kind, groups, state...: one string
+    assert rows[_did(0)][1] != rows[_did(4)][1]                 # other groups: another
+    assert all(_did(0) not in part for part in rows[_did(0)])   # its own fields are rendered per write
     reg.set_state(_did(1), "offline")
+    reg.touch(_did(2))
     doc = json.loads(coord.status_json())
     assert _without_clock(doc) == _without_clock(coord.status())
     states = {d["did"]: d["state"] for d in doc["devices"]}
     assert states[_did(1)] == "offline" and states[_did(0)] == "online"
-    assert rows[_did(1)][2] is not rows[_did(0)][2]
+    assert rows[_did(1)][1] is not rows[_did(0)][1]
+    seen = {d["did"]: d["last_seen"] for d in doc["devices"]}
+    assert seen[_did(2)] == reg.get(_did(2)).last_seen              # type: ignore[union-attr]
+    del reg._devices[_did(5)]                                    # gone between a drain and a write
+    doc = json.loads("".join(coord._status_chunks()))
+    assert _did(5) not in {d["did"] for d in doc["devices"]} and len(doc["devices"]) == 5
+
+
+def test_status_own_fields_render_as_json_dumps_would() -> None:
+    from sdk.coord.coordinator.daemon import _status_own_json
+
+    reg = Registry()
+    rec = reg.admission(_did(1), {"kind": "display", "name": 'l\u00f6bby "1"\n', "attributes": {"a": [1, 2.5]}},
+                        session=Session("s", {}, "fp"), credential_id="urn:uuid:1")
+    rec.status = ({"id": "u#1", "type": "BitstringStatusListEntry", "statusListIndex": "1"},)
+    for r in (rec, reg.admission(_did(2), {}, session=Session("t", {}, "fp2"))):
+        row = r.to_row()
+        want = json.dumps({k: row[k] for k in ("did", "name", "attributes", "credential_id", "last_seen",
+                                                 "first_seen", "status", "fingerprint")},
+                          default=str, separators=(",", ":"))
+        assert _status_own_json(r) == want
 
 
 def test_did_key_cache_grows_with_the_fleet_and_never_shrinks(coord: Coordinator) -> None:

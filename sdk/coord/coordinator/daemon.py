@@ -21,6 +21,7 @@ import heapq
 import inspect
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -293,9 +294,10 @@ class Coordinator:
         self._deadlines: list[tuple[float, str, str]] = []     # (valid_until, did, session id)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._dirty = True
-        # -- status snapshot: one cached JSON row per device, rendered again only when it changed
-        # did -> (kind, the row's own fields as JSON but its "}", its fleet-shared fields: interned)
-        self._status_rows: dict[str, tuple[str, str, str]] = {}
+        # -- status snapshot: per device, the JSON of its fleet-shared fields (one interned string per
+        # distinct value, rendered again only when the device changed) and of its store fields; its
+        # own fields (did, name, times, status entry...) are rendered as the file is written
+        self._status_rows: dict[str, tuple[str, str]] = {}          # did -> (kind, shared fields)
         self._status_store: dict[str, str] = {}                     # did -> its store fields' JSON (shared)
         self._status_order: list[str] | None = None                 # DIDs by (kind, did)
         self._status_cost = 0.0                                     # seconds the last write took
@@ -1325,15 +1327,15 @@ class Coordinator:
             row.pop("ticket", None)                     # resumption tickets stay in the store
             if self.store is not None and (did in touched or did not in self._status_store):
                 # equal fields (most of a fleet: same versions, no delta) are one interned string
-                text = json.dumps(self._store_fields(did), default=str, separators=(",", ":"))
+                text = _compact(self._store_fields(did))
                 self._status_store[did] = sys.intern("," + text[1:-1])
             old = self._status_rows.get(did)
             if old is None or old[0] != rec.kind:
                 self._status_order = None
-            own_fields = {k: row.pop(k) for k in _STATUS_OWN_FIELDS if k in row}
-            shared_text = json.dumps(row, default=str, separators=(",", ":"))
-            self._status_rows[did] = (rec.kind, json.dumps(own_fields, default=str, separators=(",", ":"))[:-1],
-                                      sys.intern("," + shared_text[1:-1]) if len(shared_text) > 2 else "")
+            for k in _STATUS_OWN_FIELDS:
+                row.pop(k, None)
+            shared_text = _compact(row)
+            self._status_rows[did] = (rec.kind, sys.intern("," + shared_text[1:-1]) if len(shared_text) > 2 else "")
         if self._status_order is None:
             rows = self._status_rows
             self._status_order = sorted(rows, key=lambda d: (rows[d][0], d))
@@ -1341,13 +1343,15 @@ class Coordinator:
                            "updated": time.time()}, separators=(",", ":"))
         summary = json.dumps(self.metrics.summary(), default=str, separators=(",", ":"))
         yield f'{head[:-1]},"devices":['
-        rows, parts = self._status_rows, self._status_store
-        for i, did in enumerate(self._status_order):
-            if i:
-                yield ","
-            _, own, shared = rows[did]
-            yield own
-            yield shared
+        rows, parts, registry = self._status_rows, self._status_store, self.registry
+        sep = ""
+        for did in self._status_order:
+            rec = registry.get(did)
+            if rec is None:                 # removed since the rows were brought up to date
+                continue
+            yield sep + _status_own_json(rec)[:-1]
+            sep = ","
+            yield rows[did][1]
             yield parts.get(did, "")
             yield "}"
         yield f'],"metrics":{summary}}}'
@@ -1366,10 +1370,35 @@ class Coordinator:
         self._status_cost = time.perf_counter() - t0
 
 
+_quote = json.encoder.encode_basestring_ascii      # what json.dumps writes for a str
+_compact = json.JSONEncoder(default=str, separators=(",", ":")).encode   # built once, not per call
+
 #: a status row's fields that are the device's own; the rest (kind, groups, capabilities, issuer,
 #: state, validity...) is one JSON fragment shared by every device with the same values
 _STATUS_OWN_FIELDS = ("did", "name", "attributes", "credential_id", "last_seen", "first_seen", "status",
                       "fingerprint")
+
+
+def _json_str(value: Any) -> str:
+    return _quote(value) if isinstance(value, str) else _compact(value)
+
+
+def _json_seconds(value: Any) -> str:
+    return float.__repr__(value) if type(value) is float and math.isfinite(value) else _compact(value)
+
+
+def _status_own_json(rec: DeviceRecord) -> str:
+    """The JSON of ``rec``'s own status fields (as ``json.dumps`` of those of
+    :meth:`DeviceRecord.to_row`, compact), rendered per write: kept, they would be the largest
+    per-device string in the coordinator."""
+    attrs, status = rec.attributes, rec.status
+    return "".join((
+        '{"did":', _json_str(rec.did), ',"name":', _json_str(rec.name),
+        ',"attributes":', _compact(attrs) if attrs else "{}",
+        ',"credential_id":', _json_str(rec.credential_id),
+        ',"last_seen":', _json_seconds(rec.last_seen), ',"first_seen":', _json_seconds(rec.first_seen),
+        ',"status":', _compact(status) if status else "[]",
+        ',"fingerprint":', _json_str(rec.fingerprint), "}"))
 
 
 def _presence_order(msg: Message) -> tuple[Hashable, Any] | None:
