@@ -19,6 +19,8 @@ from typing import Any
 
 #: points kept in an exported curve
 MAX_CURVE_POINTS = 200
+#: convergence times and e(t) points a settled push keeps (its λ is fitted on all of them first)
+SETTLED_SAMPLES = 1000
 
 
 def fit_lambda(points: Iterable[tuple[float, float]]) -> float | None:
@@ -56,6 +58,33 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def weighted_percentile(values: Sequence[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of ``(value, weight)`` pairs by nearest rank (each value counts
+    ``weight`` times); :func:`percentile` when every weight is 1. None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    total = sum(w for _, w in ordered)
+    rank = max(q * total, min(w for _, w in ordered) / 2)   # nearest rank: at least the first value
+    seen = 0.0
+    for v, w in ordered:
+        seen += w
+        if seen >= rank - 1e-9 * total:
+            return v
+    return ordered[-1][0]
+
+
+def quantile_sample(values: Sequence[float], limit: int) -> list[float]:
+    """At most ``limit`` values standing for ``values``: every ``len/limit``-th of them in order
+    (the smallest and largest kept), so their percentiles are those of ``values`` within
+    ``1/limit``."""
+    ordered = sorted(values)
+    if len(ordered) <= limit:
+        return ordered
+    step = (len(ordered) - 1) / (limit - 1)
+    return [ordered[round(i * step)] for i in range(limit)]
+
+
 def downsample(points: Sequence[tuple[float, float]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
     """At most ``limit`` points of a curve, evenly spread, first and last kept."""
     if len(points) <= limit:
@@ -79,6 +108,10 @@ class Convergence:
     points: list[tuple[float, float]] = field(default_factory=list)
     cpu_seconds: float | None = None                            # set when the push is done
     done: float | None = None
+    #: how many converged devices each entry of ``times`` stands for (above 1 once compacted)
+    time_weight: float = 1.0
+    #: λ fitted on the whole curve when the push settled (the curve kept is downsampled)
+    fitted_lambda: float | None = None
 
     def __post_init__(self) -> None:
         if not self.points and self.targets:
@@ -105,6 +138,25 @@ class Convergence:
         if self.settled() and self.done is None:
             self.done = at
             self.cpu_seconds = time.process_time() - self.cpu_start
+            self.compact()
+
+    def compact(self, limit: int = SETTLED_SAMPLES) -> None:
+        """Keep at most ``limit`` convergence times (a quantile sample, each standing for
+        ``time_weight`` devices) and curve points, after fitting λ on all of them: a settled push
+        of N devices holds O(limit), not O(N) (the coordinator keeps the last 100)."""
+        if self.fitted_lambda is None:
+            self.fitted_lambda = fit_lambda(self.points)
+        if len(self.times) > limit:
+            count = len(self.times) * self.time_weight
+            self.times = quantile_sample(self.times, limit)
+            self.time_weight = count / len(self.times)
+        if len(self.points) > limit:
+            self.points = [(t, e) for t, e in downsample(self.points, limit)]
+
+    @property
+    def decay(self) -> float | None:
+        """λ of this push (fitted when it settled, else on the curve so far)."""
+        return self.fitted_lambda if self.fitted_lambda is not None else fit_lambda(self.points)
 
     def cpu(self) -> float:
         """CPU seconds over the window (so far, while not done)."""
@@ -114,6 +166,7 @@ class Convergence:
         """A JSON document that :meth:`from_doc` reads back (curve downsampled)."""
         return {"targets": self.targets, "started": self.started, "bytes_sent": self.bytes_sent,
                 "converged": self.converged, "failed": self.failed, "times": self.times[-10_000:],
+                "time_weight": self.time_weight, "lambda": self.fitted_lambda,
                 "points": downsample(self.points, 1000), "cpu_seconds": self.cpu(), "done": self.done}
 
     @classmethod
@@ -127,24 +180,30 @@ class Convergence:
         c.done = doc.get("done")
         if c.done is not None:
             c.cpu_seconds = cpu
+        weight, lam = doc.get("time_weight"), doc.get("lambda")
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 1:
+            c.time_weight = float(weight)
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam):
+            c.fitted_lambda = float(lam)
         return c
 
 
 def summarize(pushes: Sequence[Convergence]) -> dict[str, Any]:
     """Metrics over several pushes (the stages of a roll-out): convergence p50/p95 across targets,
     λ (the mean of each push's fit), CPU seconds, bytes sent and the cost ratio."""
-    times = [t for p in pushes for t in p.times]
-    lambdas = [lam for p in pushes if (lam := fit_lambda(p.points)) is not None]
+    times = [(t, p.time_weight) for p in pushes for t in p.times]
+    lambdas = [lam for p in pushes if (lam := p.decay) is not None]
     converged = sum(p.converged for p in pushes)
     cpu = sum(p.cpu() for p in pushes)
     sent = sum(p.bytes_sent for p in pushes)
-    mean_time = sum(times) / len(times) if times else None
+    weight = sum(w for _, w in times)
+    mean_time = sum(t * w for t, w in times) / weight if times else None
     cost_ratio = None
     if converged and mean_time:
         cost_ratio = (cpu / converged) / mean_time
     return {
-        "convergence_p50": percentile(times, 0.5),
-        "convergence_p95": percentile(times, 0.95),
+        "convergence_p50": weighted_percentile(times, 0.5),
+        "convergence_p95": weighted_percentile(times, 0.95),
         "lambda": sum(lambdas) / len(lambdas) if lambdas else None,
         "cpu_seconds": round(cpu, 6),
         "bytes_sent": sent,
@@ -203,7 +262,7 @@ class PushMetrics:
 
     def summary(self) -> dict[str, Any]:
         """Pushes open and settled; the newest settled one's metrics; λ p50 over the settled ones."""
-        lambdas = [lam for _, c in self.settled if (lam := fit_lambda(c.points)) is not None]
+        lambdas = [lam for _, c in self.settled if (lam := c.decay) is not None]
         out: dict[str, Any] = {"open": len(self.open), "settled": len(self.settled),
                                "lambda_p50": percentile(lambdas, 0.5), "last": None}
         last = self.last()
@@ -214,4 +273,5 @@ class PushMetrics:
         return out
 
 
-__all__ = ["Convergence", "MAX_CURVE_POINTS", "PushMetrics", "downsample", "fit_lambda", "percentile", "summarize"]
+__all__ = ["Convergence", "MAX_CURVE_POINTS", "PushMetrics", "SETTLED_SAMPLES", "downsample", "fit_lambda",
+           "percentile", "quantile_sample", "summarize", "weighted_percentile"]
