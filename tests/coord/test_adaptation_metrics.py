@@ -78,3 +78,18 @@ def test_push_metrics_hold_settled_pushes_compacted() -> None:
     assert len(metrics.settled) == 3 and not metrics.open
     assert all(len(c.times) <= SETTLED_SAMPLES and len(c.points) <= SETTLED_SAMPLES for _, c in metrics.settled)
     assert metrics.summary()["settled"] == 3
+
+
+def test_convergence_tracking_keeps_a_bounded_number_of_unconverged_events() -> None:
+    from sdk.coord.coordinator.metrics import CoordinatorMetrics
+
+    m = CoordinatorMetrics(max_pending=3)
+    for k in range(5):                       # "did:key:zoff" never reports
+        m.start(f"ev{k}", {"did:key:zon": k + 1, "did:key:zoff": k + 1})
+        assert m.report("did:key:zon", k + 1, "applied") is None
+    assert list(m.pending) == ["ev2", "ev3", "ev4"] and m.pending_dropped == 2
+    assert ("did:key:zoff", 1) not in m._by_target and ("did:key:zoff", 5) in m._by_target
+    assert m.report("did:key:zoff", 1, "applied") is None            # dropped: not counted
+    done = m.report("did:key:zoff", 5, "applied")
+    assert done is not None and done[0] == "ev4" and done[2] == 2
+    assert m.summary()["pending_dropped"] == 2

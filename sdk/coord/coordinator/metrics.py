@@ -21,6 +21,8 @@ _LAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1
 _BYTES_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
 #: Distinct event types that get their own label value; later ones count as "other".
 MAX_EVENT_LABELS = 64
+#: events still waiting for reports that convergence tracking keeps (the oldest is dropped beyond)
+MAX_PENDING = 1000
 OTHER = "other"
 
 
@@ -42,6 +44,7 @@ class CoordinatorMetrics:
     window: int = 1000
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     max_event_labels: int = MAX_EVENT_LABELS
+    max_pending: int = MAX_PENDING
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -92,14 +95,26 @@ class CoordinatorMetrics:
         self._by_target: dict[tuple[str, int], str] = {}
         self.applied = 0
         self.failed = 0
+        self.pending_dropped = 0           # events given up on (never converged, beyond max_pending)
 
     # -------------------------------------------------------------- convergence tracking
     def start(self, event_id: str, waiting: dict[str, int]) -> None:
         """Begin timing an event that produced configs for ``waiting`` (did -> version)."""
         p = Pending(event_id, time.monotonic(), dict(waiting), targets=len(waiting))
+        while len(self.pending) >= self.max_pending:     # devices that never report: bounded
+            self._drop(next(iter(self.pending)))
         self.pending[event_id] = p
         for did, version in waiting.items():
             self._by_target[(did, version)] = event_id
+
+    def _drop(self, event_id: str) -> None:
+        p = self.pending.pop(event_id, None)
+        if p is None:
+            return
+        self.pending_dropped += 1
+        for did, version in p.waiting.items():
+            if self._by_target.get((did, version)) == event_id:
+                del self._by_target[(did, version)]
 
     def report(self, did: str, version: int, status: str, *, apply_ms: float | None = None
                ) -> tuple[str, float, int, int] | None:
@@ -173,7 +188,7 @@ class CoordinatorMetrics:
                 "p50": _ms(pct(conv, 0.5)),
                 "p99": _ms(pct(conv, 0.99)),
             },
-            "pending_events": len(self.pending),
+            "pending_events": len(self.pending), "pending_dropped": self.pending_dropped,
             "reports": {"applied": self.applied, "failed": self.failed},
             "error_rate": round(self.error_rate, 4),
             "config_cost": {
