@@ -385,6 +385,32 @@ async def test_a_fan_out_runs_a_bounded_number_of_pumps_and_reaches_every_target
     assert peak[0] == 8                                    # never more pumps at once
     assert len(sent) == 99                                 # the failing one does not stop the others
     assert all(reg.get(_did(i)).session.sent == 1 for i in range(100) if i != 7)   # type: ignore[union-attr]
+    assert all(reg.get(_did(i)).pump_lock is None for i in range(100))             # type: ignore[union-attr]
+
+
+async def test_pumps_of_one_device_stay_in_order_and_leave_no_lock(coord: Coordinator) -> None:
+    assert coord.store is not None
+    reg = coord.registry
+    reg.put(reg.admission(_did(0), {"kind": "phone"}, session=Session("s0", {}, "f")))
+    reg.get(_did(0)).session.sent = 0                       # type: ignore[union-attr]
+    sent: list[int] = []
+    gate = asyncio.Event()
+
+    async def broker_write(topic: str, payload: bytes, **kw: Any) -> None:
+        await gate.wait()
+        sent.append(len(sent) + 1)
+
+    coord.client.transport.publish = broker_write          # type: ignore[method-assign,assignment]
+    for n in range(3):
+        coord.store.commit({_did(0): ({"k": n}, ("r",))})
+    pumps = [asyncio.ensure_future(coord._pump(_did(0))) for _ in range(3)]
+    await asyncio.sleep(0)
+    rec = reg.get(_did(0))
+    assert rec is not None and rec.pump_lock is not None and rec.pumps == 3
+    gate.set()
+    await asyncio.gather(*pumps)
+    assert sent == [1, 2, 3] and rec.session is not None and rec.session.sent == 3   # each version once
+    assert rec.pump_lock is None and rec.pumps == 0
 
 
 async def test_status_rows_share_equal_store_fields_and_still_match_a_recomputation(coord: Coordinator) -> None:

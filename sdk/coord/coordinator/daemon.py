@@ -1020,38 +1020,42 @@ class Coordinator:
         rec = self.registry.get(did)
         if rec is None:
             return
-        async with rec.lock:
-            while True:
-                rec = self.registry.get(did)
-                session = rec.session if rec is not None else None
-                if rec is None or session is None or not rec.admitted or session.sent is None:
-                    return
-                if session.expired():
-                    self._end_session(rec, "credential_expired")
-                    return
-                sent = session.sent
-                if sent >= self.store.latest_version(did):
-                    return
-                if known is not None and known.version == sent + 1:
-                    batch = [known]
-                else:
-                    batch = self.store.versions_since(did, sent)
-                known = None
-                for cv in batch:
-                    body = cv.to_body()
-                    try:
-                        await self.client.publish(protocol.device_config(rec.token), body,
-                                                  type=protocol.CONFIG, qos=1)
-                    except MessagingError as exc:
-                        log.warning("config v%d to %s not sent (%s); it goes out on reconnect",
-                                    cv.version, did, exc.reason)
-                        session.sent = None
+        owner = rec                 # the record whose lock this pump takes (rec may be replaced)
+        try:
+            async with owner.lock:
+                while True:
+                    rec = self.registry.get(did)
+                    session = rec.session if rec is not None else None
+                    if rec is None or session is None or not rec.admitted or session.sent is None:
                         return
-                    if (self.registry.get(did) is not rec or rec.session is not session
-                            or session.sent is None):
-                        return          # offline, expired, or re-admitted meanwhile (its own pump follows)
-                    session.sent = cv.version
-                    self.metrics.config_sent(len(strict_dumps(body)))
+                    if session.expired():
+                        self._end_session(rec, "credential_expired")
+                        return
+                    sent = session.sent
+                    if sent >= self.store.latest_version(did):
+                        return
+                    if known is not None and known.version == sent + 1:
+                        batch = [known]
+                    else:
+                        batch = self.store.versions_since(did, sent)
+                    known = None
+                    for cv in batch:
+                        body = cv.to_body()
+                        try:
+                            await self.client.publish(protocol.device_config(rec.token), body,
+                                                      type=protocol.CONFIG, qos=1)
+                        except MessagingError as exc:
+                            log.warning("config v%d to %s not sent (%s); it goes out on reconnect",
+                                        cv.version, did, exc.reason)
+                            session.sent = None
+                            return
+                        if (self.registry.get(did) is not rec or rec.session is not session
+                                or session.sent is None):
+                            return          # offline, expired, or re-admitted meanwhile (its own pump follows)
+                        session.sent = cv.version
+                        self.metrics.config_sent(len(strict_dumps(body)))
+        finally:
+            owner.pump_done()
 
     # ------------------------------------------------------------------ session ends
     def _end_session(self, rec: DeviceRecord, reason: str) -> None:

@@ -107,6 +107,7 @@ class DeviceRecord:
     # live, not persisted
     token: str = field(default="", repr=False, compare=False)   # topic id
     pump_lock: asyncio.Lock | None = field(default=None, repr=False, compare=False)
+    pumps: int = field(default=0, repr=False, compare=False)    # pumps holding or awaiting pump_lock
     notified_at: float = field(default=0.0, repr=False, compare=False)
     persisted: str | None = field(default=None, repr=False, compare=False)    # digest of the last save
 
@@ -121,10 +122,19 @@ class DeviceRecord:
 
     @property
     def lock(self) -> asyncio.Lock:
-        """The lock of this device's config pump (made on first use: most devices never wait)."""
+        """The lock of this device's config pump (made on first use, dropped by :meth:`pump_done`
+        when no pump holds or awaits it: a fan-out leaves no lock per device behind)."""
         if self.pump_lock is None:
             self.pump_lock = asyncio.Lock()
+        self.pumps += 1
         return self.pump_lock
+
+    def pump_done(self) -> None:
+        """A pump that took :attr:`lock` finished (released it or gave up waiting)."""
+        self.pumps -= 1
+        if self.pumps <= 0:
+            self.pumps = 0
+            self.pump_lock = None
 
     @property
     def admitted(self) -> bool:
