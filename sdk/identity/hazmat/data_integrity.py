@@ -34,7 +34,7 @@ PROOF_TYPE = "DataIntegrityProof"
 CRYPTOSUITE = "eddsa-jcs-2022"
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1024)          # the hot proofs (see hazmat/ed25519.py's bound)
 def _decode_signature(proof_value: str) -> bytes:
     return multibase_decode(proof_value, max_len=b58_length_bound(64))
 

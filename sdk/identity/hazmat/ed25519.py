@@ -16,7 +16,9 @@ from collections import OrderedDict
 import nacl.bindings
 import nacl.exceptions
 
-_MAX = 8192
+#: verified triples remembered: the hot ones (a coordinator's credential, a status list, each checked
+#: by many); a fleet's own credentials are each checked about once, so a bigger bound only holds memory
+_MAX = 1024
 _verified: OrderedDict[bytes, None] = OrderedDict()
 _lock = threading.Lock()
 
