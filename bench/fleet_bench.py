@@ -148,6 +148,20 @@ def coordinator_main(args: argparse.Namespace) -> None:
                                   "failures": info.get("failures"), "at": time.monotonic()})
 
         coord.add_listener(listen)
+        import gc
+
+        gc_time = [0.0, 0.0, 0]                 # CPU seconds in collections, start of the current one, count
+
+        def gc_clock(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_time[1] = time.process_time()
+            else:
+                gc_time[0] += time.process_time() - gc_time[1]
+                gc_time[2] += 1
+
+        gc.callbacks.append(gc_clock)
+        if args.gc_threshold:
+            gc.set_threshold(args.gc_threshold, 10, 10)
         await coord.start()
         if args.gc_freeze:
             import gc
@@ -159,7 +173,8 @@ def coordinator_main(args: argparse.Namespace) -> None:
 
         def stats() -> str:
             return json.dumps({"admitted": admitted[0], "registry": len(coord.registry),
-                               "admission": coord.admission.snapshot(), "converged": converged[-5:]})
+                               "admission": coord.admission.snapshot(), "converged": converged[-5:],
+                               "gc_cpu_s": round(gc_time[0], 3), "gc_collections": gc_time[2]})
 
         async def snapshot() -> str:
             return stats()
@@ -280,12 +295,14 @@ def memory_breakdown(snap: Any, base: Any, limit: int = 40) -> dict[str, Any]:
 
 class CoordinatorProcess:
     def __init__(self, broker: str, data: str, issuer_seed: bytes, coord_seed: bytes, max_admissions: int,
-                 queue_wait: float, tracemalloc_frames: int = 0, gc_freeze: bool = False) -> None:
+                 queue_wait: float, tracemalloc_frames: int = 0, gc_freeze: bool = False,
+                 gc_threshold: int = 0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--coordinator", "--broker", broker, "--data", data,
              "--issuer-seed", issuer_seed.hex(), "--coord-seed", coord_seed.hex(),
              "--max-admissions", str(max_admissions), "--queue-wait", str(queue_wait),
-             "--tracemalloc", str(tracemalloc_frames), *(["--gc-freeze"] if gc_freeze else [])],
+             "--tracemalloc", str(tracemalloc_frames), "--gc-threshold", str(gc_threshold),
+             *(["--gc-freeze"] if gc_freeze else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         first = json.loads(self._line())
         self.did: str = first["did"]
@@ -344,10 +361,14 @@ class CoordinatorProcess:
 
 # ---------------------------------------------------------------------------------- device worker processes
 def worker_main(index: int, broker: str, coordinator: str, issuer_seed: bytes, conn: Connection,
-                display: bool, concurrency: int) -> None:
+                display: bool, concurrency: int, gc_threshold: int = 0) -> None:
     """Hold devices of one process; answer the controller's commands over ``conn``."""
     logging.basicConfig(level=logging.ERROR)
     raise_nofile()
+    if gc_threshold:            # the simulator's own GC pauses are not the coordinator's cost
+        import gc
+
+        gc.set_threshold(gc_threshold, 10, 10)
     asyncio.run(_worker(index, broker, coordinator, issuer_seed, conn, display, concurrency))
 
 
@@ -435,14 +456,15 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
 class Fleet:
     """The controller's handle on the worker processes."""
 
-    def __init__(self, workers: int, broker: str, coordinator: str, issuer_seed: bytes, concurrency: int) -> None:
+    def __init__(self, workers: int, broker: str, coordinator: str, issuer_seed: bytes, concurrency: int,
+                 gc_threshold: int = 0) -> None:
         ctx = mp.get_context("fork")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         for i in range(workers):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(i, broker, coordinator, issuer_seed, child, i == 0,
-                                                      concurrency), daemon=True)
+                                                      concurrency, gc_threshold), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -540,15 +562,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = tempfile.TemporaryDirectory(prefix="fleet-bench-")
     issuer_seed, coord_seed = os.urandom(32), os.urandom(32)
     coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions,
-                               args.queue_wait, args.tracemalloc, args.gc_freeze)
+                               args.queue_wait, args.tracemalloc, args.gc_freeze, args.gc_threshold)
     out["gc_freeze"], out["trim"] = args.gc_freeze, args.trim
+    out["gc_threshold"], out["sim_gc"] = args.gc_threshold, args.sim_gc
     fleet: Fleet | None = None
     try:
         time.sleep(1.0)
         idle_rss = proc_rss_mb(coord.pid)
         out["coordinator_idle_rss_mb"] = round(idle_rss, 1)
         out["coordinator_idle_heap"] = coord.heap()
-        fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency)
+        fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency, args.sim_gc)
         wait_until(lambda: all(s["display_admitted"] for s in fleet.ask("state", 0)), 60)
         if args.tracemalloc:
             coord.memory()              # the baseline: one device (the display) admitted
@@ -604,7 +627,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step.update({"coordinator_heap": coord.heap(), "coordinator_rss_mb": round(rss, 1),
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
                          "coordinator_cpu_s_total": round(proc_cpu(coord.pid), 2),
-                         "coordinator_admission": stats["admission"], "registry": stats["registry"]})
+                         "coordinator_admission": stats["admission"], "registry": stats["registry"],
+                         "coordinator_gc_cpu_s_total": stats["gc_cpu_s"], "coordinator_gc_collections": stats["gc_collections"]})
             if args.trim:
                 step["coordinator_trim"] = trimmed = coord.trim()
                 print(f"        RSS {trimmed['rss_mb']} MB, after gc.collect() {trimmed['after_gc_mb']} MB, "
@@ -691,6 +715,11 @@ def main() -> None:
     parser.add_argument("--trim", action="store_true",
                         help="after each step's RSS reading: the coordinator's RSS after gc.collect() and malloc_trim(0)")
     parser.add_argument("--gc-freeze", action="store_true", help="the coordinator calls gc.freeze() after start")
+    parser.add_argument("--gc-threshold", type=int, default=0, metavar="N",
+                        help="the coordinator's first-generation GC threshold (0: Python's default)")
+    parser.add_argument("--sim-gc", type=int, default=20000, metavar="N",
+                        help="the simulator processes' first-generation GC threshold (default 20000, so their "
+                             "collections of 2,500 devices each load the machine less; 0: Python's 700)")
     parser.add_argument("--json", type=Path, default=None)
     # the coordinator process (started by the benchmark itself)
     parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)
