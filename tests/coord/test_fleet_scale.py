@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sdk.coord.coordinator.registry import (
     shared_names,
 )
 from sdk.identity import Key, StatusList, TrustPolicy, status_entry
+from tests.fixtures.waiting import until
 
 STATES = (ONLINE, OFFLINE, EXPIRED, REVOKED)
 URLS = [f"https://issuer.example/status/{i}" for i in range(4)]
@@ -518,3 +520,39 @@ def test_status_list_republication_is_off_by_default_and_configurable(tmp_path: 
     for bad in (-1, float("nan"), True, "30"):
         with pytest.raises(ConfigFileError, match="status_republish"):
             parse_config({"identity": ident, "coordinator": {"status_republish": bad}})
+
+
+async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinator,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[float] = []
+    sweeps: list[int] = []
+    monkeypatch.setattr(coord, "sweep_interval", 0.01)
+    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 3600.0)
+
+    def write() -> None:
+        coord._dirty = False
+        writes.append(time.monotonic())
+
+    real_sweep = coord.sweep
+
+    def sweep(now: float | None = None) -> list[str]:
+        sweeps.append(1)
+        return real_sweep(now)
+
+    monkeypatch.setattr(coord, "_write_status", write)
+    monkeypatch.setattr(coord, "sweep", sweep)
+    coord._status_cost = 0.001                      # a cheap snapshot: written on change
+    coord._dirty = True
+    task = asyncio.ensure_future(coord._sweep_loop())
+    try:
+        await until(lambda: len(writes) == 1)
+        coord.metrics.start("ev", {_did(1): 1})     # a push converging on a snapshot costing 50 ms
+        coord._status_cost = 0.05
+        coord._dirty = True
+        seen = len(sweeps)
+        await until(lambda: len(sweeps) >= seen + 150)   # 1.5 s of sweeps: a write would be due by now
+        assert len(writes) == 1
+        assert coord.metrics.report(_did(1), 1, "applied") is not None   # converged: the write follows
+        await until(lambda: len(writes) == 2)
+    finally:
+        task.cancel()

@@ -123,6 +123,8 @@ _MAX_CAPABILITIES = 256
 #: 256 keep a loopback broker busy; each in flight holds a sealed config and paho's message state,
 #: so 1,024 left ~3 MB more of freed-but-held heap after a 10,000-device fan-out for no speed
 PUMP_CONCURRENCY = 256
+#: seconds between status.json writes while a push whose snapshot costs over 20 ms converges
+STATUS_BUSY_INTERVAL = 10.0
 _MAX_ATTRIBUTES_BYTES = 16 * 1024
 _DEPLOYMENT = "deployment"       # meta key: the id all instances over one store share
 
@@ -1262,8 +1264,12 @@ class Coordinator:
                 with contextlib.suppress(MessagingError):
                     await self._publish_status_list()
             now = time.monotonic()
-            # on change, at most once a second, and never more than 5 % of the loop's time
-            if self._dirty and now - last_write >= max(1.0, 20 * self._status_cost):
+            # on change, at most once a second, and never more than 5 % of the loop's time; while a
+            # large push converges (every row changes with each report) at most every STATUS_BUSY_INTERVAL
+            interval = max(1.0, 20 * self._status_cost)
+            if self.metrics.pending and self._status_cost > 0.02:
+                interval = max(interval, STATUS_BUSY_INTERVAL)
+            if self._dirty and now - last_write >= interval:
                 last_write = now
                 self._write_status()
 
