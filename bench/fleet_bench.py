@@ -382,7 +382,11 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
     issuer = Key.from_seed(issuer_seed)
     loop = asyncio.get_running_loop()
     devices: list[Device] = []
-    applied: dict[str, tuple[str, float]] = {}      # did -> (the width in its last config, when)
+    applied: dict[str, str] = {}                    # did -> the width in its last config
+    # per width: devices whose last config has it, and when the last of them applied it (kept as
+    # configs arrive: the controller's polls cost O(1), not a walk over the worker's devices)
+    at_width: dict[str, int] = {}
+    last_at: dict[str, float] = {}
     failures: list[str] = []
 
     def make(kind: str) -> Device:
@@ -390,7 +394,12 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
         cred = device_credential(issuer, key.did, kind=kind, groups=[ROOM])
 
         def on_config(cfg: Any, did: str = key.did) -> None:
-            applied[did] = (str(cfg.state.get("ui.companion.width")), time.monotonic())
+            width, before = str(cfg.state.get("ui.companion.width")), applied.get(did)
+            if before is not None:
+                at_width[before] -= 1
+            applied[did] = width
+            at_width[width] = at_width.get(width, 0) + 1
+            last_at[width] = time.monotonic()
 
         return Device(key, cred, broker=broker, coordinator=coordinator, heartbeat_ttl=600, auth_timeout=60,
                       renew_after=None, on_config=on_config if kind == "phone" else None)
@@ -428,11 +437,11 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
             t0 = time.monotonic()
             await src.publish_event(screen_available(arg, 1080))
             conn.send(t0)
-        elif cmd == "state":
-            admitted = sum(1 for d in devices if d.state is DeviceState.ADMITTED)
-            at_version = [t for w, t in applied.values() if w == str(arg)]
-            conn.send({"devices": len(devices), "admitted": admitted, "at_version": len(at_version),
-                       "last_applied": max(at_version) if at_version else None,
+        elif cmd == "state":            # arg: a width; 0 also counts the admitted devices (a walk)
+            admitted = sum(1 for d in devices if d.state is DeviceState.ADMITTED) if not arg else None
+            width = str(arg)
+            conn.send({"devices": len(devices), "admitted": admitted, "at_version": at_width.get(width, 0),
+                       "last_applied": last_at.get(width) if at_width.get(width) else None,
                        "display_admitted": src is None or src.state is DeviceState.ADMITTED})
         elif cmd == "profile":          # cProfile this worker until the next "profile" (arg: the file)
             if profiling:
@@ -495,17 +504,16 @@ class Fleet:
                 "busy_retries": sum(r["busy_retries"] for r in replies), "prepare_cpu": prepare_cpu,
                 "errors": [e for r in replies for e in r["errors"]][:5]}
 
-    def wait(self, width: int, timeout: float) -> tuple[int, int, float | None]:
+    def wait(self, width: int, timeout: float) -> tuple[int, float | None]:
         """Poll until every device applied the config of the event with ``width`` (or the timeout):
-        (applied, admitted, when the last one applied)."""
+        (applied, when the last one applied)."""
         deadline = time.monotonic() + timeout
         while True:
             states = self.ask("state", width)
             applied = sum(s["at_version"] for s in states)
-            admitted = sum(s["admitted"] for s in states)
             last = [s["last_applied"] for s in states if s["last_applied"] is not None]
             if applied >= self.size or time.monotonic() > deadline:
-                return applied, admitted, max(last) if last else None
+                return applied, max(last) if last else None
             time.sleep(0.1)
 
     def close(self) -> None:
@@ -609,7 +617,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fleet.ask("profile", str(args.profile / f"worker-fanout-{size}.prof"), only=len(fleet.conns) - 1)
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             (t0,) = fleet.ask("event", 1000 + version, only=0)
-            applied, _, last = fleet.wait(1000 + version, args.timeout)
+            applied, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
             if args.profile:
                 coord.profile(None)
@@ -663,7 +671,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             admitted_now = sum(s["admitted"] for s in states)
             version += 1
             (te,) = fleet.ask("event", 1000 + version, only=0)
-            applied, _, last = fleet.wait(1000 + version, args.timeout)
+            applied, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, te, fleet.size, args.timeout)
             t_conv = time.monotonic()
             storm = {
