@@ -546,13 +546,21 @@ async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinat
     task = asyncio.ensure_future(coord._sweep_loop())
     try:
         await until(lambda: len(writes) == 1)
-        coord.metrics.start("ev", {_did(1): 1})     # a push converging on a snapshot costing 50 ms
+        coord.metrics.start("ev", {_did(1): 1, _did(2): 1})   # a push converging, 50 ms snapshots
         coord._status_cost = 0.05
         coord._dirty = True
+        coord._reports_at = float("inf")            # reports keep coming
         seen = len(sweeps)
         await until(lambda: len(sweeps) >= seen + 150)   # 1.5 s of sweeps: a write would be due by now
         assert len(writes) == 1
-        assert coord.metrics.report(_did(1), 1, "applied") is not None   # converged: the write follows
+        coord._reports_at = float("-inf")           # only a device that is away is left: written again
         await until(lambda: len(writes) == 2)
+        coord._dirty, coord._reports_at = True, float("inf")
+        seen = len(sweeps)
+        await until(lambda: len(sweeps) >= seen + 150)
+        assert len(writes) == 2
+        coord.metrics.report(_did(1), 1, "applied")
+        assert coord.metrics.report(_did(2), 1, "applied") is not None   # converged: the write follows
+        await until(lambda: len(writes) == 3)
     finally:
         task.cancel()

@@ -123,7 +123,7 @@ _MAX_CAPABILITIES = 256
 #: 256 keep a loopback broker busy; each in flight holds a sealed config and paho's message state,
 #: so 1,024 left ~3 MB more of freed-but-held heap after a 10,000-device fan-out for no speed
 PUMP_CONCURRENCY = 256
-#: seconds between status.json writes while a push whose snapshot costs over 20 ms converges
+#: seconds between status.json writes while reports of a push come in and a snapshot costs over 20 ms
 STATUS_BUSY_INTERVAL = 10.0
 _MAX_ATTRIBUTES_BYTES = 16 * 1024
 _DEPLOYMENT = "deployment"       # meta key: the id all instances over one store share
@@ -279,6 +279,7 @@ class Coordinator:
         options.setdefault("queue_wait", 30.0)
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
         self._reports: list[tuple[str, int, str, str | None, float | None]] = []
+        self._reports_at = float("-inf")        # monotonic time of the last reports recorded
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -982,6 +983,7 @@ class Coordinator:
             log.error("could not record %d report(s): %s", len(batch), exc)
             return
         self._dirty = True
+        self._reports_at = time.monotonic()
         for did, version, status, reason, apply_ms in batch:
             done = self.metrics.report(did, version, status, apply_ms=apply_ms)
             self._emit("report", did=did, version=version, status=status, reason=reason)
@@ -1265,9 +1267,10 @@ class Coordinator:
                     await self._publish_status_list()
             now = time.monotonic()
             # on change, at most once a second, and never more than 5 % of the loop's time; while a
-            # large push converges (every row changes with each report) at most every STATUS_BUSY_INTERVAL
+            # large push converges (reports arriving: every row changes with each) at most every
+            # STATUS_BUSY_INTERVAL (a push left waiting on devices that are away does not count)
             interval = max(1.0, 20 * self._status_cost)
-            if self.metrics.pending and self._status_cost > 0.02:
+            if self.metrics.pending and self._status_cost > 0.02 and now - self._reports_at < 2.0:
                 interval = max(interval, STATUS_BUSY_INTERVAL)
             if self._dirty and now - last_write >= interval:
                 last_write = now
