@@ -42,7 +42,7 @@ def test_a_settled_push_keeps_a_bounded_sample_and_its_full_fit() -> None:
         full.append((at, conv.error))
     assert conv.done is not None
     assert len(conv.times) <= SETTLED_SAMPLES and len(conv.points) <= SETTLED_SAMPLES
-    assert conv.time_weight * len(conv.times) == len(times)
+    assert math.isclose(conv.time_weight * len(conv.times), len(times))
     assert conv.decay == fit_lambda(full)                       # fitted on every point first
     got = summarize([conv])
     for q, key in ((0.5, "convergence_p50"), (0.95, "convergence_p95")):

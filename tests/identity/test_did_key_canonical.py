@@ -9,18 +9,6 @@ from sdk.identity.hazmat.multibase import ED25519_PUB, X25519_PUB, b58decode, b5
 from sdk.identity.resolver import DidKeyResolver, ResolverChain
 
 
-@pytest.fixture
-def did_key_cache():
-    """The process-wide did:key cache, empty, restored to its bound afterwards."""
-    from sdk.identity import resolver
-
-    before = resolver.did_key_cache_size()
-    resolver._did_keys.clear()
-    yield resolver
-    resolver.resize_did_key_cache(before)
-    resolver._did_keys.clear()
-
-
 def _fresh(pub: PublicKey) -> PublicKey:
     """The same key with nothing cached: its identifiers are computed by encoding."""
     return PublicKey(bytes(pub.raw))

@@ -6,6 +6,7 @@ import pytest
 
 from sdk.identity import (
     DidWebResolver,
+    InvalidKey,
     Key,
     ResolutionError,
     ResolverChain,
@@ -109,20 +110,8 @@ def test_static_resolver(issuer_key: Key) -> None:
         r.resolve("https://b.example#1")
     with pytest.raises(ResolutionError):
         r.resolve(issuer_key.did)  # a did:key VM id needs its fragment
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidKey):
         StaticResolver({"x#1": "not-multibase"})
-
-
-@pytest.fixture
-def did_key_cache():
-    """The process-wide did:key cache, empty, restored to its bound afterwards."""
-    from sdk.identity import resolver
-
-    before = resolver.did_key_cache_size()
-    resolver._did_keys.clear()
-    yield resolver
-    resolver.resize_did_key_cache(before)
-    resolver._did_keys.clear()
 
 
 def test_did_key_cache_is_bounded_lru_and_reservable(did_key_cache, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1028,7 +1028,7 @@ class Coordinator:
             return
         owner = rec                 # the record whose lock this pump takes (rec may be replaced)
         try:
-            async with owner.lock:
+            async with owner.take_lock():
                 while True:
                     rec = self.registry.get(did)
                     session = rec.session if rec is not None else None

@@ -122,15 +122,19 @@ class DeviceRecord:
 
     @property
     def lock(self) -> asyncio.Lock:
-        """The lock of this device's config pump (made on first use, dropped by :meth:`pump_done`
-        when no pump holds or awaits it: a fan-out leaves no lock per device behind)."""
+        """The lock of this device's config pump (made on first use)."""
         if self.pump_lock is None:
             self.pump_lock = asyncio.Lock()
-        self.pumps += 1
         return self.pump_lock
 
+    def take_lock(self) -> asyncio.Lock:
+        """:attr:`lock`, counted as held or awaited by one more pump until its :meth:`pump_done`,
+        which drops the lock when no pump is left (a fan-out leaves no lock per device behind)."""
+        self.pumps += 1
+        return self.lock
+
     def pump_done(self) -> None:
-        """A pump that took :attr:`lock` finished (released it or gave up waiting)."""
+        """A pump that took :meth:`take_lock` finished (released it or gave up waiting)."""
         self.pumps -= 1
         if self.pumps <= 0:
             self.pumps = 0
