@@ -8,7 +8,7 @@ import os
 import stat
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sdk.identity import Key
@@ -197,8 +197,10 @@ def test_corruption_is_reported_and_never_overwritten(created, case):
 def test_truncated_file_is_corrupt(created, cut):
     path, _ = created
     original = path.read_bytes()
+    truncated = original[: cut % len(original)]
+    assume(truncated.rstrip() != original.rstrip())     # dropping only the final newline is no damage
     try:
-        path.write_bytes(original[: cut % len(original)])
+        path.write_bytes(truncated)
         with pytest.raises(KeystoreError) as exc:
             Keystore.open(path, PASS)
         assert exc.value.reason == "corrupt_keystore"
