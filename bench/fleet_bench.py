@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -527,6 +528,28 @@ class Fleet:
                 p.kill()
 
 
+def py_spy(folder: Path | None, label: str, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """Sample each pid's on-CPU Python stacks with py-spy (when ``folder`` is set) until
+    :func:`stop_spies`: DIR/LABEL-NAME.txt, collapsed stacks (flamegraph input; sampled CPU time,
+    not wall time, so a process waiting for the other core is not charged for it)."""
+    if folder is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                               "--format", "raw", "-o", str(folder / f"{label}-{name}.txt")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, pid in pids.items()]
+    time.sleep(1.0)                     # py-spy attaches before the clock starts
+    return spies
+
+
+def stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        spy.wait(30)
+
+
 def wait_until(check: Any, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
@@ -615,10 +638,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.profile:
                 coord.profile(str(args.profile / f"fanout-{size}.prof"))
                 fleet.ask("profile", str(args.profile / f"worker-fanout-{size}.prof"), only=len(fleet.conns) - 1)
+            spies = py_spy(args.py_spy, f"fanout-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid})
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             (t0,) = fleet.ask("event", 1000 + version, only=0)
             applied, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
+            stop_spies(spies)
             if args.profile:
                 coord.profile(None)
                 fleet.ask("profile", None, only=len(fleet.conns) - 1)
@@ -718,6 +743,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="cProfile the coordinator per step: DIR/admission-N.prof and DIR/fanout-N.prof "
                              "(and the last worker: DIR/worker-admission-N.prof, DIR/worker-fanout-N.prof)")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="sample the coordinator and the last worker with py-spy during each fan-out: "
+                             "DIR/fanout-N-coordinator.txt and DIR/fanout-N-worker.txt (collapsed stacks)")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
     parser.add_argument("--trim", action="store_true",

@@ -2,7 +2,7 @@
 
 paho 2.x has no public API for: the socket it writes to, how many packets are queued, whether
 it is inside one of its own callbacks, reading exactly one packet, and changing the in-flight
-window after CONNECT. The transport uses these for latency (batched, corked writes; bounded
+window after CONNECT, and when its keepalive next falls due. The transport uses these for latency (batched, corked writes; bounded
 reads) and correctness (the broker's Receive Maximum). If a paho release renames them, each
 function falls back to behaviour that is slower but still correct, and logs once.
 
@@ -21,6 +21,7 @@ packet type holds exactly the shared tables; otherwise paho is left alone (and t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,26 @@ def handle_read_error(client: Any, rc: int) -> None:
         client.loop_read()  # reads again, sees the error and handles it itself
         return
     handler(rc)
+
+
+def keepalive_due(client: Any) -> float:
+    """When paho's keepalive check may next act (``time.monotonic()`` time): the link's last
+    traffic out or in plus the keepalive, or an outstanding ping's deadline. One second from now
+    when unknown (then the transport simply looks every second)."""
+    now = time.monotonic()
+    try:
+        keepalive = client._keepalive  # noqa: SLF001
+        last = min(client._last_msg_out, client._last_bytes_received)  # noqa: SLF001
+        ping_t = client._ping_t  # noqa: SLF001
+    except AttributeError:
+        _missing("_keepalive/_last_msg_out/_last_bytes_received/_ping_t")
+        return now + 1.0
+    if not keepalive:
+        return now + 60.0               # no keepalive: nothing falls due (the slot is cheap)
+    due = last + keepalive
+    if ping_t:
+        due = min(due, ping_t + keepalive)
+    return max(due, now)
 
 
 def set_max_inflight(client: Any, limit: int) -> None:

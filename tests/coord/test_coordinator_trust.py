@@ -98,7 +98,7 @@ async def test_unsignable_rule_output_commits_nothing_and_blocks_nothing(mesh: M
     bad = message(coord, bell.did, protocol.EVENT, {"type": "doorbell", "fields": {"floor": NAN},
                                                     "event_id": "evt-nan-field"},
                   topic=protocol.device_events(protocol.token(bell.did)))
-    await coord._on_device_message(bad)
+    await coord._on_device_message(bad)          # an event: its handling is awaitable
     assert store.latest_version(phone.did) == 0 and not store.event_processed(bell.did, "evt-nan-field")
 
     # a rule templating a value from another source (a device attribute) that cannot be signed
@@ -126,8 +126,8 @@ async def test_report_and_announce_numbers_are_checked(mesh: Mesh) -> None:  # n
     for body in ({"version": 1, "status": "applied", "apply_ms": NAN},
                  {"version": NAN, "status": "applied"}, {"version": 2**70, "status": "applied"}):
         coord._handle_report(message(coord, dev.did, protocol.REPORT, body, topic=events))
-    await coord._on_device_message(message(coord, dev.did, protocol.ANNOUNCE,
-                                           {"attributes": {"size_in": INF}}, topic=events))
+    assert coord._on_device_message(message(coord, dev.did, protocol.ANNOUNCE,   # handled at once
+                                            {"attributes": {"size_in": INF}}, topic=events)) is None
     assert sum(w == "rejected" and i["reason"] == "malformed" for w, i in mesh.events) == 4
     assert "size_in" not in coord.registry.get(dev.did).attributes      # type: ignore[union-attr]
 
@@ -177,7 +177,7 @@ async def test_event_after_valid_until_is_refused_before_the_timer(mesh: Mesh) -
     rec.session.valid_until = time.time() - 1                           # lapsed, timer not yet run
     evt = message(coord, dev.did, protocol.EVENT, screen_available(800, 600).to_body(),
                   topic=protocol.device_events(protocol.token(dev.did)))
-    await coord._on_device_message(evt)
+    assert coord._on_device_message(evt) is None       # refused before any work is started
     assert rec.state == EXPIRED
     assert [i["reason"] for w, i in mesh.events if w == "rejected"] == ["not_admitted"]
     assert not any(w == "event" for w, _ in mesh.events)

@@ -522,6 +522,42 @@ def test_status_list_republication_is_off_by_default_and_configurable(tmp_path: 
             parse_config({"identity": ident, "coordinator": {"status_republish": bad}})
 
 
+async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordinator,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[float] = []
+    sweeps: list[float] = []
+    monkeypatch.setattr(coord, "sweep_interval", 0.01)
+    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 1.0)
+
+    def write() -> None:
+        coord._dirty = False
+        writes.append(time.monotonic())
+
+    real_sweep = coord.sweep
+
+    def sweep(now: float | None = None) -> list[str]:
+        sweeps.append(time.monotonic())
+        return real_sweep(now)
+
+    monkeypatch.setattr(coord, "_write_status", write)
+    monkeypatch.setattr(coord, "sweep", sweep)
+    coord._status_cost = 0.05                       # 50 ms snapshots: at most one a second
+    coord._dirty = True
+    task = asyncio.ensure_future(coord._sweep_loop())
+    try:
+        await until(lambda: len(writes) == 1)
+        await until(lambda: sweeps[-1] - writes[0] > 1.2)     # a write would be allowed again
+        versions = [protocol.ConfigVersion(_did(i), 1, {"x": 1}, {"x": 1}) for i in (1, 2)]
+        await coord.push_desired("ev", versions)    # devices unknown here: nothing is sent
+        pushed = time.monotonic()
+        await until(lambda: sweeps[-1] - pushed > 0.5)
+        assert len(writes) == 1                     # not at the push's start, while its reports come
+        await until(lambda: len(writes) == 2)       # but once the busy interval from its start is over
+        assert writes[1] - pushed >= 1.0 - 0.05
+    finally:
+        task.cancel()
+
+
 async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinator,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     writes: list[float] = []

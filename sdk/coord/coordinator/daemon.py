@@ -26,7 +26,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -280,6 +280,7 @@ class Coordinator:
         self.client = SecureClient(broker, key, config=client_config or ClientConfig(qos=0), **options)
         self._reports: list[tuple[str, int, str, str | None, float | None]] = []
         self._reports_at = float("-inf")        # monotonic time of the last reports recorded
+        self._push_at = float("-inf")           # monotonic time the last push started
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -798,14 +799,17 @@ class Coordinator:
             await self.client.publish(protocol.device_commands(protocol.token(did)),
                                       {"notice": notice, "reason": reason}, type=protocol.NOTICE, qos=1)
 
-    async def _on_device_message(self, msg: Message) -> None:
+    def _on_device_message(self, msg: Message) -> Awaitable[None] | None:
+        """A device's event, report, announcement or properties. Only an event needs a task (the
+        client runs the returned awaitable); the rest, a fan-out's 10,000 reports among them, are
+        handled right here."""
         rec = self._check_sender(msg)
         if rec is None:
-            return
-        if msg.type == protocol.EVENT:
-            await self._handle_event(msg)
-        elif msg.type == protocol.REPORT:
+            return None
+        if msg.type == protocol.REPORT:
             self._handle_report(msg)
+        elif msg.type == protocol.EVENT:
+            return self._handle_event(msg)
         elif msg.type == protocol.ANNOUNCE:
             self._handle_announce(msg, rec)
         elif msg.type == protocol.PROPERTIES:      # reported properties (fleet_ops.py)
@@ -814,6 +818,7 @@ class Coordinator:
                 self._reject(msg, reason)
         else:
             self._reject(msg, "unknown_type")
+        return None
 
     def _handle_announce(self, msg: Message, rec: DeviceRecord) -> None:
         body = msg.body if isinstance(msg.body, dict) else {}
@@ -912,6 +917,7 @@ class Coordinator:
             return
         self.metrics.start(event_id, {c.did: c.version for c in versions})
         self._dirty = True
+        self._push_at = self._reports_at = time.monotonic()  # its reports are about to arrive
         self._emit("committed", event_id=event_id, versions={c.did: c.version for c in versions})
         pumps = self._pump_all(versions)
         if wait:
@@ -1268,11 +1274,14 @@ class Coordinator:
             now = time.monotonic()
             # on change, at most once a second, and never more than 5 % of the loop's time; while a
             # large push converges (reports arriving: every row changes with each) at most every
-            # STATUS_BUSY_INTERVAL (a push left waiting on devices that are away does not count)
+            # STATUS_BUSY_INTERVAL from the push's start (a push left waiting on devices that are
+            # away does not count)
             interval = max(1.0, 20 * self._status_cost)
+            since = last_write
             if self.metrics.pending and self._status_cost > 0.02 and now - self._reports_at < 2.0:
                 interval = max(interval, STATUS_BUSY_INTERVAL)
-            if self._dirty and now - last_write >= interval:
+                since = max(since, self._push_at)
+            if self._dirty and now - since >= interval:
                 last_write = now
                 self._write_status()
 
