@@ -140,10 +140,13 @@ def coordinator_main(args: argparse.Namespace) -> None:
                             queue_wait=args.queue_wait)
         admitted = [0]
         converged: list[dict[str, Any]] = []
+        committed: list[float] = []                 # when each push's versions were committed
 
         def listen(what: str, info: dict[str, Any]) -> None:
             if what == "admitted":
                 admitted[0] += 1
+            elif what == "committed":
+                committed.append(time.monotonic())
             elif what == "converged":
                 converged.append({"targets": info["targets"], "seconds": info["seconds"],
                                   "failures": info.get("failures"), "at": time.monotonic()})
@@ -175,6 +178,7 @@ def coordinator_main(args: argparse.Namespace) -> None:
         def stats() -> str:
             return json.dumps({"admitted": admitted[0], "registry": len(coord.registry),
                                "admission": coord.admission.snapshot(), "converged": converged[-5:],
+                               "committed_at": committed[-1] if committed else None,
                                "gc_cpu_s": round(gc_time[0], 3), "gc_collections": gc_time[2]})
 
         async def snapshot() -> str:
@@ -656,6 +660,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "broker_cpu_ms_per_device_fanout": round((broker_cpu(broker) - brk0) * 1000 / fleet.size, 3),
                 "load_fanout": load()})
             stats = coord.stats()
+            if stats.get("committed_at"):     # the event's serial part: delivery, rules, one commit
+                step["event_to_commit_s"] = round(stats["committed_at"] - t0, 3)
             rss = proc_rss_mb(coord.pid)
             step.update({"coordinator_heap": coord.heap(), "coordinator_rss_mb": round(rss, 1),
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),

@@ -767,6 +767,7 @@ class MqttTransport:
             kwargs["clean_session"] = not cfg.persistent
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id or "", protocol=proto, **kwargs)
         c.suppress_exceptions = True
+        _paho.buffer_reads(c)           # one recv per burst, not four per packet
         c.connect_timeout = cfg.connect_timeout
         c.max_inflight_messages_set(cfg.max_inflight)  # refined by the CONNACK's Receive Maximum
         c.max_queued_messages_set(0)
@@ -1060,7 +1061,9 @@ class MqttTransport:
 
     def _on_readable(self) -> None:
         # paho's loop_read() handles one packet per call here; read until the socket is drained
-        # (bounded) so the acks for a burst leave in one corked write.
+        # (bounded) so the acks for a burst leave in one corked write. paho's reads are served
+        # from one large recv per burst (paho_internals.buffer_reads): what a bounded batch leaves
+        # in that buffer is read on at the next turn, as the socket would not wake us for it.
         client = self._client
         if client is None:
             return
@@ -1089,6 +1092,9 @@ class MqttTransport:
                     assert self._loop is not None
                     self._loop.call_soon(self._on_readable)  # read on after them
                     return
+            if _paho.read_pending(client):  # the batch is done but bytes wait outside the socket
+                assert self._loop is not None
+                self._loop.call_soon(self._on_readable)
         finally:
             self._reading = False
 
@@ -1108,6 +1114,8 @@ class MqttTransport:
         self._read_paused = False
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._on_readable)  # type: ignore[union-attr]
+            if self._client is not None and _paho.read_pending(self._client):
+                self._loop.call_soon(self._on_readable)  # type: ignore[union-attr]  # already read in
 
     # ------------------------------------------------------------------ paho callbacks
 

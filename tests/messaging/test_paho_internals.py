@@ -180,3 +180,68 @@ def test_an_unknown_paho_is_left_alone(change: str, monkeypatch: pytest.MonkeyPa
     finally:
         monkeypatch.undo()
         assert pi.share_property_tables() is True
+
+
+# ---------------------------------------------------------------- buffered reads
+
+
+class _SocketPaho:
+    """paho's read surface: ``_sock`` and a ``_sock_recv`` that counts its socket reads."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.socket_reads = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        self.socket_reads += 1
+        return self._sock.recv(bufsize)
+
+
+def test_buffered_reads_serve_paho_s_small_reads_from_one_socket_read() -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        client = _SocketPaho(a)
+        assert pi.buffer_reads(client)
+        b.sendall(b"\x30\x05hello\x40\x02\x00\x01")   # a PUBLISH and a PUBACK, as paho reads them
+        assert [client._sock_recv(n) for n in (1, 1, 5, 1, 1, 2)] == [
+            b"\x30", b"\x05", b"hello", b"\x40", b"\x02", b"\x00\x01"]
+        assert client.socket_reads == 1
+        assert not pi.read_pending(client)
+        b.sendall(b"abc")
+        assert client._sock_recv(1) == b"a" and pi.read_pending(client)
+        assert client._sock_recv(10) == b"bc"          # a short read, as from the socket itself
+        assert not pi.read_pending(client)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_buffered_bytes_of_a_replaced_socket_are_never_handed_to_paho() -> None:
+    import socket
+
+    old, old_peer = socket.socketpair()
+    new, new_peer = socket.socketpair()
+    try:
+        client = _SocketPaho(old)
+        pi.buffer_reads(client)
+        old_peer.sendall(b"stale-bytes")
+        assert client._sock_recv(1) == b"s" and pi.read_pending(client)
+        client._sock = new                             # reconnected: a new connection
+        assert not pi.read_pending(client)
+        new_peer.sendall(b"fresh")
+        assert client._sock_recv(5) == b"fresh"
+    finally:
+        for s in (old, old_peer, new, new_peer):
+            s.close()
+
+
+def test_buffered_reads_fall_back_when_paho_has_no_sock_recv(caplog: pytest.LogCaptureFixture) -> None:
+    class Bare:
+        _sock = None
+
+    with caplog.at_level(logging.WARNING, logger=pi.__name__):
+        assert pi.buffer_reads(Bare()) is False
+        assert not pi.read_pending(Bare())
+    assert any("_sock_recv" in r.getMessage() for r in caplog.records)
