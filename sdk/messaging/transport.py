@@ -454,6 +454,10 @@ class MqttTransport:
         self._running = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self._pub_futs: dict[int, asyncio.Future[None]] = {}
+        # (deadline, future, topic, timeout) per QoS 1/2 publish awaiting its ack, in deadline order
+        self._ack_deadlines: collections.deque[tuple[float, asyncio.Future[None], str, float]] = \
+            collections.deque()
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._qos0_pending = 0
         self._sub_futs: dict[int, asyncio.Future[list[int]]] = {}
@@ -639,9 +643,24 @@ class MqttTransport:
             raise PublishFailed(f"publish failed: {paho.error_string(rc)}")
         # paho never writes synchronously here (a register-write callback is set), so the
         # acknowledgement cannot have arrived yet.
-        fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
+        loop = self._loop
+        assert loop is not None
+        fut: asyncio.Future[None] = loop.create_future()
         self._pub_futs[info.mid] = fut
         wait = timeout if timeout is not None else self.config.publish_timeout
+        if wait is None:
+            await fut
+            return
+        deadline = loop.time() + wait
+        acks = self._ack_deadlines
+        if not acks or acks[-1][0] <= deadline:
+            # the usual case, one timeout for every publish: deadlines in publish order, so one
+            # FIFO and one timer for its head serve them all (no timer per publish)
+            acks.append((deadline, fut, topic, wait))
+            if self._ack_timer is None:
+                self._ack_timer = loop.call_at(deadline, self._expire_acks)
+            await fut
+            return
         try:
             async with asyncio.timeout(wait):
                 await fut
@@ -649,6 +668,29 @@ class MqttTransport:
             # the (cancelled) future stays in _pub_futs until paho reports the ack: the message
             # is still queued in the session and still counts against max_pending
             raise PublishTimeout(f"no acknowledgement for {topic!r} within {wait}s") from None
+
+    def _expire_acks(self) -> None:
+        """Fail the publishes whose acknowledgement is overdue (each still waits in the session
+        and still counts against max_pending, as its future stays in ``_pub_futs`` until paho
+        reports the ack); re-arm for the next deadline."""
+        self._ack_timer = None
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        acks, now = self._ack_deadlines, loop.time()
+        while acks and (acks[0][1].done() or acks[0][0] <= now):
+            _, fut, topic, wait = acks.popleft()
+            if not fut.done():
+                fut.set_exception(PublishTimeout(f"no acknowledgement for {topic!r} within {wait}s"))
+        if acks:
+            self._ack_timer = loop.call_at(acks[0][0], self._expire_acks)
+
+    def _drop_acked(self) -> None:
+        """Forget the acknowledged publishes at the head of the deadline FIFO (acks arrive mostly
+        in publish order, so it stays as long as the publishes in flight, not as the timeout)."""
+        acks = self._ack_deadlines
+        while acks and acks[0][1].done():
+            acks.popleft()
 
     async def _wait_for_room(self, topic: str) -> None:
         """Wait (FIFO) until fewer than ``max_pending`` publishes are outstanding, or raise."""
@@ -950,6 +992,10 @@ class MqttTransport:
                     fut.set_exception(exc)
                     fut.exception()  # mark retrieved: nobody may be awaiting it
             futs.clear()
+        self._ack_deadlines.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._qos0_pending = 0
         self._release_room()
 
@@ -1159,14 +1205,16 @@ class MqttTransport:
             if self._qos0_pending > 0:
                 self._qos0_pending -= 1
             return
-        if fut.done():
-            return
-        code = _reason_value(rc)
-        if code >= 0x80:
-            reason = "not_authorized" if code == 0x87 else "publish_failed"
-            fut.set_exception(PublishFailed(f"broker refused publish (0x{code:02x})", reason=reason))
-        else:
-            fut.set_result(None)
+        if not fut.done():
+            code = _reason_value(rc)
+            if code >= 0x80:
+                reason = "not_authorized" if code == 0x87 else "publish_failed"
+                fut.set_exception(PublishFailed(f"broker refused publish (0x{code:02x})", reason=reason))
+            else:
+                fut.set_result(None)
+        acks = self._ack_deadlines
+        if acks and acks[0][1] is fut:
+            self._drop_acked()
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         fut = self._sub_futs.pop(mid, None)

@@ -428,3 +428,50 @@ async def test_reading_resumes_on_bytes_already_buffered(broker) -> None:
             if got[-1] == -1:
                 break
         assert sorted(got[:-1]) == list(range(300))
+
+
+@pytest.mark.mosquitto
+async def test_an_unacknowledged_publish_times_out_and_still_counts_until_its_ack() -> None:
+    import signal
+
+    from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
+    from sdk.messaging.errors import PublishTimeout
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not installed")
+    m = MosquittoBroker(MosquittoConfig.open_for_tests())
+    await asyncio.to_thread(m.start)
+    try:
+        async with MqttTransport(m.url, publish_timeout=0.3, keepalive=60) as t:
+            await t.publish("to/warm", b"x", qos=1)
+            m._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - the link stays up, no PUBACK comes
+            try:
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                same = [asyncio.ensure_future(t.publish(f"to/{i}", b"x", qos=1)) for i in range(3)]
+                longer = asyncio.ensure_future(t.publish("to/long", b"x", qos=1, timeout=5.0))
+                shorter = asyncio.ensure_future(t.publish("to/short", b"x", qos=1, timeout=0.1))  # out of order
+                for fut in (*same, shorter):
+                    with pytest.raises(PublishTimeout, match="within"):
+                        await fut
+                assert loop.time() - t0 >= 0.1
+                assert not longer.done()
+                assert t.pending == 5                   # still in the session, awaiting their acks
+            finally:
+                m._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
+            await asyncio.wait_for(longer, 10)          # its ack came in time
+            for _ in range(200):
+                if t.pending == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert t.pending == 0                       # the late acks were taken
+    finally:
+        await asyncio.to_thread(m.cleanup)
+
+
+async def test_acknowledged_publishes_leave_the_deadline_queue(broker) -> None:
+    async with _client(broker) as t:
+        for _ in range(3):
+            await asyncio.gather(*(t.publish("dq/x", b"x", qos=1) for _ in range(300)))
+        assert len(t._ack_deadlines) <= 1          # noqa: SLF001 - not one entry per publish ever made
+        assert t.pending == 0
