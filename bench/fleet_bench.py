@@ -152,6 +152,14 @@ def coordinator_main(args: argparse.Namespace) -> None:
                                   "failures": info.get("failures"), "at": time.monotonic()})
 
         coord.add_listener(listen)
+        sent_at: list[float] = []                   # when each push's last config was sent (and acked)
+        push_desired = coord.push_desired
+
+        async def timed_push(*a: Any, **kw: Any) -> None:
+            await push_desired(*a, **kw)
+            sent_at.append(time.monotonic())
+
+        coord.push_desired = timed_push             # type: ignore[method-assign]
         import gc
 
         gc_time = [0.0, 0.0, 0]                 # CPU seconds in collections, start of the current one, count
@@ -179,6 +187,7 @@ def coordinator_main(args: argparse.Namespace) -> None:
             return json.dumps({"admitted": admitted[0], "registry": len(coord.registry),
                                "admission": coord.admission.snapshot(), "converged": converged[-5:],
                                "committed_at": committed[-1] if committed else None,
+                               "sent_at": sent_at[-1] if sent_at else None,
                                "gc_cpu_s": round(gc_time[0], 3), "gc_collections": gc_time[2]})
 
         async def snapshot() -> str:
@@ -366,10 +375,12 @@ class CoordinatorProcess:
 
 # ---------------------------------------------------------------------------------- device worker processes
 def worker_main(index: int, broker: str, coordinator: str, issuer_seed: bytes, conn: Connection,
-                display: bool, concurrency: int, gc_threshold: int = 0) -> None:
+                display: bool, concurrency: int, gc_threshold: int = 0, nice: int = 0) -> None:
     """Hold devices of one process; answer the controller's commands over ``conn``."""
     logging.basicConfig(level=logging.ERROR)
     raise_nofile()
+    if nice:                    # a fleet on its own hardware: the simulators take what is left
+        os.nice(nice)
     if gc_threshold:            # the simulator's own GC pauses are not the coordinator's cost
         import gc
 
@@ -471,14 +482,14 @@ class Fleet:
     """The controller's handle on the worker processes."""
 
     def __init__(self, workers: int, broker: str, coordinator: str, issuer_seed: bytes, concurrency: int,
-                 gc_threshold: int = 0) -> None:
+                 gc_threshold: int = 0, nice: int = 0) -> None:
         ctx = mp.get_context("fork")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         for i in range(workers):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(i, broker, coordinator, issuer_seed, child, i == 0,
-                                                      concurrency, gc_threshold), daemon=True)
+                                                      concurrency, gc_threshold, nice), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -599,14 +610,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     coord = CoordinatorProcess(broker.url, tmp.name, issuer_seed, coord_seed, args.max_admissions,
                                args.queue_wait, args.tracemalloc, args.gc_freeze, args.gc_threshold)
     out["gc_freeze"], out["trim"] = args.gc_freeze, args.trim
-    out["gc_threshold"], out["sim_gc"] = args.gc_threshold, args.sim_gc
+    out["gc_threshold"], out["sim_gc"], out["sim_nice"] = args.gc_threshold, args.sim_gc, args.sim_nice
     fleet: Fleet | None = None
     try:
         time.sleep(1.0)
         idle_rss = proc_rss_mb(coord.pid)
         out["coordinator_idle_rss_mb"] = round(idle_rss, 1)
         out["coordinator_idle_heap"] = coord.heap()
-        fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency, args.sim_gc)
+        fleet = Fleet(args.workers, broker.url, coord.did, issuer_seed, args.concurrency, args.sim_gc, args.sim_nice)
         wait_until(lambda: all(s["display_admitted"] for s in fleet.ask("state", 0)), 60)
         if args.tracemalloc:
             coord.memory()              # the baseline: one device (the display) admitted
@@ -662,6 +673,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stats = coord.stats()
             if stats.get("committed_at"):     # the event's serial part: delivery, rules, one commit
                 step["event_to_commit_s"] = round(stats["committed_at"] - t0, 3)
+            if stats.get("sent_at"):          # the last config sent (and acknowledged by the broker)
+                step["event_to_last_sent_s"] = round(stats["sent_at"] - t0, 3)
             rss = proc_rss_mb(coord.pid)
             step.update({"coordinator_heap": coord.heap(), "coordinator_rss_mb": round(rss, 1),
                          "coordinator_rss_mb_per_1000": round((rss - idle_rss) * 1000 / fleet.size, 2),
@@ -762,6 +775,10 @@ def main() -> None:
     parser.add_argument("--sim-gc", type=int, default=20000, metavar="N",
                         help="the simulator processes' first-generation GC threshold (default 20000, so their "
                              "collections of 2,500 devices each load the machine less; 0: Python's 700)")
+    parser.add_argument("--sim-nice", type=int, default=0, metavar="N",
+                        help="the simulator processes' nice value (N > 0: the coordinator and the broker "
+                             "are scheduled first, as with a fleet on its own hardware; 0: all share the "
+                             "cores equally, so four simulators take four sixths of them)")
     parser.add_argument("--json", type=Path, default=None)
     # the coordinator process (started by the benchmark itself)
     parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)

@@ -21,11 +21,14 @@ packet type holds exactly the shared tables; otherwise paho is left alone (and t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt
+import paho.mqtt.client as paho_client
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -165,6 +168,29 @@ def read_pending(client: Any) -> bool:
     return bool(pending()) if callable(pending) else False
 
 
+class _FilteredCallbacks(MQTTMatcher):
+    """paho's per-topic callbacks (``message_callback_add``); with none, a lookup is no walk."""
+
+    def iter_match(self, topic: str) -> Any:
+        if not self._root._children:  # noqa: SLF001
+            return ()
+        return super().iter_match(topic)
+
+
+def skip_empty_callback_lookup(client: Any) -> bool:
+    """paho splits every received topic and walks its filtered-callback tree even when it holds
+    no callback (the transport routes messages itself); with none registered the lookup now
+    returns at once, and one registered later is found as before. False when unknown."""
+    current = getattr(client, "_on_message_filtered", None)
+    if type(current) is not MQTTMatcher:
+        _missing("_on_message_filtered")
+        return False
+    if current._root._children:  # noqa: SLF001 - already in use: leave it
+        return False
+    client._on_message_filtered = _FilteredCallbacks()  # noqa: SLF001
+    return True
+
+
 def set_max_inflight(client: Any, limit: int) -> None:
     """Set the in-flight window after CONNECT (paho's setter refuses once connected); 0 = none."""
     if hasattr(client, "_max_inflight_messages"):
@@ -257,6 +283,84 @@ def restore_property_tables() -> None:
     Properties.clear = original_properties_clear  # type: ignore[method-assign]
 
 
+# ---------------------------------------------------------------- one Condition for every MQTTMessageInfo
+
+#: paho's own ``MQTTMessageInfo.__init__`` and ``_set_as_published``
+original_info_init: Callable[[Any, int], None] = _original(paho_client.MQTTMessageInfo.__init__)
+original_set_as_published: Callable[[Any], None] = _original(
+    getattr(paho_client.MQTTMessageInfo, "_set_as_published"))  # noqa: B009 - a private member
+_CONDITION = threading.Condition()   # shared: waiters loop on their own message's flag
+
+
+def _shared_condition_methods() -> tuple[Callable[[Any, int], None], Callable[[Any], None]] | None:
+    """The __init__/_set_as_published pair sharing one Condition, or None for an unknown layout."""
+    info_cls = paho_client.MQTTMessageInfo
+    if not paho.mqtt.__version__.startswith("2.") or set(getattr(info_cls, "__slots__", ())) != {
+            "_condition", "_iterpos", "_published", "mid", "rc"}:
+        return None
+    try:
+        probe = info_cls.__new__(info_cls)
+        original_info_init(probe, 7)
+        fields = {name: getattr(probe, name) for name in info_cls.__slots__}
+        condition = fields.pop("_condition")
+        if fields != {"mid": 7, "_published": False, "_iterpos": 0, "rc": 0} \
+                or not isinstance(condition, type(_CONDITION)):
+            return None
+    except Exception:  # noqa: BLE001 - an unknown paho: leave it alone
+        return None
+    success = fields["rc"]
+
+    def __init__(self: Any, mid: int) -> None:  # paho's signature
+        self.mid = mid
+        self._published = False
+        self._condition = _CONDITION
+        self.rc = success
+        self._iterpos = 0
+
+    def _set_as_published(self: Any) -> None:
+        with self._condition:
+            self._published = True
+            self._condition.notify_all()   # every waiter checks its own message's flag again
+
+    __init__.__wrapped__ = original_info_init  # type: ignore[attr-defined]
+    _set_as_published.__wrapped__ = original_set_as_published  # type: ignore[attr-defined]
+    return __init__, _set_as_published
+
+
+def publish_conditions_shared() -> bool:
+    """True while paho's ``MQTTMessageInfo`` objects share one Condition."""
+    return getattr(paho_client.MQTTMessageInfo.__init__, "__wrapped__", None) is original_info_init
+
+
+def share_publish_conditions() -> bool:
+    """paho builds a ``threading.Condition`` (and its lock) for every message it sends and every
+    one it receives (``MQTTMessage`` holds an ``MQTTMessageInfo``), for ``wait_for_publish()`` from
+    another thread; at fleet scale that is a twentieth of a simulated device's CPU. One Condition
+    serves them all: ``wait_for_publish()`` loops on its own message's flag, and publishing
+    notifies every waiter, so each still wakes exactly when its own message is out. Idempotent;
+    False (paho left alone, logged once) for an unknown paho."""
+    if publish_conditions_shared():
+        return True
+    methods = _shared_condition_methods()
+    if methods is None:
+        if "MQTTMessageInfo" not in _warned:
+            _warned.add("MQTTMessageInfo")
+            log.warning("paho-mqtt %s: unknown MQTTMessageInfo layout; a Condition per message is "
+                        "left as it is (slower)", paho.mqtt.__version__)
+        return False
+    init, set_as_published = methods
+    paho_client.MQTTMessageInfo.__init__ = init  # type: ignore[method-assign, assignment]
+    setattr(paho_client.MQTTMessageInfo, "_set_as_published", set_as_published)  # noqa: B010
+    return True
+
+
+def restore_publish_conditions() -> None:
+    """Put paho's own ``MQTTMessageInfo.__init__`` and ``_set_as_published`` back."""
+    paho_client.MQTTMessageInfo.__init__ = original_info_init  # type: ignore[method-assign, assignment]
+    setattr(paho_client.MQTTMessageInfo, "_set_as_published", original_set_as_published)  # noqa: B010
+
+
 __all__ = ["PROPERTY_PACKET_TYPES", "original_properties_clear", "original_properties_init",
            "properties_shared", "restore_property_tables", "share_property_tables", "socket_of", "forget_socket", "queued_packets", "in_callback", "packet_reader",
-           "handle_read_error", "set_max_inflight"]
+           "handle_read_error", "set_max_inflight", "buffer_reads", "read_pending", "keepalive_due",
+           "publish_conditions_shared", "skip_empty_callback_lookup", "share_publish_conditions", "restore_publish_conditions"]

@@ -93,6 +93,7 @@ from sdk.messaging.topics import matches as topic_matches
 
 log = logging.getLogger(__name__)
 _paho.share_property_tables()  # paho builds a Properties per PUBLISH/PUBACK read: share its tables
+_paho.share_publish_conditions()  # paho builds a threading.Condition per message sent or read: share one
 
 Protocol = Literal["auto", "5", "3.1.1"]
 Password = str | bytes | Callable[[str], str | bytes] | None
@@ -466,6 +467,7 @@ class MqttTransport:
         self._queue: collections.deque[Message] = collections.deque()
         self._queue_wakeup: asyncio.Event | None = None
         self._read_paused = False
+        self._buffered = False  # paho's reads come from paho_internals.buffer_reads
         self._handler_tasks: set[asyncio.Task[Any]] = set()
         self._deferred: list[Callable[[], None]] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
@@ -809,7 +811,8 @@ class MqttTransport:
             kwargs["clean_session"] = not cfg.persistent
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id or "", protocol=proto, **kwargs)
         c.suppress_exceptions = True
-        _paho.buffer_reads(c)           # one recv per burst, not four per packet
+        self._buffered = _paho.buffer_reads(c)     # one recv per burst, not four per packet
+        _paho.skip_empty_callback_lookup(c)        # routing is ours: no topic walk per message
         c.connect_timeout = cfg.connect_timeout
         c.max_inflight_messages_set(cfg.max_inflight)  # refined by the CONNACK's Receive Maximum
         c.max_queued_messages_set(0)
@@ -1135,6 +1138,11 @@ class MqttTransport:
                     self._quiet = True
                     return
                 if quiet and self._received != seen:
+                    if self._buffered and not _paho.read_pending(client):
+                        # a lone message, all that was read: the socket says when more comes
+                        # (asking it now would find nothing, at a syscall and an exception)
+                        self._quiet = True
+                        return
                     assert self._loop is not None
                     self._loop.call_soon(self._on_readable)  # read on after them
                     return

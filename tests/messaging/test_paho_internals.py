@@ -245,3 +245,64 @@ def test_buffered_reads_fall_back_when_paho_has_no_sock_recv(caplog: pytest.LogC
         assert pi.buffer_reads(Bare()) is False
         assert not pi.read_pending(Bare())
     assert any("_sock_recv" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- one Condition for every MQTTMessageInfo
+
+
+def test_message_infos_share_one_condition_and_each_waiter_wakes_for_its_own_message() -> None:
+    import threading
+
+    assert pi.share_publish_conditions() and pi.publish_conditions_shared()
+    infos = [paho.MQTTMessageInfo(mid) for mid in range(1, 4)]
+    assert len({id(i._condition) for i in infos}) == 1          # noqa: SLF001 - one, not one each
+    assert [i.mid for i in infos] == [1, 2, 3] and not any(i.is_published() for i in infos)
+    woke: list[int] = []
+
+    def wait(info: paho.MQTTMessageInfo) -> None:
+        info.wait_for_publish(timeout=10)
+        woke.append(info.mid)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in infos]
+    for t in threads:
+        t.start()
+    infos[1]._set_as_published()                                 # noqa: SLF001 - as paho does on PUBACK
+    threads[1].join(10)
+    assert woke == [2]                                            # only its own waiter returned
+    assert threads[0].is_alive() and threads[2].is_alive()
+    for i in (infos[0], infos[2]):
+        i._set_as_published()                                    # noqa: SLF001
+    for t in threads:
+        t.join(10)
+    assert sorted(woke) == [1, 2, 3] and all(i.is_published() for i in infos)
+
+
+def test_publish_conditions_are_left_alone_for_an_unknown_paho(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    pi.restore_publish_conditions()
+    try:
+        assert not pi.publish_conditions_shared()
+        import paho.mqtt as paho_mqtt
+
+        monkeypatch.setattr(paho_mqtt, "__version__", "3.0.0")
+        monkeypatch.setattr(pi, "_warned", set())
+        with caplog.at_level(logging.WARNING, logger=pi.__name__):
+            assert pi.share_publish_conditions() is False
+        assert not pi.publish_conditions_shared()
+        assert any("MQTTMessageInfo" in r.getMessage() for r in caplog.records)
+        a, b = paho.MQTTMessageInfo(1), paho.MQTTMessageInfo(2)
+        assert a._condition is not b._condition                  # noqa: SLF001 - paho's own again
+    finally:
+        monkeypatch.undo()
+        assert pi.share_publish_conditions()
+
+
+def test_an_empty_callback_lookup_is_skipped_and_a_later_callback_still_found() -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    assert pi.skip_empty_callback_lookup(client)
+    assert list(client._on_message_filtered.iter_match("a/b/c")) == []      # noqa: SLF001
+    seen: list[str] = []
+    client.message_callback_add("a/+/c", lambda c, u, m: seen.append(m.topic))
+    assert len(list(client._on_message_filtered.iter_match("a/b/c"))) == 1  # noqa: SLF001
+    assert list(client._on_message_filtered.iter_match("a/b/d")) == []      # noqa: SLF001
+    assert pi.skip_empty_callback_lookup(client) is False     # in use: left as it is
