@@ -4,8 +4,11 @@
 
 Mosquitto (loopback, open mode) is the broker. Each device is a real :class:`~sdk.coord.device.Device`:
 its own key, credential and MQTT connection, its own signature checks; ``--workers`` processes
-hold them. The coordinator runs in a process of its own, so its CPU seconds and RSS (read from
-``/proc/PID``) measure the coordinator and not the simulator. The fleet grows in steps to each
+hold them, at a lower scheduling priority (``--sim-nice``, default 10) so that on a machine of few
+cores they take the cycles the coordinator and the broker leave, as a fleet on its own hardware
+would, instead of four sixths of every core. The coordinator runs in a process of its own, so its
+CPU seconds and RSS (read from ``/proc/PID``) measure the coordinator and not the simulator. The
+fleet grows in steps to each
 size; per step: admission time and rate, coordinator CPU per admitted device, one event → every
 device applied, coordinator convergence, coordinator RSS. Then the broker restarts with the whole
 fleet connected: time until every device is admitted again, and converged on a new event (none
@@ -374,6 +377,9 @@ class CoordinatorProcess:
 
 
 # ---------------------------------------------------------------------------------- device worker processes
+_SIM_GC = [0.0, 0.0]            # a worker's CPU seconds in garbage collection, start of the current one
+
+
 def worker_main(index: int, broker: str, coordinator: str, issuer_seed: bytes, conn: Connection,
                 display: bool, concurrency: int, gc_threshold: int = 0, nice: int = 0) -> None:
     """Hold devices of one process; answer the controller's commands over ``conn``."""
@@ -381,10 +387,18 @@ def worker_main(index: int, broker: str, coordinator: str, issuer_seed: bytes, c
     raise_nofile()
     if nice:                    # a fleet on its own hardware: the simulators take what is left
         os.nice(nice)
-    if gc_threshold:            # the simulator's own GC pauses are not the coordinator's cost
-        import gc
+    import gc
 
+    if gc_threshold:            # the simulator's own GC pauses are not the coordinator's cost
         gc.set_threshold(gc_threshold, 10, 10)
+
+    def gc_clock(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            _SIM_GC[1] = time.process_time()
+        else:
+            _SIM_GC[0] += time.process_time() - _SIM_GC[1]
+
+    gc.callbacks.append(gc_clock)
     asyncio.run(_worker(index, broker, coordinator, issuer_seed, conn, display, concurrency))
 
 
@@ -458,7 +472,8 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
             width = str(arg)
             conn.send({"devices": len(devices), "admitted": admitted, "at_version": at_width.get(width, 0),
                        "last_applied": last_at.get(width) if at_width.get(width) else None,
-                       "display_admitted": src is None or src.state is DeviceState.ADMITTED})
+                       "display_admitted": src is None or src.state is DeviceState.ADMITTED,
+                       "gc_cpu_s": _SIM_GC[0]})
         elif cmd == "profile":          # cProfile this worker until the next "profile" (arg: the file)
             if profiling:
                 profiler, path = profiling.pop()
@@ -655,6 +670,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fleet.ask("profile", str(args.profile / f"worker-fanout-{size}.prof"), only=len(fleet.conns) - 1)
             spies = py_spy(args.py_spy, f"fanout-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid})
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
+            gc0 = sum(s["gc_cpu_s"] for s in fleet.ask("state", 1))
             (t0,) = fleet.ask("event", 1000 + version, only=0)
             applied, last = fleet.wait(1000 + version, args.timeout)
             conv = converged_after(coord, t0, fleet.size, args.timeout)
@@ -669,6 +685,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "coordinator_cpu_ms_per_device_fanout": round((proc_cpu(coord.pid) - cpu0) * 1000 / fleet.size, 3),
                 "simulator_cpu_ms_per_device_fanout": round((fleet.cpu() - sim0) * 1000 / fleet.size, 3),
                 "broker_cpu_ms_per_device_fanout": round((broker_cpu(broker) - brk0) * 1000 / fleet.size, 3),
+                "simulator_gc_ms_per_device_fanout": round(
+                    (sum(s["gc_cpu_s"] for s in fleet.ask("state", 1)) - gc0) * 1000 / fleet.size, 3),
                 "load_fanout": load()})
             stats = coord.stats()
             if stats.get("committed_at"):     # the event's serial part: delivery, rules, one commit
@@ -775,10 +793,11 @@ def main() -> None:
     parser.add_argument("--sim-gc", type=int, default=20000, metavar="N",
                         help="the simulator processes' first-generation GC threshold (default 20000, so their "
                              "collections of 2,500 devices each load the machine less; 0: Python's 700)")
-    parser.add_argument("--sim-nice", type=int, default=0, metavar="N",
-                        help="the simulator processes' nice value (N > 0: the coordinator and the broker "
-                             "are scheduled first, as with a fleet on its own hardware; 0: all share the "
-                             "cores equally, so four simulators take four sixths of them)")
+    parser.add_argument("--sim-nice", type=int, default=10, metavar="N",
+                        help="the simulator processes' nice value (default 10: the coordinator and the "
+                             "broker are scheduled first, as with a fleet on its own hardware, and the "
+                             "simulators take every cycle they leave; 0: all six processes share the cores "
+                             "equally, so four simulators take four sixths of them from the coordinator)")
     parser.add_argument("--json", type=Path, default=None)
     # the coordinator process (started by the benchmark itself)
     parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)

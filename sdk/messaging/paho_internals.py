@@ -2,7 +2,7 @@
 
 paho 2.x has no public API for: the socket it writes to, how many packets are queued, whether
 it is inside one of its own callbacks, reading exactly one packet, and changing the in-flight
-window after CONNECT, when its keepalive next falls due, and reading the socket in large chunks. The transport uses these for latency (batched, corked writes; bounded
+window after CONNECT, and when its keepalive next falls due. The transport uses these for latency (batched, corked writes; bounded
 reads) and correctness (the broker's Receive Maximum). If a paho release renames them, each
 function falls back to behaviour that is slower but still correct, and logs once.
 
@@ -107,65 +107,6 @@ def keepalive_due(client: Any) -> float:
     if ping_t:
         due = min(due, ping_t + keepalive)
     return max(due, now)
-
-
-class _ReadBuffer:
-    """paho's reads for one client, served from one ``recv`` of up to :data:`READ_SIZE` bytes."""
-
-    __slots__ = ("client", "data", "pos", "recv", "sock")
-
-    def __init__(self, client: Any, recv: Callable[[Any, int], bytes]) -> None:
-        self.client = client
-        self.recv = recv                # paho's own _sock_recv (SSL and closed-socket handling)
-        self.data = b""
-        self.pos = 0
-        self.sock: Any = None           # the socket the buffered bytes came from
-
-    def __call__(self, bufsize: int) -> bytes:
-        pos, data = self.pos, self.data
-        if pos < len(data):
-            if self.sock is self.client._sock:  # noqa: SLF001
-                chunk = data[pos:pos + bufsize]
-                self.pos = pos + len(chunk)
-                return chunk
-            self.data, self.sock = b"", None    # bytes of a closed connection: never parsed
-        got = self.recv(self.client, READ_SIZE)
-        if len(got) <= bufsize:
-            return got
-        self.data, self.pos, self.sock = got, bufsize, self.client._sock  # noqa: SLF001
-        return got[:bufsize]
-
-    def pending(self) -> bool:
-        return self.pos < len(self.data) and self.sock is self.client._sock  # noqa: SLF001
-
-
-#: how much one socket read takes in (a fan-out's acknowledgements: about 400 per read)
-READ_SIZE = 65536
-
-
-def buffer_reads(client: Any) -> bool:
-    """Make paho read the socket in large chunks. paho reads every packet with three or four
-    ``recv`` calls (the command byte, each remaining-length byte, the rest) and a fifth that finds
-    nothing; buffered, a burst of packets costs one call. Whoever waits for the socket to become
-    readable must then also ask :func:`read_pending` (bytes may be waiting in the buffer, not in
-    the socket). False (and paho left alone) when this paho has no ``_sock_recv``."""
-    recv = getattr(type(client), "_sock_recv", None)
-    if not callable(recv) or not hasattr(client, "_sock"):
-        _missing("_sock_recv")
-        return False
-    client._sock_recv = _ReadBuffer(client, recv)  # noqa: SLF001 - an instance attribute shadows the method
-    return True
-
-
-def read_pending(client: Any) -> bool:
-    """True when :func:`buffer_reads` holds bytes not yet handed to paho (or an SSL socket holds
-    decrypted ones): read on without waiting for the socket."""
-    buffer = client.__dict__.get("_sock_recv")
-    if isinstance(buffer, _ReadBuffer) and buffer.pending():
-        return True
-    sock = getattr(client, "_sock", None)
-    pending = getattr(sock, "pending", None)      # ssl.SSLSocket
-    return bool(pending()) if callable(pending) else False
 
 
 class _FilteredCallbacks(MQTTMatcher):
@@ -362,5 +303,5 @@ def restore_publish_conditions() -> None:
 
 __all__ = ["PROPERTY_PACKET_TYPES", "original_properties_clear", "original_properties_init",
            "properties_shared", "restore_property_tables", "share_property_tables", "socket_of", "forget_socket", "queued_packets", "in_callback", "packet_reader",
-           "handle_read_error", "set_max_inflight", "buffer_reads", "read_pending", "keepalive_due",
+           "handle_read_error", "set_max_inflight", "keepalive_due",
            "publish_conditions_shared", "skip_empty_callback_lookup", "share_publish_conditions", "restore_publish_conditions"]

@@ -467,7 +467,6 @@ class MqttTransport:
         self._queue: collections.deque[Message] = collections.deque()
         self._queue_wakeup: asyncio.Event | None = None
         self._read_paused = False
-        self._buffered = False  # paho's reads come from paho_internals.buffer_reads
         self._handler_tasks: set[asyncio.Task[Any]] = set()
         self._deferred: list[Callable[[], None]] | None = None
         self._close_waiter: asyncio.Future[None] | None = None
@@ -811,7 +810,6 @@ class MqttTransport:
             kwargs["clean_session"] = not cfg.persistent
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id or "", protocol=proto, **kwargs)
         c.suppress_exceptions = True
-        self._buffered = _paho.buffer_reads(c)     # one recv per burst, not four per packet
         _paho.skip_empty_callback_lookup(c)        # routing is ours: no topic walk per message
         c.connect_timeout = cfg.connect_timeout
         c.max_inflight_messages_set(cfg.max_inflight)  # refined by the CONNACK's Receive Maximum
@@ -1110,9 +1108,7 @@ class MqttTransport:
 
     def _on_readable(self) -> None:
         # paho's loop_read() handles one packet per call here; read until the socket is drained
-        # (bounded) so the acks for a burst leave in one corked write. paho's reads are served
-        # from one large recv per burst (paho_internals.buffer_reads): what a bounded batch leaves
-        # in that buffer is read on at the next turn, as the socket would not wake us for it.
+        # (bounded) so the acks for a burst leave in one corked write.
         client = self._client
         if client is None:
             return
@@ -1138,17 +1134,9 @@ class MqttTransport:
                     self._quiet = True
                     return
                 if quiet and self._received != seen:
-                    if self._buffered and not _paho.read_pending(client):
-                        # a lone message, all that was read: the socket says when more comes
-                        # (asking it now would find nothing, at a syscall and an exception)
-                        self._quiet = True
-                        return
                     assert self._loop is not None
                     self._loop.call_soon(self._on_readable)  # read on after them
                     return
-            if _paho.read_pending(client):  # the batch is done but bytes wait outside the socket
-                assert self._loop is not None
-                self._loop.call_soon(self._on_readable)
         finally:
             self._reading = False
 
@@ -1168,8 +1156,6 @@ class MqttTransport:
         self._read_paused = False
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._on_readable)  # type: ignore[union-attr]
-            if self._client is not None and _paho.read_pending(self._client):
-                self._loop.call_soon(self._on_readable)  # type: ignore[union-attr]  # already read in
 
     # ------------------------------------------------------------------ paho callbacks
 
