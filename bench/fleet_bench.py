@@ -580,6 +580,20 @@ def stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
         spy.wait(30)
 
 
+def settle(coord: CoordinatorProcess, limit: float) -> dict[str, Any]:
+    """Wait (at most ``limit`` s) until the coordinator spends under 5 % of a core for half a second."""
+    t0 = time.monotonic()
+    cpu0 = last = proc_cpu(coord.pid)
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.5)
+        now = proc_cpu(coord.pid)
+        if now - last < 0.025:
+            break
+        last = now
+    return {"settle_s": round(time.monotonic() - t0, 2),
+            "settle_coordinator_cpu_s": round(proc_cpu(coord.pid) - cpu0, 3)}
+
+
 def wait_until(check: Any, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
@@ -663,6 +677,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"per device, simulators {step['simulator_cpu_ms_per_device']} ms, broker "
                   f"{step['broker_cpu_ms_per_device']} ms; {grown['busy_retries']} busy retries, {grown['failed']} failed; load {load()})",
                   flush=True)
+            # the admission's tail (rows, status.json, the collector) is not the fan-out's: wait until
+            # the coordinator is idle, and say how long that took and what it cost
+            step.update(settle(coord, args.settle))
             # one event -> every device applied; the coordinator's convergence
             version += 1
             if args.profile:
@@ -731,6 +748,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             after = coord.stats()
             states = fleet.ask("state", 0)
             admitted_now = sum(s["admitted"] for s in states)
+            storm_settle = settle(coord, args.settle)
             version += 1
             (te,) = fleet.ask("event", 1000 + version, only=0)
             applied, last = fleet.wait(1000 + version, args.timeout)
@@ -744,7 +762,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "presentations_signed": after["admission"]["signed"] - before["admission"]["signed"],
                 "busy": after["admission"]["busy"] - before["admission"]["busy"],
                 "peak_inflight": after["admission"]["peak"],
-                "event_applied_after": applied, "lost": fleet.size - applied,
+                "event_applied_after": applied, "lost": fleet.size - applied, **storm_settle,
                 "readmitted_and_converged_s": round(t_conv - t0, 2),
                 "event_all_applied_s": round(last - te, 3) if last is not None and applied >= fleet.size else None,
                 "coordinator_converged_s": round(conv["seconds"], 3) if conv else None,
@@ -798,6 +816,10 @@ def main() -> None:
                              "broker are scheduled first, as with a fleet on its own hardware, and the "
                              "simulators take every cycle they leave; 0: all six processes share the cores "
                              "equally, so four simulators take four sixths of them from the coordinator)")
+    parser.add_argument("--settle", type=float, default=15.0, metavar="S",
+                        help="before each event, wait up to S seconds for the coordinator to go idle "
+                             "(under 5 %% of a core for 0.5 s), so the fan-out does not carry the "
+                             "admission's tail; the wait and its CPU are reported (0: no wait)")
     parser.add_argument("--json", type=Path, default=None)
     # the coordinator process (started by the benchmark itself)
     parser.add_argument("--coordinator", action="store_true", help=argparse.SUPPRESS)
