@@ -212,3 +212,30 @@ async def test_only_an_admitted_device_gets_a_ticket(embedded_broker: Any, tmp_p
                                  timeout=5)
     assert err.value.reason == "not_admitted"
     assert TICKET_RENEW_INTERVAL < RESUME_TTL / 2    # a device renewing at half-life is never refused
+
+
+async def test_a_resumption_refused_busy_keeps_its_ticket_for_the_retry(
+        embedded_broker: Any, tmp_path: Path, stack: AsyncExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = Fleet(embedded_broker.url, tmp_path, stack)
+    coord = await fleet.coordinator()
+    dev = await fleet.device(coord)
+    ticket = dev._ticket
+    assert ticket is not None
+    real_present = dev._present
+    tried: list[str] = []
+
+    async def busy_once(challenge: str) -> Any:
+        tried.append(challenge)
+        if len(tried) == 1:         # as the client answers past max_serving, before any admission check
+            raise AdmissionError("too many requests in progress", reason="busy")
+        return await real_present(challenge)
+
+    monkeypatch.setattr(dev, "_present", busy_once)
+    signed, resumed = coord.admission.signed, coord.admission.resumed
+    with pytest.raises(AdmissionError) as err:
+        await dev.authenticate()
+    assert err.value.reason == "busy" and dev._ticket == ticket     # kept for the retry
+    await dev.authenticate()        # what connect() and the re-authentication loop do after busy
+    assert tried == [ticket[0], ticket[0]]          # the same ticket, twice: no hello in between
+    assert coord.admission.resumed == resumed + 1 and coord.admission.signed == signed
+    assert dev.state is DeviceState.ADMITTED and dev._ticket is not None and dev._ticket != ticket

@@ -410,6 +410,11 @@ class Device:
             try:
                 return await self._present(ticket[0])
             except AdmissionError as exc:
+                if exc.reason == "busy" and self._ticket is None:
+                    # refused before it was looked at (too many requests in progress): the retry
+                    # resumes with it again, not with a hello and a presentation the coordinator
+                    # must sign (a ticket it did consume is answered wrong_challenge, then a hello)
+                    self._ticket = ticket
                 if exc.reason not in ("wrong_challenge", "timeout"):
                     raise
                 log.debug("resumed authentication refused (%s); full handshake", exc.reason)
