@@ -42,6 +42,12 @@ def _missing(name: str) -> None:
         log.warning("paho-mqtt has no %s: the transport falls back to its public API (slower)", name)
 
 
+def _unknown_layout(cls: str, consequence: str) -> None:
+    if cls not in _warned:
+        _warned.add(cls)
+        log.warning("paho-mqtt %s: unknown %s layout; %s (slower)", paho.mqtt.__version__, cls, consequence)
+
+
 def socket_of(client: Any) -> Any:
     """The socket paho writes to (None when closed)."""
     return getattr(client, "_sock", None)
@@ -209,10 +215,7 @@ def share_property_tables() -> bool:
         return True
     methods = _shared_methods()
     if methods is None:
-        if "Properties" not in _warned:
-            _warned.add("Properties")
-            log.warning("paho-mqtt %s: unknown Properties layout; its per-packet tables are left as "
-                        "they are (slower)", paho.mqtt.__version__)
+        _unknown_layout("Properties", "its per-packet tables are left as they are")
         return False
     Properties.__init__, Properties.clear = methods  # type: ignore[method-assign]
     return True
@@ -284,10 +287,7 @@ def share_publish_conditions() -> bool:
         return True
     methods = _shared_condition_methods()
     if methods is None:
-        if "MQTTMessageInfo" not in _warned:
-            _warned.add("MQTTMessageInfo")
-            log.warning("paho-mqtt %s: unknown MQTTMessageInfo layout; a Condition per message is "
-                        "left as it is (slower)", paho.mqtt.__version__)
+        _unknown_layout("MQTTMessageInfo", "a Condition per message is left as it is")
         return False
     init, set_as_published = methods
     paho_client.MQTTMessageInfo.__init__ = init  # type: ignore[method-assign, assignment]

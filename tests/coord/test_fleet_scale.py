@@ -522,12 +522,11 @@ def test_status_list_republication_is_off_by_default_and_configurable(tmp_path: 
             parse_config({"identity": ident, "coordinator": {"status_republish": bad}})
 
 
-async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordinator,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def _watch_status_writes(coord: Coordinator, monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float]]:
+    """Sweep every 10 ms; record when status.json would be written and when each sweep ran."""
     writes: list[float] = []
     sweeps: list[float] = []
     monkeypatch.setattr(coord, "sweep_interval", 0.01)
-    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 1.0)
 
     def write() -> None:
         coord._dirty = False
@@ -541,6 +540,13 @@ async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordi
 
     monkeypatch.setattr(coord, "_write_status", write)
     monkeypatch.setattr(coord, "sweep", sweep)
+    return writes, sweeps
+
+
+async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordinator,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 1.0)
+    writes, sweeps = _watch_status_writes(coord, monkeypatch)
     coord._status_cost = 0.05                       # 50 ms snapshots: at most one a second
     coord._dirty = True
     task = asyncio.ensure_future(coord._sweep_loop())
@@ -560,23 +566,8 @@ async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordi
 
 async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinator,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: list[float] = []
-    sweeps: list[int] = []
-    monkeypatch.setattr(coord, "sweep_interval", 0.01)
     monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 3600.0)
-
-    def write() -> None:
-        coord._dirty = False
-        writes.append(time.monotonic())
-
-    real_sweep = coord.sweep
-
-    def sweep(now: float | None = None) -> list[str]:
-        sweeps.append(1)
-        return real_sweep(now)
-
-    monkeypatch.setattr(coord, "_write_status", write)
-    monkeypatch.setattr(coord, "sweep", sweep)
+    writes, sweeps = _watch_status_writes(coord, monkeypatch)
     coord._status_cost = 0.001                      # a cheap snapshot: written on change
     coord._dirty = True
     task = asyncio.ensure_future(coord._sweep_loop())

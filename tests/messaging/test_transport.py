@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import ssl
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -16,6 +20,31 @@ from sdk.messaging.transport import Message, MqttTransport, TLSConfig, Transport
 pytestmark = pytest.mark.broker
 
 KEY = Key.from_seed(bytes(range(32)))
+
+
+@contextlib.asynccontextmanager
+async def _own_mosquitto() -> AsyncIterator[Any]:
+    """A Mosquitto of the test's own (the test stops and resumes its process)."""
+    from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not installed")
+    m = MosquittoBroker(MosquittoConfig.open_for_tests())
+    await asyncio.to_thread(m.start)
+    try:
+        yield m
+    finally:
+        await asyncio.to_thread(m.cleanup)
+
+
+@contextlib.contextmanager
+def _frozen(m: Any) -> Iterator[None]:
+    """The broker stopped (SIGSTOP) for the block: connections stay up, nothing is answered."""
+    m._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001
+    try:
+        yield
+    finally:
+        m._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
 
 
 def _client(h, **kw) -> MqttTransport:
@@ -329,29 +358,15 @@ async def test_a_failing_handler_does_not_break_the_connection(broker) -> None:
 @pytest.mark.slow
 @pytest.mark.mosquitto
 async def test_keepalive_detects_a_frozen_broker_and_recovers() -> None:
-    import signal
-
-    from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
-
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto binary not installed")
-    m = MosquittoBroker(MosquittoConfig.open_for_tests())
-    await asyncio.to_thread(m.start)
-    try:
-        async with MqttTransport(m.url, keepalive=1) as t:
-            m._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - the TCP link stays up, no PINGRESP
-            try:
-                for _ in range(100):
-                    if not t.connected:
-                        break
-                    await asyncio.sleep(0.1)
-                assert not t.connected  # our PINGREQ went unanswered
-            finally:
-                m._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
-            await t.wait_connected(15)
-            assert t.reconnects >= 1
-    finally:
-        await asyncio.to_thread(m.cleanup)
+    async with _own_mosquitto() as m, MqttTransport(m.url, keepalive=1) as t:
+        with _frozen(m):                   # the TCP link stays up, no PINGRESP
+            for _ in range(100):
+                if not t.connected:
+                    break
+                await asyncio.sleep(0.1)
+            assert not t.connected  # our PINGREQ went unanswered
+        await t.wait_connected(15)
+        assert t.reconnects >= 1
 
 
 async def test_close_while_reconnecting_to_a_dead_broker(restartable_broker) -> None:
@@ -410,41 +425,28 @@ async def test_a_burst_past_a_full_incoming_queue_arrives_whole(broker) -> None:
 
 @pytest.mark.mosquitto
 async def test_an_unacknowledged_publish_times_out_and_still_counts_until_its_ack() -> None:
-    import signal
-
-    from brokers.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
     from sdk.messaging.errors import PublishTimeout
 
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto binary not installed")
-    m = MosquittoBroker(MosquittoConfig.open_for_tests())
-    await asyncio.to_thread(m.start)
-    try:
-        async with MqttTransport(m.url, publish_timeout=0.3, keepalive=60) as t:
-            await t.publish("to/warm", b"x", qos=1)
-            m._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - the link stays up, no PUBACK comes
-            try:
-                loop = asyncio.get_running_loop()
-                t0 = loop.time()
-                same = [asyncio.ensure_future(t.publish(f"to/{i}", b"x", qos=1)) for i in range(3)]
-                longer = asyncio.ensure_future(t.publish("to/long", b"x", qos=1, timeout=5.0))
-                shorter = asyncio.ensure_future(t.publish("to/short", b"x", qos=1, timeout=0.1))  # out of order
-                for fut in (*same, shorter):
-                    with pytest.raises(PublishTimeout, match="within"):
-                        await fut
-                assert loop.time() - t0 >= 0.1
-                assert not longer.done()
-                assert t.pending == 5                   # still in the session, awaiting their acks
-            finally:
-                m._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
-            await asyncio.wait_for(longer, 10)          # its ack came in time
-            for _ in range(200):
-                if t.pending == 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert t.pending == 0                       # the late acks were taken
-    finally:
-        await asyncio.to_thread(m.cleanup)
+    async with _own_mosquitto() as m, MqttTransport(m.url, publish_timeout=0.3, keepalive=60) as t:
+        await t.publish("to/warm", b"x", qos=1)
+        with _frozen(m):                   # the link stays up, no PUBACK comes
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            same = [asyncio.ensure_future(t.publish(f"to/{i}", b"x", qos=1)) for i in range(3)]
+            longer = asyncio.ensure_future(t.publish("to/long", b"x", qos=1, timeout=5.0))
+            shorter = asyncio.ensure_future(t.publish("to/short", b"x", qos=1, timeout=0.1))  # out of order
+            for fut in (*same, shorter):
+                with pytest.raises(PublishTimeout, match="within"):
+                    await fut
+            assert loop.time() - t0 >= 0.1
+            assert not longer.done()
+            assert t.pending == 5                   # still in the session, awaiting their acks
+        await asyncio.wait_for(longer, 10)          # its ack came in time
+        for _ in range(200):
+            if t.pending == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert t.pending == 0                       # the late acks were taken
 
 
 async def test_acknowledged_publishes_leave_the_deadline_queue(broker) -> None:
