@@ -659,8 +659,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.profile:
                 coord.profile(str(args.profile / f"admission-{size}.prof"))
                 fleet.ask("profile", str(args.profile / f"worker-admission-{size}.prof"), only=len(fleet.conns) - 1)
+            spies = py_spy(args.py_spy, f"admission-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid})
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             grown = fleet.grow(add)
+            stop_spies(spies)
             cpu = proc_cpu(coord.pid) - cpu0
             sim, brk = fleet.cpu() - sim0 - grown["prepare_cpu"], broker_cpu(broker) - brk0
             step: dict[str, Any] = {
@@ -799,8 +801,8 @@ def main() -> None:
                         help="cProfile the coordinator per step: DIR/admission-N.prof and DIR/fanout-N.prof "
                              "(and the last worker: DIR/worker-admission-N.prof, DIR/worker-fanout-N.prof)")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
-                        help="sample the coordinator and the last worker with py-spy during each fan-out: "
-                             "DIR/fanout-N-coordinator.txt and DIR/fanout-N-worker.txt (collapsed stacks)")
+                        help="sample the coordinator and the last worker with py-spy during each admission step and fan-out: "
+                             "DIR/admission-N-coordinator.txt, DIR/fanout-N-worker.txt and so on (collapsed stacks)")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
     parser.add_argument("--trim", action="store_true",

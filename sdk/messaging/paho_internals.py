@@ -2,7 +2,7 @@
 
 paho 2.x has no public API for: the socket it writes to, how many packets are queued, whether
 it is inside one of its own callbacks, reading exactly one packet, and changing the in-flight
-window after CONNECT, and when its keepalive next falls due. The transport uses these for latency (batched, corked writes; bounded
+window after CONNECT, when its keepalive next falls due, and taking a socket opened elsewhere. The transport uses these for latency (batched, corked writes; bounded
 reads) and correctness (the broker's Receive Maximum). If a paho release renames them, each
 function falls back to behaviour that is slower but still correct, and logs once.
 
@@ -136,6 +136,39 @@ def skip_empty_callback_lookup(client: Any) -> bool:
         return False
     client._on_message_filtered = _FilteredCallbacks()  # noqa: SLF001
     return True
+
+
+def opens_plain_socket(client: Any) -> bool:
+    """True when paho's ``connect()`` would open a plain TCP socket itself (no TLS, no proxy, no
+    websockets) through ``_create_socket``: then the transport may open that socket on its event
+    loop and hand it over (:func:`connect_over`) instead of running the blocking connect in a
+    thread. False when unknown (the transport then keeps the thread)."""
+    reconnect = getattr(type(client), "reconnect", None)
+    if reconnect is None or "_create_socket" not in getattr(reconnect, "__code__", reconnect).co_names:
+        _missing("reconnect() through _create_socket")
+        return False
+    try:
+        plain = client._transport == "tcp" and not client._ssl  # noqa: SLF001
+        proxy = client._get_proxy()  # noqa: SLF001 - explicit or from the environment
+    except AttributeError:
+        _missing("_transport/_ssl/_get_proxy")
+        return False
+    return bool(plain) and not proxy
+
+
+def connect_over(client: Any, sock: Any, connect: Callable[[], Any]) -> Any:
+    """Call ``connect`` (paho's ``connect()``) with ``sock``, already connected, as the socket
+    paho opens; only after :func:`opens_plain_socket` said True."""
+
+    def handed_over() -> Any:
+        del client._create_socket  # noqa: SLF001 - once: a later reconnect opens its own
+        return sock
+
+    client._create_socket = handed_over  # noqa: SLF001
+    try:
+        return connect()
+    finally:
+        client.__dict__.pop("_create_socket", None)
 
 
 def set_max_inflight(client: Any, limit: int) -> None:

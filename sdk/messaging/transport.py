@@ -58,6 +58,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import ipaddress
 import logging
 import math
 import random
@@ -392,6 +393,24 @@ class _Sub:
     handler: MessageCallback | None = None
 
 
+class _SubscribeBatch:
+    """Subscriptions asked for in one loop turn: they leave as one SUBSCRIBE, and its SUBACK's
+    reason codes go back to each caller by filter."""
+
+    __slots__ = ("filters", "future", "mid", "sent", "waiting")
+
+    def __init__(self, future: asyncio.Future[list[int]]) -> None:
+        self.filters: dict[str, int] = {}   # filter -> QoS, in packet order
+        self.future = future                # the SUBACK's reason codes
+        self.mid: int | None = None
+        self.sent = False
+        self.waiting = 0
+
+
+#: most filters in one SUBSCRIBE (more asked in one loop turn go in the next packet)
+_SUBSCRIBE_BATCH = 64
+
+
 def _reason_value(rc: Any) -> int:
     return int(rc.value) if isinstance(rc, ReasonCode) else int(rc)
 
@@ -415,6 +434,36 @@ def _handler_done(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]]
             log.error("async message handler raised", exc_info=task.exception())
 
     return done
+
+
+async def _open_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> socket.socket:
+    """A connected non-blocking TCP socket to ``host:port``, opened on ``loop`` (each address
+    in turn, as ``socket.create_connection`` does; a name is resolved off the loop, an address
+    literal is not looked up)."""
+    try:
+        ip = ipaddress.ip_address(host)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        infos: list[tuple[Any, ...]] = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _, addr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, addr)
+            return sock
+        except TimeoutError:
+            sock.close()
+            error = TimeoutError(f"timed out after {timeout:g} s")
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {host}")
 
 
 class MqttTransport:
@@ -462,6 +511,7 @@ class MqttTransport:
         self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._qos0_pending = 0
         self._sub_futs: dict[int, asyncio.Future[list[int]]] = {}
+        self._sub_batch: _SubscribeBatch | None = None
         self._subs: dict[str, _Sub] = {}
         self._hooks: list[ConnectHook] = []
         self._queue: collections.deque[Message] = collections.deque()
@@ -620,6 +670,8 @@ class MqttTransport:
             raise NotConnected("not connected (QoS 0 messages are not queued offline)")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
+        if self._sub_batch is not None:
+            self._send_subscriptions_first()
         if qos == 0:
             # counted before paho sees it: an idle connection writes it (and calls on_publish) at once
             self._qos0_pending += 1
@@ -734,6 +786,8 @@ class MqttTransport:
     ) -> int:
         """Subscribe and wait for the SUBACK; return the granted QoS.
 
+        Subscriptions asked for in the same event-loop turn (say, under one ``asyncio.gather``)
+        leave as one SUBSCRIBE packet, before anything published or unsubscribed after them.
         While a reconnect is under way this waits for it (up to ``timeout`` or
         ``connect_timeout``) instead of failing at once.
         """
@@ -746,19 +800,67 @@ class MqttTransport:
             raise NotConnected("not connected")
         self._subs[topic_filter] = _Sub(qos, handler)
         try:
-            codes = await self._send_subscribe([(topic_filter, qos)], timeout)
+            code = await self._subscribe_batched(topic_filter, qos, timeout)
         except BaseException:
             self._subs.pop(topic_filter, None)
             raise
-        code = codes[0]
         if code >= 0x80:
             self._subs.pop(topic_filter, None)
             log.warning("broker refused subscription %s (code 0x%02x)", topic_filter, code)
             raise SubscribeFailed(f"broker refused subscription to {topic_filter!r} (0x{code:02x})")
         return code
 
+    async def _subscribe_batched(self, topic_filter: str, qos: int, timeout: float | None) -> int:
+        assert self._loop is not None
+        batch = self._sub_batch
+        if batch is None or topic_filter in batch.filters or len(batch.filters) >= _SUBSCRIBE_BATCH:
+            if batch is not None:           # the same filter twice, or a full packet: send it now
+                self._send_subscribe_batch(batch)
+            batch = self._sub_batch = _SubscribeBatch(self._loop.create_future())
+            self._loop.call_soon(self._send_subscribe_batch, batch)
+        batch.filters[topic_filter] = qos
+        batch.waiting += 1
+        try:
+            codes = await asyncio.wait_for(asyncio.shield(batch.future), timeout or self.config.connect_timeout)
+        except TimeoutError:
+            raise SubscribeFailed("no SUBACK in time", reason="timeout") from None
+        finally:
+            batch.waiting -= 1
+            if not batch.waiting and batch.mid is not None and not batch.future.done():
+                self._sub_futs.pop(batch.mid, None)     # nobody waits for this SUBACK any more
+        by_filter = dict(zip(batch.filters, codes, strict=False))
+        if topic_filter not in by_filter:
+            raise SubscribeFailed(f"the SUBACK has no reason code for {topic_filter!r}")
+        return by_filter[topic_filter]
+
+    def _send_subscribe_batch(self, batch: _SubscribeBatch) -> None:
+        """Send ``batch`` (once: a no-op when already sent)."""
+        if self._sub_batch is batch:
+            self._sub_batch = None
+        if batch.sent:
+            return
+        batch.sent = True
+        client = self._client
+        if not self._connected.is_set() or client is None:
+            batch.future.set_exception(NotConnected("not connected"))
+            batch.future.exception()
+            return
+        rc, mid = client.subscribe(list(batch.filters.items()))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            batch.future.set_exception(NotConnected(f"subscribe failed: {paho.error_string(rc)}"))
+            batch.future.exception()
+            return
+        batch.mid = mid
+        self._sub_futs[mid] = batch.future
+
+    def _send_subscriptions_first(self) -> None:
+        """Keep the wire in call order: subscriptions asked for before go out before this."""
+        if self._sub_batch is not None:
+            self._send_subscribe_batch(self._sub_batch)
+
     async def unsubscribe(self, topic_filter: str, *, timeout: float | None = None) -> None:
         """Forget the subscription (and its handler); tell the broker if connected."""
+        self._send_subscriptions_first()
         self._subs.pop(topic_filter, None)
         if self._connected.is_set() and self._client is not None:
             rc, mid = self._client.unsubscribe(topic_filter)
@@ -853,11 +955,23 @@ class MqttTransport:
         self._connack = self._loop.create_future()
         self._deferred = []
         try:
-            # connect() blocks (DNS, TCP, TLS handshake): run it off the loop; socket callbacks
-            # it triggers are deferred and replayed on the loop below.
-            await self._loop.run_in_executor(
-                None, lambda: client.connect(cfg.host, cfg.port, cfg.keepalive, **kwargs)
-            )
+            if _paho.opens_plain_socket(client):
+                # plain TCP: the socket is opened on the loop and handed to paho, whose connect()
+                # then only queues the CONNECT (no thread per connect)
+                sock = await _open_tcp(self._loop, cfg.host, cfg.port, cfg.connect_timeout)
+                try:
+                    _paho.connect_over(client, sock, lambda: client.connect(
+                        cfg.host, cfg.port, cfg.keepalive, **kwargs))
+                except BaseException:
+                    if _paho.socket_of(client) is not sock:
+                        sock.close()
+                    raise
+            else:
+                # connect() blocks (DNS, TCP, TLS handshake): run it off the loop; socket
+                # callbacks it triggers are deferred and replayed on the loop below.
+                await self._loop.run_in_executor(
+                    None, lambda: client.connect(cfg.host, cfg.port, cfg.keepalive, **kwargs)
+                )
         except (OSError, ssl.SSLError, ValueError) as exc:
             self._deferred = None
             raise ConnectFailed(f"cannot reach broker {cfg.url}: {exc}") from exc
