@@ -57,6 +57,26 @@ def test_failed_report_and_counts(store_opener: StoreOpener) -> None:
     store.close()
 
 
+def test_a_batch_of_reports_keeps_each_devices_last_word(store_opener: StoreOpener) -> None:
+    store = store_opener()
+    store.commit({"did:a": ({"w": 1}, ("r",)), "did:b": ({"w": 1}, ("r",))})
+    store.commit({"did:a": ({"w": 2}, ("r",))})
+    store.record_reports([
+        ("did:a", 2, "applied", None, 1.0),          # the reported state is version 2's desired state
+        ("did:a", 1, "applied", None, 1.0),          # an older version does not take it back
+        ("did:b", 1, "applied", None, 1.0),
+        ("did:b", 1, "failed", "disk full", None),   # a later failure keeps the state, not the status
+        ("did:c", 9, "applied", None, 1.0),          # no desired row: an empty state
+    ], now=50.0)
+    a, b, c = store.reported("did:a"), store.reported("did:b"), store.reported("did:c")
+    assert (a.version, a.state, a.status) == (2, {"w": 2}, "applied")
+    assert (b.version, b.state, b.status, b.reason) == (1, {"w": 1}, "failed", "disk full")
+    assert (c.version, c.state, c.status) == (9, {}, "applied")
+    assert store.report_status("did:a", 1) == "applied" and store.report_status("did:b", 1) == "failed"
+    assert store.report_counts() == {"applied": 3, "failed": 1}
+    store.close()
+
+
 def test_merge_and_delta_helpers() -> None:
     assert merge({"a": 1, "b": 2}, {"a": None, "c": 3}) == {"b": 2, "c": 3}
     assert delta({"a": 1, "b": 2}, {"a": 1, "z": 0}) == {"b": 2, "z": None}

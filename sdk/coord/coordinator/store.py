@@ -12,6 +12,7 @@ Values are written as strict JSON (no NaN/Infinity): what the store holds can al
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -150,6 +151,21 @@ def delta(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> dict[str, 
     out = {k: v for k, v in desired.items() if reported.get(k, object()) != v}
     out.update({k: None for k in reported if k not in desired})
     return out
+
+
+#: a device's report, one row per (device, version)
+_RECORD_REPORT = ("INSERT INTO reports(did, version, status, reason, apply_ms, at) VALUES (?,?,?,?,?,?) "
+                  "ON CONFLICT(did, version) DO UPDATE SET status = excluded.status, "
+                  "reason = excluded.reason, apply_ms = excluded.apply_ms, at = excluded.at")
+#: an applied version is the device's reported state: the desired state of that version
+_REPORTED_APPLIED = (
+    "INSERT INTO reported(did, version, state, status, reason, at) "
+    "VALUES (?, ?, COALESCE((SELECT state FROM desired WHERE did = ? AND version = ?), '{}'), ?, ?, ?) "
+    "ON CONFLICT(did) DO UPDATE SET version=excluded.version, state=excluded.state, "
+    "status=excluded.status, reason=excluded.reason, at=excluded.at WHERE excluded.version >= reported.version")
+#: any other report changes only the reported status
+_REPORTED_OTHER = ("INSERT INTO reported(did, version, state, status, reason, at) VALUES (?, 0, '{}', ?, ?, ?) "
+                   "ON CONFLICT(did) DO UPDATE SET status=excluded.status, reason=excluded.reason, at=excluded.at")
 
 
 class Store(LeaseMixin):
@@ -503,25 +519,16 @@ class Store(LeaseMixin):
         batch = list(reports)
 
         def write(db: Connection) -> None:
-            for did, version, status, reason, apply_ms in batch:
-                db.execute("INSERT INTO reports(did, version, status, reason, apply_ms, at) VALUES (?,?,?,?,?,?) "
-                           "ON CONFLICT(did, version) DO UPDATE SET status = excluded.status, "
-                           "reason = excluded.reason, apply_ms = excluded.apply_ms, at = excluded.at",
-                           (did, version, status, reason, apply_ms, now))
-                if status == "applied":
-                    row = db.execute("SELECT state FROM desired WHERE did = ? AND version = ?",
-                                     (did, version)).fetchone()
-                    state = row[0] if row else "{}"
-                    db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
-                               "VALUES (?,?,?,?,?,?) ON CONFLICT(did) DO UPDATE SET "
-                               "version=excluded.version, state=excluded.state, status=excluded.status, "
-                               "reason=excluded.reason, at=excluded.at WHERE excluded.version >= reported.version",
-                               (did, version, state, status, reason, now))
+            db.executemany(_RECORD_REPORT, [(did, version, status, reason, apply_ms, now)
+                                            for did, version, status, reason, apply_ms in batch])
+            # runs of applied / other reports, in order (two reports of one device in one batch
+            # leave its reported row as the last one says)
+            for applied, run in itertools.groupby(batch, key=lambda r: r[2] == "applied"):
+                if applied:
+                    db.executemany(_REPORTED_APPLIED, [(did, version, did, version, status, reason, now)
+                                                       for did, version, status, reason, _ in run])
                 else:
-                    db.execute("INSERT INTO reported(did, version, state, status, reason, at) "
-                               "VALUES (?, 0, '{}', ?, ?, ?) ON CONFLICT(did) DO UPDATE SET "
-                               "status=excluded.status, reason=excluded.reason, at=excluded.at",
-                               (did, status, reason, now))
+                    db.executemany(_REPORTED_OTHER, [(did, status, reason, now) for did, _, status, reason, _ in run])
 
         if batch:
             self._tx(write)
