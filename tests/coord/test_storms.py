@@ -88,6 +88,28 @@ def test_retry_after_follows_the_admission_rate() -> None:
         AdmissionControl(0)
 
 
+def test_a_coordinator_ramping_up_is_judged_by_its_last_half_second() -> None:
+    clock = Clock()
+    ac = AdmissionControl(200, clock=clock)
+    for i in range(200):
+        ac.begin(f"did:{i}")
+    for i in range(4):                       # a cold start: four handshakes in the first 1.5 s ...
+        clock.now += 0.375
+        ac.finish(f"did:{i}")
+    for i in range(4, 104):                  # ... then 100 in the next 0.4 s (250 a second)
+        clock.now += 0.004
+        ac.finish(f"did:{i}")
+    # over the whole 2 s window that is 104 / 1.9 s (about 55 a second): the hint would send the
+    # 100 refused devices away for about 1.8 s instead of 0.4 s
+    assert ac.rate() == pytest.approx(100 / 0.5, rel=0.05)
+    assert all(ac.begin(f"did:more{i}") for i in range(104))     # full again
+    for i in range(100):
+        assert not ac.begin(f"did:late{i}")
+    assert 0.4 < ac.retry_after() < 0.6
+    clock.now += 0.6                         # nothing finished in the last half second: the 2 s
+    assert ac.rate() == pytest.approx(103 / 1.75, rel=0.05)         # window it is (the first left it)
+
+
 def test_busy_hint_round_trip_and_jitter() -> None:
     text = f"did:x answered with an error: busy: {busy_message(0.4)}"
     assert retry_after(text) == pytest.approx(0.4)

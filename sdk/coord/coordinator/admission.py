@@ -61,8 +61,11 @@ class AdmissionControl:
     Every operation is O(1) amortised.
     """
 
-    #: the admission rate behind a retry-after hint is measured over this many seconds
+    #: the admission rate behind a retry-after hint is measured over this many seconds ...
     RATE_WINDOW = 2.0
+    #: ... or over this many, when that is faster (a coordinator that has just begun finishing
+    #: handshakes: its first seconds' average would send refused devices away for too long)
+    RECENT_WINDOW = 0.5
 
     def __init__(self, max_inflight: int = 256, *, slot_ttl: float = 10.0, max_hint: float = 5.0,
                  unknown_share: float = 0.75, clock: Callable[[], float] = time.monotonic) -> None:
@@ -124,13 +127,20 @@ class AdmissionControl:
         return True
 
     def rate(self) -> float | None:
-        """Handshakes finished per second over the last :attr:`RATE_WINDOW` (None: too few)."""
+        """Handshakes finished per second over the last :attr:`RATE_WINDOW`, or over the last
+        :attr:`RECENT_WINDOW` when that is faster (None: too few)."""
         now = self._clock()
         done = self._done_at
         self._trim(done, now)
         if len(done) < 4:
             return None
-        return len(done) / max(now - done[0], 0.05)
+        rate = len(done) / max(now - done[0], 0.05)
+        recent, since = 0, now - self.RECENT_WINDOW
+        for at in reversed(done):           # newest first: at most the last half second's
+            if at < since:
+                break
+            recent += 1
+        return max(rate, recent / self.RECENT_WINDOW) if recent >= 4 else rate
 
     def retry_after(self) -> float:
         """When a refused device should come back: the devices refused lately, queued behind each
