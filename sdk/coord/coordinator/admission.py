@@ -66,6 +66,10 @@ class AdmissionControl:
     #: ... or over this many, when that is faster (a coordinator that has just begun finishing
     #: handshakes: its first seconds' average would send refused devices away for too long)
     RECENT_WINDOW = 0.5
+    #: the rate assumed while none is measured, and the least one assumed while the handshakes
+    #: finished span less than :attr:`RATE_WINDOW` (a cold start: a hint too long idles the
+    #: coordinator, one too short costs only another cheap refusal)
+    ASSUMED_RATE = 100.0
 
     def __init__(self, max_inflight: int = 256, *, slot_ttl: float = 10.0, max_hint: float = 5.0,
                  unknown_share: float = 0.75, clock: Callable[[], float] = time.monotonic) -> None:
@@ -80,6 +84,7 @@ class AdmissionControl:
         self._slots: OrderedDict[str, float] = OrderedDict()     # did -> deadline, oldest first
         self._done_at: deque[float] = deque(maxlen=8192)        # when recent handshakes finished
         self._busy_at: deque[float] = deque(maxlen=8192)        # when recent hellos were refused
+        self._run_began = float("-inf")                         # the current run of admissions began
         #: the most handshakes in flight at once
         self.peak = 0
         #: hellos refused busy
@@ -123,18 +128,25 @@ class AdmissionControl:
             return False
         self._unknown.discard(did)
         self.finished += 1
-        self._done_at.append(self._clock())
+        now = self._clock()
+        done = self._done_at
+        if not done or done[-1] < now - self.RATE_WINDOW:
+            self._run_began = now               # the first handshake finished after a quiet window
+        done.append(now)
         return True
 
     def rate(self) -> float | None:
         """Handshakes finished per second over the last :attr:`RATE_WINDOW`, or over the last
-        :attr:`RECENT_WINDOW` when that is faster (None: too few)."""
+        :attr:`RECENT_WINDOW` when that is faster, and at least :attr:`ASSUMED_RATE` until the
+        handshakes have been finishing for a whole window (None: too few)."""
         now = self._clock()
         done = self._done_at
         self._trim(done, now)
         if len(done) < 4:
             return None
         rate = len(done) / max(now - done[0], 0.05)
+        if now - self._run_began < self.RATE_WINDOW:
+            rate = max(rate, self.ASSUMED_RATE)     # a cold start: not measured yet
         recent, since = 0, now - self.RECENT_WINDOW
         for at in reversed(done):           # newest first: at most the last half second's
             if at < since:
@@ -144,8 +156,8 @@ class AdmissionControl:
 
     def retry_after(self) -> float:
         """When a refused device should come back: the devices refused lately, queued behind each
-        other at the recent admission rate (0.05 s to ``max_hint``; 100/s while none is measured)."""
-        rate = self.rate() or 100.0
+        other at the recent admission rate (0.05 s to ``max_hint``; see :meth:`rate`)."""
+        rate = self.rate() or self.ASSUMED_RATE
         self._trim(self._busy_at, self._clock())
         return min(self.max_hint, max(0.05, len(self._busy_at) / rate))
 
