@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
 import socket
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -102,11 +105,59 @@ async def test_nobody_listening_is_a_typed_error() -> None:
         await MqttTransport(f"mqtt://127.0.0.1:{port}", connect_timeout=2).connect()
 
 
+@contextlib.contextmanager
+def _unanswered_port() -> Iterator[int]:
+    """A port whose connects hang: its listener's accept queue is full, so SYNs go unanswered."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        yield port
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_connect_left_unanswered_times_out_typed_and_keeps_no_socket() -> None:
+    with _unanswered_port() as port:
+        before = _open_fds()
+        with pytest.raises(ConnectFailed, match="cannot reach broker"):
+            await MqttTransport(f"mqtt://127.0.0.1:{port}", connect_timeout=0.3).connect()
+        assert _open_fds() == before
+
+
+async def test_a_cancelled_connect_keeps_no_socket() -> None:
+    with _unanswered_port() as port:
+        before = _open_fds()
+        task = asyncio.create_task(MqttTransport(f"mqtt://127.0.0.1:{port}", connect_timeout=30).connect())
+        for _ in range(200):                # until its socket exists (the connect is under way)
+            if _open_fds() > before:
+                break
+            await asyncio.sleep(0.01)
+        assert _open_fds() > before
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert _open_fds() == before
+
+
 def test_only_a_plain_tcp_client_takes_a_socket_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     assert pi.opens_plain_socket(plain)
     tls = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    tls.tls_set_context(__import__("ssl").create_default_context())
+    tls.tls_set_context(ssl.create_default_context())
     assert not pi.opens_plain_socket(tls)            # the TLS handshake stays in paho's hands
     ws = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5, transport="websockets")
     assert not pi.opens_plain_socket(ws)
