@@ -114,10 +114,16 @@ class PgConnection:
             raise self._error(exc) from exc
 
     def executemany(self, sql: str, rows: Any, /) -> psycopg.Cursor[Any]:
+        """One statement per row, each a full round trip: psycopg's own ``executemany`` pipelines
+        them, and a coordinator paused mid-pipeline (no Sync sent) is not "idle in transaction",
+        so ``idle_in_transaction_session_timeout`` would not end it and the lease row it locked
+        would keep a standby out."""
         conn = self._connection()
         cur = conn.cursor()
+        query = _placeholders(sql)
         try:
-            cur.executemany(_placeholders(sql), list(rows))
+            for row in rows:
+                cur.execute(query, row)
         except psycopg.Error as exc:
             raise self._error(exc) from exc
         return cur
