@@ -840,18 +840,13 @@ class MqttTransport:
         if batch.sent:
             return
         batch.sent = True
-        client = self._client
-        if not self._connected.is_set() or client is None:
-            batch.future.set_exception(NotConnected("not connected"))
+        try:
+            if not self._connected.is_set() or self._client is None:
+                raise NotConnected("not connected")
+            batch.mid = self._queue_subscribe(list(batch.filters.items()), batch.future)
+        except NotConnected as exc:
+            batch.future.set_exception(exc)
             batch.future.exception()
-            return
-        rc, mid = client.subscribe(list(batch.filters.items()))
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            batch.future.set_exception(NotConnected(f"subscribe failed: {paho.error_string(rc)}"))
-            batch.future.exception()
-            return
-        batch.mid = mid
-        self._sub_futs[mid] = batch.future
 
     def _send_subscriptions_first(self) -> None:
         """Keep the wire in call order: subscriptions asked for before go out before this."""
@@ -1069,13 +1064,19 @@ class MqttTransport:
         client.loop_misc()
         return _paho.keepalive_due(client)
 
-    async def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> list[int]:
-        assert self._client is not None and self._loop is not None
+    def _queue_subscribe(self, subs: list[tuple[str, int]], fut: asyncio.Future[list[int]]) -> int:
+        """Hand one SUBACK-awaiting SUBSCRIBE to paho; ``fut`` gets its reason codes. Returns the mid."""
+        assert self._client is not None
         rc, mid = self._client.subscribe(subs)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnected(f"subscribe failed: {paho.error_string(rc)}")
-        fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._sub_futs[mid] = fut
+        return mid
+
+    async def _send_subscribe(self, subs: list[tuple[str, int]], timeout: float | None) -> list[int]:
+        assert self._loop is not None
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        mid = self._queue_subscribe(subs, fut)
         try:
             return await asyncio.wait_for(fut, timeout or self.config.connect_timeout)
         except TimeoutError:
