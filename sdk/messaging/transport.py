@@ -46,9 +46,11 @@ Implementation: paho runs on the asyncio loop itself (socket callbacks drive ``a
 ``add_writer``, as aiomqtt does); paho callbacks only resolve futures or feed the queue. Latency:
 a lone publish is written at once (the first of a loop turn: what other tasks queue later in the
 same turn leaves in one corked write after it); acks for what was just read are written after
-the tasks those messages woke (one corked write per read batch); the first message after a quiet
+the tasks those messages woke (one write per read batch); the first message after a quiet
 spell is handed over before anything queued behind it is parsed (a busy socket is read in
-batches). paho's per-packet ``Properties`` share their constant tables
+batches). A plain TCP socket is handed to paho as a
+:class:`~sdk.messaging.buffered_socket.BufferedSocket` (one ``recv`` for what paho reads a byte
+at a time, one ``send`` per flush); a TLS socket is corked instead. paho's per-packet ``Properties`` share their constant tables
 (:func:`sdk.messaging.paho_internals.share_property_tables`).
 """
 
@@ -80,6 +82,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from sdk.messaging import paho_internals as _paho
+from sdk.messaging.buffered_socket import BufferedSocket
 from sdk.messaging.errors import (
     ConnectFailed,
     ConnectionLost,
@@ -952,13 +955,15 @@ class MqttTransport:
         try:
             if _paho.opens_plain_socket(client):
                 # plain TCP: the socket is opened on the loop and handed to paho, whose connect()
-                # then only queues the CONNECT (no thread per connect)
-                sock = await _open_tcp(self._loop, cfg.host, cfg.port, cfg.connect_timeout)
+                # then only queues the CONNECT (no thread per connect); paho reads and writes
+                # it through user-space buffers (a system call per read batch and per flush)
+                sock = BufferedSocket(await _open_tcp(self._loop, cfg.host, cfg.port, cfg.connect_timeout))
                 try:
                     _paho.connect_over(client, sock, lambda: client.connect(
                         cfg.host, cfg.port, cfg.keepalive, **kwargs))
                 except BaseException:
                     if _paho.socket_of(client) is not sock:
+                        sock.discard()
                         sock.close()
                     raise
             else:
@@ -1098,6 +1103,8 @@ class MqttTransport:
         client = self._client
         if client is not None:
             _paho.forget_socket(client, sock)
+        if isinstance(sock, BufferedSocket):
+            sock.discard()                      # unclean: what was kept is not sent
         with contextlib.suppress(OSError):
             sock.close()
 
@@ -1191,6 +1198,9 @@ class MqttTransport:
         client = self._client
         if client is None or _paho.socket_of(client) is not sock:
             return
+        if isinstance(sock, BufferedSocket):
+            self._write_buffered(client, sock)
+            return
         sock = cast(socket.socket, sock)
         if _paho.queued_packets(client) > 1 and _CORK is not None:
             # several packets: cork so they leave as full segments, not one loopback trip each
@@ -1207,9 +1217,30 @@ class MqttTransport:
             self._writer_sock = sock
             self._loop.add_writer(sock, self._on_writable)  # type: ignore[union-attr]
 
+    def _write_buffered(self, client: paho.Client, sock: BufferedSocket) -> None:
+        """paho's queue into ``sock``'s buffer, and that to the kernel in one ``send``; a full
+        kernel buffer: wait until writable (paho keeps queueing meanwhile)."""
+        try:
+            client.loop_write()
+            if _paho.socket_of(client) is not sock:     # paho closed it (a DISCONNECT written)
+                return
+            done = sock.flush()
+        except OSError as exc:                          # the connection is gone: paho's read sees it
+            log.debug("write to the broker failed: %s", exc)
+            return
+        if not done:
+            if self._writer_sock is not sock:
+                self._writer_sock = sock
+                self._loop.add_writer(sock, self._on_writable)  # type: ignore[union-attr]
+        elif self._writer_sock is sock and not client.want_write():
+            self._writer_sock = None
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_writer(sock)  # type: ignore[union-attr]
+
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this after every write that emptied its queue; only an EAGAIN added a writer
-        if self._writer_sock is None:
+        # (a buffered socket's writer is left to _write_buffered, which knows what is still kept)
+        if self._writer_sock is None or isinstance(sock, BufferedSocket):
             return
 
         def unreg() -> None:
@@ -1252,12 +1283,24 @@ class MqttTransport:
                     assert self._loop is not None
                     self._loop.call_soon(self._on_readable)  # read on after them
                     return
+            sock = _paho.socket_of(client)
+            if isinstance(sock, BufferedSocket) and sock.buffered:
+                assert self._loop is not None           # what was read ahead raises no epoll event
+                self._loop.call_soon(self._on_readable)
         finally:
             self._reading = False
 
     def _on_writable(self) -> None:
         client = self._client
-        if client is not None:
+        if client is None:
+            return
+        sock = _paho.socket_of(client)
+        if isinstance(sock, BufferedSocket):
+            with contextlib.suppress(OSError):          # a lost connection: paho's read sees it
+                if not sock.flush():
+                    return
+            self._write_buffered(client, sock)
+        else:
             client.loop_write()
 
     def _pause_reading(self) -> None:
@@ -1271,6 +1314,8 @@ class MqttTransport:
         self._read_paused = False
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._on_readable)  # type: ignore[union-attr]
+            if isinstance(self._sock, BufferedSocket) and self._sock.buffered:
+                self._loop.call_soon(self._on_readable)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ paho callbacks
 

@@ -18,6 +18,7 @@ import pytest
 from sdk.identity import Key
 from sdk.messaging import paho_internals as pi
 from sdk.messaging.broker_auth import did_credentials
+from sdk.messaging.buffered_socket import BufferedSocket
 from sdk.messaging.errors import ConnectFailed, SubscribeFailed
 from sdk.messaging.transport import Message, MqttTransport
 from tests.messaging.test_transport import _frozen, _own_mosquitto
@@ -74,7 +75,7 @@ async def test_a_plain_connection_is_opened_on_the_loop_not_in_a_thread(broker: 
         await pub.publish("direct/x", b"over a socket opened on the loop", qos=1)
         assert (await asyncio.wait_for(got.get(), 5)).payload == b"over a socket opened on the loop"
         sock = pi.socket_of(pub._client)
-        assert isinstance(sock, socket.socket) and not sock.getblocking()
+        assert isinstance(sock, BufferedSocket) and not sock.getblocking()
     assert executor.submitted == 0
 
 
