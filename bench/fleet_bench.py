@@ -462,6 +462,12 @@ async def _worker(index: int, broker: str, coordinator: str, issuer_seed: bytes,
             conn.send({"ok": len(ok), "failed": len(done) - len(ok), "first": t0,
                        "last": max(ok) if ok else t0, "errors": failures[-3:],
                        "busy_retries": sum(d.busy_retries for d in batch)})
+        elif cmd == "freeze":           # after a step: the devices made so far leave every later collection
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            conn.send(gc.get_freeze_count())
         elif cmd == "event":
             assert src is not None
             t0 = time.monotonic()
@@ -558,18 +564,27 @@ class Fleet:
                 p.kill()
 
 
-def py_spy(folder: Path | None, label: str, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+def py_spy(folder: Path | None, label: str, pids: dict[str, int],
+           strace: Path | None = None) -> list[subprocess.Popen[bytes]]:
     """Sample each pid's on-CPU Python stacks with py-spy (when ``folder`` is set) until
     :func:`stop_spies`: DIR/LABEL-NAME.txt, collapsed stacks (flamegraph input; sampled CPU time,
-    not wall time, so a process waiting for the other core is not charged for it)."""
-    if folder is None:
+    not wall time, so a process waiting for the other core is not charged for it). With
+    ``strace``: count each pid's system calls instead (``strace -c -f``: STRACE/LABEL-NAME.txt;
+    the counts are exact, the times are inflated by strace itself)."""
+    if folder is None and strace is None:
         return []
-    folder.mkdir(parents=True, exist_ok=True)
-    spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
-                               "--format", "raw", "-o", str(folder / f"{label}-{name}.txt")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for name, pid in pids.items()]
-    time.sleep(1.0)                     # py-spy attaches before the clock starts
+    spies = []
+    for name, pid in pids.items():
+        if strace is not None:
+            strace.mkdir(parents=True, exist_ok=True)
+            cmd = ["strace", "-c", "-f", "-p", str(pid), "-o", str(strace / f"{label}-{name}.txt")]
+        else:
+            assert folder is not None
+            folder.mkdir(parents=True, exist_ok=True)
+            cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                   "--format", "raw", "-o", str(folder / f"{label}-{name}.txt")]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)                     # the tracer attaches before the clock starts
     return spies
 
 
@@ -640,6 +655,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                args.queue_wait, args.tracemalloc, args.gc_freeze, args.gc_threshold)
     out["gc_freeze"], out["trim"] = args.gc_freeze, args.trim
     out["gc_threshold"], out["sim_gc"], out["sim_nice"] = args.gc_threshold, args.sim_gc, args.sim_nice
+    out["sim_gc_freeze"] = args.sim_gc_freeze
     fleet: Fleet | None = None
     try:
         time.sleep(1.0)
@@ -659,7 +675,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.profile:
                 coord.profile(str(args.profile / f"admission-{size}.prof"))
                 fleet.ask("profile", str(args.profile / f"worker-admission-{size}.prof"), only=len(fleet.conns) - 1)
-            spies = py_spy(args.py_spy, f"admission-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid})
+            spies = py_spy(args.py_spy, f"admission-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid},
+                           args.strace)
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             grown = fleet.grow(add)
             stop_spies(spies)
@@ -679,6 +696,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"per device, simulators {step['simulator_cpu_ms_per_device']} ms, broker "
                   f"{step['broker_cpu_ms_per_device']} ms; {grown['busy_retries']} busy retries, {grown['failed']} failed; load {load()})",
                   flush=True)
+            if args.sim_gc_freeze:
+                # one device's process collects only its own objects; a simulator holding 2,500 would
+                # walk all of them in each full collection: its long-lived ones are frozen instead
+                fleet.ask("freeze")
             # the admission's tail (rows, status.json, the collector) is not the fan-out's: wait until
             # the coordinator is idle, and say how long that took and what it cost
             step.update(settle(coord, args.settle))
@@ -687,7 +708,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.profile:
                 coord.profile(str(args.profile / f"fanout-{size}.prof"))
                 fleet.ask("profile", str(args.profile / f"worker-fanout-{size}.prof"), only=len(fleet.conns) - 1)
-            spies = py_spy(args.py_spy, f"fanout-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid})
+            spies = py_spy(args.py_spy, f"fanout-{size}", {"coordinator": coord.pid, "worker": fleet.procs[-1].pid},
+                           args.strace)
             cpu0, sim0, brk0 = proc_cpu(coord.pid), fleet.cpu(), broker_cpu(broker)
             gc0 = sum(s["gc_cpu_s"] for s in fleet.ask("state", 1))
             (t0,) = fleet.ask("event", 1000 + version, only=0)
@@ -803,6 +825,9 @@ def main() -> None:
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                         help="sample the coordinator and the last worker with py-spy during each admission step and fan-out: "
                              "DIR/admission-N-coordinator.txt, DIR/fanout-N-worker.txt and so on (collapsed stacks)")
+    parser.add_argument("--strace", type=Path, default=None, metavar="DIR",
+                        help="count the coordinator's and the last worker's system calls (strace -c) during each "
+                             "admission step and fan-out, instead of sampling them: DIR/LABEL-NAME.txt")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                         help="trace the coordinator's allocations (FRAMES deep) and break its growth down per step")
     parser.add_argument("--trim", action="store_true",
@@ -813,6 +838,9 @@ def main() -> None:
     parser.add_argument("--sim-gc", type=int, default=20000, metavar="N",
                         help="the simulator processes' first-generation GC threshold (default 20000, so their "
                              "collections of 2,500 devices each load the machine less; 0: Python's 700)")
+    parser.add_argument("--no-sim-gc-freeze", dest="sim_gc_freeze", action="store_false",
+                        help="the simulators do not gc.freeze() their devices after each admission step (by "
+                             "default they do: a real device's collections walk one device's objects, not 2,500)")
     parser.add_argument("--sim-nice", type=int, default=10, metavar="N",
                         help="the simulator processes' nice value (default 10: the coordinator and the "
                              "broker are scheduled first, as with a fleet on its own hardware, and the "
