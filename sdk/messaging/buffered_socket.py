@@ -51,11 +51,13 @@ class BufferedSocket:
         if pos >= len(data):
             data = self._sock.recv(max(bufsize, READ_CHUNK))
             if len(data) <= bufsize:
-                self._in, self._pos = b"", 0
                 return data
             pos = 0
         end = pos + bufsize
-        self._in, self._pos = data, end
+        if end >= len(data):        # all taken: an idle connection keeps no chunk
+            self._in, self._pos = b"", 0
+        else:
+            self._in, self._pos = data, end
         return data[pos:end]
 
     @property

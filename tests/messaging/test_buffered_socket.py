@@ -86,6 +86,7 @@ def test_buffered_is_true_while_read_ahead_bytes_wait(pair: Any) -> None:
     peer.sendall(b"abc")
     assert s.recv(1) == b"a" and s.buffered
     assert s.recv(10) == b"bc" and not s.buffered
+    assert s._in == b""                     # an idle connection keeps no chunk it has handed out
 
 
 def test_writes_leave_in_one_send_per_flush(pair: Any) -> None:
