@@ -34,7 +34,7 @@ class BufferedSocket:
     """``socket``'s ``recv``/``send``/``close`` over a connected, non-blocking TCP socket,
     buffered in user space (see the module docstring); other attributes are the socket's."""
 
-    __slots__ = ("_sock", "_in", "_pos", "_out", "_blocked")
+    __slots__ = ("_blocked", "_in", "_out", "_pos", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
