@@ -86,7 +86,7 @@ def packet_reader(client: Any) -> Callable[[], int] | None:
 
 
 def handle_read_error(client: Any, rc: int) -> None:
-    """Let paho close the socket and call on_disconnect for a failed read."""
+    """Let paho close the socket and call on_disconnect for a failed read or write."""
     handler = getattr(client, "_loop_rc_handle", None)
     if handler is None:
         _missing("_loop_rc_handle")

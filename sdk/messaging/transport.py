@@ -1225,8 +1225,8 @@ class MqttTransport:
             if _paho.socket_of(client) is not sock:     # paho closed it (a DISCONNECT written)
                 return
             done = sock.flush()
-        except OSError as exc:                          # the connection is gone: paho's read sees it
-            log.debug("write to the broker failed: %s", exc)
+        except OSError as exc:
+            self._write_failed(client, sock, exc)
             return
         if not done:
             if self._writer_sock is not sock:
@@ -1236,6 +1236,14 @@ class MqttTransport:
             self._writer_sock = None
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_writer(sock)  # type: ignore[union-attr]
+
+    def _write_failed(self, client: paho.Client, sock: BufferedSocket, exc: OSError) -> None:
+        """The connection is gone (reset, broken pipe): paho closes it and calls on_disconnect,
+        as it does when its own send fails, and the transport reconnects."""
+        log.info("write to the broker failed: %s", exc)
+        sock.discard()
+        if _paho.socket_of(client) is sock:
+            _paho.handle_read_error(client, MQTTErrorCode.MQTT_ERR_CONN_LOST)
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this after every write that emptied its queue; only an EAGAIN added a writer
@@ -1296,9 +1304,12 @@ class MqttTransport:
             return
         sock = _paho.socket_of(client)
         if isinstance(sock, BufferedSocket):
-            with contextlib.suppress(OSError):          # a lost connection: paho's read sees it
+            try:
                 if not sock.flush():
                     return
+            except OSError as exc:
+                self._write_failed(client, sock, exc)
+                return
             self._write_buffered(client, sock)
         else:
             client.loop_write()

@@ -4,6 +4,7 @@ nothing lost or reordered when the kernel's buffer is full, and the transport ov
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -190,3 +191,33 @@ async def test_publishes_behind_a_full_socket_buffer_all_arrive_in_order() -> No
         seen = [(await asyncio.wait_for(got.get(), 30)).payload for _ in range(48)]
     assert [int(p[:-len(block)]) for p in seen] == list(range(48))
     assert all(p.endswith(block) for p in seen)
+
+
+class BrokenSend(socket.socket):
+    """A duplicate of a connected socket whose sends fail as on a reset connection."""
+
+    def send(self, data: Any, *args: Any) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+async def test_a_failed_write_closes_the_connection_and_the_transport_reconnects(mosquitto_broker: Any) -> None:
+    """A send error on flush is a lost connection (as paho treats its own send errors): the
+    socket is closed, the transport reconnects, and publishing works again."""
+    async with MqttTransport(mosquitto_broker.url, backoff_min=0.01) as t:
+        await t.publish("broken/warm", b"x", qos=1)
+        sock = pi.socket_of(t._client)
+        assert isinstance(sock, BufferedSocket)
+        real = sock._sock
+        sock._sock = BrokenSend(real.family, real.type, real.proto, fileno=os.dup(real.fileno()))
+        try:
+            sent = asyncio.ensure_future(t.publish("broken/x", b"lost with the connection", qos=1))
+            for _ in range(500):
+                if t.reconnects >= 1 and t.connected:
+                    break
+                await asyncio.sleep(0.01)
+            assert t.reconnects >= 1 and t.connected
+            assert pi.socket_of(t._client) is not sock
+            await asyncio.wait_for(t.publish("broken/y", b"after the reconnect", qos=1), 10)
+            await asyncio.wait_for(sent, 10)        # the QoS 1 publish is sent again after it
+        finally:
+            real.close()
