@@ -1218,13 +1218,16 @@ class MqttTransport:
             self._loop.add_writer(sock, self._on_writable)  # type: ignore[union-attr]
 
     def _write_buffered(self, client: paho.Client, sock: BufferedSocket) -> None:
-        """paho's queue into ``sock``'s buffer, and that to the kernel in one ``send``; a full
-        kernel buffer: wait until writable (paho keeps queueing meanwhile)."""
+        """What an earlier flush left, then paho's queue into ``sock``'s buffer and that to the
+        kernel in one ``send``; a full kernel buffer: wait until writable (paho keeps queueing
+        meanwhile). Also the writable callback of a buffered socket."""
         try:
-            client.loop_write()
-            if _paho.socket_of(client) is not sock:     # paho closed it (a DISCONNECT written)
-                return
-            done = sock.flush()
+            done = sock.flush()                         # nothing left: no system call
+            if done:
+                client.loop_write()
+                if _paho.socket_of(client) is not sock:     # paho closed it (a DISCONNECT written)
+                    return
+                done = sock.flush()
         except OSError as exc:
             self._write_failed(client, sock, exc)
             return
@@ -1304,12 +1307,6 @@ class MqttTransport:
             return
         sock = _paho.socket_of(client)
         if isinstance(sock, BufferedSocket):
-            try:
-                if not sock.flush():
-                    return
-            except OSError as exc:
-                self._write_failed(client, sock, exc)
-                return
             self._write_buffered(client, sock)
         else:
             client.loop_write()

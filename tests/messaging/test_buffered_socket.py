@@ -145,8 +145,9 @@ def test_other_attributes_are_the_sockets(pair: Any) -> None:
     raw, _peer = pair
     s = BufferedSocket(raw)
     assert s.fileno() == raw.fileno() and s.getblocking() is False
-    s.setsockopt(socket.IPPROTO_TCP if raw.family != socket.AF_UNIX else socket.SOL_SOCKET,
-                 socket.SO_KEEPALIVE if raw.family == socket.AF_UNIX else socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    assert raw.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
 
 
 # --------------------------------------------------------------------- the transport over it
