@@ -91,6 +91,11 @@ class MosquittoConfig:
     tls_port: int = 0
     require_certificate: bool | None = None
     persistence: bool = False
+    #: with ``persistence``: seconds between saves of the whole in-memory database (sessions,
+    #: subscriptions, retained messages); 0 saves only on a clean stop. Each save rewrites all of
+    #: it (about 2.6 KB per device: 10,000 devices are a 26 MB file), so a short interval is a
+    #: cost that grows with the fleet, every interval; a crash loses what changed since the last save.
+    autosave_interval: int = 60
     max_queued_messages: int = 100_000
     max_inflight_messages: int = 0  # 0 = no per-client limit
     max_packet_size: int | None = None  # None: secure 1 MiB (>= the envelope limit), open 0 (256 MiB)
@@ -114,6 +119,10 @@ class MosquittoConfig:
             if self.passwords:
                 raise ValueError("secure mode authenticates by client certificate; "
                                  "passwords need mode='open'")
+        if isinstance(self.autosave_interval, bool) or not isinstance(self.autosave_interval, int) \
+                or self.autosave_interval < 0:
+            raise ValueError(f"autosave_interval must be a whole number of seconds >= 0, "
+                             f"not {self.autosave_interval!r}")
         if (self.certfile is None) != (self.keyfile is None) or (self.certfile and not self.cafile):
             raise ValueError("give cafile, certfile and keyfile together")
 
@@ -222,7 +231,8 @@ def render_config(
     if cfg.packet_limit:
         lines.append(f"max_packet_size {cfg.packet_limit}")
     if cfg.persistence:
-        lines += ["persistence true", f"persistence_location {workdir / 'data'}/", "autosave_interval 1"]
+        lines += ["persistence true", f"persistence_location {workdir / 'data'}/",
+                  f"autosave_interval {cfg.autosave_interval}"]
     if acl_file is not None:
         lines.append(f"acl_file {acl_file}")
     if password_file is not None:

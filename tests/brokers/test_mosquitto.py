@@ -45,6 +45,44 @@ def test_render_config_has_the_settings_the_sdk_relies_on(tmp_path: Path) -> Non
     assert not any(line.startswith("cafile") for line in lines)
 
 
+def test_persistence_saves_at_the_configured_interval(tmp_path: Path) -> None:
+    def autosave(cfg: MosquittoConfig) -> list[str]:
+        text = render_config(cfg, port=1234, tls_port=None, workdir=tmp_path, pki=None, acl_file=None,
+                             password_file=None)
+        return [line for line in text.splitlines() if line.startswith("autosave_interval")]
+
+    # every save rewrites the whole database: not every second by default
+    assert autosave(MosquittoConfig.open_for_tests(persistence=True)) == ["autosave_interval 60"]
+    assert autosave(MosquittoConfig.open_for_tests(persistence=True, autosave_interval=0)) == ["autosave_interval 0"]
+    assert autosave(MosquittoConfig.open_for_tests(autosave_interval=5)) == []      # no persistence
+    for bad in (-1, 1.5, True, "60"):
+        with pytest.raises(ValueError, match="autosave_interval"):
+            MosquittoConfig.open_for_tests(persistence=True, autosave_interval=bad)  # type: ignore[arg-type]
+
+
+async def test_a_short_autosave_keeps_retained_messages_across_a_crash() -> None:
+    m = MosquittoBroker(MosquittoConfig.open_for_tests(persistence=True, autosave_interval=1))
+    await asyncio.to_thread(m.start)
+    try:
+        async with MqttTransport(m.url) as pub:
+            await pub.publish("fleet/kept", b"retained before the crash", qos=1, retain=True)
+        db = m.workdir / "data" / "mosquitto.db"
+        deadline = asyncio.get_running_loop().time() + 10
+        while not db.exists():           # saved while running: no clean stop wrote it
+            assert asyncio.get_running_loop().time() < deadline, "no autosave within 10 s"
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(m.kill)                    # SIGKILL: no save on the way down
+        await asyncio.to_thread(m.start)
+        got: asyncio.Queue[Message] = asyncio.Queue()
+        async with MqttTransport(m.url) as sub:
+            await sub.subscribe("fleet/#", qos=1, handler=lambda t, p, *, retain, qos:
+                                got.put_nowait(Message(t, p, qos, retain)))
+            msg = await asyncio.wait_for(got.get(), 5)
+        assert (msg.topic, msg.payload, msg.retain) == ("fleet/kept", b"retained before the crash", True)
+    finally:
+        await asyncio.to_thread(m.cleanup)
+
+
 def test_restart_keeps_the_port() -> None:
     with MosquittoBroker() as m:
         port = m.port
