@@ -766,6 +766,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             broker.restart()
             t_up = time.monotonic()
+            db = broker.workdir / "data" / "mosquitto.db"       # what its stop saved: the whole fleet
+            db_mb = round(db.stat().st_size / 2**20, 1) if db.exists() else None
             target = before["admitted"] + fleet.size + 1      # every phone and the display
             ok = wait_until(lambda: coord.stats()["admitted"] >= target, args.timeout, 0.25)
             t_admitted = time.monotonic()
@@ -779,7 +781,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             conv = converged_after(coord, te, fleet.size, args.timeout)
             t_conv = time.monotonic()
             storm = {
-                "devices": fleet.size, "broker_restart_s": round(t_up - t0, 2),
+                "devices": fleet.size, "broker_restart_s": round(t_up - t0, 2), "broker_db_mb": db_mb,
                 "all_readmitted": ok, "readmitted": after["admitted"] - before["admitted"],
                 "readmitted_s": round(t_admitted - t0, 2), "devices_admitted_after": admitted_now,
                 "by_ticket": after["admission"]["resumed"] - before["admission"]["resumed"],

@@ -564,6 +564,28 @@ async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordi
         task.cancel()
 
 
+async def test_status_writes_wait_while_a_large_fleet_is_admitted(coord: Coordinator,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 3600.0)
+    writes, sweeps = _watch_status_writes(coord, monkeypatch)
+    coord._status_cost = 0.05                       # 50 ms snapshots: at most one a second
+    coord._dirty = True
+    task = asyncio.ensure_future(coord._sweep_loop())
+    try:
+        await until(lambda: len(writes) == 1)
+        coord._dirty, coord._admitted_at = True, float("inf")     # admissions keep coming
+        seen = len(sweeps)
+        await until(lambda: len(sweeps) >= seen + 150)   # 1.5 s of sweeps: a write would be due by now
+        assert len(writes) == 1
+        coord._status_cost = 0.001                  # a small fleet's snapshot: admissions do not hold it
+        await until(lambda: len(writes) == 2)
+        coord._dirty, coord._status_cost = True, 0.05
+        coord._admitted_at = time.monotonic() - 2.5      # the storm is over: written again
+        await until(lambda: len(writes) == 3)
+    finally:
+        task.cancel()
+
+
 async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinator,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 3600.0)

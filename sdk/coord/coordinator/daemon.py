@@ -123,7 +123,8 @@ _MAX_CAPABILITIES = 256
 #: 256 keep a loopback broker busy; each in flight holds a sealed config and paho's message state,
 #: so 1,024 left ~3 MB more of freed-but-held heap after a 10,000-device fan-out for no speed
 PUMP_CONCURRENCY = 256
-#: seconds between status.json writes while reports of a push come in and a snapshot costs over 20 ms
+#: seconds between status.json writes while reports of a push come in, or devices are being
+#: admitted, and a snapshot costs over 20 ms
 STATUS_BUSY_INTERVAL = 10.0
 _MAX_ATTRIBUTES_BYTES = 16 * 1024
 _DEPLOYMENT = "deployment"       # meta key: the id all instances over one store share
@@ -281,6 +282,7 @@ class Coordinator:
         self._reports: list[tuple[str, int, str, str | None, float | None]] = []
         self._reports_at = float("-inf")        # monotonic time of the last reports recorded
         self._push_at = float("-inf")           # monotonic time the last push started
+        self._admitted_at = float("-inf")       # monotonic time of the last admission
         self._listeners: list[Listener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -672,6 +674,7 @@ class Coordinator:
             self._schedule_expiry(did, session)
         self.metrics.auth.labels("admitted").inc()
         self._dirty = True
+        self._admitted_at = time.monotonic()
         self._emit("admitted", did=did, kind=rec.kind, last_version=last, latest=latest)
         if latest > last:
             asyncio.get_running_loop().call_soon(lambda: self._spawn(self._pump(did)))
@@ -1275,12 +1278,15 @@ class Coordinator:
             # on change, at most once a second, and never more than 5 % of the loop's time; while a
             # large push converges (reports arriving: every row changes with each) at most every
             # STATUS_BUSY_INTERVAL from the push's start (a push left waiting on devices that are
-            # away does not count)
+            # away does not count), and as often while a large fleet is being admitted (a storm)
             interval = max(1.0, 20 * self._status_cost)
             since = last_write
-            if self.metrics.pending and self._status_cost > 0.02 and now - self._reports_at < 2.0:
-                interval = max(interval, STATUS_BUSY_INTERVAL)
-                since = max(since, self._push_at)
+            if self._status_cost > 0.02:
+                converging = bool(self.metrics.pending) and now - self._reports_at < 2.0
+                if converging or now - self._admitted_at < 2.0:
+                    interval = max(interval, STATUS_BUSY_INTERVAL)
+                if converging:
+                    since = max(since, self._push_at)
             if self._dirty and now - since >= interval:
                 last_write = now
                 self._write_status()
