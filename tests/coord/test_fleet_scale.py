@@ -7,7 +7,8 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -543,15 +544,27 @@ def _watch_status_writes(coord: Coordinator, monkeypatch: pytest.MonkeyPatch) ->
     return writes, sweeps
 
 
-async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordinator,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 1.0)
+@asynccontextmanager
+async def _sweeping(coord: Coordinator, monkeypatch: pytest.MonkeyPatch, *, busy: float,
+                    cost: float) -> AsyncIterator[tuple[list[float], list[float]]]:
+    """The sweep loop running with ``STATUS_BUSY_INTERVAL = busy`` and snapshots costing ``cost``
+    seconds, entered once the first (dirty) status write happened: yields (writes, sweeps)."""
+    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", busy)
     writes, sweeps = _watch_status_writes(coord, monkeypatch)
-    coord._status_cost = 0.05                       # 50 ms snapshots: at most one a second
+    coord._status_cost = cost
     coord._dirty = True
     task = asyncio.ensure_future(coord._sweep_loop())
     try:
         await until(lambda: len(writes) == 1)
+        yield writes, sweeps
+    finally:
+        task.cancel()
+
+
+async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordinator,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # 50 ms snapshots: at most one a second
+    async with _sweeping(coord, monkeypatch, busy=1.0, cost=0.05) as (writes, sweeps):
         await until(lambda: sweeps[-1] - writes[0] > 1.2)     # a write would be allowed again
         versions = [protocol.ConfigVersion(_did(i), 1, {"x": 1}, {"x": 1}) for i in (1, 2)]
         await coord.push_desired("ev", versions)    # devices unknown here: nothing is sent
@@ -560,19 +573,12 @@ async def test_a_costly_push_holds_the_status_write_from_its_start(coord: Coordi
         assert len(writes) == 1                     # not at the push's start, while its reports come
         await until(lambda: len(writes) == 2)       # but once the busy interval from its start is over
         assert writes[1] - pushed >= 1.0 - 0.05
-    finally:
-        task.cancel()
 
 
 async def test_status_writes_wait_while_a_large_fleet_is_admitted(coord: Coordinator,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 3600.0)
-    writes, sweeps = _watch_status_writes(coord, monkeypatch)
-    coord._status_cost = 0.05                       # 50 ms snapshots: at most one a second
-    coord._dirty = True
-    task = asyncio.ensure_future(coord._sweep_loop())
-    try:
-        await until(lambda: len(writes) == 1)
+    # 50 ms snapshots: at most one a second
+    async with _sweeping(coord, monkeypatch, busy=3600.0, cost=0.05) as (writes, sweeps):
         coord._dirty, coord._admitted_at = True, float("inf")     # admissions keep coming
         seen = len(sweeps)
         await until(lambda: len(sweeps) >= seen + 150)   # 1.5 s of sweeps: a write would be due by now
@@ -582,19 +588,12 @@ async def test_status_writes_wait_while_a_large_fleet_is_admitted(coord: Coordin
         coord._dirty, coord._status_cost = True, 0.05
         coord._admitted_at = time.monotonic() - 2.5      # the storm is over: written again
         await until(lambda: len(writes) == 3)
-    finally:
-        task.cancel()
 
 
 async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinator,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon, "STATUS_BUSY_INTERVAL", 3600.0)
-    writes, sweeps = _watch_status_writes(coord, monkeypatch)
-    coord._status_cost = 0.001                      # a cheap snapshot: written on change
-    coord._dirty = True
-    task = asyncio.ensure_future(coord._sweep_loop())
-    try:
-        await until(lambda: len(writes) == 1)
+    # a cheap snapshot: written on change
+    async with _sweeping(coord, monkeypatch, busy=3600.0, cost=0.001) as (writes, sweeps):
         coord.metrics.start("ev", {_did(1): 1, _did(2): 1})   # a push converging, 50 ms snapshots
         coord._status_cost = 0.05
         coord._dirty = True
@@ -611,5 +610,3 @@ async def test_status_writes_wait_while_a_costly_push_converges(coord: Coordinat
         coord.metrics.report(_did(1), 1, "applied")
         assert coord.metrics.report(_did(2), 1, "applied") is not None   # converged: the write follows
         await until(lambda: len(writes) == 3)
-    finally:
-        task.cancel()
