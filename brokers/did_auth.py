@@ -35,7 +35,8 @@ TopicACL = Callable[[str | None, str, str, Sequence[str]], bool]
 # kinds of topic: who may publish / subscribe (see sdk/messaging/topics.py for the layout)
 _OWNER_PUBLISHES = {("dev", "presence"), ("dev", "events"), ("inf", "ads"), ("status", None)}
 _INBOX = {("dev", "cmd"), ("inf", "req"), ("reply", None)}
-_PUBLIC_READ = {("dev", "presence"), ("dev", "events"), ("dev", "config"), ("inf", "ads"), ("status", None)}
+_PUBLIC_READ = {("dev", "presence"), ("dev", "events"), ("dev", "config"), ("inf", "ads"), ("status", None),
+                ("status", "presence")}
 
 
 def _token(did: str | None) -> str | None:
@@ -58,6 +59,8 @@ def _classify(topic: str) -> tuple[tuple[str, str | None], str] | None:
             return ("reply", None), ident
         case ["status", ident]:
             return ("status", None), ident
+        case ["status", ident, "presence"]:
+            return ("status", "presence"), ident    # a coordinator's presence: admins publish it
     return None
 
 
@@ -93,6 +96,8 @@ def own_topics_acl(did: str | None, topic: str, action: str, admins: Sequence[st
     if action == "subscribe":
         if kind in _INBOX:
             return ident == own
+        if kind == ("status", None) and ident == "#":
+            return True     # the broadcast tree: status lists and coordinators' presence
         return kind in _PUBLIC_READ and (ident in ("+", own) or ("+" not in ident and "#" not in ident))
     return False
 

@@ -89,7 +89,7 @@ def topic_acl(admins: Sequence[str] = ()) -> dict[str, Any]:
     subscribe = {f"{ROOT}/dev/%u/#": everyone, f"{ROOT}/inf/req/%u": everyone, f"{ROOT}/reply/%u": everyone,
                  f"{ROOT}/dev/+/presence": everyone, f"{ROOT}/dev/+/events": everyone,
                  f"{ROOT}/dev/+/config": everyone, f"{ROOT}/inf/ads/+": everyone,
-                 f"{ROOT}/status/+": everyone, "#": admin}
+                 f"{ROOT}/status/+": everyone, f"{ROOT}/status/#": everyone, "#": admin}
     users = [f"{ejabberd_username(did)}@{HOST}" for did in admins] or [f"nobody@{HOST}"]
     return {
         "acl": {"mqtt_admins": {"user": users}},

@@ -167,8 +167,10 @@ def secure_acl(admins: Sequence[str] = ()) -> str:
     Every client: publish its own ``dev/%u/presence``, ``dev/%u/events``, ``inf/ads/%u`` and
     ``status/%u``; publish to anyone's inbox (``dev/+/cmd``, ``inf/req/+``, ``reply/+``); read its
     own inboxes (``dev/%u/cmd``, ``dev/%u/config``, ``inf/req/%u``, ``reply/%u``) and the public
-    state (presence, events, configs, adverts, status lists). ``admins`` (the coordinator, DIDs or
-    tokens) also write every device's config and relay status lists. Nothing else.
+    state (presence, events, configs, adverts, and the broadcast tree ``status/#``: status lists
+    and coordinators' presence). ``admins`` (the coordinator, DIDs or tokens) also write every
+    device's config, relay status lists and publish their own presence (and will) under
+    ``status/{token}/presence``. Nothing else.
     """
     r = ROOT
     lines = [
@@ -189,9 +191,11 @@ def secure_acl(admins: Sequence[str] = ()) -> str:
         f"pattern read {r}/dev/+/config",
         f"pattern read {r}/inf/ads/+",
         f"pattern read {r}/status/+",
+        f"pattern read {r}/status/#",
     ]
     for admin in dict.fromkeys(client_token(a) for a in admins):
-        lines += ["", f"user {admin}", f"topic write {r}/dev/+/config", f"topic write {r}/status/+"]
+        lines += ["", f"user {admin}", f"topic write {r}/dev/+/config", f"topic write {r}/status/+",
+                  f"topic write {r}/status/{admin}/presence"]
     return "\n".join(lines) + "\n"
 
 

@@ -75,6 +75,7 @@ APPLIED = "applied"
 FAILED = "failed"
 
 ALL_STATUS_LISTS = topics.ALL_STATUS_LISTS
+STATUS_TREE = topics.STATUS_TREE
 
 
 def token(did: str) -> str:
@@ -103,6 +104,12 @@ def device_config(device: str) -> str:
 
 def device_commands(device: str) -> str:
     return f"{ROOT}/dev/{validate_id(device, what='device id')}/cmd"
+
+
+def coordinator_presence(coordinator: str) -> str:
+    """A coordinator's retained presence (online/offline, its will), under the broadcast tree
+    its devices read anyway (``topics.STATUS_TREE``, beside the status lists)."""
+    return f"{ROOT}/status/{validate_id(coordinator, what='coordinator id')}/presence"
 
 
 #: Subscription filters over all devices.
@@ -175,7 +182,8 @@ __all__ = [
     "HELLO", "PRESENT", "EVENT", "REPORT", "ANNOUNCE", "PRESENCE", "HEARTBEAT", "CONFIG", "NOTICE",
     "STATUS_LIST", "NOTICE_REVOKED", "NOTICE_REAUTH", "NOTICE_NOT_ADMITTED", "APPLIED", "FAILED",
     "ALL_STATUS_LISTS", "token", "status_list_topic", "status_list_url",
-    "issuer_of_status_url", "device_presence", "device_events", "device_config", "device_commands",
+    "issuer_of_status_url", "STATUS_TREE", "coordinator_presence", "device_presence", "device_events",
+    "device_config", "device_commands",
     "ALL_PRESENCE", "ALL_EVENTS", "ALL_CONFIGS", "parse_device_topic", "NOTICE_EXPIRED", "ConfigVersion",
     "ACK_PROCESSED", "ACK_DUPLICATE", "ACK_REJECTED", "EVENT_ACK", "OPERATE", "CALL", "ENROLL", "RENEW",
     "ROTATE", "PROPERTIES",

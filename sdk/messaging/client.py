@@ -100,6 +100,8 @@ class Subscription:
     handler: Handler
     policy: InboundPolicy
     versions: dict[tuple[str, Hashable], Any] = field(default_factory=dict)
+    #: no broker subscription of its own: its messages come through a :meth:`SecureClient.cover`
+    local: bool = False
 
     @property
     def require(self) -> CredentialRequirement | None:
@@ -191,6 +193,9 @@ class SecureClient:
         )
         self.reply_topic = topics.validate_topic(reply_topic or topics.reply_topic(topics.client_token(key.did)))
         self._subs: dict[str, list[Subscription]] = {}
+        # filters subscribed at the broker: those of non-local subscriptions, and the covers
+        self._subscribed: set[str] = set()
+        self._covers: set[str] = set()
         # the wildcard filters of _subs, split once, in _subs order (rebuilt when a filter comes or goes)
         self._wild: list[tuple[list[str], list[Subscription]]] = []
         self._pending: dict[str, _Pending] = {}
@@ -286,6 +291,7 @@ class SecureClient:
         floors: Mapping[tuple[str, Hashable], Any] | None = None,
         gate: Gate | None = None,
         qos: int | None = None,
+        local: bool = False,
     ) -> Subscription:
         """Call ``handler(message)`` (sync or async) for each verified message matching the filter.
 
@@ -295,13 +301,48 @@ class SecureClient:
         sender and key; ``floors`` maps ``(sender DID, key)`` to a version already held, set before
         the broker can deliver a retained copy); ``gate(message)`` may return a rejection before
         authorization runs;
-        ``require``: a credential the sender must present.
+        ``require``: a credential the sender must present. ``local=True``: no broker subscription
+        of its own; the messages come through a broader filter subscribed with :meth:`cover`
+        (register it before the cover, so that the cover's retained copies find it).
         """
         policy = InboundPolicy(require=require, senders=senders, encrypted=encrypted, retained=retained,
                                order=order, gate=gate)
         if floors and retained is not Retained.STATE:
             raise ValueError("floors= only applies to Retained.STATE")
-        return await self._add_sub(topic_filter, handler, policy, qos=qos, floors=floors)
+        return await self._add_sub(topic_filter, handler, policy, qos=qos, floors=floors, local=local)
+
+    async def cover(self, topic_filter: str, *, qos: int | None = None) -> None:
+        """Subscribe at the broker to ``topic_filter`` with no handler of its own, for the
+        ``local=True`` subscriptions under it: one broker subscription for several handlers, each
+        with its own policy. What arrives through it and matches no subscription is dropped before
+        it is verified. A broker keeps a list of subscribers per filter, so a filter every device
+        shares costs each new subscriber a walk of that list: sharing one instead of two halves it.
+        Idempotent; :meth:`uncover` ends it."""
+        topics.validate_filter(topic_filter)
+        if topic_filter in self._covers:
+            return
+        self._covers.add(topic_filter)
+        if topic_filter in self._subscribed:
+            return
+        self._subscribed.add(topic_filter)
+        try:
+            await self.transport.subscribe(topic_filter, qos=self.config.qos if qos is None else qos,
+                                           handler=self._route)
+        except BaseException:
+            self._covers.discard(topic_filter)
+            self._subscribed.discard(topic_filter)
+            raise
+
+    async def uncover(self, topic_filter: str) -> None:
+        """End the broker subscription :meth:`cover` made (kept while a non-local subscription
+        has the same filter); the local subscriptions under it stay registered."""
+        if topic_filter not in self._covers:
+            return
+        self._covers.discard(topic_filter)
+        if any(not sub.local for sub in self._subs.get(topic_filter, ())):
+            return
+        self._subscribed.discard(topic_filter)
+        await self.transport.unsubscribe(topic_filter)
 
     async def serve(
         self,
@@ -324,25 +365,30 @@ class SecureClient:
 
     async def _add_sub(
         self, topic_filter: str, handler: Handler, policy: InboundPolicy, *, qos: int | None,
-        floors: Mapping[tuple[str, Hashable], Any] | None = None,
+        floors: Mapping[tuple[str, Hashable], Any] | None = None, local: bool = False,
     ) -> Subscription:
         topics.validate_filter(topic_filter)
         if not callable(handler):
             raise TypeError("handler must be callable")
-        sub = Subscription(self, topic_filter, handler, policy)
+        sub = Subscription(self, topic_filter, handler, policy, local=local)
         for (sender, key), version in (floors or {}).items():
             sub.advance(sender, key, version)
-        first = topic_filter not in self._subs
-        self._subs.setdefault(topic_filter, []).append(sub)
-        if first:
+        group = self._subs.setdefault(topic_filter, [])
+        group.append(sub)
+        if len(group) == 1:
             self._index_filters()
+        if not local and topic_filter not in self._subscribed:
+            self._subscribed.add(topic_filter)
             try:
                 await self.transport.subscribe(
                     topic_filter, qos=self.config.qos if qos is None else qos, handler=self._route
                 )
             except BaseException:
-                self._subs.pop(topic_filter, None)
-                self._index_filters()
+                self._subscribed.discard(topic_filter)
+                group.remove(sub)
+                if not group:
+                    self._subs.pop(topic_filter, None)
+                    self._index_filters()
                 raise
         return sub
 
@@ -374,6 +420,9 @@ class SecureClient:
         if not subs:
             del self._subs[sub.filter]
             self._index_filters()
+        if (sub.filter in self._subscribed and sub.filter not in self._covers
+                and not any(not s.local for s in subs)):
+            self._subscribed.discard(sub.filter)
             await self.transport.unsubscribe(sub.filter)
 
     # ------------------------------------------------------------------ request / stream

@@ -171,11 +171,13 @@ class MqttStatusListSource:
         task.add_done_callback(self._ask_tasks.discard)
     # -- end asking for a missing list
 
-    async def attach(self, client: SecureClient) -> bool:
-        """Subscribe ``client`` to every issuer's status list topic; False if the broker refused."""
+    async def attach(self, client: SecureClient, *, local: bool = False) -> bool:
+        """Subscribe ``client`` to every issuer's status list topic; False if the broker refused.
+        ``local=True``: the lists come through the caller's :meth:`SecureClient.cover` of
+        :data:`~sdk.messaging.topics.STATUS_TREE` (attach before covering)."""
         try:
             self._sub = await client.subscribe(ALL_STATUS_LISTS, self._on_message, qos=1,
-                                               retained=Retained.STATE, order=_list_order)
+                                               retained=Retained.STATE, order=_list_order, local=local)
         except SubscribeFailed as exc:
             log.warning("status lists unavailable over MQTT (%s): broker ACL refused %s",
                         exc.reason, ALL_STATUS_LISTS)

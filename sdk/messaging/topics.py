@@ -124,6 +124,10 @@ def status_list(issuer: str) -> str:
 
 #: Subscription filter over every issuer's status list.
 ALL_STATUS_LISTS = f"{ROOT}/status/+"
+#: The broadcast tree: issuers' status lists (``status/{issuer}``) and what sits below them
+#: (a coordinator's presence, ``status/{coordinator}/presence``): one filter for a participant
+#: that reads both (a device), instead of one per kind.
+STATUS_TREE = f"{ROOT}/status/#"
 
 
 __all__ = [
@@ -141,4 +145,5 @@ __all__ = [
     "reply_topic",
     "status_list",
     "ALL_STATUS_LISTS",
+    "STATUS_TREE",
 ]

@@ -114,6 +114,12 @@ def test_own_topics_acl() -> None:
     assert acl(MALLORY.did, "autoglm/v1/status/+", "subscribe")
     assert acl(ALICE.did, f"autoglm/v1/dev/{a}/#", "subscribe")
     assert not acl(ALICE.did, f"autoglm/v1/dev/{m}/#", "subscribe")
+    # the broadcast tree: everyone reads it with one filter; a presence under it only admins write
+    assert acl(MALLORY.did, "autoglm/v1/status/#", "subscribe")
+    assert acl(MALLORY.did, f"autoglm/v1/status/{a}/presence", "receive")
+    assert not acl(ALICE.did, f"autoglm/v1/status/{a}/presence", "publish")
+    assert acl(COORD.did, f"autoglm/v1/status/{_tok(COORD)}/presence", "publish", (COORD.did,))
+    assert not acl(ALICE.did, f"autoglm/v1/status/{a}/other", "receive")
 
 
 def test_only_admins_write_device_configs() -> None:

@@ -170,8 +170,10 @@ def test_secure_acl_patterns_follow_the_topic_layout() -> None:
     assert f"pattern write {ROOT}/dev/%u/presence" in lines and f"pattern write {ROOT}/dev/%u/events" in lines
     assert f"pattern read {ROOT}/reply/%u" in lines and f"pattern write {ROOT}/reply/+" in lines
     assert not any("config" in line and "write" in line for line in lines[:first_user])
-    assert lines[first_user:] == [f"user {client_token(SECURE_ADMIN.did)}",
-                                  f"topic write {ROOT}/dev/+/config", f"topic write {ROOT}/status/+"]
+    admin = client_token(SECURE_ADMIN.did)
+    assert lines[first_user:] == [f"user {admin}", f"topic write {ROOT}/dev/+/config",
+                                  f"topic write {ROOT}/status/+", f"topic write {ROOT}/status/{admin}/presence"]
+    assert f"pattern read {ROOT}/status/#" in lines     # the broadcast tree, one filter for a device
 
 
 def test_client_certificate_issued_alongside_a_device_credential(tmp_path: Path) -> None:
@@ -246,6 +248,37 @@ async def test_secure_mode_keeps_each_did_to_its_own_topics(mosquitto_secure: Mo
             await tc.publish(f"{ROOT}/dev/{a}/cmd", b"", qos=1, retain=True)
             await coord.publish(f"{ROOT}/dev/{b}/config", b"", qos=1, retain=True)
         assert events.empty()
+
+
+async def test_secure_mode_serves_the_broadcast_tree(mosquitto_secure: MosquittoBroker) -> None:
+    """One ``status/#`` subscription brings a device the status lists and the coordinator's
+    presence; only the coordinator (an admin) may publish a presence under ``status/``."""
+    m = mosquitto_secure
+    alice, bob = Key.generate(), Key.generate()
+    a, admin = client_token(alice.did), client_token(SECURE_ADMIN.did)
+    presence = f"{ROOT}/status/{admin}/presence"
+    async with MqttTransport(m.url, tls=_tls(m, alice)) as ta, MqttTransport(m.url, tls=_tls(m, bob)) as tb, \
+            MqttTransport(m.url, tls=_tls(m, SECURE_ADMIN)) as coord:
+        with pytest.raises(PublishFailed) as refused:
+            await ta.publish(f"{ROOT}/status/{a}/presence", b"alice poses as a coordinator", qos=1, retain=True)
+        assert refused.value.reason == "not_authorized"
+        await coord.publish(presence, b"coordinator online", qos=1, retain=True)
+        await ta.publish(f"{ROOT}/status/{a}", b"alice's status list", qos=1, retain=True)
+        try:
+            got: dict[str, bytes] = {}
+            both = asyncio.Event()
+
+            def collect(t: str, p: bytes, *, retain: bool, qos: int) -> None:
+                got[t] = p
+                if len(got) >= 2:
+                    both.set()
+
+            assert await tb.subscribe(f"{ROOT}/status/#", qos=1, handler=collect) == 1
+            await asyncio.wait_for(both.wait(), 5)
+            assert got == {presence: b"coordinator online", f"{ROOT}/status/{a}": b"alice's status list"}
+        finally:
+            await coord.publish(presence, b"", qos=1, retain=True)
+            await ta.publish(f"{ROOT}/status/{a}", b"", qos=1, retain=True)
 
 
 async def test_secure_mode_refuses_clients_without_a_certificate_of_its_ca(

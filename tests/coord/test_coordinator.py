@@ -356,7 +356,7 @@ async def test_coordinator_offline_then_online_same_boot(mesh: Mesh) -> None:
     display = await mesh.device("display")
     got: list[Any] = []
     phone = await mesh.device("phone", record=got)
-    presence = protocol.device_presence(protocol.token(coord.did))
+    presence = protocol.coordinator_presence(protocol.token(coord.did))
     await coord.client.publish(presence, {"state": "offline", "boot": coord.boot}, type=protocol.PRESENCE,
                                retain=True, qos=1)
     await until(lambda: phone.state == "waiting" and display.state == "waiting")

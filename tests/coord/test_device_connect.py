@@ -56,14 +56,14 @@ async def test_subscribes_and_presence_leave_before_the_first_ack(mesh: Mesh, mo
         first_ack = next(i for i, (what, _) in enumerate(log) if what in ("suback", "puback"))
         before = log[:first_ack]
         assert {f for what, f in before if what == "sub"} == {
-            dev.client.reply_topic, topics.ALL_STATUS_LISTS, protocol.device_config(token),
-            protocol.device_commands(token), protocol.device_presence(protocol.token(mesh.coord_key.did))}
+            dev.client.reply_topic, topics.STATUS_TREE, protocol.device_config(token),
+            protocol.device_commands(token)}
         assert ("pub", protocol.device_presence(token)) in before
         # the handshake (hello, then present) starts only once all of them are acknowledged
         coord_cmd = protocol.device_commands(protocol.token(mesh.coord_key.did))
         hello = log.index(("pub", coord_cmd))
         assert all(what in ("suback", "puback") for what, _ in log[first_ack:hello])
-        # the five leave in one SUBSCRIBE, acknowledged by one SUBACK
+        # the four leave in one SUBSCRIBE, acknowledged by one SUBACK
         assert [e[0] for e in log[:hello]].count("subscribe") == 1
         assert [e[0] for e in log[:hello]].count("suback") == 1
     finally:

@@ -523,7 +523,7 @@ async def test_after_a_failover_devices_re_admit_by_ticket_and_ignore_the_old_in
     from sdk.coord.coordinator import Coordinator, load_rules
     from sdk.coord.coordinator.ha import HACoordinator
     from sdk.coord.device.state import DeviceState
-    from sdk.coord.protocol import PRESENCE, device_presence, token
+    from sdk.coord.protocol import PRESENCE, coordinator_presence, token
     from sdk.identity import TrustPolicy
     from sdk.messaging import SecureClient
 
@@ -569,7 +569,7 @@ async def test_after_a_failover_devices_re_admit_by_ticket_and_ignore_the_old_in
 
     async with SecureClient(embedded_broker.url, key) as late:   # the old instance's offline note, late
         handled = dev.client.stats.handled
-        await late.publish(device_presence(token(key.did)), {"state": "offline", "boot": old_boot},
+        await late.publish(coordinator_presence(token(key.did)), {"state": "offline", "boot": old_boot},
                            type=PRESENCE, qos=1)
         await until(lambda: dev.client.stats.handled > handled, 10, what="the note handled")
     assert dev.state is DeviceState.ADMITTED

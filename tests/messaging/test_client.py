@@ -144,6 +144,47 @@ async def test_streaming_and_cancellation(broker, node_key: Key, user_key: Key) 
         assert len(single) == 1 and single[0].body["echo"] == 7
 
 
+async def test_one_cover_feeds_local_subscriptions_each_with_its_policy(broker, node_key: Key,
+                                                                         user_key: Key) -> None:
+    """``cover()`` is the only broker subscription; each ``local=True`` handler under it keeps its
+    own policy, and what matches none of them is dropped unverified."""
+    tree = f"{topics.ROOT}/status/#"
+    lists, presence = f"{topics.ROOT}/status/+", f"{topics.ROOT}/status/{topics.client_token(node_key.did)}/presence"
+    async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
+        subscribed: list[str] = []
+        real = user.transport.subscribe
+
+        async def spy(topic_filter: str, **kw: object) -> int:
+            subscribed.append(topic_filter)
+            return await real(topic_filter, **kw)  # type: ignore[arg-type]
+
+        user.transport.subscribe = spy  # type: ignore[method-assign]
+        got_lists: list[Message] = []
+        got_presence: list[Message] = []
+        await user.subscribe(lists, got_lists.append, local=True)
+        await user.subscribe(presence, got_presence.append, senders={node_key.did}, local=True)
+        await node.publish(presence, {"state": "online"}, type="coord.presence", retain=True, qos=1)
+        await user.cover(tree, qos=1)
+        await user.cover(tree, qos=1)                               # idempotent
+        assert subscribed == [tree]
+        await until(lambda: got_presence)                           # the retained copy, via the cover
+        assert got_presence[0].retained and got_presence[0].body == {"state": "online"}
+        verified = user.stats.received - user.stats.unrouted
+        other = f"{topics.ROOT}/status/{topics.client_token(user_key.did)}/else"
+        await node.publish(other, {"x": 1}, qos=1)                  # under the cover, no handler
+        await node.publish(topics.status_list(topics.client_token(node_key.did)), {"l": 1}, qos=1)
+        await until(lambda: got_lists)
+        assert user.stats.unrouted >= 1 and user.stats.received - user.stats.unrouted == verified + 1
+        # a sender the presence handler does not take is refused by its own policy
+        rejected = user.stats.rejected["wrong_sender"]
+        await user.publish(presence, {"state": "offline"}, type="coord.presence", qos=1)
+        await until(lambda: user.stats.rejected["wrong_sender"] > rejected)
+        assert len(got_presence) == 1
+        await user.uncover(tree)
+        assert subscribed == [tree]
+        await node.transport.publish(presence, b"", qos=1, retain=True)     # clear the retained copy
+
+
 async def test_encryption_hides_plaintext_from_the_broker(broker, node_key: Key, user_key: Key) -> None:
     topic = mesh_topics.inference_requests("secret-node")
     spy_key = Key.generate()

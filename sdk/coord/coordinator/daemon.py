@@ -266,7 +266,7 @@ class Coordinator:
         self.model_policy.bind_metrics(self.metrics.registry)
         # -- end model-made configs
         self._token = protocol.token(self.did)
-        presence = protocol.device_presence(self._token)
+        presence = protocol.coordinator_presence(self._token)
         _, will = Signer(key).seal(presence, {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
                                    ttl=365 * 86400)
         options = {**did_credentials(key), **transport_options}
@@ -496,7 +496,7 @@ class Coordinator:
         self.started = False
         with contextlib.suppress(MessagingError, OSError):
             if self.client.connected:
-                await self.client.publish(protocol.device_presence(self._token),
+                await self.client.publish(protocol.coordinator_presence(self._token),
                                           {"state": "offline", "boot": self.boot}, type=protocol.PRESENCE,
                                           retain=True, qos=1)
         if self._expiry_timer is not None:
@@ -523,7 +523,7 @@ class Coordinator:
         self._lock.release()        # data directory lock: released once the store is closed
 
     async def _announce(self) -> None:
-        await self.client.publish(protocol.device_presence(self._token),
+        await self.client.publish(protocol.coordinator_presence(self._token),
                                   {"state": "online", "boot": self.boot, "deployment": self.deployment},
                                   type=protocol.PRESENCE, retain=True, qos=1)
         if self.issuer is not None and self._status_credential is not None:

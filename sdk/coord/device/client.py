@@ -267,22 +267,26 @@ class Device:
             if not self.client.transport.connected:
                 await self.client.transport.connect()
             coordinator = {self.coordinator}
+            # the status lists and the coordinator's presence come through one broker subscription
+            # (the broadcast tree): every device shares it, and a broker pays for each filter
+            # shared by the fleet at every subscribe. Both handlers are registered first.
+            await self.client.subscribe(protocol.coordinator_presence(protocol.token(self.coordinator)),
+                                        self._on_coordinator_presence, senders=coordinator,
+                                        retained=Retained.DROP, qos=1, local=True)
+            await self.status_source.attach(self.client, local=True)
             # subscribed together, the reply topic (client.connect) too, with the presence after
             # them: the packets leave in one or two writes and are acknowledged in one round trip
             # (each handler is in place before its SUBSCRIBE is sent). The coordinator acts on no
             # "online" presence, so the handshake need not wait for that one apart.
             await asyncio.gather(
                 self.client.connect(),
-                self.status_source.attach(self.client),
+                self.client.cover(protocol.STATUS_TREE, qos=1),
                 self.client.subscribe(
                     self._config_topic, self._on_config_msg, senders=coordinator, retained=Retained.STATE,
                     order=self._config_order, floors={(self.coordinator, _CONFIG_KEY): self.last_version},
                     gate=self._config_gate, qos=1),
                 self.client.subscribe(protocol.device_commands(self._token), self._on_command,
                                       senders=coordinator, retained=Retained.MESSAGES, qos=1),
-                self.client.subscribe(protocol.device_presence(protocol.token(self.coordinator)),
-                                      self._on_coordinator_presence, senders=coordinator,
-                                      retained=Retained.DROP, qos=1),
                 self._publish_presence("online"))
             self.client.transport.add_on_connect(self._on_reconnect)
             self._worker = asyncio.ensure_future(self._config_worker())
