@@ -339,6 +339,13 @@ class SecureClient:
         if topic_filter not in self._covers:
             return
         self._covers.discard(topic_filter)
+        await self._release(topic_filter)
+
+    async def _release(self, topic_filter: str) -> None:
+        """Unsubscribe ``topic_filter`` at the broker once no cover and no non-local subscription
+        needs it."""
+        if topic_filter not in self._subscribed or topic_filter in self._covers:
+            return
         if any(not sub.local for sub in self._subs.get(topic_filter, ())):
             return
         self._subscribed.discard(topic_filter)
@@ -420,10 +427,7 @@ class SecureClient:
         if not subs:
             del self._subs[sub.filter]
             self._index_filters()
-        if (sub.filter in self._subscribed and sub.filter not in self._covers
-                and not any(not s.local for s in subs)):
-            self._subscribed.discard(sub.filter)
-            await self.transport.unsubscribe(sub.filter)
+        await self._release(sub.filter)
 
     # ------------------------------------------------------------------ request / stream
 
