@@ -1,10 +1,17 @@
 """The DID + Verifiable Presentation handshake both sides of coordination run.
 
-1. device → coordinator ``coord.hello`` {nonce}: the coordinator answers with a fresh single-use
-   ``challenge`` and a presentation of its CoordinatorCredential bound to the device's nonce
-   (so the device knows it talks to a coordinator its issuers vouch for).
-2. device → coordinator ``coord.present`` {challenge, vp}: a presentation of the device's
-   DeviceCredential over that challenge (domain = the coordinator's DID).
+Direct (one round trip): device → coordinator ``coord.present`` {challenge, vp, nonce} where the
+challenge is the id of the request envelope itself (fresh and single use by the envelope checks)
+and ``vp`` presents the device's DeviceCredential over it (domain = the coordinator's DID); the
+reply carries a presentation of the coordinator's CoordinatorCredential over the device's nonce
+(so the device knows it talks to a coordinator its issuers vouch for).
+
+With a handed-out challenge (two round trips, for coordinators that take no direct one):
+
+1. device → coordinator ``coord.hello`` {nonce?}: the coordinator answers with a fresh single-use
+   ``challenge`` (and, given a nonce, its presentation over it).
+2. device → coordinator ``coord.present`` {challenge, vp, nonce?}: the device's presentation over
+   that challenge.
 
 :func:`present` makes a presentation, :func:`check_presentation` verifies one and maps the
 identity layer's reasons onto :class:`~sdk.coord.errors.AdmissionError` reasons:

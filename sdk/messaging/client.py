@@ -22,7 +22,15 @@ from sdk.identity import Key, PublicKey
 from sdk.messaging import topics
 from sdk.messaging.authz import Authorizer, CredentialRequirement
 from sdk.messaging.broker_auth import did_credentials
-from sdk.messaging.envelope import HEADER_CACHE_SIZE, Message, Signer, Verifier, VerifyPolicy, new_id
+from sdk.messaging.envelope import (
+    HEADER_CACHE_SIZE,
+    MAX_ID_LEN,
+    Message,
+    Signer,
+    Verifier,
+    VerifyPolicy,
+    new_id,
+)
 from sdk.messaging.errors import (
     Malformed,
     MessagingError,
@@ -441,14 +449,22 @@ class SecureClient:
         encrypt_to: str | PublicKey | None = None,
         expect_from: str | None = None,
         qos: int | None = None,
+        request_id: str | None = None,
     ) -> Message:
         """Send a request and return the verified response; raises RemoteError / RequestTimeout.
 
         Replies must come from ``expect_from`` (default: ``encrypt_to``'s DID when given).
+        ``request_id`` is the request envelope's id (default: a fresh random one), for a body
+        that must name the envelope carrying it; it must be unique to this sender (the
+        receivers' replay caches refuse a repeated one).
         """
         timeout = self.config.request_timeout if timeout is None else timeout
         loop = self._loop or asyncio.get_running_loop()
-        cid = new_id()
+        if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LEN):
+            raise ValueError(f"request_id must be a string of 1-{MAX_ID_LEN} characters")
+        cid = new_id() if request_id is None else request_id
+        if cid in self._pending:
+            raise ValueError(f"request id {cid!r} is already in use")
         fut: asyncio.Future[Message] = loop.create_future()
         self._pending[cid] = _Pending(future=fut, expect=_expected(expect_from, encrypt_to))
         timer = loop.call_later(timeout, _expire, fut, topic, timeout)

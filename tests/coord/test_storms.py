@@ -195,7 +195,8 @@ async def test_storm_after_broker_restart(restartable_broker: Any, tmp_path: Pat
 
 
 async def test_connect_storm_is_bounded(broker: Any, tmp_path: Path) -> None:
-    """Everyone at once against a bound of 4: refused hellos come back, all admitted, none lost."""
+    """Everyone at once against a bound of 4: refused hellos come back, all admitted, none lost
+    (hello first: a handshake holds its slot from the hello to the present)."""
     n, bound = 40, 4
     issuer, ckey = Key.generate(), Key.generate()
     coord = Coordinator(ckey, broker=broker.url, data_dir=tmp_path / "coord", trust=TrustPolicy({}),
@@ -207,7 +208,8 @@ async def test_connect_storm_is_bounded(broker: Any, tmp_path: Path) -> None:
         for _ in range(n):
             key = Key.generate()
             dev = Device(key, coord.issue_device_credential(key.did, kind="phone"), broker=broker.url,
-                         coordinator=ckey.did, heartbeat_ttl=600, auth_timeout=30, renew_after=None)
+                         coordinator=ckey.did, heartbeat_ttl=600, auth_timeout=30, renew_after=None,
+                         direct_admission=False)
             stack.push_async_callback(dev.aclose)
             devices.append(dev)
         await asyncio.gather(*(d.connect() for d in devices))

@@ -67,6 +67,29 @@ async def test_signed_request_response(broker, node_key: Key, user_key: Key) -> 
             await user.request(mesh_topics.inference_requests("nobody"), 1, timeout=0.3)
 
 
+async def test_a_request_can_name_its_own_id(broker, node_key: Key, user_key: Key) -> None:
+    """``request_id`` is the request envelope's id (a body may bind itself to it); bad ones are
+    refused before anything is sent, and a reused one is refused by the server as a replay."""
+    topic = mesh_topics.inference_requests("node-ids")
+    seen: list[str] = []
+
+    async def ids(msg: Message) -> str:
+        seen.append(msg.id)
+        return msg.id
+
+    async with SecureClient(broker.url, node_key) as node, SecureClient(broker.url, user_key) as user:
+        await node.serve(topic, ids)
+        reply = await user.request(topic, None, timeout=10, request_id="chosen-id-1")
+        assert reply.body == "chosen-id-1" and reply.correlation_id == "chosen-id-1"
+        for bad in ("", "x" * 65, 7):
+            with pytest.raises(ValueError):
+                await user.request(topic, None, timeout=10, request_id=bad)  # type: ignore[arg-type]
+        with pytest.raises(RequestTimeout):           # the server drops it unanswered
+            await user.request(topic, None, timeout=0.5, request_id="chosen-id-1")
+        await until(lambda: node.stats.rejected["replayed"] == 1, timeout=10, what="replay refused")
+        assert seen == ["chosen-id-1"]
+
+
 async def test_pubsub_retained_and_sync_handler(broker, node_key: Key, user_key: Key) -> None:
     topic = protocol.device_presence(topics.client_token(node_key.did))
     async with SecureClient(broker.url, node_key) as dev:

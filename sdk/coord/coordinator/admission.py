@@ -8,9 +8,10 @@ then proves itself in the ``present`` reply, after the device has).
 
 Under a storm (every device of a fleet re-connecting at once) :class:`AdmissionControl` bounds
 the handshakes in flight: a ``hello`` takes a slot until its ``present`` is handled (or the slot
-times out); beyond ``max_inflight`` a hello is refused ``busy`` with a retry-after hint estimated
-from the recent admission rate, so the work queued behind the coordinator stays bounded and every
-refused device comes back later (nobody is dropped). A resumed admission (the single-use
+times out), a direct presentation (over its own request's id, no hello) while it is handled;
+beyond ``max_inflight`` either is refused ``busy`` with a retry-after hint estimated from the
+recent admission rate, so the work queued behind the coordinator stays bounded and every refused
+device comes back later (nobody is dropped). A resumed admission (the single-use
 ``next_challenge``) needs no hello and no slot: one round trip, no presentation signed.
 """
 
@@ -53,7 +54,8 @@ class TokenBucket:
 
 
 class AdmissionControl:
-    """At most ``max_inflight`` handshakes between ``hello`` and ``present``; counters for operators.
+    """At most ``max_inflight`` handshakes in flight (from ``hello`` to ``present``, or a direct
+    ``present`` being handled); counters for operators.
 
     ``begin(did)`` takes a slot (False when full: answer ``busy`` with :meth:`retry_after`);
     ``finish(did)`` releases it when the present was handled, admitted or not. A slot not
@@ -95,6 +97,8 @@ class AdmissionControl:
         self.expired = 0
         #: admissions by resumption ticket (no hello, no slot)
         self.resumed = 0
+        #: first admissions by a direct presentation (no hello)
+        self.direct = 0
         #: presentations the coordinator signed for handshakes
         self.signed = 0
 
@@ -169,7 +173,7 @@ class AdmissionControl:
         """The counters, for status output and benchmarks."""
         return {"inflight": self.inflight, "max_inflight": self.max_inflight, "peak": self.peak,
                 "busy": self.busy, "finished": self.finished, "expired": self.expired,
-                "resumed": self.resumed, "signed": self.signed}
+                "resumed": self.resumed, "direct": self.direct, "signed": self.signed}
 
     def _expire(self, now: float) -> None:
         while self._slots:

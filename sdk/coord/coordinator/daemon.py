@@ -187,6 +187,7 @@ class Coordinator:
         hello_rate: float = 500.0,
         hello_burst: int = 1000,
         max_admissions: int = 256,
+        direct_admission: bool = True,
         advisor: ConfigAdvisor | None = None,
         **transport_options: Any,
     ) -> None:
@@ -227,6 +228,8 @@ class Coordinator:
         self.request_limiter = SenderLimiter(rate=2.0, burst=10)
         # -- admission under storms: handshakes in flight are bounded, beyond it hellos get busy
         self.admission = AdmissionControl(max_admissions)
+        #: accept a first presentation over its own envelope's id (one round trip, no hello)
+        self.direct_admission = direct_admission
         #: admitted devices' records, one transaction per event-loop turn, written before any reply
         self.device_writes: WriteBatch[dict[str, Any]] = WriteBatch(self._save_device_rows)
         # -- end admission under storms
@@ -600,20 +603,34 @@ class Coordinator:
         return reply
 
     async def _present(self, msg: Message) -> dict[str, Any]:
-        """Admit a device (its handshake slot, if it took one with a hello, is released after)."""
+        """Admit a device (its handshake slot, if it took one with a hello or a direct
+        presentation, is released after)."""
+        body = msg.body if isinstance(msg.body, dict) else {}
+        direct = self.direct_admission and body.get("challenge") == msg.id
+        if direct:          # no hello took a slot: this presentation takes one, as a hello would
+            rec = self.registry.get(msg.sender)
+            if not self.admission.begin(msg.sender, known=rec is not None and rec.state != REVOKED):
+                raise AdmissionError(busy_message(self.admission.retry_after()), reason="busy")
         try:
-            reply = await self._admit(msg)
+            reply = await self._admit(msg, direct=direct)
         except BaseException:
             self.admission.finish(msg.sender)
             raise
         if not self.admission.finish(msg.sender):
             self.admission.resumed += 1         # by resumption ticket: no hello came first
             self.metrics.auth.labels("resumed").inc()
+        elif direct:
+            self.admission.direct += 1
+            self.metrics.auth.labels("direct").inc()
         return reply
 
-    async def _admit(self, msg: Message) -> dict[str, Any]:
+    async def _admit(self, msg: Message, *, direct: bool = False) -> dict[str, Any]:
         """Validate everything first, then commit record and session at once (the record is written
-        with the other admissions of this loop turn, in one transaction, before the reply)."""
+        with the other admissions of this loop turn, in one transaction, before the reply).
+
+        ``direct``: the presentation's challenge is the id of the envelope that carries it, which
+        the envelope checks have just proved fresh and never seen before from this sender (the
+        replay cache), instead of a challenge this coordinator handed out."""
         assert self.store is not None
         body = msg.body if isinstance(msg.body, dict) else {}
         try:
@@ -633,7 +650,8 @@ class Coordinator:
         nonce = body.get("nonce")
         if nonce is not None and (not isinstance(nonce, str) or not 8 <= len(nonce) <= 128):
             raise AdmissionError("nonce must be 8-128 characters", reason="malformed")
-        self.challenges.consume(body.get("challenge"), msg.sender)
+        if not direct:
+            self.challenges.consume(body.get("challenge"), msg.sender)
         admitted = check_presentation(body.get("vp"), challenge=body["challenge"], domain=self.did,
                                       trust=self.trust, status=self.checker, expected_holder=msg.sender)
         did = admitted.holder
@@ -679,12 +697,13 @@ class Coordinator:
         if latest > last:
             asyncio.get_running_loop().call_soon(lambda: self._spawn(self._pump(did)))
         reply: dict[str, Any] = {"session": session.id, "boot": self.boot, "deployment": self.deployment,
-                                 "heartbeat_ttl": ttl, "pending": max(0, latest - last)}
+                                 "heartbeat_ttl": ttl, "pending": max(0, latest - last),
+                                 "direct": self.direct_admission}
         if ticket is not None:
             reply["next_challenge"], reply["ticket_ttl"] = ticket, RESUME_TTL
         if valid_until is not None:
             reply["valid_until"] = valid_until
-        if nonce is not None:       # resumed, or a nonce-less hello: prove ourselves in the reply
+        if nonce is not None:       # resumed, direct, or after a nonce-less hello: prove ourselves here
             reply["vp"] = present(self.credential, self.key, challenge=nonce, domain=did)
             self.admission.signed += 1
         return reply

@@ -104,6 +104,7 @@ class Device:
         capabilities: Iterable[str] | None = None,
         attributes: dict[str, Any] | None = None,
         auth_timeout: float = 5.0,
+        direct_admission: bool = True,
         client_config: ClientConfig | None = None,
         max_outbox: int = MAX_OUTBOX,
         renew_after: float | None = DEFAULT_RENEW_AFTER,
@@ -128,6 +129,9 @@ class Device:
         self.on_config = on_config
         self.heartbeat_ttl = heartbeat_ttl
         self.auth_timeout = auth_timeout
+        #: a first admission presents directly (over its request's own id, one round trip)
+        self.direct_admission = direct_admission
+        self._direct = True     # off once the coordinator refused it; on when a reply says it takes it
         self.capabilities = None if capabilities is None else sorted(capabilities)
         self.attributes = dict(attributes or {})
         self.state_file = Path(state_file) if state_file is not None else None
@@ -422,6 +426,18 @@ class Device:
                 if exc.reason not in ("wrong_challenge", "timeout"):
                     raise
                 log.debug("resumed authentication refused (%s); full handshake", exc.reason)
+        # Direct: the presentation's challenge is the id of the request carrying it (fresh and
+        # single use by the envelope checks), so no hello is needed; a coordinator that does not
+        # take it answers wrong_challenge and gets the hello next (and from then on).
+        if self.direct_admission and self._direct:
+            request_id = new_id()
+            try:
+                return await self._present(request_id, nonce=secrets.token_urlsafe(16), request_id=request_id)
+            except AdmissionError as exc:
+                if exc.reason != "wrong_challenge":
+                    raise
+                self._direct = False
+                log.info("device %s: coordinator takes no direct presentation; hello first", self.did)
         # A nonce-less hello costs the coordinator no signature (an unauthenticated flood stays
         # cheap); the coordinator proves itself in the present reply, checked before admission.
         hello = await self._request(protocol.HELLO, {})
@@ -440,7 +456,8 @@ class Device:
             log.warning("coordinator %s failed mutual authentication: %s", self.coordinator, exc)
             raise AdmissionError(f"coordinator not trusted: {exc}", reason="untrusted_coordinator") from exc
 
-    async def _present(self, challenge: str, *, nonce: str | None = None) -> Admission:
+    async def _present(self, challenge: str, *, nonce: str | None = None,
+                       request_id: str | None = None) -> Admission:
         credential = self.credential
         vp = present(credential, self.key, challenge=challenge, domain=self.coordinator)
         req: dict[str, Any] = {"challenge": challenge, "vp": vp, "last_version": self.last_version}
@@ -452,7 +469,7 @@ class Device:
             req["capabilities"] = self.capabilities
         if self.attributes:
             req["attributes"] = self.attributes
-        reply = await self._request(protocol.PRESENT, req)
+        reply = await self._request(protocol.PRESENT, req, request_id=request_id)
         rb = reply.body if isinstance(reply.body, dict) else {}
         if nonce is not None:
             self._check_coordinator(rb.get("vp"), nonce)
@@ -463,6 +480,8 @@ class Device:
         except (KeyError, TypeError, ValueError) as exc:
             raise AdmissionError("malformed admission reply", reason="malformed") from exc
         self._take_ticket(rb, admission.boot)
+        if rb.get("direct") is True:
+            self._direct = True
         self._admit(admission, credential)
         return admission
 
@@ -522,10 +541,10 @@ class Device:
         if self.renewal is not None:        # -- credential renewal: timed from the admitted credential
             self.renewal.schedule()
 
-    async def _request(self, type_: str, body: dict[str, Any]) -> Message:
+    async def _request(self, type_: str, body: dict[str, Any], *, request_id: str | None = None) -> Message:
         try:
             return await self.client.request(self._coord_cmd, body, type=type_, timeout=self.auth_timeout,
-                                             expect_from=self.coordinator)
+                                             expect_from=self.coordinator, request_id=request_id)
         except RemoteError as exc:
             raise AdmissionError(f"coordinator refused: {exc}", reason=exc.reason) from exc
         except RequestTimeout as exc:
