@@ -64,6 +64,23 @@ def present(credential: Mapping[str, Any] | str, key: Key, *, challenge: str,
     return create_presentation([credential], key, challenge=challenge, domain=domain)
 
 
+def check_addressed(vp: Any, *, challenge: str, holder: str) -> None:
+    """Cheap checks before any signature is verified: a Data Integrity presentation must claim
+    ``challenge`` and ``holder`` (raises :class:`AdmissionError` wrong_challenge / holder_mismatch).
+
+    The claims are unverified here; :func:`check_presentation` verifies them. Anything else
+    (a VP-JWT, a malformed presentation) is left to it."""
+    if not isinstance(vp, Mapping):
+        return
+    proof, claimed = vp.get("proof"), vp.get("holder")
+    if isinstance(claimed, Mapping):
+        claimed = claimed.get("id")
+    if isinstance(proof, Mapping) and proof.get("challenge") != challenge:
+        raise AdmissionError("presentation is not over this challenge", reason="wrong_challenge")
+    if isinstance(claimed, str) and claimed != holder:
+        raise AdmissionError(f"presentation holder {claimed} is not the sender {holder}", reason="holder_mismatch")
+
+
 @dataclass(frozen=True)
 class Admitted:
     """A verified presentation: holder DID and its credential."""
@@ -107,4 +124,5 @@ def check_presentation(vp: Any, *, challenge: str, domain: str, trust: Any, stat
     raise AdmissionError(f"presentation holds no {credential_type}", reason="missing_credential")
 
 
-__all__ = ["DEVICE_CREDENTIAL", "COORDINATOR_CREDENTIAL", "Admitted", "check_presentation", "present"]
+__all__ = ["DEVICE_CREDENTIAL", "COORDINATOR_CREDENTIAL", "Admitted", "check_addressed", "check_presentation",
+           "present"]

@@ -139,7 +139,20 @@ async def test_a_direct_presentation_must_be_over_its_own_envelope(mesh: Mesh) -
             await coord._present(msg)
         assert err.value.reason == reason, msg.body["challenge"]
     assert coord.registry.get(key.did) is None and coord.admission.inflight == 0
-    assert coord.admission.direct == 0
+    # the cheap checks come before any signature: a forged presentation over another id is refused
+    # for its challenge, not for its signature (which the full check would find first)
+    bogus = present(cred, key, challenge=new_id(), domain=coord.did)["proof"]["proofValue"]  # another's
+    forged = present(cred, key, challenge=new_id(), domain=coord.did)
+    forged["proof"] = {**forged["proof"], "proofValue": bogus}
+    with pytest.raises(AdmissionError) as err:
+        await coord._present(_direct_message(coord, key, cred, vp=forged))
+    assert err.value.reason == "wrong_challenge"
+    forged_over_id = _direct_message(coord, key, cred)              # over its own id, but forged
+    forged_over_id.body["vp"]["proof"]["proofValue"] = bogus
+    with pytest.raises(AdmissionError) as err:
+        await coord._present(forged_over_id)
+    assert err.value.reason == "bad_signature"
+    assert coord.admission.direct == 0 and coord.admission.inflight == 0
     reply = await coord._present(_direct_message(coord, key, cred))
     assert reply["session"] and reply["direct"] is True and coord.registry.get(key.did) is not None
 

@@ -23,6 +23,7 @@ from sdk.coord.handshake import (
     COORDINATOR_CREDENTIAL,
     DEVICE_CREDENTIAL,
     Admitted,
+    check_addressed,
     check_presentation,
     present,
 )
@@ -231,6 +232,7 @@ __all__ = [
     "Challenges",
     "RESUME_TTL",
     "TICKET_RENEW_INTERVAL",
+    "check_addressed",
     "check_presentation",
     "coordinator_credential",
     "device_credential",

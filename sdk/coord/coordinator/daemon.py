@@ -39,6 +39,7 @@ from sdk.coord.coordinator.auth import (
     RESUME_TTL,
     TICKET_RENEW_INTERVAL,
     Challenges,
+    check_addressed,
     check_presentation,
     coordinator_credential,
     device_credential,
@@ -548,11 +549,15 @@ class Coordinator:
             log.error("coordinator task failed", exc_info=task.exception())
 
     # ------------------------------------------------------------------ authentication
+    def _known(self, did: str) -> bool:
+        """Admitted before and not revoked: not charged or limited as an unknown sender."""
+        rec = self.registry.get(did)
+        return rec is not None and rec.state != REVOKED
+
     def _gate(self, msg: Message) -> RejectedMessage | None:
         """Before any handshake work: a sender never admitted gets a small burst of requests
         (an operator with a cached grant is let through without any verification)."""
-        rec = self.registry.get(msg.sender)
-        if (rec is not None and rec.state != REVOKED) or (
+        if self._known(msg.sender) or (
                 msg.type == protocol.OPERATE and self.operators.granted(msg.sender)) \
                 or self.request_limiter.allow(msg.sender):
             return None
@@ -589,8 +594,7 @@ class Coordinator:
         nonce = body.get("nonce")
         if nonce is not None and (not isinstance(nonce, str) or not 8 <= len(nonce) <= 128):
             raise AdmissionError("hello needs a nonce of 8-128 characters", reason="malformed")
-        rec = self.registry.get(msg.sender)
-        known = rec is not None and rec.state != REVOKED
+        known = self._known(msg.sender)
         reply: dict[str, Any] = {"boot": self.boot, "heartbeat_ttl": self.heartbeat_ttl}
         if nonce is not None and not known and not self.hello_budget.take():
             raise AdmissionError(busy_message(1.0), reason="busy")
@@ -607,10 +611,9 @@ class Coordinator:
         presentation, is released after)."""
         body = msg.body if isinstance(msg.body, dict) else {}
         direct = self.direct_admission and body.get("challenge") == msg.id
-        if direct:          # no hello took a slot: this presentation takes one, as a hello would
-            rec = self.registry.get(msg.sender)
-            if not self.admission.begin(msg.sender, known=rec is not None and rec.state != REVOKED):
-                raise AdmissionError(busy_message(self.admission.retry_after()), reason="busy")
+        # no hello took a slot: a direct presentation takes one, as a hello would
+        if direct and not self.admission.begin(msg.sender, known=self._known(msg.sender)):
+            raise AdmissionError(busy_message(self.admission.retry_after()), reason="busy")
         try:
             reply = await self._admit(msg, direct=direct)
         except BaseException:
@@ -650,7 +653,9 @@ class Coordinator:
         nonce = body.get("nonce")
         if nonce is not None and (not isinstance(nonce, str) or not 8 <= len(nonce) <= 128):
             raise AdmissionError("nonce must be 8-128 characters", reason="malformed")
-        if not direct:
+        if direct:      # before any signature, as the challenge table is for a handed-out one
+            check_addressed(body.get("vp"), challenge=msg.id, holder=msg.sender)
+        else:
             self.challenges.consume(body.get("challenge"), msg.sender)
         admitted = check_presentation(body.get("vp"), challenge=body["challenge"], domain=self.did,
                                       trust=self.trust, status=self.checker, expected_holder=msg.sender)
